@@ -1,0 +1,137 @@
+//! The command line: clap definitions, one file per subcommand, and the one place that prints
+//! errors. Each subcommand turns settings into calls to the library and results into output and
+//! an [`ExitStatus`].
+
+mod plan;
+mod validate;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::recipe::VarSources;
+use crate::settings::{OutputFormat, Settings, Verbosity};
+
+/// bake: hardened AMIs and OCI images from declarative recipes, with content-addressed
+/// versions, provenance and safe publishing.
+#[derive(Debug, Parser)]
+#[command(name = "bake", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// bake's local store (OCI layout, build records).
+    #[arg(
+        long,
+        global = true,
+        env = "BAKE_STORE",
+        default_value = ".bake",
+        value_name = "DIR"
+    )]
+    pub store: PathBuf,
+    /// How results are printed on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human, env = "BAKE_OUTPUT")]
+    pub output: OutputFormat,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More logs on stderr (twice for debug logs).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Never draw progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+    /// The default AWS region (else `AWS_REGION` or the profile's).
+    #[arg(long, global = true, value_name = "REGION")]
+    pub region: Option<String>,
+    /// The AWS profile to use (else `AWS_PROFILE`).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check recipes and report every error at once.
+    Validate(validate::ValidateArgs),
+    /// Resolve a recipe: its version, its inputs, and every effect a run would have.
+    Plan(plan::PlanArgs),
+}
+
+/// Variable values given on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct VarArgs {
+    /// Set a variable (repeatable); overrides --var-file, BAKE_VAR_<name> and defaults.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// Read variables from a YAML file of `name: value` (repeatable, later files win).
+    #[arg(long = "var-file", value_name = "FILE")]
+    pub var_files: Vec<PathBuf>,
+}
+
+impl VarArgs {
+    pub fn sources(&self) -> VarSources {
+        VarSources {
+            cli: self.vars.clone(),
+            files: self.var_files.clone(),
+            env: Vec::new(),
+        }
+        .with_process_env()
+    }
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(command: Command, settings: &Settings) -> ExitStatus {
+    match command {
+        Command::Validate(args) => validate::run(&args, settings),
+        Command::Plan(args) => plan::run(&args, settings),
+    }
+}
+
+/// Sets up logging on stderr: `BAKE_LOG` (tracing's filter syntax) wins over `-q`/`-v`.
+pub fn init_logging(settings: &Settings) {
+    let default = match settings.verbosity {
+        Verbosity::Quiet => "error",
+        Verbosity::Normal => "warn,bake=info",
+        Verbosity::Verbose => "info,bake=debug",
+        Verbosity::Debug => "debug,bake=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BAKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(settings.color)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints error reports on stderr, with colour when the settings allow.
+pub fn print_reports(settings: &Settings, reports: &[Report]) {
+    use std::io::Write;
+    let mut stderr = std::io::stderr().lock();
+    for report in reports {
+        let _ = write!(stderr, "{}", report.render(settings.color));
+    }
+}
+
+/// Writes a JSON document on stdout.
+pub fn print_json(value: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(value).expect("bake's outputs always serialize");
+    println!("{text}");
+}

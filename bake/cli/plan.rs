@@ -1,0 +1,127 @@
+//! `bake plan RECIPE`: the version, the inputs that define it, and every effect a run would
+//! have, without doing any of it.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::plan::{self, Plan, PlanError, PlanOptions};
+use crate::recipe;
+use crate::settings::{OutputFormat, Settings};
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
+    let shown = args.recipe.display().to_string();
+    let planned = recipe::load(&args.recipe, &args.vars.sources())
+        .map_err(PlanError::from)
+        .and_then(|recipe| {
+            let options = PlanOptions {
+                aws_region: settings
+                    .aws
+                    .region
+                    .clone()
+                    .or_else(|| std::env::var("AWS_REGION").ok())
+                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok()),
+            };
+            plan::plan(&recipe, &shown, &options)
+        });
+    match planned {
+        Ok(plan) => {
+            match settings.output {
+                OutputFormat::Json => print_json(&plan),
+                OutputFormat::Human => print_human(&plan),
+            }
+            ExitStatus::Success
+        }
+        Err(error) => {
+            print_reports(settings, &plan_reports(&error));
+            if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            }
+        }
+    }
+}
+
+/// Reports for a plan error: one per recipe error, or one with the cause chain.
+pub fn plan_reports(error: &PlanError) -> Vec<Report> {
+    match error {
+        PlanError::Recipe(errors) => errors.0.iter().map(|e| e.report()).collect(),
+        PlanError::BaseRecipe { source, .. } if matches!(**source, PlanError::Recipe(_)) => {
+            plan_reports(source)
+        }
+        other => vec![Report::from_error(other).with_hint(other.hint())],
+    }
+}
+
+fn print_human(plan: &Plan) {
+    println!("recipe   {}", plan.recipe);
+    println!("name     {}", plan.name);
+    println!("version  {}", plan.version);
+    println!();
+    println!("inputs:");
+    if let Some(base) = plan.inputs.get("base") {
+        println!("  base       {}", compact(base));
+    }
+    if let Some(vars) = plan
+        .inputs
+        .pointer("/recipe/variables")
+        .and_then(|v| v.as_object())
+        && !vars.is_empty()
+    {
+        let shown: Vec<String> = vars
+            .iter()
+            .map(|(name, v)| match v.get("value") {
+                Some(value) if !value.is_null() => format!("{name}={}", scalar(value)),
+                _ => format!("{name} (unset)"),
+            })
+            .collect();
+        println!("  variables  {}", shown.join(", "));
+    }
+    if let Some(files) = plan.inputs.get("files").and_then(|f| f.as_array()) {
+        for file in files {
+            let path = file.get("path").and_then(|p| p.as_str()).unwrap_or("");
+            let detail = file
+                .get("digest")
+                .or_else(|| file.get("target"))
+                .map(scalar)
+                .unwrap_or_else(|| "directory".into());
+            println!("  file       {path}  {detail}");
+        }
+    }
+    println!();
+    println!("effects:");
+    for effect in &plan.effects {
+        println!("  + {}", effect.describe());
+    }
+}
+
+fn scalar(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn compact(value: &serde_json::Value) -> String {
+    match value.as_object() {
+        Some(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}={}", scalar(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => scalar(value),
+    }
+}

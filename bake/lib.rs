@@ -1,0 +1,25 @@
+//! bake: a declarative bake pipeline for immutable infrastructure.
+//!
+//! One recipe in, hardened artifacts with content-addressed versions out:
+//!
+//! ```text
+//!  recipe.yaml ──► recipe ──► plan ──► build ──► store ──► publish ──► provenance
+//!                  parse,     pin every runners,   OCI      registries, manifest,
+//!                  validate,  input,    layers,    layout,  ECR, launch SLSA, SBOM,
+//!                  template   version,  disk       build    templates,  signatures
+//!                             effects   images     records  SSM, ECS
+//! ```
+//!
+//! Each stage has one typed entry point whose output serializes, so any stage can be inspected
+//! or rerun: [`recipe::load`] gives a [`recipe::Recipe`], [`plan::plan`] a [`plan::Plan`].
+//! Side effects live behind narrow traits; AWS clients are built in one place ([`aws`]).
+//! The command line ([`cli`]) is a thin layer that turns settings into calls and results into
+//! output and an [`exit::ExitStatus`].
+
+pub mod aws;
+pub mod cli;
+pub mod diagnostic;
+pub mod exit;
+pub mod plan;
+pub mod recipe;
+pub mod settings;

@@ -1,0 +1,135 @@
+//! Pinning a recipe's base: turning "what to start from" into an identity that cannot move, so
+//! that it can enter the version.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::PlanError;
+use super::hash::file_digest;
+use crate::recipe::{Base, Recipe};
+
+/// The pinned identity of `recipe`'s base. `plan_recipe` plans a base recipe (for `recipe:`
+/// bases), with the stack of recipes being planned to catch cycles.
+pub fn identity(
+    recipe: &Recipe,
+    plan_recipe: &mut dyn FnMut(&Path) -> Result<super::Plan, PlanError>,
+) -> Result<Value, PlanError> {
+    Ok(match &recipe.base {
+        Base::Scratch => json!({ "kind": "scratch" }),
+        Base::Image { reference } => {
+            let parsed: oci_spec::distribution::Reference =
+                reference.parse().map_err(|_| PlanError::UnpinnedImage {
+                    reference: reference.clone(),
+                })?;
+            match parsed.digest() {
+                Some(digest) => json!({
+                    "kind": "image",
+                    "repository": format!("{}/{}", parsed.resolve_registry(), parsed.repository()),
+                    "digest": digest,
+                }),
+                None => {
+                    return Err(PlanError::UnpinnedImage {
+                        reference: reference.clone(),
+                    });
+                }
+            }
+        }
+        Base::OciLayout {
+            path,
+            tag,
+            relative_path,
+        } => {
+            let digest = layout_manifest(path, tag.as_deref(), relative_path)?;
+            json!({ "kind": "oci_layout", "digest": digest })
+        }
+        Base::Rootfs { path, .. } => json!({
+            "kind": "rootfs",
+            "digest": file_digest(path).map_err(PlanError::Hash)?,
+        }),
+        Base::Bootstrap(bootstrap) => {
+            let arch = recipe
+                .outputs
+                .oci
+                .as_ref()
+                .map(|o| o.architecture)
+                .or_else(|| recipe.outputs.ami.as_ref().map(|a| a.architecture))
+                .map_or("amd64", |a| a.oci());
+            json!({
+                "kind": "bootstrap",
+                "distro": bootstrap.distro,
+                "suite": bootstrap.suite,
+                "variant": bootstrap.variant,
+                "packages": bootstrap.packages,
+                "mirror": bootstrap.mirror,
+                "components": bootstrap.components,
+                "architecture": arch,
+            })
+        }
+        Base::Recipe { path, .. } => {
+            let base = plan_recipe(path)?;
+            json!({ "kind": "recipe", "name": base.name, "version": base.version })
+        }
+        Base::Ami(_) => {
+            return Err(PlanError::UnresolvedAmi {
+                recipe: recipe.name.clone(),
+            });
+        }
+    })
+}
+
+/// The digest of the manifest (or index) in the layout at `dir` that a base names: the one
+/// tagged `tag`, or the only one.
+fn layout_manifest(dir: &Path, tag: Option<&str>, shown: &str) -> Result<String, PlanError> {
+    let index_path = dir.join("index.json");
+    let text = fs_err::read_to_string(&index_path).map_err(|source| PlanError::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let index: oci_spec::image::ImageIndex =
+        serde_json::from_str(&text).map_err(|e| PlanError::Layout {
+            path: PathBuf::from(shown),
+            reason: format!("its index.json is not an OCI image index: {e}"),
+        })?;
+    let manifests = index.manifests();
+    let chosen = match tag {
+        Some(tag) => manifests
+            .iter()
+            .find(|m| {
+                m.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(oci_spec::image::ANNOTATION_REF_NAME))
+                    .is_some_and(|name| name == tag)
+            })
+            .ok_or_else(|| PlanError::Layout {
+                path: PathBuf::from(shown),
+                reason: format!("no manifest is tagged `{tag}`"),
+            })?,
+        None => match manifests.as_slice() {
+            [only] => only,
+            [] => {
+                return Err(PlanError::Layout {
+                    path: PathBuf::from(shown),
+                    reason: "it holds no image".into(),
+                });
+            }
+            _ => {
+                return Err(PlanError::Layout {
+                    path: PathBuf::from(shown),
+                    reason: format!("it holds {} images; name one with `tag`", manifests.len()),
+                });
+            }
+        },
+    };
+    let digest = chosen.digest().to_string();
+    // The blob must be there: a layout that points at nothing is not a base.
+    let (algorithm, hex) = digest.split_once(':').unwrap_or(("sha256", &digest));
+    let blob = dir.join("blobs").join(algorithm).join(hex);
+    if !blob.is_file() {
+        return Err(PlanError::Layout {
+            path: PathBuf::from(shown),
+            reason: format!("its index names {digest}, which is not in `blobs/`"),
+        });
+    }
+    Ok(digest)
+}

@@ -1,0 +1,213 @@
+//! Plans: resolve a recipe into the exact inputs a build would use, hash them into the version,
+//! and list every effect a run would have.
+//!
+//! The version is `sha256:` + hex of the RFC 8785 canonical JSON of [`Plan::inputs`], which holds:
+//! - `format`: bake's version-format string ([`VERSION_FORMAT`]), bumped only when the meaning of
+//!   an input changes, so upgrading bake does not invalidate every cache;
+//! - `recipe`: the validated recipe (name, variables with their values, base as written, build
+//!   settings, provisioners, tests and outputs), with templates as written and not rendered;
+//! - `base`: the base's pinned identity (a manifest digest, a tarball's digest, a bootstrap's
+//!   full configuration, a base recipe's version);
+//! - `files`: every file the recipe reads (scripts, file sources; directories entry by entry),
+//!   each with its path relative to the recipe, type, permission bits and content digest.
+//!
+//! Left out, on purpose: the recipe's `description` and `publish` section (where a version goes
+//! does not change what it is), YAML formatting, key order and comments (the recipe is hashed
+//! in canonical form), file timestamps and owners, and **sensitive variable values**: a digest
+//! of a secret is an offline oracle for guessing it, and secrets are runtime inputs that must
+//! never reach an artifact anyway. They enter as `"***"`, so declaring a variable sensitive is
+//! itself part of the version.
+
+pub mod base;
+mod effects;
+pub mod hash;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+pub use effects::Effect;
+
+use crate::recipe::{self, Recipe, RecipeErrors, Script, Step, VarSources};
+use hash::{FileInput, HashError, canonical_digest, tree_inputs};
+
+/// Bumped whenever the meaning of the version inputs changes.
+pub const VERSION_FORMAT: &str = "bake.version/v1";
+
+/// A resolved recipe: its version, the inputs that define it, and what a run would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub name: String,
+    /// The recipe file, as the user named it.
+    pub recipe: String,
+    /// `sha256:<hex>` of the canonical inputs.
+    pub version: String,
+    /// The bake that made this plan (recorded, not hashed).
+    pub bake_version: &'static str,
+    pub inputs: Value,
+    pub effects: Vec<Effect>,
+}
+
+impl Plan {
+    /// The first 12 hex digits of the version, for names and tags.
+    pub fn version_short(&self) -> &str {
+        let hex = self
+            .version
+            .strip_prefix("sha256:")
+            .unwrap_or(&self.version);
+        &hex[..12.min(hex.len())]
+    }
+}
+
+/// Settings a plan needs from outside the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// The AWS default region, for targets that do not name one.
+    pub aws_region: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Recipe(#[from] RecipeErrors),
+    #[error(transparent)]
+    Hash(HashError),
+    #[error("failed to read `{}`", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("base image `{reference}` is not pinned by digest")]
+    UnpinnedImage { reference: String },
+    #[error(
+        "recipe `{recipe}` starts from a source AMI, which is resolved against AWS at build time"
+    )]
+    UnresolvedAmi { recipe: String },
+    #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
+    Layout { path: PathBuf, reason: String },
+    #[error("base recipes form a cycle: {}", chain.join(" → "))]
+    Cycle { chain: Vec<String> },
+    #[error("failed to plan base recipe `{}`", path.display())]
+    BaseRecipe {
+        path: PathBuf,
+        #[source]
+        source: Box<PlanError>,
+    },
+}
+
+impl PlanError {
+    /// A fix bake knows, if any.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            PlanError::UnpinnedImage { reference } => Some(format!(
+                "pin it as `{reference}@sha256:<digest>` (bake resolves tags through the registry once registry support lands)"
+            )),
+            PlanError::UnresolvedAmi { .. } => {
+                Some("source-AMI recipes are planned by `bake build` with AWS credentials".into())
+            }
+            PlanError::Cycle { .. } => {
+                Some("a recipe cannot build on itself, directly or through others".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the problem is in what the user wrote (as opposed to the environment).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            PlanError::Recipe(_)
+            | PlanError::UnpinnedImage { .. }
+            | PlanError::UnresolvedAmi { .. }
+            | PlanError::Layout { .. }
+            | PlanError::Cycle { .. } => true,
+            PlanError::Hash(_) | PlanError::Io { .. } => false,
+            PlanError::BaseRecipe { source, .. } => source.is_user_error(),
+        }
+    }
+}
+
+/// Plans `recipe` (loaded from `shown_path`).
+pub fn plan(recipe: &Recipe, shown_path: &str, options: &PlanOptions) -> Result<Plan, PlanError> {
+    let mut stack = vec![recipe.path.clone()];
+    plan_inner(recipe, shown_path, options, &mut stack)
+}
+
+fn plan_inner(
+    recipe: &Recipe,
+    shown_path: &str,
+    options: &PlanOptions,
+    stack: &mut Vec<PathBuf>,
+) -> Result<Plan, PlanError> {
+    let mut plan_base = |path: &Path| -> Result<Plan, PlanError> {
+        if stack.iter().any(|p| p == path) {
+            let mut chain: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
+            chain.push(path.display().to_string());
+            return Err(PlanError::Cycle { chain });
+        }
+        // A base recipe gets its defaults and the environment, not the `--var`s meant for the
+        // recipe being planned.
+        let sources = VarSources::default().with_process_env();
+        let wrap = |source: PlanError| PlanError::BaseRecipe {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        };
+        let base = recipe::load(path, &sources).map_err(|e| wrap(e.into()))?;
+        stack.push(path.to_path_buf());
+        let planned = plan_inner(&base, &path.display().to_string(), options, stack);
+        stack.pop();
+        planned.map_err(|e| match e {
+            cycle @ PlanError::Cycle { .. } => cycle,
+            other => wrap(other),
+        })
+    };
+    let base = base::identity(recipe, &mut plan_base)?;
+    let files = file_inputs(recipe)?;
+    let inputs = json!({
+        "format": VERSION_FORMAT,
+        "recipe": {
+            "name": recipe.name,
+            "variables": recipe.variables,
+            "base": recipe.base,
+            "build": recipe.build,
+            "provisioners": recipe.provisioners,
+            "tests": recipe.tests,
+            "outputs": recipe.outputs,
+        },
+        "base": base,
+        "files": files,
+    });
+    let version = canonical_digest(&inputs);
+    let effects = effects::effects(recipe, &version, options.aws_region.as_deref())
+        .map_err(|e| PlanError::Recipe(e.into()))?;
+    Ok(Plan {
+        name: recipe.name.clone(),
+        recipe: shown_path.to_owned(),
+        version,
+        bake_version: env!("CARGO_PKG_VERSION"),
+        inputs,
+        effects,
+    })
+}
+
+/// Every file the recipe reads, sorted by path, each listed once.
+fn file_inputs(recipe: &Recipe) -> Result<Vec<FileInput>, PlanError> {
+    let mut files = Vec::new();
+    for p in &recipe.provisioners {
+        match &p.step {
+            Step::File(f) => {
+                files.extend(tree_inputs(&recipe.root, &f.source).map_err(PlanError::Hash)?)
+            }
+            Step::Shell(s) => {
+                if let Script::File { path, .. } = &s.script {
+                    files.extend(tree_inputs(&recipe.root, path).map_err(PlanError::Hash)?);
+                }
+            }
+            Step::Hardening(_) => {}
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|a, b| a.path == b.path);
+    Ok(files)
+}

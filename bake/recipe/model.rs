@@ -1,0 +1,504 @@
+//! The validated recipe: types that cannot hold an invalid recipe. Built only by
+//! [`super::validate`]; everything downstream (plan, build, publish) takes these.
+//!
+//! The types serialize to the canonical form that enters the version (see `plan::version`),
+//! so a field's name here is part of bake's version format: renaming one changes every version.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::diagnostic::{SourceFile, SourceSpan};
+
+/// A string that is rendered with handlebars before use. It serializes as its *source* text:
+/// the version hashes templates and variable values, not rendered strings, so that `{{version}}`
+/// may appear in a template without a circular definition.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub text: String,
+    pub origin: TemplateOrigin,
+}
+
+/// Where a template's text came from, to point errors at the right line.
+#[derive(Debug, Clone)]
+pub enum TemplateOrigin {
+    /// A YAML scalar whose content starts at `span`.
+    Yaml { span: SourceSpan },
+    /// A whole file (a shell script or a templated source file).
+    File(Arc<SourceFile>),
+}
+
+impl Serialize for Template {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+/// A recipe after validation, with its variable values resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recipe {
+    #[serde(skip)]
+    pub source: Arc<SourceFile>,
+    /// The canonical path of the recipe file.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// The canonical directory every relative path in the recipe is resolved against and must
+    /// stay within.
+    #[serde(skip)]
+    pub root: PathBuf,
+    pub name: String,
+    #[serde(skip)]
+    pub description: Option<String>,
+    pub variables: BTreeMap<String, Variable>,
+    pub base: Base,
+    pub build: BuildSettings,
+    pub provisioners: Vec<Provisioner>,
+    pub tests: Vec<Test>,
+    pub outputs: Outputs,
+    pub publish: Publish,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VariableKind {
+    String,
+    Number,
+    Bool,
+    List,
+}
+
+impl VariableKind {
+    pub const NAMES: [&'static str; 4] = ["string", "number", "bool", "list"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "string" => VariableKind::String,
+            "number" => VariableKind::Number,
+            "bool" => VariableKind::Bool,
+            "list" => VariableKind::List,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VariableKind::String => "string",
+            VariableKind::Number => "number",
+            VariableKind::Bool => "bool",
+            VariableKind::List => "list",
+        }
+    }
+}
+
+/// A declared variable and its resolved value.
+#[derive(Debug, Clone, Serialize)]
+pub struct Variable {
+    pub kind: VariableKind,
+    #[serde(skip)]
+    pub description: Option<String>,
+    pub sensitive: bool,
+    /// `None` only for an optional variable nobody gave a value; a template that uses it fails.
+    /// Sensitive values never serialize (they are redacted from the version and every output).
+    pub value: Option<VariableValue>,
+    #[serde(skip)]
+    pub declared_at: SourceSpan,
+}
+
+/// A variable value; a sensitive one has a redacting `Debug` and serializes as `"***"`.
+#[derive(Clone, PartialEq)]
+pub struct VariableValue {
+    pub value: serde_json::Value,
+    pub sensitive: bool,
+}
+
+/// What bake prints instead of a sensitive value.
+pub const REDACTED: &str = "***";
+
+impl std::fmt::Debug for VariableValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.sensitive {
+            f.write_str(REDACTED)
+        } else {
+            write!(f, "{}", self.value)
+        }
+    }
+}
+
+impl Serialize for VariableValue {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.sensitive {
+            serializer.serialize_str(REDACTED)
+        } else {
+            self.value.serialize(serializer)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Base {
+    Scratch,
+    Image {
+        reference: String,
+    },
+    OciLayout {
+        #[serde(skip)]
+        path: PathBuf,
+        relative_path: String,
+        tag: Option<String>,
+    },
+    Rootfs {
+        #[serde(skip)]
+        path: PathBuf,
+        relative_path: String,
+    },
+    Bootstrap(Bootstrap),
+    Recipe {
+        #[serde(skip)]
+        path: PathBuf,
+        relative_path: String,
+    },
+    Ami(AmiFilter),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bootstrap {
+    pub distro: Distro,
+    pub suite: String,
+    pub variant: String,
+    /// Sorted and deduplicated: the order packages are listed in does not matter to apt.
+    pub packages: Vec<String>,
+    pub mirror: String,
+    pub components: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distro {
+    Debian,
+    Ubuntu,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AmiFilter {
+    pub owners: Vec<String>,
+    pub name: Option<String>,
+    pub architecture: Architecture,
+    pub virtualization_type: String,
+    pub root_device_type: String,
+    pub most_recent: bool,
+    pub ssm_parameter: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    X86_64,
+    Arm64,
+}
+
+impl Architecture {
+    /// The OCI/Go name (`amd64`, `arm64`).
+    pub fn oci(self) -> &'static str {
+        match self {
+            Architecture::X86_64 => "amd64",
+            Architecture::Arm64 => "arm64",
+        }
+    }
+
+    /// The EC2 name (`x86_64`, `arm64`).
+    pub fn ec2(self) -> &'static str {
+        match self {
+            Architecture::X86_64 => "x86_64",
+            Architecture::Arm64 => "arm64",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildSettings {
+    pub source_date_epoch: Option<u64>,
+    pub compression: Compression,
+    pub squash: bool,
+    pub runner: RunnerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "algorithm", content = "level")]
+pub enum Compression {
+    Gzip(u32),
+    Zstd(i32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerKind {
+    /// Namespaces and chroot, no daemon (the default).
+    Chroot,
+    /// A Docker Engine through its API.
+    Docker,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Provisioner {
+    /// A human name for logs and layer history; defaults to the kind and position.
+    pub name: String,
+    #[serde(flatten)]
+    pub step: Step,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Step {
+    File(FileStep),
+    Shell(ShellStep),
+    Hardening(HardeningStep),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileStep {
+    #[serde(skip)]
+    pub source: PathBuf,
+    pub relative_source: String,
+    pub destination: Template,
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, u32)>,
+    pub template: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShellStep {
+    pub script: Script,
+    pub env: BTreeMap<String, Template>,
+    pub network: bool,
+    #[serde(serialize_with = "serialize_secs")]
+    pub timeout: Duration,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub expect_reboot: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Script {
+    Inline(Template),
+    File {
+        #[serde(skip)]
+        path: PathBuf,
+        relative_path: String,
+        /// The file's text as a template, when it is rendered; `None` runs it verbatim.
+        #[serde(skip)]
+        template: Option<Template>,
+        rendered: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HardeningStep {
+    pub profile: String,
+    pub flavour: Option<Flavour>,
+    pub exclude: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flavour {
+    Ami,
+    Oci,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Test {
+    Command {
+        name: String,
+        run: Template,
+        exit_code: i32,
+        stdout_contains: Option<Template>,
+        user: Option<String>,
+        network: bool,
+        #[serde(serialize_with = "serialize_secs")]
+        timeout: Duration,
+    },
+    Boot {
+        marker: String,
+        #[serde(serialize_with = "serialize_secs")]
+        timeout: Duration,
+    },
+    Compliance {
+        profile: String,
+        /// Minimum score in percent, in hundredths (so the canonical form has no floats).
+        min_score_centi: u32,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outputs {
+    pub oci: Option<OciOutput>,
+    pub ami: Option<AmiOutput>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OciOutput {
+    pub os: String,
+    pub architecture: Architecture,
+    pub variant: Option<String>,
+    pub entrypoint: Option<Vec<Template>>,
+    pub cmd: Option<Vec<Template>>,
+    pub env: BTreeMap<String, Template>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub labels: BTreeMap<String, Template>,
+    pub annotations: BTreeMap<String, Template>,
+    /// `PORT/PROTO`, sorted.
+    pub ports: Vec<String>,
+    pub stop_signal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmiStrategy {
+    Snapshot,
+    Instance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootMode {
+    Uefi,
+    LegacyBios,
+    UefiPreferred,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AmiOutput {
+    pub strategy: AmiStrategy,
+    pub name: Template,
+    pub description: Option<Template>,
+    /// The first region is where the AMI is built; the others receive copies.
+    pub regions: Vec<String>,
+    pub architecture: Architecture,
+    pub boot_mode: BootMode,
+    pub disk_size_gib: u32,
+    pub volume_type: String,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub region_kms_key_ids: BTreeMap<String, String>,
+    pub share_accounts: Vec<String>,
+    pub share_organizations: Vec<String>,
+    pub share_organizational_units: Vec<String>,
+    pub public: bool,
+    pub tags: BTreeMap<String, Template>,
+    #[serde(serialize_with = "serialize_opt_secs")]
+    pub deprecate_after: Option<Duration>,
+    pub instance: Option<InstanceSettings>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceSettings {
+    pub instance_type: String,
+    pub subnet_id: Option<String>,
+    pub vpc_id: Option<String>,
+    pub ssh_username: String,
+    pub ssh_cidr: Option<String>,
+    pub ssh_host: Option<String>,
+    pub ssh_port: u16,
+    pub bastion: Option<Bastion>,
+    pub iam_instance_profile: Option<String>,
+    pub user_data: Option<Template>,
+    pub root_volume_gib: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bastion {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Publish {
+    pub registries: Vec<RegistryTarget>,
+    pub ecr: Vec<EcrTarget>,
+    pub launch_templates: Vec<LaunchTemplateTarget>,
+    pub ssm_parameters: Vec<SsmTarget>,
+    pub ecs_task_definitions: Vec<EcsTarget>,
+    pub channels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryTarget {
+    /// `registry/repository` without a tag or digest.
+    pub repository: String,
+    pub tags: Vec<Template>,
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EcrTarget {
+    pub repository: String,
+    pub region: Option<String>,
+    pub tags: Vec<Template>,
+    pub create: bool,
+    pub immutable_tags: bool,
+    pub scan_on_push: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchTemplateRef {
+    Name(String),
+    Id(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchTemplateTarget {
+    pub template: LaunchTemplateRef,
+    /// `None`: every region the AMI is distributed to.
+    pub regions: Option<Vec<String>>,
+    /// `$Default`, `$Latest` or a version number.
+    pub source_version: String,
+    pub set_default: bool,
+    pub http_tokens_required: Option<bool>,
+    pub hop_limit: Option<u8>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SsmTarget {
+    pub name: Template,
+    pub regions: Option<Vec<String>>,
+    pub description: Option<Template>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EcsTarget {
+    pub family: String,
+    pub container: String,
+    pub region: String,
+    /// The repository (as written in a registry or ECR target) whose digest the task pins.
+    pub repository: String,
+    #[serde(skip)]
+    pub template: Option<PathBuf>,
+    pub template_relative: Option<String>,
+    pub service: Option<EcsService>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EcsService {
+    pub cluster: String,
+    pub name: String,
+}
+
+fn serialize_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn serialize_opt_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&d.as_secs()),
+        None => s.serialize_none(),
+    }
+}

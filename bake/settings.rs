@@ -1,0 +1,70 @@
+//! Settings: what the user typed, the environment (`BAKE_*`, `NO_COLOR`) and the terminal,
+//! resolved into one value before any work starts. Commands read settings, never raw arguments
+//! or environment variables.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use crate::aws::AwsSettings;
+
+/// How results are printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// One JSON document, for machines.
+    Json,
+}
+
+/// How chatty the logs on stderr are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Verbose,
+    Debug,
+}
+
+/// Settings shared by every command.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// bake's local content-addressed store.
+    pub store: PathBuf,
+    pub output: OutputFormat,
+    pub verbosity: Verbosity,
+    /// Draw progress bars (only on a terminal, and never when quiet or asked not to).
+    pub progress: bool,
+    /// Colour error output (only on a terminal, and never with `NO_COLOR`).
+    pub color: bool,
+    pub aws: AwsSettings,
+}
+
+impl Settings {
+    /// Resolves settings from the global arguments and the environment.
+    pub fn resolve(args: &crate::cli::GlobalArgs) -> Self {
+        let verbosity = match (args.quiet, args.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (false, 0) => Verbosity::Normal,
+            (false, 1) => Verbosity::Verbose,
+            (false, _) => Verbosity::Debug,
+        };
+        let stderr_tty = std::io::stderr().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let mut aws = AwsSettings::from_env();
+        if args.region.is_some() {
+            aws.region.clone_from(&args.region);
+        }
+        if args.profile.is_some() {
+            aws.profile.clone_from(&args.profile);
+        }
+        Settings {
+            store: args.store.clone(),
+            output: args.output,
+            verbosity,
+            progress: stderr_tty && !args.no_progress && verbosity > Verbosity::Quiet,
+            color: stderr_tty && !no_color,
+            aws,
+        }
+    }
+}
