@@ -81,6 +81,14 @@ impl SourceSpan {
         }
     }
 
+    /// The source text the span covers (on its line).
+    pub fn text(&self) -> String {
+        self.file
+            .line(self.line)
+            .map(|l| l.chars().skip(self.column - 1).take(self.width).collect())
+            .unwrap_or_default()
+    }
+
     /// A span at `line:column` whose width covers the token that starts there: a key up to its
     /// colon, a quoted string, or a plain word.
     pub fn token_at(file: &Arc<SourceFile>, line: usize, column: usize) -> Self {
@@ -257,13 +265,18 @@ pub fn did_you_mean<'a>(
     given: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
-    // Jaro-Winkler above 0.8 catches transpositions and missing letters in short identifiers
+    // Jaro-Winkler above 0.8 catches missing letters in longer identifiers; an edit distance of
+    // one per four characters (at least one) catches transpositions in short ones (`evn`/`env`),
     // without suggesting unrelated words.
     const MIN_SIMILARITY: f64 = 0.8;
+    let max_edits = (given.chars().count() / 4).max(1);
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(given, c), c))
-        .filter(|(score, _)| *score >= MIN_SIMILARITY)
+        .filter_map(|c| {
+            let score = strsim::jaro_winkler(given, c);
+            let close = strsim::damerau_levenshtein(given, c) <= max_edits;
+            (score >= MIN_SIMILARITY || close).then_some((score, c))
+        })
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
 }
@@ -309,5 +322,6 @@ mod tests {
         let fields = ["provisioners", "publish", "outputs"];
         assert_eq!(did_you_mean("provisioner", fields), Some("provisioners"));
         assert_eq!(did_you_mean("zzz", fields), None);
+        assert_eq!(did_you_mean("evn", ["env", "name"]), Some("env"));
     }
 }

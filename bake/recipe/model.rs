@@ -94,17 +94,31 @@ impl VariableKind {
 }
 
 /// A declared variable and its resolved value.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Variable {
     pub kind: VariableKind,
-    #[serde(skip)]
     pub description: Option<String>,
     pub sensitive: bool,
     /// `None` only for an optional variable nobody gave a value; a template that uses it fails.
-    /// Sensitive values never serialize (they are redacted from the version and every output).
     pub value: Option<VariableValue>,
-    #[serde(skip)]
     pub declared_at: SourceSpan,
+}
+
+/// A sensitive variable serializes as `"***"` whether or not it has a value, so neither its
+/// value nor its presence reaches the version or any output.
+impl Serialize for Variable {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Variable", 3)?;
+        s.serialize_field("kind", &self.kind)?;
+        s.serialize_field("sensitive", &self.sensitive)?;
+        if self.sensitive {
+            s.serialize_field("value", REDACTED)?;
+        } else {
+            s.serialize_field("value", &self.value)?;
+        }
+        s.end()
+    }
 }
 
 /// A variable value; a sensitive one has a redacting `Debug` and serializes as `"***"`.

@@ -98,6 +98,7 @@ fn explain(message: &str) -> (RecipeErrorKind, Option<String>) {
             "expected a whole number".to_owned()
         }
         "expected string scalar" => "expected a string".to_owned(),
+        "invalid boolean" => "expected `true` or `false`".to_owned(),
         m => m.to_owned(),
     };
     (RecipeErrorKind::Syntax(plain), None)

@@ -208,11 +208,16 @@ impl Renderer {
                 let span = template_error
                     .pos()
                     .and_then(|(line, column)| map_position(template, line, column));
-                let reason = template_error.reason().to_string();
+                let reason = match template_error.reason() {
+                    handlebars::TemplateErrorReason::InvalidSyntax(_) => {
+                        "a `{{…}}` expression is malformed or not closed".to_owned()
+                    }
+                    other => other.to_string(),
+                };
                 RecipeError {
                     kind: Box::new(RecipeErrorKind::Template(reason)),
                     span: span.or_else(|| origin_span(template)),
-                    hint: Some("write a literal `{{` as `\\{{`".into()),
+                    hint: Some("close it with `}}`, or write a literal `{{` as `\\{{`".into()),
                 }
             }
             RenderErrorReason::HelperNotFound(name) => RecipeError {

@@ -97,6 +97,21 @@ impl<'a> Validator<'a> {
         )
     }
 
+    /// The span of the mapping key `key` that holds `value` (a mapping's own location is that of
+    /// its first entry, which is not where a person looks for it).
+    fn key_span<T>(&self, value: &S<T>, key: &str) -> SourceSpan {
+        let at = self.span(value);
+        let offset = self.file.offset_of(at.line, at.column).unwrap_or(0);
+        let needle = format!("{key}:");
+        match self.file.text[..offset].rfind(&needle) {
+            Some(found) => {
+                let (line, column) = self.file.position_of(found);
+                SourceSpan::new(&self.file, line, column, key.chars().count())
+            }
+            None => at,
+        }
+    }
+
     fn template(&self, value: &S<String>) -> Template {
         Template {
             text: value.value.clone(),
@@ -205,7 +220,7 @@ impl<'a> Validator<'a> {
     ) -> BTreeMap<String, Declaration> {
         let mut out = BTreeMap::new();
         for (name, variable) in raw {
-            let span = self.span(variable);
+            let span = self.key_span(variable, name);
             if !is_identifier(name) {
                 self.invalid(
                     variable,
@@ -673,8 +688,9 @@ impl<'a> Validator<'a> {
             {
                 u32::from_str_radix(s, 8).ok()
             }
-            other => {
-                self.invalid(m, "mode", other, "write an octal mode as a quoted string")
+            _ => {
+                let written = self.span(m).text();
+                self.invalid(m, "mode", written, "write an octal mode as a quoted string")
                     .hint = Some(
                     "for example `mode: \"0644\"` (unquoted, YAML reads 0644 as a decimal number)"
                         .into(),

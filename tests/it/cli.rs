@@ -1,0 +1,55 @@
+//! The command line's contract: version, exit codes, data on stdout and logs on stderr.
+
+use super::common::{run, stderr, stdout};
+
+#[test]
+fn version_names_the_binary() {
+    let output = run(&["--version"]);
+    assert!(output.status.success());
+    assert_eq!(
+        stdout(&output),
+        format!("bake {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(run(&["no-such-command"]).status.code(), Some(2));
+    assert_eq!(run(&["plan"]).status.code(), Some(2));
+    let bad_var = run(&[
+        "plan",
+        "tests/fixtures/recipes/valid/minimal.yaml",
+        "--var",
+        "novalue",
+    ]);
+    assert_eq!(bad_var.status.code(), Some(2));
+    assert!(
+        stderr(&bad_var).contains("is not NAME=VALUE"),
+        "{}",
+        stderr(&bad_var)
+    );
+}
+
+#[test]
+fn a_missing_recipe_file_is_named() {
+    let output = run(&["plan", "tests/fixtures/recipes/nope.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.starts_with("error: failed to read recipe `tests/fixtures/recipes/nope.yaml`"),
+        "{err}"
+    );
+    assert!(err.contains("Caused by:"), "{err}");
+    assert_eq!(stdout(&output), "");
+}
+
+#[test]
+fn valid_recipe_prints_data_on_stdout_only() {
+    let output = run(&["validate", "tests/fixtures/recipes/valid/minimal.yaml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "ok tests/fixtures/recipes/valid/minimal.yaml (minimal)\n"
+    );
+    assert_eq!(stderr(&output), "");
+}
