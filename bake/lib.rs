@@ -16,6 +16,7 @@
 //! The command line ([`cli`]) is a thin layer that turns settings into calls and results into
 //! output and an [`exit::ExitStatus`].
 
+pub mod artifact;
 pub mod aws;
 pub mod cli;
 pub mod diagnostic;
@@ -23,3 +24,4 @@ pub mod exit;
 pub mod plan;
 pub mod recipe;
 pub mod settings;
+pub mod store;
