@@ -92,9 +92,9 @@ pub fn to_oci_layout(
     fs_err::create_dir_all(&blobs).map_err(io(&blobs))?;
     let (manifest_bytes, manifest) = image_blobs(store, manifest_digest)?;
     for layer in manifest.layers() {
-        place_blob(store, &layer.digest().to_string(), &blobs)?;
+        place_blob(store, layer.digest().as_ref(), &blobs)?;
     }
-    place_blob(store, &manifest.config().digest().to_string(), &blobs)?;
+    place_blob(store, manifest.config().digest().as_ref(), &blobs)?;
     place_blob(store, manifest_digest, &blobs)?;
 
     let index_path = dir.join("index.json");
