@@ -15,3 +15,4 @@
 //! `spawn_blocking`.
 
 pub mod compress;
+pub mod snapshot;
