@@ -15,4 +15,7 @@
 //! `spawn_blocking`.
 
 pub mod compress;
+pub mod layer;
 pub mod snapshot;
+#[cfg(test)]
+mod testing;
