@@ -19,3 +19,4 @@ pub mod layer;
 pub mod snapshot;
 #[cfg(test)]
 mod testing;
+pub mod unpack;
