@@ -18,6 +18,7 @@
 
 pub mod artifact;
 pub mod aws;
+pub mod build;
 pub mod cli;
 pub mod diagnostic;
 pub mod exit;

@@ -24,6 +24,7 @@ BAKE_APT_PACKAGES=(
 	python3-venv
 	skopeo
 	umoci
+	zstd            # an independent decoder for zstd layers (zstd -t)
 )
 
 bake_say() {
