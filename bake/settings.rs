@@ -41,6 +41,20 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What a plan needs from the settings and the environment.
+    pub fn plan_options(&self) -> crate::plan::PlanOptions {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        crate::plan::PlanOptions {
+            aws_region: self
+                .aws
+                .region
+                .clone()
+                .or_else(|| var("AWS_REGION"))
+                .or_else(|| var("AWS_DEFAULT_REGION")),
+            source_date_epoch: var("SOURCE_DATE_EPOCH").and_then(|v| v.parse().ok()),
+        }
+    }
+
     /// Resolves settings from the global arguments and the environment.
     pub fn resolve(args: &crate::cli::GlobalArgs) -> Self {
         let verbosity = match (args.quiet, args.verbose) {

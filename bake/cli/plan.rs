@@ -8,7 +8,7 @@ use clap::Args;
 use super::{VarArgs, print_json, print_reports};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::{self, Plan, PlanError, PlanOptions};
+use crate::plan::{self, Plan, PlanError};
 use crate::recipe;
 use crate::settings::{OutputFormat, Settings};
 
@@ -25,17 +25,7 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     let shown = args.recipe.display().to_string();
     let planned = recipe::load(&args.recipe, &args.vars.sources())
         .map_err(PlanError::from)
-        .and_then(|recipe| {
-            let options = PlanOptions {
-                aws_region: settings
-                    .aws
-                    .region
-                    .clone()
-                    .or_else(|| std::env::var("AWS_REGION").ok())
-                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok()),
-            };
-            plan::plan(&recipe, &shown, &options)
-        });
+        .and_then(|recipe| plan::plan(&recipe, &shown, &settings.plan_options()));
     match planned {
         Ok(plan) => {
             match settings.output {

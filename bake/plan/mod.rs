@@ -8,6 +8,9 @@
 //!   settings, provisioners, tests and outputs), with templates as written and not rendered;
 //! - `base`: the base's pinned identity (a manifest digest, a tarball's digest, a bootstrap's
 //!   full configuration, a base recipe's version);
+//! - `source_date_epoch`: the timestamp every layer and config carries (from the recipe, else
+//!   the `SOURCE_DATE_EPOCH` environment variable, else 0);
+//! - `builtins`: digests of the scripts bake itself supplies (hardening profiles);
 //! - `files`: every file the recipe reads (scripts, file sources; directories entry by entry),
 //!   each with its path relative to the recipe, type, permission bits and content digest.
 //!
@@ -32,6 +35,11 @@ pub use effects::Effect;
 use crate::recipe::{self, Recipe, RecipeErrors, Script, Step, VarSources};
 use hash::{FileInput, HashError, canonical_digest, tree_inputs};
 
+/// SOURCE_DATE_EPOCH when neither the recipe nor the environment sets one: 0, the Unix epoch.
+/// A fixed default keeps builds reproducible by default, and 1970-01-01 in an image's `created`
+/// field says "reproducible" rather than pretending to be a date.
+pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 0;
+
 /// Bumped whenever the meaning of the version inputs changes.
 pub const VERSION_FORMAT: &str = "bake.version/v1";
 
@@ -50,6 +58,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The SOURCE_DATE_EPOCH the build uses (part of the inputs).
+    pub fn source_date_epoch(&self) -> u64 {
+        self.inputs.get("source_date_epoch").and_then(Value::as_u64).unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
+    }
+
     /// The first 12 hex digits of the version, for names and tags.
     pub fn version_short(&self) -> &str {
         let hex = self
@@ -65,6 +78,8 @@ impl Plan {
 pub struct PlanOptions {
     /// The AWS default region, for targets that do not name one.
     pub aws_region: Option<String>,
+    /// `SOURCE_DATE_EPOCH` from the environment, used when the recipe sets none.
+    pub source_date_epoch: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +179,13 @@ fn plan_inner(
     };
     let base = base::identity(recipe, &mut plan_base)?;
     let files = file_inputs(recipe)?;
+    let builtins = builtin_inputs(recipe);
+    // Timestamps in every layer and config come from it, so it is an input like any other.
+    let source_date_epoch = recipe
+        .build
+        .source_date_epoch
+        .or(options.source_date_epoch)
+        .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH);
     let inputs = json!({
         "format": VERSION_FORMAT,
         "recipe": {
@@ -177,6 +199,8 @@ fn plan_inner(
         },
         "base": base,
         "files": files,
+        "builtins": builtins,
+        "source_date_epoch": source_date_epoch,
     });
     let version = canonical_digest(&inputs);
     let effects = effects::effects(recipe, &version, options.aws_region.as_deref())
@@ -189,6 +213,33 @@ fn plan_inner(
         inputs,
         effects,
     })
+}
+
+/// The flavour a hardening step runs in: as written, or following the recipe's output.
+pub fn hardening_flavour(recipe: &Recipe, step: &crate::recipe::HardeningStep) -> crate::recipe::Flavour {
+    step.flavour.unwrap_or(if recipe.outputs.oci.is_none() && recipe.outputs.ami.is_some() {
+        crate::recipe::Flavour::Ami
+    } else {
+        crate::recipe::Flavour::Oci
+    })
+}
+
+/// The digests of the scripts bake itself supplies (hardening profiles): a new bake with a
+/// changed profile gives new versions.
+fn builtin_inputs(recipe: &Recipe) -> Value {
+    let mut out = Vec::new();
+    for p in &recipe.provisioners {
+        if let Step::Hardening(h) = &p.step {
+            let flavour = hardening_flavour(recipe, h);
+            let script = crate::build::hardening::script(&h.profile, flavour, &h.exclude).unwrap_or_default();
+            out.push(json!({
+                "profile": h.profile,
+                "flavour": flavour,
+                "digest": hash::bytes_digest(script.as_bytes()),
+            }));
+        }
+    }
+    Value::Array(out)
 }
 
 /// Every file the recipe reads, sorted by path, each listed once.

@@ -17,7 +17,10 @@ pub fn bake() -> Command {
             command.env_remove(key);
         }
     }
-    command.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    command
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("SOURCE_DATE_EPOCH");
     command
 }
 
