@@ -48,3 +48,5 @@ pub mod snapshot;
 #[cfg(test)]
 mod testing;
 pub mod unpack;
+pub mod bases;
+pub mod hardening;
