@@ -791,6 +791,42 @@ mod tests {
         assert_same_tree(&target, &source);
     }
 
+    /// A layer from another producer: GNU tar's POSIX format, with `./` prefixes, PAX times
+    /// with nanoseconds, atime and ctime records, and its own hard link and xattr encoding.
+    #[test]
+    fn a_gnu_tar_archive_unpacks_to_the_same_tree() {
+        if !privileged("a_gnu_tar_archive_unpacks_to_the_same_tree")
+            || !crate::build::testing::tool("tar", "a_gnu_tar_archive_unpacks_to_the_same_tree")
+        {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target) = (dir.path().join("source"), dir.path().join("target"));
+        std::fs::create_dir_all(&target).unwrap();
+        rich_tree(&source);
+        let output = std::process::Command::new("tar")
+            .args([
+                "--format=posix",
+                "--xattrs",
+                "--numeric-owner",
+                "-cf",
+                "-",
+                "-C",
+            ])
+            .arg(&source)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let unpacked = unpack_layer(&output.stdout[..], &target).unwrap();
+        assert_eq!(unpacked.media_type, MediaType::ImageLayer);
+        assert_same_tree(&target, &source);
+    }
+
     /// The round trip the builder relies on: snapshot, change, diff, layer, and unpacking that
     /// layer onto the old tree gives the new one.
     #[test]
