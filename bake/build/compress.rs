@@ -10,6 +10,8 @@
 //!   its own (primed with the previous chunk's last [`DEFLATE_WINDOW`] bytes) and ended with a
 //!   sync flush, and the pieces are concatenated into one gzip member. Chunk boundaries depend
 //!   only on the input, so the bytes are the same for any number of workers.
+//!   zlib-rs's level 1 is its "quick" strategy: about 20% larger output than GNU gzip's level 1
+//!   (ratio 0.357 against 0.298 on a tar of `/usr/include` and `/usr/sbin`), at twice the speed.
 //! - zstd is libzstd's multithreaded mode, which produces the same frame for any number of
 //!   workers ≥ 1 (but a different one for 0, the single-threaded mode, so it is never used).
 
