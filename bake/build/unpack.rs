@@ -56,7 +56,7 @@ const RESOLVE_ATTEMPTS: usize = 8;
 const META_PREFIX: &[u8] = b".wh..wh.";
 
 /// What unpacking a layer did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Unpacked {
     /// `sha256:` of the uncompressed tar: compare with the image config's `rootfs.diff_ids`.
     pub diff_id: Digest,
