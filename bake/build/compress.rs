@@ -10,6 +10,8 @@
 //!   its own (primed with the previous chunk's last [`DEFLATE_WINDOW`] bytes) and ended with a
 //!   sync flush, and the pieces are concatenated into one gzip member. Chunk boundaries depend
 //!   only on the input, so the bytes are the same for any number of workers.
+//!   zlib-rs's level 1 is its "quick" strategy: about 20% larger output than GNU gzip's level 1
+//!   (ratio 0.357 against 0.298 on a tar of `/usr/include` and `/usr/sbin`), at twice the speed.
 //! - zstd is libzstd's multithreaded mode, which produces the same frame for any number of
 //!   workers ≥ 1 (but a different one for 0, the single-threaded mode, so it is never used).
 
@@ -58,7 +60,7 @@ const DEFLATE_FINAL_EMPTY_BLOCK: [u8; 2] = [0x03, 0x00];
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0x00, 0xff];
 
 /// A compressed layer blob and its identities.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Blob {
     /// `sha256:` of the uncompressed tar: goes into the image config's `rootfs.diff_ids`.
     pub diff_id: Digest,
@@ -551,6 +553,13 @@ mod tests {
             format!("gzip/zlib-rs-{ZLIB_RS_VERSION}/level6/chunk1024KiB/dict32KiB")
         );
         assert!(one.len() < data.len(), "the test data should compress");
+        // The build record takes the blob as JSON.
+        let json = serde_json::to_value(&blob).unwrap();
+        assert_eq!(json["digest"], blob.digest.to_string());
+        assert_eq!(
+            json["media_type"],
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
     }
 
     #[test]

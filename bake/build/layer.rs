@@ -56,7 +56,7 @@ pub struct LayerOptions {
 }
 
 /// What went into a layer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LayerSummary {
     /// Files, directories, symlinks, devices and fifos stored (hard links included).
     pub entries: u64,

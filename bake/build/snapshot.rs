@@ -545,6 +545,19 @@ mod tests {
     }
 
     #[test]
+    fn what_either_snapshot_excludes_is_neither_changed_nor_deleted() {
+        let dir = tree();
+        let root = dir.path();
+        let before = snapshot(root, &Excludes::new()).unwrap();
+        write(root, "tmp/new", "n\n");
+        let after = snapshot(root, &excludes()).unwrap();
+        let changes = diff(&before, &after);
+        // `proc` and `tmp/scratch` were recorded before and are excluded after: no whiteouts.
+        assert!(changes.deleted.is_empty(), "{:?}", changes.deleted);
+        assert_eq!(paths(&changes.changed), ["tmp"]);
+    }
+
+    #[test]
     fn identical_snapshots_have_no_changes_and_whole_tree_lists_everything() {
         let dir = tree();
         let snap = snapshot(dir.path(), &excludes()).unwrap();

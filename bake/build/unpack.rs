@@ -56,7 +56,7 @@ const RESOLVE_ATTEMPTS: usize = 8;
 const META_PREFIX: &[u8] = b".wh..wh.";
 
 /// What unpacking a layer did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Unpacked {
     /// `sha256:` of the uncompressed tar: compare with the image config's `rootfs.diff_ids`.
     pub diff_id: Digest,
@@ -788,6 +788,42 @@ mod tests {
         let unpacked = unpack_layer(&blob[..], &target).unwrap();
         assert_eq!(unpacked.media_type, MediaType::ImageLayerZstd);
         assert_eq!(unpacked.entries, snap.entries.len() as u64);
+        assert_same_tree(&target, &source);
+    }
+
+    /// A layer from another producer: GNU tar's POSIX format, with `./` prefixes, PAX times
+    /// with nanoseconds, atime and ctime records, and its own hard link and xattr encoding.
+    #[test]
+    fn a_gnu_tar_archive_unpacks_to_the_same_tree() {
+        if !privileged("a_gnu_tar_archive_unpacks_to_the_same_tree")
+            || !crate::build::testing::tool("tar", "a_gnu_tar_archive_unpacks_to_the_same_tree")
+        {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target) = (dir.path().join("source"), dir.path().join("target"));
+        std::fs::create_dir_all(&target).unwrap();
+        rich_tree(&source);
+        let output = std::process::Command::new("tar")
+            .args([
+                "--format=posix",
+                "--xattrs",
+                "--numeric-owner",
+                "-cf",
+                "-",
+                "-C",
+            ])
+            .arg(&source)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let unpacked = unpack_layer(&output.stdout[..], &target).unwrap();
+        assert_eq!(unpacked.media_type, MediaType::ImageLayer);
         assert_same_tree(&target, &source);
     }
 
