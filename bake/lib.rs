@@ -17,6 +17,7 @@
 //! output and an [`exit::ExitStatus`].
 
 pub mod aws;
+pub mod build;
 pub mod cli;
 pub mod diagnostic;
 pub mod exit;

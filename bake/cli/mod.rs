@@ -3,6 +3,7 @@
 //! an [`ExitStatus`].
 
 mod plan;
+mod sandbox;
 mod validate;
 
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Resolve a recipe: its version, its inputs, and every effect a run would have.
     Plan(plan::PlanArgs),
+    /// Internal: the namespace runner's sandbox helper, which bake starts itself.
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(sandbox::SandboxArgs),
 }
 
 /// Variable values given on the command line.
@@ -99,6 +103,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     match command {
         Command::Validate(args) => validate::run(&args, settings),
         Command::Plan(args) => plan::run(&args, settings),
+        Command::Sandbox(args) => sandbox::run(&args),
     }
 }
 
