@@ -1,1 +1,3 @@
+mod runner;
+
 fn main() {}

@@ -140,7 +140,8 @@ pub enum Stream {
 }
 
 /// Receives a step's output as it runs, one line at a time (without the line terminator;
-/// invalid UTF-8 is replaced).
+/// invalid UTF-8 is replaced). Lines of one stream arrive in order; stdout and stderr are
+/// separate pipes, so between the two the order is only as close as the pipes deliver it.
 pub trait StepOutput {
     fn line(&mut self, step: &str, stream: Stream, line: &str);
 }
