@@ -15,6 +15,7 @@ BAKE_VENV_MARKER=.bake-setup-complete
 BAKE_APT_PACKAGES=(
 	apache2-utils   # htpasswd, for the registry with basic auth
 	bubblewrap
+	busybox-static  # a static root filesystem for the namespace runner's tests
 	ca-certificates
 	curl            # readiness checks in scripts/services
 	docker-registry # an OCI registry (distribution 2.8)

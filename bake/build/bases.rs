@@ -31,7 +31,11 @@ pub enum BaseError {
     #[error("failed to start mmdebstrap")]
     Spawn(#[source] std::io::Error),
     #[error("mmdebstrap failed to bootstrap `{suite}` (exit {code}):\n{tail}")]
-    Bootstrap { suite: String, code: i32, tail: String },
+    Bootstrap {
+        suite: String,
+        code: i32,
+        tail: String,
+    },
     #[error("failed to read OCI layout `{}`", path.display())]
     Layout {
         path: PathBuf,
@@ -57,7 +61,12 @@ const ERROR_TAIL_LINES: usize = 20;
 
 /// Bootstraps `bootstrap` for `architecture` (`amd64`, `arm64`) into the tarball `out` with
 /// mmdebstrap, reproducibly: `SOURCE_DATE_EPOCH` fixes every timestamp mmdebstrap writes.
-pub fn bootstrap(bootstrap: &Bootstrap, architecture: &str, source_date_epoch: u64, out: &Path) -> Result<(), BaseError> {
+pub fn bootstrap(
+    bootstrap: &Bootstrap,
+    architecture: &str,
+    source_date_epoch: u64,
+    out: &Path,
+) -> Result<(), BaseError> {
     let program = which("mmdebstrap").ok_or_else(|| BaseError::NoMmdebstrap {
         suite: bootstrap.suite.clone(),
     })?;
@@ -104,12 +113,17 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// Reads the image `manifest_digest` of the layout at `dir`: its layers (base first) with their
 /// diff ids, and its history.
-pub fn layout_image(dir: &Path, manifest_digest: &str) -> Result<(ImageManifest, ImageConfiguration), BaseError> {
+pub fn layout_image(
+    dir: &Path,
+    manifest_digest: &str,
+) -> Result<(ImageManifest, ImageConfiguration), BaseError> {
     let blob = |digest: &str| -> Result<Vec<u8>, BaseError> {
-        let hex = digest.strip_prefix("sha256:").ok_or_else(|| BaseError::BadLayout {
-            path: dir.to_path_buf(),
-            reason: format!("unsupported digest `{digest}`"),
-        })?;
+        let hex = digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| BaseError::BadLayout {
+                path: dir.to_path_buf(),
+                reason: format!("unsupported digest `{digest}`"),
+            })?;
         let path = dir.join("blobs/sha256").join(hex);
         let bytes = fs_err::read(&path).map_err(|source| BaseError::Layout {
             path: path.clone(),
@@ -129,22 +143,29 @@ pub fn layout_image(dir: &Path, manifest_digest: &str) -> Result<(ImageManifest,
         Ok(m) => m,
         Err(_) => {
             // An index: take its only manifest (platform selection comes with multi-arch bases).
-            let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| BaseError::BadLayout {
-                path: dir.to_path_buf(),
-                reason: format!("{manifest_digest} is neither an image manifest nor an index: {e}"),
-            })?;
-            let first = index.manifests().first().ok_or_else(|| BaseError::BadLayout {
-                path: dir.to_path_buf(),
-                reason: "its index is empty".into(),
-            })?;
+            let index: ImageIndex =
+                serde_json::from_slice(&bytes).map_err(|e| BaseError::BadLayout {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "{manifest_digest} is neither an image manifest nor an index: {e}"
+                    ),
+                })?;
+            let first = index
+                .manifests()
+                .first()
+                .ok_or_else(|| BaseError::BadLayout {
+                    path: dir.to_path_buf(),
+                    reason: "its index is empty".into(),
+                })?;
             return layout_image(dir, first.digest().as_ref());
         }
     };
     let config_bytes = blob(manifest.config().digest().as_ref())?;
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| BaseError::BadLayout {
-        path: dir.to_path_buf(),
-        reason: format!("its config is invalid: {e}"),
-    })?;
+    let config: ImageConfiguration =
+        serde_json::from_slice(&config_bytes).map_err(|e| BaseError::BadLayout {
+            path: dir.to_path_buf(),
+            reason: format!("its config is invalid: {e}"),
+        })?;
     if config.rootfs().diff_ids().len() != manifest.layers().len() {
         return Err(BaseError::BadLayout {
             path: dir.to_path_buf(),

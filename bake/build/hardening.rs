@@ -11,7 +11,11 @@ const BASELINE_AMI: &str = include_str!("../../provisioners/hardening/baseline/a
 
 /// The script of `profile` in `flavour`, with the recipe's exclusions (rule id → reason) set
 /// for it; `None` for a profile bake does not ship.
-pub fn script(profile: &str, flavour: Flavour, exclude: &BTreeMap<String, String>) -> Option<String> {
+pub fn script(
+    profile: &str,
+    flavour: Flavour,
+    exclude: &BTreeMap<String, String>,
+) -> Option<String> {
     let body = match (profile, flavour) {
         ("baseline", Flavour::Oci) => BASELINE_OCI,
         ("baseline", Flavour::Ami) => BASELINE_AMI,
@@ -21,8 +25,14 @@ pub fn script(profile: &str, flavour: Flavour, exclude: &BTreeMap<String, String
     // Rule ids are validated as plain words by the recipe, so they need no quoting beyond this.
     let ids: Vec<String> = ids
         .iter()
-        .filter(|id| id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .filter(|id| {
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
         .map(|id| (*id).to_owned())
         .collect();
-    Some(format!("BAKE_HARDENING_EXCLUDE='{}'\nexport BAKE_HARDENING_EXCLUDE\n{body}", ids.join(" ")))
+    Some(format!(
+        "BAKE_HARDENING_EXCLUDE='{}'\nexport BAKE_HARDENING_EXCLUDE\n{body}",
+        ids.join(" ")
+    ))
 }

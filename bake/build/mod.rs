@@ -42,11 +42,13 @@
 //! Everything here is blocking file-system and CPU work: async callers run it in
 //! `spawn_blocking`.
 
+pub mod bases;
 pub mod compress;
+pub mod hardening;
 pub mod layer;
+pub mod pipeline;
+pub mod runner;
 pub mod snapshot;
 #[cfg(test)]
 mod testing;
 pub mod unpack;
-pub mod bases;
-pub mod hardening;

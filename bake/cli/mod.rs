@@ -2,7 +2,10 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod build;
+mod export;
 mod plan;
+mod sandbox;
 mod validate;
 
 use std::path::PathBuf;
@@ -63,6 +66,13 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Resolve a recipe: its version, its inputs, and every effect a run would have.
     Plan(plan::PlanArgs),
+    /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
+    Build(build::BuildArgs),
+    /// Write a built image out of the store: an OCI layout directory or a docker-archive.
+    Export(export::ExportArgs),
+    /// Internal: the namespace runner's sandbox helper, which bake starts itself.
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(sandbox::SandboxArgs),
 }
 
 /// Variable values given on the command line.
@@ -99,6 +109,9 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     match command {
         Command::Validate(args) => validate::run(&args, settings),
         Command::Plan(args) => plan::run(&args, settings),
+        Command::Build(args) => build::run(&args, settings),
+        Command::Export(args) => export::run(&args, settings),
+        Command::Sandbox(args) => sandbox::run(&args),
     }
 }
 

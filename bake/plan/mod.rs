@@ -60,7 +60,10 @@ pub struct Plan {
 impl Plan {
     /// The SOURCE_DATE_EPOCH the build uses (part of the inputs).
     pub fn source_date_epoch(&self) -> u64 {
-        self.inputs.get("source_date_epoch").and_then(Value::as_u64).unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
+        self.inputs
+            .get("source_date_epoch")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
     }
 
     /// The first 12 hex digits of the version, for names and tags.
@@ -216,12 +219,17 @@ fn plan_inner(
 }
 
 /// The flavour a hardening step runs in: as written, or following the recipe's output.
-pub fn hardening_flavour(recipe: &Recipe, step: &crate::recipe::HardeningStep) -> crate::recipe::Flavour {
-    step.flavour.unwrap_or(if recipe.outputs.oci.is_none() && recipe.outputs.ami.is_some() {
-        crate::recipe::Flavour::Ami
-    } else {
-        crate::recipe::Flavour::Oci
-    })
+pub fn hardening_flavour(
+    recipe: &Recipe,
+    step: &crate::recipe::HardeningStep,
+) -> crate::recipe::Flavour {
+    step.flavour.unwrap_or(
+        if recipe.outputs.oci.is_none() && recipe.outputs.ami.is_some() {
+            crate::recipe::Flavour::Ami
+        } else {
+            crate::recipe::Flavour::Oci
+        },
+    )
 }
 
 /// The digests of the scripts bake itself supplies (hardening profiles): a new bake with a
@@ -231,7 +239,8 @@ fn builtin_inputs(recipe: &Recipe) -> Value {
     for p in &recipe.provisioners {
         if let Step::Hardening(h) = &p.step {
             let flavour = hardening_flavour(recipe, h);
-            let script = crate::build::hardening::script(&h.profile, flavour, &h.exclude).unwrap_or_default();
+            let script = crate::build::hardening::script(&h.profile, flavour, &h.exclude)
+                .unwrap_or_default();
             out.push(json!({
                 "profile": h.profile,
                 "flavour": flavour,

@@ -281,6 +281,10 @@ pub struct FileStep {
     pub mode: Option<u32>,
     pub owner: Option<(u32, u32)>,
     pub template: bool,
+    /// With `template`: each regular file of the source (its path relative to the source, or
+    /// empty for a single file) and its text as a template.
+    #[serde(skip)]
+    pub templates: Vec<(PathBuf, Template)>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -710,14 +710,67 @@ impl<'a> Validator<'a> {
                 None
             }
         });
+        let source = source?;
+        let templates = if f.template {
+            self.file_templates(&f.source, &source)?
+        } else {
+            Vec::new()
+        };
         Some(FileStep {
             relative_source: f.source.value.clone(),
-            source: source?,
+            source,
+            templates,
             destination: self.template(&f.destination),
             mode,
             owner,
             template: f.template,
         })
+    }
+
+    /// Reads every regular file of a templated `file` source as a template.
+    fn file_templates(
+        &mut self,
+        at: &S<String>,
+        source: &Path,
+    ) -> Option<Vec<(PathBuf, Template)>> {
+        let mut out = Vec::new();
+        for entry in walkdir::WalkDir::new(source)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let relative = entry
+                .path()
+                .strip_prefix(source)
+                .unwrap_or(Path::new(""))
+                .to_path_buf();
+            let shown = self.display_dir.join(&at.value).join(&relative);
+            match fs_err::read_to_string(entry.path()) {
+                Ok(text) => out.push((
+                    relative,
+                    Template {
+                        text: text.clone(),
+                        origin: TemplateOrigin::File(SourceFile::new(
+                            shown.display().to_string(),
+                            text,
+                        )),
+                    },
+                )),
+                Err(e) => {
+                    self.error(at, RecipeErrorKind::Io {
+                        what: "templated source file",
+                        path: shown.display().to_string(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    })
+                    .hint = Some("templated files must be UTF-8 text; set `template: false` to copy them as they are".into());
+                    return None;
+                }
+            }
+        }
+        Some(out)
     }
 
     fn shell_step(&mut self, at: &S<RawProvisioner>, s: &RawShellStep) -> Option<ShellStep> {
@@ -1747,7 +1800,10 @@ fn check_templates(recipe: &Recipe, errors: &mut Vec<RecipeError>) {
     let mut global_templates: Vec<&Template> = Vec::new();
     for p in &recipe.provisioners {
         match &p.step {
-            Step::File(f) => global_templates.push(&f.destination),
+            Step::File(f) => {
+                global_templates.push(&f.destination);
+                global_templates.extend(f.templates.iter().map(|(_, t)| t));
+            }
             Step::Shell(s) => {
                 match &s.script {
                     Script::Inline(t) => global_templates.push(t),

@@ -9,3 +9,4 @@ mod common;
 mod plan;
 mod recipes;
 mod registry_harness;
+mod runner;

@@ -1,0 +1,1072 @@
+//! The OCI build: from a planned recipe to an image in the store.
+//!
+//! ```text
+//! base ──► layers in the store ─┐
+//!                               ├─► unpack into a build root (only if a step must run)
+//! step 1..n (cached by chain) ──┘    ──► snapshot, run, snapshot, diff ──► layer
+//! tests ──► config + manifest ──► index.json + build record
+//! ```
+//!
+//! Every layer is cached under a key that chains the base's identity and every step before it
+//! (a step's definition, the digests of the files it reads, the recipe's variable values), so
+//! changing the last step reruns only the last step, and a version already in the store runs
+//! nothing at all.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::bases::{self, BaseError};
+use super::compress::{BlobWriter, CompressError};
+use super::layer::{LayerError, LayerOptions, write_layer};
+use super::runner::{Runner, RunnerError, StepOutput, StepSpec};
+use super::snapshot::{Changes, Excludes, SnapshotError, diff, snapshot};
+use super::unpack::{UnpackError, unpack_layer};
+use crate::artifact::oci::{self, HistoryEntry, ImageBlobs, ImageSettings, LayerRef};
+use crate::plan::Plan;
+use crate::plan::hash::canonical_digest;
+use crate::recipe::template::{Context, Renderer, Secrets};
+use crate::recipe::{Base, Compression, Recipe, RecipeError, Script, Step, Test};
+use crate::store::{ANNOTATION_RECIPE, ANNOTATION_VERSION, Store, StoreError};
+
+/// Bumped when what a cached layer means changes (tar format, whiteout rules), so old cache
+/// entries are not reused.
+const LAYER_CACHE_FORMAT: &str = "bake.layer-cache/v1";
+
+/// Bumped when the build record's shape changes.
+pub const RECORD_FORMAT: &str = "bake.record/v1";
+
+/// What a build produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildOutput {
+    pub name: String,
+    pub version: String,
+    /// The manifest digest.
+    pub image_digest: String,
+    pub config_digest: String,
+    pub manifest_size: u64,
+    pub layers: Vec<LayerRef>,
+    /// The version was already in the store: nothing ran.
+    pub cached: bool,
+    pub steps: Vec<StepReport>,
+}
+
+/// How one step went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepReport {
+    pub name: String,
+    pub cached: bool,
+    /// `None` when the step changed nothing.
+    pub layer: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// The record of a version in the store: what went in, what came out, how long it took.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub format: String,
+    pub name: String,
+    pub version: String,
+    pub recipe: String,
+    pub bake_version: String,
+    /// The plan's inputs: exactly what the version is the digest of.
+    pub inputs: Value,
+    pub source_date_epoch: u64,
+    /// What determines the compressed bytes (and so the layer digests).
+    pub compressor: String,
+    pub output: BuildOutput,
+    pub started: String,
+    pub duration_ms: u64,
+}
+
+/// Settings of one build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub source_date_epoch: u64,
+    /// Compression workers; the output does not depend on it.
+    pub workers: NonZeroUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("failed to prepare the base of `{recipe}`")]
+    Base {
+        recipe: String,
+        #[source]
+        source: BaseError,
+    },
+    #[error("base `{0}` cannot be built locally yet")]
+    UnsupportedBase(String),
+    #[error("failed to unpack layer {digest}")]
+    Unpack {
+        digest: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("layer {digest} does not match its diff id {expected} (it unpacks to {actual})")]
+    DiffId {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("failed to scan the build root")]
+    Snapshot(#[from] SnapshotError),
+    #[error("failed to write the layer of step `{step}`")]
+    Layer {
+        step: String,
+        #[source]
+        source: LayerError,
+    },
+    #[error("failed to compress the layer of step `{step}`")]
+    Compress {
+        step: String,
+        #[source]
+        source: CompressError,
+    },
+    #[error(transparent)]
+    Step(#[from] RunnerError),
+    #[error("failed to copy `{source_path}` into the image at `{destination}`")]
+    Copy {
+        source_path: String,
+        destination: String,
+        #[source]
+        source: super::runner::CopyError,
+    },
+    #[error("test `{name}` failed: {reason}")]
+    Test { name: String, reason: String },
+    #[error(transparent)]
+    Render(#[from] RecipeError),
+    #[error(transparent)]
+    Image(#[from] oci::ImageError),
+    #[error("failed to write into the build root `{}`", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the recipe has no OCI output to build")]
+    NoOciOutput,
+}
+
+impl BuildError {
+    /// Whether the recipe (not the machine) is at fault: a failing step or test.
+    pub fn is_recipe_failure(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Step(RunnerError::StepFailed { .. })
+                | BuildError::Test { .. }
+                | BuildError::Render(_)
+                | BuildError::NoOciOutput
+                | BuildError::UnsupportedBase(_)
+        )
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Base { source, .. } => source.hint(),
+            BuildError::Step(e) => e.hint(),
+            BuildError::UnsupportedBase(_) => {
+                Some("registry bases arrive with registry support; use a bootstrap, rootfs or OCI layout base".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Receives build progress; the CLI draws it.
+pub trait BuildReporter: StepOutput {
+    fn step_started(&mut self, _name: &str, _cached: bool) {}
+    fn step_finished(&mut self, _name: &str, _duration: Duration) {}
+    fn message(&mut self, _text: &str) {}
+}
+
+/// Everything a build needs besides the recipe.
+pub struct Builder<'a> {
+    pub store: &'a Store,
+    pub runner: &'a dyn Runner,
+    pub options: BuildOptions,
+}
+
+/// A layer cache entry: the result of one step given everything before it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedStep {
+    layer: Option<LayerRef>,
+    history: HistoryEntry,
+}
+
+impl Builder<'_> {
+    /// Builds `recipe`, planned as `plan`, into the store.
+    pub fn build(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<BuildOutput, BuildError> {
+        if let Some(record) = self.store.record::<BuildRecord>(&plan.version)?
+            && self.complete(&record.output)
+        {
+            let mut output = record.output;
+            output.cached = true;
+            for step in &mut output.steps {
+                step.cached = true;
+            }
+            return Ok(output);
+        }
+        let oci_output = recipe.outputs.oci.as_ref().ok_or(BuildError::NoOciOutput)?;
+        let started = std::time::SystemTime::now();
+        let clock = Instant::now();
+        let compression = recipe.build.compression;
+        let base = self.base(recipe, plan, reporter)?;
+        let mut layers = base.layers.clone();
+        let mut history = base.history.clone();
+
+        // Which steps are cached, given everything before them.
+        let variables = plan
+            .inputs
+            .pointer("/recipe/variables")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let files = plan.inputs.get("files").cloned().unwrap_or(Value::Null);
+        let mut key = canonical_digest(&json!({
+            "format": LAYER_CACHE_FORMAT,
+            "base": plan.inputs.get("base"),
+            "compression": compression,
+            "source_date_epoch": self.options.source_date_epoch,
+        }));
+        let renderer = Renderer::default();
+        // Scripts and their environment see secrets; nothing that lands in a layer does.
+        let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
+        let public = Context::new(recipe, Some(&plan.version), None, Secrets::Redact);
+        let contexts = Contexts {
+            secret: &context,
+            public: &public,
+        };
+        let mut root: Option<BuildRoot> = None;
+        let mut reports = Vec::new();
+        let mut compressor = String::new();
+        let squash = recipe.build.squash;
+        let mut squash_before = None;
+
+        for (index, provisioner) in recipe.provisioners.iter().enumerate() {
+            let step_json = serde_json::to_value(provisioner).expect("steps serialize");
+            key = canonical_digest(&json!({
+                "parent": key,
+                "step": step_json,
+                "variables": variables,
+                "files": step_files(&files, provisioner),
+            }));
+            let step_clock = Instant::now();
+            if !squash
+                && let Some(cached) = self.store.cached::<CachedStep>("steps", &key)?
+                && cached
+                    .layer
+                    .as_ref()
+                    .is_none_or(|l| self.store.has_blob(&l.digest))
+            {
+                reporter.step_started(&provisioner.name, true);
+                if let (Some(root), Some(layer)) = (&root, &cached.layer) {
+                    root.apply(self.store, layer)?;
+                }
+                reports.push(StepReport {
+                    name: provisioner.name.clone(),
+                    cached: true,
+                    layer: cached.layer.as_ref().map(|l| l.digest.clone()),
+                    duration_ms: 0,
+                });
+                layers.extend(cached.layer.clone());
+                history.push(cached.history);
+                continue;
+            }
+            // A step must run: materialize the root (base + every layer so far) once.
+            if root.is_none() {
+                let fresh = BuildRoot::new(self.store, &recipe.name)?;
+                for layer in &layers {
+                    fresh.apply(self.store, layer)?;
+                }
+                root = Some(fresh);
+            }
+            let build_root = root.as_ref().expect("just made");
+            reporter.step_started(&provisioner.name, false);
+            let before = if squash {
+                squash_before
+                    .get_or_insert(snapshot(build_root.path(), &Excludes::new())?)
+                    .clone()
+            } else {
+                snapshot(build_root.path(), &Excludes::new())?
+            };
+            self.run_step(
+                recipe,
+                provisioner,
+                build_root.path(),
+                &renderer,
+                &contexts,
+                reporter,
+            )?;
+            if squash && index + 1 < recipe.provisioners.len() {
+                reporter.step_finished(&provisioner.name, step_clock.elapsed());
+                reports.push(StepReport {
+                    name: provisioner.name.clone(),
+                    cached: false,
+                    layer: None,
+                    duration_ms: step_clock.elapsed().as_millis() as u64,
+                });
+                continue;
+            }
+            let after = snapshot(build_root.path(), &Excludes::new())?;
+            let changes = diff(&before, &after);
+            let created_by = if squash {
+                "bake: all steps (squashed)".to_owned()
+            } else {
+                provisioner.name.clone()
+            };
+            let layer = if changes.is_empty() {
+                None
+            } else {
+                let (layer, used) =
+                    self.write_layer(build_root.path(), &changes, compression, &provisioner.name)?;
+                compressor = used;
+                Some(layer)
+            };
+            let entry = HistoryEntry {
+                created_by,
+                comment: Some("bake".into()),
+                empty_layer: layer.is_none(),
+            };
+            if !squash {
+                self.store.put_cached(
+                    "steps",
+                    &key,
+                    &CachedStep {
+                        layer: layer.clone(),
+                        history: entry.clone(),
+                    },
+                )?;
+            }
+            reporter.step_finished(&provisioner.name, step_clock.elapsed());
+            reports.push(StepReport {
+                name: provisioner.name.clone(),
+                cached: false,
+                layer: layer.as_ref().map(|l| l.digest.clone()),
+                duration_ms: step_clock.elapsed().as_millis() as u64,
+            });
+            layers.extend(layer);
+            history.push(entry);
+        }
+
+        // Tests run against the final root.
+        let tests: Vec<&Test> = recipe
+            .tests
+            .iter()
+            .filter(|t| matches!(t, Test::Command { .. }))
+            .collect();
+        if !tests.is_empty() {
+            if root.is_none() {
+                let fresh = BuildRoot::new(self.store, &recipe.name)?;
+                for layer in &layers {
+                    fresh.apply(self.store, layer)?;
+                }
+                root = Some(fresh);
+            }
+            let build_root = root.as_ref().expect("just made");
+            for test in tests {
+                self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
+            }
+        }
+        drop(root);
+
+        let settings = image_settings(recipe, oci_output, plan, &renderer)?;
+        let annotations = BTreeMap::from([
+            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (
+                oci_spec::image::ANNOTATION_TITLE.to_owned(),
+                recipe.name.clone(),
+            ),
+            (
+                oci_spec::image::ANNOTATION_VERSION.to_owned(),
+                plan.version_short().to_owned(),
+            ),
+        ]);
+        let ImageBlobs {
+            config,
+            config_digest,
+            manifest,
+            manifest_digest,
+        } = oci::assemble(
+            &settings,
+            &layers,
+            &history,
+            self.options.source_date_epoch,
+            &annotations,
+        )?;
+        self.store.put_blob(&config)?;
+        self.store.put_blob(&manifest)?;
+        let index_annotations = BTreeMap::from([
+            (
+                oci_spec::image::ANNOTATION_REF_NAME.to_owned(),
+                format!("{}:{}", recipe.name, plan.version_short()),
+            ),
+            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (ANNOTATION_RECIPE.to_owned(), recipe.name.clone()),
+        ]);
+        self.store.add_to_index(oci::descriptor(
+            oci_spec::image::MediaType::ImageManifest,
+            &manifest_digest,
+            manifest.len() as u64,
+            Some(index_annotations),
+        )?)?;
+        let output = BuildOutput {
+            name: recipe.name.clone(),
+            version: plan.version.clone(),
+            image_digest: manifest_digest,
+            config_digest,
+            manifest_size: manifest.len() as u64,
+            layers,
+            cached: false,
+            steps: reports,
+        };
+        let record = BuildRecord {
+            format: RECORD_FORMAT.into(),
+            name: recipe.name.clone(),
+            version: plan.version.clone(),
+            recipe: plan.recipe.clone(),
+            bake_version: env!("CARGO_PKG_VERSION").into(),
+            inputs: plan.inputs.clone(),
+            source_date_epoch: self.options.source_date_epoch,
+            compressor: if compressor.is_empty() {
+                describe_compression(compression)
+            } else {
+                compressor
+            },
+            output: output.clone(),
+            started: humantime::format_rfc3339_seconds(started).to_string(),
+            duration_ms: clock.elapsed().as_millis() as u64,
+        };
+        self.store.put_record(&plan.version, &record)?;
+        Ok(output)
+    }
+
+    /// Whether every blob of a recorded output is still in the store.
+    fn complete(&self, output: &BuildOutput) -> bool {
+        self.store.has_blob(&output.image_digest)
+            && self.store.has_blob(&output.config_digest)
+            && output.layers.iter().all(|l| self.store.has_blob(&l.digest))
+    }
+
+    fn write_layer(
+        &self,
+        root: &Path,
+        changes: &Changes,
+        compression: Compression,
+        step: &str,
+    ) -> Result<(LayerRef, String), BuildError> {
+        let file = self.store.temp_file()?;
+        let handle = file
+            .as_file()
+            .try_clone()
+            .map_err(|source| BuildError::Io {
+                path: file.path().to_path_buf(),
+                source,
+            })?;
+        let mut writer = BlobWriter::new(
+            std::io::BufWriter::new(handle),
+            compression,
+            self.options.workers,
+        )
+        .map_err(|source| BuildError::Compress {
+            step: step.to_owned(),
+            source,
+        })?;
+        let options = LayerOptions {
+            source_date_epoch: Some(self.options.source_date_epoch),
+        };
+        write_layer(root, changes, &options, &mut writer).map_err(|source| BuildError::Layer {
+            step: step.to_owned(),
+            source,
+        })?;
+        let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
+            step: step.to_owned(),
+            source,
+        })?;
+        std::io::Write::flush(&mut out).map_err(|source| BuildError::Io {
+            path: file.path().to_path_buf(),
+            source,
+        })?;
+        drop(out);
+        let digest = blob.digest.to_string();
+        self.store.commit_blob(file, &digest)?;
+        Ok((
+            LayerRef {
+                digest,
+                diff_id: blob.diff_id.to_string(),
+                size: blob.size,
+                media_type: blob.media_type.to_string(),
+            },
+            blob.compressor,
+        ))
+    }
+
+    /// The base's layers in the store, making them if needed.
+    fn base(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<BaseLayers, BuildError> {
+        let base_error = |source| BuildError::Base {
+            recipe: recipe.name.clone(),
+            source,
+        };
+        let identity = plan.inputs.get("base").cloned().unwrap_or(Value::Null);
+        let key = canonical_digest(&json!({
+            "format": LAYER_CACHE_FORMAT,
+            "base": identity,
+            "compression": recipe.build.compression,
+            "source_date_epoch": self.options.source_date_epoch,
+        }));
+        match &recipe.base {
+            Base::Scratch => Ok(BaseLayers::default()),
+            Base::OciLayout { path, .. } => {
+                let digest = identity
+                    .get("digest")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let (manifest, config) = bases::layout_image(path, digest).map_err(base_error)?;
+                let mut layers = Vec::new();
+                for (descriptor, diff_id) in
+                    manifest.layers().iter().zip(config.rootfs().diff_ids())
+                {
+                    let digest = descriptor.digest().to_string();
+                    if !self.store.has_blob(&digest) {
+                        let source = path
+                            .join("blobs/sha256")
+                            .join(crate::store::digest_hex(&digest)?);
+                        self.import_verified(&source, &digest)?;
+                    }
+                    layers.push(LayerRef {
+                        digest,
+                        diff_id: diff_id.clone(),
+                        size: descriptor.size(),
+                        media_type: descriptor.media_type().to_string(),
+                    });
+                }
+                let history = config
+                    .history()
+                    .iter()
+                    .flatten()
+                    .map(|h| HistoryEntry {
+                        created_by: h.created_by().clone().unwrap_or_default(),
+                        comment: h.comment().clone(),
+                        empty_layer: h.empty_layer().unwrap_or(false),
+                    })
+                    .collect();
+                Ok(BaseLayers { layers, history })
+            }
+            Base::Rootfs {
+                path,
+                relative_path,
+            } => {
+                let created_by = format!("bake: rootfs {relative_path}");
+                self.tarball_base(
+                    &key,
+                    &created_by,
+                    recipe.build.compression,
+                    reporter,
+                    |tar: &Path| {
+                        fs_err::copy(path, tar)
+                            .map(|_| ())
+                            .map_err(|source| BuildError::Io {
+                                path: path.clone(),
+                                source,
+                            })
+                    },
+                )
+            }
+            Base::Bootstrap(bootstrap) => {
+                let arch = identity
+                    .get("architecture")
+                    .and_then(Value::as_str)
+                    .unwrap_or("amd64")
+                    .to_owned();
+                let created_by = format!(
+                    "bake: mmdebstrap --variant={} {} ({} packages)",
+                    bootstrap.variant,
+                    bootstrap.suite,
+                    bootstrap.packages.len()
+                );
+                let sde = self.options.source_date_epoch;
+                self.tarball_base(
+                    &key,
+                    &created_by,
+                    recipe.build.compression,
+                    reporter,
+                    |tar: &Path| bases::bootstrap(bootstrap, &arch, sde, tar).map_err(base_error),
+                )
+            }
+            Base::Recipe { relative_path, .. } => Err(BuildError::UnsupportedBase(format!(
+                "recipe {relative_path}"
+            ))),
+            Base::Image { reference } => Err(BuildError::UnsupportedBase(reference.clone())),
+            Base::Ami(_) => Err(BuildError::UnsupportedBase("source AMI".into())),
+        }
+    }
+
+    /// A base made from a tarball: produced once by `make`, unpacked, and stored as one
+    /// deterministic layer cached under `key`.
+    fn tarball_base(
+        &self,
+        key: &str,
+        created_by: &str,
+        compression: Compression,
+        reporter: &mut dyn BuildReporter,
+        make: impl FnOnce(&Path) -> Result<(), BuildError>,
+    ) -> Result<BaseLayers, BuildError> {
+        if let Some(cached) = self.store.cached::<CachedStep>("bases", key)?
+            && cached
+                .layer
+                .as_ref()
+                .is_none_or(|l| self.store.has_blob(&l.digest))
+        {
+            return Ok(BaseLayers {
+                layers: cached.layer.into_iter().collect(),
+                history: vec![cached.history],
+            });
+        }
+        reporter.message(&format!("preparing base: {created_by}"));
+        let work = self.store.work_dir("base")?;
+        let tar = work.path().join("base.tar");
+        make(&tar)?;
+        let root = work.path().join("root");
+        fs_err::create_dir(&root).map_err(|source| BuildError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        let file = fs_err::File::open(&tar).map_err(|source| BuildError::Io {
+            path: tar.clone(),
+            source,
+        })?;
+        unpack_layer(std::io::BufReader::new(file), &root).map_err(|source| {
+            BuildError::Unpack {
+                digest: created_by.to_owned(),
+                source,
+            }
+        })?;
+        let tree = snapshot(&root, &Excludes::new())?;
+        let (layer, _) =
+            self.write_layer(&root, &Changes::whole_tree(&tree), compression, created_by)?;
+        let history = HistoryEntry {
+            created_by: created_by.to_owned(),
+            comment: Some("bake".into()),
+            empty_layer: false,
+        };
+        self.store.put_cached(
+            "bases",
+            key,
+            &CachedStep {
+                layer: Some(layer.clone()),
+                history: history.clone(),
+            },
+        )?;
+        Ok(BaseLayers {
+            layers: vec![layer],
+            history: vec![history],
+        })
+    }
+
+    /// Copies a blob from outside into the store, verifying its digest on the way.
+    fn import_verified(&self, source: &Path, digest: &str) -> Result<(), BuildError> {
+        use sha2::Digest as _;
+        let mut input = fs_err::File::open(source).map_err(|e| BuildError::Io {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
+        let mut file = self.store.temp_file()?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut input, &mut buffer).map_err(|e| BuildError::Io {
+                path: source.to_path_buf(),
+                source: e,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            std::io::Write::write_all(&mut file, &buffer[..n]).map_err(|e| BuildError::Io {
+                path: file.path().to_path_buf(),
+                source: e,
+            })?;
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.to_owned(),
+                actual,
+            }
+            .into());
+        }
+        self.store.commit_blob(file, digest)?;
+        Ok(())
+    }
+
+    fn run_step(
+        &self,
+        recipe: &Recipe,
+        provisioner: &crate::recipe::Provisioner,
+        root: &Path,
+        renderer: &Renderer,
+        contexts: &Contexts<'_>,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<(), BuildError> {
+        let context = contexts.secret;
+        match &provisioner.step {
+            Step::File(file) => {
+                let destination = renderer.render(&file.destination, contexts.public)?;
+                let options = super::runner::CopyOptions {
+                    mode: file.mode,
+                    owner: file.owner.unwrap_or((0, 0)),
+                    parent_owner: (0, 0),
+                };
+                // Templated sources are rendered into a private staging copy first; the copy
+                // into the root then treats them like any other file.
+                let staging = if file.template {
+                    Some(self.render_sources(file, renderer, contexts.public)?)
+                } else {
+                    None
+                };
+                let source = match &staging {
+                    Some((_, path)) => path.clone(),
+                    None => file.source.clone(),
+                };
+                super::runner::copy_into_root(root, &source, &destination, &options)
+                    .map(|_| ())
+                    .map_err(|source| BuildError::Copy {
+                        source_path: file.relative_source.clone(),
+                        destination,
+                        source,
+                    })
+            }
+            Step::Shell(shell) => {
+                let script = match &shell.script {
+                    Script::Inline(template) => renderer.render(template, context)?,
+                    Script::File {
+                        template: Some(template),
+                        ..
+                    } => renderer.render(template, context)?,
+                    Script::File {
+                        path,
+                        template: None,
+                        ..
+                    } => fs_err::read_to_string(path).map_err(|source| BuildError::Io {
+                        path: path.clone(),
+                        source,
+                    })?,
+                };
+                let mut spec = StepSpec::new(root, &provisioner.name, script, shell.timeout);
+                spec.env = shell
+                    .env
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), renderer.render(t, context)?)))
+                    .collect::<Result<_, RecipeError>>()?;
+                spec.workdir.clone_from(&shell.workdir);
+                spec.user.clone_from(&shell.user);
+                spec.network = shell.network;
+                spec.hostname = recipe.name.clone();
+                self.runner.run(&spec, reporter)?;
+                Ok(())
+            }
+            Step::Hardening(hardening) => {
+                let flavour = crate::plan::hardening_flavour(recipe, hardening);
+                let script = crate::build::hardening::script(
+                    &hardening.profile,
+                    flavour,
+                    &hardening.exclude,
+                )
+                .ok_or_else(|| {
+                    BuildError::UnsupportedBase(format!("hardening profile {}", hardening.profile))
+                })?;
+                let mut spec = StepSpec::new(
+                    root,
+                    &provisioner.name,
+                    script,
+                    Duration::from_secs(30 * 60),
+                );
+                spec.hostname = recipe.name.clone();
+                self.runner.run(&spec, reporter)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Renders a templated `file` source into a staging directory with the same layout and
+    /// modes; returns the directory (removed on drop) and the path to copy from.
+    fn render_sources(
+        &self,
+        file: &crate::recipe::FileStep,
+        renderer: &Renderer,
+        context: &Context,
+    ) -> Result<(tempfile::TempDir, PathBuf), BuildError> {
+        use std::os::unix::fs::PermissionsExt;
+        let staging = self.store.work_dir("render")?;
+        let name = file
+            .source
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("source"));
+        let top = staging.path().join(&name);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BuildError::Io { path, source }
+        };
+        if file.source.is_dir() {
+            // Directories first (with their modes), then the rendered files.
+            for entry in walkdir::WalkDir::new(&file.source)
+                .follow_links(false)
+                .sort_by_file_name()
+            {
+                let entry = entry.map_err(|e| BuildError::Io {
+                    path: file.source.clone(),
+                    source: e
+                        .into_io_error()
+                        .unwrap_or_else(|| std::io::Error::other("walk")),
+                })?;
+                let relative = entry
+                    .path()
+                    .strip_prefix(&file.source)
+                    .unwrap_or(Path::new(""));
+                let target = top.join(relative);
+                let meta = fs_err::symlink_metadata(entry.path()).map_err(io(entry.path()))?;
+                if meta.is_dir() {
+                    fs_err::create_dir_all(&target).map_err(io(&target))?;
+                } else if meta.file_type().is_symlink() {
+                    let link = fs_err::read_link(entry.path()).map_err(io(entry.path()))?;
+                    std::os::unix::fs::symlink(link, &target).map_err(io(&target))?;
+                }
+            }
+        }
+        for (relative, template) in &file.templates {
+            let target = if relative.as_os_str().is_empty() {
+                top.clone()
+            } else {
+                top.join(relative)
+            };
+            let original = if relative.as_os_str().is_empty() {
+                file.source.clone()
+            } else {
+                file.source.join(relative)
+            };
+            let rendered = renderer.render(template, context)?;
+            fs_err::write(&target, rendered).map_err(io(&target))?;
+            let mode = fs_err::metadata(&original)
+                .map_err(io(&original))?
+                .permissions()
+                .mode();
+            fs_err::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                .map_err(io(&target))?;
+        }
+        Ok((staging, top))
+    }
+
+    fn run_test(
+        &self,
+        test: &Test,
+        root: &Path,
+        renderer: &Renderer,
+        context: &Context,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<(), BuildError> {
+        let Test::Command {
+            name,
+            run,
+            exit_code,
+            stdout_contains,
+            user,
+            network,
+            timeout,
+        } = test
+        else {
+            return Ok(());
+        };
+        reporter.step_started(name, false);
+        // Tests must not change the image: run them on a snapshot-checked root and fail if
+        // they leave changes behind would be stricter; here the root is discarded afterwards.
+        let mut spec = StepSpec::new(root, name, renderer.render(run, context)?, *timeout);
+        spec.user.clone_from(user);
+        spec.network = *network;
+        spec.expected_exit_code = *exit_code;
+        let mut lines: Vec<super::runner::OutputLine> = Vec::new();
+        let clock = Instant::now();
+        {
+            let mut tee = Tee {
+                lines: &mut lines,
+                reporter: &mut *reporter,
+            };
+            self.runner.run(&spec, &mut tee)?;
+        }
+        if let Some(expected) = stdout_contains {
+            let expected = renderer.render(expected, context)?;
+            let stdout: String = lines
+                .iter()
+                .filter(|l| l.stream == super::runner::Stream::Stdout)
+                .map(|l| format!("{}\n", l.text))
+                .collect();
+            if !stdout.contains(&expected) {
+                return Err(BuildError::Test {
+                    name: name.clone(),
+                    reason: format!("its output does not contain `{expected}`"),
+                });
+            }
+        }
+        reporter.step_finished(name, clock.elapsed());
+        Ok(())
+    }
+}
+
+/// The two ways templates are rendered during a build.
+struct Contexts<'a> {
+    /// For scripts and their environment, which run but are not stored.
+    secret: &'a Context,
+    /// For anything written into the image (file contents, paths): sensitive values redacted.
+    public: &'a Context,
+}
+
+struct Tee<'a> {
+    lines: &'a mut Vec<super::runner::OutputLine>,
+    reporter: &'a mut dyn BuildReporter,
+}
+
+impl StepOutput for Tee<'_> {
+    fn line(&mut self, step: &str, stream: super::runner::Stream, line: &str) {
+        self.lines.line(step, stream, line);
+        self.reporter.line(step, stream, line);
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct BaseLayers {
+    layers: Vec<LayerRef>,
+    history: Vec<HistoryEntry>,
+}
+
+/// A build root in the store's work area, removed when dropped.
+struct BuildRoot {
+    /// Removed, with the root, on drop.
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl BuildRoot {
+    fn new(store: &Store, name: &str) -> Result<Self, BuildError> {
+        let dir = store.work_dir(name)?;
+        let root = dir.path().join("rootfs");
+        fs_err::create_dir(&root).map_err(|source| BuildError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        Ok(BuildRoot { _dir: dir, root })
+    }
+
+    fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Unpacks a stored layer onto the root, checking it against its diff id.
+    fn apply(&self, store: &Store, layer: &LayerRef) -> Result<(), BuildError> {
+        let blob = store.open_blob(&layer.digest)?;
+        let unpacked =
+            unpack_layer(std::io::BufReader::new(blob), self.path()).map_err(|source| {
+                BuildError::Unpack {
+                    digest: layer.digest.clone(),
+                    source,
+                }
+            })?;
+        let actual = unpacked.diff_id.to_string();
+        if actual != layer.diff_id {
+            return Err(BuildError::DiffId {
+                digest: layer.digest.clone(),
+                expected: layer.diff_id.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of one step, from the plan's file list.
+fn step_files(files: &Value, provisioner: &crate::recipe::Provisioner) -> Value {
+    let prefix = match &provisioner.step {
+        Step::File(f) => Some(f.relative_source.clone()),
+        Step::Shell(s) => match &s.script {
+            Script::File { relative_path, .. } => Some(relative_path.clone()),
+            Script::Inline(_) => None,
+        },
+        Step::Hardening(_) => None,
+    };
+    let Some(prefix) = prefix else {
+        return Value::Array(Vec::new());
+    };
+    let prefix = prefix
+        .trim_start_matches("./")
+        .trim_end_matches('/')
+        .to_owned();
+    Value::Array(
+        files
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| {
+                f.get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p == prefix || p.starts_with(&format!("{prefix}/")))
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+fn describe_compression(compression: Compression) -> String {
+    match compression {
+        Compression::Gzip(level) => format!("gzip/level{level}"),
+        Compression::Zstd(level) => format!("zstd/level{level}"),
+    }
+}
+
+/// The image settings of the recipe's OCI output, rendered with the version (secrets
+/// redacted: a secret never belongs in an image config).
+fn image_settings(
+    recipe: &Recipe,
+    oci: &crate::recipe::OciOutput,
+    plan: &Plan,
+    renderer: &Renderer,
+) -> Result<ImageSettings, BuildError> {
+    let context = Context::new(recipe, Some(&plan.version), None, Secrets::Redact);
+    let list =
+        |items: &Option<Vec<crate::recipe::Template>>| -> Result<Option<Vec<String>>, RecipeError> {
+            items
+                .as_ref()
+                .map(|items| items.iter().map(|t| renderer.render(t, &context)).collect())
+                .transpose()
+        };
+    let map = |items: &BTreeMap<String, crate::recipe::Template>| -> Result<BTreeMap<String, String>, RecipeError> {
+        items.iter().map(|(k, t)| Ok((k.clone(), renderer.render(t, &context)?))).collect()
+    };
+    Ok(ImageSettings {
+        os: oci.os.clone(),
+        architecture: oci.architecture.oci().to_owned(),
+        variant: oci.variant.clone(),
+        entrypoint: list(&oci.entrypoint)?,
+        cmd: list(&oci.cmd)?,
+        env: map(&oci.env)?,
+        user: oci.user.clone(),
+        workdir: oci.workdir.clone(),
+        labels: map(&oci.labels)?,
+        annotations: map(&oci.annotations)?,
+        ports: oci.ports.clone(),
+        stop_signal: oci.stop_signal.clone(),
+    })
+}

@@ -1,0 +1,142 @@
+//! `bake build RECIPE`: build the recipe's OCI image into the local store (or return the stored
+//! one when its version is already there), printing the version and image digest.
+
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
+use crate::build::runner::{NamespaceRunner, StepOutput, Stream};
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::plan::{self, PlanError};
+use crate::recipe;
+use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
+    let shown = args.recipe.display().to_string();
+    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+        Ok(recipe) => recipe,
+        Err(errors) => {
+            print_reports(
+                settings,
+                &super::plan::plan_reports(&PlanError::from(errors)),
+            );
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let plan = match plan::plan(&recipe, &shown, &settings.plan_options()) {
+        Ok(plan) => plan,
+        Err(error) => {
+            print_reports(settings, &super::plan::plan_reports(&error));
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let runner = match NamespaceRunner::new() {
+        Ok(runner) => runner,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let builder = Builder {
+        store: &store,
+        runner: &runner,
+        options: BuildOptions {
+            source_date_epoch: plan.source_date_epoch(),
+            workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        },
+    };
+    let mut reporter = CliReporter {
+        quiet: settings.verbosity == Verbosity::Quiet,
+    };
+    match builder.build(&recipe, &plan, &mut reporter) {
+        Ok(output) => {
+            match settings.output {
+                OutputFormat::Json => print_json(&output),
+                OutputFormat::Human => {
+                    println!("version  {}", output.version);
+                    println!("image    {}", output.image_digest);
+                    if output.cached && settings.verbosity > Verbosity::Quiet {
+                        eprintln!("(already built: nothing ran)");
+                    }
+                }
+            }
+            ExitStatus::Success
+        }
+        Err(error) => {
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            if error.is_recipe_failure() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            }
+        }
+    }
+}
+
+/// Shows build progress on stderr: one line per step, then its output prefixed by its name.
+struct CliReporter {
+    quiet: bool,
+}
+
+impl StepOutput for CliReporter {
+    fn line(&mut self, step: &str, _stream: Stream, line: &str) {
+        if !self.quiet {
+            let _ = writeln!(std::io::stderr().lock(), "{step} | {line}");
+        }
+    }
+}
+
+impl BuildReporter for CliReporter {
+    fn step_started(&mut self, name: &str, cached: bool) {
+        if !self.quiet {
+            let note = if cached { " (cached)" } else { "" };
+            let _ = writeln!(std::io::stderr().lock(), "==> {name}{note}");
+        }
+    }
+
+    fn step_finished(&mut self, name: &str, duration: Duration) {
+        if !self.quiet {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "==> {name}: done in {:.1}s",
+                duration.as_secs_f64()
+            );
+        }
+    }
+
+    fn message(&mut self, text: &str) {
+        if !self.quiet {
+            let _ = writeln!(std::io::stderr().lock(), "==> {text}");
+        }
+    }
+}

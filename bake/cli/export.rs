@@ -1,0 +1,157 @@
+//! `bake export VERSION|RECIPE`: write a built image out of the store, as an OCI image layout
+//! directory or a docker-archive tarball.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::artifact::export;
+use crate::build::pipeline::BuildRecord;
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::settings::Settings;
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true)))]
+pub struct ExportArgs {
+    /// A version (`sha256:…`, or its first 12 or more hex digits) or a recipe file.
+    #[arg(value_name = "VERSION|RECIPE")]
+    pub what: String,
+    /// Write an OCI image layout into this directory.
+    #[arg(long, value_name = "DIR", group = "target")]
+    pub oci_layout: Option<PathBuf>,
+    /// Write a docker-archive tarball (`docker load` reads it).
+    #[arg(long, value_name = "FILE", group = "target")]
+    pub docker_archive: Option<PathBuf>,
+    /// The tag to give the image (default: the recipe name and short version).
+    #[arg(long, value_name = "NAME:TAG")]
+    pub tag: Option<String>,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let record = match find_record(&store, &args.what, &args.vars, settings) {
+        Ok(record) => record,
+        Err(report) => {
+            print_reports(settings, &[*report]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let short = record.version.trim_start_matches("sha256:")[..12].to_owned();
+    let tag = args
+        .tag
+        .clone()
+        .unwrap_or_else(|| format!("bake/{}:{short}", record.name));
+    let digest = &record.output.image_digest;
+    let mut written = serde_json::Map::new();
+    if let Some(dir) = &args.oci_layout {
+        let ref_name = tag.rsplit(':').next().unwrap_or(&short).to_owned();
+        if let Err(e) = export::to_oci_layout(&store, digest, dir, &ref_name) {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+        written.insert("oci_layout".into(), dir.display().to_string().into());
+    }
+    if let Some(file) = &args.docker_archive {
+        if let Err(e) = export::to_docker_archive(&store, digest, file, &tag) {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+        written.insert("docker_archive".into(), file.display().to_string().into());
+    }
+    match settings.output {
+        crate::settings::OutputFormat::Json => print_json(&serde_json::json!({
+            "version": record.version,
+            "image_digest": digest,
+            "tag": tag,
+            "written": written,
+        })),
+        crate::settings::OutputFormat::Human => {
+            for (kind, path) in &written {
+                println!("{kind} {} ({digest})", path.as_str().unwrap_or_default());
+            }
+        }
+    }
+    ExitStatus::Success
+}
+
+/// The build record named by a version, a version prefix, or a recipe file.
+fn find_record(
+    store: &Store,
+    what: &str,
+    vars: &VarArgs,
+    settings: &Settings,
+) -> Result<BuildRecord, Box<Report>> {
+    let not_built = |version: &str| {
+        Box::new(
+            Report::new(format!(
+                "version {version} is not in the store `{}`",
+                settings.store.display()
+            ))
+            .with_hint(Some("build it first with `bake build RECIPE`".into())),
+        )
+    };
+    if Path::new(what).is_file() {
+        let recipe = crate::recipe::load(Path::new(what), &vars.sources()).map_err(|e| {
+            Box::new(
+                e.0.first()
+                    .map(|e| e.report())
+                    .unwrap_or_else(|| Report::new("invalid recipe")),
+            )
+        })?;
+        let plan = crate::plan::plan(&recipe, what, &settings.plan_options())
+            .map_err(|e| Box::new(Report::from_error(&e).with_hint(e.hint())))?;
+        return store
+            .record::<BuildRecord>(&plan.version)
+            .map_err(|e| Box::new(Report::from_error(&e)))?
+            .ok_or_else(|| not_built(&plan.version));
+    }
+    let hex = what.trim_start_matches("sha256:");
+    if hex.len() < 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Box::new(
+            Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
+                Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
+            ),
+        ));
+    }
+    let records = store.root().join("records");
+    let mut matches: Vec<PathBuf> = fs_err::read_dir(&records)
+        .map_err(|e| Box::new(Report::from_error(&e)))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(hex))
+        })
+        .collect();
+    match matches.len() {
+        0 => Err(not_built(what)),
+        1 => {
+            let name = matches.remove(0);
+            let version = format!(
+                "sha256:{}",
+                name.file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+            );
+            store
+                .record::<BuildRecord>(&version)
+                .map_err(|e| Box::new(Report::from_error(&e)))?
+                .ok_or_else(|| not_built(&version))
+        }
+        n => Err(Box::new(Report::new(format!(
+            "`{what}` matches {n} versions; give more digits"
+        )))),
+    }
+}
