@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use bake::build::runner::sandbox::{KEPT_CAPABILITIES, capability_mask};
 use bake::build::runner::{
-    CopyOptions, NamespaceRunner, OutputLine, Runner, RunnerError, StepOutcome, StepSpec, Stream,
-    copy_into_root,
+    CopyError, CopyOptions, NamespaceRunner, OutputLine, Runner, RunnerError, StepOutcome,
+    StepSpec, Stream, copy_into_root,
 };
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -172,6 +172,47 @@ fn the_step_is_pid_1_of_its_own_pid_namespace() {
     assert_eq!(lines[2], "/bin/busybox");
     let processes: usize = lines[3].parse().unwrap();
     assert!(processes <= 4, "the step sees {processes} processes");
+}
+
+#[test]
+fn signals_start_at_their_defaults() {
+    require_root_and_busybox!();
+    let image = Image::new();
+    // bake ignores SIGPIPE (Rust's runtime does) and the helper blocks signals; neither may
+    // leak into the step, or `yes | head` would never end.
+    let mut step = image.step("grep -E '^Sig(Blk|Ign)' /proc/self/status\nyes | head -n 1\n");
+    step.timeout = Duration::from_secs(20);
+    assert_eq!(
+        image.stdout(&step),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n"
+    );
+}
+
+#[test]
+fn the_hosts_own_root_is_refused() {
+    require_root_and_busybox!();
+    let image = Image::new();
+    // `/usr/..` is `/` under another name.
+    let mut step = image.step("touch /bake-it-must-not-exist\n");
+    step.root = "/usr/..".into();
+    let (result, _) = image.run(&step);
+    assert!(
+        matches!(result, Err(RunnerError::HostRoot { .. })),
+        "{result:?}"
+    );
+    let source = image.dir.path().join("f");
+    fs_err::write(&source, "x").unwrap();
+    let copied = copy_into_root(
+        Path::new("/"),
+        &source,
+        "/bake-it-must-not-exist",
+        &CopyOptions::default(),
+    );
+    assert!(
+        matches!(copied, Err(CopyError::HostRoot { .. })),
+        "{copied:?}"
+    );
+    assert!(!Path::new("/bake-it-must-not-exist").exists());
 }
 
 #[test]

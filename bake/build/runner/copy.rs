@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use fs_err::os::unix::fs::OpenOptionsExt;
 
 use super::resolve_in_root;
-use super::root_path::{DirAttrs, ensure_dir, set_owner};
+use super::root_path::{DirAttrs, ensure_dir, is_host_root, set_owner};
 
 /// How many temporary names a copy tries in one directory before it gives up: each attempt
 /// fails only if a file of that exact name exists, so needing more means something is wrong.
@@ -73,6 +73,8 @@ pub enum CopyError {
         #[source]
         source: io::Error,
     },
+    #[error("refusing to copy into `{}`: it is the host's own root filesystem", root.display())]
+    HostRoot { root: PathBuf },
     #[error("`{destination}` is a directory in the image and cannot be replaced by a file")]
     IsADirectory { destination: String },
     #[error("destination `{destination}` names no file to copy `{}` to", file.display())]
@@ -92,6 +94,13 @@ pub fn copy_into_root(
         destination: destination.to_owned(),
         source,
     })?;
+    if is_host_root(&root).map_err(|source| CopyError::Write {
+        root: root.clone(),
+        destination: destination.to_owned(),
+        source,
+    })? {
+        return Err(CopyError::HostRoot { root });
+    }
     let copier = Copier {
         root: &root,
         options,

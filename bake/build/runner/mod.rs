@@ -223,6 +223,8 @@ pub enum RunnerError {
     Interrupted { step: String, signal: i32 },
     #[error("the namespace runner needs root to run step `{step}`")]
     NeedsRoot { step: String },
+    #[error("refusing to run step `{step}` in `{}`: it is the host's own root filesystem", root.display())]
+    HostRoot { step: String, root: PathBuf },
     #[error("failed to prepare `{}` for step `{step}`", path.display())]
     Prepare {
         step: String,
@@ -278,6 +280,16 @@ impl RunnerError {
             ),
             RunnerError::TimedOut { .. } => {
                 Some("raise the step's `timeout` if it needs longer".into())
+            }
+            RunnerError::Setup { stage, source, .. }
+                if stage.starts_with("execute")
+                    && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Some(
+                    "shell steps need `/bin/sh` in the image, or the interpreter named on the \
+                     script's `#!` line"
+                        .into(),
+                )
             }
             RunnerError::Spawn { .. } => Some(
                 "the namespace runner re-executes bake itself; check that the binary still exists"

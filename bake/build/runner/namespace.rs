@@ -9,6 +9,11 @@
 //!
 //! The helper enforces the step's timeout; bake keeps a backstop a little later in case the
 //! helper itself hangs, and kills it, which kills the sandbox through its death signal.
+//! Linux sends that death signal when the *thread* that started the helper exits, not the
+//! process; `run` blocks its thread until the helper is gone, so the two cannot part early.
+//!
+//! One step at a time per root: two steps in the same root at once would race for its mount
+//! points and see each other's files.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -24,7 +29,7 @@ use std::time::{Duration, Instant};
 use fs_err::os::unix::fs::OpenOptionsExt;
 
 use super::protocol::{Bind, MountTargets, Report, SANDBOX_SUBCOMMAND, SandboxSpec};
-use super::root_path::{DirAttrs, ensure_dir, resolve_in_root};
+use super::root_path::{DirAttrs, ensure_dir, is_host_root, resolve_in_root};
 use super::user::{ResolvedUser, resolve_user};
 use super::{
     DEFAULT_PATH, Runner, RunnerError, StepOutcome, StepOutput, StepSpec, Stream, Tail, image_path,
@@ -143,6 +148,12 @@ impl Prepared {
                 io::ErrorKind::NotADirectory,
                 "the build root is not a directory",
             )));
+        }
+        if is_host_root(&root).map_err(prepare_error(&root))? {
+            return Err(RunnerError::HostRoot {
+                step: step.step.clone(),
+                root,
+            });
         }
         let mut targets = Vec::new();
         for (path, mode) in MOUNT_POINTS {

@@ -73,6 +73,14 @@ fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
     })
 }
 
+/// Whether `path` is the host's own root directory, under any name: same device and inode as
+/// `/`, which also catches a bind mount of `/` elsewhere. Provisioning it would change the host.
+pub(crate) fn is_host_root(path: &Path) -> io::Result<bool> {
+    let candidate = fs_err::metadata(path)?;
+    let host = fs_err::metadata("/")?;
+    Ok(candidate.dev() == host.dev() && candidate.ino() == host.ino())
+}
+
 /// Mode and owner for a directory bake creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DirAttrs {
@@ -234,6 +242,13 @@ mod tests {
             resolve_in_root(root, Path::new("/etc/missing/../../x")).unwrap(),
             root.join("x")
         );
+    }
+
+    #[test]
+    fn the_host_root_is_recognised_under_any_name() {
+        assert!(is_host_root(Path::new("/")).unwrap());
+        assert!(is_host_root(Path::new("/usr/..")).unwrap());
+        assert!(!is_host_root(tree().path()).unwrap());
     }
 
     #[test]
