@@ -9,6 +9,25 @@ use crate::recipe::Flavour;
 const BASELINE_OCI: &str = include_str!("../../provisioners/hardening/baseline/oci.sh");
 const BASELINE_AMI: &str = include_str!("../../provisioners/hardening/baseline/ami.sh");
 
+/// The rule ids of `profile` (in any flavour): each rule of a profile script is guarded by
+/// `if ! excluded RULE`.
+pub fn rules(profile: &str) -> Vec<&'static str> {
+    let scripts: &[&'static str] = match profile {
+        "baseline" => &[BASELINE_OCI, BASELINE_AMI],
+        _ => &[],
+    };
+    let mut ids: Vec<&'static str> = scripts
+        .iter()
+        .flat_map(|script| script.lines())
+        .filter_map(|line| line.split("! excluded ").nth(1))
+        .filter_map(|rest| rest.split([';', ' ', '&']).next())
+        .filter(|id| !id.is_empty())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The script of `profile` in `flavour`, with the recipe's exclusions (rule id → reason) set
 /// for it; `None` for a profile bake does not ship.
 pub fn script(
@@ -35,4 +54,31 @@ pub fn script(
         "BAKE_HARDENING_EXCLUDE='{}'\nexport BAKE_HARDENING_EXCLUDE\n{body}",
         ids.join(" ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_are_read_from_the_profiles() {
+        let rules = rules("baseline");
+        for id in [
+            "login-defs",
+            "setuid-binaries",
+            "sshd",
+            "sysctl",
+            "journald",
+        ] {
+            assert!(rules.contains(&id), "{id} missing from {rules:?}");
+        }
+        assert!(super::rules("nope").is_empty());
+    }
+
+    #[test]
+    fn exclusions_reach_the_script() {
+        let exclude = BTreeMap::from([("sshd".to_owned(), "no ssh in this image".to_owned())]);
+        let script = script("baseline", Flavour::Ami, &exclude).unwrap();
+        assert!(script.starts_with("BAKE_HARDENING_EXCLUDE='sshd'\n"));
+    }
 }

@@ -93,7 +93,7 @@ impl Effect {
                 size_gib,
                 boot_mode,
             } => {
-                format!("build a {size_gib} GiB {boot_mode} disk image")
+                format!("build a {boot_mode} disk image of {size_gib} GiB")
             }
             Effect::LaunchBuilder {
                 region,

@@ -22,7 +22,7 @@ pub const BUILTINS: [(&str, &str); 5] = [
     ("arch", "everywhere"),
     (
         "region",
-        "only in fields rendered per region: AMI names, descriptions and tags, launch template and SSM parameter targets",
+        "only in fields rendered per region: AMI names, descriptions and tags, instance user data, and SSM parameter names and descriptions",
     ),
 ];
 

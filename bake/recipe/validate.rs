@@ -888,7 +888,27 @@ impl<'a> Validator<'a> {
             }
         };
         let mut exclude = BTreeMap::new();
+        let rules = crate::build::hardening::rules(&h.profile.value);
         for e in &h.exclude {
+            if !rules.contains(&e.value.rule.value.as_str()) {
+                let hint = did_you_mean(&e.value.rule.value, rules.iter().copied())
+                    .map(|b| format!("did you mean `{b}`?"))
+                    .unwrap_or_else(|| {
+                        format!(
+                            "profile `{}` has the rules {}",
+                            h.profile.value,
+                            rules.join(", ")
+                        )
+                    });
+                self.error(
+                    &e.value.rule,
+                    RecipeErrorKind::UnknownVariant {
+                        what: "hardening rule".into(),
+                        given: e.value.rule.value.clone(),
+                    },
+                )
+                .hint = Some(hint);
+            }
             if e.value.reason.value.trim().is_empty() {
                 self.invalid(
                     &e.value.reason,
@@ -1829,6 +1849,39 @@ fn check_templates(recipe: &Recipe, errors: &mut Vec<RecipeError>) {
         }
     }
     if let Some(oci) = &recipe.outputs.oci {
+        // Image metadata is stored in the image and readable by anyone who can pull it.
+        let sensitive: Vec<&String> = recipe
+            .variables
+            .iter()
+            .filter(|(_, v)| v.sensitive)
+            .map(|(n, _)| n)
+            .collect();
+        let metadata = oci
+            .entrypoint
+            .iter()
+            .flatten()
+            .chain(oci.cmd.iter().flatten())
+            .chain(oci.env.values())
+            .chain(oci.labels.values())
+            .chain(oci.annotations.values());
+        for template in metadata {
+            if let Some(name) = sensitive
+                .iter()
+                .find(|n| template.text.contains(&format!("var.{n}")))
+            {
+                let span = match &template.origin {
+                    TemplateOrigin::Yaml { span } => Some(span.clone()),
+                    TemplateOrigin::File(_) => None,
+                };
+                errors.push(RecipeError {
+                    kind: Box::new(RecipeErrorKind::Conflict(format!(
+                        "sensitive variable `{name}` would be stored in the image's metadata"
+                    ))),
+                    span,
+                    hint: Some("pass secrets at run time (ECS secrets, environment of the task), not in the image".into()),
+                });
+            }
+        }
         global_templates.extend(oci.entrypoint.iter().flatten());
         global_templates.extend(oci.cmd.iter().flatten());
         global_templates.extend(oci.env.values());

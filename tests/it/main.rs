@@ -4,6 +4,7 @@
 //! `scripts/services` exports; without it they fail under `CI` and skip, with a message, outside.
 
 mod aws_harness;
+mod build;
 mod cli;
 mod common;
 mod plan;

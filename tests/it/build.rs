@@ -1,0 +1,461 @@
+//! `bake build` and `bake export` end to end: reproducible digests, valid OCI output that other
+//! tools accept, whiteouts and file metadata that survive a round trip, and the build cache.
+//!
+//! These tests run provisioning steps in namespaces, which needs root (CI is root); without it
+//! they say so and pass, except under `CI`, where they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use super::common::{bake, copy_tree, repo_root, service, stderr, stdout};
+
+/// Whether this process can run builds; prints why not (and fails under CI).
+fn can_build() -> bool {
+    if nix_is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the build tests as root"
+    );
+    eprintln!("skipping: building images needs root (namespaces, chown)");
+    false
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `bake --store STORE --output json ARGS` in `cwd` and parses stdout.
+fn bake_json(store: &Path, cwd: &Path, args: &[&str]) -> (Output, Value) {
+    let output = bake()
+        .current_dir(cwd)
+        .arg("--store")
+        .arg(store)
+        .args(["--output", "json"])
+        .args(args)
+        .output()
+        .expect("run bake");
+    let value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output, value)
+}
+
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "bake failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// A copy of a fixture directory in a fresh temp dir.
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(
+        &repo_root().join("tests/fixtures/recipes").join(name),
+        dir.path(),
+    );
+    dir
+}
+
+/// Sets every file's mtime under `dir` to `epoch` (so two copies differ in time, not content).
+fn touch_all(dir: &Path, stamp: &str) {
+    let status = Command::new("find")
+        .arg(dir)
+        .args(["-exec", "touch", "-h", "-d", stamp, "{}", "+"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn schema_dir() -> PathBuf {
+    repo_root().join("../shared/schemas/oci-image-spec")
+}
+
+/// Validates `file` as an OCI `kind` with the image-spec schemas, through the test venv's
+/// jsonschema (an implementation independent of bake's).
+fn check_schema(kind: &str, file: &Path) {
+    let Some(python) = service("BAKE_TEST_PYTHON") else {
+        return;
+    };
+    let output = Command::new(python)
+        .arg(repo_root().join("tests/tools/oci_schema.py"))
+        .arg(schema_dir())
+        .arg(kind)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{} is not a valid OCI {kind}:\n{}{}",
+        file.display(),
+        stdout(&output),
+        stderr(&output)
+    );
+}
+
+fn blob(layout: &Path, digest: &str) -> PathBuf {
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+#[test]
+fn scratch_builds_are_reproducible_across_directories_and_times() {
+    if !can_build() {
+        return;
+    }
+    let first = fixture_copy("build");
+    let second = fixture_copy("build");
+    touch_all(first.path(), "2001-02-03 04:05:06");
+    touch_all(second.path(), "2022-12-31 23:59:59");
+    let store_a = tempfile::tempdir().unwrap();
+    let store_b = tempfile::tempdir().unwrap();
+    let (out_a, a) = bake_json(store_a.path(), first.path(), &["build", "scratch.yaml"]);
+    assert_ok(&out_a);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (out_b, b) = bake_json(store_b.path(), second.path(), &["build", "scratch.yaml"]);
+    assert_ok(&out_b);
+    assert_eq!(a["version"], b["version"]);
+    assert_eq!(
+        a["image_digest"], b["image_digest"],
+        "same recipe, different image"
+    );
+    let layers = a["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "one layer per file step: {a:#}");
+    for layer in layers {
+        assert!(layer["digest"].as_str().unwrap().starts_with("sha256:"));
+        assert!(layer["size"].as_u64().unwrap() > 0);
+    }
+    // The build record is in the store, keyed by version.
+    let hex = a["version"].as_str().unwrap().trim_start_matches("sha256:");
+    let record: Value = serde_json::from_slice(
+        &fs_err::read(store_a.path().join("records").join(format!("{hex}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["output"]["image_digest"], a["image_digest"]);
+    assert!(
+        record["compressor"]
+            .as_str()
+            .unwrap()
+            .starts_with("gzip/zlib-rs"),
+        "{}",
+        record["compressor"]
+    );
+    assert_eq!(record["inputs"]["format"], "bake.version/v1");
+}
+
+#[test]
+fn exported_layouts_satisfy_the_oci_schemas_skopeo_and_umoci() {
+    if !can_build() {
+        return;
+    }
+    let recipe = fixture_copy("build");
+    let store = tempfile::tempdir().unwrap();
+    let (output, built) = bake_json(store.path(), recipe.path(), &["build", "scratch.yaml"]);
+    assert_ok(&output);
+    let layout = tempfile::tempdir().unwrap();
+    let dir = layout.path().join("oci");
+    let (output, exported) = bake_json(
+        store.path(),
+        recipe.path(),
+        &[
+            "export",
+            "scratch.yaml",
+            "--oci-layout",
+            dir.to_str().unwrap(),
+            "--tag",
+            "bake/scratch:test",
+        ],
+    );
+    assert_ok(&output);
+    assert_eq!(exported["image_digest"], built["image_digest"]);
+
+    let manifest_digest = built["image_digest"].as_str().unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&fs_err::read(blob(&dir, manifest_digest)).unwrap()).unwrap();
+    check_schema("layout", &dir.join("oci-layout"));
+    check_schema("index", &dir.join("index.json"));
+    check_schema("manifest", &blob(&dir, manifest_digest));
+    check_schema(
+        "config",
+        &blob(&dir, manifest["config"]["digest"].as_str().unwrap()),
+    );
+    // bake's own store is a layout too.
+    check_schema("index", &store.path().join("index.json"));
+    check_schema("layout", &store.path().join("oci-layout"));
+
+    let skopeo = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}:test", dir.display())])
+        .output()
+        .expect("skopeo is installed by scripts/setup");
+    assert!(skopeo.status.success(), "skopeo: {}", stderr(&skopeo));
+    let inspected: Value = serde_json::from_slice(&skopeo.stdout).unwrap();
+    assert_eq!(inspected["Digest"], built["image_digest"]);
+    assert_eq!(
+        inspected["Labels"]["org.opencontainers.image.title"],
+        "scratch-files"
+    );
+
+    let umoci = Command::new("umoci")
+        .args(["stat", "--image", &format!("{}:test", dir.display())])
+        .output()
+        .expect("umoci is installed by scripts/setup");
+    assert!(umoci.status.success(), "umoci: {}", stderr(&umoci));
+
+    // The templated directory was rendered and its symlink kept.
+    let bundle = layout.path().join("bundle");
+    let unpacked = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:test", dir.display())])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        unpacked.status.success(),
+        "umoci unpack: {}",
+        stderr(&unpacked)
+    );
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(
+        fs_err::read_to_string(rootfs.join("srv/site/index.html")).unwrap(),
+        "<h1>scratch-files</h1>\n"
+    );
+    assert_eq!(
+        fs_err::read_link(rootfs.join("srv/site/default.html")).unwrap(),
+        Path::new("index.html")
+    );
+}
+
+/// A busybox root filesystem tarball (busybox-static is installed by scripts/setup).
+fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs-src");
+    for sub in ["bin", "etc", "opt/old", "tmp", "proc", "dev"] {
+        fs_err::create_dir_all(root.join(sub)).unwrap();
+    }
+    fs_err::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static must be installed");
+    for applet in [
+        "sh", "rm", "ln", "cp", "chmod", "echo", "cat", "mkdir", "ls",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs_err::write(root.join("etc/doomed.conf"), "delete me\n").unwrap();
+    fs_err::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs_err::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs_err::write(root.join("opt/old/a"), "a\n").unwrap();
+    fs_err::write(root.join("opt/old/b"), "b\n").unwrap();
+    let tarball = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(&root)
+        .args(["-cf"])
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tarball
+}
+
+fn write_recipe(dir: &Path, steps: &str) -> PathBuf {
+    let path = dir.join("recipe.yaml");
+    fs_err::write(
+        &path,
+        format!(
+            "bake: 1\nname: busybox-steps\nbase:\n  rootfs: rootfs.tar\nprovisioners:\n{steps}outputs:\n  oci:\n    cmd: [/bin/sh]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn deletions_setuid_hard_links_and_symlinks_survive_a_round_trip() {
+    if !can_build() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    write_recipe(
+        dir.path(),
+        "  - shell:\n      inline: |\n        rm /etc/doomed.conf\n        rm -rf /opt/old\n        cp /bin/busybox /bin/suid\n        chmod 4755 /bin/suid\n        ln /bin/suid /bin/suid-link\n        echo target > /etc/target\n        ln -s /etc/target /etc/link\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    let (output, _) = bake_json(store.path(), dir.path(), &["build", "recipe.yaml"]);
+    assert_ok(&output);
+    let layout = dir.path().join("oci");
+    let (output, _) = bake_json(
+        store.path(),
+        dir.path(),
+        &[
+            "export",
+            "recipe.yaml",
+            "--oci-layout",
+            layout.to_str().unwrap(),
+            "--tag",
+            "x:t",
+        ],
+    );
+    assert_ok(&output);
+    let bundle = dir.path().join("bundle");
+    let unpacked = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:t", layout.display())])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        unpacked.status.success(),
+        "umoci unpack: {}",
+        stderr(&unpacked)
+    );
+    let rootfs = bundle.join("rootfs");
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        !rootfs.join("etc/doomed.conf").exists(),
+        "the whiteout did not hide the base file"
+    );
+    assert!(
+        !rootfs.join("opt/old").exists(),
+        "the deleted directory came back"
+    );
+    assert!(rootfs.join("opt").is_dir());
+    let suid = fs_err::metadata(rootfs.join("bin/suid")).unwrap();
+    assert_eq!(suid.mode() & 0o7777, 0o4755, "setuid bit lost");
+    let link = fs_err::metadata(rootfs.join("bin/suid-link")).unwrap();
+    assert_eq!(suid.ino(), link.ino(), "hard link became a copy");
+    assert_eq!(
+        fs_err::read_link(rootfs.join("etc/link")).unwrap(),
+        Path::new("/etc/target")
+    );
+    assert_eq!(
+        fs_err::read_to_string(rootfs.join("etc/target")).unwrap(),
+        "target\n"
+    );
+}
+
+#[test]
+fn a_built_version_runs_nothing_and_a_changed_last_step_reruns_only_itself() {
+    if !can_build() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    let steps = |last: &str| {
+        format!(
+            "  - shell:\n      inline: echo step-one-ran; echo 1 > /one\n  - shell:\n      inline: echo step-two-ran; echo 2 > /two\n  - shell:\n      inline: echo {last}; echo {last} > /three\n"
+        )
+    };
+    write_recipe(dir.path(), &steps("step-three-ran"));
+    let store = tempfile::tempdir().unwrap();
+    let (first, built) = bake_json(store.path(), dir.path(), &["build", "recipe.yaml"]);
+    assert_ok(&first);
+    assert!(stderr(&first).contains("step-one-ran"));
+    assert_eq!(built["cached"], false);
+
+    let (again, rebuilt) = bake_json(store.path(), dir.path(), &["build", "recipe.yaml"]);
+    assert_ok(&again);
+    assert_eq!(rebuilt["cached"], true);
+    assert_eq!(rebuilt["image_digest"], built["image_digest"]);
+    for marker in ["step-one-ran", "step-two-ran", "step-three-ran"] {
+        assert!(
+            !stderr(&again).contains(marker),
+            "a step ran on a no-op rebuild:\n{}",
+            stderr(&again)
+        );
+    }
+
+    write_recipe(dir.path(), &steps("step-three-changed"));
+    let (changed, rebuilt) = bake_json(store.path(), dir.path(), &["build", "recipe.yaml"]);
+    assert_ok(&changed);
+    let err = stderr(&changed);
+    assert!(
+        !err.contains("step-one-ran") && !err.contains("step-two-ran"),
+        "earlier steps reran:\n{err}"
+    );
+    assert!(err.contains("step-three-changed"));
+    let cached: Vec<bool> = rebuilt["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, [true, true, false]);
+    assert_ne!(rebuilt["version"], built["version"]);
+    // The first two layers are shared.
+    assert_eq!(
+        rebuilt["layers"].as_array().unwrap()[..3],
+        built["layers"].as_array().unwrap()[..3]
+    );
+}
+
+#[test]
+fn the_docker_archive_loads_and_runs_in_docker() {
+    if !can_build() {
+        return;
+    }
+    let Some(host) = service("BAKE_TEST_DOCKER_HOST") else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let root = repo_root();
+    let (output, built) = bake_json(store.path(), &root, &["build", "recipes/hello-static.yaml"]);
+    assert_ok(&output);
+    let archive = store.path().join("hello.tar");
+    let tag = format!("bake-test/hello-static:{}", std::process::id());
+    let (output, _) = bake_json(
+        store.path(),
+        &root,
+        &[
+            "export",
+            "recipes/hello-static.yaml",
+            "--docker-archive",
+            archive.to_str().unwrap(),
+            "--tag",
+            &tag,
+        ],
+    );
+    assert_ok(&output);
+    let docker = |args: &[&str]| {
+        Command::new("/usr/bin/docker")
+            .arg("-H")
+            .arg(&host)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let loaded = docker(&["load", "-i", archive.to_str().unwrap()]);
+    assert!(loaded.status.success(), "docker load: {}", stderr(&loaded));
+    let ran = docker(&["run", "--rm", "--network", "none", &tag]);
+    assert!(ran.status.success(), "docker run: {}", stderr(&ran));
+    assert_eq!(stdout(&ran), "hello from bake\n");
+    // Docker sees the same config bake wrote.
+    let inspected = docker(&["image", "inspect", "--format", "{{.Id}}", &tag]);
+    let config = built["config_digest"].as_str().unwrap();
+    assert_eq!(stdout(&inspected).trim(), config);
+    let _ = docker(&["rmi", &tag]);
+}
+
+#[test]
+fn debian_builds_with_apt_are_reproducible() {
+    if !can_build() {
+        return;
+    }
+    let first = fixture_copy("build");
+    let second = fixture_copy("build");
+    let store_a = tempfile::tempdir().unwrap();
+    let store_b = tempfile::tempdir().unwrap();
+    let (out_a, a) = bake_json(store_a.path(), first.path(), &["build", "debian-apt.yaml"]);
+    assert_ok(&out_a);
+    let (out_b, b) = bake_json(store_b.path(), second.path(), &["build", "debian-apt.yaml"]);
+    assert_ok(&out_b);
+    assert_eq!(a["version"], b["version"]);
+    assert_eq!(
+        a["image_digest"], b["image_digest"],
+        "two Debian builds differ"
+    );
+}
