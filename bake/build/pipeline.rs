@@ -89,6 +89,9 @@ pub struct BuildOptions {
     pub source_date_epoch: u64,
     /// Compression workers; the output does not depend on it.
     pub workers: NonZeroUsize,
+    /// Set (by a signal handler) to stop the build at the next step; what it made so far is
+    /// removed.
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,9 +155,19 @@ pub enum BuildError {
     },
     #[error("the recipe has no OCI output to build")]
     NoOciOutput,
+    #[error("the build was interrupted")]
+    Interrupted,
 }
 
 impl BuildError {
+    /// Whether the build stopped because it was asked to (Ctrl-C, SIGTERM).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Interrupted | BuildError::Step(RunnerError::Interrupted { .. })
+        )
+    }
+
     /// Whether the recipe (not the machine) is at fault: a failing step or test.
     pub fn is_recipe_failure(&self) -> bool {
         matches!(
@@ -254,6 +267,7 @@ impl Builder<'_> {
         let mut squash_before = None;
 
         for (index, provisioner) in recipe.provisioners.iter().enumerate() {
+            self.check_cancel()?;
             let step_json = serde_json::to_value(provisioner).expect("steps serialize");
             key = canonical_digest(&json!({
                 "parent": key,
@@ -375,6 +389,7 @@ impl Builder<'_> {
             }
             let build_root = root.as_ref().expect("just made");
             for test in tests {
+                self.check_cancel()?;
                 self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
             }
         }
@@ -449,6 +464,18 @@ impl Builder<'_> {
         };
         self.store.put_record(&plan.version, &record)?;
         Ok(output)
+    }
+
+    fn check_cancel(&self) -> Result<(), BuildError> {
+        if self
+            .options
+            .cancel
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            Err(BuildError::Interrupted)
+        } else {
+            Ok(())
+        }
     }
 
     /// Whether every blob of a recorded output is still in the store.

@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -70,6 +72,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
         options: BuildOptions {
             source_date_epoch: plan.source_date_epoch(),
             workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            cancel: cancel_on_signals(),
         },
     };
     let mut reporter = CliReporter {
@@ -94,13 +97,44 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
                 settings,
                 &[Report::from_error(&error).with_hint(error.hint())],
             );
-            if error.is_recipe_failure() {
+            if error.is_interrupted() {
+                ExitStatus::Interrupted
+            } else if error.is_recipe_failure() {
                 ExitStatus::RecipeOrUsage
             } else {
                 ExitStatus::Infrastructure
             }
         }
     }
+}
+
+/// Set by SIGINT and SIGTERM.
+static CANCEL: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    if let Some(flag) = CANCEL.get() {
+        flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A flag that SIGINT and SIGTERM set, so the build stops at the next step boundary and cleans
+/// up instead of dying with its work directory and half-written blobs left behind. (On Ctrl-C
+/// the terminal also signals the runner's helper, which kills the running step at once.)
+fn cancel_on_signals() -> Arc<AtomicBool> {
+    let flag = Arc::clone(CANCEL.get_or_init(|| Arc::new(AtomicBool::new(false))));
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_signal),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
+    }
+    flag
 }
 
 /// Shows build progress on stderr: one line per step, then its output prefixed by its name.

@@ -459,3 +459,69 @@ fn debian_builds_with_apt_are_reproducible() {
         "two Debian builds differ"
     );
 }
+
+#[test]
+fn ctrl_c_stops_the_build_cleans_up_and_exits_130() {
+    if !can_build() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    write_recipe(
+        dir.path(),
+        "  - shell:\n      inline: echo step-started; sleep 60\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    let mut child = bake()
+        .current_dir(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["build", "recipe.yaml"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        // Its own process group, as a shell gives a foreground job, so Ctrl-C reaches bake and
+        // its sandbox helper together and nothing else.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("step-started") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(
+        seen.contains("step-started"),
+        "the step never started:\n{seen}"
+    );
+    let started = std::time::Instant::now();
+    // SAFETY: signalling a process group we created.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the step was not stopped"
+    );
+    assert_eq!(status.code(), Some(130), "stderr:\n{seen}{rest}");
+    let leftovers: Vec<_> = fs_err::read_dir(store.path().join("work"))
+        .unwrap()
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "work directories left behind: {leftovers:?}"
+    );
+    assert!(
+        fs_err::read_dir(store.path().join("records"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
