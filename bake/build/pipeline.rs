@@ -215,7 +215,25 @@ struct CachedStep {
 
 impl Builder<'_> {
     /// Builds `recipe`, planned as `plan`, into the store.
+    ///
+    /// Step output reaches `reporter` with every sensitive value replaced by `***`, and so do
+    /// the last lines in step errors.
     pub fn build(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<BuildOutput, BuildError> {
+        let secrets = secret_values(recipe);
+        let mut redacting = Redacting {
+            inner: reporter,
+            secrets: &secrets,
+        };
+        self.build_inner(recipe, plan, &mut redacting)
+            .map_err(|e| redact_error(e, &secrets))
+    }
+
+    fn build_inner(
         &self,
         recipe: &Recipe,
         plan: &Plan,
@@ -951,6 +969,100 @@ impl Builder<'_> {
         }
         reporter.step_finished(name, clock.elapsed());
         Ok(())
+    }
+}
+
+/// The values of the recipe's sensitive variables, as they would appear in text.
+fn secret_values(recipe: &Recipe) -> Vec<String> {
+    let mut values: Vec<String> = recipe
+        .variables
+        .values()
+        .filter(|v| v.sensitive)
+        .filter_map(|v| v.value.as_ref())
+        .map(|v| match &v.value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    // Longest first, so a secret containing another is replaced whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_owned(), |text, secret| {
+        text.replace(secret.as_str(), crate::recipe::REDACTED)
+    })
+}
+
+/// Scrubs step output in errors (a failing step's last lines) of sensitive values.
+fn redact_error(error: BuildError, secrets: &[String]) -> BuildError {
+    if secrets.is_empty() {
+        return error;
+    }
+    match error {
+        BuildError::Step(RunnerError::StepFailed {
+            step,
+            code,
+            last_lines,
+        }) => BuildError::Step(RunnerError::StepFailed {
+            step,
+            code,
+            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
+        }),
+        BuildError::Step(RunnerError::StepKilled {
+            step,
+            signal,
+            last_lines,
+        }) => BuildError::Step(RunnerError::StepKilled {
+            step,
+            signal,
+            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
+        }),
+        BuildError::Step(RunnerError::TimedOut {
+            step,
+            timeout,
+            last_lines,
+        }) => BuildError::Step(RunnerError::TimedOut {
+            step,
+            timeout,
+            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
+        }),
+        BuildError::Test { name, reason } => BuildError::Test {
+            name,
+            reason: redact(&reason, secrets),
+        },
+        other => other,
+    }
+}
+
+/// Passes progress on with sensitive values replaced by `***`: a script that echoes a secret
+/// must not put it in CI logs.
+struct Redacting<'a> {
+    inner: &'a mut dyn BuildReporter,
+    secrets: &'a [String],
+}
+
+impl StepOutput for Redacting<'_> {
+    fn line(&mut self, step: &str, stream: super::runner::Stream, line: &str) {
+        if self.secrets.is_empty() {
+            self.inner.line(step, stream, line);
+        } else {
+            self.inner.line(step, stream, &redact(line, self.secrets));
+        }
+    }
+}
+
+impl BuildReporter for Redacting<'_> {
+    fn step_started(&mut self, name: &str, cached: bool) {
+        self.inner.step_started(name, cached);
+    }
+    fn step_finished(&mut self, name: &str, duration: Duration) {
+        self.inner.step_finished(name, duration);
+    }
+    fn message(&mut self, text: &str) {
+        self.inner.message(text);
     }
 }
 

@@ -525,3 +525,84 @@ fn ctrl_c_stops_the_build_cleans_up_and_exits_130() {
             .is_none()
     );
 }
+
+/// Every byte the store holds, with layer blobs decompressed.
+fn store_text(store: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in walkdir::WalkDir::new(store) {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let bytes = fs_err::read(entry.path()).unwrap();
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
+                &mut plain,
+            )
+            .unwrap();
+            all.extend(plain);
+        }
+        all.extend(bytes);
+    }
+    all
+}
+
+#[test]
+fn secrets_reach_steps_but_never_layers_logs_or_records() {
+    if !can_build() {
+        return;
+    }
+    const CANARY: &str = "CANARY-7d3e1f-secret";
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    let recipe = |fail: bool| {
+        format!(
+            "bake: 1\nname: secrets\nvariables:\n  token:\n    type: string\n    sensitive: true\nbase:\n  rootfs: rootfs.tar\nprovisioners:\n  - shell:\n      env:\n        TOKEN: \"{{{{var.token}}}}\"\n      inline: |\n        echo \"inline sees {{{{var.token}}}}\"\n        echo \"env sees $TOKEN\"\n        test \"$TOKEN\" = \"{{{{var.token}}}}\"\n        echo \"$TOKEN\" > /tmp/scratch-only\n        echo public > /public\n        {}\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+            if fail { "exit 7" } else { "true" }
+        )
+    };
+    fs_err::write(dir.path().join("recipe.yaml"), recipe(false)).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let var = format!("token={CANARY}");
+    let (output, built) = bake_json(
+        store.path(),
+        dir.path(),
+        &["build", "recipe.yaml", "--var", &var],
+    );
+    assert_ok(&output);
+    assert!(
+        stderr(&output).contains("inline sees ***"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("env sees ***"));
+    for text in [stdout(&output), stderr(&output), built.to_string()] {
+        assert!(!text.contains(CANARY), "the secret was printed");
+    }
+    let stored = store_text(store.path());
+    assert!(
+        !stored.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
+        "the secret reached the store"
+    );
+    assert!(
+        stored.windows(7).any(|w| w == b"public\n"),
+        "the layer content is searchable"
+    );
+
+    // A failing step's last lines are redacted too.
+    fs_err::write(dir.path().join("recipe.yaml"), recipe(true)).unwrap();
+    let (failed, _) = bake_json(
+        store.path(),
+        dir.path(),
+        &["build", "recipe.yaml", "--var", &var],
+    );
+    assert_eq!(failed.status.code(), Some(2));
+    assert!(
+        stderr(&failed).contains("exit code 7"),
+        "{}",
+        stderr(&failed)
+    );
+    assert!(!stderr(&failed).contains(CANARY), "{}", stderr(&failed));
+}
