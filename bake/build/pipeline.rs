@@ -581,7 +581,13 @@ impl Builder<'_> {
                     .get("digest")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                let (manifest, config) = bases::layout_image(path, digest).map_err(base_error)?;
+                let architecture = recipe
+                    .outputs
+                    .oci
+                    .as_ref()
+                    .map_or("amd64", |o| o.architecture.oci());
+                let (manifest, config) =
+                    bases::layout_image(path, digest, architecture).map_err(base_error)?;
                 let mut layers = Vec::new();
                 for (descriptor, diff_id) in
                     manifest.layers().iter().zip(config.rootfs().diff_ids())

@@ -606,3 +606,107 @@ fn secrets_reach_steps_but_never_layers_logs_or_records() {
     );
     assert!(!stderr(&failed).contains(CANARY), "{}", stderr(&failed));
 }
+
+#[test]
+fn an_exported_layout_is_a_base_and_squash_makes_one_layer() {
+    if !can_build() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    write_recipe(
+        dir.path(),
+        "  - shell:\n      inline: echo one > /one\n  - shell:\n      inline: echo two > /two\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    let (output, first) = bake_json(store.path(), dir.path(), &["build", "recipe.yaml"]);
+    assert_ok(&output);
+    assert_eq!(first["layers"].as_array().unwrap().len(), 3);
+    let (output, _) = bake_json(
+        store.path(),
+        dir.path(),
+        &[
+            "export",
+            "recipe.yaml",
+            "--oci-layout",
+            "layout",
+            "--tag",
+            "base:v1",
+        ],
+    );
+    assert_ok(&output);
+
+    // A second recipe on top of that layout, squashing its two steps into one layer.
+    fs_err::write(
+        dir.path().join("on-top.yaml"),
+        "bake: 1\nname: on-top\nbase:\n  oci_layout:\n    path: layout\n    tag: v1\nbuild:\n  squash: true\nprovisioners:\n  - shell:\n      inline: rm /one; echo three > /three\n  - shell:\n      inline: echo four > /four\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+    )
+    .unwrap();
+    let other_store = tempfile::tempdir().unwrap();
+    let (output, second) = bake_json(other_store.path(), dir.path(), &["build", "on-top.yaml"]);
+    assert_ok(&output);
+    let layers = second["layers"].as_array().unwrap();
+    assert_eq!(
+        layers.len(),
+        4,
+        "the base's three layers and one squashed layer: {second:#}"
+    );
+    assert_eq!(layers[..3], first["layers"].as_array().unwrap()[..]);
+    let (output, _) = bake_json(
+        other_store.path(),
+        dir.path(),
+        &[
+            "export",
+            "on-top.yaml",
+            "--oci-layout",
+            "layout2",
+            "--tag",
+            "x:t",
+        ],
+    );
+    assert_ok(&output);
+    let bundle = dir.path().join("bundle");
+    let unpacked = Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:t", dir.path().join("layout2").display()),
+        ])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        unpacked.status.success(),
+        "umoci unpack: {}",
+        stderr(&unpacked)
+    );
+    let rootfs = bundle.join("rootfs");
+    assert!(!rootfs.join("one").exists());
+    for (file, content) in [("two", "two\n"), ("three", "three\n"), ("four", "four\n")] {
+        assert_eq!(fs_err::read_to_string(rootfs.join(file)).unwrap(), content);
+    }
+}
+
+#[test]
+fn a_missing_mmdebstrap_is_named_with_the_fix() {
+    if !can_build() {
+        return;
+    }
+    let dir = fixture_copy("build");
+    let store = tempfile::tempdir().unwrap();
+    let output = bake()
+        .current_dir(dir.path())
+        .env("PATH", "/nonexistent")
+        .arg("--store")
+        .arg(store.path())
+        .args(["build", "debian-apt.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let err = stderr(&output);
+    assert!(err.contains("mmdebstrap is not installed"), "{err}");
+    assert!(
+        err.contains("hint: install it with `apt-get install mmdebstrap`"),
+        "{err}"
+    );
+}
