@@ -111,11 +111,13 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Reads the image `manifest_digest` of the layout at `dir`: its layers (base first) with their
-/// diff ids, and its history.
+/// Reads the image `manifest_digest` of the layout at `dir`: its manifest and config. When the
+/// digest names an index (a multi-platform image), the manifest for `architecture` (OCI name,
+/// such as `amd64`) on Linux is chosen.
 pub fn layout_image(
     dir: &Path,
     manifest_digest: &str,
+    architecture: &str,
 ) -> Result<(ImageManifest, ImageConfiguration), BaseError> {
     let blob = |digest: &str| -> Result<Vec<u8>, BaseError> {
         let hex = digest
@@ -142,7 +144,6 @@ pub fn layout_image(
     let manifest: ImageManifest = match serde_json::from_slice(&bytes) {
         Ok(m) => m,
         Err(_) => {
-            // An index: take its only manifest (platform selection comes with multi-arch bases).
             let index: ImageIndex =
                 serde_json::from_slice(&bytes).map_err(|e| BaseError::BadLayout {
                     path: dir.to_path_buf(),
@@ -150,14 +151,27 @@ pub fn layout_image(
                         "{manifest_digest} is neither an image manifest nor an index: {e}"
                     ),
                 })?;
-            let first = index
+            let platform_matches = |d: &&oci_spec::image::Descriptor| {
+                d.platform().as_ref().is_some_and(|p| {
+                    p.os().to_string() == "linux" && p.architecture().to_string() == architecture
+                })
+            };
+            let chosen = index
                 .manifests()
-                .first()
+                .iter()
+                .find(platform_matches)
+                .or_else(|| match index.manifests().as_slice() {
+                    // A single entry without a platform is the image whatever its platform.
+                    [only] if only.platform().is_none() => Some(only),
+                    _ => None,
+                })
                 .ok_or_else(|| BaseError::BadLayout {
                     path: dir.to_path_buf(),
-                    reason: "its index is empty".into(),
+                    reason: format!(
+                        "its index {manifest_digest} has no linux/{architecture} image"
+                    ),
                 })?;
-            return layout_image(dir, first.digest().as_ref());
+            return layout_image(dir, chosen.digest().as_ref(), architecture);
         }
     };
     let config_bytes = blob(manifest.config().digest().as_ref())?;
