@@ -52,6 +52,11 @@ impl Settings {
                 .or_else(|| var("AWS_REGION"))
                 .or_else(|| var("AWS_DEFAULT_REGION")),
             source_date_epoch: var("SOURCE_DATE_EPOCH").and_then(|v| v.parse().ok()),
+            // Only a store that exists keeps the cache: planning never creates one.
+            digest_cache: self
+                .store
+                .is_dir()
+                .then(|| self.store.join("cache/file-digests.json")),
         }
     }
 

@@ -41,6 +41,13 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
     };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
     let plan = match plan::plan(&recipe, &shown, &settings.plan_options()) {
         Ok(plan) => plan,
         Err(error) => {
@@ -50,13 +57,6 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             } else {
                 ExitStatus::Infrastructure
             };
-        }
-    };
-    let store = match Store::open(&settings.store) {
-        Ok(store) => store,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
         }
     };
     let runner = match NamespaceRunner::new() {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::PlanError;
-use super::hash::file_digest;
 use crate::recipe::{Base, Recipe};
 
 /// The pinned identity of `recipe`'s base. `plan_recipe` plans a base recipe (for `recipe:`
@@ -14,6 +13,7 @@ use crate::recipe::{Base, Recipe};
 pub fn identity(
     recipe: &Recipe,
     plan_recipe: &mut dyn FnMut(&Path) -> Result<super::Plan, PlanError>,
+    cache: &super::hash::DigestCache,
 ) -> Result<Value, PlanError> {
     Ok(match &recipe.base {
         Base::Scratch => json!({ "kind": "scratch" }),
@@ -45,7 +45,7 @@ pub fn identity(
         }
         Base::Rootfs { path, .. } => json!({
             "kind": "rootfs",
-            "digest": file_digest(path).map_err(PlanError::Hash)?,
+            "digest": cache.digest(path).map_err(PlanError::Hash)?,
         }),
         Base::Bootstrap(bootstrap) => {
             let arch = recipe

@@ -69,6 +69,113 @@ pub fn file_digest(path: &Path) -> Result<String, HashError> {
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
+/// Remembers file digests between runs, keyed by path and the metadata any change to a file
+/// changes (device, inode, size, mtime, ctime), so an unchanged recipe plans in milliseconds
+/// even when it reads a large tarball. ctime cannot be set by a user, so a rewritten file always
+/// misses; files changed in the last two seconds are never cached, which closes the window
+/// where a same-tick rewrite could keep all five values (git's "racy clean" problem).
+#[derive(Debug, Default)]
+pub struct DigestCache {
+    file: Option<PathBuf>,
+    entries: std::sync::Mutex<std::collections::BTreeMap<String, CachedDigest>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct CachedDigest {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    digest: String,
+}
+
+/// How old a file's last change must be before its digest is remembered.
+const CACHE_SETTLE_NS: i128 = 2_000_000_000;
+
+impl DigestCache {
+    /// A cache that is not saved anywhere.
+    pub fn in_memory() -> Self {
+        DigestCache::default()
+    }
+
+    /// Loads the cache kept in `file` (a missing or unreadable cache is an empty one).
+    pub fn load(file: &Path) -> Self {
+        let entries = std::fs::read(file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        DigestCache {
+            file: Some(file.to_path_buf()),
+            entries: std::sync::Mutex::new(entries),
+        }
+    }
+
+    /// Writes the cache back (atomically; failures only cost speed next time).
+    pub fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let Some(dir) = file.parent() else { return };
+        let entries = self.entries.lock().expect("digest cache lock");
+        let Ok(bytes) = serde_json::to_vec(&*entries) else {
+            return;
+        };
+        if std::fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        if let Ok(mut temp) = tempfile::NamedTempFile::new_in(dir)
+            && std::io::Write::write_all(&mut temp, &bytes).is_ok()
+        {
+            let _ = temp.persist(file);
+        }
+    }
+
+    /// The digest of the regular file at `path`, from the cache when its metadata is unchanged.
+    pub fn digest(&self, path: &Path) -> Result<String, HashError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|source| HashError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let key = path.to_string_lossy().into_owned();
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+        let fresh = |c: &CachedDigest| {
+            c.dev == meta.dev()
+                && c.ino == meta.ino()
+                && c.size == meta.size()
+                && c.mtime_ns == mtime_ns
+                && c.ctime_ns == ctime_ns
+        };
+        if let Some(hit) = self
+            .entries
+            .lock()
+            .expect("digest cache lock")
+            .get(&key)
+            .filter(|c| fresh(c))
+        {
+            return Ok(hit.digest.clone());
+        }
+        let digest = file_digest(path)?;
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        if now_ns - ctime_ns.max(mtime_ns) > CACHE_SETTLE_NS {
+            self.entries.lock().expect("digest cache lock").insert(
+                key,
+                CachedDigest {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    size: meta.size(),
+                    mtime_ns,
+                    ctime_ns,
+                    digest: digest.clone(),
+                },
+            );
+        }
+        Ok(digest)
+    }
+}
+
 /// `sha256:<hex>` of bytes.
 pub fn bytes_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -76,7 +183,11 @@ pub fn bytes_digest(bytes: &[u8]) -> String {
 
 /// The entries of `path` (a file, a symlink or a directory tree), with paths relative to
 /// `root`, in sorted order.
-pub fn tree_inputs(root: &Path, path: &Path) -> Result<Vec<FileInput>, HashError> {
+pub fn tree_inputs(
+    root: &Path,
+    path: &Path,
+    cache: &DigestCache,
+) -> Result<Vec<FileInput>, HashError> {
     let mut out = Vec::new();
     let walker = walkdir::WalkDir::new(path)
         .follow_links(false)
@@ -133,7 +244,7 @@ pub fn tree_inputs(root: &Path, path: &Path) -> Result<Vec<FileInput>, HashError
                 path: relative,
                 kind: FileKind::File,
                 mode,
-                digest: Some(file_digest(full)?),
+                digest: Some(cache.digest(full)?),
                 target: None,
             }
         } else {
@@ -166,19 +277,53 @@ mod tests {
         fs_err::write(root.join("t/z"), "z").unwrap();
         fs_err::write(root.join("t/b/a"), "a").unwrap();
         std::os::unix::fs::symlink("../z", root.join("t/b/l")).unwrap();
-        let first = tree_inputs(root, &root.join("t")).unwrap();
+        let cache = DigestCache::in_memory();
+        let first = tree_inputs(root, &root.join("t"), &cache).unwrap();
         let paths: Vec<_> = first.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["t", "t/b", "t/b/a", "t/b/l", "t/z"]);
         assert_eq!(first[3].target.as_deref(), Some("../z"));
 
         fs_err::write(root.join("t/z"), "Z").unwrap();
-        let edited = tree_inputs(root, &root.join("t")).unwrap();
+        let edited = tree_inputs(root, &root.join("t"), &cache).unwrap();
         assert_ne!(first, edited);
 
         let mut perms = fs_err::metadata(root.join("t/z")).unwrap().permissions();
         perms.set_mode(0o755);
         fs_err::set_permissions(root.join("t/z"), perms).unwrap();
-        assert_ne!(edited, tree_inputs(root, &root.join("t")).unwrap());
+        assert_ne!(edited, tree_inputs(root, &root.join("t"), &cache).unwrap());
+    }
+
+    #[test]
+    fn the_digest_cache_misses_when_a_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs_err::write(&file, "one").unwrap();
+        // Old enough to be remembered.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let cache_file = dir.path().join("cache.json");
+        let cache = DigestCache::load(&cache_file);
+        let first = cache.digest(&file).unwrap();
+        cache.save();
+        let reloaded = DigestCache::load(&cache_file);
+        assert_eq!(reloaded.entries.lock().unwrap().len(), 1);
+        assert_eq!(reloaded.digest(&file).unwrap(), first);
+        // Same size, same mtime, new content: ctime still tells.
+        fs_err::write(&file, "two").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_ne!(reloaded.digest(&file).unwrap(), first);
+        assert_eq!(reloaded.digest(&file).unwrap(), bytes_digest(b"two"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 pub use effects::Effect;
 
 use crate::recipe::{self, Recipe, RecipeErrors, Script, Step, VarSources};
-use hash::{FileInput, HashError, canonical_digest, tree_inputs};
+use hash::{DigestCache, FileInput, HashError, canonical_digest, tree_inputs};
 
 /// SOURCE_DATE_EPOCH when neither the recipe nor the environment sets one: 0, the Unix epoch.
 /// A fixed default keeps builds reproducible by default, and 1970-01-01 in an image's `created`
@@ -83,6 +83,8 @@ pub struct PlanOptions {
     pub aws_region: Option<String>,
     /// `SOURCE_DATE_EPOCH` from the environment, used when the recipe sets none.
     pub source_date_epoch: Option<u64>,
+    /// Where file digests are remembered between runs (in the store); `None` hashes every time.
+    pub digest_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +151,13 @@ impl PlanError {
 /// Plans `recipe` (loaded from `shown_path`).
 pub fn plan(recipe: &Recipe, shown_path: &str, options: &PlanOptions) -> Result<Plan, PlanError> {
     let mut stack = vec![recipe.path.clone()];
-    plan_inner(recipe, shown_path, options, &mut stack)
+    let cache = match &options.digest_cache {
+        Some(file) => DigestCache::load(file),
+        None => DigestCache::in_memory(),
+    };
+    let planned = plan_inner(recipe, shown_path, options, &mut stack, &cache);
+    cache.save();
+    planned
 }
 
 fn plan_inner(
@@ -157,6 +165,7 @@ fn plan_inner(
     shown_path: &str,
     options: &PlanOptions,
     stack: &mut Vec<PathBuf>,
+    cache: &DigestCache,
 ) -> Result<Plan, PlanError> {
     let mut plan_base = |path: &Path| -> Result<Plan, PlanError> {
         if stack.iter().any(|p| p == path) {
@@ -173,15 +182,15 @@ fn plan_inner(
         };
         let base = recipe::load(path, &sources).map_err(|e| wrap(e.into()))?;
         stack.push(path.to_path_buf());
-        let planned = plan_inner(&base, &path.display().to_string(), options, stack);
+        let planned = plan_inner(&base, &path.display().to_string(), options, stack, cache);
         stack.pop();
         planned.map_err(|e| match e {
             cycle @ PlanError::Cycle { .. } => cycle,
             other => wrap(other),
         })
     };
-    let base = base::identity(recipe, &mut plan_base)?;
-    let files = file_inputs(recipe)?;
+    let base = base::identity(recipe, &mut plan_base, cache)?;
+    let files = file_inputs(recipe, cache)?;
     let builtins = builtin_inputs(recipe);
     // Timestamps in every layer and config come from it, so it is an input like any other.
     let source_date_epoch = recipe
@@ -252,16 +261,16 @@ fn builtin_inputs(recipe: &Recipe) -> Value {
 }
 
 /// Every file the recipe reads, sorted by path, each listed once.
-fn file_inputs(recipe: &Recipe) -> Result<Vec<FileInput>, PlanError> {
+fn file_inputs(recipe: &Recipe, cache: &DigestCache) -> Result<Vec<FileInput>, PlanError> {
     let mut files = Vec::new();
     for p in &recipe.provisioners {
         match &p.step {
             Step::File(f) => {
-                files.extend(tree_inputs(&recipe.root, &f.source).map_err(PlanError::Hash)?)
+                files.extend(tree_inputs(&recipe.root, &f.source, cache).map_err(PlanError::Hash)?)
             }
             Step::Shell(s) => {
                 if let Script::File { path, .. } = &s.script {
-                    files.extend(tree_inputs(&recipe.root, path).map_err(PlanError::Hash)?);
+                    files.extend(tree_inputs(&recipe.root, path, cache).map_err(PlanError::Hash)?);
                 }
             }
             Step::Hardening(_) => {}
