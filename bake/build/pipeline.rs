@@ -352,10 +352,18 @@ impl Builder<'_> {
                 });
                 continue;
             }
-            tracing::debug!("step `{}` ran after {:?}", provisioner.name, step_clock.elapsed());
+            tracing::debug!(
+                "step `{}` ran after {:?}",
+                provisioner.name,
+                step_clock.elapsed()
+            );
             let after = snapshot(build_root.path(), &Excludes::new())?;
             let changes = diff(&before, &after);
-            tracing::debug!("step `{}` diffed after {:?}", provisioner.name, step_clock.elapsed());
+            tracing::debug!(
+                "step `{}` diffed after {:?}",
+                provisioner.name,
+                step_clock.elapsed()
+            );
             let created_by = if squash {
                 "bake: all steps (squashed)".to_owned()
             } else {
@@ -548,7 +556,12 @@ impl Builder<'_> {
         })?;
         drop(out);
         let digest = blob.digest.to_string();
-        tracing::debug!("layer of `{step}` compressed: {} bytes from {} ({})", blob.size, blob.uncompressed_size, blob.compressor);
+        tracing::debug!(
+            "layer of `{step}` compressed: {} bytes from {} ({})",
+            blob.size,
+            blob.uncompressed_size,
+            blob.compressor
+        );
         self.store.commit_blob(file, &digest)?;
         tracing::debug!("layer of `{step}` committed");
         Ok((
