@@ -14,7 +14,6 @@ BAKE_VENV_MARKER=.bake-setup-complete
 # shellcheck disable=SC2034 # used by scripts/setup
 BAKE_APT_PACKAGES=(
 	apache2-utils   # htpasswd, for the registry with basic auth
-	bubblewrap
 	busybox-static  # a static root filesystem for the namespace runner's tests
 	ca-certificates
 	curl            # readiness checks in scripts/services
