@@ -131,7 +131,7 @@ impl<W: Write> BlobWriter<W> {
                 (
                     Encoder::Gzip(ParallelGzip::new(out, level, workers)),
                     format!(
-                        "gzip/zlib-rs-{ZLIB_RS_VERSION}/level{level}/chunk{}KiB/dict{}KiB",
+                        "gzip/zlib-rs-{ZLIB_RS_VERSION}/level{level}/chunk{}KiB/dict{}KiB/stored-above-{STORE_ABOVE_BITS_PER_BYTE}bits",
                         GZIP_CHUNK >> 10,
                         DEFLATE_WINDOW >> 10
                     ),
@@ -419,9 +419,53 @@ impl Drop for Pool {
     }
 }
 
+/// Above this byte entropy (bits per byte) a chunk is stored, not searched: random data,
+/// already-compressed files and encrypted blobs sit at 7.99–8.0 and deflate cannot shrink them,
+/// yet its match search costs as much CPU as on text (text and binaries are below 7). The choice
+/// depends only on the chunk's bytes, so the output stays independent of the worker count.
+const STORE_ABOVE_BITS_PER_BYTE: f64 = 7.99;
+
+/// Shannon entropy of `data` in bits per byte.
+fn entropy(data: &[u8]) -> f64 {
+    let mut counts = [0u64; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// `input` as deflate stored blocks (BFINAL=0), starting and ending on a byte boundary, like
+/// the sync-flushed output of [`deflate_chunk`].
+fn stored_blocks(input: &[u8]) -> Vec<u8> {
+    /// A stored block holds at most 65,535 bytes (its length is 16 bits).
+    const MAX_STORED: usize = 65_535;
+    let mut out = Vec::with_capacity(input.len() + input.len() / MAX_STORED * 5 + 5);
+    for piece in input.chunks(MAX_STORED) {
+        let len = piece.len() as u16;
+        // Header bits BFINAL=0, BTYPE=00, then padding to the byte boundary: one zero byte.
+        out.push(0);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(piece);
+    }
+    out
+}
+
 /// Raw deflate of one chunk, primed with `dictionary`, ended with a sync flush (an empty stored
 /// block) so that it ends on a byte boundary and the next chunk's bytes can follow it.
+/// Incompressible chunks are stored as they are (see [`STORE_ABOVE_BITS_PER_BYTE`]).
 fn deflate_chunk(input: &[u8], dictionary: &[u8], level: u32) -> io::Result<Vec<u8>> {
+    if !input.is_empty() && entropy(input) > STORE_ABOVE_BITS_PER_BYTE {
+        return Ok(stored_blocks(input));
+    }
     let mut deflate = Compress::new(flate2::Compression::new(level), false);
     if !dictionary.is_empty() {
         deflate
@@ -441,6 +485,49 @@ fn deflate_chunk(input: &[u8], dictionary: &[u8], level: u32) -> io::Result<Vec<
         // zlib's rule: the flush is complete once a call returns with output space left over.
         if deflate.total_in() as usize == input.len() && out.len() < out.capacity() {
             return Ok(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    #[test]
+    fn random_chunks_are_stored_and_still_decompress() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let random: Vec<u8> = (0..(3 << 20))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        assert!(entropy(&random[..GZIP_CHUNK]) > STORE_ABOVE_BITS_PER_BYTE);
+        assert!(
+            entropy(b"a text chunk with words and words and words") < STORE_ABOVE_BITS_PER_BYTE
+        );
+        let mut input = b"compressible text, ".repeat(100_000);
+        input.extend_from_slice(&random);
+        for workers in [1usize, 2] {
+            let mut writer = BlobWriter::new(
+                Vec::new(),
+                Compression::Gzip(6),
+                NonZeroUsize::new(workers).unwrap(),
+            )
+            .unwrap();
+            std::io::Write::write_all(&mut writer, &input).unwrap();
+            let (bytes, blob) = writer.finish().unwrap();
+            // The random part is stored: barely bigger than itself.
+            assert!(blob.size < random.len() as u64 + 200_000, "{}", blob.size);
+            let mut decoded = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut decoded)
+                .unwrap();
+            assert!(
+                decoded == input,
+                "the stored chunks do not decode to the input"
+            );
         }
     }
 }
@@ -550,7 +637,9 @@ mod tests {
         assert_eq!(blob.media_type, MediaType::ImageLayerGzip);
         assert_eq!(
             blob.compressor,
-            format!("gzip/zlib-rs-{ZLIB_RS_VERSION}/level6/chunk1024KiB/dict32KiB")
+            format!(
+                "gzip/zlib-rs-{ZLIB_RS_VERSION}/level6/chunk1024KiB/dict32KiB/stored-above-7.99bits"
+            )
         );
         assert!(one.len() < data.len(), "the test data should compress");
         // The build record takes the blob as JSON.
