@@ -1,4 +1,5 @@
-//! Hardening profiles shipped with bake (`provisioners/hardening/<profile>/<flavour>.sh`),
+//! Hardening profiles shipped with bake (`provisioners/hardening/<profile>/`: `oci.sh` holds the
+//! rules that apply to any image, `ami.sh` the ones only a machine has, run after `oci.sh`),
 //! compiled into the binary so a recipe's `hardening:` step means the same thing on every
 //! machine and its text is covered by bake's own version.
 
@@ -36,8 +37,9 @@ pub fn script(
     exclude: &BTreeMap<String, String>,
 ) -> Option<String> {
     let body = match (profile, flavour) {
-        ("baseline", Flavour::Oci) => BASELINE_OCI,
-        ("baseline", Flavour::Ami) => BASELINE_AMI,
+        ("baseline", Flavour::Oci) => BASELINE_OCI.to_owned(),
+        // The machine flavour is every container rule plus the machine-only ones.
+        ("baseline", Flavour::Ami) => format!("{BASELINE_OCI}\n{BASELINE_AMI}"),
         _ => return None,
     };
     let ids: Vec<&str> = exclude.keys().map(String::as_str).collect();

@@ -318,14 +318,7 @@ impl Builder<'_> {
                 continue;
             }
             // A step must run: materialize the root (base + every layer so far) once.
-            if root.is_none() {
-                let fresh = BuildRoot::new(self.store, &recipe.name)?;
-                for layer in &layers {
-                    fresh.apply(self.store, layer)?;
-                }
-                root = Some(fresh);
-            }
-            let build_root = root.as_ref().expect("just made");
+            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
             reporter.step_started(&provisioner.name, false);
             let before = if squash {
                 squash_before
@@ -410,14 +403,7 @@ impl Builder<'_> {
             .filter(|t| matches!(t, Test::Command { .. }))
             .collect();
         if !tests.is_empty() {
-            if root.is_none() {
-                let fresh = BuildRoot::new(self.store, &recipe.name)?;
-                for layer in &layers {
-                    fresh.apply(self.store, layer)?;
-                }
-                root = Some(fresh);
-            }
-            let build_root = root.as_ref().expect("just made");
+            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
             for test in tests {
                 self.check_cancel()?;
                 self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
@@ -494,6 +480,23 @@ impl Builder<'_> {
         };
         self.store.put_record(&plan.version, &record)?;
         Ok(output)
+    }
+
+    /// The build root, made from `layers` the first time it is needed.
+    fn materialize<'r>(
+        &self,
+        root: &'r mut Option<BuildRoot>,
+        name: &str,
+        layers: &[LayerRef],
+    ) -> Result<&'r BuildRoot, BuildError> {
+        if root.is_none() {
+            let fresh = BuildRoot::new(self.store, name)?;
+            for layer in layers {
+                fresh.apply(self.store, layer)?;
+            }
+            *root = Some(fresh);
+        }
+        Ok(root.as_ref().expect("just made"))
     }
 
     fn check_cancel(&self) -> Result<(), BuildError> {
@@ -1029,45 +1032,19 @@ fn redact(text: &str, secrets: &[String]) -> String {
     })
 }
 
-/// Scrubs step output in errors (a failing step's last lines) of sensitive values.
-fn redact_error(error: BuildError, secrets: &[String]) -> BuildError {
-    if secrets.is_empty() {
-        return error;
+/// Scrubs step output in errors (a failing step's last lines, a test's reason) of sensitive
+/// values.
+fn redact_error(mut error: BuildError, secrets: &[String]) -> BuildError {
+    match &mut error {
+        BuildError::Step(runner) => {
+            for line in runner.last_lines_mut() {
+                *line = redact(line, secrets);
+            }
+        }
+        BuildError::Test { reason, .. } => *reason = redact(reason, secrets),
+        _ => {}
     }
-    match error {
-        BuildError::Step(RunnerError::StepFailed {
-            step,
-            code,
-            last_lines,
-        }) => BuildError::Step(RunnerError::StepFailed {
-            step,
-            code,
-            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
-        }),
-        BuildError::Step(RunnerError::StepKilled {
-            step,
-            signal,
-            last_lines,
-        }) => BuildError::Step(RunnerError::StepKilled {
-            step,
-            signal,
-            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
-        }),
-        BuildError::Step(RunnerError::TimedOut {
-            step,
-            timeout,
-            last_lines,
-        }) => BuildError::Step(RunnerError::TimedOut {
-            step,
-            timeout,
-            last_lines: last_lines.iter().map(|l| redact(l, secrets)).collect(),
-        }),
-        BuildError::Test { name, reason } => BuildError::Test {
-            name,
-            reason: redact(&reason, secrets),
-        },
-        other => other,
-    }
+    error
 }
 
 /// Passes progress on with sensitive values replaced by `***`: a script that echoes a secret

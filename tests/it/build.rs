@@ -99,6 +99,22 @@ fn check_schema(kind: &str, file: &Path) {
     );
 }
 
+/// Unpacks image `tag` of the layout at `layout` with umoci (an independent OCI implementation)
+/// into `bundle`, and returns the bundle's root filesystem.
+fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    let unpacked = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(bundle)
+        .output()
+        .expect("umoci is installed by scripts/setup");
+    assert!(
+        unpacked.status.success(),
+        "umoci unpack: {}",
+        stderr(&unpacked)
+    );
+    bundle.join("rootfs")
+}
+
 fn blob(layout: &Path, digest: &str) -> PathBuf {
     layout
         .join("blobs/sha256")
@@ -209,18 +225,7 @@ fn exported_layouts_satisfy_the_oci_schemas_skopeo_and_umoci() {
     assert!(umoci.status.success(), "umoci: {}", stderr(&umoci));
 
     // The templated directory was rendered and its symlink kept.
-    let bundle = layout.path().join("bundle");
-    let unpacked = Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:test", dir.display())])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        unpacked.status.success(),
-        "umoci unpack: {}",
-        stderr(&unpacked)
-    );
-    let rootfs = bundle.join("rootfs");
+    let rootfs = umoci_unpack(&dir, "test", &layout.path().join("bundle"));
     assert_eq!(
         fs_err::read_to_string(rootfs.join("srv/site/index.html")).unwrap(),
         "<h1>scratch-files</h1>\n"
@@ -302,18 +307,7 @@ fn deletions_setuid_hard_links_and_symlinks_survive_a_round_trip() {
         ],
     );
     assert_ok(&output);
-    let bundle = dir.path().join("bundle");
-    let unpacked = Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:t", layout.display())])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        unpacked.status.success(),
-        "umoci unpack: {}",
-        stderr(&unpacked)
-    );
-    let rootfs = bundle.join("rootfs");
+    let rootfs = umoci_unpack(&layout, "t", &dir.path().join("bundle"));
     use std::os::unix::fs::MetadataExt;
     assert!(
         !rootfs.join("etc/doomed.conf").exists(),
@@ -665,22 +659,7 @@ fn an_exported_layout_is_a_base_and_squash_makes_one_layer() {
         ],
     );
     assert_ok(&output);
-    let bundle = dir.path().join("bundle");
-    let unpacked = Command::new("umoci")
-        .args([
-            "unpack",
-            "--image",
-            &format!("{}:t", dir.path().join("layout2").display()),
-        ])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        unpacked.status.success(),
-        "umoci unpack: {}",
-        stderr(&unpacked)
-    );
-    let rootfs = bundle.join("rootfs");
+    let rootfs = umoci_unpack(&dir.path().join("layout2"), "t", &dir.path().join("bundle"));
     assert!(!rootfs.join("one").exists());
     for (file, content) in [("two", "two\n"), ("three", "three\n"), ("four", "four\n")] {
         assert_eq!(fs_err::read_to_string(rootfs.join(file)).unwrap(), content);

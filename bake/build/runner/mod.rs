@@ -308,6 +308,16 @@ impl RunnerError {
             _ => &[],
         }
     }
+
+    /// The step's last output lines, to rewrite them (redaction).
+    pub fn last_lines_mut(&mut self) -> &mut [String] {
+        match self {
+            RunnerError::StepFailed { last_lines, .. }
+            | RunnerError::StepKilled { last_lines, .. }
+            | RunnerError::TimedOut { last_lines, .. } => last_lines,
+            _ => &mut [],
+        }
+    }
 }
 
 /// The last lines, indented under the message, or nothing.

@@ -67,4 +67,4 @@ if ! excluded apt-caches; then
 	rm -rf /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
 fi
 
-echo "baseline (oci): done"
+echo "baseline: container rules done"
