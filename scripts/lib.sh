@@ -17,12 +17,23 @@ BAKE_APT_PACKAGES=(
 	busybox-static  # a static root filesystem for the namespace runner's tests
 	ca-certificates
 	curl            # readiness checks in scripts/services
+	debian-security-support # check-support-status, for the compliance gate
 	docker-registry # an OCI registry (distribution 2.8)
 	docker.io
+	dosfstools      # mkfs.vfat: the EFI system partition of AMI disk images
+	e2fsprogs       # mkfs.ext4 -d: the root filesystem of AMI disk images
+	fdisk           # sfdisk, to inspect disk images in tests
 	mmdebstrap
+	mtools          # writing the EFI system partition without mounting it
+	openscap-scanner # oscap, the compliance gate's scanner
+	openssh-client  # ssh-keygen, for the builder-instance strategy's tests
+	openssh-server  # a real sshd (in an isolated root) for the builder-instance strategy
 	openssl
+	ovmf            # UEFI firmware for the qemu boot test
+	qemu-system-x86 # the boot test of AMI disk images
 	python3-venv
 	skopeo
+	systemd-boot-efi # the UEFI boot loader of AMI disk images
 	umoci
 	zstd            # an independent decoder for zstd layers (zstd -t)
 )
