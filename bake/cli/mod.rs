@@ -5,6 +5,7 @@
 mod build;
 mod export;
 mod plan;
+mod publish;
 mod sandbox;
 mod validate;
 
@@ -70,6 +71,14 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Publish a built version: launch template versions, SSM parameters, ECS task definitions.
+    Publish(publish::PublishArgs),
+    /// Move a channel's pointers to a published version.
+    Promote(publish::PromoteArgs),
+    /// Move a channel's pointers back to its previous version.
+    Rollback(publish::RollbackArgs),
+    /// Print a channel's current immutable references.
+    Pin(publish::PinArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -111,6 +120,10 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Publish(args) => publish::run_publish(&args, settings),
+        Command::Promote(args) => publish::run_promote(&args, settings),
+        Command::Rollback(args) => publish::run_rollback(&args, settings),
+        Command::Pin(args) => publish::run_pin(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }
