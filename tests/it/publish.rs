@@ -362,11 +362,11 @@ async fn launch_templates_get_one_version_per_region_and_a_rerun_creates_nothing
     assert_eq!(again.exit_status(), ExitStatus::Success, "{again:#?}");
     let requests = env.capture.take();
     assert!(
-        of(&requests, "CreateLaunchTemplateVersion").is_empty()
-            && of(&requests, "ModifyLaunchTemplate").is_empty(),
-        "second publish changed launch templates: {:?}",
+        mutations(&requests).is_empty(),
+        "second publish changed something: {:?}",
         mutations(&requests)
     );
+    assert!(!of(&requests, "DescribeLaunchTemplateVersions").is_empty());
     for (region, id) in regions.iter().zip(&templates) {
         assert_eq!(env.template_versions(region, id).await, 2);
     }
@@ -600,12 +600,11 @@ async fn fargate_task_definitions_pin_the_pushed_digest_once() {
     assert_eq!(again.exit_status(), ExitStatus::Success, "{again:#?}");
     let requests = env.capture.take();
     assert!(
-        mutations(&requests)
-            .iter()
-            .all(|m| m != "RegisterTaskDefinition"),
-        "second publish registered a revision: {:?}",
+        mutations(&requests).is_empty(),
+        "second publish changed something: {:?}",
         mutations(&requests)
     );
+    assert!(!of(&requests, "DescribeTaskDefinition").is_empty());
 }
 
 #[tokio::test]
