@@ -24,5 +24,6 @@ pub mod diagnostic;
 pub mod exit;
 pub mod plan;
 pub mod recipe;
+pub mod registry;
 pub mod settings;
 pub mod store;

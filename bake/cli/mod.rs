@@ -5,6 +5,7 @@
 mod build;
 mod export;
 mod plan;
+mod push;
 mod sandbox;
 mod validate;
 
@@ -70,6 +71,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
+    Push(push::PushArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -111,6 +114,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Push(args) => push::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }
