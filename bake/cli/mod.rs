@@ -5,6 +5,7 @@
 mod build;
 mod export;
 mod plan;
+mod push;
 mod publish;
 mod sandbox;
 mod validate;
@@ -71,6 +72,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
+    Push(push::PushArgs),
     /// Publish a built version: launch template versions, SSM parameters, ECS task definitions.
     Publish(publish::PublishArgs),
     /// Move a channel's pointers to a published version.
@@ -120,6 +123,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Push(args) => push::run(&args, settings),
         Command::Publish(args) => publish::run_publish(&args, settings),
         Command::Promote(args) => publish::run_promote(&args, settings),
         Command::Rollback(args) => publish::run_rollback(&args, settings),
