@@ -5,8 +5,8 @@
 mod build;
 mod export;
 mod plan;
-mod push;
 mod publish;
+mod push;
 mod sandbox;
 mod validate;
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 
@@ -16,6 +17,11 @@ use crate::publish::{
     RegistryDigestCheck, Status,
 };
 use crate::recipe::{self, Recipe};
+use crate::registry::{
+    self,
+    auth::{ChainCredentials, Credentials},
+    ecr::EcrCredentials,
+};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
@@ -126,6 +132,27 @@ fn insecure_hosts(recipe: &Recipe) -> BTreeSet<String> {
         .collect()
 }
 
+/// The digest check: bake's registry client with the configured credentials plus ECR's.
+fn digest_check<'a>(
+    aws: &'a Aws,
+    recipe: &Recipe,
+    settings: &Settings,
+) -> Result<RegistryDigestCheck<'a>, ExitStatus> {
+    let mut options = settings.registry.client_options();
+    options.insecure.extend(insecure_hosts(recipe));
+    let sources: Vec<Arc<dyn Credentials>> = vec![
+        settings.registry.credentials(),
+        Arc::new(EcrCredentials::new(aws.clone())),
+    ];
+    match registry::Client::new(options, Arc::new(ChainCredentials(sources))) {
+        Ok(client) => Ok(RegistryDigestCheck::new(aws, client)),
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            Err(ExitStatus::Infrastructure)
+        }
+    }
+}
+
 fn fail(settings: &Settings, error: &PublishError) -> ExitStatus {
     print_reports(
         settings,
@@ -197,7 +224,10 @@ pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let digests = RegistryDigestCheck::new(&aws, insecure_hosts(&recipe));
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
         let publisher = Publisher {
             aws: &aws,
             digests: &digests,
@@ -220,7 +250,10 @@ pub fn run_promote(args: &PromoteArgs, settings: &Settings) -> ExitStatus {
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let digests = RegistryDigestCheck::new(&aws, insecure_hosts(&recipe));
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
         let publisher = Publisher {
             aws: &aws,
             digests: &digests,
@@ -245,7 +278,10 @@ pub fn run_rollback(args: &RollbackArgs, settings: &Settings) -> ExitStatus {
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let digests = RegistryDigestCheck::new(&aws, insecure_hosts(&recipe));
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
         let publisher = Publisher {
             aws: &aws,
             digests: &digests,
@@ -265,7 +301,10 @@ pub fn run_pin(args: &PinArgs, settings: &Settings) -> ExitStatus {
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let digests = RegistryDigestCheck::new(&aws, insecure_hosts(&recipe));
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
         let publisher = Publisher {
             aws: &aws,
             digests: &digests,

@@ -1,37 +1,32 @@
 //! Does an image digest exist in its registry? Checked before any pointer names it.
 //!
 //! Behind a small trait so publishing logic can be tested without a registry. The real check
-//! asks the registry for the manifest by digest: an OCI distribution `HEAD` for registries
-//! (anonymous, or with a bearer token the registry hands out anonymously), and ECR's
-//! `DescribeImages` for ECR repositories (the AWS credentials already in use).
-
-use std::collections::BTreeSet;
+//! asks the registry for the manifest by digest: a manifest `HEAD` through bake's registry
+//! client (its credentials, insecure hosts and retries) for registries, and ECR's
+//! `DescribeImages` for ECR repositories (the AWS credentials already in use, which also works
+//! where ECR's registry API is not served, such as an emulator).
 
 use crate::aws::Aws;
+use crate::registry::{self, Reference};
 
 use super::inputs::ImageRef;
 
-/// The manifest media types a digest may name.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json";
-
 #[derive(Debug, thiserror::Error)]
 pub enum DigestCheckError {
-    #[error("failed to ask `{repository}` for manifest {digest}")]
-    Http {
-        repository: String,
-        digest: String,
+    #[error("`{reference}` is not a valid image reference")]
+    Reference {
+        reference: String,
         #[source]
-        source: reqwest::Error,
+        source: registry::ReferenceError,
     },
-    #[error("registry of `{repository}` answered HTTP {status} for manifest {digest}")]
-    Status {
-        repository: String,
-        digest: String,
-        status: u16,
+    #[error("failed to ask the registry for `{reference}`")]
+    Registry {
+        reference: String,
+        #[source]
+        source: registry::RegistryError,
     },
+    #[error("the registry answered `{reference}` with another digest, {answered}")]
+    WrongDigest { reference: String, answered: String },
     #[error("failed to look up {digest} in ECR repository `{repository}`")]
     Ecr {
         repository: String,
@@ -49,76 +44,35 @@ pub trait DigestCheck {
     ) -> impl std::future::Future<Output = Result<bool, DigestCheckError>>;
 }
 
-/// The real check: the OCI distribution API, or ECR for ECR repositories.
+/// The real check: the registry client, or ECR's API for ECR repositories.
 pub struct RegistryDigestCheck<'a> {
-    http: reqwest::Client,
-    /// Registry hosts reached over plain HTTP (the recipe's `insecure: true` registries).
-    insecure_hosts: BTreeSet<String>,
+    client: registry::Client,
     aws: &'a Aws,
 }
 
 impl<'a> RegistryDigestCheck<'a> {
-    pub fn new(aws: &'a Aws, insecure_hosts: BTreeSet<String>) -> Self {
-        RegistryDigestCheck {
-            http: reqwest::Client::new(),
-            insecure_hosts,
-            aws,
-        }
+    pub fn new(aws: &'a Aws, client: registry::Client) -> Self {
+        RegistryDigestCheck { client, aws }
     }
 
     async fn head(&self, image: &ImageRef) -> Result<bool, DigestCheckError> {
-        let (host, name) = image
-            .repository
-            .split_once('/')
-            .unwrap_or(("registry-1.docker.io", &image.repository));
-        let local = host.starts_with("127.0.0.1") || host.starts_with("localhost");
-        let scheme = if local || self.insecure_hosts.contains(host) {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!("{scheme}://{host}/v2/{name}/manifests/{}", image.digest);
-        let http_error = |source| DigestCheckError::Http {
-            repository: image.repository.clone(),
-            digest: image.digest.clone(),
-            source,
-        };
-        let response = self
-            .http
-            .head(&url)
-            .header("accept", MANIFEST_ACCEPT)
-            .send()
-            .await
-            .map_err(http_error)?;
-        let response = if response.status() == 401 {
-            // Registries that issue anonymous pull tokens say where in the challenge.
-            let challenge = response
-                .headers()
-                .get("www-authenticate")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            match bearer_token(&self.http, &challenge).await {
-                Some(token) => self
-                    .http
-                    .head(&url)
-                    .header("accept", MANIFEST_ACCEPT)
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .map_err(http_error)?,
-                None => response,
-            }
-        } else {
-            response
-        };
-        match response.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
-            status => Err(DigestCheckError::Status {
-                repository: image.repository.clone(),
-                digest: image.digest.clone(),
-                status,
+        let shown = image.reference();
+        let reference: Reference = shown
+            .parse()
+            .map_err(|source| DigestCheckError::Reference {
+                reference: shown.clone(),
+                source,
+            })?;
+        match self.client.head_manifest(&reference).await {
+            Ok(None) => Ok(false),
+            Ok(Some(info)) if info.digest == image.digest => Ok(true),
+            Ok(Some(info)) => Err(DigestCheckError::WrongDigest {
+                reference: shown,
+                answered: info.digest,
+            }),
+            Err(source) => Err(DigestCheckError::Registry {
+                reference: shown,
+                source,
             }),
         }
     }
@@ -179,30 +133,6 @@ pub fn ecr_repository(repository: &str) -> Option<(String, String)> {
         && ecr == "ecr"
         && (rest == ["amazonaws", "com"] || rest == ["amazonaws", "com", "cn"]))
     .then(|| (region.to_owned(), name.to_owned()))
-}
-
-/// Fetches an anonymous token for a `Bearer realm=…,service=…,scope=…` challenge.
-async fn bearer_token(http: &reqwest::Client, challenge: &str) -> Option<String> {
-    let params = challenge.strip_prefix("Bearer ")?;
-    let mut realm = None;
-    let mut query = Vec::new();
-    for part in params.split(',') {
-        let (key, value) = part.trim().split_once('=')?;
-        let value = value.trim_matches('"').to_owned();
-        if key == "realm" {
-            realm = Some(value);
-        } else {
-            query.push((key.to_owned(), value));
-        }
-    }
-    let mut url = reqwest::Url::parse(&realm?).ok()?;
-    url.query_pairs_mut().extend_pairs(query);
-    let response = http.get(url).send().await.ok()?;
-    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
-    body.get("token")
-        .or_else(|| body.get("access_token"))
-        .and_then(|t| t.as_str())
-        .map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub enum PublishError {
     DigestCheck {
         reference: String,
         #[source]
-        source: DigestCheckError,
+        source: Box<DigestCheckError>,
     },
     #[error("launch template `{template}` does not exist in {region}")]
     LaunchTemplateMissing { template: String, region: String },

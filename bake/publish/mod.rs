@@ -715,7 +715,7 @@ pub(crate) async fn check_digest<D: DigestCheck>(
         }),
         Err(source) => Err(PublishError::DigestCheck {
             reference: image.reference(),
-            source,
+            source: Box::new(source),
         }),
     }
 }

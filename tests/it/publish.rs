@@ -422,9 +422,26 @@ async fn without_set_default_the_default_stays_and_dry_run_changes_nothing() {
     assert_eq!(env.parameter("us-east-1", "/web/ami").await, Some(new));
 }
 
+/// bake's registry client, with no credentials (the test registry is anonymous).
+fn registry_client() -> bake::registry::Client {
+    bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        std::sync::Arc::new(bake::registry::auth::ChainCredentials(Vec::new())),
+    )
+    .unwrap()
+}
+
 /// Pushes a small image to the registry; returns its repository and manifest digest.
 async fn push_image(registry: &str, name: &str) -> ImageRef {
+    push_image_as(registry, name, None).await
+}
+
+async fn push_image_as(registry: &str, name: &str, auth: Option<(&str, &str)>) -> ImageRef {
     let client = reqwest::Client::new();
+    let authed = |request: reqwest::RequestBuilder| match auth {
+        Some((user, password)) => request.basic_auth(user, Some(password)),
+        None => request,
+    };
     let nonce = format!("{:?}", std::time::SystemTime::now());
     let config = format!(
         r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"config":{{"Labels":{{"nonce":"{nonce}"}}}}}}"#
@@ -433,8 +450,7 @@ async fn push_image(registry: &str, name: &str) -> ImageRef {
     let mut descriptors = Vec::new();
     for blob in [config.as_bytes().to_vec(), layer] {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
-        let start = client
-            .post(format!("http://{registry}/v2/{name}/blobs/uploads/"))
+        let start = authed(client.post(format!("http://{registry}/v2/{name}/blobs/uploads/")))
             .send()
             .await
             .unwrap();
@@ -446,8 +462,7 @@ async fn push_image(registry: &str, name: &str) -> ImageRef {
             format!("http://{registry}{location}")
         };
         let separator = if location.contains('?') { '&' } else { '?' };
-        let put = client
-            .put(format!("{location}{separator}digest={digest}"))
+        let put = authed(client.put(format!("{location}{separator}digest={digest}")))
             .header("content-type", "application/octet-stream")
             .body(blob.clone())
             .send()
@@ -466,8 +481,7 @@ async fn push_image(registry: &str, name: &str) -> ImageRef {
     });
     let bytes = serde_json::to_vec(&manifest).unwrap();
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-    let put = client
-        .put(format!("http://{registry}/v2/{name}/manifests/latest"))
+    let put = authed(client.put(format!("http://{registry}/v2/{name}/manifests/latest")))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
         .body(bytes)
         .send()
@@ -554,7 +568,7 @@ async fn fargate_task_definitions_pin_the_pushed_digest_once() {
     let recipe = env.recipe(&fargate_recipe(&image.repository, None, false));
     let inputs = inputs("api", 1, &[], vec![image.clone()]);
     let aws = env.bake_aws().await;
-    let digests = RegistryDigestCheck::new(&aws, Default::default());
+    let digests = RegistryDigestCheck::new(&aws, registry_client());
 
     let report = publisher(&aws, &digests, &recipe, PublishOptions::default())
         .publish(&inputs)
@@ -622,7 +636,7 @@ async fn a_digest_missing_from_the_registry_is_refused() {
     };
     let recipe = env.recipe(&fargate_recipe(&absent.repository, None, false));
     let aws = env.bake_aws().await;
-    let digests = RegistryDigestCheck::new(&aws, Default::default());
+    let digests = RegistryDigestCheck::new(&aws, registry_client());
     let report = publisher(&aws, &digests, &recipe, PublishOptions::default())
         .publish(&inputs("api", 1, &[], vec![absent.clone()]))
         .await;
@@ -1156,4 +1170,35 @@ fn publish_without_inputs_or_a_build_says_what_to_do() {
         stderr.contains("is not built in the store") && stderr.contains("--inputs"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn digests_are_checked_with_the_registry_credentials() {
+    let Some(env) = Env::new().await else { return };
+    let Some(registry) = service("BAKE_TEST_REGISTRY_AUTH") else {
+        return;
+    };
+    let user = service("BAKE_TEST_REGISTRY_USER").unwrap_or_default();
+    let password = service("BAKE_TEST_REGISTRY_PASSWORD").unwrap_or_default();
+    let pushed = push_image_as(&registry, "publish/private", Some((&user, &password))).await;
+    let absent = ImageRef {
+        repository: pushed.repository.clone(),
+        digest: format!("sha256:{}", hex::encode(Sha256::digest(b"absent"))),
+    };
+    let credentials = bake::registry::auth::StaticCredentials::one(
+        &registry,
+        bake::registry::Credential::new(&user, &password),
+    );
+    let client = bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        Arc::new(credentials),
+    )
+    .unwrap();
+    let digests = RegistryDigestCheck::new(&env.aws, client);
+    assert!(digests.exists(&pushed).await.unwrap());
+    assert!(!digests.exists(&absent).await.unwrap());
+    // Without credentials the check fails, and says which image it was about.
+    let anonymous = RegistryDigestCheck::new(&env.aws, registry_client());
+    let error = anonymous.exists(&pushed).await.unwrap_err();
+    assert!(error.to_string().contains(&pushed.reference()), "{error}");
 }
