@@ -1202,3 +1202,50 @@ async fn digests_are_checked_with_the_registry_credentials() {
     let error = anonymous.exists(&pushed).await.unwrap_err();
     assert!(error.to_string().contains(&pushed.reference()), "{error}");
 }
+
+#[tokio::test]
+async fn dry_run_on_the_command_line_shows_current_and_wanted() {
+    let Some(env) = Env::new().await else { return };
+    let region = "us-east-1";
+    let old = env.ami(region, "web-old").await;
+    let new = env.ami(region, "web-new").await;
+    let id = env.launch_template(region, "web", &old).await;
+    let recipe = env.write(
+        "recipe.yaml",
+        &ami_recipe(
+            &[region],
+            &[],
+            "  launch_templates:\n    - name: web\n  ssm_parameters:\n    - name: /web/ami\n",
+        ),
+    );
+    let inputs = env.write(
+        "inputs.json",
+        &format!(
+            r#"{{"recipe": "web", "version": "{}", "amis": {{"{region}": "{new}"}}}}"#,
+            version(1)
+        ),
+    );
+    let output = env.bake(&[
+        "publish",
+        recipe.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--dry-run",
+        "--set-default",
+    ]);
+    ok(output.clone(), "dry run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("us-east-1  plan (dry run)"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "~ launch_template_default web ({id}): version 1 ({old}) -> the new version"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("+ ssm_parameter /web/ami: (none) -> {new}")),
+        "{stdout}"
+    );
+    assert_eq!(env.template_versions(region, &id).await, 1);
+    assert_eq!(env.parameter(region, "/web/ami").await, None);
+}
