@@ -349,12 +349,19 @@ impl<D: DigestCheck> Publisher<'_, D> {
                 return report;
             }
         };
-        let caller = match self.caller_account(&home).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                report.errors.push(Report::from_error(&e).to_json());
-                return report;
+        // Only AMIs need the account (to check who may launch them).
+        let needs_account = !self.recipe.publish.launch_templates.is_empty()
+            || !self.recipe.publish.ssm_parameters.is_empty();
+        let caller = if needs_account {
+            match self.caller_account(&home).await {
+                Ok(caller) => caller,
+                Err(e) => {
+                    report.errors.push(Report::from_error(&e).to_json());
+                    return report;
+                }
             }
+        } else {
+            String::new()
         };
         let mut outcomes: Vec<RegionOutcome> = futures_util::stream::iter(regions.iter())
             .map(|region| self.publish_region(inputs, region, &caller))
