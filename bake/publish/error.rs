@@ -1,6 +1,10 @@
 //! Why a publish, promote or rollback refused or failed. Each message names the resource and the
 //! region; the hint says what to do.
 
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
 use super::digest::DigestCheckError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -138,16 +142,55 @@ impl PublishError {
     }
 }
 
+/// An AWS call's failure, rendered with what the SDK's `Display` leaves out: the error code
+/// and message, or the HTTP status of an answer that is not a modeled error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AwsCallError(pub String);
+
+impl AwsCallError {
+    pub fn from_sdk<E>(error: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let text = match error {
+            SdkError::ServiceError(service) => {
+                let e = service.err();
+                let status = service.raw().status().as_u16();
+                match (e.code(), e.message()) {
+                    (Some(code), Some(message)) => format!("{code}: {message}"),
+                    (Some(code), None) => code.to_owned(),
+                    _ => format!("HTTP {status} that is not an AWS error ({e})"),
+                }
+            }
+            other => {
+                let mut text = other.to_string();
+                let mut source = std::error::Error::source(other);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                text
+            }
+        };
+        AwsCallError(text)
+    }
+}
+
 /// Wraps an SDK error with the operation and region it failed in.
-pub(crate) fn aws<E>(operation: &str, region: &str) -> impl FnOnce(E) -> PublishError
+pub(crate) fn aws<E>(
+    operation: &str,
+    region: &str,
+) -> impl FnOnce(SdkError<E, HttpResponse>) -> PublishError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let operation = operation.to_owned();
     let region = region.to_owned();
-    move |source| PublishError::Aws {
+    move |error| PublishError::Aws {
         operation,
         region,
-        source: Box::new(source),
+        source: Box::new(AwsCallError::from_sdk(&error)),
     }
 }

@@ -832,9 +832,9 @@ async fn instance_refresh_is_requested_after_a_default_change() {
     assert!(
         error
             .message
-            .contains("StartInstanceRefresh for Auto Scaling group `web-asg`"),
-        "{}",
-        error.message
+            .contains("StartInstanceRefresh for Auto Scaling group `web-asg`")
+            && error.causes.iter().any(|c| c.contains("HTTP 500")),
+        "{error:?}"
     );
 }
 
