@@ -165,13 +165,20 @@ fn fail(settings: &Settings, error: &PublishError) -> ExitStatus {
     }
 }
 
+/// Where the inputs of the version to publish come from.
+enum Source {
+    /// `--inputs FILE`.
+    Given(PublishInputs),
+    /// The build record of the recipe's current version.
+    Record {
+        version: String,
+        record: serde_json::Value,
+    },
+}
+
 /// The inputs of the version to publish: the given file, or the build record of the recipe's
 /// current version.
-fn inputs(
-    args: &PublishArgs,
-    recipe: &Recipe,
-    settings: &Settings,
-) -> Result<PublishInputs, Report> {
+fn source(args: &PublishArgs, recipe: &Recipe, settings: &Settings) -> Result<Source, Report> {
     if let Some(path) = &args.inputs {
         let inputs = PublishInputs::from_file(path).map_err(|e| Report::from_error(&e))?;
         if inputs.recipe != recipe.name {
@@ -182,7 +189,7 @@ fn inputs(
                 recipe.name
             )));
         }
-        return Ok(inputs);
+        return Ok(Source::Given(inputs));
     }
     let shown = args.recipe.display().to_string();
     let plan = plan::plan(recipe, &shown, &settings.plan_options())
@@ -202,16 +209,44 @@ fn inputs(
                 "run `bake build` first, or give the artifacts with --inputs FILE".into(),
             ))
         })?;
-    PublishInputs::from_record(&recipe.name, &plan.version, &record)
-        .map_err(|e| Report::from_error(&e))
+    Ok(Source::Record {
+        version: plan.version,
+        record,
+    })
+}
+
+/// Every repository the recipe pushes to, with its registry host (ECR's needs the account).
+async fn pushed_repositories(
+    publisher: &Publisher<'_, RegistryDigestCheck<'_>>,
+) -> Result<Vec<String>, PublishError> {
+    let recipe = publisher.recipe;
+    let mut repositories: Vec<String> = recipe
+        .publish
+        .registries
+        .iter()
+        .map(|r| r.repository.clone())
+        .collect();
+    if !recipe.publish.ecr.is_empty() {
+        let home = crate::publish::home_region(recipe, publisher.aws)?;
+        let account = publisher.caller_account(&home).await?;
+        for target in &recipe.publish.ecr {
+            let region = target.region.as_deref().unwrap_or(&home);
+            repositories.push(format!(
+                "{}/{}",
+                registry::ecr::registry_host(&account, region),
+                target.repository
+            ));
+        }
+    }
+    Ok(repositories)
 }
 
 pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
     let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
         return ExitStatus::RecipeOrUsage;
     };
-    let inputs = match inputs(args, &recipe, settings) {
-        Ok(inputs) => inputs,
+    let source = match source(args, &recipe, settings) {
+        Ok(source) => source,
         Err(report) => {
             print_reports(settings, &[report]);
             return ExitStatus::RecipeOrUsage;
@@ -233,6 +268,22 @@ pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
             digests: &digests,
             recipe: &recipe,
             options,
+        };
+        let inputs = match source {
+            Source::Given(inputs) => inputs,
+            Source::Record { version, record } => {
+                let repositories = match pushed_repositories(&publisher).await {
+                    Ok(repositories) => repositories,
+                    Err(e) => return fail(settings, &e),
+                };
+                match PublishInputs::from_record(&recipe.name, &version, &record, &repositories) {
+                    Ok(inputs) => inputs,
+                    Err(e) => {
+                        print_reports(settings, &[Report::from_error(&e)]);
+                        return ExitStatus::RecipeOrUsage;
+                    }
+                }
+            }
         };
         let report = publisher.publish(&inputs).await;
         show(settings, &report)

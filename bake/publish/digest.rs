@@ -123,16 +123,7 @@ impl DigestCheck for RegistryDigestCheck<'_> {
 /// `ACCOUNT.dkr.ecr.REGION.amazonaws.com/NAME` → (region, name).
 pub fn ecr_repository(repository: &str) -> Option<(String, String)> {
     let (host, name) = repository.split_once('/')?;
-    let mut parts = host.split('.');
-    let account = parts.next()?;
-    let (dkr, ecr, region) = (parts.next()?, parts.next()?, parts.next()?);
-    let rest: Vec<&str> = parts.collect();
-    (account.len() == 12
-        && account.bytes().all(|b| b.is_ascii_digit())
-        && dkr == "dkr"
-        && ecr == "ecr"
-        && (rest == ["amazonaws", "com"] || rest == ["amazonaws", "com", "cn"]))
-    .then(|| (region.to_owned(), name.to_owned()))
+    registry::ecr::ecr_region(host).map(|region| (region.to_owned(), name.to_owned()))
 }
 
 #[cfg(test)]

@@ -99,22 +99,52 @@ impl PublishInputs {
         Ok(inputs)
     }
 
-    /// Takes the inputs from a build record (any JSON): `amis` (region → AMI id) and `images`
-    /// (`[{repository, digest}]`) at the top level, as the AMI and registry stages record them.
+    /// Takes the inputs from a build record (any JSON). AMIs: `amis` (region → AMI id), else
+    /// `ami.regions` (`[{region, image_id}]`, the AMI stage's record). Images: `images`
+    /// (`[{repository, digest}]`), else the built image (`output.image_digest`) in each of
+    /// `repositories` (the recipe's push targets: a push keeps the manifest's bytes, so its
+    /// digest; the registry is asked before anything points at it).
     pub fn from_record(
         recipe: &str,
         version: &str,
         record: &serde_json::Value,
+        repositories: &[String],
     ) -> Result<Self, InputsError> {
-        let amis = match record.get("amis") {
-            Some(value) => serde_json::from_value(value.clone())
-                .map_err(|e| InputsError::Invalid(format!("the build record's `amis`: {e}")))?,
-            None => BTreeMap::new(),
+        let field = |name: &str, e: serde_json::Error| {
+            InputsError::Invalid(format!("the build record's `{name}`: {e}"))
         };
-        let images = match record.get("images") {
-            Some(value) => serde_json::from_value(value.clone())
-                .map_err(|e| InputsError::Invalid(format!("the build record's `images`: {e}")))?,
-            None => Vec::new(),
+        let amis = if let Some(value) = record.get("amis") {
+            serde_json::from_value(value.clone()).map_err(|e| field("amis", e))?
+        } else if let Some(value) = record.pointer("/ami/regions") {
+            #[derive(Deserialize)]
+            struct RegionImage {
+                region: String,
+                image_id: String,
+            }
+            let regions: Vec<RegionImage> =
+                serde_json::from_value(value.clone()).map_err(|e| field("ami.regions", e))?;
+            regions
+                .into_iter()
+                .map(|r| (r.region, r.image_id))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let images = if let Some(value) = record.get("images") {
+            serde_json::from_value(value.clone()).map_err(|e| field("images", e))?
+        } else if let Some(digest) = record
+            .pointer("/output/image_digest")
+            .and_then(|d| d.as_str())
+        {
+            repositories
+                .iter()
+                .map(|repository| ImageRef {
+                    repository: repository.clone(),
+                    digest: digest.to_owned(),
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
         let inputs = PublishInputs {
             recipe: recipe.to_owned(),
@@ -223,9 +253,36 @@ mod tests {
             "images": [{"repository": "127.0.0.1:5000/web", "digest": format!("sha256:{}", "b".repeat(64))}]
         });
         let version = format!("sha256:{}", "c".repeat(64));
-        let inputs = PublishInputs::from_record("web", &version, &record).unwrap();
+        let inputs = PublishInputs::from_record("web", &version, &record, &[]).unwrap();
         assert_eq!(inputs.amis["eu-west-1"], "ami-0123456789abcdef0");
         assert_eq!(inputs.images.len(), 1);
         assert_eq!(inputs.version_short(), "cccccccccccc");
+    }
+
+    #[test]
+    fn inputs_come_from_the_stages_own_records() {
+        let digest = format!("sha256:{}", "d".repeat(64));
+        let record = serde_json::json!({
+            "ami": {"regions": [
+                {"region": "us-east-1", "image_id": "ami-0123456789abcdef0", "snapshot_id": "snap-1"},
+                {"region": "eu-west-1", "image_id": "ami-0fedcba9876543210", "snapshot_id": "snap-2"}
+            ]},
+            "output": {"image_digest": digest}
+        });
+        let version = format!("sha256:{}", "c".repeat(64));
+        let repositories = ["127.0.0.1:5000/web".to_owned()];
+        let inputs = PublishInputs::from_record("web", &version, &record, &repositories).unwrap();
+        assert_eq!(inputs.amis.len(), 2);
+        assert_eq!(inputs.amis["eu-west-1"], "ami-0fedcba9876543210");
+        assert_eq!(
+            inputs.images,
+            [ImageRef {
+                repository: "127.0.0.1:5000/web".into(),
+                digest
+            }]
+        );
+        let broken = serde_json::json!({"ami": {"regions": [{"region": "us-east-1"}]}});
+        let err = PublishInputs::from_record("web", &version, &broken, &[]).unwrap_err();
+        assert!(err.to_string().contains("ami.regions"), "{err}");
     }
 }

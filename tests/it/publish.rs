@@ -224,10 +224,15 @@ impl Env {
     /// Runs the bake binary against moto, with a fresh store directory.
     fn bake(&self, args: &[&str]) -> std::process::Output {
         let store = tempfile::tempdir().unwrap();
+        self.bake_in(store.path(), args)
+    }
+
+    /// Runs the bake binary against moto, with the store `store`.
+    fn bake_in(&self, store: &Path, args: &[&str]) -> std::process::Output {
         bake()
             .args(args)
             .arg("--store")
-            .arg(store.path())
+            .arg(store)
             .env("BAKE_AWS_ENDPOINT_URL", &self.endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &self.account)
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -1248,4 +1253,42 @@ async fn dry_run_on_the_command_line_shows_current_and_wanted() {
     );
     assert_eq!(env.template_versions(region, &id).await, 1);
     assert_eq!(env.parameter(region, "/web/ami").await, None);
+}
+
+#[tokio::test]
+async fn publish_takes_the_artifacts_from_the_build_record() {
+    let Some(env) = Env::new().await else { return };
+    let region = "us-east-1";
+    let old = env.ami(region, "web-old").await;
+    let new = env.ami(region, "web-new").await;
+    let id = env.launch_template(region, "web", &old).await;
+    let recipe = env.write(
+        "recipe.yaml",
+        &ami_recipe(
+            &[region],
+            &[],
+            "  launch_templates:\n    - name: web\n      set_default: true\n",
+        ),
+    );
+    let recipe_arg = recipe.to_str().unwrap();
+    let store = env.dir.path().join("store");
+    let plan = env.bake_in(&store, &["plan", recipe_arg, "--output", "json"]);
+    ok(plan.clone(), "plan");
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let version = plan["version"].as_str().unwrap().to_owned();
+    // The AMI stage's record of what it made, as the build record carries it.
+    let record = serde_json::json!({
+        "format": "bake.build/1",
+        "version": version,
+        "ami": {"regions": [{"region": region, "image_id": new, "snapshot_id": "snap-0123456789abcdef0"}]}
+    });
+    bake::store::Store::open(&store)
+        .unwrap()
+        .put_record(&version, &record)
+        .unwrap();
+    let output = env.bake_in(&store, &["publish", recipe_arg, "--output", "json"]);
+    ok(output.clone(), "publish from the record");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["version"], version.as_str());
+    assert_eq!(env.template_default(region, &id).await, (2, Some(new)));
 }
