@@ -53,8 +53,8 @@ impl AwsSettings {
 pub struct Aws {
     config: SdkConfig,
     emulator_account: Option<String>,
-    /// Interceptors every client gets (tests capture the requests bake sends this way).
-    extra_interceptors: Vec<SharedInterceptor>,
+    /// Added to every client made from here (request logs, tests' request capture).
+    interceptors: Vec<SharedInterceptor>,
 }
 
 impl Aws {
@@ -74,7 +74,7 @@ impl Aws {
         Aws {
             config: loader.load().await,
             emulator_account: settings.emulator_account.clone(),
-            extra_interceptors: Vec::new(),
+            interceptors: Vec::new(),
         }
     }
 
@@ -83,14 +83,13 @@ impl Aws {
         Aws {
             config,
             emulator_account,
-            extra_interceptors: Vec::new(),
+            interceptors: Vec::new(),
         }
     }
 
-    /// Adds an interceptor to every client made from now on (request capture in tests).
+    /// Adds an interceptor to every client made from now on.
     pub fn with_interceptor(mut self, interceptor: impl Intercept + 'static) -> Self {
-        self.extra_interceptors
-            .push(SharedInterceptor::new(interceptor));
+        self.interceptors.push(SharedInterceptor::new(interceptor));
         self
     }
 
@@ -102,7 +101,7 @@ impl Aws {
             .iter()
             .map(|a| SharedInterceptor::new(EmulatorAccount(a.clone())))
             .collect();
-        all.extend(self.extra_interceptors.iter().cloned());
+        all.extend(self.interceptors.iter().cloned());
         all
     }
 
