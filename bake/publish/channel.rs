@@ -469,6 +469,9 @@ impl<D: DigestCheck> Publisher<'_, D> {
                             value: ami,
                             data_type: Some("aws:ec2:image"),
                             description: text.as_deref(),
+                            label: version_short(&release.version)
+                                .map(|short| ssm::version_label(&short))
+                                .as_deref(),
                         },
                     )
                     .await?;

@@ -604,6 +604,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
                             value: ami,
                             data_type: Some("aws:ec2:image"),
                             description: text.as_deref(),
+                            label: Some(&ssm::version_label(inputs.version_short())),
                         },
                     )
                     .await?;

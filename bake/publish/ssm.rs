@@ -81,6 +81,9 @@ pub struct Write<'a> {
     /// `Some("aws:ec2:image")` for AMI ids (AWS then checks the id), `None` for text.
     pub data_type: Option<&'a str>,
     pub description: Option<&'a str>,
+    /// A label for the new parameter version (`bake-<version_short>`), so the history says
+    /// which bake version each value came from.
+    pub label: Option<&'a str>,
 }
 
 /// Writes the value, tags the parameter as the recipe's; returns the parameter's new version.
@@ -125,7 +128,21 @@ pub async fn put(
             .await
             .map_err(aws("AddTagsToResource", region))?;
     }
+    if let Some(label) = write.label {
+        ssm.label_parameter_version()
+            .name(&state.name)
+            .parameter_version(out.version())
+            .labels(label)
+            .send()
+            .await
+            .map_err(aws("LabelParameterVersion", region))?;
+    }
     Ok(out.version())
+}
+
+/// The label bake puts on the parameter versions it writes for a version.
+pub fn version_label(version_short: &str) -> String {
+    format!("bake-{version_short}")
 }
 
 /// Reads one of bake's JSON records, or `None` when it does not exist.
@@ -178,6 +195,7 @@ pub async fn write_record<T: serde::Serialize>(
             value: &text,
             data_type: None,
             description: Some("bake record: do not edit"),
+            label: None,
         },
     )
     .await?;

@@ -424,7 +424,13 @@ async fn without_set_default_the_default_stays_and_dry_run_changes_nothing() {
     assert_eq!(report.exit_status(), ExitStatus::Success, "{report:#?}");
     assert_eq!(env.template_default("us-east-1", &id).await, (1, Some(old)));
     assert_eq!(env.template_versions("us-east-1", &id).await, 2);
-    assert_eq!(env.parameter("us-east-1", "/web/ami").await, Some(new));
+    assert_eq!(
+        env.parameter("us-east-1", "/web/ami").await,
+        Some(new.clone())
+    );
+    // The parameter's history names the bake version of each value.
+    let label = format!("/web/ami:bake-{}", &version(1)[7..19]);
+    assert_eq!(env.parameter("us-east-1", &label).await, Some(new));
 }
 
 /// bake's registry client, with no credentials (the test registry is anonymous).
@@ -1021,6 +1027,8 @@ async fn promote_pin_promote_rollback_pin_from_fresh_stores() {
         env.bake(&["rollback", recipe_arg, "--channel", "prod"]),
         "rollback",
     );
+    let label = format!("/web/prod/ami:bake-{}", &version(1)[7..19]);
+    assert_eq!(env.parameter(region, &label).await, Some(v1.clone()));
     let back = pin(&env, &recipe);
     assert_eq!(back["references"], first["references"]);
     assert_eq!(
