@@ -1300,3 +1300,81 @@ async fn publish_takes_the_artifacts_from_the_build_record() {
     assert_eq!(report["version"], version.as_str());
     assert_eq!(env.template_default(region, &id).await, (2, Some(new)));
 }
+
+#[tokio::test]
+async fn a_family_without_revisions_starts_from_the_recipes_template() {
+    let Some(env) = Env::new().await else { return };
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let name = format!("publish/tpl-{}", env.account);
+    let image = push_image(&registry, &name).await;
+    env.write(
+        "task.json",
+        r#"{
+  "family": "api",
+  "cpu": "256",
+  "memory": "512",
+  "networkMode": "awsvpc",
+  "requiresCompatibilities": ["FARGATE"],
+  "containerDefinitions": [
+    {"name": "app", "image": "placeholder", "memory": 512, "essential": true,
+     "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
+     "environment": [{"name": "MODE", "value": "prod"}]}
+  ]
+}"#,
+    );
+    let text = fargate_recipe(&image.repository, None, false) + "      template: task.json\n";
+    let recipe = env.recipe(&text);
+    let aws = env.bake_aws().await;
+    let digests = RegistryDigestCheck::new(&aws, registry_client());
+    let inputs = inputs("api", 1, &[], vec![image.clone()]);
+    let report = publisher(&aws, &digests, &recipe, PublishOptions::default())
+        .publish(&inputs)
+        .await;
+    assert_eq!(report.exit_status(), ExitStatus::Success, "{report:#?}");
+    let definition = clients::ecs(&env.aws, "us-east-1")
+        .describe_task_definition()
+        .task_definition("api")
+        .send()
+        .await
+        .unwrap()
+        .task_definition()
+        .unwrap()
+        .clone();
+    assert_eq!(definition.revision(), 1);
+    assert_eq!(definition.cpu(), Some("256"));
+    let app = &definition.container_definitions()[0];
+    assert_eq!(app.image(), Some(image.reference().as_str()));
+    assert_eq!(app.port_mappings()[0].container_port(), Some(8080));
+    assert_eq!(app.environment()[0].value(), Some("prod"));
+    env.capture.take();
+    let again = publisher(&aws, &digests, &recipe, PublishOptions::default())
+        .publish(&inputs)
+        .await;
+    assert_eq!(again.exit_status(), ExitStatus::Success, "{again:#?}");
+    assert!(mutations(&env.capture.take()).is_empty());
+
+    // A template with a field bake does not know is refused, not half-used.
+    env.write(
+        "task.json",
+        r#"{"containerDefinitions": [{"name": "app", "secrets": []}]}"#,
+    );
+    let text = fargate_recipe(&image.repository, None, false)
+        .replace("family: api", "family: api2")
+        + "      template: task.json\n";
+    let recipe = env.recipe(&text);
+    let report = publisher(&aws, &digests, &recipe, PublishOptions::default())
+        .publish(&inputs)
+        .await;
+    let error = report.regions[0]
+        .error
+        .as_ref()
+        .expect("the template is refused");
+    assert!(
+        error.message.contains("task definition template")
+            && error.causes.iter().any(|c| c.contains("secrets")),
+        "{error:?}"
+    );
+    assert!(mutations(&env.capture.take()).is_empty());
+}
