@@ -2,11 +2,15 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod attest;
 mod build;
 mod export;
+mod key;
+mod manifest;
 mod plan;
 mod sandbox;
 mod validate;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -70,6 +74,12 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Manage provenance signing keys.
+    Key(key::KeyArgs),
+    /// Show a version's manifest: inputs, outputs, publications, attestations.
+    Manifest(manifest::ManifestArgs),
+    /// Verify an artifact's signed provenance and SBOM.
+    Verify(verify::VerifyArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -111,6 +121,9 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Key(args) => key::run(&args, settings),
+        Command::Manifest(args) => manifest::run(&args, settings),
+        Command::Verify(args) => verify::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

@@ -1,0 +1,104 @@
+//! Provenance at the end of `bake build`: the options that choose the signing key and SBOM
+//! formats, and the step that signs, attaches and writes the manifest.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::diagnostic::Report;
+use crate::provenance::keys::{self, KmsSigner, LocalKey, Signer};
+use crate::provenance::manifest::{self, Manifest};
+use crate::provenance::sbom::SbomFormat;
+use crate::provenance::{self, AttestOptions};
+use crate::settings::{Settings, Verbosity};
+use crate::store::Store;
+
+#[derive(Debug, Clone, Args)]
+pub struct AttestArgs {
+    /// Also write the version's manifest to FILE (for CI).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Sign provenance with this private key (PKCS#8 PEM) instead of the store's default key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BAKE_SIGNING_KEY",
+        conflicts_with = "kms_key"
+    )]
+    pub signing_key: Option<PathBuf>,
+    /// Sign provenance with this AWS KMS asymmetric key (ECC_NIST_P256; id, alias or ARN).
+    #[arg(long, value_name = "KEY", env = "BAKE_KMS_KEY")]
+    pub kms_key: Option<String>,
+    /// SBOM formats to produce and attest (repeatable).
+    #[arg(long = "sbom-format", value_enum, default_values_t = [SbomFormat::Spdx])]
+    pub sbom_formats: Vec<SbomFormat>,
+    /// Build only: no SBOM, provenance or manifest.
+    #[arg(long)]
+    pub no_attest: bool,
+}
+
+/// Signs and attaches the attestations of `version`, writes its manifest, and copies it to
+/// `--manifest`.
+pub fn attest(
+    args: &AttestArgs,
+    settings: &Settings,
+    store: &Store,
+    version: &str,
+) -> Result<Manifest, Report> {
+    let report = |e: &(dyn std::error::Error + 'static)| Report::from_error(e);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| report(&e))?;
+    let options = AttestOptions {
+        sbom_formats: if args.sbom_formats.is_empty() {
+            vec![SbomFormat::Spdx]
+        } else {
+            args.sbom_formats.clone()
+        },
+        invocation_id: provenance::random_uuid().map_err(|e| report(&e))?,
+    };
+    let signer: Box<dyn Signer> = if let Some(kms_key) = &args.kms_key {
+        let region = super::verify::kms_region(kms_key, settings);
+        let signer = runtime.block_on(async {
+            let aws = crate::aws::Aws::load(&settings.aws).await;
+            let region = region.or_else(|| aws.default_region().map(str::to_owned));
+            let Some(region) = region else {
+                return Err(
+                    Report::new(format!("no AWS region for KMS key `{kms_key}`"))
+                        .with_hint(Some("give a key ARN, --region or AWS_REGION".into())),
+                );
+            };
+            KmsSigner::new(aws.kms(&region), kms_key)
+                .await
+                .map_err(|e| Report::from_error(&e))
+        })?;
+        Box::new(signer)
+    } else if let Some(path) = &args.signing_key {
+        Box::new(LocalKey::read(path).map_err(|e| report(&e))?)
+    } else {
+        let (key, created) =
+            provenance::store_key(store, keys::DEFAULT_KEY_NAME).map_err(|e| report(&e))?;
+        if created && settings.verbosity > Verbosity::Quiet {
+            eprintln!(
+                "==> made the store's signing key {} (ecdsa-p256, {})",
+                key.public_key().key_id(),
+                keys::store_key_path(store.root(), keys::DEFAULT_KEY_NAME).display()
+            );
+        }
+        Box::new(key)
+    };
+    let manifest = runtime
+        .block_on(provenance::attest(
+            store,
+            version,
+            signer.as_ref(),
+            &options,
+        ))
+        .map_err(|e| report(&e))?;
+    if let Some(path) = &args.manifest {
+        manifest::write_copy(&manifest, path).map_err(|e| report(&e))?;
+    }
+    Ok(manifest)
+}
