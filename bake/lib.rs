@@ -25,5 +25,6 @@ pub mod exit;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;
+pub mod registry;
 pub mod settings;
 pub mod store;

@@ -113,6 +113,18 @@ impl Aws {
     }
 }
 
+impl Aws {
+    /// An ECR client for `region`.
+    pub fn ecr(&self, region: &str) -> aws_sdk_ecr::Client {
+        let mut builder =
+            aws_sdk_ecr::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
+        if let Some(account) = &self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        aws_sdk_ecr::Client::from_conf(builder.build())
+    }
+}
+
 /// Adds the emulator's account header to every request.
 #[derive(Debug, Clone)]
 struct EmulatorAccount(String);

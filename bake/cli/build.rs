@@ -61,6 +61,32 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             };
         }
     };
+    if let recipe::Base::Image { reference } = &recipe.base
+        && let Some(digest) = plan.inputs.pointer("/base/digest").and_then(|d| d.as_str())
+    {
+        let architecture = recipe
+            .outputs
+            .oci
+            .as_ref()
+            .map_or("amd64", |o| o.architecture.oci());
+        if let Err(error) = crate::registry::pull::pull_base_blocking(
+            &settings.registry,
+            &store,
+            reference,
+            digest,
+            architecture,
+        ) {
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    }
     let runner = match NamespaceRunner::new() {
         Ok(runner) => runner,
         Err(e) => {

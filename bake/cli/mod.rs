@@ -8,6 +8,7 @@ mod export;
 mod key;
 mod manifest;
 mod plan;
+mod push;
 mod sandbox;
 mod validate;
 mod verify;
@@ -80,6 +81,8 @@ pub enum Command {
     Manifest(manifest::ManifestArgs),
     /// Verify an artifact's signed provenance and SBOM.
     Verify(verify::VerifyArgs),
+    /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
+    Push(push::PushArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -124,6 +127,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Key(args) => key::run(&args, settings),
         Command::Manifest(args) => manifest::run(&args, settings),
         Command::Verify(args) => verify::run(&args, settings),
+        Command::Push(args) => push::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

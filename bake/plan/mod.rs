@@ -85,6 +85,8 @@ pub struct PlanOptions {
     pub source_date_epoch: Option<u64>,
     /// Where file digests are remembered between runs (in the store); `None` hashes every time.
     pub digest_cache: Option<PathBuf>,
+    /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
+    pub image_resolver: Option<base::SharedResolver>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,18 @@ pub enum PlanError {
     },
     #[error("base image `{reference}` is not pinned by digest")]
     UnpinnedImage { reference: String },
+    #[error("the base image of recipe `{recipe}` is not a valid reference")]
+    BadImageReference {
+        recipe: String,
+        #[source]
+        source: crate::registry::ReferenceError,
+    },
+    #[error("failed to resolve base image `{reference}` to a digest")]
+    ImageResolve {
+        reference: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "recipe `{recipe}` starts from a source AMI, which is resolved against AWS at build time"
     )]
@@ -122,7 +136,7 @@ impl PlanError {
     pub fn hint(&self) -> Option<String> {
         match self {
             PlanError::UnpinnedImage { reference } => Some(format!(
-                "pin it as `{reference}@sha256:<digest>` (bake resolves tags through the registry once registry support lands)"
+                "pin it as `{reference}@sha256:<digest>`, or plan with registry access so bake resolves the tag"
             )),
             PlanError::UnresolvedAmi { .. } => {
                 Some("source-AMI recipes are planned by `bake build` with AWS credentials".into())
@@ -139,10 +153,11 @@ impl PlanError {
         match self {
             PlanError::Recipe(_)
             | PlanError::UnpinnedImage { .. }
+            | PlanError::BadImageReference { .. }
             | PlanError::UnresolvedAmi { .. }
             | PlanError::Layout { .. }
             | PlanError::Cycle { .. } => true,
-            PlanError::Hash(_) | PlanError::Io { .. } => false,
+            PlanError::Hash(_) | PlanError::Io { .. } | PlanError::ImageResolve { .. } => false,
             PlanError::BaseRecipe { source, .. } => source.is_user_error(),
         }
     }
@@ -189,7 +204,12 @@ fn plan_inner(
             other => wrap(other),
         })
     };
-    let base = base::identity(recipe, &mut plan_base, cache)?;
+    let base = base::identity(
+        recipe,
+        &mut plan_base,
+        cache,
+        options.image_resolver.as_deref(),
+    )?;
     let files = file_inputs(recipe, cache)?;
     let builtins = builtin_inputs(recipe);
     // Timestamps in every layer and config come from it, so it is an input like any other.
