@@ -1,8 +1,10 @@
 //! `bake verify REF`: check an artifact's signed provenance and SBOM attestations and print the
 //! verified provenance summary.
 //!
-//! REF is an OCI layout (`oci:DIR` or `oci:DIR:TAG`), or an image in the local store (its
-//! version, `name:short-version` or manifest digest). Trusted keys: `--key PUBLIC.pem`
+//! REF is an image in a registry (`registry/repository:tag` or `…@sha256:…`; attestations are
+//! read through the referrers API or its `sha256-<hex>` tag fallback), an OCI layout (`oci:DIR`
+//! or `oci:DIR:TAG`), or an image in the local store (its version, `name:short-version` or
+//! manifest digest). Trusted keys: `--key PUBLIC.pem`
 //! (repeatable), `--kms-key` (its public key from KMS), else every `keys/*.pub` of the store.
 
 use std::path::{Path, PathBuf};
@@ -16,11 +18,13 @@ use crate::provenance::keys::{KmsSigner, PublicKey, Signer as _};
 use crate::provenance::layout::Layout;
 use crate::provenance::store_public_keys;
 use crate::provenance::verify::{self, VerifyError, VerifyReport};
+use crate::registry::{Client, Reference};
 use crate::settings::{OutputFormat, Settings};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// `oci:DIR[:TAG]`, or a version, `name:short-version` or image digest in the store.
+    /// `registry/repo:tag` or `…@sha256:…`, `oci:DIR[:TAG]`, or a version, `name:short-version`
+    /// or image digest in the store.
     #[arg(value_name = "REF")]
     pub reference: String,
     /// A trusted public key (PEM); repeatable.
@@ -37,6 +41,7 @@ enum Source<'a> {
         dir: PathBuf,
         selector: Option<&'a str>,
     },
+    Registry(Reference),
 }
 
 fn parse_reference<'a>(reference: &'a str, store: &Path) -> Source<'a> {
@@ -55,10 +60,63 @@ fn parse_reference<'a>(reference: &'a str, store: &Path) -> Source<'a> {
             selector: None,
         };
     }
+    // `registry/repository[:tag][@digest]`; store references have no `/`.
+    if reference.contains('/')
+        && let Ok(parsed) = reference.parse::<Reference>()
+    {
+        return Source::Registry(parsed);
+    }
     Source::Layout {
         dir: store.to_path_buf(),
         selector: Some(reference),
     }
+}
+
+/// Fetches the attestations of an image in a registry and verifies them.
+fn verify_registry(
+    reference: &Reference,
+    shown: &str,
+    settings: &Settings,
+    keys: &[PublicKey],
+) -> Result<VerifyReport, (Report, ExitStatus)> {
+    let infra = |report: Report| (report, ExitStatus::Infrastructure);
+    let store =
+        crate::store::Store::open(&settings.store).map_err(|e| infra(Report::from_error(&e)))?;
+    let client = Client::new(
+        settings.registry.client_options(),
+        settings.registry.credentials(),
+    )
+    .map_err(|e| infra(Report::from_error(&e).with_hint(e.hint())))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| infra(Report::from_error(&e)))?;
+    let (target, envelopes) = runtime
+        .block_on(crate::provenance::registry::fetch(
+            &client, &store, reference,
+        ))
+        .map_err(|e| infra(Report::from_error(&e).with_hint(e.hint())))?;
+    let claimed = reference
+        .tag()
+        .filter(|_| reference.digest().is_none())
+        .and_then(verify::version_claimed_by_tag);
+    verify::verify_attestations(shown, &target, &envelopes, keys, claimed.as_deref())
+        .map_err(|e| (unverified_report(&e), exit_status(&e)))
+}
+
+fn exit_status(error: &VerifyError) -> ExitStatus {
+    match error {
+        VerifyError::Layout(_) | VerifyError::NoTrustedKeys => ExitStatus::RecipeOrUsage,
+        _ => ExitStatus::Unverified,
+    }
+}
+
+fn unverified_report(error: &VerifyError) -> Report {
+    let hint = match error {
+        VerifyError::NoTrustedKeys | VerifyError::Layout(_) => None,
+        _ => Some("do not deploy this artifact; rebuild and re-attest it, or check which key signed it with `bake manifest show`".to_owned()),
+    };
+    Report::from_error(error).with_hint(hint)
 }
 
 /// The store's images are selected by tag, version or digest; a version prefix or a
@@ -120,21 +178,24 @@ pub fn run(args: &VerifyArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
     };
-    let result: Result<VerifyReport, VerifyError> =
-        match parse_reference(&args.reference, &settings.store) {
-            Source::Layout { dir, selector } => {
-                let selector = if dir == settings.store {
-                    selector.map(|s| store_selector(&dir, s))
-                } else {
-                    selector.map(str::to_owned)
-                };
-                Layout::open(&dir)
-                    .map_err(VerifyError::from)
-                    .and_then(|layout| {
-                        verify::verify_layout(&layout, &args.reference, selector.as_deref(), &keys)
-                    })
-            }
-        };
+    let result = match parse_reference(&args.reference, &settings.store) {
+        Source::Registry(reference) => {
+            verify_registry(&reference, &args.reference, settings, &keys)
+        }
+        Source::Layout { dir, selector } => {
+            let selector = if dir == settings.store {
+                selector.map(|s| store_selector(&dir, s))
+            } else {
+                selector.map(str::to_owned)
+            };
+            Layout::open(&dir)
+                .map_err(VerifyError::from)
+                .and_then(|layout| {
+                    verify::verify_layout(&layout, &args.reference, selector.as_deref(), &keys)
+                })
+                .map_err(|e| (unverified_report(&e), exit_status(&e)))
+        }
+    };
     match result {
         Ok(report) => {
             match settings.output {
@@ -143,18 +204,9 @@ pub fn run(args: &VerifyArgs, settings: &Settings) -> ExitStatus {
             }
             ExitStatus::Success
         }
-        Err(error) => {
-            let hint = match &error {
-                VerifyError::NoTrustedKeys => None,
-                VerifyError::Layout(_) => None,
-                _ => Some("do not deploy this artifact; rebuild and re-attest it, or check which key signed it with `bake manifest show`".to_owned()),
-            };
-            print_reports(settings, &[Report::from_error(&error).with_hint(hint)]);
-            match error {
-                VerifyError::Layout(_) => ExitStatus::RecipeOrUsage,
-                VerifyError::NoTrustedKeys => ExitStatus::RecipeOrUsage,
-                _ => ExitStatus::Unverified,
-            }
+        Err((report, status)) => {
+            print_reports(settings, &[report]);
+            status
         }
     }
 }

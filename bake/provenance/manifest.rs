@@ -358,6 +358,15 @@ impl Manifest {
                 .iter()
                 .any(|p| matches!(p, Publication::EcsTaskDefinition { arn, .. } if arn == query));
         }
+        // A reference the version was pushed as (`registry/repository:tag`).
+        if query.contains('/')
+            && self
+                .publications
+                .iter()
+                .any(|p| matches!(p, Publication::Registry { reference, .. } if reference == query))
+        {
+            return true;
+        }
         // A bare hex prefix of the version, or `name:short` as in the store's index.
         let hex = self
             .version

@@ -17,6 +17,7 @@ pub mod imagefs;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
+pub mod registry;
 pub mod sbom;
 pub mod slsa;
 pub mod verify;

@@ -142,8 +142,9 @@ fn component_count(statement: &Value) -> Option<usize> {
 }
 
 /// Verifies every attestation of `target` given as (referrer digest, envelope bytes) pairs.
-/// `tagged_version` is the bake version the reference claims (from the layout's or the tag's
-/// annotations), which the provenance must confirm.
+/// `tagged_version` is the bake version (or a prefix of one) that the reference claims (the
+/// layout's version annotation, or a registry tag that is a short version), which the
+/// provenance must confirm.
 pub fn verify_attestations(
     reference: &str,
     target: &Target,
@@ -184,7 +185,10 @@ pub fn verify_attestations(
         digest: target.digest.clone(),
     })?;
     if let Some(tagged) = tagged_version
-        && provenance.version.as_deref() != Some(tagged)
+        && !provenance
+            .version
+            .as_deref()
+            .is_some_and(|v| v.starts_with(tagged))
     {
         return Err(VerifyError::VersionMismatch {
             reference: reference.to_owned(),
@@ -240,4 +244,30 @@ pub fn verify_layout(
         .get(crate::store::ANNOTATION_VERSION)
         .cloned();
     verify_attestations(reference, &target, &envelopes, trusted, tagged.as_deref())
+}
+
+/// The version a registry tag claims: bake tags images with the first 12 hex digits of their
+/// version, so a tag of 12 to 64 lowercase hex digits is read as `sha256:<prefix>`.
+pub fn version_claimed_by_tag(tag: &str) -> Option<String> {
+    ((12..=64).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| format!("sha256:{tag}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_version_tags_claim_a_version() {
+        assert_eq!(
+            version_claimed_by_tag("34c5ae2f0a12").as_deref(),
+            Some("sha256:34c5ae2f0a12")
+        );
+        assert_eq!(version_claimed_by_tag("latest"), None);
+        assert_eq!(version_claimed_by_tag("1.2.3"), None);
+        assert_eq!(version_claimed_by_tag("34C5AE2F0A12"), None);
+    }
 }

@@ -643,3 +643,126 @@ fn a_debian_sbom_lists_exactly_the_packages_dpkg_query_reports() {
         python_check(&["cyclonedx", cdx_file.to_str().unwrap()]).unwrap();
     }
 }
+
+fn curl(args: &[&str]) -> Vec<u8> {
+    let output = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--noproxy", "*"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        stderr(&output)
+    );
+    output.stdout
+}
+
+#[test]
+fn pushing_attaches_attestations_that_verify_from_the_registry() {
+    if !can_build() {
+        return;
+    }
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let s = store.path();
+    let built = build(
+        s,
+        &[HELLO, "--sbom-format", "spdx", "--sbom-format", "cyclonedx"],
+    );
+    let version = built["version"].as_str().unwrap();
+    let image = built["image_digest"].as_str().unwrap();
+    let short = &version["sha256:".len().."sha256:".len() + 12];
+    let repository = format!("{registry}/provenance-{}/hello", std::process::id());
+    let pushed = json_of(&bake_in(
+        s,
+        &["--output", "json", "push", HELLO, "--to", &repository],
+    ));
+    let attached = &pushed["attestations"][0]["attached"];
+    assert_eq!(attached["referrers"].as_array().unwrap().len(), 3);
+    // Debian's docker-registry 2.8 has no referrers API: the tag fallback lists them.
+    assert_eq!(attached["referrers_api"], false);
+    let fallback = image.replacen(':', "-", 1);
+    let path = repository.split_once('/').unwrap().1;
+    let index: Value = serde_json::from_slice(&curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.index.v1+json",
+        &format!("http://{registry}/v2/{path}/manifests/{fallback}"),
+    ]))
+    .unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 3);
+    for entry in index["manifests"].as_array().unwrap() {
+        assert_eq!(entry["artifactType"], "application/vnd.in-toto+json");
+        let referrer: Value = serde_json::from_slice(&curl(&[
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!(
+                "http://{registry}/v2/{path}/manifests/{}",
+                entry["digest"].as_str().unwrap()
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(referrer["subject"]["digest"], image);
+    }
+
+    // A fresh store that trusts only the public key verifies from the registry alone.
+    let fresh = tempfile::tempdir().unwrap();
+    let key = s.join("keys/default.pub");
+    let tag_ref = format!("{repository}:{short}");
+    let report = json_of(&verify(
+        fresh.path(),
+        &["--output", "json", "--key", key.to_str().unwrap(), &tag_ref],
+    ));
+    assert_eq!(report["digest"], image);
+    assert_eq!(report["attestations"].as_array().unwrap().len(), 3);
+    let by_digest = format!("{repository}@{image}");
+    let ok = verify(fresh.path(), &["--key", key.to_str().unwrap(), &by_digest]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // The manifest records where the version went and finds it from there.
+    assert_eq!(manifest_of(s, &tag_ref)["version"], version);
+
+    // The version tag moved to another bake image in the same repository: rejected.
+    let other = build(
+        s,
+        &[
+            "tests/fixtures/recipes/build/scratch.yaml",
+            "--var",
+            "greeting=moved",
+        ],
+    );
+    let pushed_other = bake_in(
+        s,
+        &[
+            "push",
+            "tests/fixtures/recipes/build/scratch.yaml",
+            "--var",
+            "greeting=moved",
+            "--to",
+            &repository,
+        ],
+    );
+    assert!(pushed_other.status.success(), "{}", stderr(&pushed_other));
+    let other_digest = other["image_digest"].as_str().unwrap();
+    let other_manifest = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{registry}/v2/{path}/manifests/{other_digest}"),
+    ]);
+    let body = fresh.path().join("other-manifest.json");
+    fs_err::write(&body, &other_manifest).unwrap();
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("http://{registry}/v2/{path}/manifests/{short}"),
+    ]);
+    assert_rejected(
+        &verify(fresh.path(), &["--key", key.to_str().unwrap(), &tag_ref]),
+        "the tag was moved to another image",
+    );
+}
