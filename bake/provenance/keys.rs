@@ -383,8 +383,11 @@ impl Signer for LocalKey {
     }
 }
 
+/// The largest message KMS `Sign` accepts as `RAW` (bytes).
+pub const KMS_RAW_MESSAGE_LIMIT: usize = 4096;
+
 /// An AWS KMS asymmetric key (`ECC_NIST_P256`, `SIGN_VERIFY`) that signs with `kms:Sign`
-/// (`ECDSA_SHA_256` over the SHA-256 digest of the message, so messages of any size fit).
+/// (`ECDSA_SHA_256`; messages over [`KMS_RAW_MESSAGE_LIMIT`] are sent as their SHA-256 digest).
 pub struct KmsSigner {
     client: aws_sdk_kms::Client,
     key_id: String,
@@ -420,21 +423,31 @@ impl KmsSigner {
             .key_usage()
             .map(|u| u.as_str().to_owned())
             .unwrap_or_default();
-        if spec != "ECC_NIST_P256" || usage != "SIGN_VERIFY" {
-            return Err(KeyError::KmsKeySpec {
-                key_id: key_id.to_owned(),
-                spec,
-                usage,
-            });
-        }
         let der = response
             .public_key()
             .map(|b| b.as_ref())
             .unwrap_or_default();
-        let public = PublicKey::from_der(der, &format!("KMS key `{key_id}`"))?;
+        // The key itself is the authority on its curve (emulators may leave KeySpec out).
+        let public = PublicKey::from_der(der, &format!("KMS key `{key_id}`")).ok();
+        let signs = usage.is_empty() || usage == "SIGN_VERIFY";
+        let Some(public @ PublicKey::P256(_)) = public.filter(|_| signs) else {
+            return Err(KeyError::KmsKeySpec {
+                key_id: key_id.to_owned(),
+                spec: if spec.is_empty() {
+                    "not an ECC_NIST_P256 key".into()
+                } else {
+                    spec
+                },
+                usage: if usage.is_empty() {
+                    "an unknown usage".into()
+                } else {
+                    usage
+                },
+            });
+        };
         Ok(KmsSigner {
             client,
-            key_id: response.key_id().unwrap_or(key_id).to_owned(),
+            key_id: key_id.to_owned(),
             public,
         })
     }
@@ -458,13 +471,22 @@ impl Signer for KmsSigner {
 
     fn sign<'a>(&'a self, message: &'a [u8]) -> SignFuture<'a> {
         Box::pin(async move {
-            let digest = Sha256::digest(message);
+            // KMS hashes a RAW message itself (up to 4 KiB); anything longer goes as its SHA-256
+            // DIGEST. Both yield ECDSA-SHA256 over the same hash.
+            let (body, message_type) = if message.len() <= KMS_RAW_MESSAGE_LIMIT {
+                (message.to_vec(), aws_sdk_kms::types::MessageType::Raw)
+            } else {
+                (
+                    Sha256::digest(message).to_vec(),
+                    aws_sdk_kms::types::MessageType::Digest,
+                )
+            };
             let response = self
                 .client
                 .sign()
                 .key_id(&self.key_id)
-                .message(aws_sdk_kms::primitives::Blob::new(digest.to_vec()))
-                .message_type(aws_sdk_kms::types::MessageType::Digest)
+                .message(aws_sdk_kms::primitives::Blob::new(body))
+                .message_type(message_type)
                 .signing_algorithm(aws_sdk_kms::types::SigningAlgorithmSpec::EcdsaSha256)
                 .send()
                 .await

@@ -766,3 +766,136 @@ fn pushing_attaches_attestations_that_verify_from_the_registry() {
         "the tag was moved to another image",
     );
 }
+
+async fn kms_key(endpoint: &str, account: &str) -> (bake::aws::Aws, String) {
+    // SAFETY of the environment: moto takes any credentials; set dummy ones once.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    }
+    let aws = bake::aws::Aws::load(&bake::aws::AwsSettings {
+        region: Some("us-east-1".into()),
+        profile: None,
+        endpoint_url: Some(endpoint.to_owned()),
+        emulator_account: Some(account.to_owned()),
+    })
+    .await;
+    let created = aws
+        .kms("us-east-1")
+        .create_key()
+        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+        .send()
+        .await
+        .expect("create an asymmetric key on moto");
+    let arn = created.key_metadata().unwrap().arn().unwrap().to_owned();
+    (aws, arn)
+}
+
+#[tokio::test]
+async fn kms_keys_sign_envelopes_that_verify_with_their_public_key() {
+    use bake::provenance::dsse::{Envelope, IN_TOTO_PAYLOAD_TYPE};
+    use bake::provenance::keys::{KmsSigner, PublicKey, Signer as _};
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, arn) = kms_key(&endpoint, &super::common::fresh_account()).await;
+    let signer = KmsSigner::new(aws.kms("us-east-1"), &arn).await.unwrap();
+    assert_eq!(signer.reference(), format!("kms:{arn}"));
+    let envelope = Envelope::sign(IN_TOTO_PAYLOAD_TYPE, br#"{"_type":"x"}"#, &signer)
+        .await
+        .unwrap();
+    // The public key as KMS hands it out (SubjectPublicKeyInfo DER), parsed independently.
+    let der = aws
+        .kms("us-east-1")
+        .get_public_key()
+        .key_id(&arn)
+        .send()
+        .await
+        .unwrap()
+        .public_key()
+        .unwrap()
+        .as_ref()
+        .to_vec();
+    let public = PublicKey::from_der(&der, "moto").unwrap();
+    assert_eq!(&public, signer.public_key());
+    let verified = envelope
+        .verify(IN_TOTO_PAYLOAD_TYPE, &[public.clone()])
+        .unwrap();
+    assert_eq!(verified.payload, br#"{"_type":"x"}"#);
+
+    // A message over KMS's 4 KiB RAW limit is sent as its SHA-256 DIGEST. moto does not
+    // implement DIGEST (it hashes the digest again, see MOTO.md), so assert what bake sent:
+    // the signature moto made is over exactly sha256(message).
+    let long = vec![b'a'; 10_000];
+    let sig = signer.sign(&long).await.unwrap();
+    let digest = Sha256::digest(&long);
+    assert!(
+        public.verify(&digest, &sig),
+        "bake sent the SHA-256 of the message"
+    );
+
+    // A symmetric key cannot sign (KMS refuses its public key): the key is named.
+    let symmetric = aws.kms("us-east-1").create_key().send().await.unwrap();
+    let id = symmetric.key_metadata().unwrap().key_id().to_owned();
+    let error = KmsSigner::new(aws.kms("us-east-1"), &id).await.unwrap_err();
+    assert!(error.to_string().contains(&id), "{error}");
+}
+
+#[test]
+fn builds_sign_with_a_kms_key_and_verify_against_it() {
+    if !can_build() {
+        return;
+    }
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let account = super::common::fresh_account();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (_aws, arn) = runtime.block_on(kms_key(&endpoint, &account));
+    let store = tempfile::tempdir().unwrap();
+    let with_aws = |args: &[&str]| {
+        bake()
+            .arg("--store")
+            .arg(store.path())
+            .args(args)
+            .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    // hello-static's statements fit KMS's RAW limit, which moto implements faithfully.
+    let built = json_of(&with_aws(&[
+        "--output",
+        "json",
+        "build",
+        HELLO,
+        "--kms-key",
+        &arn,
+    ]));
+    let version = built["version"].as_str().unwrap();
+    let manifest = manifest_of(store.path(), version);
+    assert_eq!(
+        manifest["attestations"]["signer"]["reference"],
+        format!("kms:{arn}")
+    );
+    assert!(
+        !store.path().join("keys/default.key").exists(),
+        "no local key was made"
+    );
+    let ok = with_aws(&["verify", "--kms-key", &arn, version]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // The store's own (absent) keys do not vouch for it.
+    let other = tempfile::tempdir().unwrap();
+    let generated = bake_in(other.path(), &["key", "generate"]);
+    assert!(generated.status.success());
+    let key = other.path().join("keys/default.pub");
+    assert_rejected(
+        &with_aws(&["verify", "--key", key.to_str().unwrap(), version]),
+        "which is not a trusted key",
+    );
+}
