@@ -821,7 +821,7 @@ async fn kms_keys_sign_envelopes_that_verify_with_their_public_key() {
     let public = PublicKey::from_der(&der, "moto").unwrap();
     assert_eq!(&public, signer.public_key());
     let verified = envelope
-        .verify(IN_TOTO_PAYLOAD_TYPE, &[public.clone()])
+        .verify(IN_TOTO_PAYLOAD_TYPE, std::slice::from_ref(&public))
         .unwrap();
     assert_eq!(verified.payload, br#"{"_type":"x"}"#);
 
