@@ -75,6 +75,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Sign and attach a built version's provenance (again): its image's, or its AMIs'.
+    Attest(attest::AttestCommandArgs),
     /// Manage provenance signing keys.
     Key(key::KeyArgs),
     /// Show a version's manifest: inputs, outputs, publications, attestations.
@@ -124,6 +126,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Attest(args) => attest::run(&args, settings),
         Command::Key(args) => key::run(&args, settings),
         Command::Manifest(args) => manifest::run(&args, settings),
         Command::Verify(args) => verify::run(&args, settings),

@@ -1,7 +1,7 @@
 //! `bake verify REF`: check an artifact's signed provenance and SBOM attestations and print the
 //! verified provenance summary.
 //!
-//! REF is an image in a registry (`registry/repository:tag` or `…@sha256:…`; attestations are
+//! REF is an AMI id (in `--region`; found through its `bake:provenance` tag), an image in a registry (`registry/repository:tag` or `…@sha256:…`; attestations are
 //! read through the referrers API or its `sha256-<hex>` tag fallback), an OCI layout (`oci:DIR`
 //! or `oci:DIR:TAG`), or an image in the local store (its version, `name:short-version` or
 //! manifest digest). Trusted keys: `--key PUBLIC.pem`
@@ -42,6 +42,7 @@ enum Source<'a> {
         selector: Option<&'a str>,
     },
     Registry(Reference),
+    Ami(&'a str),
 }
 
 fn parse_reference<'a>(reference: &'a str, store: &Path) -> Source<'a> {
@@ -59,6 +60,9 @@ fn parse_reference<'a>(reference: &'a str, store: &Path) -> Source<'a> {
             dir: PathBuf::from(rest),
             selector: None,
         };
+    }
+    if reference.starts_with("ami-") {
+        return Source::Ami(reference);
     }
     // `registry/repository[:tag][@digest]`; store references have no `/`.
     if reference.contains('/')
@@ -102,6 +106,49 @@ fn verify_registry(
         .and_then(verify::version_claimed_by_tag);
     verify::verify_attestations(shown, &target, &envelopes, keys, claimed.as_deref())
         .map_err(|e| (unverified_report(&e), exit_status(&e)))
+}
+
+/// Verifies an AMI in the settings' region through its `bake:provenance` tag.
+fn verify_ami(
+    image_id: &str,
+    settings: &Settings,
+    keys: &[PublicKey],
+) -> Result<VerifyReport, (Report, ExitStatus)> {
+    use crate::provenance::ami::{self, AmiVerifyError};
+    let store = crate::store::Store::open(&settings.store)
+        .map_err(|e| (Report::from_error(&e), ExitStatus::Infrastructure))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (Report::from_error(&e), ExitStatus::Infrastructure))?;
+    runtime.block_on(async {
+        let aws = crate::aws::Aws::load(&settings.aws).await;
+        let Some(region) = settings
+            .aws
+            .region
+            .clone()
+            .or_else(|| aws.default_region().map(str::to_owned))
+        else {
+            return Err((
+                Report::new(format!("no region to look for AMI `{image_id}` in"))
+                    .with_hint(Some("give --region".into())),
+                ExitStatus::RecipeOrUsage,
+            ));
+        };
+        ami::verify_ami(&aws, &store, &region, image_id, keys)
+            .await
+            .map_err(|e| match e {
+                AmiVerifyError::Verify(v) => (unverified_report(&v), exit_status(&v)),
+                AmiVerifyError::NoSuchAmi { .. } => {
+                    (Report::from_error(&e), ExitStatus::RecipeOrUsage)
+                }
+                AmiVerifyError::EnvelopeMissing { .. }
+                | AmiVerifyError::ParameterMismatch { .. } => {
+                    (Report::from_error(&e), ExitStatus::Unverified)
+                }
+                _ => (Report::from_error(&e), ExitStatus::Infrastructure),
+            })
+    })
 }
 
 fn exit_status(error: &VerifyError) -> ExitStatus {
@@ -182,6 +229,7 @@ pub fn run(args: &VerifyArgs, settings: &Settings) -> ExitStatus {
         Source::Registry(reference) => {
             verify_registry(&reference, &args.reference, settings, &keys)
         }
+        Source::Ami(image_id) => verify_ami(image_id, settings, &keys),
         Source::Layout { dir, selector } => {
             let selector = if dir == settings.store {
                 selector.map(|s| store_selector(&dir, s))

@@ -245,6 +245,8 @@ fn record_amis(raw_record: &Value) -> Vec<AmiRecord> {
     let list = raw_record
         .get("amis")
         .or_else(|| raw_record.pointer("/output/amis"))
+        // The AMI pipeline's record: `ami.regions[]` of {region, image_id, snapshot_id}.
+        .or_else(|| raw_record.pointer("/ami/regions"))
         .and_then(Value::as_array);
     list.into_iter()
         .flatten()
@@ -270,14 +272,70 @@ fn record_amis(raw_record: &Value) -> Vec<AmiRecord> {
         .collect()
 }
 
+/// The raw disk image an AMI was made from, from either record shape.
+fn disk_image_of(raw_record: &Value) -> Option<DiskImage> {
+    if let Some(d) = raw_record.get("disk_image") {
+        return serde_json::from_value::<DiskImage>(d.clone()).ok();
+    }
+    raw_record
+        .pointer("/ami/disk_image_digest")
+        .and_then(Value::as_str)
+        .map(|digest| DiskImage {
+            digest: digest.to_owned(),
+            size: raw_record
+                .pointer("/ami/disk_image_size")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+}
+
 impl Manifest {
+    /// The manifest of a version that only has an AMI record (the snapshot strategy's
+    /// `bake.ami-snapshot-record/v1`: name, version, recipe, bake_version, inputs, ami).
+    pub fn from_ami_record(raw_record: &Value) -> Option<Manifest> {
+        let s = |k: &str| raw_record.get(k).and_then(Value::as_str).map(str::to_owned);
+        let inputs = raw_record.get("inputs").cloned().unwrap_or(Value::Null);
+        Some(Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            name: s("name")?,
+            version: s("version")?,
+            recipe: s("recipe").unwrap_or_default(),
+            inputs: Inputs {
+                base: inputs.get("base").cloned().unwrap_or(Value::Null),
+                files: inputs.get("files").cloned().unwrap_or(Value::Null),
+                variables: variables(&inputs),
+                recipe_digest: crate::plan::hash::canonical_digest(
+                    inputs.get("recipe").unwrap_or(&Value::Null),
+                ),
+                source_date_epoch: inputs
+                    .get("source_date_epoch")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                bake_version: s("bake_version").unwrap_or_default(),
+                compressor: s("compressor").unwrap_or_default(),
+            },
+            outputs: Outputs {
+                oci: None,
+                disk_image: disk_image_of(raw_record),
+                amis: record_amis(raw_record),
+            },
+            publications: Vec::new(),
+            attestations: None,
+            timings: Timings {
+                started: s("started").unwrap_or_default(),
+                build_ms: raw_record
+                    .get("duration_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                attested: None,
+            },
+        })
+    }
     /// The manifest of a freshly built version, from its build record (`raw_record` is the same
     /// record as JSON, for the fields later pipeline stages add to it).
     pub fn from_record(record: &BuildRecord, raw_record: &Value) -> Manifest {
         let inputs = &record.inputs;
-        let disk_image = raw_record
-            .get("disk_image")
-            .and_then(|d| serde_json::from_value::<DiskImage>(d.clone()).ok());
+        let disk_image = disk_image_of(raw_record);
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
             name: record.name.clone(),
@@ -632,6 +690,21 @@ mod tests {
         let amis = record_amis(&raw);
         assert_eq!(amis[0].image_id, "ami-1");
         assert_eq!(amis[0].snapshot_ids, ["snap-1"]);
+        let snapshot_record = serde_json::json!({
+            "format": "bake.ami-snapshot-record/v1", "name": "web", "version": format!("sha256:{}", "e".repeat(64)),
+            "recipe": "web.yaml", "bake_version": "0.1.0", "inputs": {"source_date_epoch": 5},
+            "ami": {"disk_image_digest": format!("sha256:{}", "f".repeat(64)),
+                    "regions": [{"region": "eu-west-1", "image_id": "ami-3", "snapshot_id": "snap-3"}]},
+            "duration_ms": 9
+        });
+        let manifest = Manifest::from_ami_record(&snapshot_record).unwrap();
+        assert_eq!(manifest.outputs.amis[0].image_id, "ami-3");
+        assert_eq!(manifest.outputs.amis[0].snapshot_ids, ["snap-3"]);
+        assert_eq!(
+            manifest.outputs.disk_image.unwrap().digest,
+            format!("sha256:{}", "f".repeat(64))
+        );
+        assert_eq!(manifest.inputs.source_date_epoch, 5);
         let nested =
             serde_json::json!({"output": {"amis": [{"region": "r", "image_id": "ami-2"}]}});
         assert_eq!(record_amis(&nested)[0].image_id, "ami-2");

@@ -11,6 +11,7 @@
 //! signing (local key or KMS, hence async), [`store_attestations`] writes blobs, referrers
 //! and the manifest. [`attest`] runs the three for `bake build`.
 
+pub mod ami;
 pub mod dpkg;
 pub mod dsse;
 pub mod imagefs;
@@ -176,11 +177,12 @@ pub fn prepare(
             serde_json::to_vec(&statement).expect("JSON"),
         ));
     }
-    let run = RunDetails::of(&record, options.invocation_id.clone());
+    let facts = slsa::BuildFacts::from(&record);
+    let run = RunDetails::of(&facts, options.invocation_id.clone());
     let provenance = slsa::statement(
         &subjects,
         SLSA_PREDICATE_TYPE,
-        slsa::predicate(&record, &run, byproducts),
+        slsa::predicate(&facts, &run, byproducts),
     );
     Ok(Prepared {
         record,

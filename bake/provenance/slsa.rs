@@ -13,6 +13,65 @@ use serde_json::{Map, Value, json};
 use crate::build::pipeline::BuildRecord;
 use crate::plan::hash::canonical_digest;
 
+/// What provenance says about a build, from an image's build record or an AMI's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildFacts {
+    pub name: String,
+    pub version: String,
+    pub recipe: String,
+    pub bake_version: String,
+    pub inputs: Value,
+    pub source_date_epoch: u64,
+    pub compressor: String,
+    /// RFC 3339.
+    pub started: String,
+    pub duration_ms: u64,
+}
+
+impl From<&BuildRecord> for BuildFacts {
+    fn from(record: &BuildRecord) -> Self {
+        BuildFacts {
+            name: record.name.clone(),
+            version: record.version.clone(),
+            recipe: record.recipe.clone(),
+            bake_version: record.bake_version.clone(),
+            inputs: record.inputs.clone(),
+            source_date_epoch: record.source_date_epoch,
+            compressor: record.compressor.clone(),
+            started: record.started.clone(),
+            duration_ms: record.duration_ms,
+        }
+    }
+}
+
+impl BuildFacts {
+    /// From any record shape with `name`, `version`, `recipe`, `bake_version` and `inputs` (the
+    /// AMI pipeline's record has no start time: the time of attesting stands in).
+    pub fn from_value(record: &Value) -> Option<BuildFacts> {
+        let s = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_owned);
+        let inputs = record.get("inputs").cloned().unwrap_or(Value::Null);
+        Some(BuildFacts {
+            name: s("name")?,
+            version: s("version")?,
+            recipe: s("recipe").unwrap_or_default(),
+            bake_version: s("bake_version").unwrap_or_default(),
+            source_date_epoch: inputs
+                .get("source_date_epoch")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            inputs,
+            compressor: s("compressor").unwrap_or_default(),
+            started: s("started").unwrap_or_else(|| {
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+            }),
+            duration_ms: record
+                .get("duration_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+    }
+}
+
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const SLSA_PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
 pub const BUILD_TYPE: &str = "https://bake.dev/buildtypes/recipe/v1";
@@ -48,7 +107,7 @@ pub struct RunDetails {
 
 impl RunDetails {
     /// The run that produced `record`, with a fresh invocation id.
-    pub fn of(record: &BuildRecord, invocation_id: String) -> RunDetails {
+    pub fn of(record: &BuildFacts, invocation_id: String) -> RunDetails {
         let started = humantime::parse_rfc3339(&record.started).ok();
         let finished = started
             .map(|s| s + std::time::Duration::from_millis(record.duration_ms))
@@ -98,7 +157,7 @@ fn variables(inputs: &Value) -> Value {
 }
 
 /// Every resolved input, as in-toto resource descriptors.
-pub fn resolved_dependencies(record: &BuildRecord) -> Vec<Value> {
+pub fn resolved_dependencies(record: &BuildFacts) -> Vec<Value> {
     let inputs = &record.inputs;
     let mut deps = Vec::new();
     deps.push(json!({
@@ -197,7 +256,7 @@ pub fn resolved_dependencies(record: &BuildRecord) -> Vec<Value> {
 }
 
 /// The SLSA v1 predicate of `record`'s build.
-pub fn predicate(record: &BuildRecord, run: &RunDetails, byproducts: Vec<Value>) -> Value {
+pub fn predicate(record: &BuildFacts, run: &RunDetails, byproducts: Vec<Value>) -> Value {
     let mut predicate = json!({
         "buildDefinition": {
             "buildType": BUILD_TYPE,
@@ -334,7 +393,8 @@ mod tests {
     #[test]
     fn provenance_holds_inputs_with_digests_and_no_secrets() {
         let record = record();
-        let run = RunDetails::of(&record, "inv-1".into());
+        let facts = BuildFacts::from(&record);
+        let run = RunDetails::of(&facts, "inv-1".into());
         assert_eq!(run.finished_on, "2026-01-01T00:01:01Z");
         let subject = Subject {
             name: "demo".into(),
@@ -343,7 +403,7 @@ mod tests {
         let statement = statement(
             std::slice::from_ref(&subject),
             SLSA_PREDICATE_TYPE,
-            predicate(&record, &run, vec![]),
+            predicate(&facts, &run, vec![]),
         );
         assert_eq!(statement["subject"][0]["digest"]["sha256"], "3".repeat(64));
         let external = &statement["predicate"]["buildDefinition"]["externalParameters"];

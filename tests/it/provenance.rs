@@ -899,3 +899,172 @@ fn builds_sign_with_a_kms_key_and_verify_against_it() {
         "which is not a trusted key",
     );
 }
+
+/// Registers an AMI on moto, tagged with `version` as the AMI pipeline tags its AMIs.
+async fn register_ami(aws: &bake::aws::Aws, name: &str, version: &str) -> String {
+    let ec2 = aws.ec2("us-east-1");
+    let id = ec2
+        .register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .send()
+        .await
+        .expect("register an AMI on moto")
+        .image_id()
+        .unwrap()
+        .to_owned();
+    ec2.create_tags()
+        .resources(&id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("bake:version")
+                .value(version)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    id
+}
+
+#[test]
+fn ami_provenance_is_tagged_kept_in_ssm_and_verified() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let account = super::common::fresh_account();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (aws, _) = runtime.block_on(kms_key(&endpoint, &account));
+    let version = format!("sha256:{}", "5".repeat(64));
+    let ami = runtime.block_on(register_ami(&aws, "bake-prov-1", &version));
+    let other = runtime.block_on(register_ami(&aws, "bake-prov-2", &version));
+    let store = tempfile::tempdir().unwrap();
+    let s = store.path();
+    assert!(bake_in(s, &["key", "generate"]).status.success());
+    bake::store::Store::open(s).unwrap();
+    // The AMI pipeline's record of a snapshot-strategy AMI (`bake.ami-snapshot-record/v1`).
+    let disk = format!("sha256:{}", "d".repeat(64));
+    let record = json!({
+        "format": "bake.ami-snapshot-record/v1",
+        "name": "web-ami",
+        "version": version,
+        "recipe": "web-ami.yaml",
+        "bake_version": "0.1.0",
+        "inputs": {"base": {"kind": "bootstrap", "suite": "bookworm"}, "files": [],
+                   "recipe": {"variables": {}}, "source_date_epoch": 1700000000},
+        "ami": {"disk_image_digest": disk,
+                "regions": [{"region": "us-east-1", "image_id": ami, "snapshot_id": "snap-0123"}]},
+        "duration_ms": 1000
+    });
+    fs_err::write(
+        s.join("records").join(format!("{}.json", "5".repeat(64))),
+        serde_json::to_vec_pretty(&record).unwrap(),
+    )
+    .unwrap();
+    let with_aws = |store: &Path, args: &[&str]| {
+        bake()
+            .arg("--store")
+            .arg(store)
+            .args(["--region", "us-east-1"])
+            .args(args)
+            .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    let parameter = "/bake/provenance/web-ami";
+    let attested = json_of(&with_aws(
+        s,
+        &[
+            "--output",
+            "json",
+            "attest",
+            &version,
+            "--ssm-parameter",
+            parameter,
+        ],
+    ));
+    let envelope_digest = attested["attestations"]["provenance"]["envelope_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The AMI carries the envelope's digest; the manifest finds the version from the AMI id.
+    let tags = runtime.block_on(async {
+        aws.ec2("us-east-1")
+            .describe_images()
+            .image_ids(&ami)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    });
+    assert_eq!(tags["bake:provenance"], envelope_digest);
+    assert_eq!(manifest_of(s, &ami)["version"], version);
+    let provenance = statement(s, &envelope_digest);
+    assert_eq!(
+        provenance["subject"][0]["name"],
+        format!("arn:aws:ec2:us-east-1::image/{ami}")
+    );
+    assert_eq!(provenance["subject"][0]["digest"]["sha256"], "d".repeat(64));
+
+    let ok = with_aws(s, &["--output", "json", "verify", &ami]);
+    let report = json_of(&ok);
+    assert_eq!(report["provenance"]["version"], version);
+    // From a machine without the store: the envelope comes from the SSM parameter.
+    let fresh = tempfile::tempdir().unwrap();
+    let key = s.join("keys/default.pub");
+    let remote = with_aws(
+        fresh.path(),
+        &["verify", "--key", key.to_str().unwrap(), &ami],
+    );
+    assert!(remote.status.success(), "{}", stderr(&remote));
+
+    // Another AMI tagged with this provenance: the statement is not about it.
+    runtime.block_on(async {
+        aws.ec2("us-east-1")
+            .create_tags()
+            .resources(&other)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("bake:provenance")
+                    .value(&envelope_digest)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_rejected(
+        &with_aws(s, &["verify", &other]),
+        "its subject digest is not the artifact's",
+    );
+    // A tag pointing at other content than the parameter holds.
+    runtime.block_on(async {
+        aws.ec2("us-east-1")
+            .create_tags()
+            .resources(&ami)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("bake:provenance")
+                    .value(format!("sha256:{}", "0".repeat(64)))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_rejected(
+        &with_aws(
+            fresh.path(),
+            &["verify", "--key", key.to_str().unwrap(), &ami],
+        ),
+        "not the sha256:0000",
+    );
+}
