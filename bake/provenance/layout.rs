@@ -250,6 +250,32 @@ impl Layout {
         Ok(digest)
     }
 
+    /// Copies the referrers of `digest` in `source` (their manifests and blobs) into this
+    /// layout; returns how many.
+    pub fn copy_referrers_from(&self, source: &Layout, digest: &str) -> Result<usize, LayoutError> {
+        let referrers = source.referrers(digest)?;
+        for (referrer, manifest) in &referrers {
+            let blobs = std::iter::once(&manifest["config"])
+                .chain(manifest["layers"].as_array().into_iter().flatten());
+            for blob in blobs {
+                if let Some(d) = blob["digest"].as_str() {
+                    self.put_blob(&source.read_blob(d)?)?;
+                }
+            }
+            let bytes = source.read_blob(referrer)?;
+            self.put_blob(&bytes)?;
+            let predicate = manifest["annotations"][PREDICATE_ANNOTATION].clone();
+            self.add_to_index(json!({
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                "digest": referrer,
+                "size": bytes.len(),
+                "artifactType": manifest.get("artifactType").cloned().unwrap_or(json!(ATTESTATION_ARTIFACT_TYPE)),
+                "annotations": {PREDICATE_ANNOTATION: predicate},
+            }))?;
+        }
+        Ok(referrers.len())
+    }
+
     /// The artifact manifests whose subject is `digest`: (manifest digest, manifest JSON).
     pub fn referrers(&self, digest: &str) -> Result<Vec<(String, Value)>, LayoutError> {
         let mut found = Vec::new();

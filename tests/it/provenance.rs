@@ -190,6 +190,33 @@ fn a_built_image_carries_verified_provenance_and_sboms_that_other_tools_accept()
     assert!(human.status.success(), "{}", stderr(&human));
     assert!(stdout(&human).contains(&format!("digest       {image}")));
 
+    // An exported layout carries the attestations with --attestations and verifies alone.
+    let exported = tempfile::tempdir().unwrap();
+    let dir = exported.path().join("layout");
+    let out = bake_in(
+        s,
+        &[
+            "export",
+            version,
+            "--oci-layout",
+            dir.to_str().unwrap(),
+            "--tag",
+            "app:1",
+            "--attestations",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = s.join("keys/default.pub");
+    let alone = verify(
+        exported.path(),
+        &[
+            "--key",
+            key.to_str().unwrap(),
+            &format!("oci:{}:1", dir.display()),
+        ],
+    );
+    assert!(alone.status.success(), "{}", stderr(&alone));
+
     // The manifest: found from the image digest, with inputs, outputs and attestations.
     for query in [
         image.to_owned(),
