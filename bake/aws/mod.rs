@@ -123,6 +123,26 @@ impl Aws {
         }
         aws_sdk_ec2::Client::from_conf(builder.build())
     }
+
+    /// An SSM client for `region`.
+    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        let mut builder =
+            aws_sdk_ssm::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
+        if let Some(account) = &self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        aws_sdk_ssm::Client::from_conf(builder.build())
+    }
+
+    /// A KMS client for `region` (signing provenance with an asymmetric key).
+    pub fn kms(&self, region: &str) -> aws_sdk_kms::Client {
+        let mut builder =
+            aws_sdk_kms::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
+        if let Some(account) = &self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        aws_sdk_kms::Client::from_conf(builder.build())
+    }
 }
 
 impl Aws {

@@ -2,13 +2,17 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod attest;
 mod build;
 mod export;
+mod key;
+mod manifest;
 mod plan;
 mod publish;
 mod push;
 mod sandbox;
 mod validate;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -72,6 +76,14 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Sign and attach a built version's provenance (again): its image's, or its AMIs'.
+    Attest(attest::AttestCommandArgs),
+    /// Manage provenance signing keys.
+    Key(key::KeyArgs),
+    /// Show a version's manifest: inputs, outputs, publications, attestations.
+    Manifest(manifest::ManifestArgs),
+    /// Verify an artifact's signed provenance and SBOM.
+    Verify(verify::VerifyArgs),
     /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
     Push(push::PushArgs),
     /// Publish a built version: launch template versions, SSM parameters, ECS task definitions.
@@ -123,6 +135,10 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Attest(args) => attest::run(&args, settings),
+        Command::Key(args) => key::run(&args, settings),
+        Command::Manifest(args) => manifest::run(&args, settings),
+        Command::Verify(args) => verify::run(&args, settings),
         Command::Push(args) => push::run(&args, settings),
         Command::Publish(args) => publish::run_publish(&args, settings),
         Command::Promote(args) => publish::run_promote(&args, settings),

@@ -225,6 +225,33 @@ async fn push(
         );
         failures.push((failure.repository.clone(), failure.error.to_string()));
     }
+    // Signed provenance and SBOMs follow the image (provenance module).
+    let mut attached = Vec::new();
+    for (repository, result) in
+        crate::provenance::registry::attach_pushed(&client, store, &record.version, &outcome.pushed)
+            .await
+    {
+        match result {
+            Ok(done) => {
+                if settings.verbosity > Verbosity::Quiet {
+                    eprintln!(
+                        "attached {} attestation{} to {repository} ({})",
+                        done.referrers.len(),
+                        if done.referrers.len() == 1 { "" } else { "s" },
+                        match &done.fallback_tag {
+                            Some(tag) => format!("no referrers API: listed in {tag}"),
+                            None => "referrers API".into(),
+                        }
+                    );
+                }
+                attached.push(json!({"repository": repository, "attached": done}));
+            }
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                failures.push((repository, e.to_string()));
+            }
+        }
+    }
     let uploaded: u64 = outcome.pushed.iter().map(|p| p.bytes_uploaded).sum();
     let skipped: u64 = outcome.pushed.iter().map(|p| p.bytes_skipped).sum();
     match settings.output {
@@ -236,6 +263,7 @@ async fn push(
             "failed": failures.iter().map(|(r, e)| json!({"repository": r, "error": e})).collect::<Vec<_>>(),
             "bytes_uploaded": uploaded,
             "bytes_skipped": skipped,
+            "attestations": attached,
         })),
         OutputFormat::Human => {
             for pushed in &outcome.pushed {

@@ -8,6 +8,7 @@ mod build;
 mod cli;
 mod common;
 mod plan;
+mod provenance;
 mod publish;
 mod recipes;
 mod registry_harness;
