@@ -26,4 +26,5 @@ pub mod exit;
 pub mod plan;
 pub mod recipe;
 pub mod settings;
+pub mod ssh;
 pub mod store;

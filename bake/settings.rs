@@ -57,6 +57,7 @@ impl Settings {
                 .store
                 .is_dir()
                 .then(|| self.store.join("cache/file-digests.json")),
+            source_ami: None,
         }
     }
 

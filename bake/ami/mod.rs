@@ -13,11 +13,14 @@
 //! ```
 //!
 //! The pieces are strategy-agnostic: [`journal`], [`distribute`] and [`cleanup`] work on AMI
-//! ids and regions, whichever way the source AMI was made (the builder-instance strategy uses
-//! them too). [`publish`] strings them together for the snapshot strategy.
+//! ids and regions, whichever way the source AMI was made. [`publish`] strings them together
+//! for the snapshot strategy; [`instance`] is the builder-instance strategy (launch a vendor
+//! image, provision it over SSH, create the image), with its own journal of temporary
+//! resources.
 
 pub mod cleanup;
 pub mod distribute;
+pub mod instance;
 pub mod journal;
 pub mod lookup;
 pub mod publish;

@@ -144,6 +144,18 @@ impl Aws {
     }
 }
 
+impl Aws {
+    /// An SSM client for `region` (public parameters name vendor AMIs).
+    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        let mut builder =
+            aws_sdk_ssm::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
+        if let Some(account) = &self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        aws_sdk_ssm::Client::from_conf(builder.build())
+    }
+}
+
 /// Adds the emulator's account header to every request.
 #[derive(Debug, Clone)]
 struct EmulatorAccount(String);

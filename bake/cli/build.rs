@@ -41,6 +41,9 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
     };
+    if super::ami_instance::is_instance_recipe(&recipe) {
+        return super::ami_instance::run_build(&recipe, &shown, settings, cancel_on_signals());
+    }
     let store = match Store::open(&settings.store) {
         Ok(store) => store,
         Err(e) => {
@@ -138,8 +141,8 @@ fn cancel_on_signals() -> Arc<AtomicBool> {
 }
 
 /// Shows build progress on stderr: one line per step, then its output prefixed by its name.
-struct CliReporter {
-    quiet: bool,
+pub(super) struct CliReporter {
+    pub(super) quiet: bool,
 }
 
 impl StepOutput for CliReporter {

@@ -2,7 +2,9 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod ami_instance;
 mod build;
+mod cleanup;
 mod export;
 mod plan;
 mod sandbox;
@@ -68,6 +70,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
     Build(build::BuildArgs),
+    /// Remove AWS resources left by builder-instance builds that died (journal and tags).
+    Cleanup(cleanup::CleanupArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
@@ -111,6 +115,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Cleanup(args) => cleanup::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

@@ -85,6 +85,9 @@ pub struct PlanOptions {
     pub source_date_epoch: Option<u64>,
     /// Where file digests are remembered between runs (in the store); `None` hashes every time.
     pub digest_cache: Option<PathBuf>,
+    /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
+    /// planning; `None` leaves such a recipe unplannable.
+    pub source_ami: Option<crate::ami::instance::SourceAmi>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +104,7 @@ pub enum PlanError {
     },
     #[error("base image `{reference}` is not pinned by digest")]
     UnpinnedImage { reference: String },
-    #[error(
-        "recipe `{recipe}` starts from a source AMI, which is resolved against AWS at build time"
-    )]
+    #[error("recipe `{recipe}` starts from a source AMI, which bake has not resolved")]
     UnresolvedAmi { recipe: String },
     #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
     Layout { path: PathBuf, reason: String },
@@ -124,9 +125,10 @@ impl PlanError {
             PlanError::UnpinnedImage { reference } => Some(format!(
                 "pin it as `{reference}@sha256:<digest>` (bake resolves tags through the registry once registry support lands)"
             )),
-            PlanError::UnresolvedAmi { .. } => {
-                Some("source-AMI recipes are planned by `bake build` with AWS credentials".into())
-            }
+            PlanError::UnresolvedAmi { .. } => Some(
+                "bake resolves source AMIs with AWS access: check the credentials and the region"
+                    .into(),
+            ),
             PlanError::Cycle { .. } => {
                 Some("a recipe cannot build on itself, directly or through others".into())
             }
@@ -189,7 +191,7 @@ fn plan_inner(
             other => wrap(other),
         })
     };
-    let base = base::identity(recipe, &mut plan_base, cache)?;
+    let base = base::identity(recipe, &mut plan_base, cache, options.source_ami.as_ref())?;
     let files = file_inputs(recipe, cache)?;
     let builtins = builtin_inputs(recipe);
     // Timestamps in every layer and config come from it, so it is an input like any other.
