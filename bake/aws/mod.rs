@@ -9,8 +9,8 @@
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
@@ -53,6 +53,24 @@ impl AwsSettings {
 pub struct Aws {
     config: SdkConfig,
     emulator_account: Option<String>,
+    /// Added to every client made from here (request logs, tests' request capture).
+    interceptors: Vec<SharedInterceptor>,
+}
+
+/// Builds a per-region client of one service from the shared configuration, with the emulator
+/// account header and the extra interceptors.
+macro_rules! service_client {
+    ($self:ident, $sdk:ident, $region:expr) => {{
+        let mut builder =
+            $sdk::config::Builder::from(&$self.config).region(Region::new($region.to_owned()));
+        if let Some(account) = &$self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        for interceptor in &$self.interceptors {
+            builder.push_interceptor(interceptor.clone());
+        }
+        $sdk::Client::from_conf(builder.build())
+    }};
 }
 
 impl Aws {
@@ -72,6 +90,7 @@ impl Aws {
         Aws {
             config: loader.load().await,
             emulator_account: settings.emulator_account.clone(),
+            interceptors: Vec::new(),
         }
     }
 
@@ -80,7 +99,19 @@ impl Aws {
         Aws {
             config,
             emulator_account,
+            interceptors: Vec::new(),
         }
+    }
+
+    /// Adds an interceptor to every client made from now on.
+    pub fn with_interceptor(mut self, interceptor: impl Intercept + 'static) -> Self {
+        self.interceptors.push(SharedInterceptor::new(interceptor));
+        self
+    }
+
+    /// Whether requests go to an endpoint override (an emulator) rather than AWS.
+    pub fn has_endpoint_override(&self) -> bool {
+        self.config.endpoint_url().is_some()
     }
 
     /// The default region, if the settings or the environment give one.
@@ -94,12 +125,22 @@ impl Aws {
 
     /// An EC2 client for `region`.
     pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
-        let mut builder =
-            aws_sdk_ec2::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
-        }
-        aws_sdk_ec2::Client::from_conf(builder.build())
+        service_client!(self, aws_sdk_ec2, region)
+    }
+
+    /// An EBS direct API client for `region` (snapshot block uploads).
+    pub fn ebs(&self, region: &str) -> aws_sdk_ebs::Client {
+        service_client!(self, aws_sdk_ebs, region)
+    }
+
+    /// A KMS client for `region`.
+    pub fn kms(&self, region: &str) -> aws_sdk_kms::Client {
+        service_client!(self, aws_sdk_kms, region)
+    }
+
+    /// An STS client for `region`.
+    pub fn sts(&self, region: &str) -> aws_sdk_sts::Client {
+        service_client!(self, aws_sdk_sts, region)
     }
 }
 
