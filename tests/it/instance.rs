@@ -1199,3 +1199,46 @@ async fn plan_pins_the_resolved_source_ami_in_the_version() {
     );
     assert_ne!(second["version"], first["version"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bastion_reaches_the_builder_through_a_forwarded_channel() {
+    let test = "a_bastion_reaches_the_builder_through_a_forwarded_channel";
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    moto.vendor_amis().await;
+    // The same sshd is the bastion: bake logs in there, opens a direct-tcpip channel to
+    // 127.0.0.1:PORT, and runs its SSH session to the "builder" inside that channel.
+    let bastion = format!(
+        "      bastion:\n        host: 127.0.0.1\n        port: {}\n        user: ec2-user\n",
+        sshd.port
+    );
+    let recipe = RecipeDir::new(
+        "  - shell:\n      name: mark\n      inline: echo through-the-bastion > /opt/bastion-mark",
+        "  []",
+        &instance_settings(sshd.port, &bastion),
+        VENDOR_BASE,
+    );
+    let mut child = moto
+        .bake(&recipe.store)
+        .arg("build")
+        .arg(recipe.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    authorize_when_imported(&moto, &sshd, &mut child);
+    let output = finish(child);
+    let err = stderr(&output);
+    assert!(output.status.success(), "{err}\nsshd:\n{}", sshd.log());
+    assert!(
+        err.contains(&format!("(through ec2-user@127.0.0.1:{})", sshd.port)),
+        "{err}"
+    );
+    assert_eq!(
+        sshd.file("/opt/bastion-mark").as_deref(),
+        Some("through-the-bastion\n")
+    );
+    assert_clean(&moto).await;
+}
