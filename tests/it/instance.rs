@@ -1242,3 +1242,69 @@ async fn a_bastion_reaches_the_builder_through_a_forwarded_channel() {
     );
     assert_clean(&moto).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_janitor_without_the_journal_removes_tagged_leftovers_only_with_older_than() {
+    let test = "a_janitor_without_the_journal_removes_tagged_leftovers_only_with_older_than";
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    moto.vendor_amis().await;
+    let recipe = RecipeDir::new(
+        BLOCKING_STEP,
+        "  []",
+        &instance_settings(sshd.port, ""),
+        VENDOR_BASE,
+    );
+    let mut child = build_blocked_in_provisioning(&moto, &sshd, &recipe).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(moto.leftovers().await.0.len(), 1);
+
+    // Another machine's janitor: a store without this run's journal.
+    let other_store = recipe.dir.path().join("other-store");
+    let listed = moto
+        .bake(&other_store)
+        .args(["cleanup", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    assert_eq!(
+        text.matches("no journal in this store for this run; pass --older-than")
+            .count(),
+        3,
+        "{text}"
+    );
+    let young = moto
+        .bake(&other_store)
+        .args(["cleanup", "--older-than", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&young).contains("newer than --older-than"),
+        "{}",
+        stdout(&young)
+    );
+    assert_eq!(
+        moto.leftovers().await.0.len(),
+        1,
+        "nothing younger than 1h is removed"
+    );
+
+    std::thread::sleep(Duration::from_secs(2));
+    let swept = moto
+        .bake(&other_store)
+        .args(["cleanup", "--older-than", "1s"])
+        .output()
+        .unwrap();
+    assert!(swept.status.success(), "{}", stderr(&swept));
+    assert_eq!(
+        stdout(&swept).matches("removed  ").count(),
+        3,
+        "{}",
+        stdout(&swept)
+    );
+    assert_clean(&moto).await;
+}
