@@ -1308,3 +1308,141 @@ async fn a_janitor_without_the_journal_removes_tagged_leftovers_only_with_older_
     );
     assert_clean(&moto).await;
 }
+
+/// bake's SSH client on its own against the real sshd: host key pinning, exit codes, timeouts,
+/// cancellation, environment, and SFTP uploads moved into place with modes and owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees() {
+    use bake::build::runner::OutputLine;
+    use bake::ssh::{HostKeyPolicy, RemoteScript, RunAs, Session, SshError, SshTarget};
+
+    let test = "the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees";
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let key = Arc::new(bake::ssh::generate_key().unwrap());
+    sshd.authorize(&key.public_key().to_openssh().unwrap());
+    let target = SshTarget {
+        host: "127.0.0.1".into(),
+        port: sshd.port,
+        user: "ec2-user".into(),
+        bastion: None,
+    };
+    let session = Session::connect(&target, Arc::clone(&key), HostKeyPolicy::FirstUse)
+        .await
+        .unwrap();
+    // The key recorded on first use is one of those generated in that root.
+    let offered = session.host_key().clone();
+    let generated: Vec<String> = std::fs::read_dir(sshd.upper.join("etc/ssh"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with("_key.pub"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        generated
+            .iter()
+            .any(|k| russh::keys::PublicKey::from_openssh(k.trim())
+                .unwrap()
+                .key_data()
+                == offered.key_data()),
+        "{generated:?}"
+    );
+    // Pinned to another key: refused.
+    let stranger = bake::ssh::generate_key().unwrap().public_key().clone();
+    match Session::connect(
+        &target,
+        Arc::clone(&key),
+        HostKeyPolicy::Pinned(vec![stranger]),
+    )
+    .await
+    {
+        Err(SshError::HostKeyMismatch { .. }) => {}
+        Err(other) => panic!("expected a host key mismatch, got {other}"),
+        Ok(_) => panic!("a wrong pinned key was accepted"),
+    }
+    // Pinned to the recorded key: accepted.
+    Session::connect(
+        &target,
+        Arc::clone(&key),
+        HostKeyPolicy::Pinned(vec![offered.clone()]),
+    )
+    .await
+    .unwrap();
+
+    let never = || false;
+    let script = |name: &str, text: &str, timeout: u64| RemoteScript {
+        name: name.into(),
+        script: text.into(),
+        env: vec![("MESSAGE".into(), "it's here".into())],
+        run_as: RunAs::Root,
+        workdir: Some("/etc".into()),
+        timeout: Duration::from_secs(timeout),
+    };
+    let mut lines: Vec<OutputLine> = Vec::new();
+    let code = session
+        .run(
+            &script(
+                "env",
+                "echo \"$MESSAGE in $(pwd) as $(id -un)\"; echo oops >&2; exit 7",
+                30,
+            ),
+            &mut lines,
+            &never,
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 7);
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert!(texts.contains(&"it's here in /etc as root"), "{texts:?}");
+    assert!(texts.contains(&"oops"), "{texts:?}");
+
+    let started = Instant::now();
+    match session
+        .run(&script("slow", "sleep 60", 2), &mut lines, &never)
+        .await
+    {
+        Err(SshError::Timeout { step, .. }) => assert_eq!(step, "slow"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let cancelled = || true;
+    match session
+        .run(&script("cancelled", "sleep 60", 60), &mut lines, &cancelled)
+        .await
+    {
+        Err(SshError::Interrupted { step }) => assert_eq!(step, "cancelled"),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+
+    // A tree uploaded over SFTP and moved into place as root.
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("app");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/run"), "#!/bin/sh\necho run\n").unwrap();
+    std::fs::write(tree.join("config"), "key=value\n").unwrap();
+    std::os::unix::fs::symlink("bin/run", tree.join("start")).unwrap();
+    let staged = session.upload_staged(&tree).await.unwrap();
+    let install = bake::ssh::install_command(&staged, "/srv/app", Some(0o750), (1000, 1000));
+    let code = session
+        .run(&script("install", &install, 60), &mut lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{lines:?}");
+    let root = sshd.upper.join("srv/app");
+    use std::os::unix::fs::MetadataExt;
+    let run = std::fs::metadata(root.join("bin/run")).unwrap();
+    assert_eq!(run.mode() & 0o7777, 0o750);
+    assert_eq!((run.uid(), run.gid()), (1000, 1000));
+    assert_eq!(
+        std::fs::read_to_string(root.join("config")).unwrap(),
+        "key=value\n"
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("start")).unwrap(),
+        PathBuf::from("bin/run")
+    );
+    // The staging directory is gone.
+    assert!(!sshd.upper.join(staged.trim_start_matches('/')).exists());
+}
