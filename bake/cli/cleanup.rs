@@ -53,6 +53,8 @@ struct Outcome {
     removed: Vec<Found>,
     skipped: Vec<Skipped>,
     failures: Vec<CleanupFailure>,
+    /// Snapshot-strategy runs (uploads, registrations, copies) that did not finish.
+    runs: crate::ami::cleanup::CleanupReport,
 }
 
 pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
@@ -86,7 +88,19 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
                 OutputFormat::Json => print_json(&outcome),
                 OutputFormat::Human => print_human(&outcome),
             }
-            if outcome.failures.is_empty() {
+            for r in outcome.runs.removals.iter().filter(|r| r.failed()) {
+                print_reports(
+                    settings,
+                    &[Report::new(format!(
+                        "failed to remove {} {} in {}: {}",
+                        r.kind.label(),
+                        r.id,
+                        r.region,
+                        r.error.as_deref().unwrap_or("unknown error")
+                    ))],
+                );
+            }
+            if outcome.failures.is_empty() && !outcome.runs.failed() {
                 ExitStatus::Success
             } else {
                 let reports: Vec<Report> = outcome
@@ -115,6 +129,11 @@ async fn sweep(
     }
     if let Some(region) = aws.default_region() {
         regions.insert(region.to_owned());
+    }
+    if let Some(store) = store {
+        for doc in crate::ami::journal::list(store) {
+            regions.extend(doc.regions());
+        }
     }
     if regions.is_empty() {
         return Err(vec![Report::new("no region to sweep").with_hint(Some(
@@ -240,6 +259,17 @@ async fn sweep(
             }
         }
     }
+    outcome.runs = crate::ami::cleanup::cleanup(
+        &aws,
+        store,
+        &crate::ami::cleanup::CleanupOptions {
+            dry_run: args.dry_run,
+            older_than: args.older_than,
+            regions: regions.iter().cloned().collect(),
+        },
+    )
+    .await
+    .map_err(|e| vec![Report::from_error(&e)])?;
     Ok(outcome)
 }
 
@@ -270,7 +300,33 @@ fn print_human(outcome: &Outcome) {
             );
         }
     }
-    if outcome.removed.is_empty() && outcome.skipped.is_empty() {
+    for r in &outcome.runs.removals {
+        let action = match r.action {
+            crate::ami::cleanup::Action::Removed => "removed",
+            crate::ami::cleanup::Action::WouldRemove => "would remove",
+            crate::ami::cleanup::Action::AlreadyGone => "already gone",
+            crate::ami::cleanup::Action::Failed => "failed to remove",
+        };
+        println!(
+            "{action}  {} {}  {}  run {}",
+            r.kind.label(),
+            r.id,
+            r.region,
+            r.run.as_deref().unwrap_or("-")
+        );
+    }
+    for run in &outcome.runs.running {
+        println!("skipped  run {run}: still running");
+    }
+    for run in &outcome.runs.skipped {
+        println!("skipped  run {run}: newer than --older-than");
+    }
+    if outcome.removed.is_empty()
+        && outcome.skipped.is_empty()
+        && outcome.runs.removals.is_empty()
+        && outcome.runs.running.is_empty()
+        && outcome.runs.skipped.is_empty()
+    {
         println!("nothing to clean up");
     }
 }
