@@ -1,0 +1,10 @@
+//! AMIs: from a provisioned root filesystem to images in EC2.
+//!
+//! ```text
+//!  provisioned root ──► disk::build_disk_image ──► boot::boot_test ──► upload, register,
+//!  (build::pipeline::   GPT raw image: ESP with     qemu + OVMF, waits    distribute
+//!   provision_root)     systemd-boot, ext4 root     for the marker
+//! ```
+
+pub mod boot;
+pub mod disk;
