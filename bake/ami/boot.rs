@@ -8,10 +8,12 @@
 //!
 //! What prints the marker is the image's business: bake boots exactly the bytes it uploads
 //! and injects nothing (no test-only unit, loader entry or kernel option), so a passing test
-//! says something about the AMI itself. A recipe typically installs a oneshot unit, ordered
-//! after `multi-user.target`'s services, that writes the marker to the console — which also
-//! tells operators reading an instance's console output (`get-console-output`, the EC2
-//! serial console) that the boot finished.
+//! says something about the AMI itself. A recipe typically installs a oneshot unit ordered
+//! after `multi-user.target` that writes the marker to `/dev/ttyS0` (or `/dev/kmsg`) — which
+//! also tells operators reading an instance's console output (`get-console-output`, the EC2
+//! serial console) that the boot finished. The marker must be a console line of its own
+//! (a kernel log timestamp in front is allowed): systemd's own `Starting …` lines name the
+//! unit, so a marker that merely appears in a unit's name never counts.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -182,7 +184,7 @@ impl BootError {
             BootError::NoQemu => Some("install it with `apt-get install qemu-system-x86`".into()),
             BootError::NoFirmware { .. } => Some("install it with `apt-get install ovmf`".into()),
             BootError::Timeout { .. } => Some(
-                "check that the image prints the marker on /dev/console (a oneshot unit with `StandardOutput=journal+console` wanted by multi-user.target), or raise the test's `timeout`".into(),
+                "check that the image prints the marker as a line of its own on the serial console (a oneshot unit after multi-user.target running `echo MARKER >/dev/ttyS0`), or raise the test's `timeout`".into(),
             ),
             BootError::Exited { .. } => {
                 Some("the kernel panicked or the machine rebooted: see the console lines".into())
@@ -358,7 +360,7 @@ fn boot_once(
         match receiver.recv_timeout(POLL.min(deadline - now)) {
             Ok(Event::Line(line)) => {
                 lines += 1;
-                if line.contains(&spec.marker) {
+                if is_marker(&line, &spec.marker) {
                     break Ok(BootReport {
                         marker: spec.marker.clone(),
                         duration_ms: clock.elapsed().as_millis() as u64,
@@ -418,6 +420,19 @@ fn boot_once(
     })
 }
 
+/// Whether a console line is the marker: the whole line, or the whole message of a kernel log
+/// line (`[   12.345678] MARKER`, what writing the marker to `/dev/kmsg` prints). Only a whole
+/// line counts, so systemd announcing a unit whose name contains the marker does not.
+fn is_marker(line: &str, marker: &str) -> bool {
+    let line = line.trim();
+    let message = line
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .filter(|(stamp, _)| stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .map_or(line, |(_, message)| message.trim());
+    line == marker || message == marker
+}
+
 /// The last lines of QEMU's own messages.
 fn last_lines_of(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -445,12 +460,16 @@ fn read_console(stdout: impl Read, log: Option<PathBuf>, sender: mpsc::Sender<Ev
                 if let Some(file) = log.as_mut() {
                     let _ = std::io::Write::write_all(file, &raw);
                 }
-                let line = clean_line(&raw);
-                if line.is_empty() {
-                    continue;
-                }
-                if sender.send(Event::Line(line)).is_err() {
-                    return;
+                // A carriage return starts the line over (systemd redraws its status line
+                // that way): each piece is a line of its own.
+                for piece in raw.split(|&b| b == b'\r') {
+                    let line = clean_line(piece);
+                    if line.is_empty() {
+                        continue;
+                    }
+                    if sender.send(Event::Line(line)).is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -521,6 +540,22 @@ mod tests {
         );
         assert_eq!(error.last_lines().len(), 2);
         assert!(error.is_recipe_failure());
+    }
+
+    #[test]
+    fn only_a_whole_line_is_the_marker() {
+        assert!(is_marker("bake-boot-ok", "bake-boot-ok"));
+        assert!(is_marker("  bake-boot-ok ", "bake-boot-ok"));
+        assert!(is_marker("[   31.415926] bake-boot-ok", "bake-boot-ok"));
+        assert!(!is_marker(
+            "         Starting bake-boot-ok.service - Report a finished boot...",
+            "bake-boot-ok"
+        ));
+        assert!(!is_marker(
+            "[  OK  ] Finished bake-boot-ok.service.",
+            "bake-boot-ok"
+        ));
+        assert!(!is_marker("[ 1.0] bake-boot-ok-not", "bake-boot-ok"));
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl DiskSpec {
     /// Where the partitions go.
     pub fn layout(&self) -> Result<Layout, DiskError> {
         let bad = |reason: String| Err(DiskError::BadSpec { reason });
-        if self.size % ALIGNMENT != 0 || self.esp_size % ALIGNMENT != 0 {
+        if !self.size.is_multiple_of(ALIGNMENT) || !self.esp_size.is_multiple_of(ALIGNMENT) {
             return bad(format!(
                 "the disk ({} bytes) and ESP ({} bytes) sizes must be multiples of 1 MiB",
                 self.size, self.esp_size
@@ -1322,7 +1322,7 @@ mod tests {
 
     #[test]
     fn kernels_sort_by_version() {
-        let mut releases = vec![
+        let mut releases = [
             "6.1.0-9-cloud-amd64",
             "6.1.0-28-cloud-amd64",
             "5.10.0-30-cloud-amd64",
