@@ -8,6 +8,7 @@ mod aws_harness;
 mod build;
 mod cli;
 mod common;
+mod disk;
 mod plan;
 mod recipes;
 mod registry_harness;
