@@ -288,7 +288,7 @@ impl CleanupReport {
 /// Finds and removes what killed runs left behind.
 pub async fn cleanup(
     aws: &Aws,
-    store: &Store,
+    store: Option<&Store>,
     options: &CleanupOptions,
 ) -> Result<CleanupReport, CleanupError> {
     let now = SystemTime::now()
@@ -296,7 +296,10 @@ pub async fn cleanup(
         .unwrap_or(Duration::ZERO)
         .as_secs();
     let min_age = options.older_than.unwrap_or(Duration::ZERO).as_secs();
-    let scan = journal::abandoned(store)?;
+    let scan = match store {
+        Some(store) => journal::abandoned(store)?,
+        None => journal::Scan::default(),
+    };
     let mut report = CleanupReport {
         running: scan.running,
         ..CleanupReport::default()
@@ -321,7 +324,9 @@ pub async fn cleanup(
                 all_gone = false;
             } else if !options.dry_run {
                 abandoned.doc.resources[index].status = ResourceStatus::Removed;
-                abandoned.save(store)?;
+                if let Some(store) = store {
+                    abandoned.save(store)?;
+                }
             }
             report.removals.extend(outcome);
         }

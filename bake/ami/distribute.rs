@@ -479,3 +479,46 @@ pub fn image_tags(region: &RegionSpec, run: Option<&str>) -> BTreeMap<String, St
     }
     tags
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grantees_round_trip_through_launch_permissions() {
+        for grantee in [
+            Grantee::Account("111122223333".into()),
+            Grantee::Organization("arn:aws:organizations::1:organization/o-1".into()),
+            Grantee::OrganizationalUnit("arn:aws:organizations::1:ou/o-1/ou-1".into()),
+            Grantee::Everyone,
+        ] {
+            assert_eq!(Grantee::of(&grantee.permission()), Some(grantee));
+        }
+    }
+
+    #[test]
+    fn a_failure_report_names_every_region() {
+        let failed = DistributionFailed {
+            succeeded: vec![RegionImage {
+                region: "us-east-1".into(),
+                image_id: "ami-1".into(),
+                snapshot_id: "snap-1".into(),
+            }],
+            failed: vec![(
+                "eu-west-1".into(),
+                RegionError::Copy {
+                    source_image: "ami-1".into(),
+                    source_region: "us-east-1".into(),
+                    region: "eu-west-1".into(),
+                    source: AwsCallError("InvalidAMIID.NotFound: no such AMI".into()),
+                },
+            )],
+        };
+        assert_eq!(
+            failed.to_string(),
+            "distribution failed in 1 of 2 regions:\n  eu-west-1: failed to copy ami-1 from \
+             us-east-1 to eu-west-1: InvalidAMIID.NotFound: no such AMI\n  us-east-1: ok \
+             (ami-1, snap-1)"
+        );
+    }
+}

@@ -60,6 +60,18 @@ pub enum ResourceKind {
     SecurityGroup,
 }
 
+impl ResourceKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ResourceKind::Snapshot => "snapshot",
+            ResourceKind::Image => "AMI",
+            ResourceKind::Instance => "instance",
+            ResourceKind::KeyPair => "key pair",
+            ResourceKind::SecurityGroup => "security group",
+        }
+    }
+}
+
 /// Where a resource is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -322,6 +334,23 @@ impl Abandoned {
         remove_if_exists(&self.lock_path)?;
         Ok(())
     }
+}
+
+/// Every journal in the store (live or not), without locking: for listing regions.
+pub fn list(store: &Store) -> Vec<JournalDoc> {
+    let dir = journal_dir(store);
+    let Ok(entries) = fs_err::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut docs: Vec<JournalDoc> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .filter_map(|p| fs_err::read(&p).ok())
+        .filter_map(|text| serde_json::from_slice(&text).ok())
+        .collect();
+    docs.sort_by_key(|d| d.started);
+    docs
 }
 
 /// What [`abandoned`] found.

@@ -1,9 +1,15 @@
-//! AMIs from disk images, without a builder instance: upload a raw disk image into an EBS
-//! snapshot through the EBS direct APIs, register it, copy it to every region, share it, and
-//! record what was made. Everything a run creates is journaled first, so a failed or interrupted
-//! run removes it and `bake cleanup` finds what a killed one left behind.
+//! AMIs: from a provisioned root filesystem to images in EC2, without a builder instance (or,
+//! with [`instance`], with one). The snapshot strategy makes a bootable disk image, proves it
+//! boots, uploads it into an EBS snapshot through the EBS direct APIs, registers it, copies it to
+//! every region, shares it, and records what was made. Everything a run creates in AWS is
+//! journaled first, so a failed or interrupted run removes it and `bake cleanup` finds what a
+//! killed one left behind.
 //!
 //! ```text
+//!  provisioned root ──► disk::build_disk_image ──► boot::boot_test
+//!  (build::pipeline::   GPT raw image: ESP with     qemu + OVMF, waits
+//!   provision_root)     systemd-boot, ext4 root     for the marker
+//!
 //!  disk image ─► upload ─► register ─► distribute ───────────► AmiRecord
 //!  (raw file)   EBS direct  RegisterImage  CopyImage per region,   per region:
 //!               snapshot    (uefi, ENA,    tags, launch            AMI id, snapshot id
@@ -18,7 +24,9 @@
 //! image, provision it over SSH, create the image), with its own journal of temporary
 //! resources.
 
+pub mod boot;
 pub mod cleanup;
+pub mod disk;
 pub mod distribute;
 pub mod instance;
 pub mod journal;
@@ -60,6 +68,23 @@ pub struct AmiRecord {
     pub disk_image_digest: Option<String>,
     /// One entry per region, in the recipe's order (the first is where the AMI was made).
     pub regions: Vec<RegionImage>,
+}
+
+/// Bumped when [`SnapshotAmiBuildRecord`]'s shape changes.
+pub const SNAPSHOT_RECORD_FORMAT: &str = "bake.ami-snapshot-record/v1";
+
+/// The store's record (`records/<hex>.json`) of a snapshot-strategy AMI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotAmiBuildRecord {
+    pub format: String,
+    pub name: String,
+    pub version: String,
+    pub recipe: String,
+    pub bake_version: String,
+    /// The plan's inputs: exactly what the version is the digest of.
+    pub inputs: serde_json::Value,
+    pub ami: AmiRecord,
+    pub duration_ms: u64,
 }
 
 /// Renders an AWS SDK error with its code and message (the SDK's own `Display` says only

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{print_json, print_reports};
 use crate::ami::cleanup::{Action, CleanupOptions, CleanupReport, Removal};
-use crate::ami::instance::cleanup::{self as instance_cleanup, Found, label};
+use crate::ami::instance::cleanup::{self as instance_cleanup, Found};
 use crate::ami::instance::now_secs;
 use crate::aws::Aws;
 use crate::diagnostic::Report;
@@ -63,12 +63,17 @@ struct Outcome {
 }
 
 pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
-    let store = match Store::open(&settings.store) {
-        Ok(store) => store,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
+    // A store that does not exist has no journals: only the tag sweep applies.
+    let store = if settings.store.is_dir() {
+        match Store::open(&settings.store) {
+            Ok(store) => Some(store),
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                return ExitStatus::Infrastructure;
+            }
         }
+    } else {
+        None
     };
     let rt = match super::ami_instance::runtime() {
         Ok(rt) => rt,
@@ -77,7 +82,7 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    match rt.block_on(sweep(args, settings, &store)) {
+    match rt.block_on(sweep(args, settings, store.as_ref())) {
         Err(reports) => {
             print_reports(settings, &reports);
             ExitStatus::Infrastructure
@@ -95,7 +100,7 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
                 .map(|r| {
                     Report::new(format!(
                         "failed to remove {} {} in {}: {}",
-                        label(r.kind),
+                        r.kind.label(),
                         r.id,
                         r.region,
                         r.error.as_deref().unwrap_or("unknown error")
@@ -115,16 +120,16 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
 async fn sweep(
     args: &CleanupArgs,
     settings: &Settings,
-    store: &Store,
+    store: Option<&Store>,
 ) -> Result<Outcome, Vec<Report>> {
     let aws = Aws::load(&settings.aws).await;
     let mut regions: BTreeSet<String> = args.regions.iter().cloned().collect();
     if let Some(region) = aws.default_region() {
         regions.insert(region.to_owned());
     }
-    if let Ok(scan) = crate::ami::journal::abandoned(store) {
-        for a in &scan.abandoned {
-            regions.extend(a.doc.regions());
+    if let Some(store) = store {
+        for doc in crate::ami::journal::list(store) {
+            regions.extend(doc.regions());
         }
     }
     if regions.is_empty() {
@@ -156,9 +161,12 @@ async fn sweep(
             .iter()
             .filter_map(|r| r.run.clone()),
     );
-    if let Ok(scan) = crate::ami::journal::abandoned(store) {
-        known.extend(scan.abandoned.iter().map(|a| a.doc.run.clone()));
-        known.extend(scan.running);
+    if let Some(store) = store {
+        known.extend(
+            crate::ami::journal::list(store)
+                .into_iter()
+                .map(|doc| doc.run),
+        );
     }
     let cutoff = args
         .older_than
@@ -262,7 +270,7 @@ fn print_human(outcome: &Outcome) {
         printed = true;
         println!(
             "{verb}  {} {}  {}  run {}",
-            label(r.kind),
+            r.kind.label(),
             r.id,
             r.region,
             r.run.as_deref().unwrap_or("?")
@@ -281,7 +289,7 @@ fn print_human(outcome: &Outcome) {
             printed = true;
             println!(
                 "skipped  {} {}  {}  run {}: {}",
-                label(r.kind),
+                r.kind.label(),
                 r.id,
                 r.region,
                 s.run,

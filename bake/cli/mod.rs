@@ -2,6 +2,7 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod ami;
 mod ami_instance;
 mod build;
 mod cleanup;
@@ -70,8 +71,10 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
     Build(build::BuildArgs),
-    /// Remove AWS resources left by builder-instance builds that died (journal and tags).
+    /// Remove AWS resources left by AMI builds that died (journals and tags).
     Cleanup(cleanup::CleanupArgs),
+    /// AMIs from disk images: upload a raw image into an EBS snapshot, publish a recipe's AMI.
+    Ami(ami::AmiArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
@@ -115,6 +118,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Ami(args) => ami::run(&args, settings),
         Command::Cleanup(args) => cleanup::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }

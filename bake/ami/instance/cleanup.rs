@@ -46,7 +46,7 @@ impl std::fmt::Display for CleanupFailure {
         write!(
             f,
             "failed to remove {} {} in {}: {}",
-            label(self.kind),
+            self.kind.label(),
             self.id,
             self.region,
             self.reason
@@ -339,17 +339,6 @@ pub async fn deregister(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// How a kind is named in messages.
-pub fn label(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::KeyPair => "key pair",
-        ResourceKind::SecurityGroup => "security group",
-        ResourceKind::Instance => "instance",
-        ResourceKind::Image => "AMI",
-        ResourceKind::Snapshot => "snapshot",
-    }
 }
 
 /// Removes one instance-kind entry of a dead run's journal (`run` is its build id): by its id
