@@ -167,13 +167,14 @@ pub async fn distribute(
     options: &DistributeOptions,
 ) -> DistributionReport {
     let run = journal.map(Journal::run_id);
+    let emulator = aws.has_endpoint_override();
     let outcomes = futures_util::stream::iter(spec.regions.iter().map(|region| {
         let run = run.clone();
         async move {
             let outcome = if region.region == source.region {
                 let ec2 = aws.ec2(&region.region);
                 let run_tag = if created_here { run.as_deref() } else { None };
-                finish(&ec2, spec, region, &source.image_id, run_tag).await
+                finish(&ec2, spec, region, &source.image_id, run_tag, emulator).await
             } else {
                 copy_to(aws, journal, spec, region, source, run.as_deref(), options).await
             };
@@ -208,7 +209,15 @@ async fn copy_to(
     if let Some(image) = existing.first() {
         tracing::info!("{}: reusing {}", region.region, image.image_id);
         wait_available(&ec2, &region.region, &image.image_id, options.wait).await?;
-        return finish(&ec2, spec, region, &image.image_id, None).await;
+        return finish(
+            &ec2,
+            spec,
+            region,
+            &image.image_id,
+            None,
+            aws.has_endpoint_override(),
+        )
+        .await;
     }
     let journal_error = |source| RegionError::Journal {
         region: region.region.clone(),
@@ -258,7 +267,15 @@ async fn copy_to(
         j.image_snapshots(entry, &info.snapshots)
             .map_err(journal_error)?;
     }
-    finish(&ec2, spec, region, &image_id, run).await
+    finish(
+        &ec2,
+        spec,
+        region,
+        &image_id,
+        run,
+        aws.has_endpoint_override(),
+    )
+    .await
 }
 
 async fn wait_available(
@@ -306,6 +323,7 @@ async fn finish(
     region: &RegionSpec,
     image_id: &str,
     run: Option<&str>,
+    emulator: bool,
 ) -> Result<RegionImage, RegionError> {
     let fail = |action: &'static str| {
         move |source: AwsCallError| RegionError::Finish {
@@ -347,9 +365,16 @@ async fn finish(
             .as_deref()
             .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
             .unwrap_or_else(SystemTime::now);
-        deprecate(ec2, image_id, made + after)
-            .await
-            .map_err(fail("set the deprecation time of"))?;
+        match deprecate(ec2, image_id, made + after).await {
+            Ok(()) => {}
+            // Emulators without EnableImageDeprecation (moto answers an unmodeled 500): the
+            // request was made as for AWS; there is nothing to set.
+            Err(Unimplemented(_)) if emulator => tracing::warn!(
+                "{}: the AWS endpoint does not implement EnableImageDeprecation; {image_id} has no deprecation time",
+                region.region
+            ),
+            Err(e) => return Err(fail("set the deprecation time of")(e.into())),
+        }
     }
     let snapshot_id = info.snapshots.first().cloned().unwrap_or_default();
     Ok(RegionImage {
@@ -455,8 +480,25 @@ async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<()
     Ok(())
 }
 
+/// Why setting a deprecation time failed.
+#[derive(Debug)]
+enum DeprecateError {
+    /// A 5xx without an error code: the endpoint does not implement the call (an emulator).
+    Unimplemented(AwsCallError),
+    Failed(AwsCallError),
+}
+use DeprecateError::Unimplemented;
+
+impl From<DeprecateError> for AwsCallError {
+    fn from(e: DeprecateError) -> Self {
+        match e {
+            DeprecateError::Unimplemented(e) | DeprecateError::Failed(e) => e,
+        }
+    }
+}
+
 /// EC2 rounds deprecation times to the minute; sending a whole minute keeps the request stable.
-async fn deprecate(ec2: &Ec2, image_id: &str, at: SystemTime) -> Result<(), AwsCallError> {
+async fn deprecate(ec2: &Ec2, image_id: &str, at: SystemTime) -> Result<(), DeprecateError> {
     let secs = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
@@ -467,7 +509,18 @@ async fn deprecate(ec2: &Ec2, image_id: &str, at: SystemTime) -> Result<(), AwsC
         .deprecate_at(aws_sdk_ec2::primitives::DateTime::from_secs(minute as i64))
         .send()
         .await
-        .map_err(|e| AwsCallError::from_sdk(&e))?;
+        .map_err(|e| {
+            let unimplemented = e
+                .raw_response()
+                .is_some_and(|r| r.status().is_server_error())
+                && super::sdk_error_code(&e).is_none();
+            let error = AwsCallError::from_sdk(&e);
+            if unimplemented {
+                DeprecateError::Unimplemented(error)
+            } else {
+                DeprecateError::Failed(error)
+            }
+        })?;
     Ok(())
 }
 

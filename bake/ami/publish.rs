@@ -104,6 +104,10 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Distribution(#[from] DistributionFailed),
+    #[error(
+        "the AMI of {version} does not exist in {region}, and there is no disk image to make it from"
+    )]
+    NoDiskImage { version: String, region: String },
     #[error("interrupted")]
     Interrupted,
 }
@@ -152,20 +156,22 @@ pub struct PublishFailed {
 pub async fn preflight(
     aws: &Aws,
     spec: &AmiSpec,
-    disk_image: &Path,
+    disk_image: Option<&Path>,
 ) -> Result<AmiSpec, PublishError> {
-    let size = fs_err::metadata(disk_image)
-        .map_err(|source| PublishError::DiskImage {
-            path: disk_image.to_path_buf(),
-            source,
-        })?
-        .len();
-    if size > u64::from(spec.disk_size_gib) * 1024 * 1024 * 1024 {
-        return Err(PublishError::DiskTooSmall {
-            path: disk_image.to_path_buf(),
-            size,
-            disk_size_gib: spec.disk_size_gib,
-        });
+    if let Some(disk_image) = disk_image {
+        let size = fs_err::metadata(disk_image)
+            .map_err(|source| PublishError::DiskImage {
+                path: disk_image.to_path_buf(),
+                source,
+            })?
+            .len();
+        if size > u64::from(spec.disk_size_gib) * 1024 * 1024 * 1024 {
+            return Err(PublishError::DiskTooSmall {
+                path: disk_image.to_path_buf(),
+                size,
+                disk_size_gib: spec.disk_size_gib,
+            });
+        }
     }
     check_regions(aws, spec).await?;
     let mut resolved = spec.clone();
@@ -228,13 +234,31 @@ async fn check_regions(aws: &Aws, spec: &AmiSpec) -> Result<(), PublishError> {
     Ok(())
 }
 
-/// Publishes the disk image as the AMI of `spec` in all its regions. `cancel` resolving means
-/// stop (Ctrl-C): what was made is removed and the error is [`PublishError::Interrupted`].
+/// The version's AMI in the first region, if a finished run made it: then no disk image is
+/// needed (a build can skip making one).
+pub async fn existing_image(
+    aws: &Aws,
+    spec: &AmiSpec,
+) -> Result<Option<lookup::ImageInfo>, PublishError> {
+    let home = &spec.home().region;
+    let images = lookup::images_of_version(&aws.ec2(home), &spec.recipe, &spec.version)
+        .await
+        .map_err(|source| PublishError::Lookup {
+            version: spec.version.clone(),
+            region: home.clone(),
+            source,
+        })?;
+    Ok(images.into_iter().next())
+}
+
+/// Publishes the disk image as the AMI of `spec` in all its regions (without a disk image, only
+/// when the first region has the AMI already). `cancel` resolving means stop (Ctrl-C): what was
+/// made is removed and the error is [`PublishError::Interrupted`].
 pub async fn publish_snapshot_ami(
     aws: &Aws,
     store: &Store,
     spec: &AmiSpec,
-    disk_image: &Path,
+    disk_image: Option<&Path>,
     disk_image_digest: Option<String>,
     options: &PublishOptions,
     cancel: impl Future<Output = ()>,
@@ -245,18 +269,15 @@ pub async fn publish_snapshot_ami(
         kept: false,
     };
     let spec = preflight(aws, spec, disk_image).await.map_err(fail)?;
-    let home = spec.home().region.clone();
-    let existing = lookup::images_of_version(&aws.ec2(&home), &spec.recipe, &spec.version)
-        .await
-        .map_err(|source| {
-            fail(PublishError::Lookup {
-                version: spec.version.clone(),
-                region: home.clone(),
-                source,
-            })
-        })?;
+    let existing = existing_image(aws, &spec).await.map_err(fail)?;
+    if existing.is_none() && disk_image.is_none() {
+        return Err(fail(PublishError::NoDiskImage {
+            version: spec.version.clone(),
+            region: spec.home().region.clone(),
+        }));
+    }
     let journal = Journal::begin(store, &spec.recipe, &spec.version).map_err(|e| fail(e.into()))?;
-    let work = make(aws, &journal, &spec, disk_image, existing.first(), options);
+    let work = make(aws, &journal, &spec, disk_image, existing.as_ref(), options);
     let result = tokio::select! {
         result = work => result,
         () = cancel => Err(PublishError::Interrupted),
@@ -297,7 +318,7 @@ async fn make(
     aws: &Aws,
     journal: &Journal,
     spec: &AmiSpec,
-    disk_image: &Path,
+    disk_image: Option<&Path>,
     existing: Option<&lookup::ImageInfo>,
     options: &PublishOptions,
 ) -> Result<Vec<super::RegionImage>, PublishError> {
@@ -313,6 +334,10 @@ async fn make(
             (image.image_id.clone(), None)
         }
         None => {
+            let disk_image = disk_image.ok_or_else(|| PublishError::NoDiskImage {
+                version: spec.version.clone(),
+                region: home.region.clone(),
+            })?;
             let snapshot_id = upload(aws, journal, spec, disk_image, options).await?;
             let mut tags = home.tags.clone();
             tags.insert(TAG_RUN.to_owned(), journal.run_id());

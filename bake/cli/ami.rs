@@ -5,23 +5,32 @@
 //!
 //! Environment: `BAKE_AWS_POLL_INTERVAL` (`5s` by default): pause between state polls.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::{VarArgs, print_json, print_reports};
+use crate::ami::boot::{BootSpec, boot_test};
 use crate::ami::cleanup::{Action, Removal, rollback};
+use crate::ami::disk::{DiskSpec, build_disk_image};
 use crate::ami::journal::{Journal, ResourceKind};
-use crate::ami::publish::{PublishFailed, PublishOptions, publish_snapshot_ami};
+use crate::ami::publish::{
+    PublishFailed, PublishOptions, existing_image, preflight, publish_snapshot_ami,
+};
 use crate::ami::upload::{SnapshotRequest, SnapshotUploader, min_volume_gib};
 use crate::ami::{AmiRecord, AmiSpec, SNAPSHOT_RECORD_FORMAT, SnapshotAmiBuildRecord, TAG_RUN};
 use crate::aws::Aws;
+use crate::build::pipeline::{BuildOptions, Builder};
+use crate::build::runner::NamespaceRunner;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::plan::{self, PlanError};
-use crate::recipe;
+use crate::recipe::{self, Recipe};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
@@ -302,7 +311,7 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         &aws,
         &store,
         &spec,
-        &args.disk_image,
+        Some(&args.disk_image),
         Some(digest),
         &options,
         interrupted(),
@@ -338,20 +347,22 @@ fn finish_publish(
             }
             ExitStatus::Success
         }
-        Err(failed) => {
-            print_reports(
-                settings,
-                &[Report::from_error(&failed).with_hint(failed.error.hint())],
-            );
-            print_removals(settings, &failed.removals, failed.kept);
-            if matches!(failed.error, crate::ami::publish::PublishError::Interrupted) {
-                ExitStatus::Interrupted
-            } else if failed.error.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            }
-        }
+        Err(failed) => finish_publish_error(settings, failed),
+    }
+}
+
+fn finish_publish_error(settings: &Settings, failed: PublishFailed) -> ExitStatus {
+    print_reports(
+        settings,
+        &[Report::from_error(&failed).with_hint(failed.error.hint())],
+    );
+    print_removals(settings, &failed.removals, failed.kept);
+    if matches!(failed.error, crate::ami::publish::PublishError::Interrupted) {
+        ExitStatus::Interrupted
+    } else if failed.error.is_user_error() {
+        ExitStatus::RecipeOrUsage
+    } else {
+        ExitStatus::Infrastructure
     }
 }
 
@@ -392,4 +403,237 @@ fn print_removals(settings: &Settings, removals: &[Removal], kept: bool) {
         }
     }
     print_reports(settings, &failures);
+}
+
+/// What `bake build` prints for a snapshot-strategy AMI.
+#[derive(Debug, Serialize)]
+struct AmiBuildOutput<'a> {
+    name: &'a str,
+    version: &'a str,
+    #[serde(flatten)]
+    ami: &'a AmiRecord,
+    /// The version's AMI existed already: no disk image was made, nothing was uploaded.
+    cached: bool,
+}
+
+/// Resolves when `flag` is set (by bake's SIGINT/SIGTERM handler).
+async fn flag_set(flag: Arc<AtomicBool>) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `bake build` for `outputs.ami.strategy: snapshot`: check regions and KMS keys, then (unless
+/// the version's AMI exists) provision the root, make the disk image, boot-test it, and publish
+/// it (upload, register, distribute); record and print the result.
+pub fn run_snapshot_build(
+    recipe: &Recipe,
+    shown: &str,
+    settings: &Settings,
+    cancel: Arc<AtomicBool>,
+) -> ExitStatus {
+    let report = |e: &(dyn std::error::Error + 'static)| {
+        print_reports(settings, &[Report::from_error(e)]);
+    };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            report(&e);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let plan = match plan::plan(recipe, shown, &settings.plan_options()) {
+        Ok(plan) => plan,
+        Err(error) => {
+            print_reports(settings, &super::plan::plan_reports(&error));
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let (Some(ami), Ok(Some(spec))) = (
+        recipe.outputs.ami.as_ref(),
+        AmiSpec::from_recipe(recipe, &plan.version),
+    ) else {
+        print_reports(
+            settings,
+            &[Report::new(format!(
+                "`{shown}` has no renderable `outputs.ami`"
+            ))],
+        );
+        return ExitStatus::RecipeOrUsage;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(&e);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let poll = match poll_interval() {
+        Ok(poll) => poll,
+        Err(r) => {
+            print_reports(settings, &[r]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let aws = runtime.block_on(Aws::load(&settings.aws));
+    // Regions and keys first: a typo should not cost a provisioning run.
+    let checked = runtime.block_on(async {
+        preflight(&aws, &spec, None).await?;
+        existing_image(&aws, &spec).await
+    });
+    let existing = match checked {
+        Ok(existing) => existing,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            return if e.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let started = std::time::Instant::now();
+    let quiet = settings.verbosity == crate::settings::Verbosity::Quiet;
+    let mut reporter = super::build::CliReporter { quiet };
+    // Holds the disk image until the upload is done.
+    let mut work_dir = None;
+    let mut disk: Option<(PathBuf, String)> = None;
+    if existing.is_none() {
+        let runner = match NamespaceRunner::new() {
+            Ok(runner) => runner,
+            Err(e) => {
+                report(&e);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        let builder = Builder {
+            store: &store,
+            runner: &runner,
+            options: BuildOptions {
+                source_date_epoch: plan.source_date_epoch(),
+                workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+                cancel: Arc::clone(&cancel),
+            },
+        };
+        let build_error = |error: crate::build::pipeline::BuildError| {
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            if error.is_interrupted() {
+                ExitStatus::Interrupted
+            } else if error.is_recipe_failure() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            }
+        };
+        let root = match builder.provision_root(recipe, &plan, &mut reporter) {
+            Ok(root) => root,
+            Err(e) => return build_error(e),
+        };
+        let dir = match store.work_dir("disk") {
+            Ok(dir) => dir,
+            Err(e) => {
+                report(&e);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        let disk_spec = DiskSpec::for_recipe(ami, &plan.version, plan.source_date_epoch());
+        if !quiet {
+            eprintln!("==> disk image ({} GiB)", ami.disk_size_gib);
+        }
+        let image = match build_disk_image(root.path(), &disk_spec, &dir.path().join("disk.raw")) {
+            Ok(image) => image,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return ExitStatus::RecipeOrUsage;
+            }
+        };
+        if let Err(e) = builder.run_command_tests(recipe, &plan, root.path(), &mut reporter) {
+            return build_error(e);
+        }
+        drop(root);
+        for test in &recipe.tests {
+            let Some(mut boot) = BootSpec::from_test(test) else {
+                continue;
+            };
+            boot.cancel = Some(Arc::clone(&cancel));
+            if !quiet {
+                eprintln!("==> boot test (waiting for `{}`)", boot.marker);
+            }
+            if let Err(e) = boot_test(&image.path, &boot) {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return if cancel.load(Ordering::SeqCst) {
+                    ExitStatus::Interrupted
+                } else {
+                    ExitStatus::RecipeOrUsage
+                };
+            }
+        }
+        disk = Some((image.path.clone(), image.digest.clone()));
+        work_dir = Some(dir);
+    }
+    let previous: Option<SnapshotAmiBuildRecord> = store.record(&plan.version).ok().flatten();
+    let digest = disk
+        .as_ref()
+        .map(|(_, digest)| digest.clone())
+        .or_else(|| previous.and_then(|r| r.ami.disk_image_digest));
+    let mut options = PublishOptions::default();
+    if let Some(interval) = poll {
+        options.snapshot_wait.interval = interval;
+        options.distribute.wait.interval = interval;
+    }
+    let result = runtime.block_on(publish_snapshot_ami(
+        &aws,
+        &store,
+        &spec,
+        disk.as_ref().map(|(path, _)| path.as_path()),
+        digest,
+        &options,
+        flag_set(Arc::clone(&cancel)),
+    ));
+    drop(work_dir);
+    let cached = existing.is_some();
+    let result = result.map(|ami| SnapshotAmiBuildRecord {
+        format: SNAPSHOT_RECORD_FORMAT.to_owned(),
+        name: plan.name.clone(),
+        version: plan.version.clone(),
+        recipe: plan.recipe.clone(),
+        bake_version: plan.bake_version.to_owned(),
+        inputs: plan.inputs.clone(),
+        ami,
+        duration_ms: started.elapsed().as_millis() as u64,
+    });
+    match result {
+        Ok(record) => {
+            if let Err(e) = store.put_record(&record.version, &record) {
+                tracing::warn!("failed to write the build record: {e}");
+            }
+            match settings.output {
+                OutputFormat::Json => print_json(&AmiBuildOutput {
+                    name: &record.name,
+                    version: &record.version,
+                    ami: &record.ami,
+                    cached,
+                }),
+                OutputFormat::Human => {
+                    println!("version  {}", record.version);
+                    print_ami_record(&record.ami);
+                    if cached && !quiet {
+                        eprintln!("(already built: the AMI of this version exists)");
+                    }
+                }
+            }
+            ExitStatus::Success
+        }
+        Err(failed) => finish_publish_error(settings, failed),
+    }
 }

@@ -44,6 +44,14 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     if super::ami_instance::is_instance_recipe(&recipe) {
         return super::ami_instance::run_build(&recipe, &shown, settings, cancel_on_signals());
     }
+    if recipe
+        .outputs
+        .ami
+        .as_ref()
+        .is_some_and(|a| a.strategy == crate::recipe::AmiStrategy::Snapshot)
+    {
+        return super::ami::run_snapshot_build(&recipe, &shown, settings, cancel_on_signals());
+    }
     let store = match Store::open(&settings.store) {
         Ok(store) => store,
         Err(e) => {
