@@ -16,6 +16,7 @@
 //! The command line ([`cli`]) is a thin layer that turns settings into calls and results into
 //! output and an [`exit::ExitStatus`].
 
+pub mod ami;
 pub mod artifact;
 pub mod aws;
 pub mod build;
@@ -28,4 +29,5 @@ pub mod publish;
 pub mod recipe;
 pub mod registry;
 pub mod settings;
+pub mod ssh;
 pub mod store;

@@ -62,6 +62,7 @@ impl Settings {
             image_resolver: Some(std::sync::Arc::new(crate::registry::RegistryResolver::new(
                 self.registry.clone(),
             ))),
+            source_ami: None,
         }
     }
 

@@ -57,6 +57,22 @@ pub struct Aws {
     interceptors: Vec<SharedInterceptor>,
 }
 
+/// Builds a per-region client of one service from the shared configuration, with the emulator
+/// account header and the extra interceptors.
+macro_rules! service_client {
+    ($self:ident, $sdk:ident, $region:expr) => {{
+        let mut builder =
+            $sdk::config::Builder::from(&$self.config).region(Region::new($region.to_owned()));
+        if let Some(account) = &$self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        for interceptor in &$self.interceptors {
+            builder.push_interceptor(interceptor.clone());
+        }
+        $sdk::Client::from_conf(builder.build())
+    }};
+}
+
 impl Aws {
     /// Loads the configuration (credentials are resolved lazily, at the first call).
     pub async fn load(settings: &AwsSettings) -> Self {
@@ -105,6 +121,11 @@ impl Aws {
         all
     }
 
+    /// Whether requests go to an endpoint override (an emulator) rather than AWS.
+    pub fn has_endpoint_override(&self) -> bool {
+        self.config.endpoint_url().is_some()
+    }
+
     /// The default region, if the settings or the environment give one.
     pub fn default_region(&self) -> Option<&str> {
         self.config.region().map(Region::as_ref)
@@ -116,44 +137,32 @@ impl Aws {
 
     /// An EC2 client for `region`.
     pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
-        let mut builder =
-            aws_sdk_ec2::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        for interceptor in self.interceptors() {
-            builder = builder.interceptor(interceptor);
-        }
-        aws_sdk_ec2::Client::from_conf(builder.build())
+        service_client!(self, aws_sdk_ec2, region)
     }
 
-    /// An SSM client for `region`.
-    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
-        let mut builder =
-            aws_sdk_ssm::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
-        }
-        aws_sdk_ssm::Client::from_conf(builder.build())
+    /// An EBS direct API client for `region` (snapshot block uploads).
+    pub fn ebs(&self, region: &str) -> aws_sdk_ebs::Client {
+        service_client!(self, aws_sdk_ebs, region)
     }
 
-    /// A KMS client for `region` (signing provenance with an asymmetric key).
+    /// A KMS client for `region`.
     pub fn kms(&self, region: &str) -> aws_sdk_kms::Client {
-        let mut builder =
-            aws_sdk_kms::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
-        }
-        aws_sdk_kms::Client::from_conf(builder.build())
+        service_client!(self, aws_sdk_kms, region)
     }
-}
 
-impl Aws {
+    /// An STS client for `region`.
+    pub fn sts(&self, region: &str) -> aws_sdk_sts::Client {
+        service_client!(self, aws_sdk_sts, region)
+    }
+
+    /// An SSM client for `region` (parameters: vendor AMIs, channels, published AMI ids).
+    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        service_client!(self, aws_sdk_ssm, region)
+    }
+
     /// An ECR client for `region`.
     pub fn ecr(&self, region: &str) -> aws_sdk_ecr::Client {
-        let mut builder =
-            aws_sdk_ecr::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
-        }
-        aws_sdk_ecr::Client::from_conf(builder.build())
+        service_client!(self, aws_sdk_ecr, region)
     }
 }
 

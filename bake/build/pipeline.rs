@@ -238,6 +238,64 @@ impl Builder<'_> {
             .map_err(|e| redact_error(e, &secrets))
     }
 
+    /// Runs the recipe's base and provisioners into a root directory and returns it, without
+    /// making an OCI image: the first half of an AMI build (`outputs.ami.strategy: snapshot`),
+    /// whose root becomes a disk image ([`crate::ami::disk`]).
+    ///
+    /// Steps are cached exactly as in [`Builder::build`] (same keys, same layers in the store),
+    /// so a second call runs nothing and only unpacks the cached layers. The root lives in the
+    /// store's work area and is removed when the returned value is dropped. Command tests are
+    /// not run: they may leave files behind, so run them ([`Builder::run_command_tests`]) once
+    /// the root is no longer needed as the image's content.
+    pub fn provision_root(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<ProvisionedRoot, BuildError> {
+        let secrets = secret_values(recipe);
+        let mut redacting = Redacting {
+            inner: reporter,
+            secrets: &secrets,
+        };
+        let provisioned = self
+            .provision(recipe, plan, &mut redacting)
+            .map_err(|e| redact_error(e, &secrets))?;
+        let mut root = provisioned.root;
+        self.materialize(&mut root, &recipe.name, &provisioned.layers)?;
+        Ok(ProvisionedRoot {
+            root: root.expect("materialized"),
+            layers: provisioned.layers,
+            steps: provisioned.reports,
+        })
+    }
+
+    /// Runs the recipe's `command` tests against `root` (as [`Builder::build`] does against
+    /// the final root of an OCI image).
+    pub fn run_command_tests(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        root: &Path,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<(), BuildError> {
+        let secrets = secret_values(recipe);
+        let mut redacting = Redacting {
+            inner: reporter,
+            secrets: &secrets,
+        };
+        let renderer = Renderer::default();
+        let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
+        for test in &recipe.tests {
+            if matches!(test, Test::Command { .. }) {
+                self.check_cancel()?;
+                self.run_test(test, root, &renderer, &context, &mut redacting)
+                    .map_err(|e| redact_error(e, &secrets))?;
+            }
+        }
+        Ok(())
+    }
+
     fn build_inner(
         &self,
         recipe: &Recipe,
@@ -257,6 +315,110 @@ impl Builder<'_> {
         let oci_output = recipe.outputs.oci.as_ref().ok_or(BuildError::NoOciOutput)?;
         let started = std::time::SystemTime::now();
         let clock = Instant::now();
+        let compression = recipe.build.compression;
+        let Provisioned {
+            layers,
+            history,
+            mut root,
+            reports,
+            compressor,
+        } = self.provision(recipe, plan, reporter)?;
+        let renderer = Renderer::default();
+        let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
+        // Tests run against the final root.
+        let tests: Vec<&Test> = recipe
+            .tests
+            .iter()
+            .filter(|t| matches!(t, Test::Command { .. }))
+            .collect();
+        if !tests.is_empty() {
+            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
+            for test in tests {
+                self.check_cancel()?;
+                self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
+            }
+        }
+        drop(root);
+
+        let settings = image_settings(recipe, oci_output, plan, &renderer)?;
+        let annotations = BTreeMap::from([
+            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (
+                oci_spec::image::ANNOTATION_TITLE.to_owned(),
+                recipe.name.clone(),
+            ),
+            (
+                oci_spec::image::ANNOTATION_VERSION.to_owned(),
+                plan.version_short().to_owned(),
+            ),
+        ]);
+        let ImageBlobs {
+            config,
+            config_digest,
+            manifest,
+            manifest_digest,
+        } = oci::assemble(
+            &settings,
+            &layers,
+            &history,
+            self.options.source_date_epoch,
+            &annotations,
+        )?;
+        self.store.put_blob(&config)?;
+        self.store.put_blob(&manifest)?;
+        let index_annotations = BTreeMap::from([
+            (
+                oci_spec::image::ANNOTATION_REF_NAME.to_owned(),
+                format!("{}:{}", recipe.name, plan.version_short()),
+            ),
+            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (ANNOTATION_RECIPE.to_owned(), recipe.name.clone()),
+        ]);
+        self.store.add_to_index(oci::descriptor(
+            oci_spec::image::MediaType::ImageManifest,
+            &manifest_digest,
+            manifest.len() as u64,
+            Some(index_annotations),
+        )?)?;
+        let output = BuildOutput {
+            name: recipe.name.clone(),
+            version: plan.version.clone(),
+            image_digest: manifest_digest,
+            config_digest,
+            manifest_size: manifest.len() as u64,
+            layers,
+            cached: false,
+            steps: reports,
+        };
+        let record = BuildRecord {
+            format: RECORD_FORMAT.into(),
+            name: recipe.name.clone(),
+            version: plan.version.clone(),
+            recipe: plan.recipe.clone(),
+            bake_version: env!("CARGO_PKG_VERSION").into(),
+            inputs: plan.inputs.clone(),
+            source_date_epoch: self.options.source_date_epoch,
+            compressor: if compressor.is_empty() {
+                describe_compression(compression)
+            } else {
+                compressor
+            },
+            output: output.clone(),
+            started: humantime::format_rfc3339_seconds(started).to_string(),
+            duration_ms: clock.elapsed().as_millis() as u64,
+        };
+        self.store.put_record(&plan.version, &record)?;
+        Ok(output)
+    }
+
+    /// Runs the base and every provisioning step (each cached by its chain key), leaving the
+    /// build root materialized only if a step had to run.
+    fn provision(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<Provisioned, BuildError> {
         let compression = recipe.build.compression;
         let BaseLayers {
             mut layers,
@@ -400,91 +562,13 @@ impl Builder<'_> {
             layers.extend(layer);
             history.push(entry);
         }
-
-        // Tests run against the final root.
-        let tests: Vec<&Test> = recipe
-            .tests
-            .iter()
-            .filter(|t| matches!(t, Test::Command { .. }))
-            .collect();
-        if !tests.is_empty() {
-            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
-            for test in tests {
-                self.check_cancel()?;
-                self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
-            }
-        }
-        drop(root);
-
-        let settings = image_settings(recipe, oci_output, plan, &renderer)?;
-        let annotations = BTreeMap::from([
-            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
-            (
-                oci_spec::image::ANNOTATION_TITLE.to_owned(),
-                recipe.name.clone(),
-            ),
-            (
-                oci_spec::image::ANNOTATION_VERSION.to_owned(),
-                plan.version_short().to_owned(),
-            ),
-        ]);
-        let ImageBlobs {
-            config,
-            config_digest,
-            manifest,
-            manifest_digest,
-        } = oci::assemble(
-            &settings,
-            &layers,
-            &history,
-            self.options.source_date_epoch,
-            &annotations,
-        )?;
-        self.store.put_blob(&config)?;
-        self.store.put_blob(&manifest)?;
-        let index_annotations = BTreeMap::from([
-            (
-                oci_spec::image::ANNOTATION_REF_NAME.to_owned(),
-                format!("{}:{}", recipe.name, plan.version_short()),
-            ),
-            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
-            (ANNOTATION_RECIPE.to_owned(), recipe.name.clone()),
-        ]);
-        self.store.add_to_index(oci::descriptor(
-            oci_spec::image::MediaType::ImageManifest,
-            &manifest_digest,
-            manifest.len() as u64,
-            Some(index_annotations),
-        )?)?;
-        let output = BuildOutput {
-            name: recipe.name.clone(),
-            version: plan.version.clone(),
-            image_digest: manifest_digest,
-            config_digest,
-            manifest_size: manifest.len() as u64,
+        Ok(Provisioned {
             layers,
-            cached: false,
-            steps: reports,
-        };
-        let record = BuildRecord {
-            format: RECORD_FORMAT.into(),
-            name: recipe.name.clone(),
-            version: plan.version.clone(),
-            recipe: plan.recipe.clone(),
-            bake_version: env!("CARGO_PKG_VERSION").into(),
-            inputs: plan.inputs.clone(),
-            source_date_epoch: self.options.source_date_epoch,
-            compressor: if compressor.is_empty() {
-                describe_compression(compression)
-            } else {
-                compressor
-            },
-            output: output.clone(),
-            started: humantime::format_rfc3339_seconds(started).to_string(),
-            duration_ms: clock.elapsed().as_millis() as u64,
-        };
-        self.store.put_record(&plan.version, &record)?;
-        Ok(output)
+            history,
+            root,
+            reports,
+            compressor,
+        })
     }
 
     /// The build root, made from `layers` the first time it is needed.
@@ -1114,6 +1198,41 @@ impl StepOutput for Tee<'_> {
         self.lines.line(step, stream, line);
         self.reporter.line(step, stream, line);
     }
+}
+
+/// A recipe's root filesystem after its base and provisioners, in the store's work area
+/// (removed on drop).
+pub struct ProvisionedRoot {
+    root: BuildRoot,
+    /// The layers the root is made of, base first.
+    pub layers: Vec<LayerRef>,
+    pub steps: Vec<StepReport>,
+}
+
+impl ProvisionedRoot {
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+}
+
+impl std::fmt::Debug for ProvisionedRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProvisionedRoot")
+            .field("path", &self.path())
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+/// The base and the provisioning steps, done.
+struct Provisioned {
+    layers: Vec<LayerRef>,
+    history: Vec<HistoryEntry>,
+    /// The build root, if a step had to run (so it is already materialized).
+    root: Option<BuildRoot>,
+    reports: Vec<StepReport>,
+    /// The compressor string of the last layer written, empty if none was.
+    compressor: String,
 }
 
 #[derive(Default)]

@@ -43,6 +43,17 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
     };
+    if super::ami_instance::is_instance_recipe(&recipe) {
+        return super::ami_instance::run_build(&recipe, &shown, settings, cancel_on_signals());
+    }
+    if recipe
+        .outputs
+        .ami
+        .as_ref()
+        .is_some_and(|a| a.strategy == crate::recipe::AmiStrategy::Snapshot)
+    {
+        return super::ami::run_snapshot_build(&recipe, &shown, settings, cancel_on_signals());
+    }
     let store = match Store::open(&settings.store) {
         Ok(store) => store,
         Err(e) => {
@@ -194,8 +205,8 @@ fn cancel_on_signals() -> Arc<AtomicBool> {
 }
 
 /// Shows build progress on stderr: one line per step, then its output prefixed by its name.
-struct CliReporter {
-    quiet: bool,
+pub(super) struct CliReporter {
+    pub(super) quiet: bool,
 }
 
 impl StepOutput for CliReporter {

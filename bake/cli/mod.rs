@@ -2,8 +2,11 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod ami;
+mod ami_instance;
 mod attest;
 mod build;
+mod cleanup;
 mod export;
 mod key;
 mod manifest;
@@ -74,6 +77,10 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
     Build(build::BuildArgs),
+    /// Remove AWS resources left by AMI builds that died (journals and tags).
+    Cleanup(cleanup::CleanupArgs),
+    /// AMIs from disk images: upload a raw image into an EBS snapshot, publish a recipe's AMI.
+    Ami(ami::AmiArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
     /// Sign and attach a built version's provenance (again): its image's, or its AMIs'.
@@ -144,6 +151,8 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Promote(args) => publish::run_promote(&args, settings),
         Command::Rollback(args) => publish::run_rollback(&args, settings),
         Command::Pin(args) => publish::run_pin(&args, settings),
+        Command::Ami(args) => ami::run(&args, settings),
+        Command::Cleanup(args) => cleanup::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

@@ -23,9 +23,22 @@ pub struct PlanArgs {
 
 pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let planned = recipe::load(&args.recipe, &args.vars.sources())
-        .map_err(PlanError::from)
-        .and_then(|recipe| plan::plan(&recipe, &shown, &settings.plan_options()));
+    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+        Ok(recipe) => recipe,
+        Err(errors) => {
+            print_reports(settings, &plan_reports(&PlanError::from(errors)));
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    // A source AMI is looked up in AWS, so its id enters the version.
+    let options = match super::ami_instance::plan_options(&recipe, settings) {
+        Ok(options) => options,
+        Err((report, status)) => {
+            print_reports(settings, &[report]);
+            return status;
+        }
+    };
+    let planned = plan::plan(&recipe, &shown, &options);
     match planned {
         Ok(plan) => {
             match settings.output {

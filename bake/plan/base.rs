@@ -30,6 +30,7 @@ pub fn identity(
     plan_recipe: &mut dyn FnMut(&Path) -> Result<super::Plan, PlanError>,
     cache: &super::hash::DigestCache,
     resolver: Option<&dyn ImageResolver>,
+    source_ami: Option<&crate::ami::instance::SourceAmi>,
 ) -> Result<Value, PlanError> {
     Ok(match &recipe.base {
         Base::Scratch => json!({ "kind": "scratch" }),
@@ -99,11 +100,22 @@ pub fn identity(
             let base = plan_recipe(path)?;
             json!({ "kind": "recipe", "name": base.name, "version": base.version })
         }
-        Base::Ami(_) => {
-            return Err(PlanError::UnresolvedAmi {
-                recipe: recipe.name.clone(),
-            });
-        }
+        // The exact image, so a new vendor release is a new version.
+        Base::Ami(_) => match source_ami {
+            Some(source) => json!({
+                "kind": "ami",
+                "region": source.region,
+                "image_id": source.image_id,
+                "name": source.name,
+                "creation_date": source.creation_date,
+                "owner_id": source.owner_id,
+            }),
+            None => {
+                return Err(PlanError::UnresolvedAmi {
+                    recipe: recipe.name.clone(),
+                });
+            }
+        },
     })
 }
 

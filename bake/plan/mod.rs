@@ -87,6 +87,9 @@ pub struct PlanOptions {
     pub digest_cache: Option<PathBuf>,
     /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
     pub image_resolver: Option<base::SharedResolver>,
+    /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
+    /// planning; `None` leaves such a recipe unplannable.
+    pub source_ami: Option<crate::ami::instance::SourceAmi>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,9 +118,7 @@ pub enum PlanError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(
-        "recipe `{recipe}` starts from a source AMI, which is resolved against AWS at build time"
-    )]
+    #[error("recipe `{recipe}` starts from a source AMI, which bake has not resolved")]
     UnresolvedAmi { recipe: String },
     #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
     Layout { path: PathBuf, reason: String },
@@ -138,9 +139,13 @@ impl PlanError {
             PlanError::UnpinnedImage { reference } => Some(format!(
                 "pin it as `{reference}@sha256:<digest>`, or plan with registry access so bake resolves the tag"
             )),
-            PlanError::UnresolvedAmi { .. } => {
-                Some("source-AMI recipes are planned by `bake build` with AWS credentials".into())
-            }
+            PlanError::UnresolvedAmi { .. } => Some(
+                "bake resolves source AMIs with AWS access: check the credentials and the region"
+                    .into(),
+            ),
+            PlanError::ImageResolve { source, .. } => source
+                .downcast_ref::<crate::registry::RegistryError>()
+                .and_then(crate::registry::RegistryError::hint),
             PlanError::Cycle { .. } => {
                 Some("a recipe cannot build on itself, directly or through others".into())
             }
@@ -209,6 +214,7 @@ fn plan_inner(
         &mut plan_base,
         cache,
         options.image_resolver.as_deref(),
+        options.source_ami.as_ref(),
     )?;
     let files = file_inputs(recipe, cache)?;
     let builtins = builtin_inputs(recipe);

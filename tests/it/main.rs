@@ -3,10 +3,13 @@
 //! Tests that need a server (moto, the registry) find it through the environment that
 //! `scripts/services` exports; without it they fail under `CI` and skip, with a message, outside.
 
+mod ami;
 mod aws_harness;
 mod build;
 mod cli;
 mod common;
+mod disk;
+mod instance;
 mod plan;
 mod provenance;
 mod publish;

@@ -1,0 +1,378 @@
+//! Removing what bake created: the rollback of a failed or interrupted run (from its live
+//! journal), and `bake cleanup` (journals of killed runs, plus unfinished snapshots found by
+//! bake's tags). Only resources a journal names, or that carry bake's tags and were never
+//! finished, are touched; a finished build's AMIs never are.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_ec2::Client as Ec2;
+use serde::Serialize;
+
+use super::journal::{self, Journal, JournalError, Resource, ResourceKind, ResourceStatus};
+use super::lookup;
+use super::{AwsCallError, TAG_RUN, TAG_VERSION, sdk_error_code};
+use crate::aws::Aws;
+use crate::store::Store;
+
+/// How far a creation date may precede the journal's start and still be this run's (clock
+/// skew between this machine and AWS).
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// What happened to one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Removed,
+    /// `--dry-run`: would have been removed.
+    WouldRemove,
+    /// Not there any more (removed earlier, or never made).
+    AlreadyGone,
+    Failed,
+}
+
+/// One resource's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Removal {
+    pub region: String,
+    pub kind: ResourceKind,
+    pub id: String,
+    pub action: Action,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The run that created it, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+}
+
+impl Removal {
+    pub fn failed(&self) -> bool {
+        self.action == Action::Failed
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Removes one resource (an image with its snapshots, or a snapshot). A resource whose id never
+/// reached the journal is found by bake's run tag (snapshots) or by its name and creation time
+/// (images: emulators may not store tags given at registration).
+async fn remove(
+    ec2: &Ec2,
+    run: &str,
+    started: u64,
+    resource: &Resource,
+    dry_run: bool,
+) -> Vec<Removal> {
+    let removal = |id: &str, kind, action, error: Option<String>| Removal {
+        region: resource.region.clone(),
+        kind,
+        id: id.to_owned(),
+        action,
+        error,
+        run: Some(run.to_owned()),
+    };
+    match resource.kind {
+        ResourceKind::Image => {
+            let candidates: Vec<(String, Vec<String>)> = match &resource.id {
+                Some(id) => match lookup::image(ec2, id).await {
+                    Ok(Some(info)) => vec![(id.clone(), info.snapshots)],
+                    Ok(None) => vec![],
+                    Err(e) => {
+                        return vec![removal(id, ResourceKind::Image, Action::Failed, Some(e.0))];
+                    }
+                },
+                None => match lookup::images_named(ec2, &resource.token).await {
+                    Ok(images) => images
+                        .into_iter()
+                        .filter(|i| {
+                            i.tags.get(TAG_RUN).map(String::as_str) == Some(run)
+                                || created_after(i.creation_date.as_deref(), started)
+                        })
+                        .map(|i| (i.image_id, i.snapshots))
+                        .collect(),
+                    Err(e) => {
+                        return vec![removal(
+                            &resource.token,
+                            ResourceKind::Image,
+                            Action::Failed,
+                            Some(e.0),
+                        )];
+                    }
+                },
+            };
+            let mut out = Vec::new();
+            if candidates.is_empty()
+                && let Some(id) = &resource.id
+            {
+                out.push(removal(id, ResourceKind::Image, Action::AlreadyGone, None));
+            }
+            let mut snapshots: Vec<String> = resource.snapshots.clone();
+            for (image_id, image_snapshots) in candidates {
+                for s in image_snapshots {
+                    if !snapshots.contains(&s) {
+                        snapshots.push(s);
+                    }
+                }
+                if dry_run {
+                    out.push(removal(
+                        &image_id,
+                        ResourceKind::Image,
+                        Action::WouldRemove,
+                        None,
+                    ));
+                    continue;
+                }
+                match ec2.deregister_image().image_id(&image_id).send().await {
+                    Ok(_) => out.push(removal(
+                        &image_id,
+                        ResourceKind::Image,
+                        Action::Removed,
+                        None,
+                    )),
+                    Err(e) if sdk_error_code(&e).is_some_and(|c| c.starts_with("InvalidAMIID")) => {
+                        out.push(removal(
+                            &image_id,
+                            ResourceKind::Image,
+                            Action::AlreadyGone,
+                            None,
+                        ));
+                    }
+                    Err(e) => {
+                        out.push(removal(
+                            &image_id,
+                            ResourceKind::Image,
+                            Action::Failed,
+                            Some(AwsCallError::from_sdk(&e).0),
+                        ));
+                        // Its snapshots are in use while it exists.
+                        return out;
+                    }
+                }
+            }
+            for snapshot_id in snapshots {
+                out.push(
+                    delete_snapshot(ec2, &snapshot_id, dry_run)
+                        .await
+                        .into_removal(&resource.region, &snapshot_id, run),
+                );
+            }
+            out
+        }
+        ResourceKind::Snapshot => {
+            let ids: Vec<String> = match &resource.id {
+                Some(id) => vec![id.clone()],
+                None => match lookup::snapshots_tagged(ec2, TAG_RUN, Some(run)).await {
+                    Ok(found) => found.into_iter().map(|s| s.snapshot_id).collect(),
+                    Err(e) => {
+                        return vec![removal(
+                            &resource.token,
+                            ResourceKind::Snapshot,
+                            Action::Failed,
+                            Some(e.0),
+                        )];
+                    }
+                },
+            };
+            let mut out = Vec::new();
+            for id in ids {
+                out.push(delete_snapshot(ec2, &id, dry_run).await.into_removal(
+                    &resource.region,
+                    &id,
+                    run,
+                ));
+            }
+            out
+        }
+        // A builder's temporary resources (instance strategy): terminated and deleted in
+        // the order AWS needs, found by id or by the run's tag.
+        ResourceKind::Instance | ResourceKind::KeyPair | ResourceKind::SecurityGroup => {
+            super::instance::cleanup::remove_journaled(ec2, resource, run, dry_run).await
+        }
+    }
+}
+
+fn created_after(creation_date: Option<&str>, started: u64) -> bool {
+    let Some(created) = creation_date.and_then(|d| humantime::parse_rfc3339_weak(d).ok()) else {
+        return false;
+    };
+    let started = UNIX_EPOCH + Duration::from_secs(started);
+    created + CLOCK_SKEW >= started
+}
+
+struct SnapshotOutcome(Action, Option<String>);
+
+impl SnapshotOutcome {
+    fn into_removal(self, region: &str, id: &str, run: &str) -> Removal {
+        Removal {
+            region: region.to_owned(),
+            kind: ResourceKind::Snapshot,
+            id: id.to_owned(),
+            action: self.0,
+            error: self.1,
+            run: Some(run.to_owned()),
+        }
+    }
+}
+
+async fn delete_snapshot(ec2: &Ec2, snapshot_id: &str, dry_run: bool) -> SnapshotOutcome {
+    if dry_run {
+        return match lookup::snapshot(ec2, snapshot_id).await {
+            Ok(Some(_)) => SnapshotOutcome(Action::WouldRemove, None),
+            Ok(None) => SnapshotOutcome(Action::AlreadyGone, None),
+            Err(e) => SnapshotOutcome(Action::Failed, Some(e.0)),
+        };
+    }
+    match ec2.delete_snapshot().snapshot_id(snapshot_id).send().await {
+        Ok(_) => SnapshotOutcome(Action::Removed, None),
+        Err(e) if sdk_error_code(&e) == Some("InvalidSnapshot.NotFound") => {
+            SnapshotOutcome(Action::AlreadyGone, None)
+        }
+        Err(e) => SnapshotOutcome(Action::Failed, Some(AwsCallError::from_sdk(&e).0)),
+    }
+}
+
+/// Removes everything a live run created, newest first, and deletes its journal if all went.
+/// Returns what happened to each resource; failures are in the list (the caller reports them
+/// next to the error that caused the rollback, never instead of it).
+pub async fn rollback(aws: &Aws, journal: Journal) -> Vec<Removal> {
+    let doc = journal.doc();
+    let mut removals = Vec::new();
+    let mut all_gone = true;
+    for (entry, resource) in journal.live() {
+        let ec2 = aws.ec2(&resource.region);
+        let outcome = remove(&ec2, &doc.run, doc.started, &resource, false).await;
+        if outcome.iter().any(Removal::failed) {
+            all_gone = false;
+        } else if let Err(e) = journal.removed(entry) {
+            tracing::warn!("failed to update the journal: {e}");
+            all_gone = false;
+        }
+        removals.extend(outcome);
+    }
+    if all_gone && let Err(e) = journal.discard() {
+        tracing::warn!("failed to delete the journal: {e}");
+    }
+    removals
+}
+
+/// What `bake cleanup` should do.
+#[derive(Debug, Clone, Default)]
+pub struct CleanupOptions {
+    pub dry_run: bool,
+    /// Only runs (and unfinished snapshots) older than this.
+    pub older_than: Option<Duration>,
+    /// Regions to search by tag for unfinished snapshots no journal names (runs from other
+    /// machines); the regions in journals are searched through the journals.
+    pub regions: Vec<String>,
+}
+
+/// What `bake cleanup` did.
+#[derive(Debug, Default, Serialize)]
+pub struct CleanupReport {
+    pub removals: Vec<Removal>,
+    /// Runs still alive: left alone.
+    pub running: Vec<String>,
+    /// Abandoned runs younger than `--older-than`: left alone.
+    pub skipped: Vec<String>,
+}
+
+impl CleanupReport {
+    pub fn failed(&self) -> bool {
+        self.removals.iter().any(Removal::failed)
+    }
+}
+
+/// Finds and removes what killed runs left behind.
+pub async fn cleanup(
+    aws: &Aws,
+    store: Option<&Store>,
+    options: &CleanupOptions,
+) -> Result<CleanupReport, CleanupError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let min_age = options.older_than.unwrap_or(Duration::ZERO).as_secs();
+    let scan = match store {
+        Some(store) => journal::abandoned(store)?,
+        None => journal::Scan::default(),
+    };
+    let mut report = CleanupReport {
+        running: scan.running,
+        ..CleanupReport::default()
+    };
+    for mut abandoned in scan.abandoned {
+        if now.saturating_sub(abandoned.doc.started) < min_age {
+            report.skipped.push(abandoned.doc.run.clone());
+            continue;
+        }
+        let run = abandoned.doc.run.clone();
+        let started = abandoned.doc.started;
+        let mut all_gone = true;
+        // Newest first: images before the snapshots they were made from.
+        for index in (0..abandoned.doc.resources.len()).rev() {
+            let resource = abandoned.doc.resources[index].clone();
+            if resource.status == ResourceStatus::Removed {
+                continue;
+            }
+            let ec2 = aws.ec2(&resource.region);
+            let outcome = remove(&ec2, &run, started, &resource, options.dry_run).await;
+            if outcome.iter().any(Removal::failed) {
+                all_gone = false;
+            } else if !options.dry_run {
+                abandoned.doc.resources[index].status = ResourceStatus::Removed;
+                if let Some(store) = store {
+                    abandoned.save(store)?;
+                }
+            }
+            report.removals.extend(outcome);
+        }
+        if all_gone && !options.dry_run {
+            abandoned.discard()?;
+        }
+    }
+    for region in &options.regions {
+        let ec2 = aws.ec2(region);
+        let found = match lookup::snapshots_tagged(&ec2, TAG_VERSION, None).await {
+            Ok(found) => found,
+            Err(e) => {
+                report.removals.push(Removal {
+                    region: region.clone(),
+                    kind: ResourceKind::Snapshot,
+                    id: format!("tag-key={TAG_VERSION}"),
+                    action: Action::Failed,
+                    error: Some(e.0),
+                    run: None,
+                });
+                continue;
+            }
+        };
+        for snapshot in found {
+            // Only snapshots that never completed: a completed one may back a finished AMI.
+            if !matches!(snapshot.state.as_str(), "pending" | "error")
+                || !snapshot.tags.contains_key(TAG_RUN)
+            {
+                continue;
+            }
+            let age = snapshot
+                .start_time
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .unwrap_or(Duration::ZERO);
+            if age.as_secs() < min_age {
+                continue;
+            }
+            let run = snapshot.tags.get(TAG_RUN).cloned().unwrap_or_default();
+            if report.running.contains(&run) {
+                continue;
+            }
+            let outcome = delete_snapshot(&ec2, &snapshot.snapshot_id, options.dry_run).await;
+            report
+                .removals
+                .push(outcome.into_removal(region, &snapshot.snapshot_id, &run));
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,577 @@
+//! Distribution: from one source AMI, make sure every region of an [`AmiSpec`] has the AMI
+//! (copying it where it is missing), tagged, shared as asked (never public unless asked) and
+//! deprecated when asked. Regions run in parallel with a bound; every region's outcome is
+//! reported, then the whole fails once if any region failed.
+//!
+//! Strategy-agnostic: the source AMI can come from a snapshot upload or a builder instance.
+//! Every step looks first, so a repeated distribution of a finished AMI makes no mutating call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_ec2::Client as Ec2;
+use aws_sdk_ec2::types::{
+    ImageAttributeName, LaunchPermission, LaunchPermissionModifications, PermissionGroup,
+    ResourceType, TagSpecification,
+};
+use futures_util::StreamExt as _;
+
+use super::journal::{Journal, JournalError, ResourceKind};
+use super::lookup::{self, ImageInfo};
+use super::wait::{Poll, WaitPolicy, wait_for};
+use super::{AmiSpec, AwsCallError, RegionImage, RegionSpec, TAG_RUN, sdk_error};
+use crate::aws::Aws;
+
+/// Regions worked on at once. AWS allows 20 concurrent snapshot copies per destination region
+/// and each region gets one copy here, so the bound is about API pressure and log readability,
+/// not the copy limit.
+pub const DEFAULT_REGION_CONCURRENCY: usize = 8;
+
+/// The AMI everything is copied from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceImage {
+    pub region: String,
+    pub image_id: String,
+}
+
+/// How to distribute.
+#[derive(Debug, Clone)]
+pub struct DistributeOptions {
+    pub concurrency: usize,
+    pub wait: WaitPolicy,
+}
+
+impl Default for DistributeOptions {
+    fn default() -> Self {
+        DistributeOptions {
+            concurrency: DEFAULT_REGION_CONCURRENCY,
+            wait: WaitPolicy::IMAGE,
+        }
+    }
+}
+
+/// Why one region failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("failed to look up the AMI of this version in {region}")]
+    Lookup {
+        region: String,
+        #[source]
+        source: AwsCallError,
+    },
+    #[error("failed to copy {source_image} from {source_region} to {region}")]
+    Copy {
+        source_image: String,
+        source_region: String,
+        region: String,
+        #[source]
+        source: AwsCallError,
+    },
+    #[error("AMI {image_id} in {region} did not become available")]
+    Wait {
+        image_id: String,
+        region: String,
+        #[source]
+        source: super::wait::WaitError,
+    },
+    #[error("failed to {action} AMI {image_id} in {region}")]
+    Finish {
+        action: &'static str,
+        image_id: String,
+        region: String,
+        #[source]
+        source: AwsCallError,
+    },
+    #[error("failed to journal a copy to {region}")]
+    Journal {
+        region: String,
+        #[source]
+        source: JournalError,
+    },
+}
+
+/// Every region's outcome.
+#[derive(Debug)]
+pub struct DistributionReport {
+    /// In the spec's region order.
+    pub outcomes: Vec<(String, Result<RegionImage, RegionError>)>,
+}
+
+/// Distribution failed in some regions; the others are listed too.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render_failure(.succeeded, .failed))]
+pub struct DistributionFailed {
+    pub succeeded: Vec<RegionImage>,
+    pub failed: Vec<(String, RegionError)>,
+}
+
+fn render_failure(succeeded: &[RegionImage], failed: &[(String, RegionError)]) -> String {
+    let mut text = format!(
+        "distribution failed in {} of {} regions:",
+        failed.len(),
+        failed.len() + succeeded.len()
+    );
+    for (region, error) in failed {
+        text.push_str(&format!("\n  {region}: {}", chain(error)));
+    }
+    for image in succeeded {
+        text.push_str(&format!(
+            "\n  {}: ok ({}, {})",
+            image.region, image.image_id, image.snapshot_id
+        ));
+    }
+    text
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl DistributionReport {
+    /// The images in region order, or every failure at once.
+    pub fn into_result(self) -> Result<Vec<RegionImage>, DistributionFailed> {
+        let mut succeeded = Vec::new();
+        let mut failed = Vec::new();
+        for (region, outcome) in self.outcomes {
+            match outcome {
+                Ok(image) => succeeded.push(image),
+                Err(e) => failed.push((region, e)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(succeeded)
+        } else {
+            Err(DistributionFailed { succeeded, failed })
+        }
+    }
+}
+
+/// Brings every region of `spec` to the AMI of `source` (which must be in `spec`'s first
+/// region): copies where missing, then tags, launch permissions and deprecation everywhere.
+/// Copies made are journaled (when a journal is given) before they are requested.
+///
+/// `created_here`: whether the source AMI was made by this run (then it also gets the run tag).
+pub async fn distribute(
+    aws: &Aws,
+    journal: Option<&Journal>,
+    spec: &AmiSpec,
+    source: &SourceImage,
+    created_here: bool,
+    options: &DistributeOptions,
+) -> DistributionReport {
+    let run = journal.map(Journal::run_id);
+    let emulator = aws.has_endpoint_override();
+    let outcomes = futures_util::stream::iter(spec.regions.iter().map(|region| {
+        let run = run.clone();
+        async move {
+            let outcome = if region.region == source.region {
+                let ec2 = aws.ec2(&region.region);
+                let run_tag = if created_here { run.as_deref() } else { None };
+                finish(&ec2, spec, region, &source.image_id, run_tag, emulator).await
+            } else {
+                copy_to(aws, journal, spec, region, source, run.as_deref(), options).await
+            };
+            if let Err(e) = &outcome {
+                tracing::warn!("{}: {}", region.region, chain(e));
+            }
+            (region.region.clone(), outcome)
+        }
+    }))
+    .buffered(options.concurrency.max(1))
+    .collect()
+    .await;
+    DistributionReport { outcomes }
+}
+
+async fn copy_to(
+    aws: &Aws,
+    journal: Option<&Journal>,
+    spec: &AmiSpec,
+    region: &RegionSpec,
+    source: &SourceImage,
+    run: Option<&str>,
+    options: &DistributeOptions,
+) -> Result<RegionImage, RegionError> {
+    let ec2 = aws.ec2(&region.region);
+    let existing = lookup::images_of_version(&ec2, &spec.recipe, &spec.version)
+        .await
+        .map_err(|source| RegionError::Lookup {
+            region: region.region.clone(),
+            source,
+        })?;
+    if let Some(image) = existing.first() {
+        tracing::info!("{}: reusing {}", region.region, image.image_id);
+        wait_available(&ec2, &region.region, &image.image_id, options.wait).await?;
+        return finish(
+            &ec2,
+            spec,
+            region,
+            &image.image_id,
+            None,
+            aws.has_endpoint_override(),
+        )
+        .await;
+    }
+    let journal_error = |source| RegionError::Journal {
+        region: region.region.clone(),
+        source,
+    };
+    let entry = match journal {
+        Some(j) => Some(
+            j.creating(ResourceKind::Image, &region.region, &region.name)
+                .map_err(journal_error)?,
+        ),
+        None => None,
+    };
+    let mut tags = region.tags.clone();
+    if let Some(run) = run {
+        tags.insert(TAG_RUN.to_owned(), run.to_owned());
+    }
+    let mut copy = ec2
+        .copy_image()
+        .source_image_id(&source.image_id)
+        .source_region(&source.region)
+        .name(&region.name)
+        .set_description(region.description.clone())
+        .client_token(spec.client_token("copy-image", &region.region))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .set_tags(Some(lookup::tags(&tags)))
+                .build(),
+        );
+    if spec.encrypted {
+        copy = copy
+            .encrypted(true)
+            .set_kms_key_id(region.kms_key_id.clone());
+    }
+    let out = copy.send().await.map_err(|e| RegionError::Copy {
+        source_image: source.image_id.clone(),
+        source_region: source.region.clone(),
+        region: region.region.clone(),
+        source: AwsCallError(sdk_error(&e)),
+    })?;
+    let image_id = out.image_id().unwrap_or_default().to_owned();
+    if let (Some(j), Some(entry)) = (journal, entry) {
+        j.created(entry, &image_id).map_err(journal_error)?;
+    }
+    let info = wait_available(&ec2, &region.region, &image_id, options.wait).await?;
+    if let (Some(j), Some(entry)) = (journal, entry) {
+        j.image_snapshots(entry, &info.snapshots)
+            .map_err(journal_error)?;
+    }
+    finish(
+        &ec2,
+        spec,
+        region,
+        &image_id,
+        run,
+        aws.has_endpoint_override(),
+    )
+    .await
+}
+
+async fn wait_available(
+    ec2: &Ec2,
+    region: &str,
+    image_id: &str,
+    policy: WaitPolicy,
+) -> Result<ImageInfo, RegionError> {
+    wait_for(policy, image_id, || async {
+        match lookup::image(ec2, image_id).await {
+            Ok(Some(info)) => Ok(match info.state.as_str() {
+                "available" => Poll::Ready,
+                "failed" | "error" | "invalid" | "deregistered" => Poll::Failed(info.state),
+                _ => Poll::Pending(info.state),
+            }),
+            // Just made and not visible yet (eventual consistency).
+            Ok(None) => Ok(Poll::Pending("not visible yet".into())),
+            Err(e) => Err(e.0),
+        }
+    })
+    .await
+    .map_err(|source| RegionError::Wait {
+        image_id: image_id.to_owned(),
+        region: region.to_owned(),
+        source,
+    })?;
+    lookup::image(ec2, image_id)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| RegionError::Wait {
+            image_id: image_id.to_owned(),
+            region: region.to_owned(),
+            source: super::wait::WaitError::Failed {
+                what: image_id.to_owned(),
+                state: "gone".into(),
+            },
+        })
+}
+
+/// Tags, launch permissions and deprecation of one region's AMI, each only if not already so.
+async fn finish(
+    ec2: &Ec2,
+    spec: &AmiSpec,
+    region: &RegionSpec,
+    image_id: &str,
+    run: Option<&str>,
+    emulator: bool,
+) -> Result<RegionImage, RegionError> {
+    let fail = |action: &'static str| {
+        move |source: AwsCallError| RegionError::Finish {
+            action,
+            image_id: image_id.to_owned(),
+            region: region.region.clone(),
+            source,
+        }
+    };
+    let info = lookup::image(ec2, image_id)
+        .await
+        .map_err(fail("describe"))?
+        .ok_or_else(|| fail("describe")(AwsCallError(format!("{image_id} does not exist"))))?;
+    let mut wanted = region.tags.clone();
+    if let Some(run) = run {
+        wanted.insert(TAG_RUN.to_owned(), run.to_owned());
+    }
+    lookup::ensure_tags(ec2, image_id, &info.tags, &wanted)
+        .await
+        .map_err(fail("tag"))?;
+    for snapshot_id in &info.snapshots {
+        let present = lookup::snapshot(ec2, snapshot_id)
+            .await
+            .map_err(fail("describe the snapshot of"))?
+            .map(|s| s.tags)
+            .unwrap_or_default();
+        lookup::ensure_tags(ec2, snapshot_id, &present, &wanted)
+            .await
+            .map_err(fail("tag the snapshot of"))?;
+    }
+    share(ec2, image_id, &spec.sharing)
+        .await
+        .map_err(fail("set launch permissions of"))?;
+    if let Some(after) = spec.deprecate_after
+        && info.deprecation_time.is_none()
+    {
+        let made = info
+            .creation_date
+            .as_deref()
+            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+            .unwrap_or_else(SystemTime::now);
+        match deprecate(ec2, image_id, made + after).await {
+            Ok(()) => {}
+            // Emulators without EnableImageDeprecation (moto answers an unmodeled 500): the
+            // request was made as for AWS; there is nothing to set.
+            Err(Unimplemented(_)) if emulator => tracing::warn!(
+                "{}: the AWS endpoint does not implement EnableImageDeprecation; {image_id} has no deprecation time",
+                region.region
+            ),
+            Err(e) => return Err(fail("set the deprecation time of")(e.into())),
+        }
+    }
+    let snapshot_id = info.snapshots.first().cloned().unwrap_or_default();
+    Ok(RegionImage {
+        region: region.region.clone(),
+        image_id: image_id.to_owned(),
+        snapshot_id,
+    })
+}
+
+/// What a launch permission grants to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Grantee {
+    Account(String),
+    Organization(String),
+    OrganizationalUnit(String),
+    Everyone,
+}
+
+impl Grantee {
+    fn of(permission: &LaunchPermission) -> Option<Grantee> {
+        if let Some(id) = permission.user_id() {
+            return Some(Grantee::Account(id.to_owned()));
+        }
+        if let Some(arn) = permission.organization_arn() {
+            return Some(Grantee::Organization(arn.to_owned()));
+        }
+        if let Some(arn) = permission.organizational_unit_arn() {
+            return Some(Grantee::OrganizationalUnit(arn.to_owned()));
+        }
+        (permission.group() == Some(&PermissionGroup::All)).then_some(Grantee::Everyone)
+    }
+
+    fn permission(&self) -> LaunchPermission {
+        let builder = LaunchPermission::builder();
+        match self {
+            Grantee::Account(id) => builder.user_id(id),
+            Grantee::Organization(arn) => builder.organization_arn(arn),
+            Grantee::OrganizationalUnit(arn) => builder.organizational_unit_arn(arn),
+            Grantee::Everyone => builder.group(PermissionGroup::All),
+        }
+        .build()
+    }
+}
+
+/// Grants what `sharing` asks and takes away public access it does not ask for. Grants to
+/// others that are already there are left alone (someone may have shared on purpose).
+async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<(), AwsCallError> {
+    let mut wanted: BTreeSet<Grantee> = BTreeSet::new();
+    wanted.extend(sharing.accounts.iter().cloned().map(Grantee::Account));
+    wanted.extend(
+        sharing
+            .organizations
+            .iter()
+            .cloned()
+            .map(Grantee::Organization),
+    );
+    wanted.extend(
+        sharing
+            .organizational_units
+            .iter()
+            .cloned()
+            .map(Grantee::OrganizationalUnit),
+    );
+    if sharing.public {
+        wanted.insert(Grantee::Everyone);
+    }
+    let current: BTreeSet<Grantee> = ec2
+        .describe_image_attribute()
+        .image_id(image_id)
+        .attribute(ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .map_err(|e| AwsCallError::from_sdk(&e))?
+        .launch_permissions()
+        .iter()
+        .filter_map(Grantee::of)
+        .collect();
+    let add: Vec<LaunchPermission> = wanted
+        .difference(&current)
+        .map(Grantee::permission)
+        .collect();
+    let remove: Vec<LaunchPermission> = if !sharing.public && current.contains(&Grantee::Everyone) {
+        vec![Grantee::Everyone.permission()]
+    } else {
+        Vec::new()
+    };
+    if add.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let mut modifications = LaunchPermissionModifications::builder();
+    if !add.is_empty() {
+        modifications = modifications.set_add(Some(add));
+    }
+    if !remove.is_empty() {
+        modifications = modifications.set_remove(Some(remove));
+    }
+    ec2.modify_image_attribute()
+        .image_id(image_id)
+        .launch_permission(modifications.build())
+        .send()
+        .await
+        .map_err(|e| AwsCallError::from_sdk(&e))?;
+    Ok(())
+}
+
+/// Why setting a deprecation time failed.
+#[derive(Debug)]
+enum DeprecateError {
+    /// A 5xx without an error code: the endpoint does not implement the call (an emulator).
+    Unimplemented(AwsCallError),
+    Failed(AwsCallError),
+}
+use DeprecateError::Unimplemented;
+
+impl From<DeprecateError> for AwsCallError {
+    fn from(e: DeprecateError) -> Self {
+        match e {
+            DeprecateError::Unimplemented(e) | DeprecateError::Failed(e) => e,
+        }
+    }
+}
+
+/// EC2 rounds deprecation times to the minute; sending a whole minute keeps the request stable.
+async fn deprecate(ec2: &Ec2, image_id: &str, at: SystemTime) -> Result<(), DeprecateError> {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let minute = secs - secs % 60;
+    ec2.enable_image_deprecation()
+        .image_id(image_id)
+        .deprecate_at(aws_sdk_ec2::primitives::DateTime::from_secs(minute as i64))
+        .send()
+        .await
+        .map_err(|e| {
+            let unimplemented = e
+                .raw_response()
+                .is_some_and(|r| r.status().is_server_error())
+                && super::sdk_error_code(&e).is_none();
+            let error = AwsCallError::from_sdk(&e);
+            if unimplemented {
+                DeprecateError::Unimplemented(error)
+            } else {
+                DeprecateError::Failed(error)
+            }
+        })?;
+    Ok(())
+}
+
+/// The tags an image gets in a region (exposed for strategies that create images themselves).
+pub fn image_tags(region: &RegionSpec, run: Option<&str>) -> BTreeMap<String, String> {
+    let mut tags = region.tags.clone();
+    if let Some(run) = run {
+        tags.insert(TAG_RUN.to_owned(), run.to_owned());
+    }
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grantees_round_trip_through_launch_permissions() {
+        for grantee in [
+            Grantee::Account("111122223333".into()),
+            Grantee::Organization("arn:aws:organizations::1:organization/o-1".into()),
+            Grantee::OrganizationalUnit("arn:aws:organizations::1:ou/o-1/ou-1".into()),
+            Grantee::Everyone,
+        ] {
+            assert_eq!(Grantee::of(&grantee.permission()), Some(grantee));
+        }
+    }
+
+    #[test]
+    fn a_failure_report_names_every_region() {
+        let failed = DistributionFailed {
+            succeeded: vec![RegionImage {
+                region: "us-east-1".into(),
+                image_id: "ami-1".into(),
+                snapshot_id: "snap-1".into(),
+            }],
+            failed: vec![(
+                "eu-west-1".into(),
+                RegionError::Copy {
+                    source_image: "ami-1".into(),
+                    source_region: "us-east-1".into(),
+                    region: "eu-west-1".into(),
+                    source: AwsCallError("InvalidAMIID.NotFound: no such AMI".into()),
+                },
+            )],
+        };
+        assert_eq!(
+            failed.to_string(),
+            "distribution failed in 1 of 2 regions:\n  eu-west-1: failed to copy ami-1 from \
+             us-east-1 to eu-west-1: InvalidAMIID.NotFound: no such AMI\n  us-east-1: ok \
+             (ami-1, snap-1)"
+        );
+    }
+}

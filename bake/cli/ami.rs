@@ -1,0 +1,639 @@
+//! `bake ami upload IMAGE`: upload a raw disk image into an EBS snapshot (journaled, removed
+//! again on failure or Ctrl-C), and `bake ami publish RECIPE --disk-image IMAGE`: the snapshot
+//! strategy's AWS half (upload, register, distribute) for a disk image built by `bake build`
+//! or by hand. Both print ids on stdout (`--output json` for machines).
+//!
+//! Environment: `BAKE_AWS_POLL_INTERVAL` (`5s` by default): pause between state polls.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::ami::boot::{BootSpec, boot_test};
+use crate::ami::cleanup::{Action, Removal, rollback};
+use crate::ami::disk::{DiskSpec, build_disk_image};
+use crate::ami::journal::{Journal, ResourceKind};
+use crate::ami::publish::{
+    PublishFailed, PublishOptions, existing_image, preflight, publish_snapshot_ami,
+};
+use crate::ami::upload::{SnapshotRequest, SnapshotUploader, min_volume_gib};
+use crate::ami::{AmiRecord, AmiSpec, SNAPSHOT_RECORD_FORMAT, SnapshotAmiBuildRecord, TAG_RUN};
+use crate::aws::Aws;
+use crate::build::pipeline::{BuildOptions, Builder};
+use crate::build::runner::NamespaceRunner;
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::plan::{self, PlanError};
+use crate::recipe::{self, Recipe};
+use crate::settings::{OutputFormat, Settings};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct AmiArgs {
+    #[command(subcommand)]
+    pub command: AmiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AmiCommand {
+    /// Upload a raw disk image into a new EBS snapshot (EBS direct APIs).
+    Upload(UploadArgs),
+    /// Upload a recipe's disk image, register the AMI and distribute it to the recipe's regions.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The raw disk image.
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+    /// The snapshot's volume size in GiB (default: the image's size, rounded up).
+    #[arg(long, value_name = "GIB")]
+    pub volume_size: Option<u64>,
+    /// The snapshot's description.
+    #[arg(long, default_value = "uploaded by bake")]
+    pub description: String,
+    /// `PutSnapshotBlock` calls in flight.
+    #[arg(long, default_value_t = crate::ami::upload::DEFAULT_CONCURRENCY)]
+    pub concurrency: usize,
+    /// On failure, keep the snapshot (and its journal, for `bake cleanup`).
+    #[arg(long)]
+    pub keep_on_failure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The recipe file (its `outputs.ami` says where and how).
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The raw disk image to publish.
+    #[arg(long, value_name = "IMAGE")]
+    pub disk_image: PathBuf,
+    /// On failure, keep what was made (and its journal, for `bake cleanup`).
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+pub fn run(args: &AmiArgs, settings: &Settings) -> ExitStatus {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let poll = match poll_interval() {
+        Ok(poll) => poll,
+        Err(report) => {
+            print_reports(settings, &[report]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    match &args.command {
+        AmiCommand::Upload(args) => runtime.block_on(upload(args, settings, poll)),
+        AmiCommand::Publish(args) => runtime.block_on(publish(args, settings, poll)),
+    }
+}
+
+fn poll_interval() -> Result<Option<Duration>, Report> {
+    match std::env::var("BAKE_AWS_POLL_INTERVAL") {
+        Ok(text) if !text.is_empty() => humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|_| Report::new(format!("BAKE_AWS_POLL_INTERVAL=`{text}` is not a duration"))),
+        _ => Ok(None),
+    }
+}
+
+/// Resolves when the user asks bake to stop (Ctrl-C or SIGTERM).
+pub async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let term = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Uploaded {
+    snapshot_id: String,
+    region: String,
+    changed_blocks: u64,
+    checksum: String,
+}
+
+async fn upload(args: &UploadArgs, settings: &Settings, poll: Option<Duration>) -> ExitStatus {
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let aws = Aws::load(&settings.aws).await;
+    let Some(region) = aws.default_region().map(str::to_owned) else {
+        print_reports(
+            settings,
+            &[Report::new("no AWS region to upload to")
+                .with_hint(Some("pass `--region`, or set `AWS_REGION`".into()))],
+        );
+        return ExitStatus::RecipeOrUsage;
+    };
+    let size = match fs_err::metadata(&args.image) {
+        Ok(m) => m.len(),
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let volume = args.volume_size.unwrap_or_else(|| min_volume_gib(size));
+    let mut uploader = SnapshotUploader::new(aws.ebs(&region), aws.ec2(&region), &region);
+    uploader.concurrency = args.concurrency.max(1);
+    if let Some(interval) = poll {
+        uploader.wait.interval = interval;
+    }
+    let journal = match Journal::begin(&store, "-", "-") {
+        Ok(j) => j,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let work = async {
+        let token = format!("bake-upload-{}", journal.run_id());
+        let entry = journal.creating(ResourceKind::Snapshot, &region, &token)?;
+        let snapshot_id = uploader
+            .start(&SnapshotRequest {
+                volume_size_gib: volume,
+                description: args.description.clone(),
+                tags: [(TAG_RUN.to_owned(), journal.run_id())].into(),
+                encrypted: false,
+                kms_key_arn: None,
+                client_token: token,
+            })
+            .await?;
+        journal.created(entry, &snapshot_id)?;
+        tracing::info!("uploading {} into {snapshot_id}", args.image.display());
+        let written = uploader
+            .put_blocks(&snapshot_id, &args.image, volume)
+            .await?;
+        uploader.complete(&snapshot_id, &written).await?;
+        uploader.wait_completed(&snapshot_id).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Uploaded {
+            snapshot_id,
+            region: region.clone(),
+            changed_blocks: written.changed_blocks,
+            checksum: written.checksum,
+        })
+    };
+    let result = tokio::select! {
+        result = work => result,
+        () = interrupted() => Err("interrupted".into()),
+    };
+    match result {
+        Ok(uploaded) => {
+            if let Err(e) = journal.finish() {
+                tracing::warn!("failed to delete the journal: {e}");
+            }
+            match settings.output {
+                OutputFormat::Json => print_json(&uploaded),
+                OutputFormat::Human => println!("snapshot  {}", uploaded.snapshot_id),
+            }
+            ExitStatus::Success
+        }
+        Err(error) => {
+            let interrupted = error.to_string() == "interrupted";
+            let report = Report::from_error(error.as_ref());
+            let removals = if args.keep_on_failure {
+                Vec::new()
+            } else {
+                rollback(&aws, journal).await
+            };
+            print_reports(settings, &[report]);
+            print_removals(settings, &removals, args.keep_on_failure);
+            if interrupted {
+                ExitStatus::Interrupted
+            } else {
+                ExitStatus::Infrastructure
+            }
+        }
+    }
+}
+
+async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>) -> ExitStatus {
+    let shown = args.recipe.display().to_string();
+    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+        Ok(recipe) => recipe,
+        Err(errors) => {
+            print_reports(
+                settings,
+                &super::plan::plan_reports(&PlanError::from(errors)),
+            );
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let plan = match plan::plan(&recipe, &shown, &settings.plan_options()) {
+        Ok(plan) => plan,
+        Err(error) => {
+            print_reports(settings, &super::plan::plan_reports(&error));
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let spec = match AmiSpec::from_recipe(&recipe, &plan.version) {
+        Ok(Some(spec)) => spec,
+        Ok(None) => {
+            print_reports(
+                settings,
+                &[Report::new(format!("`{shown}` has no `outputs.ami`"))],
+            );
+            return ExitStatus::RecipeOrUsage;
+        }
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let aws = Aws::load(&settings.aws).await;
+    let digest = {
+        let path = args.disk_image.clone();
+        match tokio::task::spawn_blocking(move || crate::ami::upload::file_digest(&path)).await {
+            Ok(Ok(digest)) => digest,
+            Ok(Err(e)) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                return ExitStatus::RecipeOrUsage;
+            }
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                return ExitStatus::Infrastructure;
+            }
+        }
+    };
+    let mut options = PublishOptions {
+        keep_on_failure: args.keep_on_failure,
+        ..PublishOptions::default()
+    };
+    if let Some(interval) = poll {
+        options.snapshot_wait.interval = interval;
+        options.distribute.wait.interval = interval;
+    }
+    let started = std::time::Instant::now();
+    let result = publish_snapshot_ami(
+        &aws,
+        &store,
+        &spec,
+        Some(&args.disk_image),
+        Some(digest),
+        &options,
+        interrupted(),
+    )
+    .await;
+    let result = result.map(|ami| SnapshotAmiBuildRecord {
+        format: SNAPSHOT_RECORD_FORMAT.to_owned(),
+        name: plan.name.clone(),
+        version: plan.version.clone(),
+        recipe: plan.recipe.clone(),
+        bake_version: plan.bake_version.to_owned(),
+        inputs: plan.inputs.clone(),
+        ami,
+        duration_ms: started.elapsed().as_millis() as u64,
+    });
+    finish_publish(settings, &store, result)
+}
+
+fn finish_publish(
+    settings: &Settings,
+    store: &Store,
+    result: Result<SnapshotAmiBuildRecord, PublishFailed>,
+) -> ExitStatus {
+    match result {
+        Ok(full) => {
+            if let Err(e) = store.put_record(&full.version, &full) {
+                tracing::warn!("failed to write the build record: {e}");
+            }
+            let record = full.ami;
+            match settings.output {
+                OutputFormat::Json => print_json(&record),
+                OutputFormat::Human => print_ami_record(&record),
+            }
+            ExitStatus::Success
+        }
+        Err(failed) => finish_publish_error(settings, failed),
+    }
+}
+
+fn finish_publish_error(settings: &Settings, failed: PublishFailed) -> ExitStatus {
+    print_reports(
+        settings,
+        &[Report::from_error(&failed).with_hint(failed.error.hint())],
+    );
+    print_removals(settings, &failed.removals, failed.kept);
+    if matches!(failed.error, crate::ami::publish::PublishError::Interrupted) {
+        ExitStatus::Interrupted
+    } else if failed.error.is_user_error() {
+        ExitStatus::RecipeOrUsage
+    } else {
+        ExitStatus::Infrastructure
+    }
+}
+
+/// Prints an AMI record for people: the disk image digest, then one line per region.
+pub fn print_ami_record(record: &AmiRecord) {
+    if let Some(digest) = &record.disk_image_digest {
+        println!("disk     {digest}");
+    }
+    for region in &record.regions {
+        println!(
+            "ami      {}  {}  {}",
+            region.region, region.image_id, region.snapshot_id
+        );
+    }
+}
+
+/// What a rollback did, on stderr (the error came first).
+fn print_removals(settings: &Settings, removals: &[Removal], kept: bool) {
+    if kept {
+        eprintln!("kept what this run made; `bake cleanup` removes it");
+        return;
+    }
+    let mut failures = Vec::new();
+    for r in removals {
+        match r.action {
+            Action::Removed => eprintln!("removed {:?} {} in {}", r.kind, r.id, r.region),
+            Action::Failed => failures.push(
+                Report::new(format!(
+                    "failed to remove {:?} {} in {}: {}",
+                    r.kind,
+                    r.id,
+                    r.region,
+                    r.error.as_deref().unwrap_or("unknown error")
+                ))
+                .with_hint(Some("run `bake cleanup` to retry".into())),
+            ),
+            _ => {}
+        }
+    }
+    print_reports(settings, &failures);
+}
+
+/// What `bake build` prints for a snapshot-strategy AMI.
+#[derive(Debug, Serialize)]
+struct AmiBuildOutput<'a> {
+    name: &'a str,
+    version: &'a str,
+    #[serde(flatten)]
+    ami: &'a AmiRecord,
+    /// The version's AMI existed already: no disk image was made, nothing was uploaded.
+    cached: bool,
+}
+
+/// Resolves when `flag` is set (by bake's SIGINT/SIGTERM handler).
+async fn flag_set(flag: Arc<AtomicBool>) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `bake build` for `outputs.ami.strategy: snapshot`: check regions and KMS keys, then (unless
+/// the version's AMI exists) provision the root, make the disk image, boot-test it, and publish
+/// it (upload, register, distribute); record and print the result.
+pub fn run_snapshot_build(
+    recipe: &Recipe,
+    shown: &str,
+    settings: &Settings,
+    cancel: Arc<AtomicBool>,
+) -> ExitStatus {
+    let report = |e: &(dyn std::error::Error + 'static)| {
+        print_reports(settings, &[Report::from_error(e)]);
+    };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            report(&e);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let plan = match plan::plan(recipe, shown, &settings.plan_options()) {
+        Ok(plan) => plan,
+        Err(error) => {
+            print_reports(settings, &super::plan::plan_reports(&error));
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let (Some(ami), Ok(Some(spec))) = (
+        recipe.outputs.ami.as_ref(),
+        AmiSpec::from_recipe(recipe, &plan.version),
+    ) else {
+        print_reports(
+            settings,
+            &[Report::new(format!(
+                "`{shown}` has no renderable `outputs.ami`"
+            ))],
+        );
+        return ExitStatus::RecipeOrUsage;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(&e);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let poll = match poll_interval() {
+        Ok(poll) => poll,
+        Err(r) => {
+            print_reports(settings, &[r]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let aws = runtime.block_on(Aws::load(&settings.aws));
+    // Regions and keys first: a typo should not cost a provisioning run.
+    let checked = runtime.block_on(async {
+        preflight(&aws, &spec, None).await?;
+        existing_image(&aws, &spec).await
+    });
+    let existing = match checked {
+        Ok(existing) => existing,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            return if e.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    };
+    let started = std::time::Instant::now();
+    let quiet = settings.verbosity == crate::settings::Verbosity::Quiet;
+    let mut reporter = super::build::CliReporter { quiet };
+    // Holds the disk image until the upload is done.
+    let mut work_dir = None;
+    let mut disk: Option<(PathBuf, String)> = None;
+    if existing.is_none() {
+        let runner = match NamespaceRunner::new() {
+            Ok(runner) => runner,
+            Err(e) => {
+                report(&e);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        let builder = Builder {
+            store: &store,
+            runner: &runner,
+            options: BuildOptions {
+                source_date_epoch: plan.source_date_epoch(),
+                workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+                cancel: Arc::clone(&cancel),
+            },
+        };
+        let build_error = |error: crate::build::pipeline::BuildError| {
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            if error.is_interrupted() {
+                ExitStatus::Interrupted
+            } else if error.is_recipe_failure() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            }
+        };
+        let root = match builder.provision_root(recipe, &plan, &mut reporter) {
+            Ok(root) => root,
+            Err(e) => return build_error(e),
+        };
+        let dir = match store.work_dir("disk") {
+            Ok(dir) => dir,
+            Err(e) => {
+                report(&e);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        let disk_spec = DiskSpec::for_recipe(ami, &plan.version, plan.source_date_epoch());
+        if !quiet {
+            eprintln!("==> disk image ({} GiB)", ami.disk_size_gib);
+        }
+        let image = match build_disk_image(root.path(), &disk_spec, &dir.path().join("disk.raw")) {
+            Ok(image) => image,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return ExitStatus::RecipeOrUsage;
+            }
+        };
+        if let Err(e) = builder.run_command_tests(recipe, &plan, root.path(), &mut reporter) {
+            return build_error(e);
+        }
+        drop(root);
+        for test in &recipe.tests {
+            let Some(mut boot) = BootSpec::from_test(test) else {
+                continue;
+            };
+            boot.cancel = Some(Arc::clone(&cancel));
+            if !quiet {
+                eprintln!("==> boot test (waiting for `{}`)", boot.marker);
+            }
+            if let Err(e) = boot_test(&image.path, &boot) {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return if cancel.load(Ordering::SeqCst) {
+                    ExitStatus::Interrupted
+                } else {
+                    ExitStatus::RecipeOrUsage
+                };
+            }
+        }
+        disk = Some((image.path.clone(), image.digest.clone()));
+        work_dir = Some(dir);
+    }
+    let previous: Option<SnapshotAmiBuildRecord> = store.record(&plan.version).ok().flatten();
+    let digest = disk
+        .as_ref()
+        .map(|(_, digest)| digest.clone())
+        .or_else(|| previous.and_then(|r| r.ami.disk_image_digest));
+    let mut options = PublishOptions::default();
+    if let Some(interval) = poll {
+        options.snapshot_wait.interval = interval;
+        options.distribute.wait.interval = interval;
+    }
+    let result = runtime.block_on(publish_snapshot_ami(
+        &aws,
+        &store,
+        &spec,
+        disk.as_ref().map(|(path, _)| path.as_path()),
+        digest,
+        &options,
+        flag_set(Arc::clone(&cancel)),
+    ));
+    drop(work_dir);
+    let cached = existing.is_some();
+    let result = result.map(|ami| SnapshotAmiBuildRecord {
+        format: SNAPSHOT_RECORD_FORMAT.to_owned(),
+        name: plan.name.clone(),
+        version: plan.version.clone(),
+        recipe: plan.recipe.clone(),
+        bake_version: plan.bake_version.to_owned(),
+        inputs: plan.inputs.clone(),
+        ami,
+        duration_ms: started.elapsed().as_millis() as u64,
+    });
+    match result {
+        Ok(record) => {
+            if let Err(e) = store.put_record(&record.version, &record) {
+                tracing::warn!("failed to write the build record: {e}");
+            }
+            match settings.output {
+                OutputFormat::Json => print_json(&AmiBuildOutput {
+                    name: &record.name,
+                    version: &record.version,
+                    ami: &record.ami,
+                    cached,
+                }),
+                OutputFormat::Human => {
+                    println!("version  {}", record.version);
+                    print_ami_record(&record.ami);
+                    if cached && !quiet {
+                        eprintln!("(already built: the AMI of this version exists)");
+                    }
+                }
+            }
+            ExitStatus::Success
+        }
+        Err(failed) => finish_publish_error(settings, failed),
+    }
+}
