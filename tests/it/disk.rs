@@ -400,7 +400,10 @@ fn a_boot_without_the_marker_fails_with_the_last_console_lines() {
     // The firmware and the kernel speak within this time even under software emulation on a
     // busy two-core machine (the first firmware line took over a minute there); the marker
     // never comes.
-    let spec = BootSpec::new("bake-marker-that-is-never-printed", Duration::from_secs(180));
+    let spec = BootSpec::new(
+        "bake-marker-that-is-never-printed",
+        Duration::from_secs(180),
+    );
     let error = boot_test(&image.path, &spec).unwrap_err();
     let BootError::Timeout { last_lines, .. } = &error else {
         panic!("expected a timeout, got {error}");
