@@ -11,9 +11,9 @@
 //! says something about the AMI itself. A recipe typically installs a oneshot unit ordered
 //! after `multi-user.target` that writes the marker to `/dev/ttyS0` (or `/dev/kmsg`) — which
 //! also tells operators reading an instance's console output (`get-console-output`, the EC2
-//! serial console) that the boot finished. The marker must be a console line of its own
-//! (a kernel log timestamp in front is allowed): systemd's own `Starting …` lines name the
-//! unit, so a marker that merely appears in a unit's name never counts.
+//! serial console) that the boot finished. The marker must end a console line, as a word of
+//! its own (see [`is_marker`]): systemd's own `Starting …` lines name the unit, so a marker
+//! that merely appears in a unit's name never counts.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -184,7 +184,7 @@ impl BootError {
             BootError::NoQemu => Some("install it with `apt-get install qemu-system-x86`".into()),
             BootError::NoFirmware { .. } => Some("install it with `apt-get install ovmf`".into()),
             BootError::Timeout { .. } => Some(
-                "check that the image prints the marker as a line of its own on the serial console (a oneshot unit after multi-user.target running `echo MARKER >/dev/ttyS0`), or raise the test's `timeout`".into(),
+                "check that the image prints the marker at the end of a line on the serial console (a oneshot unit after multi-user.target running `echo MARKER >/dev/ttyS0`), or raise the test's `timeout`".into(),
             ),
             BootError::Exited { .. } => {
                 Some("the kernel panicked or the machine rebooted: see the console lines".into())
@@ -420,17 +420,15 @@ fn boot_once(
     })
 }
 
-/// Whether a console line is the marker: the whole line, or the whole message of a kernel log
-/// line (`[   12.345678] MARKER`, what writing the marker to `/dev/kmsg` prints). Only a whole
-/// line counts, so systemd announcing a unit whose name contains the marker does not.
+/// Whether a console line carries the marker: the line ends with it, as a word of its own
+/// (at the start, or after a space, `:` or `]`). So a kernel log line (`[   12.345678]
+/// MARKER`, from `/dev/kmsg`) and a marker written right after getty's prompt (`vm login:
+/// MARKER`, which has no newline of its own) count, while systemd announcing a unit whose name
+/// contains the marker (`Starting MARKER.service - …`) does not.
 fn is_marker(line: &str, marker: &str) -> bool {
-    let line = line.trim();
-    let message = line
-        .strip_prefix('[')
-        .and_then(|rest| rest.split_once("] "))
-        .filter(|(stamp, _)| stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.'))
-        .map_or(line, |(_, message)| message.trim());
-    line == marker || message == marker
+    let line = line.trim_end();
+    line.strip_suffix(marker)
+        .is_some_and(|before| before.is_empty() || before.ends_with([' ', ':', ']']))
 }
 
 /// The last lines of QEMU's own messages.
@@ -543,10 +541,11 @@ mod tests {
     }
 
     #[test]
-    fn only_a_whole_line_is_the_marker() {
+    fn the_marker_must_end_the_line_as_a_word() {
         assert!(is_marker("bake-boot-ok", "bake-boot-ok"));
         assert!(is_marker("  bake-boot-ok ", "bake-boot-ok"));
         assert!(is_marker("[   31.415926] bake-boot-ok", "bake-boot-ok"));
+        assert!(is_marker("vm login: bake-boot-ok", "bake-boot-ok"));
         assert!(!is_marker(
             "         Starting bake-boot-ok.service - Report a finished boot...",
             "bake-boot-ok"
@@ -556,6 +555,7 @@ mod tests {
             "bake-boot-ok"
         ));
         assert!(!is_marker("[ 1.0] bake-boot-ok-not", "bake-boot-ok"));
+        assert!(!is_marker("not-bake-boot-ok", "bake-boot-ok"));
     }
 
     #[test]

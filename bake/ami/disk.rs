@@ -404,6 +404,17 @@ fn io_error(doing: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DiskE
     }
 }
 
+/// The host path of `path` in the image at `root`, following the image's symlinks inside
+/// the root only: bake runs as root, and an image whose `/etc` points at the host's must not
+/// get bake to write there.
+fn in_root(root: &Path, path: &str) -> Result<PathBuf, DiskError> {
+    crate::build::runner::resolve_in_root(root, Path::new(path)).map_err(|source| DiskError::Io {
+        doing: "resolve",
+        path: root.join(path.trim_start_matches('/')),
+        source,
+    })
+}
+
 /// The tools a disk image needs, and the Debian package of each.
 const TOOLS: [(&str, &str); 5] = [
     ("mkfs.ext4", "e2fsprogs"),
@@ -656,7 +667,7 @@ struct Kernel {
 
 /// The newest `/boot/vmlinuz-RELEASE` of `root` and its `/boot/initrd.img-RELEASE`.
 fn find_kernel(root: &Path) -> Result<Kernel, DiskError> {
-    let boot = root.join("boot");
+    let boot = in_root(root, "/boot")?;
     let mut releases: Vec<String> = match fs_err::read_dir(&boot) {
         Ok(entries) => entries
             .filter_map(|e| e.ok())
@@ -680,8 +691,8 @@ fn find_kernel(root: &Path) -> Result<Kernel, DiskError> {
     let release = releases.pop().ok_or_else(|| DiskError::NoKernel {
         root: root.to_path_buf(),
     })?;
-    let vmlinuz = boot.join(format!("vmlinuz-{release}"));
-    let initrd = boot.join(format!("initrd.img-{release}"));
+    let vmlinuz = in_root(root, &format!("/boot/vmlinuz-{release}"))?;
+    let initrd = in_root(root, &format!("/boot/initrd.img-{release}"))?;
     if !initrd.is_file() {
         return Err(DiskError::NoInitrd {
             root: root.to_path_buf(),
@@ -731,7 +742,7 @@ fn find_bootloader(
         "usr/lib/systemd/boot/efi/systemd-boot{}.efi",
         efi_arch(architecture)
     );
-    let in_image = root.join(&file);
+    let in_image = in_root(root, &file)?;
     if in_image.is_file() {
         return Ok((in_image, format!("systemd-boot from the image (/{file})")));
     }
@@ -753,9 +764,10 @@ fn find_bootloader(
 
 /// The loader entry's title: the image's `PRETTY_NAME`, else "Linux".
 fn os_title(root: &Path) -> String {
-    ["etc/os-release", "usr/lib/os-release"]
+    ["/etc/os-release", "/usr/lib/os-release"]
         .iter()
-        .filter_map(|p| std::fs::read_to_string(root.join(p)).ok())
+        .filter_map(|p| in_root(root, p).ok())
+        .filter_map(|p| std::fs::read_to_string(p).ok())
         .find_map(|text| {
             text.lines().find_map(|l| {
                 l.strip_prefix("PRETTY_NAME=")
@@ -768,7 +780,7 @@ fn os_title(root: &Path) -> String {
 /// Writes `/etc/fstab`: the root and the ESP by filesystem id, then any entry the image
 /// already had for other mount points.
 fn write_fstab(root: &Path, ids: &DiskIds) -> Result<(), DiskError> {
-    let etc = root.join("etc");
+    let etc = in_root(root, "/etc")?;
     let path = etc.join("fstab");
     // Refuse to follow a symlink out of the root.
     if fs_err::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -807,7 +819,7 @@ fn write_fstab(root: &Path, ids: &DiskIds) -> Result<(), DiskError> {
         path: path.clone(),
         source: io::Error::new(e.kind(), e),
     })?;
-    let mount_point = root.join(ESP_MOUNT_POINT.trim_start_matches('/'));
+    let mount_point = in_root(root, ESP_MOUNT_POINT)?;
     fs_err::create_dir_all(&mount_point).map_err(|e| DiskError::Io {
         doing: "create",
         path: mount_point.clone(),
@@ -1367,6 +1379,26 @@ mod tests {
         assert!(text.contains("tmpfs /tmp tmpfs nosuid 0 0"), "{text}");
         assert!(!text.contains("/dev/sda1"), "{text}");
         assert!(root.path().join("boot/efi").is_dir());
+    }
+
+    #[test]
+    fn fstab_stays_in_the_root_when_etc_points_outside() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("etc")).unwrap();
+        write_fstab(root.path(), &spec(8).ids()).unwrap();
+        assert!(
+            !outside.path().join("fstab").exists(),
+            "wrote outside the root"
+        );
+        let inside = root
+            .path()
+            .join(outside.path().strip_prefix("/").unwrap())
+            .join("fstab");
+        assert!(
+            inside.is_file(),
+            "the image's /etc is resolved inside the root"
+        );
     }
 
     #[test]

@@ -23,10 +23,14 @@
 //! for the snapshot strategy; [`instance`] is the builder-instance strategy (launch a vendor
 //! image, provision it over SSH, create the image), with its own journal of temporary
 //! resources.
+//!
+//! [`disk_build::build_local_image`] runs the local part (root, image, command and boot tests)
+//! in one call.
 
 pub mod boot;
 pub mod cleanup;
 pub mod disk;
+pub mod disk_build;
 pub mod distribute;
 pub mod instance;
 pub mod journal;
