@@ -18,6 +18,9 @@ pub enum ExitStatus {
     PartialPublish,
     /// The run was interrupted (Ctrl-C or SIGTERM) and cleaned up after itself.
     Interrupted,
+    /// An artifact failed verification: a bad or untrusted signature, attestations about
+    /// another artifact, or none at all.
+    Unverified,
 }
 
 impl ExitStatus {
@@ -29,6 +32,7 @@ impl ExitStatus {
             ExitStatus::Infrastructure => 3,
             ExitStatus::PartialPublish => 4,
             ExitStatus::Interrupted => 130,
+            ExitStatus::Unverified => 5,
         }
     }
 }
@@ -51,10 +55,11 @@ mod tests {
             ExitStatus::Infrastructure,
             ExitStatus::PartialPublish,
             ExitStatus::Interrupted,
+            ExitStatus::Unverified,
         ]
         .iter()
         .map(|s| s.code())
         .collect();
-        assert_eq!(codes, [0, 2, 3, 4, 130]);
+        assert_eq!(codes, [0, 2, 3, 4, 130, 5]);
     }
 }

@@ -38,6 +38,8 @@ pub struct Settings {
     /// Colour error output (only on a terminal, and never with `NO_COLOR`).
     pub color: bool,
     pub aws: AwsSettings,
+    /// Registries: insecure hosts, CA file, endpoint overrides, Docker's credentials file.
+    pub registry: crate::registry::RegistrySettings,
 }
 
 impl Settings {
@@ -57,6 +59,9 @@ impl Settings {
                 .store
                 .is_dir()
                 .then(|| self.store.join("cache/file-digests.json")),
+            image_resolver: Some(std::sync::Arc::new(crate::registry::RegistryResolver::new(
+                self.registry.clone(),
+            ))),
             source_ami: None,
         }
     }
@@ -85,6 +90,7 @@ impl Settings {
             progress: stderr_tty && !args.no_progress && verbosity > Verbosity::Quiet,
             color: stderr_tty && !no_color,
             aws,
+            registry: crate::registry::RegistrySettings::from_env(),
         }
     }
 }

@@ -186,14 +186,11 @@ async fn remove(
             }
             out
         }
-        other => vec![removal(
-            resource.id.as_deref().unwrap_or(&resource.token),
-            other,
-            Action::Failed,
-            Some(format!(
-                "bake cannot remove a {other:?} resource here; remove it by hand"
-            )),
-        )],
+        // A builder's temporary resources (instance strategy): terminated and deleted in
+        // the order AWS needs, found by id or by the run's tag.
+        ResourceKind::Instance | ResourceKind::KeyPair | ResourceKind::SecurityGroup => {
+            super::instance::cleanup::remove_journaled(ec2, resource, run, dry_run).await
+        }
     }
 }
 

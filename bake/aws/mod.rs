@@ -109,6 +109,18 @@ impl Aws {
         self
     }
 
+    /// The interceptors a client of any service must carry: the emulator account header and
+    /// any added with [`Aws::with_interceptor`]. For clients of services without a method here.
+    pub fn interceptors(&self) -> Vec<SharedInterceptor> {
+        let mut all: Vec<SharedInterceptor> = self
+            .emulator_account
+            .iter()
+            .map(|a| SharedInterceptor::new(EmulatorAccount(a.clone())))
+            .collect();
+        all.extend(self.interceptors.iter().cloned());
+        all
+    }
+
     /// Whether requests go to an endpoint override (an emulator) rather than AWS.
     pub fn has_endpoint_override(&self) -> bool {
         self.config.endpoint_url().is_some()
@@ -142,17 +154,15 @@ impl Aws {
     pub fn sts(&self, region: &str) -> aws_sdk_sts::Client {
         service_client!(self, aws_sdk_sts, region)
     }
-}
 
-impl Aws {
-    /// An SSM client for `region` (public parameters name vendor AMIs).
+    /// An SSM client for `region` (parameters: vendor AMIs, channels, published AMI ids).
     pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
-        let mut builder =
-            aws_sdk_ssm::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
-        }
-        aws_sdk_ssm::Client::from_conf(builder.build())
+        service_client!(self, aws_sdk_ssm, region)
+    }
+
+    /// An ECR client for `region`.
+    pub fn ecr(&self, region: &str) -> aws_sdk_ecr::Client {
+        service_client!(self, aws_sdk_ecr, region)
     }
 }
 

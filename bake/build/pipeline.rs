@@ -106,6 +106,8 @@ pub enum BuildError {
     },
     #[error("base `{0}` cannot be built locally yet")]
     UnsupportedBase(String),
+    #[error("base image `{reference}` ({digest}) is not in the store")]
+    BaseNotPulled { reference: String, digest: String },
     #[error("failed to unpack layer {digest}")]
     Unpack {
         digest: String,
@@ -185,7 +187,10 @@ impl BuildError {
             BuildError::Base { source, .. } => source.hint(),
             BuildError::Step(e) => e.hint(),
             BuildError::UnsupportedBase(_) => {
-                Some("registry bases arrive with registry support; use a bootstrap, rootfs or OCI layout base".into())
+                Some("use an image, bootstrap, rootfs or OCI layout base".into())
+            }
+            BuildError::BaseNotPulled { .. } => {
+                Some("`bake build` pulls registry bases before building; pull it with `bake build`, or check registry access".into())
             }
             _ => None,
         }
@@ -682,11 +687,27 @@ impl Builder<'_> {
         }));
         match &recipe.base {
             Base::Scratch => Ok(BaseLayers::default()),
-            Base::OciLayout { path, .. } => {
+            Base::OciLayout { .. } | Base::Image { .. } => {
                 let digest = identity
                     .get("digest")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
+                // A registry base was pulled into the store (which is an OCI layout) before
+                // the build: `bake build` pulls it, and the plan pinned its digest.
+                let path = match &recipe.base {
+                    Base::OciLayout { path, .. } => path.clone(),
+                    Base::Image { reference } => {
+                        if !self.store.has_blob(digest) {
+                            return Err(BuildError::BaseNotPulled {
+                                reference: reference.clone(),
+                                digest: digest.to_owned(),
+                            });
+                        }
+                        self.store.root().to_path_buf()
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                let path = &path;
                 let architecture = recipe
                     .outputs
                     .oci
@@ -709,7 +730,7 @@ impl Builder<'_> {
                         digest,
                         diff_id: diff_id.clone(),
                         size: descriptor.size(),
-                        media_type: descriptor.media_type().to_string(),
+                        media_type: oci_layer_media_type(descriptor.media_type().as_ref()),
                     });
                 }
                 let history = config
@@ -770,7 +791,6 @@ impl Builder<'_> {
             Base::Recipe { relative_path, .. } => Err(BuildError::UnsupportedBase(format!(
                 "recipe {relative_path}"
             ))),
-            Base::Image { reference } => Err(BuildError::UnsupportedBase(reference.clone())),
             Base::Ami(_) => Err(BuildError::UnsupportedBase("source AMI".into())),
         }
     }
@@ -1339,4 +1359,18 @@ fn image_settings(
         ports: oci.ports.clone(),
         stop_signal: oci.stop_signal.clone(),
     })
+}
+
+/// Docker's layer media types name the same bytes as OCI's; bake's manifests are OCI, so base
+/// layers pulled from Docker-format images take the OCI names.
+fn oci_layer_media_type(media_type: &str) -> String {
+    match media_type {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.v1.tar+gzip".into()
+        }
+        "application/vnd.docker.image.rootfs.diff.tar" => {
+            "application/vnd.oci.image.layer.v1.tar".into()
+        }
+        other => other.to_owned(),
+    }
 }

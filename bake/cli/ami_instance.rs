@@ -196,6 +196,7 @@ pub fn run_build(
         };
         let ec2 = aws.ec2(&source.region);
         let builder = InstanceBuilder {
+            aws: &aws,
             ec2: &ec2,
             store: &store,
             options,

@@ -27,6 +27,8 @@ pub struct BuildArgs {
     pub recipe: PathBuf,
     #[command(flatten)]
     pub vars: VarArgs,
+    #[command(flatten)]
+    pub attest: super::attest::AttestArgs,
 }
 
 pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
@@ -70,6 +72,32 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             };
         }
     };
+    if let recipe::Base::Image { reference } = &recipe.base
+        && let Some(digest) = plan.inputs.pointer("/base/digest").and_then(|d| d.as_str())
+    {
+        let architecture = recipe
+            .outputs
+            .oci
+            .as_ref()
+            .map_or("amd64", |o| o.architecture.oci());
+        if let Err(error) = crate::registry::pull::pull_base_blocking(
+            &settings.registry,
+            &store,
+            reference,
+            digest,
+            architecture,
+        ) {
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            return if error.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            };
+        }
+    }
     let runner = match NamespaceRunner::new() {
         Ok(runner) => runner,
         Err(e) => {
@@ -91,11 +119,39 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     };
     match builder.build(&recipe, &plan, &mut reporter) {
         Ok(output) => {
+            // Provenance, SBOMs and the manifest (kept when the version is already attested).
+            let attested = if args.attest.no_attest {
+                None
+            } else {
+                match super::attest::attest(&args.attest, settings, &store, &output.version) {
+                    Ok(manifest) => manifest.attestations,
+                    Err(report) => {
+                        print_reports(settings, &[report]);
+                        return ExitStatus::Infrastructure;
+                    }
+                }
+            };
             match settings.output {
-                OutputFormat::Json => print_json(&output),
+                OutputFormat::Json => {
+                    let mut value = serde_json::to_value(&output).expect("outputs serialize");
+                    if let Some(a) = &attested {
+                        value["provenance"] = serde_json::json!(a.provenance.envelope_digest);
+                        value["sboms"] = serde_json::json!(
+                            a.sboms.iter().map(|s| &s.digest).collect::<Vec<_>>()
+                        );
+                        value["signed_by"] = serde_json::json!(a.signer.key_id);
+                    }
+                    print_json(&value)
+                }
                 OutputFormat::Human => {
                     println!("version  {}", output.version);
                     println!("image    {}", output.image_digest);
+                    if let Some(a) = &attested {
+                        println!("provenance {}", a.provenance.envelope_digest);
+                        for sbom in &a.sboms {
+                            println!("sbom     {} ({})", sbom.digest, sbom.format);
+                        }
+                    }
                     if output.cached && settings.verbosity > Verbosity::Quiet {
                         eprintln!("(already built: nothing ran)");
                     }

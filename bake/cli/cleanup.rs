@@ -1,9 +1,15 @@
-//! `bake cleanup`: remove what builder-instance builds left behind when they could not clean
-//! up themselves (SIGKILL, a lost machine). It finds resources two ways: the store's journals
-//! (what each build was about to create) and the `bake:build-id` tag every such resource
-//! carries, in every region of the journals, of `--regions` and of the default region.
-//! Resources without bake's tags are never touched; builds whose process still runs are
-//! skipped; builds this store has no journal for are removed only with `--older-than`.
+//! `bake cleanup`: remove what AMI builds left behind when they could not clean up themselves
+//! (SIGKILL, a lost machine). Two sources:
+//!
+//! - the store's journals of dead runs ([`crate::ami::cleanup::cleanup`]): snapshots, images
+//!   and the builder-instance strategy's instances, key pairs and security groups, by id or by
+//!   the run's tag; runs whose journal lock is held (still running) are never touched;
+//! - bake's tags, in every region swept (`--regions`, the default region, and the journals'
+//!   regions): unfinished snapshots, and builder instances, key pairs, security groups and
+//!   `building` AMIs carrying `bake:build-id`. Those of runs this store has no journal for
+//!   (another machine's) are removed only with `--older-than`.
+//!
+//! Resources without bake's tags are never touched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -12,9 +18,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{print_json, print_reports};
-use crate::ami::instance::cleanup::{self, CleanupFailure, Found};
-use crate::ami::instance::journal::{self, Journal, JournalEntry, ResourceState};
-use crate::ami::instance::wait::WaitPolicy;
+use crate::ami::cleanup::{Action, CleanupOptions, CleanupReport, Removal};
+use crate::ami::instance::cleanup::{self as instance_cleanup, Found};
+use crate::ami::instance::now_secs;
 use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
@@ -27,8 +33,8 @@ pub struct CleanupArgs {
     /// regions and the default region are always swept.
     #[arg(long, value_delimiter = ',', value_name = "REGION")]
     pub regions: Vec<String>,
-    /// Remove only what is older than this (`2h`, `1d`); with it, also resources of builds
-    /// this store has no journal for (CI janitors).
+    /// Remove only what is older than this (`2h`, `1d`); with it, also tagged resources of
+    /// runs this store has no journal for (CI janitors).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
     /// Show what would be removed, and remove nothing.
@@ -42,7 +48,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Serialize)]
 struct Skipped {
-    build_id: String,
+    run: String,
     reason: String,
     resources: Vec<Found>,
 }
@@ -50,14 +56,14 @@ struct Skipped {
 #[derive(Debug, Default, Serialize)]
 struct Outcome {
     dry_run: bool,
-    removed: Vec<Found>,
-    skipped: Vec<Skipped>,
-    failures: Vec<CleanupFailure>,
-    /// Snapshot-strategy runs (uploads, registrations, copies) that did not finish.
-    runs: crate::ami::cleanup::CleanupReport,
+    #[serde(flatten)]
+    journals: CleanupReport,
+    /// Tagged resources of runs this store has no journal for.
+    skipped_tagged: Vec<Skipped>,
 }
 
 pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
+    // A store that does not exist has no journals: only the tag sweep applies.
     let store = if settings.store.is_dir() {
         match Store::open(&settings.store) {
             Ok(store) => Some(store),
@@ -69,7 +75,6 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
     } else {
         None
     };
-    let journals: Vec<JournalEntry> = store.as_ref().map(journal::list).unwrap_or_default();
     let rt = match super::ami_instance::runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -77,8 +82,7 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let result = rt.block_on(sweep(args, settings, store.as_ref(), journals));
-    match result {
+    match rt.block_on(sweep(args, settings, store.as_ref())) {
         Err(reports) => {
             print_reports(settings, &reports);
             ExitStatus::Infrastructure
@@ -88,27 +92,25 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
                 OutputFormat::Json => print_json(&outcome),
                 OutputFormat::Human => print_human(&outcome),
             }
-            for r in outcome.runs.removals.iter().filter(|r| r.failed()) {
-                print_reports(
-                    settings,
-                    &[Report::new(format!(
+            let failures: Vec<Report> = outcome
+                .journals
+                .removals
+                .iter()
+                .filter(|r| r.failed())
+                .map(|r| {
+                    Report::new(format!(
                         "failed to remove {} {} in {}: {}",
                         r.kind.label(),
                         r.id,
                         r.region,
                         r.error.as_deref().unwrap_or("unknown error")
-                    ))],
-                );
-            }
-            if outcome.failures.is_empty() && !outcome.runs.failed() {
+                    ))
+                })
+                .collect();
+            if failures.is_empty() {
                 ExitStatus::Success
             } else {
-                let reports: Vec<Report> = outcome
-                    .failures
-                    .iter()
-                    .map(|f| Report::new(f.to_string()))
-                    .collect();
-                print_reports(settings, &reports);
+                print_reports(settings, &failures);
                 ExitStatus::Infrastructure
             }
         }
@@ -119,14 +121,9 @@ async fn sweep(
     args: &CleanupArgs,
     settings: &Settings,
     store: Option<&Store>,
-    journals: Vec<JournalEntry>,
 ) -> Result<Outcome, Vec<Report>> {
     let aws = Aws::load(&settings.aws).await;
     let mut regions: BTreeSet<String> = args.regions.iter().cloned().collect();
-    for j in &journals {
-        regions.insert(j.region.clone());
-        regions.extend(j.resources.iter().map(|r| r.region.clone()));
-    }
     if let Some(region) = aws.default_region() {
         regions.insert(region.to_owned());
     }
@@ -140,193 +137,167 @@ async fn sweep(
             "name them with `--regions`, or set a default region (`--region`, `AWS_REGION`)".into(),
         ))]);
     }
-    let by_id: BTreeMap<&str, &JournalEntry> =
-        journals.iter().map(|j| (j.build_id.as_str(), j)).collect();
-    let now = journal::now_secs();
-    let cutoff = args.older_than.map(|d| now.saturating_sub(d.as_secs()));
+    let options = CleanupOptions {
+        dry_run: args.dry_run,
+        older_than: args.older_than,
+        regions: regions.iter().cloned().collect(),
+    };
+    // Journals first: they know ids, and the order resources must go in.
+    let journals = crate::ami::cleanup::cleanup(&aws, store, &options)
+        .await
+        .map_err(|e| vec![Report::from_error(&e)])?;
     let mut outcome = Outcome {
         dry_run: args.dry_run,
+        journals,
         ..Outcome::default()
     };
-    let wait = WaitPolicy {
+    // Runs the journals account for (alive, too young, or just cleaned).
+    let mut known: BTreeSet<String> = outcome.journals.running.iter().cloned().collect();
+    known.extend(outcome.journals.skipped.iter().cloned());
+    known.extend(
+        outcome
+            .journals
+            .removals
+            .iter()
+            .filter_map(|r| r.run.clone()),
+    );
+    if let Some(store) = store {
+        known.extend(
+            crate::ami::journal::list(store)
+                .into_iter()
+                .map(|doc| doc.run),
+        );
+    }
+    let cutoff = args
+        .older_than
+        .map(|d| now_secs().saturating_sub(d.as_secs()));
+    let wait = crate::ami::instance::wait::WaitPolicy {
         interval: std::env::var("BAKE_AWS_POLL_INTERVAL")
             .ok()
             .and_then(|t| humantime::parse_duration(&t).ok())
             .unwrap_or(Duration::from_secs(5)),
-        ..cleanup::default_wait()
+        ..instance_cleanup::default_wait()
     };
-    let mut swept_builds: BTreeMap<String, bool> = BTreeMap::new();
     for region in &regions {
         let ec2 = aws.ec2(region);
-        let mut found = cleanup::find(&ec2, region, None)
+        let found = instance_cleanup::find(&ec2, region, None)
             .await
             .map_err(|reason| vec![Report::new(reason)])?;
-        // What journals recorded by id, in case its tags never arrived.
-        for j in &journals {
-            for r in &j.resources {
-                if &r.region == region
-                    && r.state == ResourceState::Created
-                    && let Some(id) = &r.id
-                    && !found.iter().any(|f| f.kind == r.kind && &f.id == id)
-                    && r.kind != journal::ResourceKind::Image
-                {
-                    found.push(Found {
-                        kind: r.kind,
-                        region: region.clone(),
-                        id: id.clone(),
-                        name: matches!(r.kind, journal::ResourceKind::KeyPair)
-                            .then(|| r.name.clone()),
-                        build_id: j.build_id.clone(),
-                        created: Some(j.started),
-                    });
-                }
-            }
-        }
         let mut groups: BTreeMap<String, Vec<Found>> = BTreeMap::new();
         for f in found {
             groups.entry(f.build_id.clone()).or_default().push(f);
         }
-        let mut to_remove = Vec::new();
-        for (build_id, resources) in groups {
-            let decision = match by_id.get(build_id.as_str()) {
-                Some(j) if j.is_live() => Err(format!("build is still running (pid {})", j.pid)),
-                Some(j) => match cutoff {
-                    Some(cutoff) if j.started > cutoff => {
-                        Err("build is newer than --older-than".to_owned())
-                    }
-                    _ => Ok(()),
-                },
-                None => match cutoff {
-                    None => Err(
-                        "no journal in this store for this build; pass --older-than to remove it"
-                            .to_owned(),
-                    ),
-                    Some(cutoff) => {
-                        if resources
-                            .iter()
-                            .all(|r| r.created.is_some_and(|c| c <= cutoff))
-                        {
-                            Ok(())
-                        } else {
-                            Err("resources are newer than --older-than".to_owned())
+        let mut remove = Vec::new();
+        for (run, resources) in groups {
+            if outcome.journals.running.contains(&run) || outcome.journals.skipped.contains(&run) {
+                continue;
+            }
+            // A journal of this store named the run: the journal pass listed (or removed) what
+            // it knew; what remains tagged is still that dead run's.
+            let has_journal = known.contains(&run);
+            if has_journal && args.dry_run {
+                continue;
+            }
+            let old_enough =
+                cutoff.is_some_and(|c| resources.iter().all(|r| r.created.is_some_and(|t| t <= c)));
+            if has_journal || old_enough {
+                remove.extend(resources);
+            } else {
+                outcome.skipped_tagged.push(Skipped {
+                    run,
+                    reason: match cutoff {
+                        None => {
+                            "no journal in this store for this run; pass --older-than to remove it"
+                                .into()
                         }
-                    }
-                },
-            };
-            match decision {
-                Ok(()) => {
-                    swept_builds.entry(build_id.clone()).or_insert(true);
-                    to_remove.extend(resources);
-                }
-                Err(reason) => outcome.skipped.push(Skipped {
-                    build_id,
-                    reason,
+                        Some(_) => "newer than --older-than".into(),
+                    },
                     resources,
-                }),
+                });
             }
         }
-        if to_remove.is_empty() {
+        if remove.is_empty() {
             continue;
         }
         if args.dry_run {
-            outcome.removed.extend(to_remove);
+            outcome
+                .journals
+                .removals
+                .extend(remove.iter().map(|f| removal(f, Action::WouldRemove, None)));
             continue;
         }
-        let report = cleanup::remove(&ec2, &to_remove, &wait).await;
-        for f in &report.failures {
-            if let Some(r) = to_remove.iter().find(|r| r.id == f.id) {
-                swept_builds.insert(r.build_id.clone(), false);
-            }
-        }
-        outcome.removed.extend(report.removed);
-        outcome.failures.extend(report.failures);
-    }
-    // Journals of dead builds whose resources are all gone are closed (and deleted).
-    if !args.dry_run
-        && let Some(store) = store
-    {
-        for j in &journals {
-            if j.is_live() || swept_builds.get(&j.build_id) == Some(&false) {
-                continue;
-            }
-            if cutoff.is_some_and(|c| j.started > c) {
-                continue;
-            }
-            let mut open = Journal::open(store, j.clone());
-            open.all_removed();
-            if let Err(e) = open.end() {
-                tracing::warn!("failed to close the journal of build {}: {e}", j.build_id);
-            }
+        let report = instance_cleanup::remove(&ec2, &remove, &wait).await;
+        outcome.journals.removals.extend(
+            report
+                .removed
+                .iter()
+                .map(|f| removal(f, Action::Removed, None)),
+        );
+        for failure in report.failures {
+            outcome.journals.removals.push(Removal {
+                region: failure.region,
+                kind: failure.kind,
+                id: failure.id,
+                action: Action::Failed,
+                error: Some(failure.reason),
+                run: None,
+            });
         }
     }
-    outcome.runs = crate::ami::cleanup::cleanup(
-        &aws,
-        store,
-        &crate::ami::cleanup::CleanupOptions {
-            dry_run: args.dry_run,
-            older_than: args.older_than,
-            regions: regions.iter().cloned().collect(),
-        },
-    )
-    .await
-    .map_err(|e| vec![Report::from_error(&e)])?;
     Ok(outcome)
 }
 
+fn removal(found: &Found, action: Action, error: Option<String>) -> Removal {
+    Removal {
+        region: found.region.clone(),
+        kind: found.kind,
+        id: found.id.clone(),
+        action,
+        error,
+        run: Some(found.build_id.clone()),
+    }
+}
+
 fn print_human(outcome: &Outcome) {
-    let verb = if outcome.dry_run {
-        "would remove"
-    } else {
-        "removed"
-    };
-    for r in &outcome.removed {
+    let mut printed = false;
+    for r in &outcome.journals.removals {
+        let verb = match r.action {
+            Action::Removed => "removed",
+            Action::WouldRemove => "would remove",
+            Action::AlreadyGone => continue,
+            Action::Failed => "failed",
+        };
+        printed = true;
         println!(
-            "{verb}  {} {}  {}  build {}",
+            "{verb}  {} {}  {}  run {}",
             r.kind.label(),
             r.id,
             r.region,
-            r.build_id
+            r.run.as_deref().unwrap_or("?")
         );
     }
-    for s in &outcome.skipped {
+    for run in &outcome.journals.running {
+        printed = true;
+        println!("skipped  run {run}: still running");
+    }
+    for run in &outcome.journals.skipped {
+        printed = true;
+        println!("skipped  run {run}: newer than --older-than");
+    }
+    for s in &outcome.skipped_tagged {
         for r in &s.resources {
+            printed = true;
             println!(
-                "skipped  {} {}  {}  build {}: {}",
+                "skipped  {} {}  {}  run {}: {}",
                 r.kind.label(),
                 r.id,
                 r.region,
-                s.build_id,
+                s.run,
                 s.reason
             );
         }
     }
-    for r in &outcome.runs.removals {
-        let action = match r.action {
-            crate::ami::cleanup::Action::Removed => "removed",
-            crate::ami::cleanup::Action::WouldRemove => "would remove",
-            crate::ami::cleanup::Action::AlreadyGone => "already gone",
-            crate::ami::cleanup::Action::Failed => "failed to remove",
-        };
-        println!(
-            "{action}  {} {}  {}  run {}",
-            r.kind.label(),
-            r.id,
-            r.region,
-            r.run.as_deref().unwrap_or("-")
-        );
-    }
-    for run in &outcome.runs.running {
-        println!("skipped  run {run}: still running");
-    }
-    for run in &outcome.runs.skipped {
-        println!("skipped  run {run}: newer than --older-than");
-    }
-    if outcome.removed.is_empty()
-        && outcome.skipped.is_empty()
-        && outcome.runs.removals.is_empty()
-        && outcome.runs.running.is_empty()
-        && outcome.runs.skipped.is_empty()
-    {
+    if !printed {
         println!("nothing to clean up");
     }
 }

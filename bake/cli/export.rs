@@ -25,6 +25,10 @@ pub struct ExportArgs {
     /// Write a docker-archive tarball (`docker load` reads it).
     #[arg(long, value_name = "FILE", group = "target")]
     pub docker_archive: Option<PathBuf>,
+    /// Also copy the image's signed attestations into the OCI layout, as referrers (for
+    /// `bake verify oci:DIR:TAG`; the layout then lists them next to the image).
+    #[arg(long, requires = "oci_layout")]
+    pub attestations: bool,
     /// The tag to give the image (default: the recipe name and short version).
     #[arg(long, value_name = "NAME:TAG")]
     pub tag: Option<String>,
@@ -60,6 +64,20 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
             print_reports(settings, &[Report::from_error(&e)]);
             return ExitStatus::Infrastructure;
         }
+        if args.attestations {
+            use crate::provenance::layout::Layout;
+            let copied = Layout::open(store.root())
+                .and_then(|from| Layout::open(dir)?.copy_referrers_from(&from, digest));
+            match copied {
+                Ok(n) => {
+                    written.insert("attestations".into(), n.into());
+                }
+                Err(e) => {
+                    print_reports(settings, &[Report::from_error(&e)]);
+                    return ExitStatus::Infrastructure;
+                }
+            }
+        }
         written.insert("oci_layout".into(), dir.display().to_string().into());
     }
     if let Some(file) = &args.docker_archive {
@@ -86,7 +104,7 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
 }
 
 /// The build record named by a version, a version prefix, or a recipe file.
-fn find_record(
+pub(super) fn find_record(
     store: &Store,
     what: &str,
     vars: &VarArgs,

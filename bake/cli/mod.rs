@@ -4,12 +4,18 @@
 
 mod ami;
 mod ami_instance;
+mod attest;
 mod build;
 mod cleanup;
 mod export;
+mod key;
+mod manifest;
 mod plan;
+mod publish;
+mod push;
 mod sandbox;
 mod validate;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -77,6 +83,24 @@ pub enum Command {
     Ami(ami::AmiArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Sign and attach a built version's provenance (again): its image's, or its AMIs'.
+    Attest(attest::AttestCommandArgs),
+    /// Manage provenance signing keys.
+    Key(key::KeyArgs),
+    /// Show a version's manifest: inputs, outputs, publications, attestations.
+    Manifest(manifest::ManifestArgs),
+    /// Verify an artifact's signed provenance and SBOM.
+    Verify(verify::VerifyArgs),
+    /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
+    Push(push::PushArgs),
+    /// Publish a built version: launch template versions, SSM parameters, ECS task definitions.
+    Publish(publish::PublishArgs),
+    /// Move a channel's pointers to a published version.
+    Promote(publish::PromoteArgs),
+    /// Move a channel's pointers back to its previous version.
+    Rollback(publish::RollbackArgs),
+    /// Print a channel's current immutable references.
+    Pin(publish::PinArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -118,6 +142,15 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Attest(args) => attest::run(&args, settings),
+        Command::Key(args) => key::run(&args, settings),
+        Command::Manifest(args) => manifest::run(&args, settings),
+        Command::Verify(args) => verify::run(&args, settings),
+        Command::Push(args) => push::run(&args, settings),
+        Command::Publish(args) => publish::run_publish(&args, settings),
+        Command::Promote(args) => publish::run_promote(&args, settings),
+        Command::Rollback(args) => publish::run_rollback(&args, settings),
+        Command::Pin(args) => publish::run_pin(&args, settings),
         Command::Ami(args) => ami::run(&args, settings),
         Command::Cleanup(args) => cleanup::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),

@@ -2,39 +2,68 @@
 //! that it can enter the version.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 
 use super::PlanError;
 use crate::recipe::{Base, Recipe};
+use crate::registry::{ManifestInfo, Reference};
+
+/// Resolves an image reference with a tag to the digest it names now (through a registry), so
+/// that a plan pins it. Plans are synchronous; implementations block.
+pub trait ImageResolver: std::fmt::Debug + Send + Sync {
+    fn resolve(
+        &self,
+        reference: &Reference,
+    ) -> Result<ManifestInfo, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// A shared resolver, as plan options hold it.
+pub type SharedResolver = Arc<dyn ImageResolver>;
 
 /// The pinned identity of `recipe`'s base. `plan_recipe` plans a base recipe (for `recipe:`
-/// bases), with the stack of recipes being planned to catch cycles.
+/// bases), with the stack of recipes being planned to catch cycles; `resolver` turns an image
+/// tag into a digest (without one, image bases must be pinned by digest).
 pub fn identity(
     recipe: &Recipe,
     plan_recipe: &mut dyn FnMut(&Path) -> Result<super::Plan, PlanError>,
     cache: &super::hash::DigestCache,
+    resolver: Option<&dyn ImageResolver>,
     source_ami: Option<&crate::ami::instance::SourceAmi>,
 ) -> Result<Value, PlanError> {
     Ok(match &recipe.base {
         Base::Scratch => json!({ "kind": "scratch" }),
         Base::Image { reference } => {
-            let parsed: oci_spec::distribution::Reference =
-                reference.parse().map_err(|_| PlanError::UnpinnedImage {
-                    reference: reference.clone(),
-                })?;
-            match parsed.digest() {
-                Some(digest) => json!({
-                    "kind": "image",
-                    "repository": format!("{}/{}", parsed.resolve_registry(), parsed.repository()),
-                    "digest": digest,
-                }),
-                None => {
+            let parsed: Reference =
+                reference
+                    .parse()
+                    .map_err(|source| PlanError::BadImageReference {
+                        recipe: recipe.name.clone(),
+                        source,
+                    })?;
+            let digest = match (parsed.digest(), resolver) {
+                (Some(digest), _) => digest.to_owned(),
+                (None, Some(resolver)) => {
+                    resolver
+                        .resolve(&parsed)
+                        .map_err(|source| PlanError::ImageResolve {
+                            reference: reference.clone(),
+                            source,
+                        })?
+                        .digest
+                }
+                (None, None) => {
                     return Err(PlanError::UnpinnedImage {
                         reference: reference.clone(),
                     });
                 }
-            }
+            };
+            json!({
+                "kind": "image",
+                "repository": parsed.name(),
+                "digest": digest,
+            })
         }
         Base::OciLayout {
             path,

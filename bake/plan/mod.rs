@@ -85,6 +85,8 @@ pub struct PlanOptions {
     pub source_date_epoch: Option<u64>,
     /// Where file digests are remembered between runs (in the store); `None` hashes every time.
     pub digest_cache: Option<PathBuf>,
+    /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
+    pub image_resolver: Option<base::SharedResolver>,
     /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
     /// planning; `None` leaves such a recipe unplannable.
     pub source_ami: Option<crate::ami::instance::SourceAmi>,
@@ -104,6 +106,18 @@ pub enum PlanError {
     },
     #[error("base image `{reference}` is not pinned by digest")]
     UnpinnedImage { reference: String },
+    #[error("the base image of recipe `{recipe}` is not a valid reference")]
+    BadImageReference {
+        recipe: String,
+        #[source]
+        source: crate::registry::ReferenceError,
+    },
+    #[error("failed to resolve base image `{reference}` to a digest")]
+    ImageResolve {
+        reference: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("recipe `{recipe}` starts from a source AMI, which bake has not resolved")]
     UnresolvedAmi { recipe: String },
     #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
@@ -123,12 +137,15 @@ impl PlanError {
     pub fn hint(&self) -> Option<String> {
         match self {
             PlanError::UnpinnedImage { reference } => Some(format!(
-                "pin it as `{reference}@sha256:<digest>` (bake resolves tags through the registry once registry support lands)"
+                "pin it as `{reference}@sha256:<digest>`, or plan with registry access so bake resolves the tag"
             )),
             PlanError::UnresolvedAmi { .. } => Some(
                 "bake resolves source AMIs with AWS access: check the credentials and the region"
                     .into(),
             ),
+            PlanError::ImageResolve { source, .. } => source
+                .downcast_ref::<crate::registry::RegistryError>()
+                .and_then(crate::registry::RegistryError::hint),
             PlanError::Cycle { .. } => {
                 Some("a recipe cannot build on itself, directly or through others".into())
             }
@@ -141,10 +158,11 @@ impl PlanError {
         match self {
             PlanError::Recipe(_)
             | PlanError::UnpinnedImage { .. }
+            | PlanError::BadImageReference { .. }
             | PlanError::UnresolvedAmi { .. }
             | PlanError::Layout { .. }
             | PlanError::Cycle { .. } => true,
-            PlanError::Hash(_) | PlanError::Io { .. } => false,
+            PlanError::Hash(_) | PlanError::Io { .. } | PlanError::ImageResolve { .. } => false,
             PlanError::BaseRecipe { source, .. } => source.is_user_error(),
         }
     }
@@ -191,7 +209,13 @@ fn plan_inner(
             other => wrap(other),
         })
     };
-    let base = base::identity(recipe, &mut plan_base, cache, options.source_ami.as_ref())?;
+    let base = base::identity(
+        recipe,
+        &mut plan_base,
+        cache,
+        options.image_resolver.as_deref(),
+        options.source_ami.as_ref(),
+    )?;
     let files = file_inputs(recipe, cache)?;
     let builtins = builtin_inputs(recipe);
     // Timestamps in every layer and config come from it, so it is an input like any other.

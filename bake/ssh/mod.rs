@@ -633,7 +633,9 @@ impl Session {
                     .map_err(sftp_err(format!("setting the mode of `{remote}`")))?;
             } else if meta.file_type().is_symlink() {
                 let target = fs_err::read_link(entry.path()).map_err(local_err)?;
-                sftp.symlink(remote.clone(), target.to_string_lossy().into_owned())
+                // OpenSSH's sftp-server takes SSH_FXP_SYMLINK's two paths in the reverse of
+                // the draft's order (target first); every builder runs OpenSSH.
+                sftp.symlink(target.to_string_lossy().into_owned(), remote.clone())
                     .await
                     .map_err(sftp_err(format!("creating the symlink `{remote}`")))?;
             } else if meta.is_file() {

@@ -5,7 +5,8 @@
 //! allowed to hide the error that made the build stop.
 //!
 //! Resources are found by their `bake:build-id` tag (and, for what the journal recorded, by
-//! id), so nothing without bake's tags is ever touched.
+//! id), so nothing without bake's tags is ever touched. [`remove_journaled`] is how the shared
+//! `bake cleanup` ([`crate::ami::cleanup`]) removes the instance kinds of a dead run's journal.
 
 use std::time::Duration;
 
@@ -13,8 +14,10 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use serde::Serialize;
 
-use super::journal::{ResourceKind, TAG_BUILD_ID, TAG_CREATED, TAG_STATE};
 use super::wait::WaitPolicy;
+use super::{TAG_BUILD_ID, TAG_CREATED, TAG_STATE};
+use crate::ami::cleanup::{Action, Removal};
+use crate::ami::journal::{Resource, ResourceKind};
 
 /// One temporary resource found in AWS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -336,6 +339,79 @@ pub async fn deregister(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Removes one instance-kind entry of a dead run's journal (`run` is its build id): by its id
+/// when the journal has it, else whatever carries the run's tag. With `dry_run`, lists what
+/// exists instead.
+pub async fn remove_journaled(
+    ec2: &aws_sdk_ec2::Client,
+    resource: &Resource,
+    run: &str,
+    dry_run: bool,
+) -> Vec<Removal> {
+    let removal = |id: &str, action, error: Option<String>| Removal {
+        region: resource.region.clone(),
+        kind: resource.kind,
+        id: id.to_owned(),
+        action,
+        error,
+        run: Some(run.to_owned()),
+    };
+    let tagged = match find(ec2, &resource.region, Some(run)).await {
+        Ok(found) => found,
+        Err(reason) => {
+            let id = resource.id.as_deref().unwrap_or(&resource.token);
+            return vec![removal(id, Action::Failed, Some(reason))];
+        }
+    };
+    let mut targets: Vec<Found> = tagged
+        .into_iter()
+        .filter(|f| f.kind == resource.kind)
+        .filter(|f| match (&resource.id, resource.kind) {
+            (Some(id), ResourceKind::KeyPair) => {
+                f.name.as_deref() == Some(id.as_str()) || &f.id == id
+            }
+            (Some(id), _) => &f.id == id,
+            (None, _) => true,
+        })
+        .collect();
+    // Journalled by id but its tags never arrived: still ours, by the journal.
+    if targets.is_empty()
+        && let Some(id) = &resource.id
+        && !dry_run
+    {
+        targets.push(Found {
+            kind: resource.kind,
+            region: resource.region.clone(),
+            id: id.clone(),
+            name: (resource.kind == ResourceKind::KeyPair).then(|| id.clone()),
+            build_id: run.to_owned(),
+            created: None,
+        });
+    }
+    if targets.is_empty() {
+        let id = resource.id.as_deref().unwrap_or(&resource.token);
+        return vec![removal(id, Action::AlreadyGone, None)];
+    }
+    if dry_run {
+        return targets
+            .iter()
+            .map(|f| removal(&f.id, Action::WouldRemove, None))
+            .collect();
+    }
+    let report = remove(ec2, &targets, &default_wait()).await;
+    report
+        .removed
+        .iter()
+        .map(|f| removal(&f.id, Action::Removed, None))
+        .chain(
+            report
+                .failures
+                .iter()
+                .map(|f| removal(&f.id, Action::Failed, Some(f.reason.clone()))),
+        )
+        .collect()
 }
 
 /// Seconds to wait between polls while removing (instances take a minute to terminate).

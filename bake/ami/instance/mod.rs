@@ -17,12 +17,16 @@
 //!   ▼
 //! cleanup, always (success, error, Ctrl-C): terminate + wait, key pair, security group, and
 //! a half-made AMI with its snapshots; failures reported next to the original error
+//!   ▼
+//! distribution (shared with the snapshot strategy, [`crate::ami::distribute`]): copies,
+//! sharing, KMS, deprecation; idempotent by `bake:version`
 //! ```
 //!
-//! After a SIGKILL, `bake cleanup` finds the same resources from the journal and the tags.
+//! The journal is the shared one ([`crate::ami::journal`]); the run id is the `bake:build-id`
+//! (and `bake:run`) tag value. After a SIGKILL, `bake cleanup` ([`crate::ami::cleanup`]) finds
+//! the same resources from the journal and the tags.
 
 pub mod cleanup;
-pub mod journal;
 mod provision;
 pub mod source;
 pub mod wait;
@@ -42,18 +46,29 @@ use base64::Engine;
 use russh::keys::PrivateKey;
 use serde::{Deserialize, Serialize};
 
+use crate::ami::distribute::{DistributeOptions, SourceImage};
+use crate::ami::journal::{EntryId, Journal, JournalError, ResourceKind};
+use crate::ami::{AmiSpec, RegionImage, TAG_RECIPE, TAG_RUN, TAG_VERSION};
+use crate::aws::Aws;
 use crate::build::pipeline::BuildReporter;
 use crate::plan::Plan;
 use crate::recipe::template::{Context, Renderer, Secrets, render_map};
 use crate::recipe::{AmiOutput, AmiStrategy, InstanceSettings, Recipe, RecipeError};
 use crate::ssh::{BastionTarget, HostKeyPolicy, Session, SshError, SshTarget};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use cleanup::{CleanupFailure, Found};
-use journal::{
-    Journal, ResourceKind, TAG_BUILD_ID, TAG_CREATED, TAG_RECIPE, TAG_STATE, TAG_VERSION,
-};
 pub use source::{SourceAmi, SourceAmiError};
 use wait::WaitPolicy;
+
+/// The tag naming the build (the journal's run id) on every temporary resource.
+pub const TAG_BUILD_ID: &str = "bake:build-id";
+/// Seconds since the epoch when the resource was made; `bake cleanup --older-than` reads it
+/// for resources no journal names (security groups and key pairs have no creation time of
+/// their own).
+pub const TAG_CREATED: &str = "bake:created";
+/// On AMIs the builder makes: `building` until the image is complete, then `available`. A
+/// janitor only ever deregisters `building` images.
+pub const TAG_STATE: &str = "bake:state";
 
 /// How long bake waits for SSH on a new builder unless told otherwise: first boots of vendor
 /// images with cloud-init take one to three minutes; five covers slow instance types.
@@ -104,8 +119,10 @@ pub struct AmiBuildOutput {
     pub build_id: Option<String>,
     /// The builder's SSH host key fingerprint, as pinned during the build.
     pub host_key: Option<String>,
-    /// The version's AMI already existed: nothing ran.
+    /// The version's AMI already existed: no builder ran.
     pub cached: bool,
+    /// Every region's AMI, the build region first.
+    pub regions: Vec<RegionImage>,
 }
 
 /// The store's record of an instance build.
@@ -137,8 +154,6 @@ fn detail<E: ProvideErrorMetadata + std::fmt::Debug>(e: &E) -> AwsDetail {
 pub enum InstanceError {
     #[error("recipe `{0}` has no `outputs.ami` with `strategy: instance`")]
     NotInstanceStrategy(String),
-    #[error("the instance strategy does not distribute AMIs yet: the recipe asks for {0}")]
-    DistributionUnsupported(String),
     #[error(transparent)]
     Source(#[from] SourceAmiError),
     #[error("subnet `{subnet}` does not exist in {region}")]
@@ -174,7 +189,11 @@ pub enum InstanceError {
         source: AwsDetail,
     },
     #[error("failed to write the build journal")]
-    Journal(#[from] StoreError),
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Distribution(#[from] crate::ami::distribute::DistributionFailed),
     #[error(transparent)]
     Render(#[from] RecipeError),
     #[error("failed to read `{}`", path.display())]
@@ -254,9 +273,6 @@ impl InstanceError {
             InstanceError::CallerAddress { .. } => Some(
                 "set `outputs.ami.instance.ssh_cidr` to the address range bake connects from".into(),
             ),
-            InstanceError::DistributionUnsupported(_) => Some(
-                "build in one region for now; copies, sharing and deprecation come with the snapshot strategy's distribution step".into(),
-            ),
             InstanceError::SshTimeout { .. } => Some(
                 "check the security group CIDR (`ssh_cidr`), `ssh_username`, and the console output above".into(),
             ),
@@ -276,7 +292,6 @@ impl InstanceError {
         match self {
             InstanceError::Source(e) => e.is_user_error(),
             InstanceError::NotInstanceStrategy(_)
-            | InstanceError::DistributionUnsupported(_)
             | InstanceError::UnknownSubnet { .. }
             | InstanceError::SubnetNotInVpc { .. }
             | InstanceError::NoSubnet { .. }
@@ -318,15 +333,19 @@ struct Rendered {
 
 /// Runs instance builds in one region.
 pub struct InstanceBuilder<'a> {
+    /// For the build region's client and distribution to the others.
+    pub aws: &'a Aws,
     pub ec2: &'a aws_sdk_ec2::Client,
     pub store: &'a Store,
     pub options: InstanceOptions,
 }
 
-/// What the build has created so far (ids as AWS returned them).
+/// What the build has created so far (ids as AWS returned them), with their journal entries.
 #[derive(Default)]
 struct Created {
-    resources: Vec<Found>,
+    resources: Vec<(EntryId, Found)>,
+    /// The AMI, once made (kept on success: its entry leaves the journal).
+    image: Option<EntryId>,
 }
 
 impl InstanceBuilder<'_> {
@@ -370,32 +389,37 @@ impl InstanceBuilder<'_> {
 
         // Preflight: everything that can be wrong is found before anything is created.
         let preflight = async {
-            distribution_supported(ami)?;
+            let spec = AmiSpec::from_recipe(recipe, &plan.version)?
+                .ok_or_else(|| InstanceError::NotInstanceStrategy(recipe.name.clone()))?;
             if let Some(existing) = self.existing(plan, &region).await? {
-                return Ok(Err(existing));
+                return Ok(Err((existing, spec)));
             }
             let source = source::describe_one(self.ec2, &region, &source.image_id).await?;
             let network = self.network(settings, &region).await?;
             let cidr = self.caller_cidr(settings).await?;
             let rendered = render(recipe, plan, ami, settings, &region)?;
-            Ok(Ok((source, network, cidr, rendered)))
+            Ok(Ok((source, network, cidr, rendered, spec)))
         };
-        let (source, network, cidr, rendered) = match preflight.await.map_err(not_created)? {
+        let (source, network, cidr, rendered, spec) = match preflight.await.map_err(not_created)? {
             Ok(ready) => ready,
-            Err(existing) => {
+            Err((mut existing, spec)) => {
                 reporter.message(&format!(
-                    "AMI {} already has version {}: nothing to build",
+                    "AMI {} already has version {}: no builder needed",
                     existing.image_id, plan.version
                 ));
+                // Distribution looks before it acts: a finished one makes no mutating call.
+                existing.regions = self
+                    .distribute(None, &spec, &existing, false)
+                    .await
+                    .map_err(not_created)?;
                 return Ok(existing);
             }
         };
         self.check_cancel().map_err(not_created)?;
 
-        let build_id = format!("{}-{}", plan.version_short(), crate::ssh::random_hex(4));
-        let mut journal =
-            Journal::create(self.store, &build_id, &recipe.name, &plan.version, &region)
-                .map_err(|e| not_created(e.into()))?;
+        let journal = Journal::begin(self.store, &recipe.name, &plan.version)
+            .map_err(|e| not_created(e.into()))?;
+        let build_id = journal.run_id();
         reporter.message(&format!(
             "build {build_id}: builder in {region} from {}",
             source.image_id
@@ -413,15 +437,59 @@ impl InstanceBuilder<'_> {
             cidr: &cidr,
             rendered: &rendered,
         };
-        let result = self.run(&ctx, &mut journal, &mut created, reporter).await;
+        let result = self.run(&ctx, &journal, &mut created, reporter).await;
 
         // Cleanup runs whatever happened; a finished AMI is no longer `building`, so it stays.
         reporter.message(&format!("build {build_id}: removing temporary resources"));
-        let cleanup = self
-            .cleanup(&region, &build_id, &mut journal, &created)
-            .await;
-        if let Err(e) = journal.end() {
-            tracing::warn!("failed to close the build journal: {e}");
+        let mut cleanup = self.cleanup(&region, &build_id, &journal, &created).await;
+        let result = match result {
+            Ok(mut output) if cleanup.is_empty() => {
+                // The AMI is the product now: it leaves the journal, so no rollback takes it.
+                if let Some(entry) = created.image
+                    && let Err(e) = journal.removed(entry)
+                {
+                    tracing::warn!("failed to update the journal: {e}");
+                }
+                reporter.message(&format!("distributing {}", output.image_id));
+                match self.distribute(Some(&journal), &spec, &output, true).await {
+                    Ok(regions) => {
+                        output.regions = regions;
+                        Ok(output)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match (&result, cleanup.is_empty()) {
+            (Ok(_), true) => {
+                if let Err(e) = journal.finish() {
+                    tracing::warn!("failed to close the build journal: {e}");
+                }
+            }
+            // The AMI is made, but temporary resources remain: the journal stays for
+            // `bake cleanup`, without the AMI.
+            (Ok(_), false) => {
+                if let Some(entry) = created.image {
+                    let _ = journal.removed(entry);
+                }
+                drop(journal);
+            }
+            // Anything still live in the journal (copies, an image cleanup missed) goes too;
+            // with failures the journal stays for `bake cleanup`.
+            (Err(_), true) => {
+                for removal in crate::ami::cleanup::rollback(self.aws, journal).await {
+                    if removal.failed() {
+                        cleanup.push(CleanupFailure {
+                            kind: removal.kind,
+                            region: removal.region,
+                            id: removal.id,
+                            reason: removal.error.unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            (Err(_), false) => drop(journal),
         }
         match result {
             Ok(mut output) if cleanup.is_empty() => {
@@ -495,6 +563,7 @@ impl InstanceBuilder<'_> {
                 .map(str::to_owned),
             host_key: None,
             cached: true,
+            regions: Vec::new(),
         }))
     }
 
@@ -632,7 +701,7 @@ impl InstanceBuilder<'_> {
     async fn run(
         &self,
         ctx: &BuildCtx<'_>,
-        journal: &mut Journal<'_>,
+        journal: &Journal,
         created: &mut Created,
         reporter: &mut dyn BuildReporter,
     ) -> Result<AmiBuildOutput, InstanceError> {
@@ -648,7 +717,7 @@ impl InstanceBuilder<'_> {
                 source: std::io::Error::other(e.to_string()),
             })
         })?;
-        journal.intend(ResourceKind::KeyPair, region, &name)?;
+        let entry = journal.creating(ResourceKind::KeyPair, region, &name)?;
         let out = self
             .ec2
             .import_key_pair()
@@ -659,8 +728,10 @@ impl InstanceBuilder<'_> {
             .await
             .map_err(aws("import the builder's key pair", region))?;
         let key_id = out.key_pair_id().unwrap_or(&name).to_owned();
-        journal.created(ResourceKind::KeyPair, &name, &key_id)?;
+        // The journal names key pairs by name (deletable in every implementation).
+        journal.created(entry, &name)?;
         created.add(
+            entry,
             ResourceKind::KeyPair,
             region,
             &key_id,
@@ -670,7 +741,7 @@ impl InstanceBuilder<'_> {
         self.check_cancel()?;
 
         // Security group: SSH from one CIDR only.
-        journal.intend(ResourceKind::SecurityGroup, region, &name)?;
+        let entry = journal.creating(ResourceKind::SecurityGroup, region, &name)?;
         let out = self
             .ec2
             .create_security_group()
@@ -685,8 +756,9 @@ impl InstanceBuilder<'_> {
             .await
             .map_err(aws("create the builder's security group", region))?;
         let group_id = out.group_id().unwrap_or_default().to_owned();
-        journal.created(ResourceKind::SecurityGroup, &name, &group_id)?;
+        journal.created(entry, &group_id)?;
         created.add(
+            entry,
             ResourceKind::SecurityGroup,
             region,
             &group_id,
@@ -721,10 +793,11 @@ impl InstanceBuilder<'_> {
 
         // The builder.
         let token = client_token(ctx.build_id, "run");
-        journal.intend(ResourceKind::Instance, region, &token)?;
+        let entry = journal.creating(ResourceKind::Instance, region, &token)?;
         let instance_id = self.launch(ctx, &name, &group_id, &token, &tags).await?;
-        journal.created(ResourceKind::Instance, &token, &instance_id)?;
+        journal.created(entry, &instance_id)?;
         created.add(
+            entry,
             ResourceKind::Instance,
             region,
             &instance_id,
@@ -802,7 +875,7 @@ impl InstanceBuilder<'_> {
         image_tags.push(("bake:source-ami".into(), ctx.source.image_id.clone()));
         let mut building = image_tags.clone();
         building.push((TAG_STATE.into(), "building".into()));
-        journal.intend(ResourceKind::Image, region, image_name)?;
+        let entry = journal.creating(ResourceKind::Image, region, image_name)?;
         let out = self
             .ec2
             .create_image()
@@ -815,8 +888,10 @@ impl InstanceBuilder<'_> {
             .await
             .map_err(aws("create the AMI", region))?;
         let image_id = out.image_id().unwrap_or_default().to_owned();
-        journal.created(ResourceKind::Image, image_name, &image_id)?;
+        journal.created(entry, &image_id)?;
+        created.image = Some(entry);
         created.add(
+            entry,
             ResourceKind::Image,
             region,
             &image_id,
@@ -827,6 +902,7 @@ impl InstanceBuilder<'_> {
             "AMI {image_id} ({image_name}) created; waiting until available"
         ));
         let snapshots = self.wait_image(region, &image_id).await?;
+        journal.image_snapshots(entry, &snapshots)?;
         if !snapshots.is_empty() {
             self.ec2
                 .create_tags()
@@ -844,8 +920,9 @@ impl InstanceBuilder<'_> {
             .send()
             .await
             .map_err(aws("mark the AMI available", region))?;
-        journal.kept(ResourceKind::Image, image_name)?;
-        created.resources.retain(|r| r.kind != ResourceKind::Image);
+        created
+            .resources
+            .retain(|(_, r)| r.kind != ResourceKind::Image);
         Ok(AmiBuildOutput {
             name: ctx.recipe.name.clone(),
             version: ctx.plan.version.clone(),
@@ -856,6 +933,7 @@ impl InstanceBuilder<'_> {
             build_id: None,
             host_key: Some(fingerprint),
             cached: false,
+            regions: Vec::new(),
         })
     }
 
@@ -1162,16 +1240,48 @@ impl InstanceBuilder<'_> {
         Ok(snapshots.into_inner())
     }
 
+    /// The shared distribution step: copies to the recipe's other regions, tags, sharing and
+    /// deprecation, each only where missing. Copies are journaled when `journal` is given.
+    async fn distribute(
+        &self,
+        journal: Option<&Journal>,
+        spec: &AmiSpec,
+        output: &AmiBuildOutput,
+        created_here: bool,
+    ) -> Result<Vec<RegionImage>, InstanceError> {
+        let options = DistributeOptions {
+            wait: crate::ami::wait::WaitPolicy {
+                interval: self.options.poll.interval,
+                ..crate::ami::wait::WaitPolicy::IMAGE
+            },
+            ..DistributeOptions::default()
+        };
+        let source = SourceImage {
+            region: output.region.clone(),
+            image_id: output.image_id.clone(),
+        };
+        Ok(crate::ami::distribute::distribute(
+            self.aws,
+            journal,
+            spec,
+            &source,
+            created_here,
+            &options,
+        )
+        .await
+        .into_result()?)
+    }
+
     /// Removes the build's temporary resources: what it knows it made, plus anything tagged
     /// with its build id.
     async fn cleanup(
         &self,
         region: &str,
         build_id: &str,
-        journal: &mut Journal<'_>,
+        journal: &Journal,
         created: &Created,
     ) -> Vec<CleanupFailure> {
-        let mut resources = created.resources.clone();
+        let mut resources: Vec<Found> = created.resources.iter().map(|(_, r)| r.clone()).collect();
         match cleanup::find(self.ec2, region, Some(build_id)).await {
             Ok(found) => {
                 for f in found {
@@ -1187,11 +1297,30 @@ impl InstanceBuilder<'_> {
             ..cleanup::default_wait()
         };
         let report = cleanup::remove(self.ec2, &resources, &wait).await;
-        for r in &report.removed {
-            let _ = journal.removed_id(r.kind, &r.id);
+        for (entry, r) in &created.resources {
+            if report
+                .removed
+                .iter()
+                .any(|x| x.kind == r.kind && x.id == r.id)
+                && let Err(e) = journal.removed(*entry)
+            {
+                tracing::warn!("failed to update the journal: {e}");
+            }
         }
+        // Entries whose create call never answered (no id) were found by tag, if they exist.
         if report.failures.is_empty() {
-            journal.all_removed();
+            for (entry, resource) in journal.live() {
+                if resource.id.is_none()
+                    && matches!(
+                        resource.kind,
+                        ResourceKind::Instance
+                            | ResourceKind::KeyPair
+                            | ResourceKind::SecurityGroup
+                    )
+                {
+                    let _ = journal.removed(entry);
+                }
+            }
         }
         report.failures
     }
@@ -1200,20 +1329,24 @@ impl InstanceBuilder<'_> {
 impl Created {
     fn add(
         &mut self,
+        entry: EntryId,
         kind: ResourceKind,
         region: &str,
         id: &str,
         name: Option<&str>,
         build_id: &str,
     ) {
-        self.resources.push(Found {
-            kind,
-            region: region.to_owned(),
-            id: id.to_owned(),
-            name: name.map(str::to_owned),
-            build_id: build_id.to_owned(),
-            created: Some(journal::now_secs()),
-        });
+        self.resources.push((
+            entry,
+            Found {
+                kind,
+                region: region.to_owned(),
+                id: id.to_owned(),
+                name: name.map(str::to_owned),
+                build_id: build_id.to_owned(),
+                created: Some(now_secs()),
+            },
+        ));
     }
 }
 
@@ -1239,9 +1372,10 @@ impl BuildCtx<'_> {
                 format!("bake {} {}", self.recipe.name, self.build_id),
             ),
             (TAG_BUILD_ID.into(), self.build_id.to_owned()),
+            (TAG_RUN.into(), self.build_id.to_owned()),
             (TAG_RECIPE.into(), self.recipe.name.clone()),
             (TAG_VERSION.into(), self.plan.version.clone()),
-            (TAG_CREATED.into(), journal::now_secs().to_string()),
+            (TAG_CREATED.into(), now_secs().to_string()),
         ]
     }
 }
@@ -1275,27 +1409,12 @@ fn render(
     })
 }
 
-/// Refuses what only the snapshot strategy's distribution step does, before anything exists.
-fn distribution_supported(ami: &AmiOutput) -> Result<(), InstanceError> {
-    let mut asks = Vec::new();
-    if ami.regions.len() > 1 {
-        asks.push(format!("copies to {}", ami.regions[1..].join(", ")));
-    }
-    if !ami.share_accounts.is_empty()
-        || !ami.share_organizations.is_empty()
-        || !ami.share_organizational_units.is_empty()
-        || ami.public
-    {
-        asks.push("sharing".to_owned());
-    }
-    if ami.deprecate_after.is_some() {
-        asks.push("deprecation".to_owned());
-    }
-    if asks.is_empty() {
-        Ok(())
-    } else {
-        Err(InstanceError::DistributionUnsupported(asks.join(", ")))
-    }
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// A ClientToken (at most 64 characters) for one call of one build: a retried call with the

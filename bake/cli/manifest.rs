@@ -1,0 +1,120 @@
+//! `bake manifest show VERSION|REF`: print a version's manifest, found by version, image digest
+//! (`sha256:…`, `repo@sha256:…`), AMI id, launch template version (`lt-…:N`) or ECS task
+//! definition ARN.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{print_json, print_reports};
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::provenance::manifest::{self, ManifestError, Publication};
+use crate::settings::{OutputFormat, Settings};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    #[command(subcommand)]
+    pub command: ManifestCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManifestCommand {
+    /// Print the manifest of the version that VERSION|REF names.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A version (or prefix), `name:short-version`, an image digest or `repo@sha256:…`, an AMI
+    /// id, `lt-…:VERSION` or an ECS task definition ARN.
+    #[arg(value_name = "VERSION|REF")]
+    pub query: String,
+    /// Also write the manifest to this file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
+    let ManifestCommand::Show(args) = &args.command;
+    let fail = |error: ManifestError| {
+        let status = match error {
+            ManifestError::NotFound { .. } | ManifestError::Ambiguous { .. } => {
+                ExitStatus::RecipeOrUsage
+            }
+            _ => ExitStatus::Infrastructure,
+        };
+        print_reports(
+            settings,
+            &[Report::from_error(&error).with_hint(error.hint())],
+        );
+        status
+    };
+    if !settings.store.join("oci-layout").is_file() {
+        return fail(ManifestError::NotFound {
+            store: settings.store.clone(),
+            query: args.query.clone(),
+        });
+    }
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => return fail(e.into()),
+    };
+    let found = match manifest::find(&store, &args.query) {
+        Ok(found) => found,
+        Err(error) => return fail(error),
+    };
+    if let Some(path) = &args.manifest
+        && let Err(error) = manifest::write_copy(&found, path)
+    {
+        return fail(error);
+    }
+    match settings.output {
+        OutputFormat::Json => print_json(&found),
+        OutputFormat::Human => {
+            println!("name         {}", found.name);
+            println!("version      {}", found.version);
+            println!("recipe       {}", found.recipe);
+            if let Some(oci) = &found.outputs.oci {
+                println!("image        {}", oci.manifest_digest);
+            }
+            for ami in &found.outputs.amis {
+                println!("ami          {} ({})", ami.image_id, ami.region);
+            }
+            if let Some(attestations) = &found.attestations {
+                println!(
+                    "provenance   {} (signed by {})",
+                    attestations.provenance.envelope_digest, attestations.signer.key_id
+                );
+                for sbom in &attestations.sboms {
+                    println!("sbom         {} ({})", sbom.digest, sbom.format);
+                }
+            }
+            for publication in &found.publications {
+                let text = match publication {
+                    Publication::Registry { reference, .. } => format!("registry {reference}"),
+                    Publication::LaunchTemplate {
+                        id,
+                        version,
+                        region,
+                        ..
+                    } => format!("launch template {id} version {version} ({region})"),
+                    Publication::SsmParameter {
+                        name,
+                        version,
+                        region,
+                        ..
+                    } => format!("SSM parameter {name} version {version} ({region})"),
+                    Publication::EcsTaskDefinition { arn, .. } => format!("task definition {arn}"),
+                    Publication::Channel { channel, .. } => format!("channel {channel}"),
+                    Publication::Attestation { reference, .. } => {
+                        format!("attestation {reference}")
+                    }
+                };
+                println!("published    {text}");
+            }
+        }
+    }
+    ExitStatus::Success
+}

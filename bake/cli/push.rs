@@ -1,0 +1,460 @@
+//! `bake push VERSION|RECIPE [--to REPOSITORY]...`: push a built image from the store to the
+//! recipe's registry and ECR targets (or to the repositories given), skipping what the
+//! registries already have, and print every pushed `repository@sha256:…`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::build::pipeline::BuildRecord;
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::plan::Effect;
+use crate::registry::auth::{ChainCredentials, Credentials};
+use crate::registry::ecr::{self, EcrCredentials, EcrEncryption, RepositorySettings};
+use crate::registry::push::{PushTarget, push_image};
+use crate::registry::{BlobOutcome, Client, Progress, Reference, RegistryError};
+use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// A version (`sha256:…`, or its first 12 or more hex digits) or a recipe file.
+    #[arg(value_name = "VERSION|RECIPE")]
+    pub what: String,
+    /// Push to this repository (`registry/name`, repeatable) instead of the recipe's targets.
+    #[arg(long = "to", value_name = "REPOSITORY")]
+    pub to: Vec<String>,
+    /// A registry (`host:port`) to reach over plain HTTP (repeatable; loopback needs none).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure: Vec<String>,
+    /// Upload blobs in chunks of this many MiB instead of one request each.
+    #[arg(long, value_name = "MIB")]
+    pub chunk_mib: Option<u64>,
+    /// Blobs transferred at once.
+    #[arg(long, value_name = "N", default_value_t = crate::registry::client::DEFAULT_PARALLELISM)]
+    pub parallel: usize,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+/// A push target before its repository is known (ECR's comes from the account).
+enum Planned {
+    Registry(PushTarget),
+    Ecr {
+        name: String,
+        region: String,
+        tags: Vec<String>,
+        settings: RepositorySettings,
+    },
+}
+
+pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let (record, recipe_targets, recipe_insecure) = match find(&store, args, settings) {
+        Ok(found) => found,
+        Err(report) => {
+            print_reports(settings, &[*report]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let version_tag = record.version.trim_start_matches("sha256:")[..12].to_owned();
+    let mut planned = Vec::new();
+    let mut insecure = args.insecure.clone();
+    insecure.extend(recipe_insecure);
+    if args.to.is_empty() {
+        planned = recipe_targets;
+    } else {
+        for to in &args.to {
+            match Reference::repository_only(to) {
+                Ok(repository) => planned.push(Planned::Registry(PushTarget {
+                    repository,
+                    tags: Vec::new(),
+                })),
+                Err(e) => {
+                    print_reports(
+                        settings,
+                        &[Report::from_error(&e).with_hint(Some(
+                            "give `--to registry.example/name`, without a tag".into(),
+                        ))],
+                    );
+                    return ExitStatus::RecipeOrUsage;
+                }
+            }
+        }
+    }
+    if planned.is_empty() {
+        print_reports(
+            settings,
+            &[
+                Report::new("nothing to push to: the recipe has no registry or ECR targets")
+                    .with_hint(Some("give one or more `--to REPOSITORY`".into())),
+            ],
+        );
+        return ExitStatus::RecipeOrUsage;
+    }
+    // Every target gets the version's tag as well as its own.
+    for target in &mut planned {
+        let tags = match target {
+            Planned::Registry(t) => &mut t.tags,
+            Planned::Ecr { tags, .. } => tags,
+        };
+        if !tags.contains(&version_tag) {
+            tags.push(version_tag.clone());
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    runtime.block_on(push(args, settings, &store, &record, planned, insecure))
+}
+
+async fn push(
+    args: &PushArgs,
+    settings: &Settings,
+    store: &Store,
+    record: &BuildRecord,
+    planned: Vec<Planned>,
+    insecure: Vec<String>,
+) -> ExitStatus {
+    let needs_ecr = planned.iter().any(|p| match p {
+        Planned::Ecr { .. } => true,
+        Planned::Registry(t) => ecr::ecr_region(t.repository.registry()).is_some(),
+    });
+    let aws = if needs_ecr {
+        Some(crate::aws::Aws::load(&settings.aws).await)
+    } else {
+        None
+    };
+    let mut sources: Vec<Arc<dyn Credentials>> = vec![settings.registry.credentials()];
+    if let Some(aws) = &aws {
+        sources.push(Arc::new(EcrCredentials::new(aws.clone())));
+    }
+    let mut options = settings.registry.client_options();
+    options.insecure.extend(insecure);
+    options.parallelism = args.parallel.max(1);
+    options.chunk_size = args.chunk_mib.map(|m| m * 1024 * 1024);
+    let client = match Client::new(options, Arc::new(ChainCredentials(sources))) {
+        Ok(client) => client,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let mut targets = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
+    for target in planned {
+        match target {
+            Planned::Registry(t) => targets.push(t),
+            Planned::Ecr {
+                name,
+                region,
+                tags,
+                settings: repo_settings,
+            } => {
+                let aws = aws.as_ref().expect("AWS is loaded for ECR targets");
+                match ecr::ensure_repository(&aws.ecr(&region), &region, &name, &repo_settings)
+                    .await
+                {
+                    Ok(ensured) => {
+                        for difference in &ensured.differences {
+                            if settings.verbosity > Verbosity::Quiet {
+                                eprintln!(
+                                    "warning: ECR repository `{name}` in {region}: {difference} (left as it is)"
+                                );
+                            }
+                        }
+                        match Reference::repository_only(&ensured.uri) {
+                            Ok(repository) => targets.push(PushTarget { repository, tags }),
+                            Err(e) => failures.push((ensured.uri.clone(), e.to_string())),
+                        }
+                    }
+                    Err(e) => {
+                        let error = RegistryError::from(e);
+                        print_reports(
+                            settings,
+                            &[Report::from_error(&error).with_hint(error.hint())],
+                        );
+                        failures.push((format!("ecr:{region}/{name}"), error.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    let progress = CliProgress::new(settings.progress);
+    let outcome = match push_image(
+        &client,
+        store,
+        &record.output.image_digest,
+        &targets,
+        &progress,
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            progress.clear();
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    progress.clear();
+    for failure in &outcome.failed {
+        print_reports(
+            settings,
+            &[Report::from_error(&failure.error).with_hint(failure.error.hint())],
+        );
+        failures.push((failure.repository.clone(), failure.error.to_string()));
+    }
+    // Signed provenance and SBOMs follow the image (provenance module).
+    let mut attached = Vec::new();
+    for (repository, result) in
+        crate::provenance::registry::attach_pushed(&client, store, &record.version, &outcome.pushed)
+            .await
+    {
+        match result {
+            Ok(done) => {
+                if settings.verbosity > Verbosity::Quiet {
+                    eprintln!(
+                        "attached {} attestation{} to {repository} ({})",
+                        done.referrers.len(),
+                        if done.referrers.len() == 1 { "" } else { "s" },
+                        match &done.fallback_tag {
+                            Some(tag) => format!("no referrers API: listed in {tag}"),
+                            None => "referrers API".into(),
+                        }
+                    );
+                }
+                attached.push(json!({"repository": repository, "attached": done}));
+            }
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                failures.push((repository, e.to_string()));
+            }
+        }
+    }
+    let uploaded: u64 = outcome.pushed.iter().map(|p| p.bytes_uploaded).sum();
+    let skipped: u64 = outcome.pushed.iter().map(|p| p.bytes_skipped).sum();
+    match settings.output {
+        OutputFormat::Json => print_json(&json!({
+            "version": record.version,
+            "image_digest": record.output.image_digest,
+            "pushed": outcome.pushed,
+            "references": outcome.pushed.iter().map(|p| &p.reference).collect::<Vec<_>>(),
+            "failed": failures.iter().map(|(r, e)| json!({"repository": r, "error": e})).collect::<Vec<_>>(),
+            "bytes_uploaded": uploaded,
+            "bytes_skipped": skipped,
+            "attestations": attached,
+        })),
+        OutputFormat::Human => {
+            for pushed in &outcome.pushed {
+                println!("{}", pushed.reference);
+            }
+        }
+    }
+    if settings.verbosity > Verbosity::Quiet {
+        let blobs_up: usize = outcome.pushed.iter().map(|p| p.blobs_uploaded).sum();
+        let blobs_skip: usize = outcome
+            .pushed
+            .iter()
+            .map(|p| p.blobs_present + p.blobs_mounted)
+            .sum();
+        eprintln!(
+            "pushed {} to {} repositor{}: uploaded {} in {blobs_up} blob{}, skipped {} in {blobs_skip} blob{} already there",
+            record.output.image_digest,
+            outcome.pushed.len(),
+            if outcome.pushed.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            indicatif::HumanBytes(uploaded),
+            if blobs_up == 1 { "" } else { "s" },
+            indicatif::HumanBytes(skipped),
+            if blobs_skip == 1 { "" } else { "s" },
+        );
+    }
+    match (outcome.pushed.is_empty(), failures.is_empty()) {
+        (_, true) => ExitStatus::Success,
+        (true, false) => ExitStatus::Infrastructure,
+        (false, false) => ExitStatus::PartialPublish,
+    }
+}
+
+/// The build record, the recipe's targets (none for a bare version) and the registries the
+/// recipe marks insecure.
+fn find(
+    store: &Store,
+    args: &PushArgs,
+    settings: &Settings,
+) -> Result<(BuildRecord, Vec<Planned>, Vec<String>), Box<Report>> {
+    if !Path::new(&args.what).is_file() {
+        let record = super::export::find_record(store, &args.what, &args.vars, settings)?;
+        return Ok((record, Vec::new(), Vec::new()));
+    }
+    let recipe = crate::recipe::load(Path::new(&args.what), &args.vars.sources()).map_err(|e| {
+        Box::new(
+            e.0.first()
+                .map(|e| e.report())
+                .unwrap_or_else(|| Report::new("invalid recipe")),
+        )
+    })?;
+    let plan = crate::plan::plan(&recipe, &args.what, &settings.plan_options())
+        .map_err(|e| Box::new(Report::from_error(&e).with_hint(e.hint())))?;
+    let record = store
+        .record::<BuildRecord>(&plan.version)
+        .map_err(|e| Box::new(Report::from_error(&e)))?
+        .ok_or_else(|| {
+            Box::new(
+                Report::new(format!(
+                    "version {} of `{}` is not in the store `{}`",
+                    plan.version,
+                    args.what,
+                    settings.store.display()
+                ))
+                .with_hint(Some("build it first with `bake build RECIPE`".into())),
+            )
+        })?;
+    let mut targets = Vec::new();
+    let mut insecure = Vec::new();
+    for effect in &plan.effects {
+        match effect {
+            Effect::PushImage { repository, tags } => {
+                let parsed = Reference::repository_only(repository)
+                    .map_err(|e| Box::new(Report::from_error(&e)))?;
+                if recipe
+                    .publish
+                    .registries
+                    .iter()
+                    .any(|r| &r.repository == repository && r.insecure)
+                {
+                    insecure.push(parsed.registry().to_owned());
+                }
+                targets.push(Planned::Registry(PushTarget {
+                    repository: parsed,
+                    tags: tags.clone(),
+                }));
+            }
+            Effect::PushEcr {
+                repository,
+                region,
+                tags,
+                create_repository,
+            } => {
+                let spec = recipe
+                    .publish
+                    .ecr
+                    .iter()
+                    .find(|e| &e.repository == repository);
+                targets.push(Planned::Ecr {
+                    name: repository.clone(),
+                    region: region.clone(),
+                    tags: tags.clone(),
+                    settings: RepositorySettings {
+                        immutable_tags: spec.is_some_and(|s| s.immutable_tags),
+                        scan_on_push: spec.is_none_or(|s| s.scan_on_push),
+                        encryption: EcrEncryption::Aes256,
+                        create: *create_repository,
+                    },
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok((record, targets, insecure))
+}
+
+/// Progress bars per blob on a terminal; nothing otherwise.
+struct CliProgress {
+    multi: Option<MultiProgress>,
+    bars: Arc<Mutex<HashMap<String, ProgressBar>>>,
+}
+
+impl CliProgress {
+    fn new(enabled: bool) -> Self {
+        CliProgress {
+            multi: enabled.then(MultiProgress::new),
+            bars: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(multi) = &self.multi {
+            let _ = multi.clear();
+        }
+    }
+
+    fn bar(&self, digest: &str) -> Option<ProgressBar> {
+        self.bars.lock().expect("bars lock").get(digest).cloned()
+    }
+}
+
+impl Progress for CliProgress {
+    fn blob_started(&self, digest: &str, size: u64) {
+        let Some(multi) = &self.multi else {
+            return;
+        };
+        let bar = multi.add(ProgressBar::new(size));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(digest.trim_start_matches("sha256:")[..12].to_owned());
+        self.bars
+            .lock()
+            .expect("bars lock")
+            .insert(digest.to_owned(), bar);
+    }
+
+    fn blob_bytes(&self, digest: &str, n: u64) {
+        if let Some(bar) = self.bar(digest) {
+            bar.inc(n);
+        }
+    }
+
+    fn blob_restart(&self, digest: &str) {
+        if let Some(bar) = self.bar(digest) {
+            bar.set_position(0);
+        }
+    }
+
+    fn blob_done(&self, digest: &str, _size: u64, outcome: BlobOutcome) {
+        if let Some(bar) = self.bars.lock().expect("bars lock").remove(digest) {
+            bar.finish_with_message(format!("{outcome:?}"));
+            if let Some(multi) = &self.multi {
+                multi.remove(&bar);
+            }
+        }
+    }
+
+    fn sink(&self, digest: &str) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let bar = self.bar(digest);
+        Arc::new(move |n| {
+            if let Some(bar) = &bar {
+                bar.inc(n);
+            }
+        })
+    }
+}

@@ -1,0 +1,426 @@
+//! SLSA provenance v1 inside an in-toto Statement v1, made from a build record.
+//!
+//! bake's build type (`https://bake.dev/buildtypes/recipe/v1`, documented in
+//! docs/provenance.md) puts what the user controlled in `externalParameters` (the recipe, its
+//! non-sensitive variable values, the SOURCE_DATE_EPOCH) and every resolved input in
+//! `resolvedDependencies` with its digest (the base, each file the recipe reads, the canonical
+//! recipe itself). Only `runDetails.metadata` (invocation id, start and finish times) differs
+//! between two builds of the same inputs.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::build::pipeline::BuildRecord;
+use crate::plan::hash::canonical_digest;
+
+/// What provenance says about a build, from an image's build record or an AMI's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildFacts {
+    pub name: String,
+    pub version: String,
+    pub recipe: String,
+    pub bake_version: String,
+    pub inputs: Value,
+    pub source_date_epoch: u64,
+    pub compressor: String,
+    /// RFC 3339.
+    pub started: String,
+    pub duration_ms: u64,
+}
+
+impl From<&BuildRecord> for BuildFacts {
+    fn from(record: &BuildRecord) -> Self {
+        BuildFacts {
+            name: record.name.clone(),
+            version: record.version.clone(),
+            recipe: record.recipe.clone(),
+            bake_version: record.bake_version.clone(),
+            inputs: record.inputs.clone(),
+            source_date_epoch: record.source_date_epoch,
+            compressor: record.compressor.clone(),
+            started: record.started.clone(),
+            duration_ms: record.duration_ms,
+        }
+    }
+}
+
+impl BuildFacts {
+    /// From any record shape with `name`, `version`, `recipe`, `bake_version` and `inputs` (the
+    /// AMI pipeline's record has no start time: the time of attesting stands in).
+    pub fn from_value(record: &Value) -> Option<BuildFacts> {
+        let s = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_owned);
+        let inputs = record.get("inputs").cloned().unwrap_or(Value::Null);
+        Some(BuildFacts {
+            name: s("name")?,
+            version: s("version")?,
+            recipe: s("recipe").unwrap_or_default(),
+            bake_version: s("bake_version").unwrap_or_default(),
+            source_date_epoch: inputs
+                .get("source_date_epoch")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            inputs,
+            compressor: s("compressor").unwrap_or_default(),
+            started: s("started").unwrap_or_else(|| {
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+            }),
+            duration_ms: record
+                .get("duration_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+    }
+}
+
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+pub const SLSA_PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
+pub const BUILD_TYPE: &str = "https://bake.dev/buildtypes/recipe/v1";
+/// The builder id of a bake run on a machine the user controls (no hosted trust root).
+pub const LOCAL_BUILDER_ID: &str = "https://bake.dev/builders/local/v1";
+
+/// An in-toto subject: a name and its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subject {
+    pub name: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+}
+
+impl Subject {
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "digest": {"sha256": self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)},
+        })
+    }
+}
+
+/// The parts of a statement that differ between runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDetails {
+    pub builder_id: String,
+    pub invocation_id: String,
+    /// RFC 3339.
+    pub started_on: String,
+    pub finished_on: String,
+}
+
+impl RunDetails {
+    /// The run that produced `record`, with a fresh invocation id.
+    pub fn of(record: &BuildFacts, invocation_id: String) -> RunDetails {
+        let started = humantime::parse_rfc3339(&record.started).ok();
+        let finished = started
+            .map(|s| s + std::time::Duration::from_millis(record.duration_ms))
+            .map(|f| humantime::format_rfc3339_seconds(f).to_string())
+            .unwrap_or_else(|| record.started.clone());
+        RunDetails {
+            builder_id: LOCAL_BUILDER_ID.into(),
+            invocation_id,
+            started_on: record.started.clone(),
+            finished_on: finished,
+        }
+    }
+}
+
+/// An in-toto Statement v1.
+pub fn statement(subjects: &[Subject], predicate_type: &str, predicate: Value) -> Value {
+    json!({
+        "_type": STATEMENT_TYPE,
+        "subject": subjects.iter().map(Subject::to_json).collect::<Vec<_>>(),
+        "predicateType": predicate_type,
+        "predicate": predicate,
+    })
+}
+
+fn sha256_set(digest: &str) -> Value {
+    json!({"sha256": digest.strip_prefix("sha256:").unwrap_or(digest)})
+}
+
+/// The variables as the user set them, sensitive ones without their value.
+fn variables(inputs: &Value) -> Value {
+    let mut out = Map::new();
+    if let Some(vars) = inputs
+        .pointer("/recipe/variables")
+        .and_then(Value::as_object)
+    {
+        for (name, var) in vars {
+            let sensitive = var.get("sensitive").and_then(Value::as_bool) == Some(true);
+            let value = if sensitive {
+                json!({"sensitive": true})
+            } else {
+                var.get("value").cloned().unwrap_or(Value::Null)
+            };
+            out.insert(name.clone(), value);
+        }
+    }
+    Value::Object(out)
+}
+
+/// Every resolved input, as in-toto resource descriptors.
+pub fn resolved_dependencies(record: &BuildFacts) -> Vec<Value> {
+    let inputs = &record.inputs;
+    let mut deps = Vec::new();
+    deps.push(json!({
+        "uri": format!("bake:recipe/{}", record.name),
+        "name": record.recipe,
+        "digest": sha256_set(&canonical_digest(inputs.get("recipe").unwrap_or(&Value::Null))),
+        "mediaType": "application/vnd.bake.recipe+json",
+    }));
+    if let Some(base) = inputs.get("base") {
+        let kind = base
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
+        if kind != "scratch" {
+            let uri = match kind {
+                "image" => base
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .map(|r| format!("oci://{r}")),
+                "oci_layout" => base
+                    .get("relative_path")
+                    .and_then(Value::as_str)
+                    .map(|p| format!("oci-layout:{p}")),
+                "rootfs" => base
+                    .get("relative_path")
+                    .and_then(Value::as_str)
+                    .map(|p| format!("file:{p}")),
+                "bootstrap" => Some(format!(
+                    "mmdebstrap:{}/{}?variant={}",
+                    base.get("distro")
+                        .and_then(Value::as_str)
+                        .unwrap_or("debian"),
+                    base.get("suite").and_then(Value::as_str).unwrap_or(""),
+                    base.get("variant").and_then(Value::as_str).unwrap_or(""),
+                )),
+                _ => None,
+            }
+            .unwrap_or_else(|| format!("bake:base/{kind}"));
+            // A base with a content digest (image, layout, tarball) is pinned by it; a
+            // bootstrap is pinned by its full configuration.
+            let digest = base
+                .get("digest")
+                .and_then(Value::as_str)
+                .map(sha256_set)
+                .unwrap_or_else(|| sha256_set(&canonical_digest(base)));
+            deps.push(json!({
+                "uri": uri,
+                "name": "base",
+                "digest": digest,
+                "annotations": base,
+            }));
+        }
+    }
+    for file in inputs
+        .get("files")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let path = file.get("path").and_then(Value::as_str).unwrap_or_default();
+        let mut dep = json!({"uri": format!("file:{path}"), "name": path});
+        if let Some(digest) = file.get("digest").and_then(Value::as_str) {
+            dep["digest"] = sha256_set(digest);
+        } else {
+            // Directories and symlinks have no content digest: pin their metadata.
+            dep["digest"] = sha256_set(&canonical_digest(file));
+        }
+        let mut annotations = Map::new();
+        for key in ["type", "mode", "target"] {
+            if let Some(v) = file.get(key) {
+                annotations.insert(key.into(), v.clone());
+            }
+        }
+        dep["annotations"] = Value::Object(annotations);
+        deps.push(dep);
+    }
+    for builtin in inputs
+        .get("builtins")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = builtin
+            .get("name")
+            .or_else(|| builtin.get("path"))
+            .and_then(Value::as_str)
+            .unwrap_or("builtin");
+        let digest = builtin
+            .get("digest")
+            .and_then(Value::as_str)
+            .map(sha256_set)
+            .unwrap_or_else(|| sha256_set(&canonical_digest(builtin)));
+        deps.push(json!({"uri": format!("bake:builtin/{name}"), "digest": digest}));
+    }
+    deps
+}
+
+/// The SLSA v1 predicate of `record`'s build.
+pub fn predicate(record: &BuildFacts, run: &RunDetails, byproducts: Vec<Value>) -> Value {
+    let mut predicate = json!({
+        "buildDefinition": {
+            "buildType": BUILD_TYPE,
+            "externalParameters": {
+                "recipe": {"path": record.recipe, "name": record.name},
+                "variables": variables(&record.inputs),
+                "sourceDateEpoch": record.source_date_epoch,
+                "version": record.version,
+            },
+            "internalParameters": {
+                "bakeVersion": record.bake_version,
+                "compressor": record.compressor,
+                "versionFormat": record.inputs.get("format"),
+            },
+            "resolvedDependencies": resolved_dependencies(record),
+        },
+        "runDetails": {
+            "builder": {
+                "id": run.builder_id,
+                "version": {"bake": record.bake_version},
+            },
+            "metadata": {
+                "invocationId": run.invocation_id,
+                "startedOn": run.started_on,
+                "finishedOn": run.finished_on,
+            },
+        },
+    });
+    if !byproducts.is_empty() {
+        predicate["runDetails"]["byproducts"] = Value::Array(byproducts);
+    }
+    predicate
+}
+
+/// What `bake verify` prints about a verified provenance.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProvenanceSummary {
+    pub build_type: String,
+    pub builder_id: String,
+    pub recipe: Option<String>,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub bake_version: Option<String>,
+    pub started_on: Option<String>,
+    pub finished_on: Option<String>,
+    pub resolved_dependencies: usize,
+    pub subjects: Vec<Subject>,
+}
+
+impl ProvenanceSummary {
+    pub fn of(statement: &Value) -> ProvenanceSummary {
+        let s = |pointer: &str| {
+            statement
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        ProvenanceSummary {
+            build_type: s("/predicate/buildDefinition/buildType").unwrap_or_default(),
+            builder_id: s("/predicate/runDetails/builder/id").unwrap_or_default(),
+            recipe: s("/predicate/buildDefinition/externalParameters/recipe/path"),
+            name: s("/predicate/buildDefinition/externalParameters/recipe/name"),
+            version: s("/predicate/buildDefinition/externalParameters/version"),
+            bake_version: s("/predicate/buildDefinition/internalParameters/bakeVersion"),
+            started_on: s("/predicate/runDetails/metadata/startedOn"),
+            finished_on: s("/predicate/runDetails/metadata/finishedOn"),
+            resolved_dependencies: statement
+                .pointer("/predicate/buildDefinition/resolvedDependencies")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len),
+            subjects: subjects_of(statement),
+        }
+    }
+}
+
+/// The subjects of a statement (those with a sha256), as `sha256:<hex>` digests.
+pub fn subjects_of(statement: &Value) -> Vec<Subject> {
+    statement
+        .get("subject")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let hex = s.pointer("/digest/sha256").and_then(Value::as_str)?;
+            Some(Subject {
+                name: s
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("_")
+                    .to_owned(),
+                digest: format!("sha256:{}", hex.to_ascii_lowercase()),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> BuildRecord {
+        serde_json::from_value(json!({
+            "format": "bake.record/v1",
+            "name": "demo",
+            "version": format!("sha256:{}", "1".repeat(64)),
+            "recipe": "demo.yaml",
+            "bake_version": "0.1.0",
+            "inputs": {
+                "format": "bake.version/v1",
+                "base": {"kind": "bootstrap", "distro": "debian", "suite": "bookworm", "variant": "minbase"},
+                "files": [
+                    {"path": "app/bin", "type": "file", "mode": "0755", "digest": format!("sha256:{}", "2".repeat(64))},
+                    {"path": "app", "type": "dir", "mode": "0755"}
+                ],
+                "recipe": {"variables": {
+                    "greeting": {"kind": "string", "sensitive": false, "value": "hi"},
+                    "token": {"kind": "string", "sensitive": true, "value": "***"}
+                }},
+                "builtins": [],
+                "source_date_epoch": 1700000000
+            },
+            "source_date_epoch": 1700000000,
+            "compressor": "gzip-6",
+            "output": {
+                "name": "demo", "version": "v", "image_digest": format!("sha256:{}", "3".repeat(64)),
+                "config_digest": "c", "manifest_size": 1, "layers": [], "cached": false, "steps": []
+            },
+            "started": "2026-01-01T00:00:00Z",
+            "duration_ms": 61000
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn provenance_holds_inputs_with_digests_and_no_secrets() {
+        let record = record();
+        let facts = BuildFacts::from(&record);
+        let run = RunDetails::of(&facts, "inv-1".into());
+        assert_eq!(run.finished_on, "2026-01-01T00:01:01Z");
+        let subject = Subject {
+            name: "demo".into(),
+            digest: record.output.image_digest.clone(),
+        };
+        let statement = statement(
+            std::slice::from_ref(&subject),
+            SLSA_PREDICATE_TYPE,
+            predicate(&facts, &run, vec![]),
+        );
+        assert_eq!(statement["subject"][0]["digest"]["sha256"], "3".repeat(64));
+        let external = &statement["predicate"]["buildDefinition"]["externalParameters"];
+        assert_eq!(external["variables"]["greeting"], "hi");
+        assert_eq!(external["variables"]["token"], json!({"sensitive": true}));
+        let deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+            .as_array()
+            .unwrap();
+        assert_eq!(deps.len(), 4, "recipe, base, two files");
+        assert!(
+            deps.iter()
+                .all(|d| d["digest"]["sha256"].as_str().unwrap().len() == 64)
+        );
+        assert_eq!(deps[1]["uri"], "mmdebstrap:debian/bookworm?variant=minbase");
+        assert_eq!(deps[2]["digest"]["sha256"], "2".repeat(64));
+        let summary = ProvenanceSummary::of(&statement);
+        assert_eq!(summary.subjects, [subject]);
+        assert_eq!(summary.version.as_deref(), Some(record.version.as_str()));
+    }
+}
