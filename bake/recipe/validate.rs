@@ -354,14 +354,9 @@ impl<'a> Validator<'a> {
         Some(match &base.value {
             RawBase::Scratch => Base::Scratch,
             RawBase::Image(reference) => {
-                if let Err(e) = oci_spec::distribution::Reference::from_str(&reference.value) {
-                    self.invalid(
-                        reference,
-                        "image reference",
-                        &reference.value,
-                        e.to_string(),
-                    )
-                    .hint = Some(
+                if let Err(e) = crate::registry::Reference::from_str(&reference.value) {
+                    self.invalid(reference, "image reference", &reference.value, e.reason)
+                        .hint = Some(
                         "write `registry.example.com/repository:tag` or `…@sha256:<64 hex>`".into(),
                     );
                     return None;

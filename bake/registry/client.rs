@@ -163,6 +163,7 @@ struct Inner {
     credentials: Arc<dyn Credentials>,
     hosts: Mutex<HashMap<String, HostState>>,
     tokens: Mutex<HashMap<(String, String), Token>>,
+    token_fetch: tokio::sync::Mutex<()>,
     counters: Counters,
 }
 
@@ -218,6 +219,7 @@ impl Client {
                 credentials,
                 hosts: Mutex::new(HashMap::new()),
                 tokens: Mutex::new(HashMap::new()),
+                token_fetch: tokio::sync::Mutex::new(()),
                 counters: Counters::default(),
             }),
         })
@@ -1074,6 +1076,17 @@ impl Client {
                 .map(|c| Secret::new(c.basic_header()))),
             Some(Challenge::Bearer { realm, service }) => {
                 let key = (host.to_owned(), scope_key.to_owned());
+                if let Some(token) = self.inner.tokens.lock().expect("token lock").get(&key)
+                    && token.renew_at > Instant::now()
+                {
+                    return Ok(Some(Secret::new(format!(
+                        "Bearer {}",
+                        token.value.expose()
+                    ))));
+                }
+                // One fetch at a time: parallel blob requests would otherwise each ask the
+                // realm for the same token.
+                let _fetching = self.inner.token_fetch.lock().await;
                 if let Some(token) = self.inner.tokens.lock().expect("token lock").get(&key)
                     && token.renew_at > Instant::now()
                 {

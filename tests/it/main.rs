@@ -9,5 +9,6 @@ mod cli;
 mod common;
 mod plan;
 mod recipes;
+mod registry;
 mod registry_harness;
 mod runner;
