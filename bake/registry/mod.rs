@@ -255,6 +255,8 @@ pub struct RegistrySettings {
     pub endpoints: Vec<(String, String)>,
     /// Docker's config file (`DOCKER_CONFIG`/`config.json`, else `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// AWS settings, for ECR registries' tokens.
+    pub aws: Option<crate::aws::AwsSettings>,
 }
 
 impl RegistrySettings {
@@ -281,6 +283,7 @@ impl RegistrySettings {
                 })
                 .collect(),
             docker_config: auth::DockerConfig::default_location().map(|c| c.path().to_path_buf()),
+            aws: None,
         }
     }
 
@@ -299,6 +302,22 @@ impl RegistrySettings {
         match &self.docker_config {
             Some(path) => Arc::new(auth::DockerConfig::at(path)),
             None => Arc::new(auth::StaticCredentials::default()),
+        }
+    }
+
+    /// Credentials for talking to `host`: Docker's config file, and for an ECR registry host
+    /// (with AWS settings) ECR tokens as well.
+    pub async fn credentials_for(&self, host: &str) -> Arc<dyn Credentials> {
+        let docker = self.credentials();
+        match (&self.aws, ecr::ecr_region(host)) {
+            (Some(aws), Some(_)) => {
+                let aws = crate::aws::Aws::load(aws).await;
+                Arc::new(auth::ChainCredentials(vec![
+                    docker,
+                    Arc::new(ecr::EcrCredentials::new(aws)),
+                ]))
+            }
+            _ => docker,
         }
     }
 }
@@ -333,7 +352,8 @@ impl crate::plan::base::ImageResolver for RegistryResolver {
                     source,
                 })?;
             runtime.block_on(async {
-                let client = Client::new(settings.client_options(), settings.credentials())?;
+                let credentials = settings.credentials_for(reference.registry()).await;
+                let client = Client::new(settings.client_options(), credentials)?;
                 pull::resolve(&client, &reference).await
             })
         };

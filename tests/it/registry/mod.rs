@@ -887,6 +887,44 @@ async fn plan_pins_a_tag_by_digest_and_build_pulls_the_base() {
         built_store.read_blob(base_layer).unwrap(),
         source.read_blob(base_layer).unwrap()
     );
+
+    // `bake push RECIPE` pushes to the recipe's targets with its templated tags (`publish` is
+    // not part of the version, so the built version is the one pushed).
+    let out = unique("out");
+    let text = fs_err::read_to_string(dir.path().join("recipe.yaml")).unwrap();
+    fs_err::write(
+        dir.path().join("recipe.yaml"),
+        format!(
+            "{text}publish:\n  registries:\n    - repository: {registry}/{out}\n      tags: [\"{{{{version_short}}}}\", latest]\n      insecure: true\n"
+        ),
+    )
+    .unwrap();
+    let output = bake()
+        .current_dir(dir.path())
+        .arg("--store")
+        .arg(store_dir.path())
+        .args(["--output", "json", "push", "recipe.yaml"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let pushed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let image = built["image_digest"].as_str().unwrap();
+    assert_eq!(
+        pushed["references"],
+        serde_json::json!([format!("{registry}/{out}@{image}")])
+    );
+    let short = &built["version"].as_str().unwrap()[7..19];
+    assert_eq!(
+        pushed["pushed"][0]["tags"],
+        serde_json::json!([short, "latest"])
+    );
+    for tag in [short, "latest"] {
+        let reference: Reference = format!("{registry}/{out}:{tag}").parse().unwrap();
+        assert_eq!(
+            resolve(&anonymous(), &reference).await.unwrap().digest,
+            image
+        );
+    }
 }
 
 #[test]
