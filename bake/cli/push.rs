@@ -176,13 +176,7 @@ async fn push(
                     .await
                 {
                     Ok(ensured) => {
-                        for difference in &ensured.differences {
-                            if settings.verbosity > Verbosity::Quiet {
-                                eprintln!(
-                                    "warning: ECR repository `{name}` in {region}: {difference} (left as it is)"
-                                );
-                            }
-                        }
+                        // Differences were logged as warnings by `ensure_repository`.
                         match Reference::repository_only(&ensured.uri) {
                             Ok(repository) => targets.push(PushTarget { repository, tags }),
                             Err(e) => failures.push((ensured.uri.clone(), e.to_string())),
@@ -344,7 +338,10 @@ fn find(
                     settings: RepositorySettings {
                         immutable_tags: spec.is_some_and(|s| s.immutable_tags),
                         scan_on_push: spec.is_none_or(|s| s.scan_on_push),
-                        encryption: EcrEncryption::Aes256,
+                        encryption: match spec.and_then(|s| s.kms_key.clone()) {
+                            Some(key) => EcrEncryption::Kms(Some(key)),
+                            None => EcrEncryption::Aes256,
+                        },
                         create: *create_repository,
                     },
                 });

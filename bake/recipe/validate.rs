@@ -1538,6 +1538,16 @@ impl<'a> Validator<'a> {
                     "write an AWS region code such as `us-east-1`",
                 );
             }
+            if let Some(key) = &e.value.kms_key
+                && key.value.trim().is_empty()
+            {
+                self.invalid(
+                    key,
+                    "KMS key",
+                    &key.value,
+                    "give a key id, ARN or `alias/…`, or leave `kms_key` out for AES-256",
+                );
+            }
             publish.ecr.push(EcrTarget {
                 repository: repo.value.clone(),
                 region: e.value.region.as_ref().map(|r| r.value.clone()),
@@ -1545,6 +1555,7 @@ impl<'a> Validator<'a> {
                 create: e.value.create,
                 immutable_tags: e.value.immutable_tags,
                 scan_on_push: e.value.scan_on_push,
+                kms_key: e.value.kms_key.as_ref().map(|k| k.value.clone()),
             });
         }
         let ami_regions: Vec<String> = outputs

@@ -1127,3 +1127,136 @@ async fn multi_platform_index_is_pushed_after_its_manifests_and_pulled_per_platf
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let Some(plain) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIP: building an image to push needs root");
+        return;
+    }
+    let account = fresh_account();
+    let aws = moto_aws(&endpoint, &account).await;
+    let token = aws
+        .ecr("us-east-1")
+        .get_authorization_token()
+        .send()
+        .await
+        .unwrap();
+    let password =
+        Credential::from_basic_token(token.authorization_data()[0].authorization_token().unwrap())
+            .unwrap()
+            .password;
+    let Some(data_plane) = LocalRegistry::start(Auth::Htpasswd {
+        user: "AWS".into(),
+        password: password.expose().to_owned(),
+    }) else {
+        return;
+    };
+    // A small base on the plain registry, and a recipe built on it that publishes to ECR.
+    let (_a, source) = store();
+    let base = harness::make_image(&source, 18, &[15_000]);
+    let base_name = unique("ecr-base");
+    push_image(
+        &anonymous(),
+        &source,
+        &base,
+        &[target(&plain, &base_name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let dir = image_recipe(&format!("{plain}/{base_name}:v1"));
+    let recipe = fs_err::read_to_string(dir.path().join("recipe.yaml")).unwrap();
+    let publish = |immutable: bool| {
+        fs_err::write(
+            dir.path().join("recipe.yaml"),
+            format!(
+                "{recipe}publish:\n  ecr:\n    - repository: bake/cli-app\n      region: us-east-1\n      tags: [latest]\n      immutable_tags: {immutable}\n      kms_key: alias/bake-test\n"
+            ),
+        )
+        .unwrap();
+    };
+    publish(true);
+    let store_dir = tempfile::tempdir().unwrap();
+    let host = ecr::registry_host(&account, "us-east-1");
+    let run = |args: &[&str]| {
+        bake()
+            .current_dir(dir.path())
+            .arg("--store")
+            .arg(store_dir.path())
+            .args(["--output", "json"])
+            .args(args)
+            .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env(
+                "BAKE_REGISTRY_ENDPOINTS",
+                format!("{host}=http://{}", data_plane.addr),
+            )
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    let built = run(&["build", "recipe.yaml"]);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let built: Value = serde_json::from_slice(&built.stdout).unwrap();
+    let image = built["image_digest"].as_str().unwrap();
+    let pushed = run(&["push", "recipe.yaml"]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let json: Value = serde_json::from_slice(&pushed.stdout).unwrap();
+    assert_eq!(
+        json["references"],
+        serde_json::json!([format!("{host}/bake/cli-app@{image}")])
+    );
+    let described = aws
+        .ecr("us-east-1")
+        .describe_repositories()
+        .repository_names("bake/cli-app")
+        .send()
+        .await
+        .unwrap();
+    let repository = &described.repositories()[0];
+    assert_eq!(
+        repository.image_tag_mutability(),
+        Some(&aws_sdk_ecr::types::ImageTagMutability::Immutable)
+    );
+    let encryption = repository.encryption_configuration().unwrap();
+    assert_eq!(
+        encryption.encryption_type(),
+        &aws_sdk_ecr::types::EncryptionType::Kms
+    );
+    assert_eq!(encryption.kms_key(), Some("alias/bake-test"));
+
+    // The recipe now asks for mutable tags: reported, not changed; nothing uploaded again.
+    publish(false);
+    let again = run(&["push", "recipe.yaml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("tag immutability is on, the recipe asks for off"),
+        "{}",
+        stderr(&again)
+    );
+    let json: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(json["bytes_uploaded"], 0);
+    let after = aws
+        .ecr("us-east-1")
+        .describe_repositories()
+        .repository_names("bake/cli-app")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        after.repositories()[0].image_tag_mutability(),
+        Some(&aws_sdk_ecr::types::ImageTagMutability::Immutable)
+    );
+}
