@@ -212,6 +212,9 @@ async fn push(
         }
     };
     progress.clear();
+    let only_user_errors = failures.is_empty()
+        && !outcome.failed.is_empty()
+        && outcome.failed.iter().all(|f| f.error.is_user_error());
     for failure in &outcome.failed {
         print_reports(
             settings,
@@ -261,6 +264,7 @@ async fn push(
     }
     match (outcome.pushed.is_empty(), failures.is_empty()) {
         (_, true) => ExitStatus::Success,
+        (true, false) if only_user_errors => ExitStatus::RecipeOrUsage,
         (true, false) => ExitStatus::Infrastructure,
         (false, false) => ExitStatus::PartialPublish,
     }
