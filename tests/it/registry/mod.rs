@@ -87,7 +87,8 @@ async fn push_pull_round_trip_and_second_push_uploads_nothing() {
         return;
     };
     let (_a, source) = store();
-    let digest = harness::make_image(&source, 1, &[300_000, 1_200_000, 40_000]);
+    // One layer above the in-memory threshold: its upload streams from the store file.
+    let digest = harness::make_image(&source, 1, &[300_000, 9_000_000, 40_000]);
     let name = unique("roundtrip");
     let client = anonymous();
     let outcome = push_image(
@@ -618,7 +619,16 @@ async fn faults_on_the_way_do_not_break_a_push() {
         Fault::Status(429, Some(1), "TOOMANYREQUESTS"),
     );
     let (_a, source) = store();
-    let digest = harness::make_image(&source, 8, &[600_000, 200_000]);
+    let digest = harness::make_image(&source, 8, &[600_000, 200_000, 9_000_000]);
+    // The large layer streams from the store file: cut that upload too, in the middle.
+    let manifest: Value = serde_json::from_slice(&source.read_blob(&digest).unwrap()).unwrap();
+    let large = manifest["layers"][2]["digest"].as_str().unwrap().to_owned();
+    proxy.add(
+        "PUT",
+        &format!("digest={}", large.replace(':', "%3A")),
+        1,
+        Fault::ResetMidRequest,
+    );
     let name = unique("faults");
     let client = anonymous();
     let outcome = push_image(
@@ -631,8 +641,8 @@ async fn faults_on_the_way_do_not_break_a_push() {
     .await
     .unwrap();
     assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
-    assert_eq!(proxy.injected(), 6, "{:#?}", proxy.log.lock().unwrap());
-    assert!(client.stats().retries >= 5);
+    assert_eq!(proxy.injected(), 7, "{:#?}", proxy.log.lock().unwrap());
+    assert!(client.stats().retries >= 6);
     // The registry itself (not through the proxy) holds exactly the image.
     let (_b, back) = store();
     let pulled = pull_image(
@@ -648,6 +658,12 @@ async fn faults_on_the_way_do_not_break_a_push() {
     assert_same_image(&source, &back, &digest);
 
     // Pulling through faults: a blob cut mid-stream and a 500 are retried.
+    proxy.add(
+        "GET",
+        &format!("/blobs/{large}"),
+        1,
+        Fault::ResetMidResponse,
+    );
     proxy.add("GET", "/blobs/", 1, Fault::ResetMidResponse);
     proxy.add("GET", "/blobs/", 1, Fault::Status(500, None, "UNKNOWN"));
     proxy.add(
@@ -666,7 +682,7 @@ async fn faults_on_the_way_do_not_break_a_push() {
     )
     .await
     .unwrap();
-    assert_eq!(proxy.injected(), 9);
+    assert_eq!(proxy.injected(), 11, "{:#?}", proxy.log.lock().unwrap());
     assert_same_image(&source, &via_proxy, &digest);
 }
 
