@@ -1276,3 +1276,65 @@ async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
         Some(&aws_sdk_ecr::types::ImageTagMutability::Immutable)
     );
 }
+
+#[tokio::test]
+async fn tags_and_referrers_through_the_tag_schema() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let (_a, source) = store();
+    let digest = harness::make_image(&source, 19, &[5_000]);
+    let name = unique("referrers");
+    let client = anonymous();
+    push_image(
+        &client,
+        &source,
+        &digest,
+        &[target(&registry, &name, &["v1", "v2"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let repository = repo(&registry, &name);
+    let mut tags = client.list_tags(&repository).await.unwrap();
+    tags.sort();
+    assert_eq!(tags, ["v1", "v2"]);
+    // docker-registry has no referrers API: bake reads the `sha256-<hex>` tag instead.
+    assert!(
+        client
+            .referrers(&repository, &digest)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [],
+    }))
+    .unwrap();
+    let schema_tag = digest.replace(':', "-");
+    client
+        .put_manifest(
+            &repository,
+            &schema_tag,
+            "application/vnd.oci.image.index.v1+json",
+            index.clone().into(),
+        )
+        .await
+        .unwrap();
+    let found = client
+        .referrers(&repository, &digest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.as_ref(), index.as_slice());
+    // A repository that does not exist has no tags.
+    assert!(
+        client
+            .list_tags(&repo(&registry, &unique("nothing")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
