@@ -369,6 +369,8 @@ pub enum Fault {
     CorruptBody,
     /// Forward, then replace the `Docker-Content-Digest` header's value.
     WrongDigestHeader,
+    /// Forward, then append bytes to the body (and count them in `Content-Length`).
+    Oversize,
 }
 
 /// A rule: the first `times` requests with `method` whose path contains `path` get `fault`.
@@ -528,6 +530,25 @@ async fn serve(
             Some(Fault::CorruptBody) if response.len() > split => {
                 let at = split + (response.len() - split) / 2;
                 response[at] ^= 0xff;
+            }
+            Some(Fault::Oversize) => {
+                let text = String::from_utf8_lossy(&response[..split]).into_owned();
+                let extra = 1000;
+                let replaced: String = text
+                    .split("\r\n")
+                    .map(|l| match l.split_once(':') {
+                        Some((k, v)) if k.eq_ignore_ascii_case("content-length") => {
+                            let n: usize = v.trim().parse().unwrap_or(0);
+                            format!("Content-Length: {}", n + extra)
+                        }
+                        _ => l.to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\r\n");
+                let mut out = replaced.into_bytes();
+                out.extend_from_slice(&response[split..]);
+                out.extend(std::iter::repeat_n(b'x', extra));
+                response = out;
             }
             Some(Fault::WrongDigestHeader) => {
                 let text = String::from_utf8_lossy(&response[..split]).into_owned();

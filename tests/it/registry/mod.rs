@@ -724,6 +724,38 @@ async fn wrong_content_is_refused_and_not_stored() {
     assert!(error.to_string().contains("nothing was stored"));
     assert!(harness::store_blobs(&empty).is_empty());
 
+    // A blob larger than its descriptor says: refused, never stored.
+    let (_c, other) = store();
+    proxy.add("GET", "/blobs/", 1, Fault::Oversize);
+    let parallel_one = Client::new(
+        ClientOptions {
+            parallelism: 1,
+            ..fast_options()
+        },
+        Arc::new(StaticCredentials::default()),
+    )
+    .unwrap();
+    let error = pull_image(
+        &parallel_one,
+        &other,
+        &format!("{}/{name}@{digest}", proxy.addr).parse().unwrap(),
+        "amd64",
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    let RegistryError::SizeMismatch {
+        expected, actual, ..
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert_eq!(actual - expected, 1000);
+    // One transfer at a time, config first: the config was the oversized blob.
+    let config = manifest_config(&source, &digest);
+    assert!(error.to_string().contains(&config), "{error}");
+    assert!(!other.has_blob(&config));
+
     // Blobs with flipped bytes: refused, never stored.
     proxy.add("GET", "/blobs/", 100, Fault::CorruptBody);
     let error = pull_image(
@@ -803,6 +835,11 @@ async fn immutable_tags_same_digest_is_fine_elsewhere_is_an_error() {
     .await
     .unwrap();
     assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+}
+
+fn manifest_config(store: &Store, digest: &str) -> String {
+    let manifest: Value = serde_json::from_slice(&store.read_blob(digest).unwrap()).unwrap();
+    manifest["config"]["digest"].as_str().unwrap().to_owned()
 }
 
 /// Writes a recipe whose base is `image` into a fresh directory.
