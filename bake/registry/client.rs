@@ -105,6 +105,15 @@ pub struct ManifestInfo {
     pub size: u64,
 }
 
+/// What a manifest `PUT` answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PutManifest {
+    /// The digest of the bytes sent (checked against the registry's answer).
+    pub digest: String,
+    /// `OCI-Subject`: the registry indexed the manifest's subject for the referrers API.
+    pub subject: Option<String>,
+}
+
 /// A manifest as fetched: its verified bytes and what they are.
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -382,6 +391,21 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<String> {
+        Ok(self
+            .put_manifest_full(repository, tag_or_digest, media_type, bytes)
+            .await?
+            .digest)
+    }
+
+    /// [`Client::put_manifest`], also telling whether the registry processed a `subject`
+    /// (its `OCI-Subject` answer header).
+    pub async fn put_manifest_full(
+        &self,
+        repository: &Reference,
+        tag_or_digest: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<PutManifest> {
         let digest = sha256_digest(&bytes);
         let path = format!("/v2/{}/manifests/{tag_or_digest}", repository.repository());
         let what = format!(
@@ -408,6 +432,102 @@ impl Client {
                 actual: returned,
             });
         }
+        let subject = header_str(response.headers(), "oci-subject");
+        Ok(PutManifest { digest, subject })
+    }
+
+    /// Pushes a manifest that has a `subject` (a signature, SBOM or attestation) by digest, and
+    /// makes it findable as a referrer of its subject: through the registry's referrers API when
+    /// it processed the subject (`OCI-Subject`), else by adding it to the index under the
+    /// `sha256-<hex>` tag (the referrers tag schema). Its blobs must already be in the
+    /// repository. Returns the manifest's digest.
+    pub async fn push_referrer(
+        &self,
+        repository: &Reference,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotAnImage {
+                what: "referrer manifest".into(),
+                reason: e.to_string(),
+            })?;
+        let subject = value
+            .pointer("/subject/digest")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| RegistryError::NotAnImage {
+                what: "referrer manifest".into(),
+                reason: "it has no `subject`".into(),
+            })?
+            .to_owned();
+        super::reference::check_digest(&repository.name(), &subject)?;
+        let digest = sha256_digest(&bytes);
+        let pushed = self
+            .put_manifest_full(repository, &digest, media_type, bytes.clone())
+            .await?;
+        if pushed.subject.is_some() {
+            return Ok(digest);
+        }
+        let artifact_type = value
+            .get("artifactType")
+            .or_else(|| value.pointer("/config/mediaType"))
+            .cloned();
+        let mut descriptor = serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": bytes.len(),
+        });
+        if let Some(artifact_type) = artifact_type {
+            descriptor["artifactType"] = artifact_type;
+        }
+        if let Some(annotations) = value.get("annotations") {
+            descriptor["annotations"] = annotations.clone();
+        }
+        let tag = subject.replacen(':', "-", 1);
+        let tagged = repository.with_tag(&tag)?;
+        let mut index =
+            match self.get_manifest(&tagged).await? {
+                Some(existing) => {
+                    let index: serde_json::Value = serde_json::from_slice(&existing.bytes)
+                        .map_err(|e| RegistryError::NotAnImage {
+                            what: tagged.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    if !index
+                        .get("manifests")
+                        .is_some_and(serde_json::Value::is_array)
+                    {
+                        return Err(RegistryError::NotAnImage {
+                            what: tagged.to_string(),
+                            reason: "the referrers tag does not hold an image index".into(),
+                        });
+                    }
+                    index
+                }
+                None => serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [],
+                }),
+            };
+        let manifests = index["manifests"]
+            .as_array_mut()
+            .expect("checked to be an array");
+        if manifests
+            .iter()
+            .any(|m| m.get("digest").and_then(serde_json::Value::as_str) == Some(&digest))
+        {
+            return Ok(digest);
+        }
+        manifests.push(descriptor);
+        let bytes = serde_json::to_vec(&index).expect("an index serializes");
+        self.put_manifest(
+            repository,
+            &tag,
+            "application/vnd.oci.image.index.v1+json",
+            Bytes::from(bytes),
+        )
+        .await?;
         Ok(digest)
     }
 

@@ -12,7 +12,9 @@
 //!   [`Client::get_manifest`] (verified bytes), [`Client::put_manifest`]`(repo, tag_or_digest,
 //!   media_type, bytes)`, [`Client::blob_exists`], [`Client::push_blob`] (from the store),
 //!   [`Client::get_blob`] (verified, into the store), [`Client::mount_blob`],
-//!   [`Client::list_tags`], [`Client::referrers`] (API, else the `sha256-<hex>` tag schema).
+//!   [`Client::list_tags`], [`Client::referrers`] (API, else the `sha256-<hex>` tag schema),
+//!   [`Client::push_referrer`] (a manifest with a `subject`, indexed by the registry or, without
+//!   `OCI-Subject`, added to the `sha256-<hex>` tag index), [`Client::put_manifest_full`].
 //! - [`push::push_image`]`(client, store, manifest_digest, targets, progress)`: the whole image
 //!   (index → manifests → config and layers) to each [`push::PushTarget`], skipping blobs the
 //!   registry has, mounting across repositories where it can, manifests after their blobs.
@@ -38,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use auth::{Credential, Credentials};
-pub use client::{Client, ClientOptions, ClientStats, Manifest, ManifestInfo};
+pub use client::{Client, ClientOptions, ClientStats, Manifest, ManifestInfo, PutManifest};
 pub use reference::{Reference, ReferenceError};
 
 use crate::store::StoreError;

@@ -1375,3 +1375,103 @@ async fn tags_and_referrers_through_the_tag_schema() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_referrer_is_found_through_the_tag_schema_fallback() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let (_a, source) = store();
+    let digest = harness::make_image(&source, 20, &[5_000]);
+    let name = unique("referrer-push");
+    let client = anonymous();
+    push_image(
+        &client,
+        &source,
+        &digest,
+        &[target(&registry, &name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let repository = repo(&registry, &name);
+    // An attestation-like artifact: the empty config, one payload layer, a subject.
+    let empty = source.put_blob(b"{}").unwrap();
+    let payload = source.put_blob(b"{\"predicate\":\"bake test\"}").unwrap();
+    for blob in [&empty, &payload] {
+        let size = source.read_blob(blob).unwrap().len() as u64;
+        client
+            .push_blob(&repository, blob, size, &source, &NoProgress)
+            .await
+            .unwrap();
+    }
+    let subject_size = source.read_blob(&digest).unwrap().len();
+    let artifact = |kind: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": kind,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/json", "digest": payload, "size": 25}],
+            "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": subject_size},
+            "annotations": {"dev.bake.test": kind},
+        }))
+        .unwrap()
+    };
+    let media_type = "application/vnd.oci.image.manifest.v1+json";
+    let first = client
+        .push_referrer(
+            &repository,
+            media_type,
+            artifact("application/vnd.bake.a").into(),
+        )
+        .await
+        .unwrap();
+    let second = client
+        .push_referrer(
+            &repository,
+            media_type,
+            artifact("application/vnd.bake.b").into(),
+        )
+        .await
+        .unwrap();
+    // Pushing one again does not list it twice.
+    client
+        .push_referrer(
+            &repository,
+            media_type,
+            artifact("application/vnd.bake.a").into(),
+        )
+        .await
+        .unwrap();
+    let index: Value = serde_json::from_slice(
+        &client
+            .referrers(&repository, &digest)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    let listed: Vec<(&str, &str)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["digest"].as_str().unwrap(),
+                m["artifactType"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (first.as_str(), "application/vnd.bake.a"),
+            (second.as_str(), "application/vnd.bake.b")
+        ]
+    );
+    assert_eq!(
+        index["manifests"][1]["annotations"]["dev.bake.test"],
+        "application/vnd.bake.b"
+    );
+}
