@@ -1475,3 +1475,54 @@ async fn a_referrer_is_found_through_the_tag_schema_fallback() {
         "application/vnd.bake.b"
     );
 }
+
+#[tokio::test]
+async fn a_push_cut_short_resumes_without_uploading_again() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let (_a, source) = store();
+    let digest = harness::make_image(&source, 21, &[400_000, 30_000]);
+    let name = unique("resume");
+    // The first run dies after its blobs: every manifest PUT fails.
+    let proxy = FaultProxy::start(&registry).await;
+    proxy.add(
+        "PUT",
+        "/manifests/",
+        100,
+        Fault::Status(400, None, "MANIFEST_INVALID"),
+    );
+    let outcome = push_image(
+        &anonymous(),
+        &source,
+        &digest,
+        &[target(&proxy.addr, &name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.failed.len(), 1);
+    assert!(
+        outcome.failed[0]
+            .error
+            .to_string()
+            .contains("MANIFEST_INVALID"),
+        "{}",
+        outcome.failed[0].error
+    );
+    // The next run finds the blobs there and only writes the manifest.
+    let client = anonymous();
+    let outcome = push_image(
+        &client,
+        &source,
+        &digest,
+        &[target(&registry, &name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(outcome.failed.is_empty());
+    assert_eq!(outcome.pushed[0].blobs_present, 3);
+    assert_eq!(outcome.pushed[0].manifests_pushed, 1);
+    assert_eq!(client.stats().blobs_uploaded, 0);
+}
