@@ -48,6 +48,8 @@ const DEFAULT_TOKEN_LIFETIME: u64 = 60;
 /// caught by the read timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a loopback registry gets to answer a TLS handshake before bake tries plain HTTP.
+const LOOPBACK_TLS_PROBE: Duration = Duration::from_secs(2);
 /// Blobs up to this size are read into memory for upload (cheap to resend on a retry);
 /// larger ones stream from the store file.
 const IN_MEMORY_BLOB: u64 = 8 * 1024 * 1024;
@@ -1115,7 +1117,13 @@ impl Client {
             let probed = loop {
                 attempt += 1;
                 self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-                match self.inner.http.get(format!("{base}/v2/")).send().await {
+                let mut probe = self.inner.http.get(format!("{base}/v2/"));
+                if candidates.len() > 1 && base.starts_with("https://") {
+                    // A loopback registry without TLS may never answer a TLS handshake; it
+                    // would finish in milliseconds if it spoke TLS.
+                    probe = probe.timeout(LOOPBACK_TLS_PROBE);
+                }
+                match probe.send().await {
                     Ok(response)
                         if response.status().is_server_error()
                             || response.status() == StatusCode::TOO_MANY_REQUESTS =>

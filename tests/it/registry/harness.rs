@@ -325,6 +325,10 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
         if stream.read(&mut byte).await.ok()? == 0 {
             return None;
         }
+        // Not HTTP (a TLS handshake, say): hang up, as a plain HTTP server would answer.
+        if head.is_empty() && !byte[0].is_ascii_uppercase() {
+            return None;
+        }
         head.push(byte[0]);
         if head.len() > 64 * 1024 {
             return None;
