@@ -1103,16 +1103,19 @@ impl Client {
         } else if options.insecure.iter().any(|h| h == host) {
             vec![format!("http://{}", target.api_host())]
         } else if is_loopback_host(host) {
-            // Loopback registries may speak TLS; most local ones do not.
+            // Loopback registries mostly speak plain HTTP (traffic that never leaves the
+            // machine); one that speaks TLS answers a plain request with 400, and then gets
+            // HTTPS. Plain first spares every run a failed TLS handshake.
             vec![
-                format!("https://{}", target.api_host()),
                 format!("http://{}", target.api_host()),
+                format!("https://{}", target.api_host()),
             ]
         } else {
             vec![format!("https://{}", target.api_host())]
         };
         let mut last_error = None;
-        for base in &candidates {
+        for (i, base) in candidates.iter().enumerate() {
+            let last = i + 1 == candidates.len();
             let mut attempt = 0;
             let probed = loop {
                 attempt += 1;
@@ -1146,6 +1149,10 @@ impl Client {
                 }
             };
             match probed {
+                // A TLS server's answer to plain HTTP: try the next scheme.
+                Ok(response) if response.status() == StatusCode::BAD_REQUEST && !last => {
+                    tracing::debug!("{base} answered 400 to plain HTTP; trying HTTPS");
+                }
                 Ok(response) => {
                     let challenge = if response.status() == StatusCode::UNAUTHORIZED {
                         header_str(response.headers(), "www-authenticate")

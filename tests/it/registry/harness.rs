@@ -28,8 +28,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// How a private registry authenticates.
+/// How a private registry authenticates (or, for `Tls`, serves HTTPS without auth).
 pub enum Auth {
+    Tls { cert: PathBuf, key: PathBuf },
     Htpasswd { user: String, password: String },
     Token { realm: String, cert: PathBuf },
 }
@@ -66,6 +67,13 @@ impl LocalRegistry {
             dir.path().join("data").display()
         );
         match &auth {
+            Auth::Tls { cert, key } => {
+                config.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                ));
+            }
             Auth::Htpasswd { user, password } => {
                 let out = Command::new("htpasswd")
                     .args(["-Bbn", user, password])
@@ -681,4 +689,79 @@ pub fn store_blobs(store: &Store) -> Vec<(String, Vec<u8>)> {
         .collect();
     out.sort();
     out
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl in `dir`:
+/// returns (CA certificate, server certificate, server key).
+pub fn test_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bake-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    run(&csr);
+    fs_err::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }

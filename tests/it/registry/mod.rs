@@ -1526,3 +1526,75 @@ async fn a_push_cut_short_resumes_without_uploading_again() {
     assert_eq!(outcome.pushed[0].manifests_pushed, 1);
     assert_eq!(client.stats().blobs_uploaded, 0);
 }
+
+#[tokio::test]
+async fn tls_on_loopback_with_a_ca_file() {
+    if service("BAKE_TEST_REGISTRY").is_none() {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = harness::test_tls(certs.path());
+    let Some(registry) = LocalRegistry::start(Auth::Tls { cert, key }) else {
+        return;
+    };
+    let (_a, source) = store();
+    let digest = harness::make_image(&source, 22, &[12_000]);
+    let name = unique("tls");
+    // Without the CA, the registry's certificate is not trusted: a clear error.
+    let untrusted = push_image(
+        &anonymous(),
+        &source,
+        &digest,
+        &[target(&registry.addr, &name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    let error = &untrusted.failed[0].error;
+    assert!(
+        matches!(error, RegistryError::Unreachable { .. }),
+        "{error:?}"
+    );
+    // With it, HTTPS works (after the plain-HTTP probe is answered 400 by the TLS server).
+    let client = Client::new(
+        ClientOptions {
+            ca_file: Some(ca.clone()),
+            ..fast_options()
+        },
+        Arc::new(StaticCredentials::default()),
+    )
+    .unwrap();
+    let outcome = push_image(
+        &client,
+        &source,
+        &digest,
+        &[target(&registry.addr, &name, &["v1"])],
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+    let (_b, back) = store();
+    pull_image(
+        &client,
+        &back,
+        &format!("{}/{name}:v1", registry.addr).parse().unwrap(),
+        "amd64",
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_same_image(&source, &back, &digest);
+    // A CA file that is not PEM is refused up front, naming the file.
+    let bogus = certs.path().join("bogus.pem");
+    fs_err::write(&bogus, "not a certificate").unwrap();
+    let error = Client::new(
+        ClientOptions {
+            ca_file: Some(bogus.clone()),
+            ..fast_options()
+        },
+        Arc::new(StaticCredentials::default()),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("bogus.pem"), "{error}");
+}
