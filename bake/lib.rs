@@ -23,6 +23,7 @@ pub mod cli;
 pub mod diagnostic;
 pub mod exit;
 pub mod plan;
+pub mod publish;
 pub mod recipe;
 pub mod registry;
 pub mod settings;

@@ -9,8 +9,8 @@
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
@@ -53,6 +53,8 @@ impl AwsSettings {
 pub struct Aws {
     config: SdkConfig,
     emulator_account: Option<String>,
+    /// Added to every client made from here (request logs, tests' request capture).
+    interceptors: Vec<SharedInterceptor>,
 }
 
 impl Aws {
@@ -72,6 +74,7 @@ impl Aws {
         Aws {
             config: loader.load().await,
             emulator_account: settings.emulator_account.clone(),
+            interceptors: Vec::new(),
         }
     }
 
@@ -80,7 +83,26 @@ impl Aws {
         Aws {
             config,
             emulator_account,
+            interceptors: Vec::new(),
         }
+    }
+
+    /// Adds an interceptor to every client made from now on.
+    pub fn with_interceptor(mut self, interceptor: impl Intercept + 'static) -> Self {
+        self.interceptors.push(SharedInterceptor::new(interceptor));
+        self
+    }
+
+    /// The interceptors a client of any service must carry: the emulator account header and
+    /// any added with [`Aws::with_interceptor`]. For clients of services without a method here.
+    pub fn interceptors(&self) -> Vec<SharedInterceptor> {
+        let mut all: Vec<SharedInterceptor> = self
+            .emulator_account
+            .iter()
+            .map(|a| SharedInterceptor::new(EmulatorAccount(a.clone())))
+            .collect();
+        all.extend(self.interceptors.iter().cloned());
+        all
     }
 
     /// The default region, if the settings or the environment give one.
@@ -96,8 +118,8 @@ impl Aws {
     pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
         let mut builder =
             aws_sdk_ec2::config::Builder::from(&self.config).region(Region::new(region.to_owned()));
-        if let Some(account) = &self.emulator_account {
-            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        for interceptor in self.interceptors() {
+            builder = builder.interceptor(interceptor);
         }
         aws_sdk_ec2::Client::from_conf(builder.build())
     }

@@ -5,6 +5,7 @@
 mod build;
 mod export;
 mod plan;
+mod publish;
 mod push;
 mod sandbox;
 mod validate;
@@ -73,6 +74,14 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Push a built image to registries and ECR (the recipe's targets, or `--to`).
     Push(push::PushArgs),
+    /// Publish a built version: launch template versions, SSM parameters, ECS task definitions.
+    Publish(publish::PublishArgs),
+    /// Move a channel's pointers to a published version.
+    Promote(publish::PromoteArgs),
+    /// Move a channel's pointers back to its previous version.
+    Rollback(publish::RollbackArgs),
+    /// Print a channel's current immutable references.
+    Pin(publish::PinArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -115,6 +124,10 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
         Command::Push(args) => push::run(&args, settings),
+        Command::Publish(args) => publish::run_publish(&args, settings),
+        Command::Promote(args) => publish::run_promote(&args, settings),
+        Command::Rollback(args) => publish::run_rollback(&args, settings),
+        Command::Pin(args) => publish::run_pin(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

@@ -484,6 +484,17 @@ pub struct LaunchTemplateTarget {
     pub set_default: bool,
     pub http_tokens_required: Option<bool>,
     pub hop_limit: Option<u8>,
+    /// Start an Auto Scaling instance refresh after the default version changes.
+    pub instance_refresh: Option<InstanceRefresh>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceRefresh {
+    pub auto_scaling_group: String,
+    /// 0 to 100; `None` leaves AWS's default (90).
+    pub min_healthy_percentage: Option<u8>,
+    /// Skip instances already on the new version.
+    pub skip_matching: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

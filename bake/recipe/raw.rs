@@ -363,6 +363,16 @@ pub struct RawLaunchTemplateTarget {
     #[serde(default)]
     pub set_default: bool,
     pub metadata: Option<S<RawInstanceMetadata>>,
+    pub instance_refresh: Option<S<RawInstanceRefresh>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstanceRefresh {
+    pub auto_scaling_group: S<String>,
+    pub min_healthy_percentage: Option<S<RawValue>>,
+    #[serde(default = "yes")]
+    pub skip_matching: bool,
 }
 
 #[derive(Debug, Deserialize)]

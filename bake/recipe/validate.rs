@@ -1639,6 +1639,36 @@ impl<'a> Validator<'a> {
                     (tokens, hops)
                 }
             };
+            let instance_refresh = v.instance_refresh.as_ref().map(|r| {
+                let group = &r.value.auto_scaling_group;
+                if group.value.is_empty() || group.value.len() > 255 {
+                    self.invalid(
+                        group,
+                        "Auto Scaling group name",
+                        &group.value,
+                        "write the group's name (1 to 255 characters)",
+                    );
+                }
+                let min_healthy = r.value.min_healthy_percentage.as_ref().and_then(|m| {
+                    match m.value.as_u64().filter(|n| *n <= 100) {
+                        Some(n) => Some(n as u8),
+                        None => {
+                            self.invalid(
+                                m,
+                                "min_healthy_percentage",
+                                &m.value,
+                                "write a whole number from 0 to 100",
+                            );
+                            None
+                        }
+                    }
+                });
+                InstanceRefresh {
+                    auto_scaling_group: group.value.clone(),
+                    min_healthy_percentage: min_healthy,
+                    skip_matching: r.value.skip_matching,
+                }
+            });
             publish.launch_templates.push(LaunchTemplateTarget {
                 template,
                 regions,
@@ -1646,6 +1676,7 @@ impl<'a> Validator<'a> {
                 set_default: v.set_default,
                 http_tokens_required,
                 hop_limit,
+                instance_refresh,
             });
         }
         for s in &p.ssm_parameters {

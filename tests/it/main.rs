@@ -8,6 +8,7 @@ mod build;
 mod cli;
 mod common;
 mod plan;
+mod publish;
 mod recipes;
 mod registry;
 mod registry_harness;

@@ -1,0 +1,476 @@
+//! `bake publish`, `bake promote`, `bake rollback` and `bake pin`: put a version where
+//! Auto Scaling Groups and Fargate services consume it, and move channels between versions.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{VarArgs, print_json, print_reports};
+use crate::aws::Aws;
+use crate::diagnostic::{JsonReport, Report};
+use crate::exit::ExitStatus;
+use crate::plan::{self, PlanError};
+use crate::publish::{
+    Action, PublishError, PublishInputs, PublishOptions, PublishReport, Publisher,
+    RegistryDigestCheck, Status,
+};
+use crate::recipe::{self, Recipe};
+use crate::registry::{
+    self,
+    auth::{ChainCredentials, Credentials},
+    ecr::EcrCredentials,
+};
+use crate::settings::{OutputFormat, Settings};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The version's artifacts as JSON (`{recipe, version, amis: {region: ami}, images:
+    /// [{repository, digest}]}`); without it they come from the version's build record.
+    #[arg(long, value_name = "FILE")]
+    pub inputs: Option<PathBuf>,
+    /// Show each pointer's current and wanted value; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Make the new launch template versions the default.
+    #[arg(long)]
+    pub set_default: bool,
+    /// Overwrite SSM parameters bake does not own.
+    #[arg(long)]
+    pub allow_clobber: bool,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The version to promote (`sha256:…` or at least its first 12 hex digits).
+    #[arg(id = "target_version", value_name = "VERSION")]
+    pub target_version: String,
+    /// The channel (one of the recipe's `publish.channels`).
+    #[arg(long, value_name = "NAME")]
+    pub channel: String,
+    /// Show each pointer's current and wanted value; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Overwrite SSM parameters bake does not own.
+    #[arg(long)]
+    pub allow_clobber: bool,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The channel to move back to its previous version.
+    #[arg(long, value_name = "NAME")]
+    pub channel: String,
+    /// Show each pointer's current and wanted value; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Overwrite SSM parameters bake does not own.
+    #[arg(long)]
+    pub allow_clobber: bool,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The channel whose current references are printed.
+    #[arg(long, value_name = "NAME")]
+    pub channel: String,
+    /// Only this region's references (images are printed regardless).
+    #[arg(long = "in-region", value_name = "REGION")]
+    pub in_region: Option<String>,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts")
+}
+
+fn load_recipe(path: &std::path::Path, vars: &VarArgs, settings: &Settings) -> Option<Recipe> {
+    match recipe::load(path, &vars.sources()) {
+        Ok(recipe) => Some(recipe),
+        Err(errors) => {
+            print_reports(
+                settings,
+                &super::plan::plan_reports(&PlanError::from(errors)),
+            );
+            None
+        }
+    }
+}
+
+/// Plain-HTTP registry hosts of the recipe.
+fn insecure_hosts(recipe: &Recipe) -> BTreeSet<String> {
+    recipe
+        .publish
+        .registries
+        .iter()
+        .filter(|r| r.insecure)
+        .filter_map(|r| r.repository.split_once('/').map(|(h, _)| h.to_owned()))
+        .collect()
+}
+
+/// The digest check: bake's registry client with the configured credentials plus ECR's.
+fn digest_check<'a>(
+    aws: &'a Aws,
+    recipe: &Recipe,
+    settings: &Settings,
+) -> Result<RegistryDigestCheck<'a>, ExitStatus> {
+    let mut options = settings.registry.client_options();
+    options.insecure.extend(insecure_hosts(recipe));
+    let sources: Vec<Arc<dyn Credentials>> = vec![
+        settings.registry.credentials(),
+        Arc::new(EcrCredentials::new(aws.clone())),
+    ];
+    match registry::Client::new(options, Arc::new(ChainCredentials(sources))) {
+        Ok(client) => Ok(RegistryDigestCheck::new(aws, client)),
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            Err(ExitStatus::Infrastructure)
+        }
+    }
+}
+
+fn fail(settings: &Settings, error: &PublishError) -> ExitStatus {
+    print_reports(
+        settings,
+        &[Report::from_error(error).with_hint(error.hint())],
+    );
+    if error.is_refusal() {
+        ExitStatus::RecipeOrUsage
+    } else {
+        ExitStatus::Infrastructure
+    }
+}
+
+/// Where the inputs of the version to publish come from.
+enum Source {
+    /// `--inputs FILE`.
+    Given(PublishInputs),
+    /// The build record of the recipe's current version.
+    Record {
+        version: String,
+        record: serde_json::Value,
+    },
+}
+
+/// The inputs of the version to publish: the given file, or the build record of the recipe's
+/// current version.
+fn source(args: &PublishArgs, recipe: &Recipe, settings: &Settings) -> Result<Source, Report> {
+    if let Some(path) = &args.inputs {
+        let inputs = PublishInputs::from_file(path).map_err(|e| Report::from_error(&e))?;
+        if inputs.recipe != recipe.name {
+            return Err(Report::new(format!(
+                "publish inputs `{}` are for recipe `{}`, not `{}`",
+                path.display(),
+                inputs.recipe,
+                recipe.name
+            )));
+        }
+        return Ok(Source::Given(inputs));
+    }
+    let shown = args.recipe.display().to_string();
+    let plan = plan::plan(recipe, &shown, &settings.plan_options())
+        .map_err(|e| Report::from_error(&e).with_hint(e.hint()))?;
+    let store = Store::open(&settings.store).map_err(|e| Report::from_error(&e))?;
+    let record: serde_json::Value = store
+        .record(&plan.version)
+        .map_err(|e| Report::from_error(&e))?
+        .ok_or_else(|| {
+            Report::new(format!(
+                "version {} of `{}` is not built in the store `{}`",
+                plan.version,
+                recipe.name,
+                settings.store.display()
+            ))
+            .with_hint(Some(
+                "run `bake build` first, or give the artifacts with --inputs FILE".into(),
+            ))
+        })?;
+    Ok(Source::Record {
+        version: plan.version,
+        record,
+    })
+}
+
+/// Every repository the recipe pushes to, with its registry host (ECR's needs the account).
+async fn pushed_repositories(
+    publisher: &Publisher<'_, RegistryDigestCheck<'_>>,
+) -> Result<Vec<String>, PublishError> {
+    let recipe = publisher.recipe;
+    let mut repositories: Vec<String> = recipe
+        .publish
+        .registries
+        .iter()
+        .map(|r| r.repository.clone())
+        .collect();
+    if !recipe.publish.ecr.is_empty() {
+        let home = crate::publish::home_region(recipe, publisher.aws)?;
+        let account = publisher.caller_account(&home).await?;
+        for target in &recipe.publish.ecr {
+            let region = target.region.as_deref().unwrap_or(&home);
+            repositories.push(format!(
+                "{}/{}",
+                registry::ecr::registry_host(&account, region),
+                target.repository
+            ));
+        }
+    }
+    Ok(repositories)
+}
+
+pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
+    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
+        return ExitStatus::RecipeOrUsage;
+    };
+    let source = match source(args, &recipe, settings) {
+        Ok(source) => source,
+        Err(report) => {
+            print_reports(settings, &[report]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let options = PublishOptions {
+        dry_run: args.dry_run,
+        set_default: args.set_default,
+        allow_clobber: args.allow_clobber,
+    };
+    runtime().block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
+        let publisher = Publisher {
+            aws: &aws,
+            digests: &digests,
+            recipe: &recipe,
+            options,
+        };
+        let inputs = match source {
+            Source::Given(inputs) => inputs,
+            Source::Record { version, record } => {
+                let repositories = match pushed_repositories(&publisher).await {
+                    Ok(repositories) => repositories,
+                    Err(e) => return fail(settings, &e),
+                };
+                match PublishInputs::from_record(&recipe.name, &version, &record, &repositories) {
+                    Ok(inputs) => inputs,
+                    Err(e) => {
+                        print_reports(settings, &[Report::from_error(&e)]);
+                        return ExitStatus::RecipeOrUsage;
+                    }
+                }
+            }
+        };
+        let report = publisher.publish(&inputs).await;
+        show(settings, &report)
+    })
+}
+
+pub fn run_promote(args: &PromoteArgs, settings: &Settings) -> ExitStatus {
+    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
+        return ExitStatus::RecipeOrUsage;
+    };
+    let options = PublishOptions {
+        dry_run: args.dry_run,
+        set_default: true,
+        allow_clobber: args.allow_clobber,
+    };
+    runtime().block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
+        let publisher = Publisher {
+            aws: &aws,
+            digests: &digests,
+            recipe: &recipe,
+            options,
+        };
+        match publisher.promote(&args.target_version, &args.channel).await {
+            Ok(report) => show(settings, &report),
+            Err(e) => fail(settings, &e),
+        }
+    })
+}
+
+pub fn run_rollback(args: &RollbackArgs, settings: &Settings) -> ExitStatus {
+    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
+        return ExitStatus::RecipeOrUsage;
+    };
+    let options = PublishOptions {
+        dry_run: args.dry_run,
+        set_default: true,
+        allow_clobber: args.allow_clobber,
+    };
+    runtime().block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
+        let publisher = Publisher {
+            aws: &aws,
+            digests: &digests,
+            recipe: &recipe,
+            options,
+        };
+        match publisher.rollback(&args.channel).await {
+            Ok(report) => show(settings, &report),
+            Err(e) => fail(settings, &e),
+        }
+    })
+}
+
+pub fn run_pin(args: &PinArgs, settings: &Settings) -> ExitStatus {
+    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
+        return ExitStatus::RecipeOrUsage;
+    };
+    runtime().block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let digests = match digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
+        let publisher = Publisher {
+            aws: &aws,
+            digests: &digests,
+            recipe: &recipe,
+            options: PublishOptions::default(),
+        };
+        match publisher
+            .pin(&args.channel, args.in_region.as_deref())
+            .await
+        {
+            Ok(entry) => {
+                match settings.output {
+                    OutputFormat::Json => print_json(&entry),
+                    OutputFormat::Human => {
+                        let r = &entry.references;
+                        println!("version  {}", r.version);
+                        println!("promoted {}", entry.promoted_at);
+                        for (region, ami) in &r.amis {
+                            println!("ami      {region}  {ami}");
+                        }
+                        for image in &r.images {
+                            println!("image    {image}");
+                        }
+                        for lt in &r.launch_templates {
+                            println!(
+                                "template {}  {} ({}) version {}",
+                                lt.region, lt.template_name, lt.template_id, lt.version
+                            );
+                        }
+                        for td in &r.task_definitions {
+                            println!("task     {}  {}", td.region, td.arn);
+                        }
+                    }
+                }
+                ExitStatus::Success
+            }
+            Err(e) => fail(settings, &e),
+        }
+    })
+}
+
+fn show(settings: &Settings, report: &PublishReport) -> ExitStatus {
+    match settings.output {
+        OutputFormat::Json => print_json(report),
+        OutputFormat::Human => {
+            println!("recipe   {}", report.recipe);
+            println!("version  {}", report.version);
+            for region in &report.regions {
+                let status = match region.status {
+                    Status::Planned => "plan (dry run)",
+                    Status::Done => "done",
+                    Status::Failed => "FAILED",
+                };
+                println!("{}  {status}", region.region);
+                for change in &region.changes {
+                    let sign = match change.action {
+                        Action::Create => "+",
+                        Action::Update => "~",
+                        Action::Keep => "=",
+                    };
+                    let kind = serde_json::to_value(change.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    println!(
+                        "  {sign} {kind} {}: {} -> {}{}",
+                        change.target,
+                        change.current.as_deref().unwrap_or("(none)"),
+                        change.wanted,
+                        change
+                            .result
+                            .as_ref()
+                            .map(|r| format!(" [{r}]"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    // Failures go to stderr as well, where a person or a log collector looks for them.
+    let errors: Vec<&JsonReport> = report
+        .regions
+        .iter()
+        .filter_map(|r| r.error.as_ref())
+        .chain(report.errors.iter())
+        .collect();
+    for (error, region) in errors.iter().zip(
+        report
+            .regions
+            .iter()
+            .filter(|r| r.error.is_some())
+            .map(|r| r.region.as_str())
+            .chain(std::iter::repeat("")),
+    ) {
+        let mut text = if region.is_empty() {
+            format!("error: {}\n", error.message)
+        } else {
+            format!("error: {region}: {}\n", error.message)
+        };
+        for cause in &error.causes {
+            text.push_str(&format!("  Caused by: {cause}\n"));
+        }
+        if let Some(hint) = &error.hint {
+            text.push_str(&format!("  hint: {hint}\n"));
+        }
+        eprint!("{text}");
+    }
+    report.exit_status()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,288 @@
+//! What publishing consumes: the artifacts of one built version (AMI ids per region, pushed
+//! image references by digest). Loaded from an explicit JSON file or from the version's build
+//! record, so publishing does not depend on how the build stages store their results.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The artifacts of one built version of a recipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishInputs {
+    /// The recipe's `name`.
+    pub recipe: String,
+    /// The version, `sha256:<64 hex>`.
+    pub version: String,
+    /// Region → AMI id.
+    #[serde(default)]
+    pub amis: BTreeMap<String, String>,
+    /// Images pushed for this version, by digest.
+    #[serde(default)]
+    pub images: Vec<ImageRef>,
+}
+
+/// An image pushed to a repository, pinned by its manifest digest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// `registry/name`, without a tag or digest.
+    pub repository: String,
+    /// `sha256:<64 hex>`.
+    pub digest: String,
+}
+
+impl ImageRef {
+    /// `repository@sha256:…`, the only form bake ever writes into a task definition.
+    pub fn reference(&self) -> String {
+        format!("{}@{}", self.repository, self.digest)
+    }
+
+    /// Parses `repository@sha256:<64 hex>`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (repository, digest) = text.rsplit_once('@')?;
+        (!repository.is_empty() && is_digest(digest)).then(|| ImageRef {
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputsError {
+    #[error("failed to read publish inputs `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("publish inputs `{}` are not valid JSON of the expected shape", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("publish inputs: {0}")]
+    Invalid(String),
+}
+
+pub(crate) fn is_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+pub(crate) fn is_ami_id(text: &str) -> bool {
+    text.strip_prefix("ami-").is_some_and(|h| {
+        (8..=17).contains(&h.len())
+            && h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+impl PublishInputs {
+    /// Reads and checks a `PublishInputs` JSON file.
+    pub fn from_file(path: &Path) -> Result<Self, InputsError> {
+        let text = fs_err::read_to_string(path).map_err(|source| InputsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let inputs: PublishInputs =
+            serde_json::from_str(&text).map_err(|source| InputsError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        inputs.check()?;
+        Ok(inputs)
+    }
+
+    /// Takes the inputs from a build record (any JSON). AMIs: `amis` (region → AMI id), else
+    /// `ami.regions` (`[{region, image_id}]`, the AMI stage's record). Images: `images`
+    /// (`[{repository, digest}]`), else the built image (`output.image_digest`) in each of
+    /// `repositories` (the recipe's push targets: a push keeps the manifest's bytes, so its
+    /// digest; the registry is asked before anything points at it).
+    pub fn from_record(
+        recipe: &str,
+        version: &str,
+        record: &serde_json::Value,
+        repositories: &[String],
+    ) -> Result<Self, InputsError> {
+        let field = |name: &str, e: serde_json::Error| {
+            InputsError::Invalid(format!("the build record's `{name}`: {e}"))
+        };
+        let amis = if let Some(value) = record.get("amis") {
+            serde_json::from_value(value.clone()).map_err(|e| field("amis", e))?
+        } else if let Some(value) = record.pointer("/ami/regions") {
+            #[derive(Deserialize)]
+            struct RegionImage {
+                region: String,
+                image_id: String,
+            }
+            let regions: Vec<RegionImage> =
+                serde_json::from_value(value.clone()).map_err(|e| field("ami.regions", e))?;
+            regions
+                .into_iter()
+                .map(|r| (r.region, r.image_id))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let images = if let Some(value) = record.get("images") {
+            serde_json::from_value(value.clone()).map_err(|e| field("images", e))?
+        } else if let Some(digest) = record
+            .pointer("/output/image_digest")
+            .and_then(|d| d.as_str())
+        {
+            repositories
+                .iter()
+                .map(|repository| ImageRef {
+                    repository: repository.clone(),
+                    digest: digest.to_owned(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let inputs = PublishInputs {
+            recipe: recipe.to_owned(),
+            version: version.to_owned(),
+            amis,
+            images,
+        };
+        inputs.check()?;
+        Ok(inputs)
+    }
+
+    /// Every id has the shape AWS or OCI gives it.
+    pub fn check(&self) -> Result<(), InputsError> {
+        if !is_digest(&self.version) {
+            return Err(InputsError::Invalid(format!(
+                "version `{}` is not `sha256:<64 lowercase hex>`",
+                self.version
+            )));
+        }
+        for (region, ami) in &self.amis {
+            if !crate::recipe::is_region(region) {
+                return Err(InputsError::Invalid(format!(
+                    "`{region}` is not an AWS region"
+                )));
+            }
+            if !is_ami_id(ami) {
+                return Err(InputsError::Invalid(format!(
+                    "`{ami}` (for {region}) is not an AMI id"
+                )));
+            }
+        }
+        for image in &self.images {
+            if !is_digest(&image.digest) {
+                return Err(InputsError::Invalid(format!(
+                    "digest `{}` of `{}` is not `sha256:<64 lowercase hex>`",
+                    image.digest, image.repository
+                )));
+            }
+            if image.repository.contains('@') || image.repository.is_empty() {
+                return Err(InputsError::Invalid(format!(
+                    "repository `{}` must not be empty or carry a digest",
+                    image.repository
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first 12 hex digits of the version.
+    pub fn version_short(&self) -> &str {
+        let hex = self
+            .version
+            .strip_prefix("sha256:")
+            .unwrap_or(&self.version);
+        &hex[..hex.len().min(12)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_parse_only_with_a_digest() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let parsed = ImageRef::parse(&format!("127.0.0.1:5000/web@{digest}")).unwrap();
+        assert_eq!(parsed.repository, "127.0.0.1:5000/web");
+        assert_eq!(parsed.reference(), format!("127.0.0.1:5000/web@{digest}"));
+        assert!(ImageRef::parse("127.0.0.1:5000/web:latest").is_none());
+        assert!(ImageRef::parse("web@sha256:abc").is_none());
+    }
+
+    #[test]
+    fn inputs_reject_malformed_ids() {
+        let good = PublishInputs {
+            recipe: "web".into(),
+            version: format!("sha256:{}", "0".repeat(64)),
+            amis: [("us-east-1".to_owned(), "ami-0123456789abcdef0".to_owned())].into(),
+            images: vec![],
+        };
+        good.check().unwrap();
+        let mut bad = good.clone();
+        bad.amis.insert("us-east-1".into(), "i-123".into());
+        assert!(
+            bad.check()
+                .unwrap_err()
+                .to_string()
+                .contains("not an AMI id")
+        );
+        let mut bad = good.clone();
+        bad.version = "v1".into();
+        assert!(bad.check().is_err());
+        let mut bad = good;
+        bad.images.push(ImageRef {
+            repository: "r/x".into(),
+            digest: "sha256:XYZ".into(),
+        });
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn inputs_come_from_a_build_record() {
+        let record = serde_json::json!({
+            "format": "bake.build/1",
+            "amis": {"eu-west-1": "ami-0123456789abcdef0"},
+            "images": [{"repository": "127.0.0.1:5000/web", "digest": format!("sha256:{}", "b".repeat(64))}]
+        });
+        let version = format!("sha256:{}", "c".repeat(64));
+        let inputs = PublishInputs::from_record("web", &version, &record, &[]).unwrap();
+        assert_eq!(inputs.amis["eu-west-1"], "ami-0123456789abcdef0");
+        assert_eq!(inputs.images.len(), 1);
+        assert_eq!(inputs.version_short(), "cccccccccccc");
+    }
+
+    #[test]
+    fn inputs_come_from_the_stages_own_records() {
+        let digest = format!("sha256:{}", "d".repeat(64));
+        let record = serde_json::json!({
+            "ami": {"regions": [
+                {"region": "us-east-1", "image_id": "ami-0123456789abcdef0", "snapshot_id": "snap-1"},
+                {"region": "eu-west-1", "image_id": "ami-0fedcba9876543210", "snapshot_id": "snap-2"}
+            ]},
+            "output": {"image_digest": digest}
+        });
+        let version = format!("sha256:{}", "c".repeat(64));
+        let repositories = ["127.0.0.1:5000/web".to_owned()];
+        let inputs = PublishInputs::from_record("web", &version, &record, &repositories).unwrap();
+        assert_eq!(inputs.amis.len(), 2);
+        assert_eq!(inputs.amis["eu-west-1"], "ami-0fedcba9876543210");
+        assert_eq!(
+            inputs.images,
+            [ImageRef {
+                repository: "127.0.0.1:5000/web".into(),
+                digest
+            }]
+        );
+        let broken = serde_json::json!({"ami": {"regions": [{"region": "us-east-1"}]}});
+        let err = PublishInputs::from_record("web", &version, &broken, &[]).unwrap_err();
+        assert!(err.to_string().contains("ami.regions"), "{err}");
+    }
+}
