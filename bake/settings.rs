@@ -89,8 +89,11 @@ impl Settings {
             verbosity,
             progress: stderr_tty && !args.no_progress && verbosity > Verbosity::Quiet,
             color: stderr_tty && !no_color,
+            registry: crate::registry::RegistrySettings {
+                aws: Some(aws.clone()),
+                ..crate::registry::RegistrySettings::from_env()
+            },
             aws,
-            registry: crate::registry::RegistrySettings::from_env(),
         }
     }
 }

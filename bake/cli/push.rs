@@ -176,13 +176,7 @@ async fn push(
                     .await
                 {
                     Ok(ensured) => {
-                        for difference in &ensured.differences {
-                            if settings.verbosity > Verbosity::Quiet {
-                                eprintln!(
-                                    "warning: ECR repository `{name}` in {region}: {difference} (left as it is)"
-                                );
-                            }
-                        }
+                        // Differences were logged as warnings by `ensure_repository`.
                         match Reference::repository_only(&ensured.uri) {
                             Ok(repository) => targets.push(PushTarget { repository, tags }),
                             Err(e) => failures.push((ensured.uri.clone(), e.to_string())),
@@ -218,6 +212,9 @@ async fn push(
         }
     };
     progress.clear();
+    let only_user_errors = failures.is_empty()
+        && !outcome.failed.is_empty()
+        && outcome.failed.iter().all(|f| f.error.is_user_error());
     for failure in &outcome.failed {
         print_reports(
             settings,
@@ -295,6 +292,7 @@ async fn push(
     }
     match (outcome.pushed.is_empty(), failures.is_empty()) {
         (_, true) => ExitStatus::Success,
+        (true, false) if only_user_errors => ExitStatus::RecipeOrUsage,
         (true, false) => ExitStatus::Infrastructure,
         (false, false) => ExitStatus::PartialPublish,
     }
@@ -372,7 +370,10 @@ fn find(
                     settings: RepositorySettings {
                         immutable_tags: spec.is_some_and(|s| s.immutable_tags),
                         scan_on_push: spec.is_none_or(|s| s.scan_on_push),
-                        encryption: EcrEncryption::Aes256,
+                        encryption: match spec.and_then(|s| s.kms_key.clone()) {
+                            Some(key) => EcrEncryption::Kms(Some(key)),
+                            None => EcrEncryption::Aes256,
+                        },
                         create: *create_repository,
                     },
                 });

@@ -162,7 +162,11 @@ impl PlanError {
             | PlanError::UnresolvedAmi { .. }
             | PlanError::Layout { .. }
             | PlanError::Cycle { .. } => true,
-            PlanError::Hash(_) | PlanError::Io { .. } | PlanError::ImageResolve { .. } => false,
+            // A tag that does not exist is the recipe's fault; an unreachable registry is not.
+            PlanError::ImageResolve { source, .. } => source
+                .downcast_ref::<crate::registry::RegistryError>()
+                .is_some_and(crate::registry::RegistryError::is_user_error),
+            PlanError::Hash(_) | PlanError::Io { .. } => false,
             PlanError::BaseRecipe { source, .. } => source.is_user_error(),
         }
     }

@@ -463,6 +463,8 @@ pub struct EcrTarget {
     pub create: bool,
     pub immutable_tags: bool,
     pub scan_on_push: bool,
+    /// Create the repository encrypted with this KMS key (else ECR's default AES-256).
+    pub kms_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

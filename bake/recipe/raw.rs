@@ -349,6 +349,8 @@ pub struct RawEcrTarget {
     pub immutable_tags: bool,
     #[serde(default = "yes")]
     pub scan_on_push: bool,
+    /// KMS key (id, ARN or alias) to create the repository with; AES-256 without.
+    pub kms_key: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

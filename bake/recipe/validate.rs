@@ -354,14 +354,9 @@ impl<'a> Validator<'a> {
         Some(match &base.value {
             RawBase::Scratch => Base::Scratch,
             RawBase::Image(reference) => {
-                if let Err(e) = oci_spec::distribution::Reference::from_str(&reference.value) {
-                    self.invalid(
-                        reference,
-                        "image reference",
-                        &reference.value,
-                        e.to_string(),
-                    )
-                    .hint = Some(
+                if let Err(e) = crate::registry::Reference::from_str(&reference.value) {
+                    self.invalid(reference, "image reference", &reference.value, e.reason)
+                        .hint = Some(
                         "write `registry.example.com/repository:tag` or `…@sha256:<64 hex>`".into(),
                     );
                     return None;
@@ -1543,6 +1538,16 @@ impl<'a> Validator<'a> {
                     "write an AWS region code such as `us-east-1`",
                 );
             }
+            if let Some(key) = &e.value.kms_key
+                && key.value.trim().is_empty()
+            {
+                self.invalid(
+                    key,
+                    "KMS key",
+                    &key.value,
+                    "give a key id, ARN or `alias/…`, or leave `kms_key` out for AES-256",
+                );
+            }
             publish.ecr.push(EcrTarget {
                 repository: repo.value.clone(),
                 region: e.value.region.as_ref().map(|r| r.value.clone()),
@@ -1550,6 +1555,7 @@ impl<'a> Validator<'a> {
                 create: e.value.create,
                 immutable_tags: e.value.immutable_tags,
                 scan_on_push: e.value.scan_on_push,
+                kms_key: e.value.kms_key.as_ref().map(|k| k.value.clone()),
             });
         }
         let ami_regions: Vec<String> = outputs

@@ -48,6 +48,8 @@ const DEFAULT_TOKEN_LIFETIME: u64 = 60;
 /// caught by the read timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a loopback registry gets to answer a TLS handshake before bake tries plain HTTP.
+const LOOPBACK_TLS_PROBE: Duration = Duration::from_secs(2);
 /// Blobs up to this size are read into memory for upload (cheap to resend on a retry);
 /// larger ones stream from the store file.
 const IN_MEMORY_BLOB: u64 = 8 * 1024 * 1024;
@@ -103,6 +105,15 @@ pub struct ManifestInfo {
     pub digest: String,
     pub media_type: String,
     pub size: u64,
+}
+
+/// What a manifest `PUT` answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PutManifest {
+    /// The digest of the bytes sent (checked against the registry's answer).
+    pub digest: String,
+    /// `OCI-Subject`: the registry indexed the manifest's subject for the referrers API.
+    pub subject: Option<String>,
 }
 
 /// A manifest as fetched: its verified bytes and what they are.
@@ -163,6 +174,7 @@ struct Inner {
     credentials: Arc<dyn Credentials>,
     hosts: Mutex<HashMap<String, HostState>>,
     tokens: Mutex<HashMap<(String, String), Token>>,
+    token_fetch: tokio::sync::Mutex<()>,
     counters: Counters,
 }
 
@@ -218,6 +230,7 @@ impl Client {
                 credentials,
                 hosts: Mutex::new(HashMap::new()),
                 tokens: Mutex::new(HashMap::new()),
+                token_fetch: tokio::sync::Mutex::new(()),
                 counters: Counters::default(),
             }),
         })
@@ -380,6 +393,21 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<String> {
+        Ok(self
+            .put_manifest_full(repository, tag_or_digest, media_type, bytes)
+            .await?
+            .digest)
+    }
+
+    /// [`Client::put_manifest`], also telling whether the registry processed a `subject`
+    /// (its `OCI-Subject` answer header).
+    pub async fn put_manifest_full(
+        &self,
+        repository: &Reference,
+        tag_or_digest: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<PutManifest> {
         let digest = sha256_digest(&bytes);
         let path = format!("/v2/{}/manifests/{tag_or_digest}", repository.repository());
         let what = format!(
@@ -406,6 +434,102 @@ impl Client {
                 actual: returned,
             });
         }
+        let subject = header_str(response.headers(), "oci-subject");
+        Ok(PutManifest { digest, subject })
+    }
+
+    /// Pushes a manifest that has a `subject` (a signature, SBOM or attestation) by digest, and
+    /// makes it findable as a referrer of its subject: through the registry's referrers API when
+    /// it processed the subject (`OCI-Subject`), else by adding it to the index under the
+    /// `sha256-<hex>` tag (the referrers tag schema). Its blobs must already be in the
+    /// repository. Returns the manifest's digest.
+    pub async fn push_referrer(
+        &self,
+        repository: &Reference,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotAnImage {
+                what: "referrer manifest".into(),
+                reason: e.to_string(),
+            })?;
+        let subject = value
+            .pointer("/subject/digest")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| RegistryError::NotAnImage {
+                what: "referrer manifest".into(),
+                reason: "it has no `subject`".into(),
+            })?
+            .to_owned();
+        super::reference::check_digest(&repository.name(), &subject)?;
+        let digest = sha256_digest(&bytes);
+        let pushed = self
+            .put_manifest_full(repository, &digest, media_type, bytes.clone())
+            .await?;
+        if pushed.subject.is_some() {
+            return Ok(digest);
+        }
+        let artifact_type = value
+            .get("artifactType")
+            .or_else(|| value.pointer("/config/mediaType"))
+            .cloned();
+        let mut descriptor = serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": bytes.len(),
+        });
+        if let Some(artifact_type) = artifact_type {
+            descriptor["artifactType"] = artifact_type;
+        }
+        if let Some(annotations) = value.get("annotations") {
+            descriptor["annotations"] = annotations.clone();
+        }
+        let tag = subject.replacen(':', "-", 1);
+        let tagged = repository.with_tag(&tag)?;
+        let mut index =
+            match self.get_manifest(&tagged).await? {
+                Some(existing) => {
+                    let index: serde_json::Value = serde_json::from_slice(&existing.bytes)
+                        .map_err(|e| RegistryError::NotAnImage {
+                            what: tagged.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    if !index
+                        .get("manifests")
+                        .is_some_and(serde_json::Value::is_array)
+                    {
+                        return Err(RegistryError::NotAnImage {
+                            what: tagged.to_string(),
+                            reason: "the referrers tag does not hold an image index".into(),
+                        });
+                    }
+                    index
+                }
+                None => serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [],
+                }),
+            };
+        let manifests = index["manifests"]
+            .as_array_mut()
+            .expect("checked to be an array");
+        if manifests
+            .iter()
+            .any(|m| m.get("digest").and_then(serde_json::Value::as_str) == Some(&digest))
+        {
+            return Ok(digest);
+        }
+        manifests.push(descriptor);
+        let bytes = serde_json::to_vec(&index).expect("an index serializes");
+        self.put_manifest(
+            repository,
+            &tag,
+            "application/vnd.oci.image.index.v1+json",
+            Bytes::from(bytes),
+        )
+        .await?;
         Ok(digest)
     }
 
@@ -979,21 +1103,30 @@ impl Client {
         } else if options.insecure.iter().any(|h| h == host) {
             vec![format!("http://{}", target.api_host())]
         } else if is_loopback_host(host) {
-            // Loopback registries may speak TLS; most local ones do not.
+            // Loopback registries mostly speak plain HTTP (traffic that never leaves the
+            // machine); one that speaks TLS answers a plain request with 400, and then gets
+            // HTTPS. Plain first spares every run a failed TLS handshake.
             vec![
-                format!("https://{}", target.api_host()),
                 format!("http://{}", target.api_host()),
+                format!("https://{}", target.api_host()),
             ]
         } else {
             vec![format!("https://{}", target.api_host())]
         };
         let mut last_error = None;
-        for base in &candidates {
+        for (i, base) in candidates.iter().enumerate() {
+            let last = i + 1 == candidates.len();
             let mut attempt = 0;
             let probed = loop {
                 attempt += 1;
                 self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-                match self.inner.http.get(format!("{base}/v2/")).send().await {
+                let mut probe = self.inner.http.get(format!("{base}/v2/"));
+                if candidates.len() > 1 && base.starts_with("https://") {
+                    // A loopback registry without TLS may never answer a TLS handshake; it
+                    // would finish in milliseconds if it spoke TLS.
+                    probe = probe.timeout(LOOPBACK_TLS_PROBE);
+                }
+                match probe.send().await {
                     Ok(response)
                         if response.status().is_server_error()
                             || response.status() == StatusCode::TOO_MANY_REQUESTS =>
@@ -1016,6 +1149,10 @@ impl Client {
                 }
             };
             match probed {
+                // A TLS server's answer to plain HTTP: try the next scheme.
+                Ok(response) if response.status() == StatusCode::BAD_REQUEST && !last => {
+                    tracing::debug!("{base} answered 400 to plain HTTP; trying HTTPS");
+                }
                 Ok(response) => {
                     let challenge = if response.status() == StatusCode::UNAUTHORIZED {
                         header_str(response.headers(), "www-authenticate")
@@ -1074,6 +1211,17 @@ impl Client {
                 .map(|c| Secret::new(c.basic_header()))),
             Some(Challenge::Bearer { realm, service }) => {
                 let key = (host.to_owned(), scope_key.to_owned());
+                if let Some(token) = self.inner.tokens.lock().expect("token lock").get(&key)
+                    && token.renew_at > Instant::now()
+                {
+                    return Ok(Some(Secret::new(format!(
+                        "Bearer {}",
+                        token.value.expose()
+                    ))));
+                }
+                // One fetch at a time: parallel blob requests would otherwise each ask the
+                // realm for the same token.
+                let _fetching = self.inner.token_fetch.lock().await;
                 if let Some(token) = self.inner.tokens.lock().expect("token lock").get(&key)
                     && token.renew_at > Instant::now()
                 {

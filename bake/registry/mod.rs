@@ -12,7 +12,9 @@
 //!   [`Client::get_manifest`] (verified bytes), [`Client::put_manifest`]`(repo, tag_or_digest,
 //!   media_type, bytes)`, [`Client::blob_exists`], [`Client::push_blob`] (from the store),
 //!   [`Client::get_blob`] (verified, into the store), [`Client::mount_blob`],
-//!   [`Client::list_tags`], [`Client::referrers`] (API, else the `sha256-<hex>` tag schema).
+//!   [`Client::list_tags`], [`Client::referrers`] (API, else the `sha256-<hex>` tag schema),
+//!   [`Client::push_referrer`] (a manifest with a `subject`, indexed by the registry or, without
+//!   `OCI-Subject`, added to the `sha256-<hex>` tag index), [`Client::put_manifest_full`].
 //! - [`push::push_image`]`(client, store, manifest_digest, targets, progress)`: the whole image
 //!   (index → manifests → config and layers) to each [`push::PushTarget`], skipping blobs the
 //!   registry has, mounting across repositories where it can, manifests after their blobs.
@@ -38,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use auth::{Credential, Credentials};
-pub use client::{Client, ClientOptions, ClientStats, Manifest, ManifestInfo};
+pub use client::{Client, ClientOptions, ClientStats, Manifest, ManifestInfo, PutManifest};
 pub use reference::{Reference, ReferenceError};
 
 use crate::store::StoreError;
@@ -255,6 +257,8 @@ pub struct RegistrySettings {
     pub endpoints: Vec<(String, String)>,
     /// Docker's config file (`DOCKER_CONFIG`/`config.json`, else `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// AWS settings, for ECR registries' tokens.
+    pub aws: Option<crate::aws::AwsSettings>,
 }
 
 impl RegistrySettings {
@@ -281,6 +285,7 @@ impl RegistrySettings {
                 })
                 .collect(),
             docker_config: auth::DockerConfig::default_location().map(|c| c.path().to_path_buf()),
+            aws: None,
         }
     }
 
@@ -299,6 +304,22 @@ impl RegistrySettings {
         match &self.docker_config {
             Some(path) => Arc::new(auth::DockerConfig::at(path)),
             None => Arc::new(auth::StaticCredentials::default()),
+        }
+    }
+
+    /// Credentials for talking to `host`: Docker's config file, and for an ECR registry host
+    /// (with AWS settings) ECR tokens as well.
+    pub async fn credentials_for(&self, host: &str) -> Arc<dyn Credentials> {
+        let docker = self.credentials();
+        match (&self.aws, ecr::ecr_region(host)) {
+            (Some(aws), Some(_)) => {
+                let aws = crate::aws::Aws::load(aws).await;
+                Arc::new(auth::ChainCredentials(vec![
+                    docker,
+                    Arc::new(ecr::EcrCredentials::new(aws)),
+                ]))
+            }
+            _ => docker,
         }
     }
 }
@@ -333,7 +354,8 @@ impl crate::plan::base::ImageResolver for RegistryResolver {
                     source,
                 })?;
             runtime.block_on(async {
-                let client = Client::new(settings.client_options(), settings.credentials())?;
+                let credentials = settings.credentials_for(reference.registry()).await;
+                let client = Client::new(settings.client_options(), credentials)?;
                 pull::resolve(&client, &reference).await
             })
         };

@@ -188,7 +188,8 @@ pub fn pull_base_blocking(
                 source,
             })?;
         runtime.block_on(async {
-            let client = Client::new(settings.client_options(), settings.credentials())?;
+            let credentials = settings.credentials_for(pinned.registry()).await;
+            let client = Client::new(settings.client_options(), credentials)?;
             pull_image(&client, &store, &pinned, &architecture, &super::NoProgress).await
         })
     };

@@ -14,5 +14,6 @@ mod plan;
 mod provenance;
 mod publish;
 mod recipes;
+mod registry;
 mod registry_harness;
 mod runner;
