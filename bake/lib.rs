@@ -17,6 +17,7 @@
 //! output and an [`exit::ExitStatus`].
 
 pub mod artifact;
+pub mod audit;
 pub mod aws;
 pub mod build;
 pub mod cli;

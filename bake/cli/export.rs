@@ -86,7 +86,7 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
 }
 
 /// The build record named by a version, a version prefix, or a recipe file.
-fn find_record(
+pub(super) fn find_record(
     store: &Store,
     what: &str,
     vars: &VarArgs,

@@ -2,6 +2,7 @@
 //! errors. Each subcommand turns settings into calls to the library and results into output and
 //! an [`ExitStatus`].
 
+mod audit;
 mod build;
 mod export;
 mod plan;
@@ -70,6 +71,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Scan a root filesystem or a built version with OpenSCAP and print every rule's result.
+    Audit(audit::AuditArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -111,6 +114,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Audit(args) => audit::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }
