@@ -7,6 +7,7 @@ mod aws_harness;
 mod build;
 mod cli;
 mod common;
+mod hardening;
 mod plan;
 mod recipes;
 mod registry_harness;
