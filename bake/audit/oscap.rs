@@ -270,12 +270,12 @@ pub fn scan(
     let apt_conf = dir.join("apt.conf");
     // An empty parts directory: the host's apt drop-ins must not steer the dpkginfo probe.
     fs_err::create_dir(dir.join("apt.conf.d")).map_err(io(dir))?;
+    // The probe already reads the dpkg database under OSCAP_PROBE_ROOT.
     fs_err::write(
         &apt_conf,
         format!(
-            "Dir::Etc::Parts \"{}\";\nDir::State::status \"{}\";\n",
-            dir.join("apt.conf.d").display(),
-            root.join("var/lib/dpkg/status").display()
+            "Dir::Etc::Parts \"{}\";\n",
+            dir.join("apt.conf.d").display()
         ),
     )
     .map_err(io(&apt_conf))?;
