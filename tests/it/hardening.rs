@@ -162,6 +162,7 @@ fn score(record: &Value) -> f64 {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_ami_flavour_scores_at_least_97_percent_of_cis_level_1() {
     if !can_run() {
         return;
@@ -196,6 +197,7 @@ fn the_ami_flavour_scores_at_least_97_percent_of_cis_level_1() {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_oci_flavour_scores_at_least_98_percent_of_cis_level_1() {
     if !can_run() {
         return;
@@ -214,6 +216,7 @@ fn the_oci_flavour_scores_at_least_98_percent_of_cis_level_1() {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn an_exclusion_reason_is_in_the_build_record() {
     if !can_run() {
         return;
@@ -226,6 +229,7 @@ fn an_exclusion_reason_is_in_the_build_record() {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn anssi_intermediary_on_the_hardened_ami_root_is_at_least_85_percent() {
     if !can_run() {
         return;
@@ -259,6 +263,7 @@ fn anssi_intermediary_on_the_hardened_ami_root_is_at_least_85_percent() {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_gate_fails_an_unhardened_image_naming_the_rules_and_changes_no_file() {
     if !can_run() {
         return;
@@ -300,6 +305,7 @@ fn the_gate_fails_an_unhardened_image_naming_the_rules_and_changes_no_file() {
 }
 
 #[test]
+#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn a_scan_leaves_every_file_of_the_root_byte_identical() {
     if !can_run() {
         return;
