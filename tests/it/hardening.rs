@@ -162,7 +162,6 @@ fn score(record: &Value) -> f64 {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_ami_flavour_scores_at_least_97_percent_of_cis_level_1() {
     if !can_run() {
         return;
@@ -197,7 +196,6 @@ fn the_ami_flavour_scores_at_least_97_percent_of_cis_level_1() {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_oci_flavour_scores_at_least_98_percent_of_cis_level_1() {
     if !can_run() {
         return;
@@ -216,7 +214,6 @@ fn the_oci_flavour_scores_at_least_98_percent_of_cis_level_1() {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn an_exclusion_reason_is_in_the_build_record() {
     if !can_run() {
         return;
@@ -229,7 +226,6 @@ fn an_exclusion_reason_is_in_the_build_record() {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn anssi_intermediary_on_the_hardened_ami_root_is_at_least_85_percent() {
     if !can_run() {
         return;
@@ -263,7 +259,6 @@ fn anssi_intermediary_on_the_hardened_ami_root_is_at_least_85_percent() {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn the_gate_fails_an_unhardened_image_naming_the_rules_and_changes_no_file() {
     if !can_run() {
         return;
@@ -305,36 +300,14 @@ fn the_gate_fails_an_unhardened_image_naming_the_rules_and_changes_no_file() {
 }
 
 #[test]
-#[ignore = "slow (bootstraps a kernel root, minutes): run with `cargo test --test it hardening -- --ignored`"]
 fn a_scan_leaves_every_file_of_the_root_byte_identical() {
     if !can_run() {
         return;
     }
     let shared = shared();
-    // A root directory: the hardened OCI image, unpacked by bake's own unpacker via export.
+    // A root directory: the hardened OCI image, exported and unpacked by umoci.
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let version = shared.oci["version"].as_str().unwrap();
-    let layout = dir.path().join("layout");
-    let out = bake()
-        .arg("--store")
-        .arg(&shared.store)
-        .args(["export", version, "--oci-layout"])
-        .arg(&layout)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let unpacked = std::process::Command::new("umoci")
-        .args(["raw", "unpack", "--image"])
-        .arg(format!(
-            "{}:{}",
-            layout.display(),
-            &version.trim_start_matches("sha256:")[..12]
-        ))
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(unpacked.status.success(), "{}", stderr(&unpacked));
+    let root = unpack_version(shared, shared.oci["version"].as_str().unwrap(), dir.path());
     let before = tree_digest(&root);
     let output = bake()
         .arg("--store")
@@ -349,6 +322,174 @@ fn a_scan_leaves_every_file_of_the_root_byte_identical() {
     let value: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(value["passed"].as_u64().unwrap() > 100, "{value:#}");
     assert_eq!(before, tree_digest(&root), "the scan changed the root");
+}
+
+/// Exports `version` from the shared store and unpacks it with umoci (an independent OCI
+/// implementation) into `dir/root`.
+fn unpack_version(shared: &Shared, version: &str, dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    let layout = dir.join("layout");
+    let out = bake()
+        .arg("--store")
+        .arg(&shared.store)
+        .args(["export", version, "--oci-layout"])
+        .arg(&layout)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let short = &version.trim_start_matches("sha256:")[..12];
+    let unpacked = std::process::Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:{short}", layout.display()))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(unpacked.status.success(), "umoci: {}", stderr(&unpacked));
+    root
+}
+
+#[test]
+fn sshd_in_the_hardened_root_takes_a_key_and_refuses_root_and_passwords() {
+    if !can_run() {
+        return;
+    }
+    let shared = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let root = unpack_version(shared, shared.ami["version"].as_str().unwrap(), dir.path());
+    let chroot = |args: &[&str]| {
+        let out = std::process::Command::new("chroot")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    // A user with a key and a password (which sshd must not accept), and a key for root (which
+    // it must refuse all the same).
+    let key = dir.path().join("id_ed25519");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    let public = fs_err::read_to_string(dir.path().join("id_ed25519.pub")).unwrap();
+    chroot(&["useradd", "-m", "-s", "/bin/bash", "alice"]);
+    // A real password for alice, which sshd must not even offer to check.
+    let hash = std::process::Command::new("openssl")
+        .args([
+            "passwd",
+            "-6",
+            "-salt",
+            "bakesalt",
+            "Tr0ub4dor&3-horse-battery",
+        ])
+        .output()
+        .unwrap();
+    assert!(hash.status.success(), "{}", stderr(&hash));
+    chroot(&["usermod", "-p", stdout(&hash).trim(), "alice"]);
+    for (home, owner) in [("home/alice", "alice:alice"), ("root", "root:root")] {
+        let ssh = root.join(home).join(".ssh");
+        fs_err::create_dir_all(&ssh).unwrap();
+        fs_err::write(ssh.join("authorized_keys"), &public).unwrap();
+        chroot(&["chown", "-R", owner, &format!("/{home}/.ssh")]);
+        chroot(&["chmod", "700", &format!("/{home}/.ssh")]);
+        chroot(&["chmod", "600", &format!("/{home}/.ssh/authorized_keys")]);
+    }
+    fs_err::create_dir_all(root.join("run/sshd")).unwrap();
+    chroot(&["/usr/sbin/sshd", "-t"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Its own mount, pid and uts namespaces and the image's root; only the loopback address of
+    // the host's network.
+    let mut sshd = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--pid",
+            "--uts",
+            "--fork",
+            "--kill-child",
+            "--mount-proc=",
+        ])
+        .arg(root.join("proc"))
+        .arg("chroot")
+        .arg(&root)
+        .args([
+            "/usr/sbin/sshd",
+            "-D",
+            "-e",
+            "-o",
+            "ListenAddress=127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ssh = |user: &str, extra: &[&str]| {
+        std::process::Command::new("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(&key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=10",
+                "-p",
+            ])
+            .arg(port.to_string())
+            .args(extra)
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("id -un")
+            .output()
+            .unwrap()
+    };
+    // sshd takes a moment to listen.
+    let mut key_login = ssh("alice", &[]);
+    for _ in 0..50 {
+        if key_login.status.success() || !stderr(&key_login).contains("Connection refused") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        key_login = ssh("alice", &[]);
+    }
+    let as_root = ssh("root", &[]);
+    let password = ssh(
+        "alice",
+        &[
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+        ],
+    );
+    let _ = sshd.kill();
+    let waited = sshd.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&waited.stderr).into_owned();
+    assert!(
+        key_login.status.success() && stdout(&key_login).trim() == "alice",
+        "key login failed: {}\nsshd:\n{log}",
+        stderr(&key_login)
+    );
+    assert!(!as_root.status.success(), "root logged in\nsshd:\n{log}");
+    assert!(
+        stderr(&as_root).contains("Permission denied"),
+        "{}",
+        stderr(&as_root)
+    );
+    assert!(!password.status.success());
+    assert!(
+        stderr(&password).contains("Permission denied (publickey)"),
+        "password methods were offered: {}",
+        stderr(&password)
+    );
 }
 
 /// Every entry under `root`: path, mode, owner, mtime, and the content digest of files (as one
