@@ -470,6 +470,14 @@ fn sshd_in_the_hardened_root_takes_a_key_and_refuses_root_and_passwords() {
             "PreferredAuthentications=password,keyboard-interactive",
         ],
     );
+    // sshd is the init of its pid namespace, a child of `unshare`: killing it ends the namespace.
+    let children = fs_err::read_to_string(format!("/proc/{0}/task/{0}/children", sshd.id()))
+        .unwrap_or_default();
+    for child in children.split_whitespace() {
+        let pid: i32 = child.parse().unwrap();
+        // SAFETY: kill has no memory preconditions; the pid is sshd's, which this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     let _ = sshd.kill();
     let waited = sshd.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&waited.stderr).into_owned();
