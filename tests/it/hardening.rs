@@ -406,15 +406,8 @@ fn sshd_in_the_hardened_root_takes_a_key_and_refuses_root_and_passwords() {
     // Its own mount, pid and uts namespaces and the image's root; only the loopback address of
     // the host's network.
     let mut sshd = std::process::Command::new("unshare")
-        .args([
-            "--mount",
-            "--pid",
-            "--uts",
-            "--fork",
-            "--kill-child",
-            "--mount-proc=",
-        ])
-        .arg(root.join("proc"))
+        .args(["--mount", "--pid", "--uts", "--fork", "--kill-child"])
+        .arg(format!("--mount-proc={}", root.join("proc").display()))
         .arg("chroot")
         .arg(&root)
         .args([
