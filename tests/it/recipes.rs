@@ -104,6 +104,7 @@ base:
     suite: bookworm
 outputs:
   ami:
+    strategy: snapshot
     name: ami-{{version_short}}
     regions: [us-east-1]
 audit:
