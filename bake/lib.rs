@@ -18,6 +18,7 @@
 
 pub mod ami;
 pub mod artifact;
+pub mod audit;
 pub mod aws;
 pub mod build;
 pub mod cli;

@@ -3,7 +3,7 @@
 //! upload; nothing here talks to AWS.
 //!
 //! ```text
-//!  Builder::provision_root ─► build_disk_image ─► command tests (on the root) ─► boot tests
+//!  Builder::provision_root ─► audit gate ─► build_disk_image ─► command tests (on the root) ─► boot tests
 //!  (base + steps, cached)     (GPT, ESP, ext4)                                   (QEMU, marker)
 //! ```
 
@@ -24,6 +24,9 @@ pub struct LocalImage {
     /// One per `boot` test of the recipe, in order.
     pub boots: Vec<BootReport>,
     pub steps: Vec<StepReport>,
+    /// The compliance gate's result, when the recipe has an `audit:` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,11 @@ pub fn build_local_image(
         return Err(LocalImageError::InstanceStrategy(recipe.name.clone()));
     }
     let root = builder.provision_root(recipe, plan, reporter)?;
+    // The compliance gate scans the provisioned root before any disk image exists.
+    let audit = match &recipe.audit {
+        Some(audit) => Some(builder.audit(root.path(), audit, reporter)?),
+        None => None,
+    };
     let spec = DiskSpec::for_recipe(ami, &plan.version, builder.options.source_date_epoch);
     reporter.message(&format!(
         "making the disk image ({} GiB)",
@@ -145,5 +153,6 @@ pub fn build_local_image(
         image,
         boots,
         steps,
+        audit,
     })
 }

@@ -88,6 +88,9 @@ pub struct SnapshotAmiBuildRecord {
     /// The plan's inputs: exactly what the version is the digest of.
     pub inputs: serde_json::Value,
     pub ami: AmiRecord,
+    /// The compliance gate's result, when the recipe has an `audit:` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditRecord>,
     pub duration_ms: u64,
 }
 

@@ -81,6 +81,9 @@ pub struct BuildRecord {
     pub output: BuildOutput,
     pub started: String,
     pub duration_ms: u64,
+    /// The compliance gate's result, when the recipe has an `audit:` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditRecord>,
 }
 
 /// Settings of one build.
@@ -159,6 +162,8 @@ pub enum BuildError {
     NoOciOutput,
     #[error("the build was interrupted")]
     Interrupted,
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl BuildError {
@@ -179,6 +184,7 @@ impl BuildError {
                 | BuildError::Render(_)
                 | BuildError::NoOciOutput
                 | BuildError::UnsupportedBase(_)
+                | BuildError::Audit(crate::audit::AuditError::Gate(_))
         )
     }
 
@@ -186,6 +192,7 @@ impl BuildError {
         match self {
             BuildError::Base { source, .. } => source.hint(),
             BuildError::Step(e) => e.hint(),
+            BuildError::Audit(e) => e.hint(),
             BuildError::UnsupportedBase(_) => {
                 Some("use an image, bootstrap, rootfs or OCI layout base".into())
             }
@@ -338,6 +345,15 @@ impl Builder<'_> {
                 self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
             }
         }
+        // The compliance gate: the provisioned root is scanned before any image is assembled.
+        let audit = match &recipe.audit {
+            Some(audit) => {
+                self.check_cancel()?;
+                let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
+                Some(self.audit(build_root.path(), audit, reporter)?)
+            }
+            None => None,
+        };
         drop(root);
 
         let settings = image_settings(recipe, oci_output, plan, &renderer)?;
@@ -406,9 +422,28 @@ impl Builder<'_> {
             output: output.clone(),
             started: humantime::format_rfc3339_seconds(started).to_string(),
             duration_ms: clock.elapsed().as_millis() as u64,
+            audit,
         };
         self.store.put_record(&plan.version, &record)?;
         Ok(output)
+    }
+
+    /// Runs the compliance gate of `audit` on a provisioned root (an image's or a disk's),
+    /// reporting the score.
+    pub fn audit(
+        &self,
+        root: &Path,
+        audit: &crate::recipe::Audit,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<crate::audit::AuditRecord, BuildError> {
+        reporter.message(&format!("audit: scanning with profile `{}`", audit.profile));
+        let record = gate(self.store, root, audit)?;
+        reporter.message(&format!(
+            "audit: {:.2}% of {} rules pass",
+            record.score_centi as f64 / 100.0,
+            record.passed + record.failed
+        ));
+        Ok(record)
     }
 
     /// Runs the base and every provisioning step (each cached by its chain key), leaving the
@@ -1285,6 +1320,20 @@ impl BuildRoot {
         }
         Ok(())
     }
+}
+
+/// Runs the compliance gate of `audit` on `root`: one call on a root directory, so every kind
+/// of build (OCI layers, AMI disks) gates the same way before it stores anything.
+pub fn gate(
+    store: &Store,
+    root: &Path,
+    audit: &crate::recipe::Audit,
+) -> Result<crate::audit::AuditRecord, BuildError> {
+    let dirs = crate::audit::AuditDirs {
+        cache: store.root().join("cache").join("scap"),
+        work: store.root().join("work"),
+    };
+    Ok(crate::audit::audit_root(root, audit, &dirs)?)
 }
 
 /// The inputs of one step, from the plan's file list.

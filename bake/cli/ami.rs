@@ -15,9 +15,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::{VarArgs, print_json, print_reports};
-use crate::ami::boot::{BootSpec, boot_test};
 use crate::ami::cleanup::{Action, Removal, rollback};
-use crate::ami::disk::{DiskSpec, build_disk_image};
+use crate::ami::disk_build::build_local_image;
 use crate::ami::journal::{Journal, ResourceKind};
 use crate::ami::publish::{
     PublishFailed, PublishOptions, existing_image, preflight, publish_snapshot_ami,
@@ -325,6 +324,7 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         bake_version: plan.bake_version.to_owned(),
         inputs: plan.inputs.clone(),
         ami,
+        audit: None,
         duration_ms: started.elapsed().as_millis() as u64,
     });
     finish_publish(settings, &store, result)
@@ -453,7 +453,7 @@ pub fn run_snapshot_build(
             };
         }
     };
-    let (Some(ami), Ok(Some(spec))) = (
+    let (Some(_), Ok(Some(spec))) = (
         recipe.outputs.ami.as_ref(),
         AmiSpec::from_recipe(recipe, &plan.version),
     ) else {
@@ -505,6 +505,7 @@ pub fn run_snapshot_build(
     // Holds the disk image until the upload is done.
     let mut work_dir = None;
     let mut disk: Option<(PathBuf, String)> = None;
+    let mut audit = None;
     if existing.is_none() {
         let runner = match NamespaceRunner::new() {
             Ok(runner) => runner,
@@ -522,23 +523,6 @@ pub fn run_snapshot_build(
                 cancel: Arc::clone(&cancel),
             },
         };
-        let build_error = |error: crate::build::pipeline::BuildError| {
-            print_reports(
-                settings,
-                &[Report::from_error(&error).with_hint(error.hint())],
-            );
-            if error.is_interrupted() {
-                ExitStatus::Interrupted
-            } else if error.is_recipe_failure() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            }
-        };
-        let root = match builder.provision_root(recipe, &plan, &mut reporter) {
-            Ok(root) => root,
-            Err(e) => return build_error(e),
-        };
         let dir = match store.work_dir("disk") {
             Ok(dir) => dir,
             Err(e) => {
@@ -546,38 +530,27 @@ pub fn run_snapshot_build(
                 return ExitStatus::Infrastructure;
             }
         };
-        let disk_spec = DiskSpec::for_recipe(ami, &plan.version, plan.source_date_epoch());
-        if !quiet {
-            eprintln!("==> disk image ({} GiB)", ami.disk_size_gib);
-        }
-        let image = match build_disk_image(root.path(), &disk_spec, &dir.path().join("disk.raw")) {
-            Ok(image) => image,
+        let local = match build_local_image(
+            &builder,
+            recipe,
+            &plan,
+            &dir.path().join("disk.raw"),
+            &mut reporter,
+        ) {
+            Ok(local) => local,
             Err(e) => {
                 print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-                return ExitStatus::RecipeOrUsage;
-            }
-        };
-        if let Err(e) = builder.run_command_tests(recipe, &plan, root.path(), &mut reporter) {
-            return build_error(e);
-        }
-        drop(root);
-        for test in &recipe.tests {
-            let Some(mut boot) = BootSpec::from_test(test) else {
-                continue;
-            };
-            boot.cancel = Some(Arc::clone(&cancel));
-            if !quiet {
-                eprintln!("==> boot test (waiting for `{}`)", boot.marker);
-            }
-            if let Err(e) = boot_test(&image.path, &boot) {
-                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-                return if cancel.load(Ordering::SeqCst) {
+                return if e.is_interrupted() || cancel.load(Ordering::SeqCst) {
                     ExitStatus::Interrupted
-                } else {
+                } else if e.is_recipe_failure() {
                     ExitStatus::RecipeOrUsage
+                } else {
+                    ExitStatus::Infrastructure
                 };
             }
-        }
+        };
+        let image = local.image;
+        audit = local.audit;
         disk = Some((image.path.clone(), image.digest.clone()));
         work_dir = Some(dir);
     }
@@ -610,6 +583,7 @@ pub fn run_snapshot_build(
         bake_version: plan.bake_version.to_owned(),
         inputs: plan.inputs.clone(),
         ami,
+        audit,
         duration_ms: started.elapsed().as_millis() as u64,
     });
     match result {

@@ -5,6 +5,7 @@
 mod ami;
 mod ami_instance;
 mod attest;
+mod audit;
 mod build;
 mod cleanup;
 mod export;
@@ -101,6 +102,8 @@ pub enum Command {
     Rollback(publish::RollbackArgs),
     /// Print a channel's current immutable references.
     Pin(publish::PinArgs),
+    /// Scan a root filesystem or a built version with OpenSCAP and print every rule's result.
+    Audit(audit::AuditArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
     #[command(name = "__sandbox", hide = true)]
     Sandbox(sandbox::SandboxArgs),
@@ -153,6 +156,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Pin(args) => publish::run_pin(&args, settings),
         Command::Ami(args) => ami::run(&args, settings),
         Command::Cleanup(args) => cleanup::run(&args, settings),
+        Command::Audit(args) => audit::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }
 }

@@ -59,6 +59,43 @@ pub struct Recipe {
     pub tests: Vec<Test>,
     pub outputs: Outputs,
     pub publish: Publish,
+    /// Absent from the canonical form when not set, so recipes without a gate keep their
+    /// versions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<Audit>,
+}
+
+/// The compliance gate of a recipe (`audit:`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Audit {
+    pub scanner: Scanner,
+    #[serde(skip)]
+    pub datastream: PathBuf,
+    /// As written in the recipe.
+    pub datastream_path: String,
+    /// The full XCCDF profile id.
+    pub profile: String,
+    pub target: AuditTarget,
+    /// Minimum pass ratio in percent, in hundredths (so the canonical form has no floats).
+    pub min_pass_ratio_centi: Option<u32>,
+    pub max_failures: Option<u32>,
+    /// Rule id (short form) → why its failure is accepted.
+    pub exceptions: BTreeMap<String, String>,
+    pub support_status: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scanner {
+    Openscap,
+}
+
+/// What the scanned root is: SCAP content skips machine-only rules for a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditTarget {
+    Machine,
+    Container,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -36,6 +36,29 @@ pub struct RawRecipe {
     pub outputs: RawOutputs,
     #[serde(default)]
     pub publish: RawPublish,
+    /// The compliance gate: a scan of the provisioned root before anything is stored.
+    pub audit: Option<S<RawAudit>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Only `openscap`.
+    pub scanner: Option<S<String>>,
+    /// A SCAP source data stream (`.xml` or `.xml.xz`), relative to the recipe or absolute.
+    pub datastream: S<String>,
+    /// An XCCDF profile id, short (`cis_level1_server`) or full.
+    pub profile: S<String>,
+    /// `machine` or `container`; by default `machine` when the recipe makes an AMI.
+    pub target: Option<S<String>>,
+    /// The lowest share of passing rules, in percent (failures counted without exceptions).
+    pub min_pass_ratio: Option<S<RawValue>>,
+    /// The most failing rules allowed (exceptions not counted).
+    pub max_failures: Option<S<RawValue>>,
+    #[serde(default)]
+    pub exceptions: Vec<S<RawExclusion>>,
+    /// Also fail on packages whose Debian security support ended (default true).
+    pub support_status: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

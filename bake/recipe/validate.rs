@@ -164,6 +164,7 @@ impl<'a> Validator<'a> {
             .filter_map(|(i, t)| self.test(i, t, &outputs))
             .collect();
         let publish = self.publish(&raw.publish, &outputs);
+        let audit = raw.audit.as_ref().and_then(|a| self.audit(a, &outputs));
 
         let recipe = Recipe {
             source: Arc::clone(&self.file),
@@ -178,6 +179,7 @@ impl<'a> Validator<'a> {
             tests,
             outputs,
             publish,
+            audit,
         };
         // Templates can only be checked once variables are resolved and the shape is valid;
         // checking them against a broken recipe would only add noise.
@@ -929,6 +931,161 @@ impl<'a> Validator<'a> {
             profile: h.profile.value.clone(),
             flavour,
             exclude,
+        })
+    }
+
+    fn audit(&mut self, a: &S<RawAudit>, outputs: &Outputs) -> Option<Audit> {
+        let raw = &a.value;
+        let mut ok = true;
+        if let Some(scanner) = &raw.scanner
+            && scanner.value != "openscap"
+        {
+            self.error(
+                scanner,
+                RecipeErrorKind::UnknownVariant {
+                    what: "audit scanner".into(),
+                    given: scanner.value.clone(),
+                },
+            )
+            .hint = Some("bake scans with `openscap` (Debian's openscap-scanner)".into());
+            ok = false;
+        }
+        let datastream = if Path::new(&raw.datastream.value).is_absolute() {
+            let path = PathBuf::from(&raw.datastream.value);
+            if !path.is_file() {
+                self.invalid(
+                    &raw.datastream,
+                    "audit data stream",
+                    &raw.datastream.value,
+                    "it is not a file",
+                )
+                .hint = Some("give a SCAP source data stream (`.xml` or `.xml.xz`)".into());
+                ok = false;
+            }
+            Some(path)
+        } else {
+            self.path(&raw.datastream, "audit data stream")
+        };
+        let profile = raw.profile.value.trim();
+        if profile.is_empty()
+            || !profile
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            self.invalid(
+                &raw.profile,
+                "audit profile",
+                &raw.profile.value,
+                "an XCCDF profile id is letters, digits, `_`, `-` and `.`",
+            );
+            ok = false;
+        }
+        let profile = if profile.starts_with("xccdf_") {
+            profile.to_owned()
+        } else {
+            format!("xccdf_org.ssgproject.content_profile_{profile}")
+        };
+        let target = match raw.target.as_ref().map(|t| t.value.as_str()) {
+            None if outputs.ami.is_some() => AuditTarget::Machine,
+            None => AuditTarget::Container,
+            Some("machine") => AuditTarget::Machine,
+            Some("container") => AuditTarget::Container,
+            Some(other) => {
+                let at = raw.target.as_ref().expect("matched Some");
+                self.error(
+                    at,
+                    RecipeErrorKind::UnknownVariant {
+                        what: "audit target".into(),
+                        given: other.into(),
+                    },
+                )
+                .hint = Some("`machine` (an AMI) or `container` (an OCI image)".into());
+                ok = false;
+                AuditTarget::Machine
+            }
+        };
+        let min_pass_ratio_centi = match &raw.min_pass_ratio {
+            None => None,
+            Some(at) => match at.value.as_f64().filter(|r| (0.0..=100.0).contains(r)) {
+                Some(r) => Some((r * 100.0).round() as u32),
+                None => {
+                    self.invalid(
+                        at,
+                        "min_pass_ratio",
+                        &at.value,
+                        "write a percentage from 0 to 100",
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let max_failures = match &raw.max_failures {
+            None => None,
+            Some(at) => match at.value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => Some(n),
+                None => {
+                    self.invalid(
+                        at,
+                        "max_failures",
+                        &at.value,
+                        "write a whole number of rules, 0 or more",
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        if raw.min_pass_ratio.is_none() && raw.max_failures.is_none() {
+            self.invalid(
+                a,
+                "audit",
+                "",
+                "it has no threshold: set `min_pass_ratio`, `max_failures` or both",
+            );
+            ok = false;
+        }
+        let mut exceptions = BTreeMap::new();
+        for e in &raw.exceptions {
+            let rule = e.value.rule.value.trim();
+            let rule = rule
+                .strip_prefix("xccdf_org.ssgproject.content_rule_")
+                .unwrap_or(rule);
+            if rule.is_empty() {
+                self.invalid(&e.value.rule, "audit exception rule", "", "name a rule id");
+                ok = false;
+            }
+            if e.value.reason.value.trim().is_empty() {
+                self.invalid(
+                    &e.value.reason,
+                    "audit exception reason",
+                    "",
+                    "say why the failure is accepted, for the audit trail",
+                );
+                ok = false;
+            }
+            if exceptions
+                .insert(rule.to_owned(), e.value.reason.value.clone())
+                .is_some()
+            {
+                self.error(
+                    &e.value.rule,
+                    RecipeErrorKind::Conflict(format!("rule `{rule}` is excepted twice")),
+                );
+                ok = false;
+            }
+        }
+        let datastream = datastream?;
+        ok.then(|| Audit {
+            scanner: Scanner::Openscap,
+            datastream,
+            datastream_path: raw.datastream.value.clone(),
+            profile,
+            target,
+            min_pass_ratio_centi,
+            max_failures,
+            exceptions,
+            support_status: raw.support_status.unwrap_or(true),
         })
     }
 

@@ -89,3 +89,44 @@ fn example_recipes_validate() {
     );
     assert!(stdout(&output).lines().count() >= 4, "{}", stdout(&output));
 }
+
+#[test]
+fn amis_are_encrypted_and_private_unless_the_recipe_says_otherwise_and_audits_target_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(dir.path().join("ds.xml"), "<placeholder/>").unwrap();
+    let path = dir.path().join("ami.yaml");
+    fs_err::write(
+        &path,
+        "bake: 1
+name: ami
+base:
+  bootstrap:
+    suite: bookworm
+outputs:
+  ami:
+    strategy: snapshot
+    name: ami-{{version_short}}
+    regions: [us-east-1]
+audit:
+  datastream: ds.xml
+  profile: cis_level1_server
+  max_failures: 3
+  exceptions:
+    - rule: xccdf_org.ssgproject.content_rule_partition_for_tmp
+      reason: mounted at boot
+",
+    )
+    .unwrap();
+    let recipe = bake::recipe::load(&path, &bake::recipe::VarSources::default()).unwrap();
+    let ami = recipe.outputs.ami.as_ref().unwrap();
+    assert!(ami.encrypted, "AMIs are encrypted by default");
+    assert!(!ami.public, "AMIs are never public by default");
+    let audit = recipe.audit.as_ref().unwrap();
+    assert_eq!(audit.target, bake::recipe::AuditTarget::Machine);
+    assert_eq!(
+        audit.profile,
+        "xccdf_org.ssgproject.content_profile_cis_level1_server"
+    );
+    assert_eq!(audit.exceptions["partition_for_tmp"], "mounted at boot");
+    assert!(audit.support_status);
+}
