@@ -17,6 +17,10 @@ pub struct PlanArgs {
     /// The recipe file.
     #[arg(value_name = "RECIPE")]
     pub recipe: PathBuf,
+    /// Also show each publishing pointer's current and wanted value for the built version
+    /// (asks AWS and the registries; changes nothing): `bake publish --dry-run`'s report.
+    #[arg(long)]
+    pub publish: bool,
     #[command(flatten)]
     pub vars: VarArgs,
 }
@@ -40,6 +44,31 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     };
     let planned = plan::plan(&recipe, &shown, &options);
     match planned {
+        Ok(plan) if args.publish => {
+            let publish = super::publish::PublishArgs {
+                recipe: args.recipe.clone(),
+                inputs: None,
+                dry_run: true,
+                set_default: false,
+                allow_clobber: false,
+                vars: args.vars.clone(),
+            };
+            let report = match super::publish::publish_report(&publish, settings) {
+                Ok(report) => report,
+                Err(status) => return status,
+            };
+            match settings.output {
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({ "plan": plan, "publish": report }));
+                    report.exit_status()
+                }
+                OutputFormat::Human => {
+                    print_human(&plan);
+                    println!();
+                    super::publish::show(settings, &report)
+                }
+            }
+        }
         Ok(plan) => {
             match settings.output {
                 OutputFormat::Json => print_json(&plan),

@@ -242,14 +242,26 @@ async fn pushed_repositories(
 }
 
 pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
+    match publish_report(args, settings) {
+        Ok(report) => show(settings, &report),
+        Err(status) => status,
+    }
+}
+
+/// Publishes (or, with `dry_run`, plans publishing) the recipe's current version; errors are
+/// printed, and their exit status returned.
+pub(super) fn publish_report(
+    args: &PublishArgs,
+    settings: &Settings,
+) -> Result<PublishReport, ExitStatus> {
     let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
-        return ExitStatus::RecipeOrUsage;
+        return Err(ExitStatus::RecipeOrUsage);
     };
     let source = match source(args, &recipe, settings) {
         Ok(source) => source,
         Err(report) => {
             print_reports(settings, &[report]);
-            return ExitStatus::RecipeOrUsage;
+            return Err(ExitStatus::RecipeOrUsage);
         }
     };
     let options = PublishOptions {
@@ -259,10 +271,7 @@ pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let digests = match digest_check(&aws, &recipe, settings) {
-            Ok(digests) => digests,
-            Err(status) => return status,
-        };
+        let digests = digest_check(&aws, &recipe, settings)?;
         let publisher = Publisher {
             aws: &aws,
             digests: &digests,
@@ -274,19 +283,18 @@ pub fn run_publish(args: &PublishArgs, settings: &Settings) -> ExitStatus {
             Source::Record { version, record } => {
                 let repositories = match pushed_repositories(&publisher).await {
                     Ok(repositories) => repositories,
-                    Err(e) => return fail(settings, &e),
+                    Err(e) => return Err(fail(settings, &e)),
                 };
                 match PublishInputs::from_record(&recipe.name, &version, &record, &repositories) {
                     Ok(inputs) => inputs,
                     Err(e) => {
                         print_reports(settings, &[Report::from_error(&e)]);
-                        return ExitStatus::RecipeOrUsage;
+                        return Err(ExitStatus::RecipeOrUsage);
                     }
                 }
             }
         };
-        let report = publisher.publish(&inputs).await;
-        show(settings, &report)
+        Ok(publisher.publish(&inputs).await)
     })
 }
 
@@ -397,7 +405,7 @@ pub fn run_pin(args: &PinArgs, settings: &Settings) -> ExitStatus {
     })
 }
 
-fn show(settings: &Settings, report: &PublishReport) -> ExitStatus {
+pub(super) fn show(settings: &Settings, report: &PublishReport) -> ExitStatus {
     match settings.output {
         OutputFormat::Json => print_json(report),
         OutputFormat::Human => {

@@ -1294,6 +1294,21 @@ async fn publish_takes_the_artifacts_from_the_build_record() {
         .unwrap()
         .put_record(&version, &record)
         .unwrap();
+    // `bake plan --publish` shows each pointer's current and wanted value, and changes nothing.
+    let planned = env.bake_in(
+        &store,
+        &["plan", recipe_arg, "--publish", "--output", "json"],
+    );
+    ok(planned.clone(), "plan --publish");
+    let planned: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    assert_eq!(planned["plan"]["version"], version.as_str());
+    assert_eq!(planned["publish"]["dry_run"], true);
+    let changes = planned["publish"]["regions"][0]["changes"].to_string();
+    assert!(
+        changes.contains(&old) && changes.contains(&new),
+        "{changes}"
+    );
+    assert_eq!(env.template_versions(region, &id).await, 1);
     let output = env.bake_in(&store, &["publish", recipe_arg, "--output", "json"]);
     ok(output.clone(), "publish from the record");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
