@@ -29,12 +29,33 @@ pub struct AttestArgs {
     /// Sign provenance with this AWS KMS asymmetric key (ECC_NIST_P256; id, alias or ARN).
     #[arg(long, value_name = "KEY", env = "BAKE_KMS_KEY")]
     pub kms_key: Option<String>,
-    /// SBOM formats to produce and attest (repeatable).
-    #[arg(long = "sbom-format", value_enum, default_values_t = [SbomFormat::Spdx])]
+    /// SBOM formats to produce and attest (repeatable; default: the recipe's, else SPDX).
+    #[arg(long = "sbom-format", value_enum)]
     pub sbom_formats: Vec<SbomFormat>,
     /// Build only: no SBOM, provenance or manifest.
     #[arg(long)]
     pub no_attest: bool,
+}
+
+impl AttestArgs {
+    /// These options, with what the command line leaves unset taken from the recipe's
+    /// `provenance:` section (a key given on the command line or in the environment wins over
+    /// both of the recipe's).
+    pub fn with_recipe(&self, recipe: &crate::recipe::ProvenanceSettings) -> AttestArgs {
+        let mut args = self.clone();
+        if args.signing_key.is_none() && args.kms_key.is_none() {
+            args.signing_key = recipe.signing_key.clone();
+            args.kms_key = recipe.kms_key.clone();
+        }
+        if args.sbom_formats.is_empty() {
+            args.sbom_formats = recipe
+                .sbom_formats
+                .iter()
+                .filter_map(|f| <SbomFormat as clap::ValueEnum>::from_str(f, false).ok())
+                .collect();
+        }
+        args
+    }
 }
 
 /// Signs and attaches the attestations of `version`, writes its manifest, and copies it to

@@ -123,7 +123,8 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             let attested = if args.attest.no_attest {
                 None
             } else {
-                match super::attest::attest(&args.attest, settings, &store, &output.version) {
+                let options = args.attest.with_recipe(&recipe.provenance);
+                match super::attest::attest(&options, settings, &store, &output.version) {
                     Ok(manifest) => manifest.attestations,
                     Err(report) => {
                         print_reports(settings, &[report]);

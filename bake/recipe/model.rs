@@ -63,6 +63,19 @@ pub struct Recipe {
     /// versions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<Audit>,
+    /// Not part of the version: the key that signs an artifact's provenance does not change it.
+    #[serde(skip)]
+    pub provenance: ProvenanceSettings,
+}
+
+/// How a build's provenance is signed and which SBOMs are made (`provenance:`); the command
+/// line (`--signing-key`, `--kms-key`, `--sbom-format`) overrides it.
+#[derive(Debug, Clone, Default)]
+pub struct ProvenanceSettings {
+    pub signing_key: Option<PathBuf>,
+    pub kms_key: Option<String>,
+    /// `spdx` and/or `cyclonedx`; empty: SPDX only.
+    pub sbom_formats: Vec<String>,
 }
 
 /// The compliance gate of a recipe (`audit:`).

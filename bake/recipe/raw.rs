@@ -38,6 +38,20 @@ pub struct RawRecipe {
     pub publish: RawPublish,
     /// The compliance gate: a scan of the provisioned root before anything is stored.
     pub audit: Option<S<RawAudit>>,
+    /// How provenance is signed and which SBOMs are made.
+    pub provenance: Option<S<RawProvenance>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvenance {
+    /// A PKCS#8 PEM private key file (ed25519 or ECDSA P-256), relative to the recipe or absolute.
+    pub signing_key: Option<S<String>>,
+    /// An AWS KMS asymmetric key (id, alias or ARN).
+    pub kms_key: Option<S<String>>,
+    /// `spdx` (the default) and/or `cyclonedx`.
+    #[serde(default)]
+    pub sbom_formats: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

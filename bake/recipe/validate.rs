@@ -165,6 +165,11 @@ impl<'a> Validator<'a> {
             .collect();
         let publish = self.publish(&raw.publish, &outputs);
         let audit = raw.audit.as_ref().and_then(|a| self.audit(a, &outputs));
+        let provenance = raw
+            .provenance
+            .as_ref()
+            .map(|p| self.provenance(p))
+            .unwrap_or_default();
 
         let recipe = Recipe {
             source: Arc::clone(&self.file),
@@ -180,6 +185,7 @@ impl<'a> Validator<'a> {
             outputs,
             publish,
             audit,
+            provenance,
         };
         // Templates can only be checked once variables are resolved and the shape is valid;
         // checking them against a broken recipe would only add noise.
@@ -932,6 +938,67 @@ impl<'a> Validator<'a> {
             flavour,
             exclude,
         })
+    }
+
+    fn provenance(&mut self, p: &S<RawProvenance>) -> ProvenanceSettings {
+        let raw = &p.value;
+        if let (Some(_), Some(kms)) = (&raw.signing_key, &raw.kms_key) {
+            self.invalid(
+                kms,
+                "provenance key",
+                &kms.value,
+                "a recipe names either a `signing_key` file or a `kms_key`, not both",
+            );
+        }
+        let signing_key = raw.signing_key.as_ref().and_then(|key| {
+            if Path::new(&key.value).is_absolute() {
+                let path = PathBuf::from(&key.value);
+                if !path.is_file() {
+                    self.invalid(
+                        key,
+                        "provenance signing key",
+                        &key.value,
+                        "it is not a file",
+                    )
+                    .hint = Some("make one with `bake key generate`".into());
+                }
+                Some(path)
+            } else {
+                self.path(key, "provenance signing key")
+            }
+        });
+        let kms_key = raw.kms_key.as_ref().and_then(|key| {
+            if key.value.trim().is_empty() {
+                self.invalid(key, "provenance KMS key", "", "it is empty")
+                    .hint = Some("give a key id, `alias/NAME` or a key ARN".into());
+                None
+            } else {
+                Some(key.value.clone())
+            }
+        });
+        let mut sbom_formats = Vec::new();
+        for format in &raw.sbom_formats {
+            if matches!(format.value.as_str(), "spdx" | "cyclonedx") {
+                if !sbom_formats.contains(&format.value) {
+                    sbom_formats.push(format.value.clone());
+                }
+            } else {
+                self.error(
+                    format,
+                    RecipeErrorKind::UnknownVariant {
+                        what: "SBOM format".into(),
+                        given: format.value.clone(),
+                    },
+                )
+                .hint =
+                    Some("bake writes `spdx` (SPDX 2.3) and `cyclonedx` (CycloneDX 1.5)".into());
+            }
+        }
+        ProvenanceSettings {
+            signing_key,
+            kms_key,
+            sbom_formats,
+        }
     }
 
     fn audit(&mut self, a: &S<RawAudit>, outputs: &Outputs) -> Option<Audit> {

@@ -554,6 +554,54 @@ fn ed25519_keys_from_a_path_sign_and_verify() {
     );
 }
 
+/// A recipe's `provenance:` section chooses the signing key and the SBOM formats; the command
+/// line wins over it.
+#[test]
+fn the_recipe_chooses_the_signing_key_and_sbom_formats() {
+    if !can_build() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let s = store.path();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("release.key");
+    let generated = json_of(&bake_in(
+        s,
+        &[
+            "--output",
+            "json",
+            "key",
+            "generate",
+            "--algorithm",
+            "ed25519",
+            "--out",
+            key.to_str().unwrap(),
+        ],
+    ));
+    fs_err::write(dir.path().join("hello.txt"), "hello\n").unwrap();
+    let recipe = dir.path().join("recipe.yaml");
+    fs_err::write(
+        &recipe,
+        "bake: 1\nname: signed\nbase: scratch\nprovisioners:\n  - file:\n      source: hello.txt\n      destination: /hello.txt\noutputs:\n  oci: {}\nprovenance:\n  signing_key: release.key\n  sbom_formats: [spdx, cyclonedx]\n",
+    )
+    .unwrap();
+    let built = build(s, &[recipe.to_str().unwrap()]);
+    assert_eq!(built["signed_by"], generated["key_id"], "{built}");
+    // One SBOM per format the recipe asks for (SPDX and CycloneDX).
+    let sboms = built["sboms"].as_array().expect("sboms");
+    assert_eq!(sboms.len(), 2, "{built}");
+    let public = dir.path().join("release.pub");
+    let ok = verify(
+        s,
+        &[
+            "--key",
+            public.to_str().unwrap(),
+            built["version"].as_str().unwrap(),
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
 /// A root with mmdebstrap's Debian, built once per machine (the store caches the bootstrap).
 fn debian_store() -> PathBuf {
     std::env::temp_dir().join("bake-it-provenance-debian-store")
