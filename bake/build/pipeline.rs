@@ -236,7 +236,7 @@ impl Builder<'_> {
         plan: &Plan,
         reporter: &mut dyn BuildReporter,
     ) -> Result<BuildOutput, BuildError> {
-        let secrets = secret_values(recipe);
+        let secrets = recipe.secret_values();
         let mut redacting = Redacting {
             inner: reporter,
             secrets: &secrets,
@@ -260,7 +260,7 @@ impl Builder<'_> {
         plan: &Plan,
         reporter: &mut dyn BuildReporter,
     ) -> Result<ProvisionedRoot, BuildError> {
-        let secrets = secret_values(recipe);
+        let secrets = recipe.secret_values();
         let mut redacting = Redacting {
             inner: reporter,
             secrets: &secrets,
@@ -286,7 +286,7 @@ impl Builder<'_> {
         root: &Path,
         reporter: &mut dyn BuildReporter,
     ) -> Result<(), BuildError> {
-        let secrets = secret_values(recipe);
+        let secrets = recipe.secret_values();
         let mut redacting = Redacting {
             inner: reporter,
             secrets: &secrets,
@@ -1147,40 +1147,16 @@ impl Builder<'_> {
     }
 }
 
-/// The values of the recipe's sensitive variables, as they would appear in text.
-fn secret_values(recipe: &Recipe) -> Vec<String> {
-    let mut values: Vec<String> = recipe
-        .variables
-        .values()
-        .filter(|v| v.sensitive)
-        .filter_map(|v| v.value.as_ref())
-        .map(|v| match &v.value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .filter(|v| !v.is_empty())
-        .collect();
-    // Longest first, so a secret containing another is replaced whole.
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    values
-}
-
-fn redact(text: &str, secrets: &[String]) -> String {
-    secrets.iter().fold(text.to_owned(), |text, secret| {
-        text.replace(secret.as_str(), crate::recipe::REDACTED)
-    })
-}
-
 /// Scrubs step output in errors (a failing step's last lines, a test's reason) of sensitive
 /// values.
 fn redact_error(mut error: BuildError, secrets: &[String]) -> BuildError {
     match &mut error {
         BuildError::Step(runner) => {
             for line in runner.last_lines_mut() {
-                *line = redact(line, secrets);
+                *line = crate::recipe::redact(line, secrets);
             }
         }
-        BuildError::Test { reason, .. } => *reason = redact(reason, secrets),
+        BuildError::Test { reason, .. } => *reason = crate::recipe::redact(reason, secrets),
         _ => {}
     }
     error
@@ -1198,7 +1174,8 @@ impl StepOutput for Redacting<'_> {
         if self.secrets.is_empty() {
             self.inner.line(step, stream, line);
         } else {
-            self.inner.line(step, stream, &redact(line, self.secrets));
+            self.inner
+                .line(step, stream, &crate::recipe::redact(line, self.secrets));
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::build::pipeline::{BuildOptions, Builder};
 use crate::build::runner::NamespaceRunner;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::{self, PlanError};
+use crate::plan::PlanError;
 use crate::recipe::{self, Recipe};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
@@ -250,17 +250,11 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
             return ExitStatus::RecipeOrUsage;
         }
     };
-    let plan = match plan::plan(&recipe, &shown, &settings.plan_options()) {
-        Ok(plan) => plan,
-        Err(error) => {
-            print_reports(settings, &super::plan::plan_reports(&error));
-            return if error.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            };
-        }
-    };
+    let plan =
+        match super::plan::plan_or_report(&recipe, &shown, &settings.plan_options(), settings) {
+            Ok(plan) => plan,
+            Err(status) => return status,
+        };
     let spec = match AmiSpec::from_recipe(&recipe, &plan.version) {
         Ok(Some(spec)) => spec,
         Ok(None) => {
@@ -442,16 +436,10 @@ pub fn run_snapshot_build(
             return ExitStatus::Infrastructure;
         }
     };
-    let plan = match plan::plan(recipe, shown, &settings.plan_options()) {
+    let plan = match super::plan::plan_or_report(recipe, shown, &settings.plan_options(), settings)
+    {
         Ok(plan) => plan,
-        Err(error) => {
-            print_reports(settings, &super::plan::plan_reports(&error));
-            return if error.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            };
-        }
+        Err(status) => return status,
     };
     let (Some(_), Ok(Some(spec))) = (
         recipe.outputs.ami.as_ref(),

@@ -18,7 +18,7 @@ use crate::ami::instance::{
 use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::{self, PlanOptions};
+use crate::plan::PlanOptions;
 use crate::recipe::{AmiStrategy, Base, Recipe};
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
@@ -183,16 +183,9 @@ pub fn run_build(
         };
         let mut plan_options = settings.plan_options();
         plan_options.source_ami = Some(source.clone());
-        let plan = match plan::plan(recipe, shown, &plan_options) {
+        let plan = match super::plan::plan_or_report(recipe, shown, &plan_options, settings) {
             Ok(plan) => plan,
-            Err(error) => {
-                print_reports(settings, &super::plan::plan_reports(&error));
-                return if error.is_user_error() {
-                    ExitStatus::RecipeOrUsage
-                } else {
-                    ExitStatus::Infrastructure
-                };
-            }
+            Err(status) => return status,
         };
         let ec2 = aws.ec2(&source.region);
         let builder = InstanceBuilder {

@@ -15,7 +15,7 @@ use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
 use crate::build::runner::{NamespaceRunner, StepOutput, Stream};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::{self, PlanError};
+use crate::plan::PlanError;
 use crate::recipe;
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
@@ -61,17 +61,11 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let plan = match plan::plan(&recipe, &shown, &settings.plan_options()) {
-        Ok(plan) => plan,
-        Err(error) => {
-            print_reports(settings, &super::plan::plan_reports(&error));
-            return if error.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            };
-        }
-    };
+    let plan =
+        match super::plan::plan_or_report(&recipe, &shown, &settings.plan_options(), settings) {
+            Ok(plan) => plan,
+            Err(status) => return status,
+        };
     if let recipe::Base::Image { reference } = &recipe.base
         && let Some(digest) = plan.inputs.pointer("/base/digest").and_then(|d| d.as_str())
     {

@@ -87,6 +87,23 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     }
 }
 
+/// Plans `recipe`, or prints why it cannot be planned and returns the exit status to end with.
+pub(super) fn plan_or_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    options: &crate::plan::PlanOptions,
+    settings: &Settings,
+) -> Result<crate::plan::Plan, ExitStatus> {
+    plan::plan(recipe, shown, options).map_err(|error| {
+        print_reports(settings, &plan_reports(&error));
+        if error.is_user_error() {
+            ExitStatus::RecipeOrUsage
+        } else {
+            ExitStatus::Infrastructure
+        }
+    })
+}
+
 /// Reports for a plan error: one per recipe error, or one with the cause chain.
 pub fn plan_reports(error: &PlanError) -> Vec<Report> {
     match error {

@@ -181,6 +181,33 @@ pub struct VariableValue {
 /// What bake prints instead of a sensitive value.
 pub const REDACTED: &str = "***";
 
+impl Recipe {
+    /// The values of the recipe's sensitive variables as they would appear in text, longest
+    /// first (so a secret containing another is replaced whole): what [`redact`] hides.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .variables
+            .values()
+            .filter(|v| v.sensitive)
+            .filter_map(|v| v.value.as_ref())
+            .map(|v| match &v.value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .filter(|v| !v.is_empty())
+            .collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values
+    }
+}
+
+/// `text` with every one of `secrets` (from [`Recipe::secret_values`]) replaced by [`REDACTED`].
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_owned(), |text, secret| {
+        text.replace(secret.as_str(), REDACTED)
+    })
+}
+
 impl std::fmt::Debug for VariableValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.sensitive {

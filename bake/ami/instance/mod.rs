@@ -847,7 +847,7 @@ impl InstanceBuilder<'_> {
             renderer: &renderer,
             secret: &secret,
             public: &public_ctx,
-            secrets: provision::secret_values(ctx.recipe),
+            secrets: ctx.recipe.secret_values(),
             cancel: &cancel,
         };
         provisioning

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::keys::PrivateKey;
-use serde_json::Value;
 
 use super::InstanceError;
 use crate::build::pipeline::BuildReporter;
@@ -43,9 +42,7 @@ pub struct Provisioning<'a> {
 
 impl Provisioning<'_> {
     fn redact(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_owned(), |text, secret| {
-            text.replace(secret.as_str(), crate::recipe::REDACTED)
-        })
+        crate::recipe::redact(text, &self.secrets)
     }
 
     /// Runs every provisioner in order, reconnecting after reboot steps.
@@ -397,27 +394,8 @@ struct Tee<'a> {
 
 impl StepOutput for Tee<'_> {
     fn line(&mut self, step: &str, stream: Stream, line: &str) {
-        let line = self.secrets.iter().fold(line.to_owned(), |text, secret| {
-            text.replace(secret.as_str(), crate::recipe::REDACTED)
-        });
+        let line = crate::recipe::redact(line, self.secrets);
         self.reporter.line(step, stream, &line);
         self.lines.push(OutputLine { stream, text: line });
     }
-}
-
-/// The recipe's sensitive values as they would appear in text, longest first.
-pub fn secret_values(recipe: &Recipe) -> Vec<String> {
-    let mut values: Vec<String> = recipe
-        .variables
-        .values()
-        .filter(|v| v.sensitive)
-        .filter_map(|v| v.value.as_ref())
-        .map(|v| match &v.value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .filter(|v| !v.is_empty())
-        .collect();
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    values
 }
