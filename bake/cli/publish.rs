@@ -299,41 +299,56 @@ pub(super) fn publish_report(
 }
 
 pub fn run_promote(args: &PromoteArgs, settings: &Settings) -> ExitStatus {
-    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
-        return ExitStatus::RecipeOrUsage;
+    let movement = ChannelMove::Promote {
+        version: &args.target_version,
+        channel: &args.channel,
     };
-    let options = PublishOptions {
-        dry_run: args.dry_run,
-        set_default: true,
-        allow_clobber: args.allow_clobber,
-    };
-    runtime().block_on(async {
-        let aws = Aws::load(&settings.aws).await;
-        let digests = match digest_check(&aws, &recipe, settings) {
-            Ok(digests) => digests,
-            Err(status) => return status,
-        };
-        let publisher = Publisher {
-            aws: &aws,
-            digests: &digests,
-            recipe: &recipe,
-            options,
-        };
-        match publisher.promote(&args.target_version, &args.channel).await {
-            Ok(report) => show(settings, &report),
-            Err(e) => fail(settings, &e),
-        }
-    })
+    move_channel(
+        &args.recipe,
+        &args.vars,
+        args.dry_run,
+        args.allow_clobber,
+        movement,
+        settings,
+    )
 }
 
 pub fn run_rollback(args: &RollbackArgs, settings: &Settings) -> ExitStatus {
-    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
+    let movement = ChannelMove::Rollback {
+        channel: &args.channel,
+    };
+    move_channel(
+        &args.recipe,
+        &args.vars,
+        args.dry_run,
+        args.allow_clobber,
+        movement,
+        settings,
+    )
+}
+
+/// How `promote` and `rollback` move a channel's pointers.
+enum ChannelMove<'a> {
+    Promote { version: &'a str, channel: &'a str },
+    Rollback { channel: &'a str },
+}
+
+/// Loads the recipe and moves its channel's pointers (`promote` and `rollback`).
+fn move_channel(
+    recipe: &std::path::Path,
+    vars: &VarArgs,
+    dry_run: bool,
+    allow_clobber: bool,
+    movement: ChannelMove<'_>,
+    settings: &Settings,
+) -> ExitStatus {
+    let Some(recipe) = load_recipe(recipe, vars, settings) else {
         return ExitStatus::RecipeOrUsage;
     };
     let options = PublishOptions {
-        dry_run: args.dry_run,
+        dry_run,
         set_default: true,
-        allow_clobber: args.allow_clobber,
+        allow_clobber,
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;
@@ -347,7 +362,11 @@ pub fn run_rollback(args: &RollbackArgs, settings: &Settings) -> ExitStatus {
             recipe: &recipe,
             options,
         };
-        match publisher.rollback(&args.channel).await {
+        let moved = match movement {
+            ChannelMove::Promote { version, channel } => publisher.promote(version, channel).await,
+            ChannelMove::Rollback { channel } => publisher.rollback(channel).await,
+        };
+        match moved {
             Ok(report) => show(settings, &report),
             Err(e) => fail(settings, &e),
         }
