@@ -17,17 +17,18 @@ use crate::exit::ExitStatus;
 use crate::plan::Effect;
 use crate::registry::auth::{ChainCredentials, Credentials};
 use crate::registry::ecr::{self, EcrCredentials, EcrEncryption, RepositorySettings};
-use crate::registry::push::{PushTarget, push_image};
+use crate::registry::push::{PushJob, PushTarget, TargetReport, push_images};
 use crate::registry::{BlobOutcome, Client, Progress, Reference, RegistryError};
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// A version (`sha256:…`, or its first 12 or more hex digits) or a recipe file.
-    #[arg(value_name = "VERSION|RECIPE")]
-    pub what: String,
-    /// Push to this repository (`registry/name`, repeatable) instead of the recipe's targets.
+    /// Versions (`sha256:…`, or their first 12 or more hex digits) or recipe files; several
+    /// are pushed at once, with the layers they share sent once.
+    #[arg(value_name = "VERSION|RECIPE", required = true, num_args = 1..)]
+    pub what: Vec<String>,
+    /// Push to this repository (`registry/name`, repeatable) instead of the recipes' targets.
     #[arg(long = "to", value_name = "REPOSITORY")]
     pub to: Vec<String>,
     /// A registry (`host:port`) to reach over plain HTTP (repeatable; loopback needs none).
@@ -54,6 +55,12 @@ enum Planned {
     },
 }
 
+/// One image of the push: its build record and where it goes.
+struct Item {
+    record: BuildRecord,
+    planned: Vec<Planned>,
+}
+
 pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
     let store = match Store::open(&settings.store) {
         Ok(store) => store,
@@ -62,57 +69,66 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let (record, recipe_targets, recipe_insecure) = match find(&store, args, settings) {
-        Ok(found) => found,
-        Err(report) => {
-            print_reports(settings, &[*report]);
-            return ExitStatus::RecipeOrUsage;
-        }
-    };
-    let version_tag = record.version.trim_start_matches("sha256:")[..12].to_owned();
-    let mut planned = Vec::new();
-    let mut insecure = args.insecure.clone();
-    insecure.extend(recipe_insecure);
-    if args.to.is_empty() {
-        planned = recipe_targets;
-    } else {
-        for to in &args.to {
-            match Reference::repository_only(to) {
-                Ok(repository) => planned.push(Planned::Registry(PushTarget {
-                    repository,
-                    tags: Vec::new(),
-                })),
-                Err(e) => {
-                    print_reports(
-                        settings,
-                        &[Report::from_error(&e).with_hint(Some(
-                            "give `--to registry.example/name`, without a tag".into(),
-                        ))],
-                    );
-                    return ExitStatus::RecipeOrUsage;
-                }
+    let mut to = Vec::new();
+    for repository in &args.to {
+        match Reference::repository_only(repository) {
+            Ok(repository) => to.push(repository),
+            Err(e) => {
+                print_reports(
+                    settings,
+                    &[Report::from_error(&e).with_hint(Some(
+                        "give `--to registry.example/name`, without a tag".into(),
+                    ))],
+                );
+                return ExitStatus::RecipeOrUsage;
             }
         }
     }
-    if planned.is_empty() {
-        print_reports(
-            settings,
-            &[
-                Report::new("nothing to push to: the recipe has no registry or ECR targets")
-                    .with_hint(Some("give one or more `--to REPOSITORY`".into())),
-            ],
-        );
-        return ExitStatus::RecipeOrUsage;
-    }
-    // Every target gets the version's tag as well as its own.
-    for target in &mut planned {
-        let tags = match target {
-            Planned::Registry(t) => &mut t.tags,
-            Planned::Ecr { tags, .. } => tags,
+    let mut items = Vec::new();
+    let mut insecure = args.insecure.clone();
+    for what in &args.what {
+        let (record, recipe_targets, recipe_insecure) = match find(&store, what, args, settings) {
+            Ok(found) => found,
+            Err(report) => {
+                print_reports(settings, &[*report]);
+                return ExitStatus::RecipeOrUsage;
+            }
         };
-        if !tags.contains(&version_tag) {
-            tags.push(version_tag.clone());
+        insecure.extend(recipe_insecure);
+        let mut planned = if to.is_empty() {
+            recipe_targets
+        } else {
+            to.iter()
+                .map(|repository| {
+                    Planned::Registry(PushTarget {
+                        repository: repository.clone(),
+                        tags: Vec::new(),
+                    })
+                })
+                .collect()
+        };
+        if planned.is_empty() {
+            print_reports(
+                settings,
+                &[Report::new(format!(
+                    "nothing to push `{what}` to: its recipe has no registry or ECR targets"
+                ))
+                .with_hint(Some("give one or more `--to REPOSITORY`".into()))],
+            );
+            return ExitStatus::RecipeOrUsage;
         }
+        // Every target gets the version's tag as well as its own.
+        let version_tag = record.version.trim_start_matches("sha256:")[..12].to_owned();
+        for target in &mut planned {
+            let tags = match target {
+                Planned::Registry(t) => &mut t.tags,
+                Planned::Ecr { tags, .. } => tags,
+            };
+            if !tags.contains(&version_tag) {
+                tags.push(version_tag.clone());
+            }
+        }
+        items.push(Item { record, planned });
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -125,18 +141,17 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    runtime.block_on(push(args, settings, &store, &record, planned, insecure))
+    runtime.block_on(push(args, settings, &store, items, insecure))
 }
 
 async fn push(
     args: &PushArgs,
     settings: &Settings,
     store: &Store,
-    record: &BuildRecord,
-    planned: Vec<Planned>,
+    items: Vec<Item>,
     insecure: Vec<String>,
 ) -> ExitStatus {
-    let needs_ecr = planned.iter().any(|p| match p {
+    let needs_ecr = items.iter().flat_map(|i| &i.planned).any(|p| match p {
         Planned::Ecr { .. } => true,
         Planned::Registry(t) => ecr::ecr_region(t.repository.registry()).is_some(),
     });
@@ -160,137 +175,152 @@ async fn push(
             return ExitStatus::Infrastructure;
         }
     };
-    let mut targets = Vec::new();
     let mut failures: Vec<(String, String)> = Vec::new();
-    for target in planned {
-        match target {
-            Planned::Registry(t) => targets.push(t),
-            Planned::Ecr {
-                name,
-                region,
-                tags,
-                settings: repo_settings,
-            } => {
-                let aws = aws.as_ref().expect("AWS is loaded for ECR targets");
-                match ecr::ensure_repository(&aws.ecr(&region), &region, &name, &repo_settings)
-                    .await
-                {
-                    Ok(ensured) => {
-                        // Differences were logged as warnings by `ensure_repository`.
-                        match Reference::repository_only(&ensured.uri) {
-                            Ok(repository) => targets.push(PushTarget { repository, tags }),
-                            Err(e) => failures.push((ensured.uri.clone(), e.to_string())),
-                        }
-                    }
-                    Err(e) => {
-                        let error = RegistryError::from(e);
-                        print_reports(
-                            settings,
-                            &[Report::from_error(&error).with_hint(error.hint())],
-                        );
-                        failures.push((format!("ecr:{region}/{name}"), error.to_string()));
-                    }
+    // ECR repositories are looked at (and created) once each, however many images go there.
+    let mut ensured: HashMap<(String, String), Option<Reference>> = HashMap::new();
+    let mut jobs = Vec::new();
+    let mut records = Vec::new();
+    for item in items {
+        let mut targets = Vec::new();
+        for target in item.planned {
+            let (name, region, tags, repo_settings) = match target {
+                Planned::Registry(target) => {
+                    targets.push(target);
+                    continue;
                 }
+                Planned::Ecr {
+                    name,
+                    region,
+                    tags,
+                    settings,
+                } => (name, region, tags, settings),
+            };
+            let key = (region.clone(), name.clone());
+            if !ensured.contains_key(&key) {
+                let aws = aws.as_ref().expect("AWS is loaded for ECR targets");
+                let repository =
+                    match ecr::ensure_repository(&aws.ecr(&region), &region, &name, &repo_settings)
+                        .await
+                    {
+                        // Differences were logged as warnings by `ensure_repository`.
+                        Ok(ensured) => match Reference::repository_only(&ensured.uri) {
+                            Ok(repository) => Some(repository),
+                            Err(e) => {
+                                failures.push((ensured.uri.clone(), e.to_string()));
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            let error = RegistryError::from(e);
+                            print_reports(
+                                settings,
+                                &[Report::from_error(&error).with_hint(error.hint())],
+                            );
+                            failures.push((format!("ecr:{region}/{name}"), error.to_string()));
+                            None
+                        }
+                    };
+                ensured.insert(key.clone(), repository);
+            }
+            if let Some(repository) = &ensured[&key] {
+                targets.push(PushTarget {
+                    repository: repository.clone(),
+                    tags,
+                });
             }
         }
+        jobs.push(PushJob {
+            digest: item.record.output.image_digest.clone(),
+            targets,
+        });
+        records.push(item.record);
     }
     let progress = CliProgress::new(settings.progress);
-    let outcome = match push_image(
-        &client,
-        store,
-        &record.output.image_digest,
-        &targets,
-        &progress,
-    )
-    .await
-    {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            progress.clear();
-            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-            return ExitStatus::Infrastructure;
-        }
-    };
+    let outcomes = push_images(&client, store, &jobs, &progress).await;
     progress.clear();
-    let only_user_errors = failures.is_empty()
-        && !outcome.failed.is_empty()
-        && outcome.failed.iter().all(|f| f.error.is_user_error());
-    for failure in &outcome.failed {
-        print_reports(
-            settings,
-            &[Report::from_error(&failure.error).with_hint(failure.error.hint())],
-        );
-        failures.push((failure.repository.clone(), failure.error.to_string()));
-    }
-    // Signed provenance and SBOMs follow the image (provenance module).
-    let mut attached = Vec::new();
-    for (repository, result) in
-        crate::provenance::registry::attach_pushed(&client, store, &record.version, &outcome.pushed)
-            .await
-    {
-        match result {
-            Ok(done) => {
-                if settings.verbosity > Verbosity::Quiet {
-                    eprintln!(
-                        "attached {} attestation{} to {repository} ({})",
-                        done.referrers.len(),
-                        if done.referrers.len() == 1 { "" } else { "s" },
-                        match &done.fallback_tag {
-                            Some(tag) => format!("no referrers API: listed in {tag}"),
-                            None => "referrers API".into(),
-                        }
-                    );
-                }
-                attached.push(json!({"repository": repository, "attached": done}));
-            }
+    let mut images = Vec::new();
+    let mut all_pushed = Vec::new();
+    let mut attestations = Vec::new();
+    let mut only_user_errors = failures.is_empty();
+    for (record, outcome) in records.iter().zip(outcomes) {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
             Err(e) => {
-                print_reports(settings, &[Report::from_error(&e)]);
-                failures.push((repository, e.to_string()));
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                failures.push((record.version.clone(), e.to_string()));
+                only_user_errors = false;
+                continue;
+            }
+        };
+        for failure in &outcome.failed {
+            print_reports(
+                settings,
+                &[Report::from_error(&failure.error).with_hint(failure.error.hint())],
+            );
+            only_user_errors &= failure.error.is_user_error();
+            failures.push((failure.repository.clone(), failure.error.to_string()));
+        }
+        // Signed provenance and SBOMs follow the image (provenance module).
+        for (repository, result) in crate::provenance::registry::attach_pushed(
+            &client,
+            store,
+            &record.version,
+            &outcome.pushed,
+        )
+        .await
+        {
+            match result {
+                Ok(done) => {
+                    if settings.verbosity > Verbosity::Quiet {
+                        eprintln!(
+                            "attached {} attestation{} to {repository} ({})",
+                            done.referrers.len(),
+                            if done.referrers.len() == 1 { "" } else { "s" },
+                            match &done.fallback_tag {
+                                Some(tag) => format!("no referrers API: listed in {tag}"),
+                                None => "referrers API".into(),
+                            }
+                        );
+                    }
+                    attestations.push(json!({
+                        "version": record.version,
+                        "repository": repository,
+                        "attached": done,
+                    }));
+                }
+                Err(e) => {
+                    print_reports(settings, &[Report::from_error(&e)]);
+                    only_user_errors = false;
+                    failures.push((repository, e.to_string()));
+                }
             }
         }
-    }
-    let uploaded: u64 = outcome.pushed.iter().map(|p| p.bytes_uploaded).sum();
-    let skipped: u64 = outcome.pushed.iter().map(|p| p.bytes_skipped).sum();
-    match settings.output {
-        OutputFormat::Json => print_json(&json!({
+        if settings.verbosity > Verbosity::Quiet {
+            eprintln!("{}", summary(&record.output.image_digest, &outcome.pushed));
+        }
+        images.push(json!({
             "version": record.version,
             "image_digest": record.output.image_digest,
-            "pushed": outcome.pushed,
-            "references": outcome.pushed.iter().map(|p| &p.reference).collect::<Vec<_>>(),
+        }));
+        all_pushed.extend(outcome.pushed);
+    }
+    match settings.output {
+        OutputFormat::Json => print_json(&json!({
+            "images": images,
+            "pushed": all_pushed,
+            "references": all_pushed.iter().map(|p| &p.reference).collect::<Vec<_>>(),
             "failed": failures.iter().map(|(r, e)| json!({"repository": r, "error": e})).collect::<Vec<_>>(),
-            "bytes_uploaded": uploaded,
-            "bytes_skipped": skipped,
-            "attestations": attached,
+            "bytes_uploaded": all_pushed.iter().map(|p| p.bytes_uploaded).sum::<u64>(),
+            "bytes_skipped": all_pushed.iter().map(|p| p.bytes_skipped).sum::<u64>(),
+            "attestations": attestations,
         })),
         OutputFormat::Human => {
-            for pushed in &outcome.pushed {
+            for pushed in &all_pushed {
                 println!("{}", pushed.reference);
             }
         }
     }
-    if settings.verbosity > Verbosity::Quiet {
-        let blobs_up: usize = outcome.pushed.iter().map(|p| p.blobs_uploaded).sum();
-        let blobs_skip: usize = outcome
-            .pushed
-            .iter()
-            .map(|p| p.blobs_present + p.blobs_mounted)
-            .sum();
-        eprintln!(
-            "pushed {} to {} repositor{}: uploaded {} in {blobs_up} blob{}, skipped {} in {blobs_skip} blob{} already there",
-            record.output.image_digest,
-            outcome.pushed.len(),
-            if outcome.pushed.len() == 1 {
-                "y"
-            } else {
-                "ies"
-            },
-            indicatif::HumanBytes(uploaded),
-            if blobs_up == 1 { "" } else { "s" },
-            indicatif::HumanBytes(skipped),
-            if blobs_skip == 1 { "" } else { "s" },
-        );
-    }
-    match (outcome.pushed.is_empty(), failures.is_empty()) {
+    match (all_pushed.is_empty(), failures.is_empty()) {
         (_, true) => ExitStatus::Success,
         (true, false) if only_user_errors => ExitStatus::RecipeOrUsage,
         (true, false) => ExitStatus::Infrastructure,
@@ -298,25 +328,47 @@ async fn push(
     }
 }
 
+/// One line on what pushing `image` did: bytes and blobs uploaded and skipped.
+fn summary(image: &str, pushed: &[TargetReport]) -> String {
+    let uploaded: u64 = pushed.iter().map(|p| p.bytes_uploaded).sum();
+    let skipped: u64 = pushed.iter().map(|p| p.bytes_skipped).sum();
+    let blobs_up: usize = pushed.iter().map(|p| p.blobs_uploaded).sum();
+    let blobs_skip: usize = pushed
+        .iter()
+        .map(|p| p.blobs_present + p.blobs_mounted)
+        .sum();
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    format!(
+        "pushed {image} to {} repositor{}: uploaded {} in {blobs_up} blob{}, skipped {} in {blobs_skip} blob{} already there",
+        pushed.len(),
+        if pushed.len() == 1 { "y" } else { "ies" },
+        indicatif::HumanBytes(uploaded),
+        plural(blobs_up),
+        indicatif::HumanBytes(skipped),
+        plural(blobs_skip),
+    )
+}
+
 /// The build record, the recipe's targets (none for a bare version) and the registries the
 /// recipe marks insecure.
 fn find(
     store: &Store,
+    what: &str,
     args: &PushArgs,
     settings: &Settings,
 ) -> Result<(BuildRecord, Vec<Planned>, Vec<String>), Box<Report>> {
-    if !Path::new(&args.what).is_file() {
-        let record = super::export::find_record(store, &args.what, &args.vars, settings)?;
+    if !Path::new(what).is_file() {
+        let record = super::export::find_record(store, what, &args.vars, settings)?;
         return Ok((record, Vec::new(), Vec::new()));
     }
-    let recipe = crate::recipe::load(Path::new(&args.what), &args.vars.sources()).map_err(|e| {
+    let recipe = crate::recipe::load(Path::new(what), &args.vars.sources()).map_err(|e| {
         Box::new(
             e.0.first()
                 .map(|e| e.report())
                 .unwrap_or_else(|| Report::new("invalid recipe")),
         )
     })?;
-    let plan = crate::plan::plan(&recipe, &args.what, &settings.plan_options())
+    let plan = crate::plan::plan(&recipe, what, &settings.plan_options())
         .map_err(|e| Box::new(Report::from_error(&e).with_hint(e.hint())))?;
     let record = store
         .record::<BuildRecord>(&plan.version)
@@ -326,7 +378,7 @@ fn find(
                 Report::new(format!(
                     "version {} of `{}` is not in the store `{}`",
                     plan.version,
-                    args.what,
+                    what,
                     settings.store.display()
                 ))
                 .with_hint(Some("build it first with `bake build RECIPE`".into())),

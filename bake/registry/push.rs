@@ -4,11 +4,13 @@
 //! the tags last. A second push of the same image sends only `HEAD`s.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::client::Client;
 use super::reference::Reference;
@@ -121,6 +123,42 @@ impl ImageGraph {
     }
 }
 
+/// Makes blob `digest` present in `repository`: already there, mounted from `mount_from`, or
+/// uploaded (within the push's upload bound).
+#[allow(clippy::too_many_arguments)]
+async fn transfer_blob(
+    client: &Client,
+    store: &Store,
+    repository: &Reference,
+    digest: &str,
+    size: u64,
+    mount_from: Option<&str>,
+    transfers: &Transfers,
+    progress: &dyn Progress,
+) -> Result<BlobOutcome> {
+    if client.blob_exists(repository, digest).await? {
+        return Ok(BlobOutcome::Present);
+    }
+    if let Some(from) = mount_from
+        && from != repository.repository()
+        && client.mount_blob(repository, digest, from).await?
+    {
+        progress.blob_done(digest, size, BlobOutcome::Mounted);
+        return Ok(BlobOutcome::Mounted);
+    }
+    let _permit = transfers
+        .uploads
+        .acquire()
+        .await
+        .expect("the upload semaphore is never closed");
+    progress.blob_started(digest, size);
+    client
+        .push_blob(repository, digest, size, store, progress)
+        .await?;
+    progress.blob_done(digest, size, BlobOutcome::Uploaded);
+    Ok(BlobOutcome::Uploaded)
+}
+
 fn descriptor_digest(descriptor: &Value, parent: &str) -> Result<String> {
     let digest = descriptor
         .get("digest")
@@ -177,6 +215,13 @@ pub struct PushOutcome {
     pub failed: Vec<TargetFailure>,
 }
 
+/// One image to push: its manifest (or index) digest in the store, and where it goes.
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    pub digest: String,
+    pub targets: Vec<PushTarget>,
+}
+
 /// Pushes image `digest` from the store to every target, one target after another (blobs in
 /// parallel within a target), so that later targets on the same registry can mount from
 /// earlier ones. Every target is tried; the outcome lists each.
@@ -187,35 +232,96 @@ pub async fn push_image(
     targets: &[PushTarget],
     progress: &dyn Progress,
 ) -> Result<PushOutcome> {
-    let graph = {
-        let store = store.clone();
-        let digest = digest.to_owned();
-        tokio::task::spawn_blocking(move || ImageGraph::from_store(&store, &digest))
-            .await
-            .expect("reading the image graph does not panic")?
+    let job = PushJob {
+        digest: digest.to_owned(),
+        targets: targets.to_vec(),
     };
-    let mut outcome = PushOutcome::default();
-    // Repositories that now hold the blobs, per registry, for mounts.
-    let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for target in targets {
-        let from = holders
-            .get(target.repository.registry())
-            .and_then(|repos| repos.first().cloned());
-        match push_to(client, store, &graph, target, from.as_deref(), progress).await {
-            Ok(report) => {
-                holders
-                    .entry(target.repository.registry().to_owned())
-                    .or_default()
-                    .push(target.repository.repository().to_owned());
-                outcome.pushed.push(report);
+    push_images(client, store, std::slice::from_ref(&job), progress)
+        .await
+        .pop()
+        .expect("one outcome per job")
+}
+
+/// Pushes several images at once (a release of related images): each like [`push_image`], all
+/// of them concurrently, with at most the client's parallelism of blob uploads in flight
+/// overall. A blob that two images share (their base layer) is transferred once per
+/// repository: the second image waits for the first's upload instead of sending it again.
+/// Returns one outcome per job, in order.
+pub async fn push_images(
+    client: &Client,
+    store: &Store,
+    jobs: &[PushJob],
+    progress: &dyn Progress,
+) -> Vec<Result<PushOutcome>> {
+    let transfers = Transfers::new(client.options().parallelism.max(1));
+    let pushes = jobs.iter().map(|job| async {
+        let graph = {
+            let store = store.clone();
+            let digest = job.digest.clone();
+            tokio::task::spawn_blocking(move || ImageGraph::from_store(&store, &digest))
+                .await
+                .expect("reading the image graph does not panic")?
+        };
+        let mut outcome = PushOutcome::default();
+        // Repositories that now hold the blobs, per registry, for mounts.
+        let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for target in &job.targets {
+            let from = holders
+                .get(target.repository.registry())
+                .and_then(|repos| repos.first().cloned());
+            match push_to(
+                client,
+                store,
+                &graph,
+                target,
+                from.as_deref(),
+                &transfers,
+                progress,
+            )
+            .await
+            {
+                Ok(report) => {
+                    holders
+                        .entry(target.repository.registry().to_owned())
+                        .or_default()
+                        .push(target.repository.repository().to_owned());
+                    outcome.pushed.push(report);
+                }
+                Err(error) => outcome.failed.push(TargetFailure {
+                    repository: target.repository.name(),
+                    error,
+                }),
             }
-            Err(error) => outcome.failed.push(TargetFailure {
-                repository: target.repository.name(),
-                error,
-            }),
+        }
+        Ok(outcome)
+    });
+    futures_util::future::join_all(pushes).await
+}
+
+/// The blob transfers of one [`push_images`] call: each (repository, blob) is looked at once,
+/// and uploads share one bound.
+pub struct Transfers {
+    /// `repository@digest` of each blob → set once the blob is there.
+    blobs: std::sync::Mutex<BTreeMap<String, Arc<OnceCell<()>>>>,
+    uploads: Semaphore,
+}
+
+impl Transfers {
+    pub fn new(parallel_uploads: usize) -> Self {
+        Transfers {
+            blobs: std::sync::Mutex::new(BTreeMap::new()),
+            uploads: Semaphore::new(parallel_uploads),
         }
     }
-    Ok(outcome)
+
+    fn cell(&self, repository: &Reference, digest: &str) -> Arc<OnceCell<()>> {
+        self.blobs
+            .lock()
+            .expect("transfers lock")
+            .entry(format!("{}@{digest}", repository.name()))
+            .or_default()
+            .clone()
+    }
 }
 
 /// Pushes `graph` to one target; `mount_from` is a repository on the same registry that has
@@ -226,6 +332,7 @@ pub async fn push_to(
     graph: &ImageGraph,
     target: &PushTarget,
     mount_from: Option<&str>,
+    transfers: &Transfers,
     progress: &dyn Progress,
 ) -> Result<TargetReport> {
     let repository = &target.repository;
@@ -235,23 +342,24 @@ pub async fn push_to(
     let parallelism = client.options().parallelism.max(1);
     let results: Vec<Result<(u64, BlobOutcome)>> = futures_util::stream::iter(graph.blobs.iter())
         .map(|(digest, &size)| async move {
-            if client.blob_exists(repository, digest).await? {
-                progress.blob_done(digest, size, BlobOutcome::Present);
-                return Ok((size, BlobOutcome::Present));
-            }
-            if let Some(from) = mount_from
-                && from != repository.repository()
-                && client.mount_blob(repository, digest, from).await?
-            {
-                progress.blob_done(digest, size, BlobOutcome::Mounted);
-                return Ok((size, BlobOutcome::Mounted));
-            }
-            progress.blob_started(digest, size);
-            client
-                .push_blob(repository, digest, size, store, progress)
+            // Another image of this push may be sending the same blob here: wait for it, and
+            // count the blob as present (its bytes are that image's).
+            let mut outcome = BlobOutcome::Present;
+            let done = &mut outcome;
+            transfers
+                .cell(repository, digest)
+                .get_or_try_init(|| async move {
+                    *done = transfer_blob(
+                        client, store, repository, digest, size, mount_from, transfers, progress,
+                    )
+                    .await?;
+                    Ok::<_, RegistryError>(())
+                })
                 .await?;
-            progress.blob_done(digest, size, BlobOutcome::Uploaded);
-            Ok((size, BlobOutcome::Uploaded))
+            if outcome == BlobOutcome::Present {
+                progress.blob_done(digest, size, BlobOutcome::Present);
+            }
+            Ok((size, outcome))
         })
         .buffer_unordered(parallelism)
         .collect()

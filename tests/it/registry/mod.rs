@@ -1030,6 +1030,95 @@ fn bad_references_are_clear_errors() {
 }
 
 #[tokio::test]
+async fn images_pushed_together_send_their_shared_layer_once() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Store::open(store_dir.path()).unwrap();
+    // The same seed and first size give both images the same base layer (streamed: above the
+    // in-memory threshold); the app adds a layer of its own.
+    let base = harness::make_image(&store, 21, &[3_000_000]);
+    let app = harness::make_image(&store, 21, &[3_000_000, 200_000]);
+    let base_version = harness::record_image(&store, "together-base", &base);
+    let app_version = harness::record_image(&store, "together-app", &app);
+    let blob_sizes = |digest: &str| -> Vec<(String, u64)> {
+        let manifest: Value = serde_json::from_slice(&store.read_blob(digest).unwrap()).unwrap();
+        std::iter::once(&manifest["config"])
+            .chain(manifest["layers"].as_array().unwrap())
+            .map(|d| {
+                (
+                    d["digest"].as_str().unwrap().to_owned(),
+                    d["size"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let unique_blobs: std::collections::BTreeMap<String, u64> = blob_sizes(&base)
+        .into_iter()
+        .chain(blob_sizes(&app))
+        .collect();
+    assert_eq!(
+        unique_blobs.len(),
+        4,
+        "two configs, the shared layer, the app's layer"
+    );
+
+    let name = unique("together");
+    let output = bake()
+        .arg("--store")
+        .arg(store_dir.path())
+        .args([
+            "--output",
+            "json",
+            "push",
+            &base_version,
+            &app_version[..19],
+        ])
+        .args(["--to", &format!("{registry}/{name}")])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        json["references"],
+        serde_json::json!([
+            format!("{registry}/{name}@{base}"),
+            format!("{registry}/{name}@{app}"),
+        ])
+    );
+    assert_eq!(json["images"][1]["version"], app_version.as_str());
+    // Every blob went up exactly once: the shared layer's bytes are counted (and sent) once.
+    assert_eq!(
+        json["bytes_uploaded"].as_u64().unwrap(),
+        unique_blobs.values().sum::<u64>(),
+        "{json}"
+    );
+    let app_report = &json["pushed"][1];
+    let base_report = &json["pushed"][0];
+    assert_eq!(
+        app_report["blobs_uploaded"].as_u64().unwrap()
+            + base_report["blobs_uploaded"].as_u64().unwrap(),
+        4
+    );
+    // Both images are whole in the registry: each version tag pulls its image byte for byte.
+    for (version, digest) in [(&base_version, &base), (&app_version, &app)] {
+        let tagged: Reference = format!("{registry}/{name}:{}", &version[7..19])
+            .parse()
+            .unwrap();
+        assert_eq!(
+            &resolve(&anonymous(), &tagged).await.unwrap().digest,
+            digest
+        );
+        let (_d, pulled) = self::store();
+        pull_image(&anonymous(), &pulled, &tagged, "amd64", &NoProgress)
+            .await
+            .unwrap();
+        assert_same_image(&store, &pulled, digest);
+    }
+}
+
+#[tokio::test]
 async fn cli_push_prints_references_and_never_leaks_credentials() {
     let Some(registry) = service("BAKE_TEST_REGISTRY_AUTH") else {
         return;
