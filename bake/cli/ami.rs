@@ -408,6 +408,9 @@ struct AmiBuildOutput<'a> {
     ami: &'a AmiRecord,
     /// The version's AMI existed already: no disk image was made, nothing was uploaded.
     cached: bool,
+    /// The digest of the AMIs' signed provenance (none with `--no-attest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provenance: Option<&'a str>,
 }
 
 /// Resolves when `flag` is set (by bake's SIGINT/SIGTERM handler).
@@ -423,6 +426,7 @@ async fn flag_set(flag: Arc<AtomicBool>) {
 pub fn run_snapshot_build(
     recipe: &Recipe,
     shown: &str,
+    attest: &super::attest::AttestArgs,
     settings: &Settings,
     cancel: Arc<AtomicBool>,
 ) -> ExitStatus {
@@ -579,16 +583,50 @@ pub fn run_snapshot_build(
             if let Err(e) = store.put_record(&record.version, &record) {
                 tracing::warn!("failed to write the build record: {e}");
             }
+            // Signed provenance for the AMIs, unless every one of them already has it.
+            let provenance = if attest.no_attest {
+                None
+            } else {
+                match crate::provenance::ami::attested(&store, &record.version) {
+                    Ok(Some(digest)) => Some(digest),
+                    Ok(None) => {
+                        match super::attest::attest_amis(
+                            attest,
+                            settings,
+                            &store,
+                            &record.version,
+                            None,
+                            &runtime,
+                        ) {
+                            Ok(manifest) => {
+                                manifest.attestations.map(|a| a.provenance.envelope_digest)
+                            }
+                            Err(report) => {
+                                print_reports(settings, &[report]);
+                                return ExitStatus::Infrastructure;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        report(&e);
+                        return ExitStatus::Infrastructure;
+                    }
+                }
+            };
             match settings.output {
                 OutputFormat::Json => print_json(&AmiBuildOutput {
                     name: &record.name,
                     version: &record.version,
                     ami: &record.ami,
                     cached,
+                    provenance: provenance.as_deref(),
                 }),
                 OutputFormat::Human => {
                     println!("version  {}", record.version);
                     print_ami_record(&record.ami);
+                    if let Some(digest) = &provenance {
+                        println!("provenance {digest}");
+                    }
                     if cached && !quiet {
                         eprintln!("(already built: the AMI of this version exists)");
                     }

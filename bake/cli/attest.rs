@@ -95,6 +95,39 @@ pub fn attest(
     Ok(manifest)
 }
 
+/// Signs the provenance of an AMI version (its disk image's digest, for every AMI of it), tags
+/// each AMI with the envelope's digest, and writes the manifest (copied to `--manifest`).
+pub fn attest_amis(
+    args: &AttestArgs,
+    settings: &Settings,
+    store: &Store,
+    version: &str,
+    ssm_parameter: Option<&str>,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Manifest, Report> {
+    let report = |e: &(dyn std::error::Error + 'static)| Report::from_error(e);
+    let signer = signer(args, settings, store, runtime)?;
+    let invocation = provenance::random_uuid().map_err(|e| report(&e))?;
+    let manifest = runtime
+        .block_on(async {
+            let aws = crate::aws::Aws::load(&settings.aws).await;
+            provenance::ami::attest_amis(
+                &aws,
+                store,
+                version,
+                signer.as_ref(),
+                invocation,
+                ssm_parameter,
+            )
+            .await
+        })
+        .map_err(|e| report(&e))?;
+    if let Some(path) = &args.manifest {
+        manifest::write_copy(&manifest, path).map_err(|e| report(&e))?;
+    }
+    Ok(manifest)
+}
+
 /// The signer the options choose: a KMS key, a key file, or the store's default key (made on
 /// first use).
 fn signer(
@@ -192,29 +225,16 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
             Ok(runtime) => runtime,
             Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
         };
-        let signer = match signer(&args.attest, settings, &store, &runtime) {
-            Ok(signer) => signer,
-            Err(report) => return fail(report, ExitStatus::RecipeOrUsage),
-        };
-        let invocation = match provenance::random_uuid() {
-            Ok(id) => id,
-            Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
-        };
-        let result = runtime.block_on(async {
-            let aws = crate::aws::Aws::load(&settings.aws).await;
-            provenance::ami::attest_amis(
-                &aws,
-                &store,
-                &version,
-                signer.as_ref(),
-                invocation,
-                args.ssm_parameter.as_deref(),
-            )
-            .await
-        });
-        match result {
+        match attest_amis(
+            &args.attest,
+            settings,
+            &store,
+            &version,
+            args.ssm_parameter.as_deref(),
+            &runtime,
+        ) {
             Ok(manifest) => manifest,
-            Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
+            Err(report) => return fail(report, ExitStatus::Infrastructure),
         }
     } else {
         match attest(&args.attest, settings, &store, &version) {
@@ -222,11 +242,6 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
             Err(report) => return fail(report, ExitStatus::Infrastructure),
         }
     };
-    if let Some(path) = &args.attest.manifest
-        && let Err(e) = manifest::write_copy(&manifest, path)
-    {
-        return fail(Report::from_error(&e), ExitStatus::Infrastructure);
-    }
     match settings.output {
         crate::settings::OutputFormat::Json => super::print_json(&manifest),
         crate::settings::OutputFormat::Human => {

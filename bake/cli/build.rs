@@ -52,7 +52,14 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
         .as_ref()
         .is_some_and(|a| a.strategy == crate::recipe::AmiStrategy::Snapshot)
     {
-        return super::ami::run_snapshot_build(&recipe, &shown, settings, cancel_on_signals());
+        let attest = args.attest.with_recipe(&recipe.provenance);
+        return super::ami::run_snapshot_build(
+            &recipe,
+            &shown,
+            &attest,
+            settings,
+            cancel_on_signals(),
+        );
     }
     let store = match Store::open(&settings.store) {
         Ok(store) => store,

@@ -63,6 +63,28 @@ pub fn ami_arn(region: &str, image_id: &str) -> String {
     format!("arn:aws:ec2:{region}::image/{image_id}")
 }
 
+/// The digest of `version`'s AMI provenance when every AMI its record lists is attested by it;
+/// `None` when one is not (or nothing is).
+pub fn attested(store: &Store, version: &str) -> Result<Option<String>, AmiProvenanceError> {
+    let (Some(raw), Some(manifest)) = (
+        store.record::<Value>(version)?,
+        manifest::load(store, version)?,
+    ) else {
+        return Ok(None);
+    };
+    let Some(attestations) = &manifest.attestations else {
+        return Ok(None);
+    };
+    let digest = &attestations.provenance.envelope_digest;
+    let covered = manifest::record_amis(&raw).iter().all(|ami| {
+        manifest.publications.iter().any(|p| {
+            matches!(p, Publication::Attestation { reference, digest: d, .. }
+                if *reference == ami_arn(&ami.region, &ami.image_id) && d == digest)
+        })
+    });
+    Ok(covered.then(|| digest.clone()))
+}
+
 /// Signs the provenance of `version`'s AMIs, keeps the envelope in the store (and in SSM
 /// parameter `ssm_parameter` of each region, when given), tags each AMI with its digest and
 /// records it all in the manifest.

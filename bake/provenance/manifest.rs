@@ -241,7 +241,7 @@ fn variables(inputs: &Value) -> Value {
 
 /// AMIs that the build record lists (the AMI pipeline writes them as `amis` next to `output`,
 /// or inside it), in the manifest's form.
-fn record_amis(raw_record: &Value) -> Vec<AmiRecord> {
+pub(crate) fn record_amis(raw_record: &Value) -> Vec<AmiRecord> {
     let list = raw_record
         .get("amis")
         .or_else(|| raw_record.pointer("/output/amis"))

@@ -899,6 +899,12 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
             .collect();
         assert_eq!(tags["bake:version"], version);
         assert_eq!(tags["bake:recipe"], "disk-test");
+        // The build signed the AMIs' provenance and tagged each with its digest.
+        assert_eq!(
+            tags["bake:provenance"],
+            first["provenance"].as_str().unwrap(),
+            "{first}"
+        );
         let permissions = ec2
             .describe_image_attribute()
             .image_id(image_id)
@@ -937,4 +943,6 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     };
     assert_eq!(ids(&second), ids(&first));
     assert_eq!(second["disk_image_digest"], first["disk_image_digest"]);
+    // Already attested: the rebuild keeps the provenance instead of signing (and tagging) again.
+    assert_eq!(second["provenance"], first["provenance"]);
 }
