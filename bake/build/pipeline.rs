@@ -255,6 +255,9 @@ impl Builder<'_> {
             return Ok(output);
         }
         let oci_output = recipe.outputs.oci.as_ref().ok_or(BuildError::NoOciOutput)?;
+        // Build roots earlier builds left in the trash are deleted beside this one, at idle
+        // priority; whatever is left when the process ends waits for the next build.
+        drop(self.store.reap_trash_in_background());
         let started = std::time::SystemTime::now();
         let clock = Instant::now();
         let compression = recipe.build.compression;
@@ -262,6 +265,8 @@ impl Builder<'_> {
             mut layers,
             mut history,
             root: base_root,
+            tree: base_tree,
+            pending: mut pending_base,
         } = self.base(recipe, plan, reporter)?;
 
         // Which steps are cached, given everything before them.
@@ -290,6 +295,10 @@ impl Builder<'_> {
         let mut compressor = String::new();
         let squash = recipe.build.squash;
         let mut squash_before = None;
+        // The snapshot of the build root as it is now, when one was taken since it last
+        // changed: the base's scan, then each step's "after", which is the next step's
+        // "before" (nothing touches the root between two steps).
+        let mut current_tree: Option<super::snapshot::Snapshot> = base_tree;
 
         for (index, provisioner) in recipe.provisioners.iter().enumerate() {
             self.check_cancel()?;
@@ -311,6 +320,7 @@ impl Builder<'_> {
                 reporter.step_started(&provisioner.name, true);
                 if let (Some(root), Some(layer)) = (&root, &cached.layer) {
                     root.apply(self.store, layer)?;
+                    current_tree = None;
                 }
                 reports.push(StepReport {
                     name: provisioner.name.clone(),
@@ -323,15 +333,19 @@ impl Builder<'_> {
                 continue;
             }
             // A step must run: materialize the root (base + every layer so far) once.
+            if root.is_none() {
+                resolve_base(&mut pending_base, &mut layers)?;
+            }
             let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
             reporter.step_started(&provisioner.name, false);
-            let before = if squash {
-                squash_before
-                    .get_or_insert(snapshot(build_root.path(), &Excludes::new())?)
-                    .clone()
-            } else {
-                snapshot(build_root.path(), &Excludes::new())?
+            let before = match (squash, current_tree.take()) {
+                (true, _) if squash_before.is_some() => squash_before.clone().expect("checked"),
+                (_, Some(tree)) => tree,
+                (_, None) => snapshot(build_root.path(), &Excludes::new())?,
             };
+            if squash && squash_before.is_none() {
+                squash_before = Some(before.clone());
+            }
             self.run_step(
                 recipe,
                 provisioner,
@@ -357,6 +371,7 @@ impl Builder<'_> {
             );
             let after = snapshot(build_root.path(), &Excludes::new())?;
             let changes = diff(&before, &after);
+            current_tree = Some(after);
             tracing::debug!(
                 "step `{}` diffed after {:?}",
                 provisioner.name,
@@ -408,13 +423,19 @@ impl Builder<'_> {
             .filter(|t| matches!(t, Test::Command { .. }))
             .collect();
         if !tests.is_empty() {
+            if root.is_none() {
+                resolve_base(&mut pending_base, &mut layers)?;
+            }
             let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
             for test in tests {
                 self.check_cancel()?;
                 self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
             }
         }
+        let discarding = Instant::now();
         drop(root);
+        tracing::debug!("build root discarded in {:?}", discarding.elapsed());
+        resolve_base(&mut pending_base, &mut layers)?;
 
         let settings = image_settings(recipe, oci_output, plan, &renderer)?;
         let annotations = BTreeMap::from([
@@ -484,6 +505,7 @@ impl Builder<'_> {
             duration_ms: clock.elapsed().as_millis() as u64,
         };
         self.store.put_record(&plan.version, &record)?;
+        tracing::debug!("build recorded after {:?}", clock.elapsed());
         Ok(output)
     }
 
@@ -530,57 +552,23 @@ impl Builder<'_> {
         compression: Compression,
         step: &str,
     ) -> Result<(LayerRef, String), BuildError> {
-        let file = self.store.temp_file()?;
-        let handle = file
-            .as_file()
-            .try_clone()
-            .map_err(|source| BuildError::Io {
-                path: file.path().to_path_buf(),
-                source,
-            })?;
-        let mut writer = BlobWriter::new(
-            std::io::BufWriter::new(handle),
-            compression,
-            self.options.workers,
-        )
-        .map_err(|source| BuildError::Compress {
-            step: step.to_owned(),
-            source,
-        })?;
         let options = LayerOptions {
             source_date_epoch: Some(self.options.source_date_epoch),
         };
-        write_layer(root, changes, &options, &mut writer).map_err(|source| BuildError::Layer {
-            step: step.to_owned(),
-            source,
-        })?;
-        let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
-            step: step.to_owned(),
-            source,
-        })?;
-        std::io::Write::flush(&mut out).map_err(|source| BuildError::Io {
-            path: file.path().to_path_buf(),
-            source,
-        })?;
-        drop(out);
-        let digest = blob.digest.to_string();
-        tracing::debug!(
-            "layer of `{step}` compressed: {} bytes from {} ({})",
-            blob.size,
-            blob.uncompressed_size,
-            blob.compressor
-        );
-        self.store.commit_blob(file, &digest)?;
-        tracing::debug!("layer of `{step}` committed");
-        Ok((
-            LayerRef {
-                digest,
-                diff_id: blob.diff_id.to_string(),
-                size: blob.size,
-                media_type: blob.media_type.to_string(),
+        store_layer(
+            self.store,
+            self.options.workers,
+            compression,
+            step,
+            |writer| {
+                write_layer(root, changes, &options, writer)
+                    .map(|_| ())
+                    .map_err(|source| BuildError::Layer {
+                        step: step.to_owned(),
+                        source,
+                    })
             },
-            blob.compressor,
-        ))
+        )
     }
 
     /// The base's layers in the store, making them if needed.
@@ -663,6 +651,8 @@ impl Builder<'_> {
                     layers,
                     history,
                     root: None,
+                    tree: None,
+                    pending: None,
                 })
             }
             Base::Rootfs {
@@ -731,6 +721,8 @@ impl Builder<'_> {
                 layers: cached.layer.into_iter().collect(),
                 history: vec![cached.history],
                 root: None,
+                tree: None,
+                pending: None,
             });
         }
         reporter.message(&format!("preparing base: {created_by}"));
@@ -750,32 +742,88 @@ impl Builder<'_> {
                 source,
             }
         })?;
-        drop(work);
+        discard(self.store, work);
         tracing::debug!("base unpacked in {:?}", clock.elapsed());
         let tree = snapshot(root, &Excludes::new())?;
         tracing::debug!("base scanned in {:?}", clock.elapsed());
-        let (layer, _) =
-            self.write_layer(root, &Changes::whole_tree(&tree), compression, created_by)?;
-        tracing::debug!("base layer written in {:?}", clock.elapsed());
         let history = HistoryEntry {
             created_by: created_by.to_owned(),
             comment: Some("bake".into()),
             empty_layer: false,
         };
-        self.store.put_cached(
-            "bases",
-            key,
-            &CachedStep {
-                layer: Some(layer.clone()),
-                history: history.clone(),
-            },
-        )?;
+        let changes = Changes::whole_tree(&tree);
+        let file_bytes: u64 = tree
+            .entries
+            .values()
+            .filter(|m| m.kind == super::snapshot::EntryKind::File)
+            .map(|m| m.size)
+            .sum();
+        let cache = |store: &Store, layer: &LayerRef| {
+            store.put_cached(
+                "bases",
+                key,
+                &CachedStep {
+                    layer: Some(layer.clone()),
+                    history: history.clone(),
+                },
+            )
+        };
+        let (layers, pending) = if file_bytes <= OVERLAP_BASE_BYTES {
+            // The tar is made now, before any step can change the root (reading files is
+            // quick); compressing it, the slow part, runs beside the first step. The bytes
+            // are the same as compressing while reading.
+            let mut tar = Vec::with_capacity(
+                usize::try_from(file_bytes).unwrap_or(0) + tree.entries.len() * 1024,
+            );
+            let options = LayerOptions {
+                source_date_epoch: Some(self.options.source_date_epoch),
+            };
+            write_layer(root, &changes, &options, &mut tar).map_err(|source| {
+                BuildError::Layer {
+                    step: created_by.to_owned(),
+                    source,
+                }
+            })?;
+            tracing::debug!("base tar read in {:?}", clock.elapsed());
+            let store = self.store.clone();
+            let workers = self.options.workers;
+            let step = created_by.to_owned();
+            let key = key.to_owned();
+            let history = history.clone();
+            let handle = std::thread::spawn(move || {
+                let (layer, _) = store_layer(&store, workers, compression, &step, |writer| {
+                    std::io::Write::write_all(writer, &tar).map_err(|source| BuildError::Compress {
+                        step: step.clone(),
+                        source: CompressError::Write(source),
+                    })
+                })?;
+                drop(tar);
+                store.put_cached(
+                    "bases",
+                    &key,
+                    &CachedStep {
+                        layer: Some(layer.clone()),
+                        history,
+                    },
+                )?;
+                tracing::debug!("base layer written in {:?}", clock.elapsed());
+                Ok(layer)
+            });
+            (Vec::new(), Some(PendingLayer(Some(handle))))
+        } else {
+            let (layer, _) = self.write_layer(root, &changes, compression, created_by)?;
+            tracing::debug!("base layer written in {:?}", clock.elapsed());
+            cache(self.store, &layer)?;
+            (vec![layer], None)
+        };
         Ok(BaseLayers {
-            layers: vec![layer],
+            layers,
+            pending,
             history: vec![history],
             // The root just scanned is exactly the base: the first step runs on it instead of
             // unpacking the new layer again.
             root: Some(build_root),
+            tree: Some(tree),
         })
     }
 
@@ -1122,14 +1170,138 @@ struct BaseLayers {
     history: Vec<HistoryEntry>,
     /// The base, already unpacked, when making its layer required unpacking it.
     root: Option<BuildRoot>,
+    /// The snapshot of `root`, taken to make the base layer.
+    tree: Option<super::snapshot::Snapshot>,
+    /// The base layer, still being compressed; it goes before `layers`.
+    pending: Option<PendingLayer>,
 }
 
-/// A build root in the store's work area, removed when dropped.
+/// A build root in the store's work area, moved to the store's trash when dropped (deleting
+/// it is left to a background reap, off the build's critical path: see [`Store::discard`]).
 struct BuildRoot {
-    /// Removed, with the root, on drop.
-    _dir: tempfile::TempDir,
+    store: Store,
+    /// Discarded, with the root, on drop.
+    dir: Option<tempfile::TempDir>,
     root: PathBuf,
 }
+
+impl Drop for BuildRoot {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            discard(&self.store, dir);
+        }
+    }
+}
+
+/// Moves a work directory to the store's trash (or deletes it, if it cannot be moved).
+fn discard(store: &Store, dir: tempfile::TempDir) {
+    let path = dir.keep();
+    if let Err(e) = store.discard(&path) {
+        tracing::warn!("could not remove `{}`: {e}", path.display());
+    }
+}
+
+/// The writer a layer's tar goes into: compressed, hashed, and written to a store temp file.
+type LayerSink = BlobWriter<std::io::BufWriter<crate::store::Writeback<std::fs::File>>>;
+
+/// Compresses the tar that `fill` writes into a new blob of `store`.
+fn store_layer(
+    store: &Store,
+    workers: NonZeroUsize,
+    compression: Compression,
+    step: &str,
+    fill: impl FnOnce(&mut LayerSink) -> Result<(), BuildError>,
+) -> Result<(LayerRef, String), BuildError> {
+    let writing = Instant::now();
+    let file = store.temp_file()?;
+    let handle = file
+        .as_file()
+        .try_clone()
+        .map_err(|source| BuildError::Io {
+            path: file.path().to_path_buf(),
+            source,
+        })?;
+    let mut writer = BlobWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, crate::store::Writeback::new(handle)),
+        compression,
+        workers,
+    )
+    .map_err(|source| BuildError::Compress {
+        step: step.to_owned(),
+        source,
+    })?;
+    fill(&mut writer)?;
+    let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
+        step: step.to_owned(),
+        source,
+    })?;
+    std::io::Write::flush(&mut out).map_err(|source| BuildError::Io {
+        path: file.path().to_path_buf(),
+        source,
+    })?;
+    drop(out);
+    let digest = blob.digest.to_string();
+    tracing::debug!(
+        "layer of `{step}` compressed in {:?}: {} bytes from {} ({})",
+        writing.elapsed(),
+        blob.size,
+        blob.uncompressed_size,
+        blob.compressor
+    );
+    let syncing = Instant::now();
+    store.commit_blob(file, &digest)?;
+    tracing::debug!(
+        "layer of `{step}` committed (synced in {:?})",
+        syncing.elapsed()
+    );
+    Ok((
+        LayerRef {
+            digest,
+            diff_id: blob.diff_id.to_string(),
+            size: blob.size,
+            media_type: blob.media_type.to_string(),
+        },
+        blob.compressor,
+    ))
+}
+
+/// A base layer being compressed on a background thread while the first step runs. Dropping
+/// it waits for the thread, so a failed or interrupted build never leaves it writing.
+struct PendingLayer(Option<std::thread::JoinHandle<Result<LayerRef, BuildError>>>);
+
+impl PendingLayer {
+    fn wait(mut self) -> Result<LayerRef, BuildError> {
+        let handle = self.0.take().expect("waited for once");
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for PendingLayer {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Puts the base layer, once compressed, first in `layers`.
+fn resolve_base(
+    pending: &mut Option<PendingLayer>,
+    layers: &mut Vec<LayerRef>,
+) -> Result<(), BuildError> {
+    if let Some(pending) = pending.take() {
+        let waiting = Instant::now();
+        layers.insert(0, pending.wait()?);
+        tracing::debug!("base layer awaited for {:?}", waiting.elapsed());
+    }
+    Ok(())
+}
+
+/// Bases whose files add up to at most this are read into memory as a tar, so that compressing
+/// it overlaps with the first step; larger ones are compressed before the step runs.
+const OVERLAP_BASE_BYTES: u64 = 1 << 30;
 
 impl BuildRoot {
     fn new(store: &Store, name: &str) -> Result<Self, BuildError> {
@@ -1139,7 +1311,11 @@ impl BuildRoot {
             path: root.clone(),
             source,
         })?;
-        Ok(BuildRoot { _dir: dir, root })
+        Ok(BuildRoot {
+            store: store.clone(),
+            dir: Some(dir),
+            root,
+        })
     }
 
     fn path(&self) -> &Path {
