@@ -11,10 +11,18 @@
 //!   cache/<kind>/<hex>.json small pointers: step results, bootstrapped bases
 //!   tmp/                    staging for atomic writes (same file system as the blobs)
 //!   work/                   build roots of running builds
+//!   trash/                  finished build roots and scratch files, waiting to be deleted
 //! ```
 //!
 //! Every write is atomic (temp file in `tmp/`, fsync, rename, fsync of the directory), and a
 //! blob is stored under a digest only after that digest was computed over the bytes written.
+//!
+//! Deleting a build root (tens of thousands of files, hundreds of MB) takes seconds on a file
+//! system mounted with `discard`, so a build does not wait for it: [`Store::discard`] renames the
+//! root into `trash/` (one atomic rename on the same file system), and the next build that has
+//! work to do empties `trash/` on a background thread ([`Store::reap_trash_in_background`]) while
+//! it runs. Nothing in the store ever points into `trash/`, so a half-deleted entry (the process
+//! exited mid-way) is harmless and is finished by a later reap.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -52,6 +60,68 @@ pub enum StoreError {
     BadDigest(String),
 }
 
+/// How much a [`Writeback`] lets pile up before it starts writing it to disk.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// A large blob being written into a temp file, handed to the disk as it goes: each full
+/// [`WRITEBACK_WINDOW`] is submitted for writeback at once (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`, which starts the I/O without waiting for it), so the disk writes
+/// while the rest is still being produced and the fsync of [`Store::commit_blob`] only waits for
+/// the tail. What it writes is exactly what it is given; durability still comes from that fsync.
+pub struct Writeback<W: Write + std::os::fd::AsFd> {
+    inner: W,
+    written: u64,
+    submitted: u64,
+}
+
+impl<W: Write + std::os::fd::AsFd> Writeback<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            written: 0,
+            submitted: 0,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
+    fn submit(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        let length = self.written - self.submitted;
+        // SAFETY: a plain syscall on a descriptor this writer holds open. A failure (a file
+        // system without support) only loses the head start; fsync still makes it durable.
+        unsafe {
+            libc::sync_file_range(
+                self.inner.as_fd().as_raw_fd(),
+                self.submitted as libc::off64_t,
+                length as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.submitted = self.written;
+    }
+}
+
+impl<W: Write + std::os::fd::AsFd> Write for Writeback<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.submitted >= WRITEBACK_WINDOW {
+            self.submit();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The store's directory of things to delete (see the module documentation).
+const TRASH: &str = "trash";
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -68,7 +138,7 @@ pub struct Store {
 impl Store {
     /// Opens the store at `root`, creating an empty layout if there is none.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        for dir in ["blobs/sha256", "records", "cache", "tmp", "work"] {
+        for dir in ["blobs/sha256", "records", "cache", "tmp", "work", TRASH] {
             fs_err::create_dir_all(root.join(dir)).map_err(io(root))?;
         }
         let store = Store {
@@ -95,6 +165,65 @@ impl Store {
             .prefix(&format!("{label}-"))
             .tempdir_in(&base)
             .map_err(io(&base))
+    }
+
+    /// Takes `path` (a directory or file of the store's work area, on the store's file system)
+    /// out of the way at the cost of one rename: it moves into `trash/`, to be deleted by a
+    /// later [`Store::reap_trash`]. Falls back to deleting it now if it cannot be moved (another
+    /// file system, no `trash/`). A missing `path` is not an error.
+    pub fn discard(&self, path: &Path) -> Result<(), StoreError> {
+        let trash = self.root.join(TRASH);
+        let name = path
+            .file_name()
+            .map_or_else(|| "entry".into(), |n| n.to_string_lossy().into_owned());
+        // A fresh directory per entry keeps names unique without guessing.
+        let slot = match tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(&trash)
+        {
+            Ok(slot) => slot.keep(),
+            Err(_) => return remove_all(path).or_else(not_found_ok).map_err(io(path)),
+        };
+        match std::fs::rename(path, slot.join(&name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_dir(&slot);
+                Ok(())
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir(&slot);
+                remove_all(path).or_else(not_found_ok).map_err(io(path))
+            }
+        }
+    }
+
+    /// Deletes everything in `trash/`. Entries another process is deleting at the same time,
+    /// or that vanish, are skipped; what cannot be deleted is left for the next reap and
+    /// reported in the debug log.
+    pub fn reap_trash(&self) {
+        let trash = self.root.join(TRASH);
+        let Ok(entries) = std::fs::read_dir(&trash) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Err(e) = remove_all(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::debug!("left `{}` in the trash: {e}", path.display());
+            }
+        }
+    }
+
+    /// [`Store::reap_trash`] on a background thread, at the lowest I/O and CPU priority so it
+    /// takes nothing from the build it runs beside. The thread is detached: if the process
+    /// ends first, the rest waits for the next reap.
+    pub fn reap_trash_in_background(&self) -> std::thread::JoinHandle<()> {
+        let store = self.clone();
+        std::thread::spawn(move || {
+            lower_priority();
+            store.reap_trash();
+        })
     }
 
     /// A temp file on the store's file system, for [`Store::commit_blob`].
@@ -314,6 +443,40 @@ fn empty_index() -> ImageIndex {
         .expect("an empty index is valid")
 }
 
+fn not_found_ok(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Deletes a file or a directory tree (never following symlinks).
+fn remove_all(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path)? {
+        meta if meta.is_dir() => std::fs::remove_dir_all(path),
+        _ => std::fs::remove_file(path),
+    }
+}
+
+/// Puts the calling thread in the idle I/O class and at nice 19 (best effort: a failure only
+/// means the reap competes with the build).
+fn lower_priority() {
+    // ioprio_set(IOPRIO_WHO_PROCESS, 0 = this thread, IOPRIO_CLASS_IDLE << 13).
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+    // SAFETY: plain syscalls on the calling thread with integer arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            IOPRIO_CLASS_IDLE << 13,
+        );
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
@@ -369,6 +532,55 @@ mod tests {
         let index: ImageIndex =
             serde_json::from_slice(&fs_err::read(dir.path().join("index.json")).unwrap()).unwrap();
         assert!(index.manifests().is_empty());
+    }
+
+    #[test]
+    fn discarded_entries_go_to_the_trash_until_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::create_dir_all(work.join("a/b")).unwrap();
+        fs_err::write(work.join("a/b/file"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc", work.join("a/escape")).unwrap();
+        let file = store.temp_file().unwrap().into_temp_path().keep().unwrap();
+        store.discard(&work).unwrap();
+        store.discard(&file).unwrap();
+        // Gone from where they were, in the trash instead, whole.
+        assert!(!work.exists() && !file.exists());
+        let trash = dir.path().join(TRASH);
+        let slots: Vec<_> = fs_err::read_dir(&trash).unwrap().flatten().collect();
+        assert_eq!(slots.len(), 2);
+        let moved = walkdir::WalkDir::new(&trash)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name() == "file")
+            .count();
+        assert_eq!(moved, 1);
+        // A missing path is nothing to do.
+        store.discard(&dir.path().join("work/none")).unwrap();
+        assert_eq!(fs_err::read_dir(&trash).unwrap().count(), 2);
+        store.reap_trash_in_background().join().unwrap();
+        assert_eq!(fs_err::read_dir(&trash).unwrap().count(), 0);
+        // The symlink was deleted, not followed.
+        assert!(Path::new("/etc").is_dir());
+        // The rest of the store is untouched.
+        assert!(dir.path().join("index.json").is_file());
+        assert!(dir.path().join("work").is_dir());
+    }
+
+    #[test]
+    fn reaping_an_empty_or_missing_trash_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.reap_trash();
+        fs_err::remove_dir(dir.path().join(TRASH)).unwrap();
+        store.reap_trash();
+        // Without a trash directory, discarding deletes on the spot.
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::write(work.join("f"), b"x").unwrap();
+        store.discard(&work).unwrap();
+        assert!(!work.exists());
+        assert!(!dir.path().join(TRASH).exists());
     }
 
     #[test]
