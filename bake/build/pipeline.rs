@@ -898,12 +898,22 @@ impl Builder<'_> {
             let step = created_by.to_owned();
             let key = key.to_owned();
             let history = history.clone();
+            let cancel = self.options.cancel.clone();
             let handle = std::thread::spawn(move || {
                 let (layer, _) = store_layer(&store, workers, compression, &step, |writer| {
-                    std::io::Write::write_all(writer, &tar).map_err(|source| BuildError::Compress {
-                        step: step.clone(),
-                        source: CompressError::Write(source),
-                    })
+                    // In pieces: an interrupted build waits for this thread, not for the base.
+                    for piece in tar.chunks(BASE_PIECE_BYTES) {
+                        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                            return Err(BuildError::Interrupted);
+                        }
+                        std::io::Write::write_all(writer, piece).map_err(|source| {
+                            BuildError::Compress {
+                                step: step.clone(),
+                                source: CompressError::Write(source),
+                            }
+                        })?;
+                    }
+                    Ok(())
                 })?;
                 drop(tar);
                 // Cached here, not by the build: a build whose step fails still keeps its base.
@@ -1421,7 +1431,8 @@ fn store_layer(
 }
 
 /// A base layer being compressed on a background thread while the first step runs. Dropping
-/// it waits for the thread, so a failed or interrupted build never leaves it writing.
+/// it waits for the thread, so a failed or interrupted build never leaves it writing (a failed
+/// build still stores and caches its base; an interrupted one stops compressing).
 struct PendingLayer(Option<std::thread::JoinHandle<Result<LayerRef, BuildError>>>);
 
 impl PendingLayer {
@@ -1503,6 +1514,10 @@ fn cache_base(
 /// Bases whose files add up to at most this are read into memory as a tar, so that compressing
 /// it overlaps with the first step; larger ones are compressed before the step runs.
 const OVERLAP_BASE_BYTES: u64 = 1 << 30;
+
+/// How much of an in-memory base tar is compressed between two looks at the cancel flag: a
+/// fraction of a second of compression, so Ctrl-C is not held up by the base.
+const BASE_PIECE_BYTES: usize = 8 << 20;
 
 /// Runs the compliance gate of `audit` on `root`: one call on a root directory, so every kind
 /// of build (OCI layers, AMI disks) gates the same way before it stores anything.
@@ -1603,5 +1618,79 @@ fn oci_layer_media_type(media_type: &str) -> String {
             "application/vnd.oci.image.layer.v1.tar".into()
         }
         other => other.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(n: u8) -> LayerRef {
+        LayerRef {
+            digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
+            diff_id: format!("sha256:{}", format!("{:02x}", n + 100).repeat(32)),
+            size: u64::from(n),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        }
+    }
+
+    fn pending(result: Result<LayerRef, BuildError>) -> Option<PendingLayer> {
+        Some(PendingLayer(Some(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            result
+        }))))
+    }
+
+    #[test]
+    fn a_pending_base_layer_goes_first_once_compressed() {
+        let mut layers = Layers {
+            pending_base: pending(Ok(layer(0))),
+            done: Vec::new(),
+        };
+        layers.extend([layer(1)]);
+        layers.extend(None);
+        layers.extend(Some(layer(2)));
+        assert_eq!(
+            layers
+                .resolved()
+                .unwrap()
+                .iter()
+                .map(|l| l.size)
+                .collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        // Resolving again waits for nothing and adds nothing.
+        assert_eq!(layers.resolved().unwrap().len(), 3);
+        let all = layers.into_resolved().unwrap();
+        assert_eq!(all.iter().map(|l| l.size).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_failed_base_layer_fails_whoever_reads_the_layers() {
+        let mut layers = Layers {
+            pending_base: pending(Err(BuildError::Interrupted)),
+            done: vec![layer(1)],
+        };
+        assert!(matches!(layers.resolved(), Err(BuildError::Interrupted)));
+        let layers = Layers {
+            pending_base: pending(Err(BuildError::NoOciOutput)),
+            done: Vec::new(),
+        };
+        assert!(matches!(
+            layers.into_resolved(),
+            Err(BuildError::NoOciOutput)
+        ));
+        // Dropped unread, it still waits for its thread.
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = finished.clone();
+        drop(Layers {
+            pending_base: Some(PendingLayer(Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(layer(3))
+            })))),
+            done: Vec::new(),
+        });
+        assert!(finished.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -22,16 +22,20 @@
 //! root into `trash/` (one atomic rename on the same file system), and the next build that has
 //! work to do empties `trash/` on a background thread ([`Store::reap_trash_in_background`]) while
 //! it runs. Nothing in the store ever points into `trash/`, so a half-deleted entry (the process
-//! exited mid-way) is harmless and is finished by a later reap.
+//! exited mid-way) is harmless and is finished by a later reap. Only entries of `work/` and
+//! `tmp/` can be discarded, and the reap deletes inside `trash/` only: it follows no symlink and
+//! enters no mount (`trash.rs`).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, MediaType};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
+
+mod trash;
 
 /// The annotation bake puts on each index entry: the version it is the image of.
 pub const ANNOTATION_VERSION: &str = "dev.bake.version";
@@ -58,6 +62,11 @@ pub enum StoreError {
     DigestMismatch { expected: String, actual: String },
     #[error("`{0}` is not a sha256 digest")]
     BadDigest(String),
+    #[error(
+        "refusing to discard `{}`: only entries of the store's `work/` and `tmp/` are thrown away",
+        path.display()
+    )]
+    NotDiscardable { path: PathBuf },
 }
 
 /// How much a [`Writeback`] lets pile up before it starts writing it to disk.
@@ -81,10 +90,6 @@ impl<W: Write + std::os::fd::AsFd> Writeback<W> {
             written: 0,
             submitted: 0,
         }
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
     }
 
     fn submit(&mut self) {
@@ -167,51 +172,65 @@ impl Store {
             .map_err(io(&base))
     }
 
-    /// Takes `path` (a directory or file of the store's work area, on the store's file system)
-    /// out of the way at the cost of one rename: it moves into `trash/`, to be deleted by a
-    /// later [`Store::reap_trash`]. Falls back to deleting it now if it cannot be moved (another
-    /// file system, no `trash/`). A missing `path` is not an error.
+    /// Takes `path` (an entry of the store's `work/` or `tmp/`; anything else is refused) out
+    /// of the way at the cost of one rename: it moves into `trash/`, to be deleted by a later
+    /// [`Store::reap_trash`]. Falls back to deleting it now if it cannot be moved (another file
+    /// system, no `trash/`). A missing `path` is not an error.
     pub fn discard(&self, path: &Path) -> Result<(), StoreError> {
-        let trash = self.root.join(TRASH);
-        let name = path
-            .file_name()
-            .map_or_else(|| "entry".into(), |n| n.to_string_lossy().into_owned());
-        // A fresh directory per entry keeps names unique without guessing.
-        let slot = match tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir_in(&trash)
-        {
-            Ok(slot) => slot.keep(),
-            Err(_) => return remove_all(path).or_else(not_found_ok).map_err(io(path)),
+        let Some(name) = path.file_name().filter(|_| self.discardable(path)) else {
+            return Err(StoreError::NotDiscardable {
+                path: path.to_path_buf(),
+            });
         };
-        match std::fs::rename(path, slot.join(&name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let _ = std::fs::remove_dir(&slot);
-                Ok(())
-            }
-            Err(_) => {
-                let _ = std::fs::remove_dir(&slot);
-                remove_all(path).or_else(not_found_ok).map_err(io(path))
-            }
+        let trash = self.root.join(TRASH);
+        // Only into the store's own directory: a `trash` that became a symlink would carry the
+        // entry out of the store (and the reap does not follow it).
+        let real_dir = fs_err::symlink_metadata(&trash).is_ok_and(|m| m.is_dir());
+        // A fresh directory per entry keeps names unique without guessing.
+        let slot = real_dir
+            .then(|| {
+                tempfile::Builder::new()
+                    .prefix(&format!("{}-", name.to_string_lossy()))
+                    .tempdir_in(&trash)
+                    .ok()
+            })
+            .flatten();
+        let Some(slot) = slot.map(tempfile::TempDir::keep) else {
+            return trash::remove_all(path).map_err(io(path));
+        };
+        if std::fs::rename(path, slot.join(name)).is_ok() {
+            return Ok(());
         }
+        // Not moved: `path` is gone, or on another file system, or a reap in another process
+        // emptied the trash between making the slot and the rename. Deleted here instead.
+        let _ = std::fs::remove_dir(&slot);
+        trash::remove_all(path).map_err(io(path))
     }
 
-    /// Deletes everything in `trash/`. Entries another process is deleting at the same time,
-    /// or that vanish, are skipped; what cannot be deleted is left for the next reap and
-    /// reported in the debug log.
+    /// Whether `path` names an entry below the store's `work/` or `tmp/`, spelled without `..`.
+    fn discardable(&self, path: &Path) -> bool {
+        let Ok(inside) = path.strip_prefix(&self.root) else {
+            return false;
+        };
+        let parts: Vec<Component<'_>> = inside.components().collect();
+        parts.len() >= 2
+            && matches!(parts[0], Component::Normal(top) if top == "work" || top == "tmp")
+            && parts.iter().all(|c| matches!(c, Component::Normal(_)))
+    }
+
+    /// Deletes everything in `trash/`, and nothing outside it: no symlink is followed, no
+    /// mount entered, and a `trash` that is not a real directory is left alone. Entries another
+    /// process deletes at the same time are skipped; what cannot be deleted is left for the
+    /// next reap and reported in the debug log.
     pub fn reap_trash(&self) {
         let trash = self.root.join(TRASH);
-        let Ok(entries) = std::fs::read_dir(&trash) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if let Err(e) = remove_all(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::debug!("left `{}` in the trash: {e}", path.display());
+        match trash::empty(&trash) {
+            Ok(left) => {
+                for (name, e) in left {
+                    tracing::debug!("left `{}` in the trash: {e}", trash.join(name).display());
+                }
             }
+            Err(e) => tracing::debug!("could not empty `{}`: {e}", trash.display()),
         }
     }
 
@@ -221,7 +240,7 @@ impl Store {
     pub fn reap_trash_in_background(&self) -> std::thread::JoinHandle<()> {
         let store = self.clone();
         std::thread::spawn(move || {
-            lower_priority();
+            trash::lower_priority();
             store.reap_trash();
         })
     }
@@ -443,40 +462,6 @@ fn empty_index() -> ImageIndex {
         .expect("an empty index is valid")
 }
 
-fn not_found_ok(e: std::io::Error) -> std::io::Result<()> {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
-/// Deletes a file or a directory tree (never following symlinks).
-fn remove_all(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path)? {
-        meta if meta.is_dir() => std::fs::remove_dir_all(path),
-        _ => std::fs::remove_file(path),
-    }
-}
-
-/// Puts the calling thread in the idle I/O class and at nice 19 (best effort: a failure only
-/// means the reap competes with the build).
-fn lower_priority() {
-    // ioprio_set(IOPRIO_WHO_PROCESS, 0 = this thread, IOPRIO_CLASS_IDLE << 13).
-    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
-    // SAFETY: plain syscalls on the calling thread with integer arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_ioprio_set,
-            IOPRIO_WHO_PROCESS,
-            0,
-            IOPRIO_CLASS_IDLE << 13,
-        );
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
-}
-
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
@@ -537,11 +522,13 @@ mod tests {
     #[test]
     fn discarded_entries_go_to_the_trash_until_reaped() {
         let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs_err::write(outside.path().join("keep"), b"keep").unwrap();
         let store = Store::open(dir.path()).unwrap();
         let work = store.work_dir("root").unwrap().keep();
         fs_err::create_dir_all(work.join("a/b")).unwrap();
         fs_err::write(work.join("a/b/file"), b"x").unwrap();
-        std::os::unix::fs::symlink("/etc", work.join("a/escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), work.join("a/escape")).unwrap();
         let file = store.temp_file().unwrap().into_temp_path().keep().unwrap();
         store.discard(&work).unwrap();
         store.discard(&file).unwrap();
@@ -562,7 +549,7 @@ mod tests {
         store.reap_trash_in_background().join().unwrap();
         assert_eq!(fs_err::read_dir(&trash).unwrap().count(), 0);
         // The symlink was deleted, not followed.
-        assert!(Path::new("/etc").is_dir());
+        assert_eq!(fs_err::read(outside.path().join("keep")).unwrap(), b"keep");
         // The rest of the store is untouched.
         assert!(dir.path().join("index.json").is_file());
         assert!(dir.path().join("work").is_dir());
@@ -581,6 +568,77 @@ mod tests {
         store.discard(&work).unwrap();
         assert!(!work.exists());
         assert!(!dir.path().join(TRASH).exists());
+    }
+
+    #[test]
+    fn only_work_and_tmp_entries_can_be_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob(b"kept").unwrap();
+        let refused = [
+            dir.path().to_path_buf(),
+            dir.path().join("work"),
+            dir.path().join("tmp"),
+            dir.path().join("blobs"),
+            dir.path().join("records"),
+            dir.path().join("index.json"),
+            dir.path().join(TRASH),
+            dir.path().join("work/../blobs"),
+            dir.path().join("work/./x/../../blobs"),
+            outside.path().to_path_buf(),
+            PathBuf::from("work/relative"),
+        ];
+        for path in refused {
+            assert!(
+                matches!(store.discard(&path), Err(StoreError::NotDiscardable { .. })),
+                "{}",
+                path.display()
+            );
+        }
+        assert!(outside.path().is_dir());
+        assert_eq!(store.read_blob(&digest).unwrap(), b"kept");
+        assert!(dir.path().join("work").is_dir() && dir.path().join("tmp").is_dir());
+        assert_eq!(fs_err::read_dir(dir.path().join(TRASH)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_trash_replaced_by_a_symlink_is_not_reaped_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs_err::write(elsewhere.path().join("precious"), b"x").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs_err::remove_dir(dir.path().join(TRASH)).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join(TRASH)).unwrap();
+        store.reap_trash();
+        assert!(elsewhere.path().join("precious").is_file());
+        // Nor is anything discarded into it: deleted in place instead.
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::write(work.join("f"), b"x").unwrap();
+        store.discard(&work).unwrap();
+        assert!(!work.exists());
+        assert_eq!(fs_err::read_dir(elsewhere.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn writeback_writes_exactly_what_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..(2 * WRITEBACK_WINDOW + 12_345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut writer = Writeback::new(fs_err::File::create(&path).unwrap().into_file());
+        // Uneven pieces, so a window ends mid-write.
+        const PIECE: u64 = 1_000_003;
+        for piece in data.chunks(PIECE as usize) {
+            writer.write_all(piece).unwrap();
+        }
+        writer.flush().unwrap();
+        // The first window filled on the ninth piece; the tail is left to the fsync.
+        assert_eq!(writer.submitted, 9 * PIECE);
+        assert_eq!(writer.written, data.len() as u64);
+        drop(writer);
+        assert_eq!(fs_err::read(&path).unwrap(), data);
     }
 
     #[test]
