@@ -50,5 +50,5 @@ pub mod pipeline;
 pub mod runner;
 pub mod snapshot;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod unpack;

@@ -24,7 +24,7 @@ use super::bases::{self, BaseError};
 use super::compress::{BlobWriter, CompressError};
 use super::layer::{LayerError, LayerOptions, write_layer};
 use super::runner::{Runner, RunnerError, StepOutput, StepSpec};
-use super::snapshot::{Changes, Excludes, SnapshotError, diff, snapshot};
+use super::snapshot::{Changes, EntryKind, Excludes, Snapshot, SnapshotError, diff, snapshot};
 use super::unpack::{UnpackError, unpack_layer};
 use crate::artifact::oci::{self, HistoryEntry, ImageBlobs, ImageSettings, LayerRef};
 use crate::plan::Plan;
@@ -251,9 +251,10 @@ impl Builder<'_> {
     ///
     /// Steps are cached exactly as in [`Builder::build`] (same keys, same layers in the store),
     /// so a second call runs nothing and only unpacks the cached layers. The root lives in the
-    /// store's work area and is removed when the returned value is dropped. Command tests are
-    /// not run: they may leave files behind, so run them ([`Builder::run_command_tests`]) once
-    /// the root is no longer needed as the image's content.
+    /// store's work area and moves to the store's trash when the returned value is dropped.
+    /// Command tests are not run: they may leave files behind, so run them
+    /// ([`Builder::run_command_tests`]) once the root is no longer needed as the image's
+    /// content.
     pub fn provision_root(
         &self,
         recipe: &Recipe,
@@ -265,15 +266,19 @@ impl Builder<'_> {
             inner: reporter,
             secrets: &secrets,
         };
-        let provisioned = self
+        let Provisioned {
+            mut layers,
+            mut root,
+            reports,
+            ..
+        } = self
             .provision(recipe, plan, &mut redacting)
             .map_err(|e| redact_error(e, &secrets))?;
-        let mut root = provisioned.root;
-        self.materialize(&mut root, &recipe.name, &provisioned.layers)?;
+        self.materialize(&mut root, &recipe.name, &mut layers)?;
         Ok(ProvisionedRoot {
             root: root.expect("materialized"),
-            layers: provisioned.layers,
-            steps: provisioned.reports,
+            layers: layers.into_resolved()?,
+            steps: reports,
         })
     }
 
@@ -324,7 +329,7 @@ impl Builder<'_> {
         let clock = Instant::now();
         let compression = recipe.build.compression;
         let Provisioned {
-            layers,
+            mut layers,
             history,
             mut root,
             reports,
@@ -339,7 +344,7 @@ impl Builder<'_> {
             .filter(|t| matches!(t, Test::Command { .. }))
             .collect();
         if !tests.is_empty() {
-            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
+            let build_root = self.materialize(&mut root, &recipe.name, &mut layers)?;
             for test in tests {
                 self.check_cancel()?;
                 self.run_test(test, build_root.path(), &renderer, &context, reporter)?;
@@ -349,12 +354,16 @@ impl Builder<'_> {
         let audit = match &recipe.audit {
             Some(audit) => {
                 self.check_cancel()?;
-                let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
+                let build_root = self.materialize(&mut root, &recipe.name, &mut layers)?;
                 Some(self.audit(build_root.path(), audit, reporter)?)
             }
             None => None,
         };
+        let discarding = Instant::now();
         drop(root);
+        tracing::debug!("build root discarded in {:?}", discarding.elapsed());
+        // The base layer may have been compressed beside the steps, tests and gate until now.
+        let layers = layers.into_resolved()?;
 
         let settings = image_settings(recipe, oci_output, plan, &renderer)?;
         let annotations = BTreeMap::from([
@@ -425,6 +434,7 @@ impl Builder<'_> {
             audit,
         };
         self.store.put_record(&plan.version, &record)?;
+        tracing::debug!("build recorded after {:?}", clock.elapsed());
         Ok(output)
     }
 
@@ -454,11 +464,15 @@ impl Builder<'_> {
         plan: &Plan,
         reporter: &mut dyn BuildReporter,
     ) -> Result<Provisioned, BuildError> {
+        // Build roots earlier builds left in the trash are deleted beside this one, at idle
+        // priority; whatever is left when the process ends waits for the next build.
+        drop(self.store.reap_trash_in_background());
         let compression = recipe.build.compression;
         let BaseLayers {
             mut layers,
             mut history,
             root: base_root,
+            tree: base_tree,
         } = self.base(recipe, plan, reporter)?;
 
         // Which steps are cached, given everything before them.
@@ -486,7 +500,11 @@ impl Builder<'_> {
         let mut reports = Vec::new();
         let mut compressor = String::new();
         let squash = recipe.build.squash;
-        let mut squash_before = None;
+        let mut squash_before: Option<Snapshot> = None;
+        // The snapshot of the build root as it is now, when one was taken since it last
+        // changed: the base's scan, then each step's "after", which is the next step's
+        // "before" (nothing touches the root between two steps).
+        let mut current_tree: Option<Snapshot> = base_tree;
 
         for (index, provisioner) in recipe.provisioners.iter().enumerate() {
             self.check_cancel()?;
@@ -508,6 +526,7 @@ impl Builder<'_> {
                 reporter.step_started(&provisioner.name, true);
                 if let (Some(root), Some(layer)) = (&root, &cached.layer) {
                     root.apply(self.store, layer)?;
+                    current_tree = None;
                 }
                 reports.push(StepReport {
                     name: provisioner.name.clone(),
@@ -520,15 +539,17 @@ impl Builder<'_> {
                 continue;
             }
             // A step must run: materialize the root (base + every layer so far) once.
-            let build_root = self.materialize(&mut root, &recipe.name, &layers)?;
+            let build_root = self.materialize(&mut root, &recipe.name, &mut layers)?;
             reporter.step_started(&provisioner.name, false);
-            let before = if squash {
-                squash_before
-                    .get_or_insert(snapshot(build_root.path(), &Excludes::new())?)
-                    .clone()
-            } else {
-                snapshot(build_root.path(), &Excludes::new())?
+            // A squashed build diffs its one layer against the root before its first step.
+            let before = match (&squash_before, current_tree.take()) {
+                (Some(first), _) => first.clone(),
+                (None, Some(tree)) => tree,
+                (None, None) => snapshot(build_root.path(), &Excludes::new())?,
             };
+            if squash && squash_before.is_none() {
+                squash_before = Some(before.clone());
+            }
             self.run_step(
                 recipe,
                 provisioner,
@@ -554,6 +575,7 @@ impl Builder<'_> {
             );
             let after = snapshot(build_root.path(), &Excludes::new())?;
             let changes = diff(&before, &after);
+            current_tree = Some(after);
             tracing::debug!(
                 "step `{}` diffed after {:?}",
                 provisioner.name,
@@ -606,16 +628,17 @@ impl Builder<'_> {
         })
     }
 
-    /// The build root, made from `layers` the first time it is needed.
+    /// The build root, made from `layers` the first time it is needed (waiting for the base
+    /// layer if it is still being compressed).
     fn materialize<'r>(
         &self,
         root: &'r mut Option<BuildRoot>,
         name: &str,
-        layers: &[LayerRef],
+        layers: &mut Layers,
     ) -> Result<&'r BuildRoot, BuildError> {
         if root.is_none() {
             let fresh = BuildRoot::new(self.store, name)?;
-            for layer in layers {
+            for layer in layers.resolved()? {
                 fresh.apply(self.store, layer)?;
             }
             *root = Some(fresh);
@@ -649,57 +672,23 @@ impl Builder<'_> {
         compression: Compression,
         step: &str,
     ) -> Result<(LayerRef, String), BuildError> {
-        let file = self.store.temp_file()?;
-        let handle = file
-            .as_file()
-            .try_clone()
-            .map_err(|source| BuildError::Io {
-                path: file.path().to_path_buf(),
-                source,
-            })?;
-        let mut writer = BlobWriter::new(
-            std::io::BufWriter::new(handle),
-            compression,
-            self.options.workers,
-        )
-        .map_err(|source| BuildError::Compress {
-            step: step.to_owned(),
-            source,
-        })?;
         let options = LayerOptions {
             source_date_epoch: Some(self.options.source_date_epoch),
         };
-        write_layer(root, changes, &options, &mut writer).map_err(|source| BuildError::Layer {
-            step: step.to_owned(),
-            source,
-        })?;
-        let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
-            step: step.to_owned(),
-            source,
-        })?;
-        std::io::Write::flush(&mut out).map_err(|source| BuildError::Io {
-            path: file.path().to_path_buf(),
-            source,
-        })?;
-        drop(out);
-        let digest = blob.digest.to_string();
-        tracing::debug!(
-            "layer of `{step}` compressed: {} bytes from {} ({})",
-            blob.size,
-            blob.uncompressed_size,
-            blob.compressor
-        );
-        self.store.commit_blob(file, &digest)?;
-        tracing::debug!("layer of `{step}` committed");
-        Ok((
-            LayerRef {
-                digest,
-                diff_id: blob.diff_id.to_string(),
-                size: blob.size,
-                media_type: blob.media_type.to_string(),
+        store_layer(
+            self.store,
+            self.options.workers,
+            compression,
+            step,
+            |writer| {
+                write_layer(root, changes, &options, writer)
+                    .map(|_| ())
+                    .map_err(|source| BuildError::Layer {
+                        step: step.to_owned(),
+                        source,
+                    })
             },
-            blob.compressor,
-        ))
+        )
     }
 
     /// The base's layers in the store, making them if needed.
@@ -779,9 +768,10 @@ impl Builder<'_> {
                     })
                     .collect();
                 Ok(BaseLayers {
-                    layers,
+                    layers: layers.into(),
                     history,
                     root: None,
+                    tree: None,
                 })
             }
             Base::Rootfs {
@@ -847,9 +837,10 @@ impl Builder<'_> {
                 .is_none_or(|l| self.store.has_blob(&l.digest))
         {
             return Ok(BaseLayers {
-                layers: cached.layer.into_iter().collect(),
+                layers: cached.layer.into_iter().collect::<Vec<_>>().into(),
                 history: vec![cached.history],
                 root: None,
+                tree: None,
             });
         }
         reporter.message(&format!("preparing base: {created_by}"));
@@ -869,32 +860,84 @@ impl Builder<'_> {
                 source,
             }
         })?;
-        drop(work);
+        discard(self.store, work);
         tracing::debug!("base unpacked in {:?}", clock.elapsed());
         let tree = snapshot(root, &Excludes::new())?;
         tracing::debug!("base scanned in {:?}", clock.elapsed());
-        let (layer, _) =
-            self.write_layer(root, &Changes::whole_tree(&tree), compression, created_by)?;
-        tracing::debug!("base layer written in {:?}", clock.elapsed());
         let history = HistoryEntry {
             created_by: created_by.to_owned(),
             comment: Some("bake".into()),
             empty_layer: false,
         };
-        self.store.put_cached(
-            "bases",
-            key,
-            &CachedStep {
-                layer: Some(layer.clone()),
-                history: history.clone(),
-            },
-        )?;
+        let changes = Changes::whole_tree(&tree);
+        let file_bytes: u64 = tree
+            .entries
+            .values()
+            .filter(|m| m.kind == EntryKind::File)
+            .map(|m| m.size)
+            .sum();
+        let layers = if file_bytes <= OVERLAP_BASE_BYTES {
+            // The tar is made now, before any step can change the root (reading files is
+            // quick); compressing it, the slow part, runs beside the first step. The bytes
+            // are the same as compressing while reading.
+            let mut tar = Vec::with_capacity(
+                usize::try_from(file_bytes).unwrap_or(0) + tree.entries.len() * 1024,
+            );
+            let options = LayerOptions {
+                source_date_epoch: Some(self.options.source_date_epoch),
+            };
+            write_layer(root, &changes, &options, &mut tar).map_err(|source| {
+                BuildError::Layer {
+                    step: created_by.to_owned(),
+                    source,
+                }
+            })?;
+            tracing::debug!("base tar read in {:?}", clock.elapsed());
+            let store = self.store.clone();
+            let workers = self.options.workers;
+            let step = created_by.to_owned();
+            let key = key.to_owned();
+            let history = history.clone();
+            let cancel = self.options.cancel.clone();
+            let handle = std::thread::spawn(move || {
+                let (layer, _) = store_layer(&store, workers, compression, &step, |writer| {
+                    // In pieces: an interrupted build waits for this thread, not for the base.
+                    for piece in tar.chunks(BASE_PIECE_BYTES) {
+                        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                            return Err(BuildError::Interrupted);
+                        }
+                        std::io::Write::write_all(writer, piece).map_err(|source| {
+                            BuildError::Compress {
+                                step: step.clone(),
+                                source: CompressError::Write(source),
+                            }
+                        })?;
+                    }
+                    Ok(())
+                })?;
+                drop(tar);
+                // Cached here, not by the build: a build whose step fails still keeps its base.
+                cache_base(&store, &key, &layer, &history)?;
+                tracing::debug!("base layer written in {:?}", clock.elapsed());
+                Ok(layer)
+            });
+            Layers {
+                pending_base: Some(PendingLayer(Some(handle))),
+                done: Vec::new(),
+            }
+        } else {
+            let (layer, _) = self.write_layer(root, &changes, compression, created_by)?;
+            tracing::debug!("base layer written in {:?}", clock.elapsed());
+            cache_base(self.store, key, &layer, &history)?;
+            vec![layer].into()
+        };
         Ok(BaseLayers {
-            layers: vec![layer],
+            layers,
             history: vec![history],
             // The root just scanned is exactly the base: the first step runs on it instead of
             // unpacking the new layer again.
             root: Some(build_root),
+            tree: Some(tree),
         })
     }
 
@@ -1213,7 +1256,7 @@ impl StepOutput for Tee<'_> {
 }
 
 /// A recipe's root filesystem after its base and provisioners, in the store's work area
-/// (removed on drop).
+/// (moved to the store's trash on drop).
 pub struct ProvisionedRoot {
     root: BuildRoot,
     /// The layers the root is made of, base first.
@@ -1238,7 +1281,7 @@ impl std::fmt::Debug for ProvisionedRoot {
 
 /// The base and the provisioning steps, done.
 struct Provisioned {
-    layers: Vec<LayerRef>,
+    layers: Layers,
     history: Vec<HistoryEntry>,
     /// The build root, if a step had to run (so it is already materialized).
     root: Option<BuildRoot>,
@@ -1249,17 +1292,29 @@ struct Provisioned {
 
 #[derive(Default)]
 struct BaseLayers {
-    layers: Vec<LayerRef>,
+    layers: Layers,
     history: Vec<HistoryEntry>,
     /// The base, already unpacked, when making its layer required unpacking it.
     root: Option<BuildRoot>,
+    /// The snapshot of `root`, taken to make the base layer.
+    tree: Option<Snapshot>,
 }
 
-/// A build root in the store's work area, removed when dropped.
+/// A build root in the store's work area, moved to the store's trash when dropped (deleting
+/// it is left to a background reap, off the build's critical path: see [`Store::discard`]).
 struct BuildRoot {
-    /// Removed, with the root, on drop.
-    _dir: tempfile::TempDir,
+    store: Store,
+    /// Discarded, with the root, on drop.
+    dir: Option<tempfile::TempDir>,
     root: PathBuf,
+}
+
+impl Drop for BuildRoot {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            discard(&self.store, dir);
+        }
+    }
 }
 
 impl BuildRoot {
@@ -1270,7 +1325,11 @@ impl BuildRoot {
             path: root.clone(),
             source,
         })?;
-        Ok(BuildRoot { _dir: dir, root })
+        Ok(BuildRoot {
+            store: store.clone(),
+            dir: Some(dir),
+            root,
+        })
     }
 
     fn path(&self) -> &Path {
@@ -1298,6 +1357,167 @@ impl BuildRoot {
         Ok(())
     }
 }
+
+/// Moves a work directory to the store's trash (or deletes it, if it cannot be moved).
+fn discard(store: &Store, dir: tempfile::TempDir) {
+    let path = dir.keep();
+    if let Err(e) = store.discard(&path) {
+        tracing::warn!("could not remove `{}`: {e}", path.display());
+    }
+}
+
+/// The writer a layer's tar goes into: compressed, hashed, and written to a store temp file.
+type LayerSink = BlobWriter<std::io::BufWriter<crate::store::Writeback<std::fs::File>>>;
+
+/// Compresses the tar that `fill` writes into a new blob of `store`.
+fn store_layer(
+    store: &Store,
+    workers: NonZeroUsize,
+    compression: Compression,
+    step: &str,
+    fill: impl FnOnce(&mut LayerSink) -> Result<(), BuildError>,
+) -> Result<(LayerRef, String), BuildError> {
+    let writing = Instant::now();
+    let file = store.temp_file()?;
+    let handle = file
+        .as_file()
+        .try_clone()
+        .map_err(|source| BuildError::Io {
+            path: file.path().to_path_buf(),
+            source,
+        })?;
+    let mut writer = BlobWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, crate::store::Writeback::new(handle)),
+        compression,
+        workers,
+    )
+    .map_err(|source| BuildError::Compress {
+        step: step.to_owned(),
+        source,
+    })?;
+    fill(&mut writer)?;
+    let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
+        step: step.to_owned(),
+        source,
+    })?;
+    std::io::Write::flush(&mut out).map_err(|source| BuildError::Io {
+        path: file.path().to_path_buf(),
+        source,
+    })?;
+    drop(out);
+    let digest = blob.digest.to_string();
+    tracing::debug!(
+        "layer of `{step}` compressed in {:?}: {} bytes from {} ({})",
+        writing.elapsed(),
+        blob.size,
+        blob.uncompressed_size,
+        blob.compressor
+    );
+    let syncing = Instant::now();
+    store.commit_blob(file, &digest)?;
+    tracing::debug!(
+        "layer of `{step}` committed (synced in {:?})",
+        syncing.elapsed()
+    );
+    Ok((
+        LayerRef {
+            digest,
+            diff_id: blob.diff_id.to_string(),
+            size: blob.size,
+            media_type: blob.media_type.to_string(),
+        },
+        blob.compressor,
+    ))
+}
+
+/// A base layer being compressed on a background thread while the first step runs. Dropping
+/// it waits for the thread, so a failed or interrupted build never leaves it writing (a failed
+/// build still stores and caches its base; an interrupted one stops compressing).
+struct PendingLayer(Option<std::thread::JoinHandle<Result<LayerRef, BuildError>>>);
+
+impl PendingLayer {
+    fn wait(mut self) -> Result<LayerRef, BuildError> {
+        let handle = self.0.take().expect("waited for once");
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for PendingLayer {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The layers of a build so far, base first. The base's own layer may still be being
+/// compressed beside the first step; the list is only read through [`Layers::resolved`], which
+/// waits for it, so no root is unpacked and no image assembled without it.
+#[derive(Default)]
+struct Layers {
+    /// The base layer, still being compressed; it goes before `done`.
+    pending_base: Option<PendingLayer>,
+    done: Vec<LayerRef>,
+}
+
+impl Layers {
+    /// Every layer, base first, once the base layer is compressed.
+    fn resolved(&mut self) -> Result<&[LayerRef], BuildError> {
+        if let Some(pending) = self.pending_base.take() {
+            let waiting = Instant::now();
+            self.done.insert(0, pending.wait()?);
+            tracing::debug!("base layer awaited for {:?}", waiting.elapsed());
+        }
+        Ok(&self.done)
+    }
+
+    fn into_resolved(mut self) -> Result<Vec<LayerRef>, BuildError> {
+        self.resolved()?;
+        Ok(self.done)
+    }
+}
+
+impl From<Vec<LayerRef>> for Layers {
+    fn from(done: Vec<LayerRef>) -> Self {
+        Layers {
+            pending_base: None,
+            done,
+        }
+    }
+}
+
+impl Extend<LayerRef> for Layers {
+    fn extend<I: IntoIterator<Item = LayerRef>>(&mut self, layers: I) {
+        self.done.extend(layers);
+    }
+}
+
+/// Records a base's layer in the cache, so the next build of the same base skips making it.
+fn cache_base(
+    store: &Store,
+    key: &str,
+    layer: &LayerRef,
+    history: &HistoryEntry,
+) -> Result<(), StoreError> {
+    store.put_cached(
+        "bases",
+        key,
+        &CachedStep {
+            layer: Some(layer.clone()),
+            history: history.clone(),
+        },
+    )
+}
+
+/// Bases whose files add up to at most this are read into memory as a tar, so that compressing
+/// it overlaps with the first step; larger ones are compressed before the step runs.
+const OVERLAP_BASE_BYTES: u64 = 1 << 30;
+
+/// How much of an in-memory base tar is compressed between two looks at the cancel flag: a
+/// fraction of a second of compression, so Ctrl-C is not held up by the base.
+const BASE_PIECE_BYTES: usize = 8 << 20;
 
 /// Runs the compliance gate of `audit` on `root`: one call on a root directory, so every kind
 /// of build (OCI layers, AMI disks) gates the same way before it stores anything.
@@ -1398,5 +1618,79 @@ fn oci_layer_media_type(media_type: &str) -> String {
             "application/vnd.oci.image.layer.v1.tar".into()
         }
         other => other.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(n: u8) -> LayerRef {
+        LayerRef {
+            digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
+            diff_id: format!("sha256:{}", format!("{:02x}", n + 100).repeat(32)),
+            size: u64::from(n),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        }
+    }
+
+    fn pending(result: Result<LayerRef, BuildError>) -> Option<PendingLayer> {
+        Some(PendingLayer(Some(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            result
+        }))))
+    }
+
+    #[test]
+    fn a_pending_base_layer_goes_first_once_compressed() {
+        let mut layers = Layers {
+            pending_base: pending(Ok(layer(0))),
+            done: Vec::new(),
+        };
+        layers.extend([layer(1)]);
+        layers.extend(None);
+        layers.extend(Some(layer(2)));
+        assert_eq!(
+            layers
+                .resolved()
+                .unwrap()
+                .iter()
+                .map(|l| l.size)
+                .collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        // Resolving again waits for nothing and adds nothing.
+        assert_eq!(layers.resolved().unwrap().len(), 3);
+        let all = layers.into_resolved().unwrap();
+        assert_eq!(all.iter().map(|l| l.size).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_failed_base_layer_fails_whoever_reads_the_layers() {
+        let mut layers = Layers {
+            pending_base: pending(Err(BuildError::Interrupted)),
+            done: vec![layer(1)],
+        };
+        assert!(matches!(layers.resolved(), Err(BuildError::Interrupted)));
+        let layers = Layers {
+            pending_base: pending(Err(BuildError::NoOciOutput)),
+            done: Vec::new(),
+        };
+        assert!(matches!(
+            layers.into_resolved(),
+            Err(BuildError::NoOciOutput)
+        ));
+        // Dropped unread, it still waits for its thread.
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = finished.clone();
+        drop(Layers {
+            pending_base: Some(PendingLayer(Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(layer(3))
+            })))),
+            done: Vec::new(),
+        });
+        assert!(finished.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

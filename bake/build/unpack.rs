@@ -124,6 +124,7 @@ pub fn unpack_layer<R: Read>(blob: R, root: &Path) -> Result<Unpacked, UnpackErr
         created: HashSet::new(),
         dir_times: Vec::new(),
         summary: Summary::default(),
+        buffer: vec![0u8; BUFFER],
     };
     {
         let mut archive = tar::Archive::new(&mut tar);
@@ -207,6 +208,9 @@ struct Unpacker {
     /// Directory mtimes, set at the end: writing inside a directory changes its mtime.
     dir_times: Vec<(Components, Timespec)>,
     summary: Summary,
+    /// The copy buffer, reused for every file (a fresh one per file costs an mmap, munmap and
+    /// page faults each time, for files that are mostly a few KiB).
+    buffer: Vec<u8>,
 }
 
 impl Unpacker {
@@ -255,7 +259,7 @@ impl Unpacker {
                 )
                 .map_err(|e| apply(e.into()))?;
                 let mut file = File::from(fd);
-                copy(entry, &mut file).map_err(apply)?;
+                copy(entry, &mut file, &mut self.buffer).map_err(apply)?;
             }
             EntryType::Directory => {
                 if !keep_dir {
@@ -677,11 +681,10 @@ fn remove_all(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Copies an entry's content with a large buffer.
-fn copy(from: &mut impl Read, to: &mut File) -> io::Result<()> {
-    let mut buffer = vec![0u8; BUFFER];
+/// Copies an entry's content through `buffer`.
+fn copy(from: &mut impl Read, to: &mut File, buffer: &mut [u8]) -> io::Result<()> {
     loop {
-        let n = match from.read(&mut buffer) {
+        let n = match from.read(buffer) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,

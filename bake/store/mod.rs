@@ -11,19 +11,31 @@
 //!   cache/<kind>/<hex>.json small pointers: step results, bootstrapped bases
 //!   tmp/                    staging for atomic writes (same file system as the blobs)
 //!   work/                   build roots of running builds
+//!   trash/                  finished build roots and scratch files, waiting to be deleted
 //! ```
 //!
 //! Every write is atomic (temp file in `tmp/`, fsync, rename, fsync of the directory), and a
 //! blob is stored under a digest only after that digest was computed over the bytes written.
+//!
+//! Deleting a build root (tens of thousands of files, hundreds of MB) takes seconds on a file
+//! system mounted with `discard`, so a build does not wait for it: [`Store::discard`] renames the
+//! root into `trash/` (one atomic rename on the same file system), and the next build that has
+//! work to do empties `trash/` on a background thread ([`Store::reap_trash_in_background`]) while
+//! it runs. Nothing in the store ever points into `trash/`, so a half-deleted entry (the process
+//! exited mid-way) is harmless and is finished by a later reap. Only entries of `work/` and
+//! `tmp/` can be discarded, and the reap deletes inside `trash/` only: it follows no symlink and
+//! enters no mount (`trash.rs`).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, MediaType};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
+
+mod trash;
 
 /// The annotation bake puts on each index entry: the version it is the image of.
 pub const ANNOTATION_VERSION: &str = "dev.bake.version";
@@ -50,7 +62,70 @@ pub enum StoreError {
     DigestMismatch { expected: String, actual: String },
     #[error("`{0}` is not a sha256 digest")]
     BadDigest(String),
+    #[error(
+        "refusing to discard `{}`: only entries of the store's `work/` and `tmp/` are thrown away",
+        path.display()
+    )]
+    NotDiscardable { path: PathBuf },
 }
+
+/// How much a [`Writeback`] lets pile up before it starts writing it to disk.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// A large blob being written into a temp file, handed to the disk as it goes: each full
+/// [`WRITEBACK_WINDOW`] is submitted for writeback at once (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`, which starts the I/O without waiting for it), so the disk writes
+/// while the rest is still being produced and the fsync of [`Store::commit_blob`] only waits for
+/// the tail. What it writes is exactly what it is given; durability still comes from that fsync.
+pub struct Writeback<W: Write + std::os::fd::AsFd> {
+    inner: W,
+    written: u64,
+    submitted: u64,
+}
+
+impl<W: Write + std::os::fd::AsFd> Writeback<W> {
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            written: 0,
+            submitted: 0,
+        }
+    }
+
+    fn submit(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        let length = self.written - self.submitted;
+        // SAFETY: a plain syscall on a descriptor this writer holds open. A failure (a file
+        // system without support) only loses the head start; fsync still makes it durable.
+        unsafe {
+            libc::sync_file_range(
+                self.inner.as_fd().as_raw_fd(),
+                self.submitted as libc::off64_t,
+                length as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.submitted = self.written;
+    }
+}
+
+impl<W: Write + std::os::fd::AsFd> Write for Writeback<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.submitted >= WRITEBACK_WINDOW {
+            self.submit();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The store's directory of things to delete (see the module documentation).
+const TRASH: &str = "trash";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
@@ -68,7 +143,7 @@ pub struct Store {
 impl Store {
     /// Opens the store at `root`, creating an empty layout if there is none.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        for dir in ["blobs/sha256", "records", "cache", "tmp", "work"] {
+        for dir in ["blobs/sha256", "records", "cache", "tmp", "work", TRASH] {
             fs_err::create_dir_all(root.join(dir)).map_err(io(root))?;
         }
         let store = Store {
@@ -95,6 +170,79 @@ impl Store {
             .prefix(&format!("{label}-"))
             .tempdir_in(&base)
             .map_err(io(&base))
+    }
+
+    /// Takes `path` (an entry of the store's `work/` or `tmp/`; anything else is refused) out
+    /// of the way at the cost of one rename: it moves into `trash/`, to be deleted by a later
+    /// [`Store::reap_trash`]. Falls back to deleting it now if it cannot be moved (another file
+    /// system, no `trash/`). A missing `path` is not an error.
+    pub fn discard(&self, path: &Path) -> Result<(), StoreError> {
+        let Some(name) = path.file_name().filter(|_| self.discardable(path)) else {
+            return Err(StoreError::NotDiscardable {
+                path: path.to_path_buf(),
+            });
+        };
+        let trash = self.root.join(TRASH);
+        // Only into the store's own directory: a `trash` that became a symlink would carry the
+        // entry out of the store (and the reap does not follow it).
+        let real_dir = fs_err::symlink_metadata(&trash).is_ok_and(|m| m.is_dir());
+        // A fresh directory per entry keeps names unique without guessing.
+        let slot = real_dir
+            .then(|| {
+                tempfile::Builder::new()
+                    .prefix(&format!("{}-", name.to_string_lossy()))
+                    .tempdir_in(&trash)
+                    .ok()
+            })
+            .flatten();
+        let Some(slot) = slot.map(tempfile::TempDir::keep) else {
+            return trash::remove_all(path).map_err(io(path));
+        };
+        if std::fs::rename(path, slot.join(name)).is_ok() {
+            return Ok(());
+        }
+        // Not moved: `path` is gone, or on another file system, or a reap in another process
+        // emptied the trash between making the slot and the rename. Deleted here instead.
+        let _ = std::fs::remove_dir(&slot);
+        trash::remove_all(path).map_err(io(path))
+    }
+
+    /// Whether `path` names an entry below the store's `work/` or `tmp/`, spelled without `..`.
+    fn discardable(&self, path: &Path) -> bool {
+        let Ok(inside) = path.strip_prefix(&self.root) else {
+            return false;
+        };
+        let parts: Vec<Component<'_>> = inside.components().collect();
+        parts.len() >= 2
+            && matches!(parts[0], Component::Normal(top) if top == "work" || top == "tmp")
+            && parts.iter().all(|c| matches!(c, Component::Normal(_)))
+    }
+
+    /// Deletes everything in `trash/`, and nothing outside it: no symlink is followed, no
+    /// mount entered, and a `trash` that is not a real directory is left alone. Entries another
+    /// process deletes at the same time are skipped; what cannot be deleted is left for the
+    /// next reap and reported in the debug log.
+    pub fn reap_trash(&self) {
+        let trash = self.root.join(TRASH);
+        match trash::empty(&trash) {
+            Ok(left) => {
+                for (name, e) in left {
+                    tracing::debug!("left `{}` in the trash: {e}", trash.join(name).display());
+                }
+            }
+            Err(e) => tracing::debug!("could not empty `{}`: {e}", trash.display()),
+        }
+    }
+
+    /// [`Store::reap_trash`] on a background thread, at the lowest I/O and CPU priority so it
+    /// takes nothing from the build it runs beside. The thread is detached: if the process
+    /// ends first, the rest waits for the next reap.
+    pub fn reap_trash_in_background(&self) -> std::thread::JoinHandle<()> {
+        let store = self.clone();
+        std::thread::spawn(move || {
+            trash::lower_priority();
+            store.reap_trash();
+        })
     }
 
     /// A temp file on the store's file system, for [`Store::commit_blob`].
@@ -369,6 +517,128 @@ mod tests {
         let index: ImageIndex =
             serde_json::from_slice(&fs_err::read(dir.path().join("index.json")).unwrap()).unwrap();
         assert!(index.manifests().is_empty());
+    }
+
+    #[test]
+    fn discarded_entries_go_to_the_trash_until_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs_err::write(outside.path().join("keep"), b"keep").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::create_dir_all(work.join("a/b")).unwrap();
+        fs_err::write(work.join("a/b/file"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), work.join("a/escape")).unwrap();
+        let file = store.temp_file().unwrap().into_temp_path().keep().unwrap();
+        store.discard(&work).unwrap();
+        store.discard(&file).unwrap();
+        // Gone from where they were, in the trash instead, whole.
+        assert!(!work.exists() && !file.exists());
+        let trash = dir.path().join(TRASH);
+        let slots: Vec<_> = fs_err::read_dir(&trash).unwrap().flatten().collect();
+        assert_eq!(slots.len(), 2);
+        let moved = walkdir::WalkDir::new(&trash)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name() == "file")
+            .count();
+        assert_eq!(moved, 1);
+        // A missing path is nothing to do.
+        store.discard(&dir.path().join("work/none")).unwrap();
+        assert_eq!(fs_err::read_dir(&trash).unwrap().count(), 2);
+        store.reap_trash_in_background().join().unwrap();
+        assert_eq!(fs_err::read_dir(&trash).unwrap().count(), 0);
+        // The symlink was deleted, not followed.
+        assert_eq!(fs_err::read(outside.path().join("keep")).unwrap(), b"keep");
+        // The rest of the store is untouched.
+        assert!(dir.path().join("index.json").is_file());
+        assert!(dir.path().join("work").is_dir());
+    }
+
+    #[test]
+    fn reaping_an_empty_or_missing_trash_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.reap_trash();
+        fs_err::remove_dir(dir.path().join(TRASH)).unwrap();
+        store.reap_trash();
+        // Without a trash directory, discarding deletes on the spot.
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::write(work.join("f"), b"x").unwrap();
+        store.discard(&work).unwrap();
+        assert!(!work.exists());
+        assert!(!dir.path().join(TRASH).exists());
+    }
+
+    #[test]
+    fn only_work_and_tmp_entries_can_be_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob(b"kept").unwrap();
+        let refused = [
+            dir.path().to_path_buf(),
+            dir.path().join("work"),
+            dir.path().join("tmp"),
+            dir.path().join("blobs"),
+            dir.path().join("records"),
+            dir.path().join("index.json"),
+            dir.path().join(TRASH),
+            dir.path().join("work/../blobs"),
+            dir.path().join("work/./x/../../blobs"),
+            outside.path().to_path_buf(),
+            PathBuf::from("work/relative"),
+        ];
+        for path in refused {
+            assert!(
+                matches!(store.discard(&path), Err(StoreError::NotDiscardable { .. })),
+                "{}",
+                path.display()
+            );
+        }
+        assert!(outside.path().is_dir());
+        assert_eq!(store.read_blob(&digest).unwrap(), b"kept");
+        assert!(dir.path().join("work").is_dir() && dir.path().join("tmp").is_dir());
+        assert_eq!(fs_err::read_dir(dir.path().join(TRASH)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_trash_replaced_by_a_symlink_is_not_reaped_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs_err::write(elsewhere.path().join("precious"), b"x").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs_err::remove_dir(dir.path().join(TRASH)).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join(TRASH)).unwrap();
+        store.reap_trash();
+        assert!(elsewhere.path().join("precious").is_file());
+        // Nor is anything discarded into it: deleted in place instead.
+        let work = store.work_dir("root").unwrap().keep();
+        fs_err::write(work.join("f"), b"x").unwrap();
+        store.discard(&work).unwrap();
+        assert!(!work.exists());
+        assert_eq!(fs_err::read_dir(elsewhere.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn writeback_writes_exactly_what_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..(2 * WRITEBACK_WINDOW + 12_345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut writer = Writeback::new(fs_err::File::create(&path).unwrap().into_file());
+        // Uneven pieces, so a window ends mid-write.
+        const PIECE: u64 = 1_000_003;
+        for piece in data.chunks(PIECE as usize) {
+            writer.write_all(piece).unwrap();
+        }
+        writer.flush().unwrap();
+        // The first window filled on the ninth piece; the tail is left to the fsync.
+        assert_eq!(writer.submitted, 9 * PIECE);
+        assert_eq!(writer.written, data.len() as u64);
+        drop(writer);
+        assert_eq!(fs_err::read(&path).unwrap(), data);
     }
 
     #[test]

@@ -520,6 +520,90 @@ fn ctrl_c_stops_the_build_cleans_up_and_exits_130() {
     );
 }
 
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs_err::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_killed_build_leaves_nothing_outside_the_store_and_the_next_build_reaps_its_trash() {
+    if !can_build() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    busybox_rootfs(dir.path());
+    write_recipe(
+        dir.path(),
+        "  - shell:\n      inline: echo step-started; sleep 60\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    // Where bake's own temp files would go if it made any outside the store.
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |args: &[&str]| {
+        let mut command = bake();
+        command
+            .current_dir(dir.path())
+            .env("TMPDIR", tmp.path())
+            .arg("--store")
+            .arg(store.path())
+            .args(args);
+        command
+    };
+    let mut child = build(&["build", "recipe.yaml"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("step-started") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(
+        seen.contains("step-started"),
+        "the step never started:\n{seen}"
+    );
+    // SAFETY: signalling a process group we created. SIGKILL: no cleanup code runs.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    assert!(names(tmp.path()).is_empty(), "outside the store");
+    // What it leaves is the store's: the root it was provisioning, in `work/` (a later
+    // `bake gc` removes it), and the scratch of its base, already in `trash/`.
+    let killed_root = names(&store.path().join("work"));
+    assert_eq!(killed_root.len(), 1, "{killed_root:?}");
+    assert!(killed_root[0].starts_with("base-root-"), "{killed_root:?}");
+    let killed_trash = names(&store.path().join("trash"));
+    assert!(!killed_trash.is_empty());
+
+    // The next build with work to do succeeds beside the leftovers and reaps the trash: the
+    // killed build's scratch is a few empty directories, gone long before the step has run.
+    write_recipe(dir.path(), "  - shell:\n      inline: echo done > /done\n");
+    let output = build(&["build", "recipe.yaml"]).output().unwrap();
+    assert_ok(&output);
+    assert!(names(tmp.path()).is_empty(), "outside the store");
+    assert_eq!(names(&store.path().join("work")), killed_root);
+    let trash = names(&store.path().join("trash"));
+    assert!(
+        killed_trash.iter().all(|name| !trash.contains(name)),
+        "not reaped: {killed_trash:?} in {trash:?}"
+    );
+}
+
 /// Every byte the store holds, with layer blobs decompressed.
 fn store_text(store: &Path) -> Vec<u8> {
     let mut all = Vec::new();
