@@ -17,7 +17,7 @@ use crate::exit::ExitStatus;
 use crate::plan::Effect;
 use crate::registry::auth::{ChainCredentials, Credentials};
 use crate::registry::ecr::{self, EcrCredentials, EcrEncryption, RepositorySettings};
-use crate::registry::push::{PushJob, PushTarget, TargetReport, push_images};
+use crate::registry::push::{PushJob, PushTarget, TargetReport, Transfers, push_job};
 use crate::registry::{BlobOutcome, Client, Progress, Reference, RegistryError};
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
@@ -95,6 +95,12 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
             }
         };
         insecure.extend(recipe_insecure);
+        if items
+            .iter()
+            .any(|i: &Item| i.record.version == record.version)
+        {
+            continue; // named twice (say, by version and by recipe): pushed once
+        }
         let mut planned = if to.is_empty() {
             recipe_targets
         } else {
@@ -236,13 +242,33 @@ async fn push(
         records.push(item.record);
     }
     let progress = CliProgress::new(settings.progress);
-    let outcomes = push_images(&client, store, &jobs, &progress).await;
+    // Each image's signed provenance and SBOMs follow it as soon as it is up, while the other
+    // images may still be uploading (provenance module).
+    let transfers = Transfers::new(client.options().parallelism.max(1));
+    let results =
+        futures_util::future::join_all(jobs.iter().zip(&records).map(|(job, record)| async {
+            let outcome = push_job(&client, store, job, &transfers, &progress).await;
+            let attached = match &outcome {
+                Ok(outcome) => {
+                    crate::provenance::registry::attach_pushed(
+                        &client,
+                        store,
+                        &record.version,
+                        &outcome.pushed,
+                    )
+                    .await
+                }
+                Err(_) => Vec::new(),
+            };
+            (outcome, attached)
+        }))
+        .await;
     progress.clear();
     let mut images = Vec::new();
     let mut all_pushed = Vec::new();
     let mut attestations = Vec::new();
     let mut only_user_errors = failures.is_empty();
-    for (record, outcome) in records.iter().zip(outcomes) {
+    for (record, (outcome, attached)) in records.iter().zip(results) {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -260,15 +286,7 @@ async fn push(
             only_user_errors &= failure.error.is_user_error();
             failures.push((failure.repository.clone(), failure.error.to_string()));
         }
-        // Signed provenance and SBOMs follow the image (provenance module).
-        for (repository, result) in crate::provenance::registry::attach_pushed(
-            &client,
-            store,
-            &record.version,
-            &outcome.pushed,
-        )
-        .await
-        {
+        for (repository, result) in attached {
             match result {
                 Ok(done) => {
                     if settings.verbosity > Verbosity::Quiet {

@@ -94,44 +94,56 @@ pub async fn attach(
             version: manifest.version.clone(),
         });
     }
-    let mut descriptors = Vec::new();
-    let mut pushed = Vec::new();
+    // Each referrer's blobs (the empty config they share is sent once), all at once, then
+    // their manifests, all at once.
+    let mut documents = Vec::new();
+    let mut blobs = std::collections::BTreeMap::new();
     for digest in &referrers {
         let bytes = store.read_blob(digest).map_err(RegistryError::from)?;
         let document: Value =
             serde_json::from_slice(&bytes).map_err(|_| AttachError::BadReferrer {
                 digest: digest.clone(),
             })?;
-        let blobs = std::iter::once(&document["config"])
-            .chain(document["layers"].as_array().into_iter().flatten());
-        for blob in blobs {
-            let (Some(blob_digest), Some(size)) = (blob["digest"].as_str(), blob["size"].as_u64())
-            else {
-                continue;
-            };
-            if !client.blob_exists(repository, blob_digest).await? {
-                client
-                    .push_blob(repository, blob_digest, size, store, &NoProgress)
-                    .await?;
+        for blob in std::iter::once(&document["config"])
+            .chain(document["layers"].as_array().into_iter().flatten())
+        {
+            if let (Some(blob_digest), Some(size)) =
+                (blob["digest"].as_str(), blob["size"].as_u64())
+            {
+                blobs.insert(blob_digest.to_owned(), size);
             }
         }
-        client
-            .put_manifest(
-                repository,
-                digest,
-                MANIFEST_MEDIA_TYPE,
-                Bytes::from(bytes.clone()),
-            )
-            .await?;
-        pushed.push(format!("{}@{digest}", repository.name()));
-        descriptors.push(json!({
-            "mediaType": MANIFEST_MEDIA_TYPE,
-            "digest": digest,
-            "size": bytes.len(),
-            "artifactType": document.get("artifactType").cloned().unwrap_or(json!(ATTESTATION_ARTIFACT_TYPE)),
-            "annotations": document.get("annotations").cloned().unwrap_or(json!({})),
-        }));
+        documents.push((digest, Bytes::from(bytes), document));
     }
+    futures_util::future::try_join_all(blobs.iter().map(|(digest, &size)| async move {
+        if !client.blob_exists(repository, digest).await? {
+            client
+                .push_blob(repository, digest, size, store, &NoProgress)
+                .await?;
+        }
+        Ok::<_, RegistryError>(())
+    }))
+    .await?;
+    futures_util::future::try_join_all(documents.iter().map(|(digest, bytes, _)| {
+        client.put_manifest(repository, digest, MANIFEST_MEDIA_TYPE, bytes.clone())
+    }))
+    .await?;
+    let pushed: Vec<String> = documents
+        .iter()
+        .map(|(digest, _, _)| format!("{}@{digest}", repository.name()))
+        .collect();
+    let descriptors: Vec<Value> = documents
+        .iter()
+        .map(|(digest, bytes, document)| {
+            json!({
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                "digest": digest,
+                "size": bytes.len(),
+                "artifactType": document.get("artifactType").cloned().unwrap_or(json!(ATTESTATION_ARTIFACT_TYPE)),
+                "annotations": document.get("annotations").cloned().unwrap_or(json!({})),
+            })
+        })
+        .collect();
     if has_referrers_api(client, repository, &subject).await? {
         return Ok(Attached {
             referrers: pushed,

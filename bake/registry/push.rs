@@ -254,51 +254,64 @@ pub async fn push_images(
     progress: &dyn Progress,
 ) -> Vec<Result<PushOutcome>> {
     let transfers = Transfers::new(client.options().parallelism.max(1));
-    let pushes = jobs.iter().map(|job| async {
-        let graph = {
-            let store = store.clone();
-            let digest = job.digest.clone();
-            tokio::task::spawn_blocking(move || ImageGraph::from_store(&store, &digest))
-                .await
-                .expect("reading the image graph does not panic")?
-        };
-        let mut outcome = PushOutcome::default();
-        // Repositories that now hold the blobs, per registry, for mounts.
-        let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for target in &job.targets {
-            let from = holders
-                .get(target.repository.registry())
-                .and_then(|repos| repos.first().cloned());
-            match push_to(
-                client,
-                store,
-                &graph,
-                target,
-                from.as_deref(),
-                &transfers,
-                progress,
-            )
-            .await
-            {
-                Ok(report) => {
-                    holders
-                        .entry(target.repository.registry().to_owned())
-                        .or_default()
-                        .push(target.repository.repository().to_owned());
-                    outcome.pushed.push(report);
-                }
-                Err(error) => outcome.failed.push(TargetFailure {
-                    repository: target.repository.name(),
-                    error,
-                }),
-            }
-        }
-        Ok(outcome)
-    });
-    futures_util::future::join_all(pushes).await
+    futures_util::future::join_all(
+        jobs.iter()
+            .map(|job| push_job(client, store, job, &transfers, progress)),
+    )
+    .await
 }
 
-/// The blob transfers of one [`push_images`] call: each (repository, blob) is looked at once,
+/// Pushes one image of a [`push_images`]-like batch: every target in turn, sharing `transfers`
+/// with the batch's other images.
+pub async fn push_job(
+    client: &Client,
+    store: &Store,
+    job: &PushJob,
+    transfers: &Transfers,
+    progress: &dyn Progress,
+) -> Result<PushOutcome> {
+    let graph = {
+        let store = store.clone();
+        let digest = job.digest.clone();
+        tokio::task::spawn_blocking(move || ImageGraph::from_store(&store, &digest))
+            .await
+            .expect("reading the image graph does not panic")?
+    };
+    let mut outcome = PushOutcome::default();
+    // Repositories that now hold the blobs, per registry, for mounts.
+    let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for target in &job.targets {
+        let from = holders
+            .get(target.repository.registry())
+            .and_then(|repos| repos.first().cloned());
+        match push_to(
+            client,
+            store,
+            &graph,
+            target,
+            from.as_deref(),
+            transfers,
+            progress,
+        )
+        .await
+        {
+            Ok(report) => {
+                holders
+                    .entry(target.repository.registry().to_owned())
+                    .or_default()
+                    .push(target.repository.repository().to_owned());
+                outcome.pushed.push(report);
+            }
+            Err(error) => outcome.failed.push(TargetFailure {
+                repository: target.repository.name(),
+                error,
+            }),
+        }
+    }
+    Ok(outcome)
+}
+
+/// The blob transfers of one batch of images ([`push_images`]): each (repository, blob) is looked at once,
 /// and uploads share one bound.
 pub struct Transfers {
     /// `repository@digest` of each blob → set once the blob is there.
