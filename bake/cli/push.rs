@@ -238,6 +238,7 @@ async fn push(
         jobs.push(PushJob {
             digest: item.record.output.image_digest.clone(),
             targets,
+            companions: crate::provenance::registry::referrer_blobs(store, &item.record.version),
         });
         records.push(item.record);
     }

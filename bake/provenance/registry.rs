@@ -8,6 +8,8 @@
 //! it once per push, after every referrer manifest is in place, so a lost update only drops a
 //! listing that the next push of the same version restores.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -50,6 +52,36 @@ fn referrer_digests(manifest: &Manifest) -> Vec<String> {
         .chain(attestations.sboms.iter().map(|s| &s.attestation))
         .filter_map(|a| a.referrer.clone())
         .collect()
+}
+
+/// The blobs (envelopes, SBOMs and the configs of their referrer manifests) that `version`'s
+/// attestations need in a registry, digest → size: none when it is not attested. A push sends
+/// them beside the image's own blobs, so that only the small referrer manifests wait for it.
+pub fn referrer_blobs(store: &Store, version: &str) -> BTreeMap<String, u64> {
+    let Ok(Some(manifest)) = super::manifest::load(store, version) else {
+        return BTreeMap::new();
+    };
+    let mut blobs = BTreeMap::new();
+    for digest in referrer_digests(&manifest) {
+        let Ok(bytes) = store.read_blob(&digest) else {
+            continue; // `attach` reports it
+        };
+        if let Ok(document) = serde_json::from_slice::<Value>(&bytes) {
+            add_blobs(&document, &mut blobs);
+        }
+    }
+    blobs
+}
+
+/// Adds the config and layers a manifest document names to `blobs`.
+fn add_blobs(document: &Value, blobs: &mut BTreeMap<String, u64>) {
+    for blob in std::iter::once(&document["config"])
+        .chain(document["layers"].as_array().into_iter().flatten())
+    {
+        if let (Some(digest), Some(size)) = (blob["digest"].as_str(), blob["size"].as_u64()) {
+            blobs.insert(digest.to_owned(), size);
+        }
+    }
 }
 
 /// Whether the registry serves the referrers API for `repository` (distribution 2.8 answers
@@ -97,22 +129,14 @@ pub async fn attach(
     // Each referrer's blobs (the empty config they share is sent once), all at once, then
     // their manifests, all at once.
     let mut documents = Vec::new();
-    let mut blobs = std::collections::BTreeMap::new();
+    let mut blobs = BTreeMap::new();
     for digest in &referrers {
         let bytes = store.read_blob(digest).map_err(RegistryError::from)?;
         let document: Value =
             serde_json::from_slice(&bytes).map_err(|_| AttachError::BadReferrer {
                 digest: digest.clone(),
             })?;
-        for blob in std::iter::once(&document["config"])
-            .chain(document["layers"].as_array().into_iter().flatten())
-        {
-            if let (Some(blob_digest), Some(size)) =
-                (blob["digest"].as_str(), blob["size"].as_u64())
-            {
-                blobs.insert(blob_digest.to_owned(), size);
-            }
-        }
+        add_blobs(&document, &mut blobs);
         documents.push((digest, Bytes::from(bytes), document));
     }
     futures_util::future::try_join_all(blobs.iter().map(|(digest, &size)| async move {

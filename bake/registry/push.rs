@@ -220,6 +220,9 @@ pub struct PushOutcome {
 pub struct PushJob {
     pub digest: String,
     pub targets: Vec<PushTarget>,
+    /// Blobs that go with the image without being part of it (its attestations' envelopes and
+    /// SBOMs), digest → size: uploaded beside its own, counted in its report.
+    pub companions: BTreeMap<String, u64>,
 }
 
 /// Pushes image `digest` from the store to every target, one target after another (blobs in
@@ -235,6 +238,7 @@ pub async fn push_image(
     let job = PushJob {
         digest: digest.to_owned(),
         targets: targets.to_vec(),
+        companions: BTreeMap::new(),
     };
     push_images(client, store, std::slice::from_ref(&job), progress)
         .await
@@ -270,13 +274,22 @@ pub async fn push_job(
     transfers: &Transfers,
     progress: &dyn Progress,
 ) -> Result<PushOutcome> {
-    let graph = {
+    let mut graph = {
         let store = store.clone();
         let digest = job.digest.clone();
         tokio::task::spawn_blocking(move || ImageGraph::from_store(&store, &digest))
             .await
             .expect("reading the image graph does not panic")?
     };
+    for (digest, &size) in &job.companions {
+        if !store.has_blob(digest) {
+            return Err(StoreError::MissingBlob {
+                digest: digest.clone(),
+            }
+            .into());
+        }
+        graph.blobs.entry(digest.clone()).or_insert(size);
+    }
     let mut outcome = PushOutcome::default();
     // Repositories that now hold the blobs, per registry, for mounts.
     let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
