@@ -54,7 +54,7 @@ const LOOPBACK_TLS_PROBE: Duration = Duration::from_secs(2);
 /// larger ones stream from the store file.
 const IN_MEMORY_BLOB: u64 = 8 * 1024 * 1024;
 /// Read size when streaming a blob file.
-const STREAM_CHUNK: usize = 256 * 1024;
+const STREAM_CHUNK: usize = 1024 * 1024;
 
 /// The media types bake accepts for manifests, in the `Accept` header.
 pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
@@ -1565,54 +1565,57 @@ impl BlobBody {
             progress.blob_bytes(digest, bytes.len() as u64);
             return reqwest::Body::from(bytes.clone());
         }
+        // A blocking thread reads the file straight into each chunk's buffer (no zeroing, no
+        // second copy through tokio's file buffer) a few chunks ahead of the socket.
+        let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let path = self.path.clone();
-        let offset = self.offset;
-        let len = self.len;
+        let (offset, len) = (self.offset, self.len);
         let progress = progress.sink(digest);
-        let stream = futures_util::stream::unfold(
-            (None::<tokio::fs::File>, len, path),
-            move |(file, left, path)| {
-                let progress = progress.clone();
-                async move {
-                    if left == 0 {
-                        return None;
-                    }
-                    let mut file = match file {
-                        Some(f) => f,
-                        None => {
-                            let opened = async {
-                                use tokio::io::AsyncSeekExt;
-                                let mut f = tokio::fs::File::open(&path).await?;
-                                f.seek(std::io::SeekFrom::Start(offset)).await?;
-                                Ok::<_, std::io::Error>(f)
-                            }
-                            .await;
-                            match opened {
-                                Ok(f) => f,
-                                Err(e) => return Some((Err(e), (None, 0, path))),
-                            }
-                        }
-                    };
-                    let want = (left as usize).min(STREAM_CHUNK);
-                    let mut buf = vec![0; want];
-                    match file.read(&mut buf).await {
-                        Ok(0) => Some((
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            let opened = std::fs::File::open(&path).and_then(|mut file| {
+                file.seek(std::io::SeekFrom::Start(offset))?;
+                Ok(file)
+            });
+            let mut file = match opened {
+                Ok(file) => file,
+                Err(e) => {
+                    let _ = sender.blocking_send(Err(e));
+                    return;
+                }
+            };
+            let mut left = len;
+            while left > 0 {
+                let want = left.min(STREAM_CHUNK as u64);
+                let mut chunk = Vec::with_capacity(want as usize);
+                let read = (&mut file)
+                    .take(want)
+                    .read_to_end(&mut chunk)
+                    .and_then(|n| {
+                        if n == 0 {
                             Err(std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
                                 "the blob file is shorter than its size",
-                            )),
-                            (None, 0, path),
-                        )),
-                        Ok(n) => {
-                            buf.truncate(n);
-                            progress(n as u64);
-                            Some((Ok(Bytes::from(buf)), (Some(file), left - n as u64, path)))
+                            ))
+                        } else {
+                            Ok(n)
                         }
-                        Err(e) => Some((Err(e), (None, 0, path))),
-                    }
+                    });
+                let item = read.map(|n| {
+                    left -= n as u64;
+                    progress(n as u64);
+                    Bytes::from(chunk)
+                });
+                let failed = item.is_err();
+                // The receiver is gone when the request was dropped: stop reading.
+                if sender.blocking_send(item).is_err() || failed {
+                    return;
                 }
-            },
-        );
+            }
+        });
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|item| (item, receiver))
+        });
         reqwest::Body::wrap_stream(stream)
     }
 }
