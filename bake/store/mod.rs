@@ -146,8 +146,10 @@ impl Store {
         for dir in ["blobs/sha256", "records", "cache", "tmp", "work", TRASH] {
             fs_err::create_dir_all(root.join(dir)).map_err(io(root))?;
         }
+        // Absolute, so that paths made under it (tempfile makes its directories absolute)
+        // are recognised as the store's whatever the working directory was called.
         let store = Store {
-            root: root.to_path_buf(),
+            root: std::path::absolute(root).map_err(io(root))?,
         };
         let layout = root.join("oci-layout");
         if !layout.exists() {
@@ -568,6 +570,30 @@ mod tests {
         store.discard(&work).unwrap();
         assert!(!work.exists());
         assert!(!dir.path().join(TRASH).exists());
+    }
+
+    #[test]
+    fn a_store_opened_by_a_relative_path_discards_its_work_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        // The same directory named relative to the working directory (no chdir: tests share
+        // the process).
+        let cwd = std::env::current_dir().unwrap();
+        let mut relative = PathBuf::new();
+        for _ in cwd.components().skip(1) {
+            relative.push("..");
+        }
+        relative.push(dir.path().strip_prefix("/").unwrap());
+        let store = Store::open(&relative).unwrap();
+        let work = store.work_dir("root").unwrap().keep();
+        assert!(work.is_absolute());
+        fs_err::write(work.join("f"), b"x").unwrap();
+        store.discard(&work).unwrap();
+        assert!(!work.exists());
+        store.reap_trash();
+        assert_eq!(
+            fs_err::read_dir(dir.path().join("work")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
