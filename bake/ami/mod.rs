@@ -91,6 +91,9 @@ pub struct SnapshotAmiBuildRecord {
     /// The compliance gate's result, when the recipe has an `audit:` section.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<crate::audit::AuditRecord>,
+    /// The recipe's boot tests that the disk image passed before it was uploaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boots: Vec<boot::BootReport>,
     pub duration_ms: u64,
 }
 

@@ -319,6 +319,7 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         inputs: plan.inputs.clone(),
         ami,
         audit: None,
+        boots: Vec::new(),
         duration_ms: started.elapsed().as_millis() as u64,
     });
     finish_publish(settings, &store, result)
@@ -411,6 +412,9 @@ struct AmiBuildOutput<'a> {
     /// The digest of the AMIs' signed provenance (none with `--no-attest`).
     #[serde(skip_serializing_if = "Option::is_none")]
     provenance: Option<&'a str>,
+    /// The boot tests the disk image passed (the first run's, on a rebuild).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    boots: &'a [crate::ami::boot::BootReport],
 }
 
 /// Resolves when `flag` is set (by bake's SIGINT/SIGTERM handler).
@@ -498,6 +502,7 @@ pub fn run_snapshot_build(
     let mut work_dir = None;
     let mut disk: Option<(PathBuf, String)> = None;
     let mut audit = None;
+    let mut boots = Vec::new();
     if existing.is_none() {
         let runner = match NamespaceRunner::new() {
             Ok(runner) => runner,
@@ -543,14 +548,25 @@ pub fn run_snapshot_build(
         };
         let image = local.image;
         audit = local.audit;
+        boots = local.boots;
         disk = Some((image.path.clone(), image.digest.clone()));
         work_dir = Some(dir);
     }
     let previous: Option<SnapshotAmiBuildRecord> = store.record(&plan.version).ok().flatten();
-    let digest = disk
-        .as_ref()
-        .map(|(_, digest)| digest.clone())
-        .or_else(|| previous.and_then(|r| r.ami.disk_image_digest));
+    let digest = disk.as_ref().map(|(_, digest)| digest.clone()).or_else(|| {
+        previous
+            .as_ref()
+            .and_then(|r| r.ami.disk_image_digest.clone())
+    });
+    // A rebuild that reuses the AMI ran no gate and no boot: the record keeps the first run's.
+    if existing.is_some()
+        && let Some(previous) = previous
+    {
+        audit = audit.or(previous.audit);
+        if boots.is_empty() {
+            boots = previous.boots;
+        }
+    }
     let mut options = PublishOptions::default();
     if let Some(interval) = poll {
         options.snapshot_wait.interval = interval;
@@ -576,6 +592,7 @@ pub fn run_snapshot_build(
         inputs: plan.inputs.clone(),
         ami,
         audit,
+        boots,
         duration_ms: started.elapsed().as_millis() as u64,
     });
     match result {
@@ -620,12 +637,21 @@ pub fn run_snapshot_build(
                     ami: &record.ami,
                     cached,
                     provenance: provenance.as_deref(),
+                    boots: &record.boots,
                 }),
                 OutputFormat::Human => {
                     println!("version  {}", record.version);
                     print_ami_record(&record.ami);
                     if let Some(digest) = &provenance {
                         println!("provenance {digest}");
+                    }
+                    for boot in &record.boots {
+                        println!(
+                            "booted   to `{}` in {:.1} s ({})",
+                            boot.marker,
+                            boot.duration_ms as f64 / 1000.0,
+                            boot.accelerator
+                        );
                     }
                     if cached && !quiet {
                         eprintln!("(already built: the AMI of this version exists)");

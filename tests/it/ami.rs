@@ -805,7 +805,8 @@ async fn a_killed_upload_leaves_a_snapshot_that_cleanup_removes() {
 }
 
 /// `bake build` of a snapshot-strategy recipe, end to end against moto: provision, disk image,
-/// upload, register, copies to three regions; then again, which reuses it all.
+/// boot test in QEMU, upload, register, copies to three regions, signed provenance; then again,
+/// which reuses it all.
 /// Needs root and Debian's mirror (like the disk tests, whose store it shares for the cached
 /// bootstrap).
 #[tokio::test(flavor = "multi_thread")]
@@ -833,14 +834,14 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
         "    regions: [us-east-1]\n    disk_size_gib: 2\n",
         "    name: \"disk-test-{{version_short}}\"\n    regions: [us-east-1, eu-west-1, ap-southeast-2]\n    disk_size_gib: 2\n    encryption:\n      kms_key_id: alias/bake-ami\n    sharing:\n      accounts: [\"111122223333\"]\n    tags:\n      Name: \"disk-test-{{region}}\"\n",
     );
-    // The boot test is the disk tests' subject; under TCG on a loaded machine it can outlast
-    // its timeout, so this test (about the AWS half) leaves it out.
+    // The disk image must boot to the recipe's marker before anything is uploaded. Under TCG
+    // (no KVM) on a machine busy with the other tests a boot can take minutes: more room.
     let recipe = recipe.replace(
         "tests:\n  - boot:\n      marker: bake-disk-test-ok\n      timeout: 10m\n",
-        "",
+        "tests:\n  - boot:\n      marker: bake-disk-test-ok\n      timeout: 25m\n",
     );
     assert!(
-        recipe.contains("regions: [us-east-1, eu-west-1") && !recipe.contains("- boot:"),
+        recipe.contains("regions: [us-east-1, eu-west-1") && recipe.contains("timeout: 25m"),
         "the fixture changed: update this test"
     );
     let recipe_path = dir.path().join("ami.yaml");
@@ -868,6 +869,17 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     };
     let first = build();
     assert_eq!(first["cached"], false);
+    // The image booted in QEMU to the boot test's marker before the upload.
+    let boots = first["boots"].as_array().expect("the build reports its boot tests");
+    assert_eq!(boots.len(), 1, "{first}");
+    assert_eq!(boots[0]["marker"], "bake-disk-test-ok");
+    assert!(
+        boots[0]["marker_line"]
+            .as_str()
+            .unwrap()
+            .ends_with("bake-disk-test-ok"),
+        "{first}"
+    );
     assert!(
         first["disk_image_digest"]
             .as_str()
@@ -945,4 +957,6 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     assert_eq!(second["disk_image_digest"], first["disk_image_digest"]);
     // Already attested: the rebuild keeps the provenance instead of signing (and tagging) again.
     assert_eq!(second["provenance"], first["provenance"]);
+    // Nothing booted again; the record keeps the first run's boot.
+    assert_eq!(second["boots"], first["boots"]);
 }
