@@ -189,50 +189,31 @@ async fn push(
     for item in items {
         let mut targets = Vec::new();
         for target in item.planned {
-            let (name, region, tags, repo_settings) = match target {
-                Planned::Registry(target) => {
-                    targets.push(target);
-                    continue;
-                }
+            match target {
+                Planned::Registry(target) => targets.push(target),
                 Planned::Ecr {
                     name,
                     region,
                     tags,
-                    settings,
-                } => (name, region, tags, settings),
-            };
-            let key = (region.clone(), name.clone());
-            if !ensured.contains_key(&key) {
-                let aws = aws.as_ref().expect("AWS is loaded for ECR targets");
-                let repository =
-                    match ecr::ensure_repository(&aws.ecr(&region), &region, &name, &repo_settings)
-                        .await
-                    {
-                        // Differences were logged as warnings by `ensure_repository`.
-                        Ok(ensured) => match Reference::repository_only(&ensured.uri) {
-                            Ok(repository) => Some(repository),
-                            Err(e) => {
-                                failures.push((ensured.uri.clone(), e.to_string()));
-                                None
-                            }
-                        },
-                        Err(e) => {
-                            let error = RegistryError::from(e);
-                            print_reports(
-                                settings,
-                                &[Report::from_error(&error).with_hint(error.hint())],
-                            );
-                            failures.push((format!("ecr:{region}/{name}"), error.to_string()));
-                            None
-                        }
-                    };
-                ensured.insert(key.clone(), repository);
-            }
-            if let Some(repository) = &ensured[&key] {
-                targets.push(PushTarget {
-                    repository: repository.clone(),
-                    tags,
-                });
+                    settings: repository_settings,
+                } => {
+                    let aws = aws.as_ref().expect("AWS is loaded for ECR targets");
+                    let key = (region, name);
+                    if !ensured.contains_key(&key) {
+                        let repository =
+                            ensure_ecr(aws, &key.0, &key.1, &repository_settings, settings)
+                                .await
+                                .map_err(|failure| failures.push(failure))
+                                .ok();
+                        ensured.insert(key.clone(), repository);
+                    }
+                    if let Some(repository) = &ensured[&key] {
+                        targets.push(PushTarget {
+                            repository: repository.clone(),
+                            tags,
+                        });
+                    }
+                }
             }
         }
         jobs.push(PushJob {
@@ -345,6 +326,29 @@ async fn push(
         (true, false) => ExitStatus::Infrastructure,
         (false, false) => ExitStatus::PartialPublish,
     }
+}
+
+/// The repository of ECR repository `name` in `region`, made with `repository_settings` if
+/// missing (differences from an existing one are logged as warnings); a failure is reported
+/// and returned as (target, error) for the summary.
+async fn ensure_ecr(
+    aws: &crate::aws::Aws,
+    region: &str,
+    name: &str,
+    repository_settings: &RepositorySettings,
+    settings: &Settings,
+) -> Result<Reference, (String, String)> {
+    let ensured = ecr::ensure_repository(&aws.ecr(region), region, name, repository_settings)
+        .await
+        .map_err(|e| {
+            let error = RegistryError::from(e);
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            (format!("ecr:{region}/{name}"), error.to_string())
+        })?;
+    Reference::repository_only(&ensured.uri).map_err(|e| (ensured.uri.clone(), e.to_string()))
 }
 
 /// One line on what pushing `image` did: bytes and blobs uploaded and skipped.

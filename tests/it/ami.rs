@@ -870,7 +870,9 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     let first = build();
     assert_eq!(first["cached"], false);
     // The image booted in QEMU to the boot test's marker before the upload.
-    let boots = first["boots"].as_array().expect("the build reports its boot tests");
+    let boots = first["boots"]
+        .as_array()
+        .expect("the build reports its boot tests");
     assert_eq!(boots.len(), 1, "{first}");
     assert_eq!(boots[0]["marker"], "bake-disk-test-ok");
     assert!(
