@@ -496,15 +496,18 @@ pub fn update(
     Ok(manifest)
 }
 
-/// Appends a publication to the manifest of `version`.
-pub fn record_publication(
+/// Appends publications to the manifest of `version` (one write for all of them); one it
+/// already lists is not added again.
+pub fn record_publications(
     store: &Store,
     version: &str,
-    publication: Publication,
+    publications: impl IntoIterator<Item = Publication>,
 ) -> Result<Manifest, ManifestError> {
     update(store, version, |m| {
-        if !m.publications.contains(&publication) {
-            m.publications.push(publication);
+        for publication in publications {
+            if !m.publications.contains(&publication) {
+                m.publications.push(publication);
+            }
         }
     })
 }
@@ -648,16 +651,16 @@ mod tests {
             },
         )
         .unwrap();
-        record_publication(
+        record_publications(
             &store,
             &a,
-            Publication::LaunchTemplate {
+            [Publication::LaunchTemplate {
                 region: "eu-west-1".into(),
                 id: "lt-0abc".into(),
                 version: 7,
                 at: "t".into(),
                 by: "me".into(),
-            },
+            }],
         )
         .unwrap();
         let image_b = format!("sha256:{}", "b".repeat(64));

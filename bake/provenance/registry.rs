@@ -296,6 +296,7 @@ pub async fn attach_pushed(
     let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let by = operator();
     let mut results = Vec::new();
+    let mut publications = Vec::new();
     for target in pushed {
         let repository = match Reference::repository_only(&target.repository) {
             Ok(r) => r,
@@ -308,12 +309,12 @@ pub async fn attach_pushed(
             }
         };
         let result = attach(client, store, &repository, &manifest).await;
-        let mut publications = vec![super::manifest::Publication::Registry {
+        publications.push(super::manifest::Publication::Registry {
             reference: target.reference.clone(),
             digest: target.digest.clone(),
             at: at.clone(),
             by: by.clone(),
-        }];
+        });
         for tag in &target.tags {
             publications.push(super::manifest::Publication::Registry {
                 reference: format!("{}:{tag}", target.repository),
@@ -332,13 +333,18 @@ pub async fn attach_pushed(
                 });
             }
         }
-        // Recording is best effort: the registry already holds what was pushed.
-        for publication in publications {
-            if let Err(e) = super::manifest::record_publication(store, version, publication) {
-                tracing::warn!("failed to record a publication in the manifest: {e}");
-            }
-        }
         results.push((target.repository.clone(), result));
+    }
+    // Recording is best effort: the registry already holds what was pushed. One durable write
+    // for all of it, off the async threads.
+    let (store, version) = (store.clone(), version.to_owned());
+    let recorded = tokio::task::spawn_blocking(move || {
+        super::manifest::record_publications(&store, &version, publications)
+    })
+    .await
+    .expect("recording publications does not panic");
+    if let Err(e) = recorded {
+        tracing::warn!("failed to record the pushes in the manifest: {e}");
     }
     results
 }
