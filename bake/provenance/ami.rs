@@ -107,13 +107,13 @@ pub async fn attest_amis(
             version: version.to_owned(),
         })?,
     };
+    // The record names the AMIs the version has now; a manifest from an earlier build of the
+    // same version (say, before its AMIs were deregistered and built again) may name others.
     if let Some(fresh) = Manifest::from_ami_record(&raw) {
-        for ami in fresh.outputs.amis {
-            if !manifest.outputs.amis.contains(&ami) {
-                manifest.outputs.amis.push(ami);
-            }
+        if !fresh.outputs.amis.is_empty() {
+            manifest.outputs.amis = fresh.outputs.amis;
         }
-        manifest.outputs.disk_image = manifest.outputs.disk_image.or(fresh.outputs.disk_image);
+        manifest.outputs.disk_image = fresh.outputs.disk_image.or(manifest.outputs.disk_image);
     }
     if manifest.outputs.amis.is_empty() {
         return Err(AmiProvenanceError::NoAmis {

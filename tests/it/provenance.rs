@@ -1145,4 +1145,35 @@ fn ami_provenance_is_tagged_kept_in_ssm_and_verified() {
         ),
         "not the sha256:0000",
     );
+
+    // The AMI is deregistered and the version built again: the new record names a new AMI.
+    // Attesting signs for that one alone; the manifest forgets the AMI that is gone.
+    let rebuilt = runtime.block_on(async {
+        aws.ec2("us-east-1")
+            .deregister_image()
+            .image_id(&ami)
+            .send()
+            .await
+            .unwrap();
+        register_ami(&aws, "bake-prov-3", &version).await
+    });
+    let mut record = record;
+    record["ami"]["regions"][0]["image_id"] = json!(rebuilt);
+    fs_err::write(
+        s.join("records").join(format!("{}.json", "5".repeat(64))),
+        serde_json::to_vec_pretty(&record).unwrap(),
+    )
+    .unwrap();
+    let again = with_aws(s, &["--output", "json", "attest", &version]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let manifest = json_of(&again);
+    let amis: Vec<&str> = manifest["outputs"]["amis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["image_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(amis, [rebuilt.as_str()]);
+    let ok = with_aws(s, &["verify", &rebuilt]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
 }
