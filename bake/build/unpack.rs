@@ -640,23 +640,13 @@ fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<FileType>> {
     }
 }
 
+/// The names in `dir`, as bytes.
 fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    // A fresh descriptor: reading a directory moves its offset.
-    let fd = rustix::fs::openat(
-        dir,
-        ".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&fd)? {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
-        }
-    }
-    Ok(names)
+    use std::os::unix::ffi::OsStringExt;
+    Ok(crate::store::trash::list_dir(dir)?
+        .into_iter()
+        .map(OsStringExt::into_vec)
+        .collect())
 }
 
 /// Removes `name` from `dir`, with everything below it if it is a directory, never following

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
 
-mod trash;
+pub(crate) mod trash;
 
 /// The annotation bake puts on each index entry: the version it is the image of.
 pub const ANNOTATION_VERSION: &str = "dev.bake.version";

@@ -45,8 +45,8 @@ fn open_dir(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
     )
 }
 
-/// The names in `dir`, without `.` and `..`.
-fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+/// The names in `dir`, without `.` and `..` (also the unpacker's, for whiteouts).
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     // A fresh descriptor: reading a directory moves its offset.
     let fd = rustix::fs::openat(
         dir,
@@ -97,7 +97,7 @@ fn remove_at(dir: BorrowedFd<'_>, name: &OsStr, mount: MountId) -> io::Result<()
             ),
         ));
     }
-    for entry in list(child.as_fd())? {
+    for entry in list_dir(child.as_fd())? {
         remove_at(child.as_fd(), &entry, mount)?;
     }
     gone_ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR))
@@ -139,7 +139,7 @@ pub(super) fn empty(dir: &Path) -> io::Result<Vec<(OsString, io::Error)>> {
     };
     let mount = mount_of(fd.as_fd())?;
     let mut left = Vec::new();
-    for name in list(fd.as_fd())? {
+    for name in list_dir(fd.as_fd())? {
         if let Err(e) = remove_at(fd.as_fd(), &name, mount) {
             left.push((name, e));
         }
