@@ -28,8 +28,7 @@ use crate::build::pipeline::{BuildOptions, Builder};
 use crate::build::runner::NamespaceRunner;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::PlanError;
-use crate::recipe::{self, Recipe};
+use crate::recipe::Recipe;
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
@@ -82,10 +81,7 @@ pub struct PublishArgs {
 }
 
 pub fn run(args: &AmiArgs, settings: &Settings) -> ExitStatus {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e)]);
@@ -240,15 +236,9 @@ async fn upload(args: &UploadArgs, settings: &Settings, poll: Option<Duration>) 
 
 async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
-        Err(errors) => {
-            print_reports(
-                settings,
-                &super::plan::plan_reports(&PlanError::from(errors)),
-            );
-            return ExitStatus::RecipeOrUsage;
-        }
+        Err(status) => return status,
     };
     let plan =
         match super::plan::plan_or_report(&recipe, &shown, &settings.plan_options(), settings) {
@@ -461,10 +451,7 @@ pub fn run_snapshot_build(
         );
         return ExitStatus::RecipeOrUsage;
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             report(&e);

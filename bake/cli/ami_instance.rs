@@ -32,14 +32,6 @@ pub fn is_instance_recipe(recipe: &Recipe) -> bool {
         .is_some_and(|a| a.strategy == AmiStrategy::Instance)
 }
 
-/// A tokio runtime for the AWS and SSH work of one command.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-}
-
 /// The region a recipe's source AMI is resolved in: where the AMI is built.
 fn build_region(recipe: &Recipe, aws: &Aws) -> Option<String> {
     recipe
@@ -73,7 +65,7 @@ pub fn plan_options(
     if !matches!(recipe.base, Base::Ami(_)) {
         return Ok(options);
     }
-    let rt = runtime().map_err(|e| (Report::from_error(&e), ExitStatus::Infrastructure))?;
+    let rt = super::runtime().map_err(|e| (Report::from_error(&e), ExitStatus::Infrastructure))?;
     let resolved = rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
         resolve_source(&aws, recipe).await
@@ -148,7 +140,7 @@ pub fn run_build(
             return ExitStatus::Infrastructure;
         }
     };
-    let rt = match runtime() {
+    let rt = match super::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e)]);

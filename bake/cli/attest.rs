@@ -67,11 +67,7 @@ pub fn attest(
     version: &str,
 ) -> Result<Manifest, Report> {
     let report = |e: &(dyn std::error::Error + 'static)| Report::from_error(e);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| report(&e))?;
+    let runtime = super::runtime().map_err(|e| report(&e))?;
     let options = AttestOptions {
         sbom_formats: if args.sbom_formats.is_empty() {
             vec![SbomFormat::Spdx]
@@ -217,11 +213,7 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
         Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
     };
     let manifest = if raw.get("ami").is_some() {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-        {
+        let runtime = match super::runtime() {
             Ok(runtime) => runtime,
             Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
         };

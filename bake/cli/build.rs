@@ -15,7 +15,6 @@ use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
 use crate::build::runner::{NamespaceRunner, StepOutput, Stream};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::PlanError;
 use crate::recipe;
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
@@ -33,15 +32,9 @@ pub struct BuildArgs {
 
 pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
-        Err(errors) => {
-            print_reports(
-                settings,
-                &super::plan::plan_reports(&PlanError::from(errors)),
-            );
-            return ExitStatus::RecipeOrUsage;
-        }
+        Err(status) => return status,
     };
     if super::ami_instance::is_instance_recipe(&recipe) {
         return super::ami_instance::run_build(&recipe, &shown, settings, cancel_on_signals());

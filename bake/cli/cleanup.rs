@@ -75,7 +75,7 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
     } else {
         None
     };
-    let rt = match super::ami_instance::runtime() {
+    let rt = match super::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e)]);

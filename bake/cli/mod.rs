@@ -161,6 +161,13 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     }
 }
 
+/// The tokio runtime for one command's network work (AWS, registries, SSH).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 /// Sets up logging on stderr: `BAKE_LOG` (tracing's filter syntax) wins over `-q`/`-v`.
 pub fn init_logging(settings: &Settings) {
     let default = match settings.verbosity {

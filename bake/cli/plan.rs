@@ -27,12 +27,9 @@ pub struct PlanArgs {
 
 pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let recipe = match recipe::load(&args.recipe, &args.vars.sources()) {
+    let recipe = match load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
-        Err(errors) => {
-            print_reports(settings, &plan_reports(&PlanError::from(errors)));
-            return ExitStatus::RecipeOrUsage;
-        }
+        Err(status) => return status,
     };
     // A source AMI is looked up in AWS, so its id enters the version.
     let options = match super::ami_instance::plan_options(&recipe, settings) {
@@ -85,6 +82,19 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
             }
         }
     }
+}
+
+/// Loads the recipe at `path` with the command line's variables, or prints every error in it
+/// and returns the exit status to end with.
+pub(super) fn load_or_report(
+    path: &std::path::Path,
+    vars: &VarArgs,
+    settings: &Settings,
+) -> Result<crate::recipe::Recipe, ExitStatus> {
+    recipe::load(path, &vars.sources()).map_err(|errors| {
+        print_reports(settings, &plan_reports(&PlanError::from(errors)));
+        ExitStatus::RecipeOrUsage
+    })
 }
 
 /// Plans `recipe`, or prints why it cannot be planned and returns the exit status to end with.

@@ -11,12 +11,12 @@ use super::{VarArgs, print_json, print_reports};
 use crate::aws::Aws;
 use crate::diagnostic::{JsonReport, Report};
 use crate::exit::ExitStatus;
-use crate::plan::{self, PlanError};
+use crate::plan;
 use crate::publish::{
     Action, PublishError, PublishInputs, PublishOptions, PublishReport, Publisher,
     RegistryDigestCheck, Status,
 };
-use crate::recipe::{self, Recipe};
+use crate::recipe::Recipe;
 use crate::registry::{
     self,
     auth::{ChainCredentials, Credentials},
@@ -102,23 +102,7 @@ pub struct PinArgs {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime starts")
-}
-
-fn load_recipe(path: &std::path::Path, vars: &VarArgs, settings: &Settings) -> Option<Recipe> {
-    match recipe::load(path, &vars.sources()) {
-        Ok(recipe) => Some(recipe),
-        Err(errors) => {
-            print_reports(
-                settings,
-                &super::plan::plan_reports(&PlanError::from(errors)),
-            );
-            None
-        }
-    }
+    super::runtime().expect("a tokio runtime starts")
 }
 
 /// Plain-HTTP registry hosts of the recipe.
@@ -254,9 +238,7 @@ pub(super) fn publish_report(
     args: &PublishArgs,
     settings: &Settings,
 ) -> Result<PublishReport, ExitStatus> {
-    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
-        return Err(ExitStatus::RecipeOrUsage);
-    };
+    let recipe = super::plan::load_or_report(&args.recipe, &args.vars, settings)?;
     let source = match source(args, &recipe, settings) {
         Ok(source) => source,
         Err(report) => {
@@ -342,8 +324,9 @@ fn move_channel(
     movement: ChannelMove<'_>,
     settings: &Settings,
 ) -> ExitStatus {
-    let Some(recipe) = load_recipe(recipe, vars, settings) else {
-        return ExitStatus::RecipeOrUsage;
+    let recipe = match super::plan::load_or_report(recipe, vars, settings) {
+        Ok(recipe) => recipe,
+        Err(status) => return status,
     };
     let options = PublishOptions {
         dry_run,
@@ -374,8 +357,9 @@ fn move_channel(
 }
 
 pub fn run_pin(args: &PinArgs, settings: &Settings) -> ExitStatus {
-    let Some(recipe) = load_recipe(&args.recipe, &args.vars, settings) else {
-        return ExitStatus::RecipeOrUsage;
+    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+        Ok(recipe) => recipe,
+        Err(status) => return status,
     };
     runtime().block_on(async {
         let aws = Aws::load(&settings.aws).await;

@@ -136,11 +136,7 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
         }
         items.push(Item { record, planned });
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e)]);
@@ -226,7 +222,7 @@ async fn push(
     let progress = CliProgress::new(settings.progress);
     // Each image's signed provenance and SBOMs follow it as soon as it is up, while the other
     // images may still be uploading (provenance module).
-    let transfers = Transfers::new(client.options().parallelism.max(1));
+    let transfers = Transfers::new(&client);
     let results =
         futures_util::future::join_all(jobs.iter().zip(&records).map(|(job, record)| async {
             let outcome = push_job(&client, store, job, &transfers, &progress).await;

@@ -240,33 +240,14 @@ pub async fn push_image(
         targets: targets.to_vec(),
         companions: BTreeMap::new(),
     };
-    push_images(client, store, std::slice::from_ref(&job), progress)
-        .await
-        .pop()
-        .expect("one outcome per job")
+    push_job(client, store, &job, &Transfers::new(client), progress).await
 }
 
-/// Pushes several images at once (a release of related images): each like [`push_image`], all
-/// of them concurrently, with at most the client's parallelism of blob uploads in flight
-/// overall. A blob that two images share (their base layer) is transferred once per
-/// repository: the second image waits for the first's upload instead of sending it again.
-/// Returns one outcome per job, in order.
-pub async fn push_images(
-    client: &Client,
-    store: &Store,
-    jobs: &[PushJob],
-    progress: &dyn Progress,
-) -> Vec<Result<PushOutcome>> {
-    let transfers = Transfers::new(client.options().parallelism.max(1));
-    futures_util::future::join_all(
-        jobs.iter()
-            .map(|job| push_job(client, store, job, &transfers, progress)),
-    )
-    .await
-}
-
-/// Pushes one image of a [`push_images`]-like batch: every target in turn, sharing `transfers`
-/// with the batch's other images.
+/// Pushes one image, like [`push_image`], sharing `transfers` with the other images of its
+/// batch: a release pushes its images concurrently, each through `push_job` with the same
+/// [`Transfers`], so that at most the client's parallelism of uploads are in flight overall and
+/// a blob two images share (their base layer) goes to each repository once: the second image
+/// waits for the first's upload instead of sending it again.
 pub async fn push_job(
     client: &Client,
     store: &Store,
@@ -324,8 +305,8 @@ pub async fn push_job(
     Ok(outcome)
 }
 
-/// The blob transfers of one batch of images ([`push_images`]): each (repository, blob) is looked at once,
-/// and uploads share one bound.
+/// The blob transfers of one batch of images pushed together: each (repository, blob) is
+/// looked at once, and uploads share one bound.
 pub struct Transfers {
     /// `repository@digest` of each blob → set once the blob is there.
     blobs: std::sync::Mutex<BTreeMap<String, Arc<OnceCell<()>>>>,
@@ -333,10 +314,11 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    pub fn new(parallel_uploads: usize) -> Self {
+    /// A batch bounded by `client`'s parallelism.
+    pub fn new(client: &Client) -> Self {
         Transfers {
             blobs: std::sync::Mutex::new(BTreeMap::new()),
-            uploads: Semaphore::new(parallel_uploads),
+            uploads: Semaphore::new(client.options().parallelism.max(1)),
         }
     }
 
