@@ -281,6 +281,18 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c)
 }
 
+/// An error's message followed by each of its causes, `: `-separated, on one line.
+pub fn error_chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,24 +112,16 @@ fn render_failure(succeeded: &[RegionImage], failed: &[(String, RegionError)]) -
         failed.len() + succeeded.len()
     );
     for (region, error) in failed {
-        text.push_str(&format!("\n  {region}: {}", chain(error)));
+        text.push_str(&format!(
+            "\n  {region}: {}",
+            crate::diagnostic::error_chain(error)
+        ));
     }
     for image in succeeded {
         text.push_str(&format!(
             "\n  {}: ok ({}, {})",
             image.region, image.image_id, image.snapshot_id
         ));
-    }
-    text
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
     }
     text
 }
@@ -179,7 +171,7 @@ pub async fn distribute(
                 copy_to(aws, journal, spec, region, source, run.as_deref(), options).await
             };
             if let Err(e) = &outcome {
-                tracing::warn!("{}: {}", region.region, chain(e));
+                tracing::warn!("{}: {}", region.region, crate::diagnostic::error_chain(e));
             }
             (region.region.clone(), outcome)
         }

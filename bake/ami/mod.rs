@@ -109,19 +109,13 @@ where
             match (e.code(), e.message()) {
                 (Some(code), Some(message)) => format!("{code}: {message}"),
                 (Some(code), None) => code.to_owned(),
-                _ => format!("HTTP {}: {e}", service.raw().status().as_u16()),
+                _ => format!(
+                    "HTTP {} that is not an AWS error ({e})",
+                    service.raw().status().as_u16()
+                ),
             }
         }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        other => crate::diagnostic::error_chain(other),
     }
 }
 

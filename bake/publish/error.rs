@@ -153,28 +153,7 @@ impl AwsCallError {
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let text = match error {
-            SdkError::ServiceError(service) => {
-                let e = service.err();
-                let status = service.raw().status().as_u16();
-                match (e.code(), e.message()) {
-                    (Some(code), Some(message)) => format!("{code}: {message}"),
-                    (Some(code), None) => code.to_owned(),
-                    _ => format!("HTTP {status} that is not an AWS error ({e})"),
-                }
-            }
-            other => {
-                let mut text = other.to_string();
-                let mut source = std::error::Error::source(other);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                text
-            }
-        };
-        AwsCallError(text)
+        AwsCallError(crate::ami::sdk_error(error))
     }
 }
 

@@ -1159,7 +1159,7 @@ impl InstanceBuilder<'_> {
             );
             match attempt.await {
                 Ok(Ok(session)) => return Ok(session),
-                Ok(Err(e)) if e.is_transient() => last_error = error_chain(&e),
+                Ok(Err(e)) if e.is_transient() => last_error = crate::diagnostic::error_chain(&e),
                 Ok(Err(e)) => return Err(InstanceError::Ssh(e)),
                 Err(_) => last_error = "the SSH handshake did not finish".into(),
             }
@@ -1456,17 +1456,6 @@ fn aws<E: ProvideErrorMetadata + std::fmt::Debug>(
         region,
         source: detail(&e),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
