@@ -11,22 +11,9 @@ use serde_json::Value;
 
 use super::common::{bake, copy_tree, repo_root, service, stderr, stdout};
 
-/// Whether this process can run builds; prints why not (and fails under CI).
+/// Whether this process can run builds (see [`super::skip`]).
 fn can_build() -> bool {
-    if nix_is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the build tests as root"
-    );
-    eprintln!("skipping: building images needs root (namespaces, chown)");
-    false
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    super::skip::root("building images: namespaces, chown")
 }
 
 /// Runs `bake --store STORE --output json ARGS` in `cwd` and parses stdout.
@@ -74,7 +61,7 @@ fn touch_all(dir: &Path, stamp: &str) {
 }
 
 fn schema_dir() -> PathBuf {
-    repo_root().join("../shared/schemas/oci-image-spec")
+    repo_root().join("tests/fixtures/oci-image-spec")
 }
 
 /// Validates `file` as an OCI `kind` with the image-spec schemas, through the test venv's
