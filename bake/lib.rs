@@ -30,5 +30,7 @@ pub mod publish;
 pub mod recipe;
 pub mod registry;
 pub mod settings;
+#[cfg(test)]
+pub(crate) mod skip;
 pub mod ssh;
 pub mod store;

@@ -588,7 +588,7 @@ mod tests {
 
     /// Has the command-line `tool` test `bytes` (`-t`), an independent decoder.
     fn external_test(tool: &str, bytes: &[u8]) {
-        if !crate::build::testing::tool(tool, "compress::tests::external_test") {
+        if !crate::skip::tool(tool) {
             return;
         }
         let mut child = Command::new(tool)

@@ -495,7 +495,7 @@ mod tests {
 
     #[test]
     fn a_whole_tree_layer_keeps_every_kind_of_entry_and_its_metadata() {
-        if !privileged("a_whole_tree_layer_keeps_every_kind_of_entry_and_its_metadata") {
+        if !privileged() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -560,7 +560,7 @@ mod tests {
     /// GNU tar, if installed, reads the layer without a warning and sees the same entries.
     fn gnu_tar_lists(bytes: &[u8], expected: usize) {
         use std::process::{Command, Stdio};
-        if !crate::build::testing::tool("tar", "layer::tests::gnu_tar_lists") {
+        if !crate::skip::tool("tar") {
             return;
         }
         let mut child = Command::new("tar")
@@ -588,7 +588,7 @@ mod tests {
 
     #[test]
     fn whiteouts_and_opaque_markers_come_first_in_their_directory() {
-        if !privileged("whiteouts_and_opaque_markers_come_first_in_their_directory") {
+        if !privileged() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -683,7 +683,7 @@ mod tests {
 
     #[test]
     fn a_diff_layer_holds_the_changes_and_their_parents() {
-        if !privileged("a_diff_layer_holds_the_changes_and_their_parents") {
+        if !privileged() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -720,7 +720,7 @@ mod tests {
     /// digests must be deliberate (update the digest here and say so in the commit).
     #[test]
     fn the_layer_of_a_fixed_tree_has_a_pinned_digest() {
-        if !privileged("the_layer_of_a_fixed_tree_has_a_pinned_digest") {
+        if !privileged() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -800,7 +800,7 @@ mod tests {
     /// skip message happen once.
     #[test]
     fn the_same_tree_gives_the_same_bytes() {
-        if !privileged("the_same_tree_gives_the_same_bytes") {
+        if !privileged() {
             return;
         }
         let config = ProptestConfig {

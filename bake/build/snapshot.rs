@@ -583,8 +583,7 @@ mod tests {
 
     #[test]
     fn a_mount_point_is_left_out_and_what_it_covers_is_not_deleted() {
-        let name = "a_mount_point_is_left_out_and_what_it_covers_is_not_deleted";
-        if !crate::build::testing::privileged(name) {
+        if !crate::build::testing::privileged() {
             return;
         }
         let dir = tree();

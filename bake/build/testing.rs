@@ -2,41 +2,18 @@
 //! attribute a layer has to carry, and helpers to read a layer tar back.
 //!
 //! Most of these tests need root (chown, mknod, mount), as CI has: [`privileged`] skips them
-//! with a message for a developer who is not root, and fails them in CI.
+//! with a counted message for a developer who is not root, and fails them in CI.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
 use rustix::fs::{FileType, Mode, makedev, mknodat};
 
-/// Whether a test may do what only root can. Outside CI a non-root run skips with a message;
-/// in CI (which runs as root) it fails instead, so that nothing passes silently.
-pub fn privileged(test: &str) -> bool {
-    rustix::process::geteuid().is_root() || skip_or_fail(test, "root (chown, mknod, mount)")
-}
-
-/// Whether the command-line `tool` can be run, with the same skip-or-fail rule.
-pub fn tool(tool: &str, test: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    found || skip_or_fail(test, &format!("`{tool}` (scripts/setup installs it)"))
-}
-
-/// Panics in CI, where everything a test needs is provided; elsewhere says what is skipped.
-pub fn skip_or_fail(test: &str, missing: &str) -> bool {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs {missing}, which CI must provide"
-    );
-    // Written to stderr directly: libtest captures `eprintln!` of passing tests, and a skip
-    // must be seen.
-    let _ = writeln!(std::io::stderr(), "skipped {test}: needs {missing}");
-    false
+/// Whether a test may do what only root can (see [`crate::skip`]: skips outside CI, fails in
+/// CI, which runs as root).
+pub fn privileged() -> bool {
+    crate::skip::root("chown, mknod, mount")
 }
 
 /// A path longer than a tar header's 100-byte name field.

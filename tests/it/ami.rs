@@ -814,13 +814,7 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run AMI builds as root"
-        );
-        eprintln!("skipping: provisioning a root filesystem needs root");
+    if !super::skip::root("provisioning a root filesystem") {
         return;
     }
     let (aws, _, account) = test_aws(&endpoint).await;

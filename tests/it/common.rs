@@ -42,15 +42,10 @@ pub fn stderr(output: &Output) -> String {
 pub fn service(variable: &str) -> Option<String> {
     match std::env::var(variable) {
         Ok(value) if !value.is_empty() => Some(value),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!(
-                "{variable} is not set: run the tests through scripts/test, which starts the test servers"
-            )
-        }
         _ => {
-            eprintln!(
-                "SKIP: {variable} is not set; run through scripts/test to start the test servers"
-            );
+            super::skip::skip(&format!(
+                "the test server in {variable} (run the tests through scripts/test, which starts them)"
+            ));
             None
         }
     }

@@ -283,19 +283,6 @@ impl Moto {
 // ---------------------------------------------------------------------------------------------
 // sshd in an isolated root
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn skip_or_fail(test: &str, missing: &str) -> bool {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs {missing}, which CI must provide"
-    );
-    let _ = writeln!(std::io::stderr(), "skipped {test}: needs {missing}");
-    false
-}
-
 /// The cached base root: Debian bookworm minbase with openssh-server and sudo, and an
 /// `ec2-user` with passwordless sudo (as on vendor images). Made once with mmdebstrap.
 fn base_root() -> Result<PathBuf, String> {
@@ -366,15 +353,14 @@ fn free_port() -> u16 {
 }
 
 impl Sshd {
-    fn start(test: &str) -> Option<Sshd> {
-        if !is_root() {
-            skip_or_fail(test, "root (namespaces, overlay and chroot for sshd)");
+    fn start() -> Option<Sshd> {
+        if !super::skip::root("namespaces, overlay and chroot for sshd") {
             return None;
         }
         let base = match base_root() {
             Ok(base) => base,
             Err(e) => {
-                skip_or_fail(test, &format!("a Debian root with openssh-server ({e})"));
+                super::skip::skip(&format!("a Debian root with openssh-server ({e})"));
                 return None;
             }
         };
@@ -618,9 +604,8 @@ fn tag_specs(request: &BTreeMap<String, String>) -> BTreeMap<String, BTreeMap<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_build_provisions_over_ssh_and_leaves_nothing_behind() {
-    let test = "instance_build_provisions_over_ssh_and_leaves_nothing_behind";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     let (_older, newest) = moto.vendor_amis().await;
@@ -829,9 +814,8 @@ async fn assert_clean(moto: &Moto) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_provisioner_removes_every_temporary_resource() {
-    let test = "a_failing_provisioner_removes_every_temporary_resource";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     moto.vendor_amis().await;
@@ -913,9 +897,8 @@ const BLOCKING_STEP: &str = "  - shell:\n      name: slow\n      inline: |\n    
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_during_provisioning_removes_every_temporary_resource() {
-    let test = "ctrl_c_during_provisioning_removes_every_temporary_resource";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     moto.vendor_amis().await;
@@ -941,9 +924,8 @@ async fn ctrl_c_during_provisioning_removes_every_temporary_resource() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sigkill_bake_cleanup_removes_the_builds_resources_and_nothing_else() {
-    let test = "after_a_sigkill_bake_cleanup_removes_the_builds_resources_and_nothing_else";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     moto.vendor_amis().await;
@@ -1202,9 +1184,8 @@ async fn plan_pins_the_resolved_source_ami_in_the_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bastion_reaches_the_builder_through_a_forwarded_channel() {
-    let test = "a_bastion_reaches_the_builder_through_a_forwarded_channel";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     moto.vendor_amis().await;
@@ -1245,9 +1226,8 @@ async fn a_bastion_reaches_the_builder_through_a_forwarded_channel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_janitor_without_the_journal_removes_tagged_leftovers_only_with_older_than() {
-    let test = "a_janitor_without_the_journal_removes_tagged_leftovers_only_with_older_than";
     let Some(moto) = moto().await else { return };
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     moto.vendor_amis().await;
@@ -1316,8 +1296,7 @@ async fn the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees() {
     use bake::build::runner::OutputLine;
     use bake::ssh::{HostKeyPolicy, RemoteScript, RunAs, Session, SshError, SshTarget};
 
-    let test = "the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees";
-    let Some(sshd) = Sshd::start(test) else {
+    let Some(sshd) = Sshd::start() else {
         return;
     };
     let key = Arc::new(bake::ssh::generate_key().unwrap());

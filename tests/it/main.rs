@@ -1,7 +1,8 @@
 //! bake's integration tests, compiled into one binary (one link, one run).
 //!
 //! Tests that need a server (moto, the registry) find it through the environment that
-//! `scripts/services` exports; without it they fail under `CI` and skip, with a message, outside.
+//! `scripts/services` exports; without it they fail under `CI` and skip outside, through
+//! [`skip`], which `scripts/test` counts and names in its summary.
 
 mod ami;
 mod aws_harness;
@@ -18,3 +19,5 @@ mod recipes;
 mod registry;
 mod registry_harness;
 mod runner;
+#[path = "../../bake/skip.rs"]
+mod skip;

@@ -16,16 +16,7 @@ use sha2::{Digest as _, Sha256};
 use super::common::{bake, repo_root, service, stderr, stdout};
 
 fn can_build() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the provenance tests as root"
-    );
-    eprintln!("skipping: building images needs root (namespaces, chown)");
-    false
+    super::skip::root("building images: namespaces, chown")
 }
 
 /// Runs `bake --store STORE ARGS` from the repository root.

@@ -31,24 +31,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Whether the tests can run here; prints why not, and fails under CI.
 fn ready() -> bool {
-    let missing = if !nix::unistd::geteuid().is_root() {
-        Some("root (namespaces and mounts)")
-    } else if !Path::new(BUSYBOX).is_file() {
-        Some("/bin/busybox (`apt-get install busybox-static`, or scripts/setup)")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(what) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the namespace runner tests, but {what} is missing"
-            );
-            eprintln!("skipping: the namespace runner tests need {what}");
-            false
-        }
+    if !super::skip::root("namespaces and mounts") {
+        return false;
     }
+    let busybox = Path::new(BUSYBOX).is_file();
+    if !busybox {
+        super::skip::skip("/bin/busybox (`apt-get install busybox-static`, or scripts/setup)");
+    }
+    busybox
 }
 
 macro_rules! require_root_and_busybox {
@@ -248,7 +238,7 @@ fn without_network_there_is_only_an_up_loopback_and_no_resolv_conf() {
 fn with_network_the_hosts_resolv_conf_is_there_read_only_and_gone_after() {
     require_root_and_busybox!();
     let Ok(host_resolv) = fs_err::read_to_string("/etc/resolv.conf") else {
-        eprintln!("skipping: the host has no /etc/resolv.conf");
+        super::skip::skip("the host's /etc/resolv.conf");
         return;
     };
     let image = Image::new();

@@ -48,16 +48,7 @@ pub const TOKEN_ISSUER: &str = "bake-test-issuer";
 impl LocalRegistry {
     /// Starts one; `None` (after saying why) when docker-registry is missing outside CI.
     pub fn start(auth: Auth) -> Option<LocalRegistry> {
-        if Command::new("docker-registry")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "docker-registry is missing; run scripts/setup"
-            );
-            eprintln!("SKIP: docker-registry is not installed");
+        if !crate::skip::tool("docker-registry") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -347,16 +347,7 @@ async fn token_auth_through_the_challenge_flow() {
 }
 
 fn skopeo_available() -> bool {
-    if std::process::Command::new("skopeo")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "skopeo is missing");
-    eprintln!("SKIP: skopeo is not installed");
-    false
+    crate::skip::tool("skopeo")
 }
 
 #[tokio::test]
@@ -913,9 +904,7 @@ async fn plan_pins_a_tag_by_digest_and_build_pulls_the_base() {
 
     // Building needs the namespace runner (root): it pulls the base and builds on it.
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("SKIP: building from a registry base needs root");
+    if !crate::skip::root("building from a registry base") {
         return;
     }
     let output = bake()
@@ -1279,9 +1268,7 @@ async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
         return;
     };
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("SKIP: building an image to push needs root");
+    if !crate::skip::root("building an image to push") {
         return;
     }
     let account = fresh_account();
