@@ -40,6 +40,9 @@ pub struct Settings {
     pub aws: AwsSettings,
     /// Registries: insecure hosts, CA file, endpoint overrides, Docker's credentials file.
     pub registry: crate::registry::RegistrySettings,
+    /// Boot tests: the QEMU accelerator, over the recipe's choice (`bake build
+    /// --boot-accelerator`, or `BAKE_BOOT_ACCELERATOR`).
+    pub boot_accelerator: Option<crate::ami::boot::Accelerator>,
 }
 
 impl Settings {
@@ -94,6 +97,7 @@ impl Settings {
                 ..crate::registry::RegistrySettings::from_env()
             },
             aws,
+            boot_accelerator: None,
         }
     }
 }

@@ -48,8 +48,9 @@ pub enum LocalImageError {
     #[error("the disk image of `{recipe}` did not pass its boot test")]
     Boot {
         recipe: String,
+        /// Boxed: a boot failure carries console lines and QEMU's words.
         #[source]
-        source: BootError,
+        source: Box<BootError>,
     },
 }
 
@@ -76,7 +77,7 @@ impl LocalImageError {
     pub fn is_interrupted(&self) -> bool {
         match self {
             LocalImageError::Build(e) => e.is_interrupted(),
-            LocalImageError::Boot { source, .. } => matches!(source, BootError::Interrupted),
+            LocalImageError::Boot { source, .. } => matches!(**source, BootError::Interrupted),
             _ => false,
         }
     }
@@ -132,6 +133,9 @@ pub fn build_local_image(
             continue;
         }
         let mut spec = BootSpec::from_test(test).expect("a boot test");
+        if let Some(accelerator) = builder.options.boot_accelerator {
+            spec.accelerator = accelerator;
+        }
         spec.cancel = Some(builder.options.cancel.clone());
         reporter.step_started(&format!("boot test ({})", spec.marker), false);
         let clock = std::time::Instant::now();
@@ -144,7 +148,7 @@ pub fn build_local_image(
                 remove_image();
                 return Err(LocalImageError::Boot {
                     recipe: recipe.name.clone(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }

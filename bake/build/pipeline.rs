@@ -95,6 +95,8 @@ pub struct BuildOptions {
     /// Set (by a signal handler) to stop the build at the next step; what it made so far is
     /// removed.
     pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Boot tests: the QEMU accelerator, over the recipe's choice.
+    pub boot_accelerator: Option<crate::ami::boot::Accelerator>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -505,6 +505,7 @@ pub fn run_snapshot_build(
                 source_date_epoch: plan.source_date_epoch(),
                 workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
                 cancel: Arc::clone(&cancel),
+                boot_accelerator: settings.boot_accelerator,
             },
         };
         let dir = match store.work_dir("disk") {

@@ -28,9 +28,17 @@ pub struct BuildArgs {
     pub vars: VarArgs,
     #[command(flatten)]
     pub attest: super::attest::AttestArgs,
+    /// How boot tests run QEMU, over the recipe's `accelerator`: `auto` (KVM when it works,
+    /// else software emulation), `kvm` (fail when KVM cannot run the guest) or `tcg`.
+    #[arg(long, value_enum, value_name = "ACCEL", env = "BAKE_BOOT_ACCELERATOR")]
+    pub boot_accelerator: Option<crate::ami::boot::Accelerator>,
 }
 
 pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
+    let settings = &Settings {
+        boot_accelerator: args.boot_accelerator.or(settings.boot_accelerator),
+        ..settings.clone()
+    };
     let shown = args.recipe.display().to_string();
     let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
@@ -106,6 +114,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             source_date_epoch: plan.source_date_epoch(),
             workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             cancel: cancel_on_signals(),
+            boot_accelerator: settings.boot_accelerator,
         },
     };
     let mut reporter = CliReporter {

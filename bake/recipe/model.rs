@@ -422,6 +422,9 @@ pub enum Test {
         marker: String,
         #[serde(serialize_with = "serialize_secs")]
         timeout: Duration,
+        /// How the test machine runs, not what is built: not part of the version.
+        #[serde(skip)]
+        accelerator: crate::ami::boot::Accelerator,
     },
     Compliance {
         profile: String,

@@ -243,6 +243,8 @@ pub struct RawCommandTest {
 pub struct RawBootTest {
     pub marker: S<String>,
     pub timeout: Option<S<String>>,
+    /// `auto` (default), `kvm` or `tcg`.
+    pub accelerator: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

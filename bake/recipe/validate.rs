@@ -15,6 +15,7 @@ use super::paths::resolve_within;
 use super::raw::*;
 use super::template::{Context, Renderer, Secrets};
 use super::vars::{self, Declaration, VarSources, span_of};
+use crate::ami::boot::Accelerator;
 use crate::diagnostic::{SourceFile, SourceSpan, did_you_mean};
 
 /// Hardening profiles bake ships (in `provisioners/hardening/`).
@@ -1200,9 +1201,29 @@ impl<'a> Validator<'a> {
                         "write the text the booted system prints on its serial console",
                     );
                 }
+                let accelerator = match b.accelerator.as_ref().map(|a| (a, a.value.as_str())) {
+                    None | Some((_, "auto")) => Accelerator::Auto,
+                    Some((_, "kvm")) => Accelerator::Kvm,
+                    Some((_, "tcg")) => Accelerator::Tcg,
+                    Some((at, other)) => {
+                        self.error(
+                            at,
+                            RecipeErrorKind::UnknownVariant {
+                                what: "boot accelerator".into(),
+                                given: other.into(),
+                            },
+                        )
+                        .hint = Some(
+                            "`auto` (KVM when it works, else software emulation), `kvm` or `tcg`"
+                                .into(),
+                        );
+                        Accelerator::Auto
+                    }
+                };
                 Test::Boot {
                     marker: b.marker.value.clone(),
                     timeout: self.duration(b.timeout.as_ref(), DEFAULT_BOOT_TIMEOUT),
+                    accelerator,
                 }
             }
             RawTest::Compliance(c) => {

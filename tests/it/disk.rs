@@ -23,18 +23,9 @@ use bake::store::Store;
 
 use super::common::{repo_root, stderr, stdout};
 
-/// Whether this process can provision roots; prints why not (and fails under CI).
+/// Whether this process can provision roots (see [`super::skip`]).
 fn can_build() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the disk tests as root"
-    );
-    eprintln!("skipping: provisioning a root filesystem needs root (namespaces, chown)");
-    false
+    super::skip::root("provisioning a root filesystem: namespaces, chown")
 }
 
 struct Quiet;
@@ -85,6 +76,7 @@ fn images() -> &'static Images {
                 source_date_epoch: plan.source_date_epoch(),
                 workers: NonZeroUsize::new(2).unwrap(),
                 cancel: Default::default(),
+                boot_accelerator: None,
             },
         };
         let ami = recipe.outputs.ami.as_ref().expect("an AMI output");
@@ -366,6 +358,7 @@ fn the_recipe_image_boots_to_its_marker_and_is_not_modified() {
             source_date_epoch: plan.source_date_epoch(),
             workers: NonZeroUsize::new(2).unwrap(),
             cancel: Default::default(),
+            boot_accelerator: None,
         },
     };
     let out = images.dir.join("booted.raw");
@@ -389,6 +382,78 @@ fn the_recipe_image_boots_to_its_marker_and_is_not_modified() {
         local.image.digest,
         "the boot wrote to an overlay, not the image"
     );
+}
+
+/// A QEMU wrapper that behaves like QEMU on a host whose KVM opens but cannot run the guest
+/// (nested virtualisation): under `-accel kvm` it prints QEMU's internal-error message and
+/// hangs, as QEMU does when it pauses the VM; otherwise it is the real QEMU.
+fn broken_kvm_qemu(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let real = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/local/bin/qemu-system-x86_64",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).is_file())
+    .expect("qemu-system-x86_64 (scripts/setup installs it)");
+    let wrapper = dir.join("qemu-system-x86_64");
+    fs_err::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in\n\
+             *' -accel kvm '*)\n\
+                 printf 'KVM internal error. Suberror: 1\\nextra data[0]: 0x0000000000000000\\nemulation failure\\n' >&2\n\
+                 exec sleep 600 ;;\n\
+             esac\n\
+             exec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    fs_err::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Any file that opens read-write makes `auto` pick KVM, as a working /dev/kvm would.
+    fs_err::write(dir.join("kvm"), b"").unwrap();
+    wrapper
+}
+
+/// The real image behind a KVM that fails the way nested virtualisation does: `auto` notices
+/// the paused machine within seconds, boots again with software emulation and reaches the
+/// marker; with `kvm` forced the boot fails at once and shows QEMU's message.
+#[test]
+fn a_kvm_that_cannot_run_the_guest_falls_back_to_emulation() {
+    if !can_build() {
+        return;
+    }
+    let images = images();
+    let image = &images.first;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = BootSpec::new(images.marker.clone(), Duration::from_secs(900));
+    spec.qemu = Some(broken_kvm_qemu(dir.path()));
+    spec.kvm_device = dir.path().join("kvm");
+
+    spec.accelerator = bake::ami::boot::Accelerator::Kvm;
+    let clock = std::time::Instant::now();
+    let error = boot_test(&image.path, &spec).unwrap_err();
+    assert!(
+        clock.elapsed() < Duration::from_secs(30),
+        "a paused machine was waited on for {:?}",
+        clock.elapsed()
+    );
+    let text = error.to_string();
+    assert!(text.contains("QEMU said:\nKVM internal error"), "{text}");
+    assert!(!error.is_recipe_failure(), "{text}");
+
+    spec.accelerator = bake::ami::boot::Accelerator::Auto;
+    let report = boot_test(&image.path, &spec).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.accelerator, "tcg", "{report:?}");
+    assert!(
+        report
+            .kvm_fallback
+            .as_deref()
+            .is_some_and(|why| why.contains("KVM internal error")),
+        "{report:?}"
+    );
+    assert!(report.marker_line.ends_with(&images.marker), "{report:?}");
 }
 
 #[test]
@@ -486,6 +551,7 @@ fn a_local_image_needs_a_snapshot_ami_output() {
             source_date_epoch: plan.source_date_epoch(),
             workers: NonZeroUsize::MIN,
             cancel: Default::default(),
+            boot_accelerator: None,
         },
     };
     let out = store_dir.path().join("disk.raw");
