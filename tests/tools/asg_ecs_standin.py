@@ -481,6 +481,8 @@ class Deployment:
     failed: int = 0
     failing: bool = False
     updated: Any = None
+    # A rollback deployment is not watched by the alarms that started it (AWS would loop).
+    rollback: bool = False
 
 
 @dataclass
@@ -653,7 +655,7 @@ class Ecs:
         if primary.rollout != "IN_PROGRESS":
             service.next_at = 0.0
             return
-        alarm = self._alarm_firing(service)
+        alarm = None if primary.rollback else self._alarm_firing(service)
         rollback_to = None
         with self.lock:
             primary.updated = now()
@@ -671,7 +673,7 @@ class Ecs:
                 if breaker.get("enable") and primary.failed >= threshold:
                     primary.rollout = "FAILED"
                     primary.reason = "ECS deployment circuit breaker: tasks failed to start."
-                    if breaker.get("rollback"):
+                    if breaker.get("rollback") and not primary.rollback:
                         rollback_to = self._previous(service)
             else:
                 primary.running = min(primary.desired, primary.running + 1)
@@ -695,6 +697,7 @@ class Ecs:
                 if alarm:
                     fresh.reason = f"ECS deployment alarms: rolling back to deploymentId {rollback_to.id}."
                 fresh.running = rollback_to.running
+                fresh.rollback = True
                 for deployment in service.deployments:
                     deployment.status = "ACTIVE"
                 service.deployments = [fresh] + [d for d in service.deployments if d is not rollback_to]

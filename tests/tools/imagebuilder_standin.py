@@ -415,10 +415,11 @@ class ImageBuilder:
 
     def _CreateImageRecipe(self, request, params) -> dict:
         self._semver(params["semanticVersion"])
-        self._parent(request, params["parentImage"])
         arn = self._arn(request, "image-recipe", params["name"], params["semanticVersion"])
         with self.lock:
             self._exists(arn, "CreateImageRecipe", "image recipe")
+        self._parent(request, params["parentImage"])
+        with self.lock:
             recipe = {k: v for k, v in params.items() if k not in ("clientToken", "semanticVersion", "dryRun")}
             recipe.update(
                 arn=arn,

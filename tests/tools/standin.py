@@ -526,8 +526,9 @@ class Api:
         messages = report.messages()
         code = self.validation_code
         if self.protocol == "ec2":
+            # EC2 names the first problem it meets; a missing parameter comes first.
             kinds = report.kinds()
-            if kinds == {"missing required field"}:
+            if "missing required field" in kinds:
                 code = "MissingParameter"
             elif kinds == {"unknown field"}:
                 code = "UnknownParameter"
