@@ -140,13 +140,16 @@ class AutoScaling:
         self.lock = threading.RLock()
 
     def _asg(self, request_or_refresh):
-        return self.moto.client("autoscaling", request_or_refresh.region, request_or_refresh.account)
+        return self.moto.client(
+            "autoscaling", request_or_refresh.region, request_or_refresh.account
+        )
 
     def _group(self, client, name: str) -> dict:
         groups = client.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
         if not groups["AutoScalingGroups"]:
             raise ApiError(
-                "ValidationError", f"AutoScalingGroup name not found - AutoScalingGroup '{name}' not found"
+                "ValidationError",
+                f"AutoScalingGroup name not found - AutoScalingGroup '{name}' not found",
             )
         return groups["AutoScalingGroups"][0]
 
@@ -178,7 +181,10 @@ class AutoScaling:
             return "the Auto Scaling group has no launch template"
         if (group_template.get("Version") or "$Default") in ("$Latest", "$Default"):
             return "the Auto Scaling group uses the launch template's $Latest or $Default version"
-        for label, template in (("the Auto Scaling group", group_template), ("the desired configuration", desired["LaunchTemplate"])):
+        for label, template in (
+            ("the Auto Scaling group", group_template),
+            ("the desired configuration", desired["LaunchTemplate"]),
+        ):
             image = self._image_of(account, region, template) or ""
             if image.startswith("resolve:ssm:"):
                 return (
@@ -196,10 +202,15 @@ class AutoScaling:
         group = self._group(client, name)
         with self.lock:
             for refresh in self.refreshes:
-                if (refresh.account, refresh.region, refresh.group) == (request.account, request.region, name) and refresh.status in ACTIVE_REFRESH:
+                if (refresh.account, refresh.region, refresh.group) == (
+                    request.account,
+                    request.region,
+                    name,
+                ) and refresh.status in ACTIVE_REFRESH:
                     raise ApiError(
                         "InstanceRefreshInProgress",
-                        "An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.",
+                        "An Instance Refresh is already in progress and blocks the execution of "
+                        "this Instance Refresh.",
                     )
         preferences = dict(params.get("Preferences") or {})
         preferences.setdefault("MinHealthyPercentage", DEFAULT_MIN_HEALTHY)
@@ -224,7 +235,10 @@ class AutoScaling:
         alarms = (preferences.get("AlarmSpecification") or {}).get("Alarms") or []
         if alarms:
             cloudwatch = self.moto.client("cloudwatch", request.region, request.account)
-            known = {a["AlarmName"] for a in cloudwatch.describe_alarms(AlarmNames=alarms)["MetricAlarms"]}
+            known = {
+                a["AlarmName"]
+                for a in cloudwatch.describe_alarms(AlarmNames=alarms)["MetricAlarms"]
+            }
             missing = [a for a in alarms if a not in known]
             if missing:
                 raise ApiError("ValidationError", f"Alarm(s) {', '.join(missing)} not found.")
@@ -234,7 +248,9 @@ class AutoScaling:
             same = all(
                 (wanted.get(k) or None) in (None, group_template.get(k))
                 for k in ("LaunchTemplateId", "LaunchTemplateName")
-            ) and (wanted.get("Version") or "$Default") == (group_template.get("Version") or "$Default")
+            ) and (wanted.get("Version") or "$Default") == (
+                group_template.get("Version") or "$Default"
+            )
             if same:
                 total = 0
         refresh = Refresh(
@@ -279,7 +295,9 @@ class AutoScaling:
     def _describe(self, refresh: Refresh) -> dict:
         percentage = self._percentage(refresh)
         if refresh.status == "Successful":
-            percentage = 100 if not refresh.checkpoints else max(percentage, refresh.checkpoints[-1])
+            percentage = (
+                100 if not refresh.checkpoints else max(percentage, refresh.checkpoints[-1])
+            )
         remaining = refresh.total - refresh.replaced
         answer = {
             "InstanceRefreshId": refresh.id,
@@ -289,7 +307,10 @@ class AutoScaling:
             "PercentageComplete": percentage,
             "InstancesToUpdate": remaining,
             "ProgressDetails": {
-                "LivePoolProgress": {"PercentageComplete": percentage, "InstancesToUpdate": remaining}
+                "LivePoolProgress": {
+                    "PercentageComplete": percentage,
+                    "InstancesToUpdate": remaining,
+                }
             },
             "Preferences": refresh.preferences,
             "Strategy": refresh.strategy,
@@ -319,7 +340,11 @@ class AutoScaling:
 
     def _active(self, request, name) -> Refresh:
         for refresh in reversed(self.refreshes):
-            if (refresh.account, refresh.region, refresh.group) == (request.account, request.region, name) and refresh.status in ACTIVE_REFRESH:
+            if (refresh.account, refresh.region, refresh.group) == (
+                request.account,
+                request.region,
+                name,
+            ) and refresh.status in ACTIVE_REFRESH:
                 return refresh
         raise ApiError(
             "ActiveInstanceRefreshNotFound",
@@ -344,7 +369,9 @@ class AutoScaling:
                     "ActiveInstanceRefreshNotFound",
                     f"No in progress or pending Instance Refresh found for Auto Scaling group {name}",
                 )
-        why = self.irreversible(request.account, request.region, refresh.previous_template, refresh.desired)
+        why = self.irreversible(
+            request.account, request.region, refresh.previous_template, refresh.desired
+        )
         if why:
             raise ApiError(
                 "IrreversibleInstanceRefresh",
@@ -413,9 +440,15 @@ class AutoScaling:
             if status == "Pending":
                 refresh.status = "InProgress"
             elif status == "Cancelling":
-                refresh.status, refresh.reason, refresh.ended = "Cancelled", "Instance refresh cancelled.", now()
+                refresh.status, refresh.reason, refresh.ended = (
+                    "Cancelled",
+                    "Instance refresh cancelled.",
+                    now(),
+                )
             elif status == "RollbackInProgress":
-                refresh.rolled_back = min(refresh.replaced, refresh.rolled_back + self._batch(refresh))
+                refresh.rolled_back = min(
+                    refresh.replaced, refresh.rolled_back + self._batch(refresh)
+                )
                 refresh.wait_until = moment + self._step_seconds(refresh)
                 if refresh.rolled_back >= refresh.replaced:
                     finish = "rollback"
@@ -433,9 +466,7 @@ class AutoScaling:
                         if passed and passed[-1] not in refresh.checkpoints_reached:
                             refresh.checkpoints_reached.append(passed[-1])
                             delay = refresh.preferences["CheckpointDelay"] * self.scale
-                            refresh.reason = (
-                                f"Checkpoint {passed[-1]}% reached, waiting for the checkpoint delay."
-                            )
+                            refresh.reason = f"Checkpoint {passed[-1]}% reached, waiting for the checkpoint delay."
                             refresh.wait_until = moment + delay
                         return
                 bake = (refresh.preferences.get("BakeTime") or 0) * self.scale
@@ -449,7 +480,8 @@ class AutoScaling:
         if finish == "success":
             if refresh.desired and refresh.desired.get("LaunchTemplate"):
                 self._asg(refresh).update_auto_scaling_group(
-                    AutoScalingGroupName=refresh.group, LaunchTemplate=refresh.desired["LaunchTemplate"]
+                    AutoScalingGroupName=refresh.group,
+                    LaunchTemplate=refresh.desired["LaunchTemplate"],
                 )
             with self.lock:
                 refresh.status, refresh.reason, refresh.ended = "Successful", None, now()
@@ -541,7 +573,9 @@ class Ecs:
                 cluster = _last(params.get("cluster") or "default")
                 with self.lock:
                     for service in answer.get("services", []):
-                        tracked = self.services.get((account, region, cluster, service["serviceName"]))
+                        tracked = self.services.get(
+                            (account, region, cluster, service["serviceName"])
+                        )
                         if tracked:
                             self._overlay(service, tracked)
                 response = standin.json_response(200, answer, "application/x-amz-json-1.1")
@@ -569,15 +603,21 @@ class Ecs:
                 tracked = EcsService(
                     account, region, cluster, service_name, configuration or {}, []
                 )
-                first = self._new_deployment(account, region, service["taskDefinition"], service["desiredCount"])
+                first = self._new_deployment(
+                    account, region, service["taskDefinition"], service["desiredCount"]
+                )
                 tracked.deployments.append(first)
                 tracked.next_at = time.monotonic() + self.tick
                 self.services[key] = tracked
-                self._event(tracked, f"(service {service_name}) has started a deployment {first.id}.")
+                self._event(
+                    tracked, f"(service {service_name}) has started a deployment {first.id}."
+                )
             else:
                 tracked = self.services.get(key)
                 if tracked is None:
-                    old = self._new_deployment(account, region, previous["taskDefinition"], previous["desiredCount"])
+                    old = self._new_deployment(
+                        account, region, previous["taskDefinition"], previous["desiredCount"]
+                    )
                     old.rollout, old.running = "COMPLETED", previous["desiredCount"]
                     tracked = EcsService(account, region, cluster, service_name, {}, [old])
                     self.services[key] = tracked
@@ -588,10 +628,14 @@ class Ecs:
                 if new_definition or params.get("forceNewDeployment"):
                     for deployment in tracked.deployments:
                         deployment.status = "ACTIVE"
-                    fresh = self._new_deployment(account, region, service["taskDefinition"], service["desiredCount"])
+                    fresh = self._new_deployment(
+                        account, region, service["taskDefinition"], service["desiredCount"]
+                    )
                     tracked.deployments.insert(0, fresh)
                     tracked.next_at = time.monotonic() + self.tick
-                    self._event(tracked, f"(service {service_name}) has started a deployment {fresh.id}.")
+                    self._event(
+                        tracked, f"(service {service_name}) has started a deployment {fresh.id}."
+                    )
                 else:
                     primary.desired = service["desiredCount"]
                     if primary.rollout == "COMPLETED" and primary.running != primary.desired:
@@ -607,7 +651,9 @@ class Ecs:
                 "status": deployment.status,
                 "taskDefinition": deployment.task_definition,
                 "desiredCount": deployment.desired,
-                "pendingCount": 0 if deployment.rollout != "IN_PROGRESS" else max(0, deployment.desired - deployment.running),
+                "pendingCount": 0
+                if deployment.rollout != "IN_PROGRESS"
+                else max(0, deployment.desired - deployment.running),
                 "runningCount": deployment.running,
                 "failedTasks": deployment.failed,
                 "createdAt": deployment.created,
@@ -623,7 +669,9 @@ class Ecs:
         service["deployments"] = deployments
         service["taskDefinition"] = tracked.deployments[0].task_definition
         service["runningCount"] = sum(d.running for d in tracked.deployments)
-        service["pendingCount"] = sum(e["pendingCount"] for e in deployments if e["status"] == "PRIMARY")
+        service["pendingCount"] = sum(
+            e["pendingCount"] for e in deployments if e["status"] == "PRIMARY"
+        )
         if tracked.configuration:
             service["deploymentConfiguration"] = tracked.configuration
         service["events"] = tracked.events[:100]
@@ -668,8 +716,13 @@ class Ecs:
                     rollback_to = self._previous(service)
             elif primary.failing:
                 primary.failed += 1
-                threshold = min(CIRCUIT_BREAKER_MAX, max(CIRCUIT_BREAKER_MIN, math.ceil(primary.desired / 2)))
-                self._event(service, f"(service {service.name}) deployment {primary.id} task failed to start.")
+                threshold = min(
+                    CIRCUIT_BREAKER_MAX, max(CIRCUIT_BREAKER_MIN, math.ceil(primary.desired / 2))
+                )
+                self._event(
+                    service,
+                    f"(service {service.name}) deployment {primary.id} task failed to start.",
+                )
                 if breaker.get("enable") and primary.failed >= threshold:
                     primary.rollout = "FAILED"
                     primary.reason = "ECS deployment circuit breaker: tasks failed to start."
@@ -688,24 +741,44 @@ class Ecs:
                     service.deployments = [primary]
                     self._event(service, f"(service {service.name}) has reached a steady state.")
             if primary.rollout == "FAILED":
-                self._event(service, f"(service {service.name}) deployment {primary.id} failed: {primary.reason}")
+                self._event(
+                    service,
+                    f"(service {service.name}) deployment {primary.id} failed: {primary.reason}",
+                )
                 if rollback_to is None:
                     service.next_at = 0.0
                     return
-                fresh = self._new_deployment(service.account, service.region, rollback_to.task_definition, primary.desired)
+                fresh = self._new_deployment(
+                    service.account, service.region, rollback_to.task_definition, primary.desired
+                )
                 fresh.reason = f"ECS deployment circuit breaker: rolling back to deploymentId {rollback_to.id}."
                 if alarm:
-                    fresh.reason = f"ECS deployment alarms: rolling back to deploymentId {rollback_to.id}."
+                    fresh.reason = (
+                        f"ECS deployment alarms: rolling back to deploymentId {rollback_to.id}."
+                    )
                 fresh.running = rollback_to.running
                 fresh.rollback = True
                 for deployment in service.deployments:
                     deployment.status = "ACTIVE"
-                service.deployments = [fresh] + [d for d in service.deployments if d is not rollback_to]
-                self._event(service, f"(service {service.name}) rolling back to deployment {rollback_to.id}.")
-            service.next_at = time.monotonic() + self.tick if service.deployments[0].rollout == "IN_PROGRESS" else 0.0
+                service.deployments = [fresh] + [
+                    d for d in service.deployments if d is not rollback_to
+                ]
+                self._event(
+                    service,
+                    f"(service {service.name}) rolling back to deployment {rollback_to.id}.",
+                )
+            service.next_at = (
+                time.monotonic() + self.tick
+                if service.deployments[0].rollout == "IN_PROGRESS"
+                else 0.0
+            )
         if rollback_to is not None:
             ecs = self.moto.client("ecs", service.region, service.account)
-            ecs.update_service(cluster=service.cluster, service=service.name, taskDefinition=rollback_to.task_definition)
+            ecs.update_service(
+                cluster=service.cluster,
+                service=service.name,
+                taskDefinition=rollback_to.task_definition,
+            )
 
     @staticmethod
     def _previous(service: EcsService) -> Deployment | None:
@@ -739,7 +812,9 @@ class AsgEcsStandin:
         service = request.signing_service
         if service == "autoscaling":
             api, handler = self.autoscaling_api, self.autoscaling
-        elif service == "ecs" or (request.headers.get("X-Amz-Target") or "").startswith("AmazonEC2ContainerService"):
+        elif service == "ecs" or (request.headers.get("X-Amz-Target") or "").startswith(
+            "AmazonEC2ContainerService"
+        ):
             api, handler = self.ecs_api, self.ecs
         else:
             return standin.forward(self.upstream, request)
@@ -757,14 +832,25 @@ class AsgEcsStandin:
             # moto refused one of this stand-in's own calls: pass its verdict on.
             details = error.response.get("Error", {})
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400)
-            return api.error(ApiError(details.get("Code", "ValidationError"), details.get("Message", str(error)), status))
+            return api.error(
+                ApiError(
+                    details.get("Code", "ValidationError"),
+                    details.get("Message", str(error)),
+                    status,
+                )
+            )
 
 
 def main(argv: list[str]) -> None:
     parser = standin.common_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--tick", type=float, default=0.5, help="seconds per replaced batch / started task")
     parser.add_argument(
-        "--time-scale", type=float, default=1.0, help="factor for CheckpointDelay, BakeTime, InstanceWarmup"
+        "--tick", type=float, default=0.5, help="seconds per replaced batch / started task"
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="factor for CheckpointDelay, BakeTime, InstanceWarmup",
     )
     args = parser.parse_args(argv)
     server = AsgEcsStandin(args.upstream, args.tick, args.time_scale)

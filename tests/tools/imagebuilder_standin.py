@@ -186,7 +186,10 @@ class ImageBuilder:
         try:
             found = self.api.parse_and_validate(request)
             if found is None:
-                raise ApiError("InvalidRequestException", f"no Image Builder operation at {request.method} {request.path}")
+                raise ApiError(
+                    "InvalidRequestException",
+                    f"no Image Builder operation at {request.method} {request.path}",
+                )
             operation, params = found
             method = getattr(self, f"_{operation.name}", None)
             if method is None:
@@ -212,13 +215,17 @@ class ImageBuilder:
                     self.tokens[key] = (fingerprint(params), answer)
             else:
                 answer = method(request, params)
-                if "requestId" in (operation.output_shape.members if operation.output_shape else {}):
+                if "requestId" in (
+                    operation.output_shape.members if operation.output_shape else {}
+                ):
                     answer.setdefault("requestId", standin.request_id())
             return self.api.respond(operation, answer)
         except ApiError as error:
             return self.api.error(error)
 
-    def _arn(self, request, kind: str, name: str, version: str | None = None, build: int | None = None) -> str:
+    def _arn(
+        self, request, kind: str, name: str, version: str | None = None, build: int | None = None
+    ) -> str:
         arn = f"arn:aws:imagebuilder:{request.region}:{request.account}:{kind}/{arn_name(name)}"
         if version:
             arn += f"/{version}"
@@ -231,7 +238,9 @@ class ImageBuilder:
         with self.lock:
             resolved = self._resolve(arn)
             if resolved is None or self.kinds.get(resolved) not in kinds:
-                raise ApiError("ResourceNotFoundException", f"The resource {arn} does not exist.", 404)
+                raise ApiError(
+                    "ResourceNotFoundException", f"The resource {arn} does not exist.", 404
+                )
             resource = self.resources[resolved]
         if f":{request.region}:{request.account}:" not in resolved:
             raise ApiError("ResourceNotFoundException", f"The resource {arn} does not exist.", 404)
@@ -244,10 +253,15 @@ class ImageBuilder:
         if re.fullmatch(r"(?:[0-9]+|x)\.(?:[0-9]+|x)\.(?:[0-9]+|x)", tail):
             pattern = tail.replace(".", r"\.").replace("x", r"[0-9]+")
             candidates = [
-                a for a in self.resources if re.fullmatch(re.escape(head) + "/" + pattern + r"(?:/[0-9]+)?", a)
+                a
+                for a in self.resources
+                if re.fullmatch(re.escape(head) + "/" + pattern + r"(?:/[0-9]+)?", a)
             ]
             if candidates:
-                return max(candidates, key=lambda a: [int(p) for p in re.split(r"[./]", a.split(head + "/")[1])])
+                return max(
+                    candidates,
+                    key=lambda a: [int(p) for p in re.split(r"[./]", a.split(head + "/")[1])],
+                )
         return None
 
     def _store(self, arn: str, kind: str, resource: dict) -> None:
@@ -258,7 +272,11 @@ class ImageBuilder:
     def _exists(self, arn: str, operation: str, what: str) -> None:
         if arn in self.resources:
             errors = {e.name for e in self.api.model.operation_model(operation).error_shapes}
-            code = "ResourceAlreadyExistsException" if "ResourceAlreadyExistsException" in errors else "ResourceInUseException"
+            code = (
+                "ResourceAlreadyExistsException"
+                if "ResourceAlreadyExistsException" in errors
+                else "ResourceInUseException"
+            )
             raise ApiError(code, f"The {what} {arn} already exists.")
 
     @staticmethod
@@ -279,7 +297,9 @@ class ImageBuilder:
         users = []
         with self.lock:
             for other, resource in self.resources.items():
-                if other == arn or (self.kinds[other] == "image" and resource["state"]["status"] not in IN_PROGRESS):
+                if other == arn or (
+                    self.kinds[other] == "image" and resource["state"]["status"] not in IN_PROGRESS
+                ):
                     continue
                 if arn in self._references(resource):
                     users.append(other)
@@ -289,7 +309,9 @@ class ImageBuilder:
         self._get(request, arn, kinds)
         users = self._users(arn)
         if users:
-            raise ApiError("ResourceDependencyException", f"The resource {arn} is in use by {users[0]}.")
+            raise ApiError(
+                "ResourceDependencyException", f"The resource {arn} is in use by {users[0]}."
+            )
         with self.lock:
             self.resources.pop(arn, None)
             self.kinds.pop(arn, None)
@@ -307,7 +329,11 @@ class ImageBuilder:
     def _listing(self, request, kind: str, params: dict) -> list[dict]:
         scope = f":{request.region}:{request.account}:{kind}/"
         with self.lock:
-            found = [copy.deepcopy(r) for a, r in self.resources.items() if scope in a and self.kinds[a] == kind]
+            found = [
+                copy.deepcopy(r)
+                for a, r in self.resources.items()
+                if scope in a and self.kinds[a] == kind
+            ]
         for entry in params.get("filters") or []:
             name, values = entry.get("name"), entry.get("values") or []
             found = [r for r in found if str(r.get(name)) in values]
@@ -321,9 +347,13 @@ class ImageBuilder:
         if data is None and params.get("uri"):
             data = self._read_s3(request, params["uri"])
         if data is None:
-            raise ApiError("InvalidParameterCombinationException", "One of data or uri is required.")
+            raise ApiError(
+                "InvalidParameterCombinationException", "One of data or uri is required."
+            )
         if params.get("data") and params.get("uri"):
-            raise ApiError("InvalidParameterCombinationException", "data and uri cannot be given together.")
+            raise ApiError(
+                "InvalidParameterCombinationException", "data and uri cannot be given together."
+            )
         document = self._document(data)
         phases = {p.get("name") for p in document.get("phases") or [] if isinstance(p, dict)}
         version_arn = self._arn(request, "component", params["name"], params["semanticVersion"])
@@ -337,7 +367,9 @@ class ImageBuilder:
                 "version": params["semanticVersion"],
                 "description": params.get("description"),
                 "changeDescription": params.get("changeDescription"),
-                "type": "BUILD" if "build" in phases or not phases & {"validate", "test"} else "TEST",
+                "type": "BUILD"
+                if "build" in phases or not phases & {"validate", "test"}
+                else "TEST",
                 "platform": params["platform"],
                 "supportedOsVersions": params.get("supportedOsVersions"),
                 "state": {"status": "ACTIVE"},
@@ -359,17 +391,23 @@ class ImageBuilder:
         try:
             return s3.get_object(Bucket=found.group(1), Key=found.group(2))["Body"].read().decode()
         except botocore.exceptions.ClientError as error:
-            raise ApiError("InvalidParameterValueException", f"The document at {uri} cannot be read: {error}")
+            raise ApiError(
+                "InvalidParameterValueException", f"The document at {uri} cannot be read: {error}"
+            )
 
     @staticmethod
     def _document(data: str) -> dict:
         try:
             document = yaml.safe_load(data)
         except yaml.YAMLError as error:
-            raise ApiError("InvalidParameterValueException", f"The component document is not valid YAML: {error}")
+            raise ApiError(
+                "InvalidParameterValueException",
+                f"The component document is not valid YAML: {error}",
+            )
         if not isinstance(document, dict) or not isinstance(document.get("phases"), list):
             raise ApiError(
-                "InvalidParameterValueException", "The component document must be a mapping with a list of phases."
+                "InvalidParameterValueException",
+                "The component document must be a mapping with a list of phases.",
             )
         return document
 
@@ -378,7 +416,21 @@ class ImageBuilder:
 
     def _ListComponents(self, request, params) -> dict:
         versions = [
-            {k: c[k] for k in ("arn", "name", "version", "description", "platform", "supportedOsVersions", "type", "owner", "dateCreated") if k in c}
+            {
+                k: c[k]
+                for k in (
+                    "arn",
+                    "name",
+                    "version",
+                    "description",
+                    "platform",
+                    "supportedOsVersions",
+                    "type",
+                    "owner",
+                    "dateCreated",
+                )
+                if k in c
+            }
             for c in self._listing(request, "component", params)
         ]
         for v in versions:
@@ -391,7 +443,9 @@ class ImageBuilder:
         return self._page(found, params, "componentSummaryList")
 
     def _DeleteComponent(self, request, params) -> dict:
-        return self._delete(request, params["componentBuildVersionArn"], ("component",), "componentBuildVersionArn")
+        return self._delete(
+            request, params["componentBuildVersionArn"], ("component",), "componentBuildVersionArn"
+        )
 
     # --- recipes -------------------------------------------------------------------------------
 
@@ -402,7 +456,9 @@ class ImageBuilder:
                 continue
             with self.lock:
                 if self._resolve(arn) is None:
-                    raise ApiError("InvalidRequestException", f"The component {arn} does not exist.")
+                    raise ApiError(
+                        "InvalidRequestException", f"The component {arn} does not exist."
+                    )
         return entries
 
     def _parent(self, request, parent: str) -> None:
@@ -411,7 +467,9 @@ class ImageBuilder:
             try:
                 ec2.describe_images(ImageIds=[parent])
             except botocore.exceptions.ClientError:
-                raise ApiError("InvalidParameterValueException", f"The parent image {parent} does not exist.")
+                raise ApiError(
+                    "InvalidParameterValueException", f"The parent image {parent} does not exist."
+                )
 
     def _CreateImageRecipe(self, request, params) -> dict:
         self._semver(params["semanticVersion"])
@@ -420,7 +478,11 @@ class ImageBuilder:
             self._exists(arn, "CreateImageRecipe", "image recipe")
         self._parent(request, params["parentImage"])
         with self.lock:
-            recipe = {k: v for k, v in params.items() if k not in ("clientToken", "semanticVersion", "dryRun")}
+            recipe = {
+                k: v
+                for k, v in params.items()
+                if k not in ("clientToken", "semanticVersion", "dryRun")
+            }
             recipe.update(
                 arn=arn,
                 type="AMI",
@@ -439,7 +501,10 @@ class ImageBuilder:
 
     def _ListImageRecipes(self, request, params) -> dict:
         keys = ("arn", "name", "platform", "owner", "parentImage", "dateCreated", "tags")
-        found = [{k: r[k] for k in keys if k in r} for r in self._listing(request, "image-recipe", params)]
+        found = [
+            {k: r[k] for k in keys if k in r}
+            for r in self._listing(request, "image-recipe", params)
+        ]
         return self._page(found, params, "imageRecipeSummaryList")
 
     def _DeleteImageRecipe(self, request, params) -> dict:
@@ -450,7 +515,11 @@ class ImageBuilder:
         arn = self._arn(request, "container-recipe", params["name"], params["semanticVersion"])
         with self.lock:
             self._exists(arn, "CreateContainerRecipe", "container recipe")
-            recipe = {k: v for k, v in params.items() if k not in ("clientToken", "semanticVersion", "dryRun")}
+            recipe = {
+                k: v
+                for k, v in params.items()
+                if k not in ("clientToken", "semanticVersion", "dryRun")
+            }
             recipe.update(
                 arn=arn,
                 platform="Linux",
@@ -464,15 +533,33 @@ class ImageBuilder:
         return {"containerRecipeArn": arn}
 
     def _GetContainerRecipe(self, request, params) -> dict:
-        return {"containerRecipe": self._get(request, params["containerRecipeArn"], ("container-recipe",))}
+        return {
+            "containerRecipe": self._get(
+                request, params["containerRecipeArn"], ("container-recipe",)
+            )
+        }
 
     def _ListContainerRecipes(self, request, params) -> dict:
-        keys = ("arn", "containerType", "name", "platform", "owner", "parentImage", "dateCreated", "tags")
-        found = [{k: r[k] for k in keys if k in r} for r in self._listing(request, "container-recipe", params)]
+        keys = (
+            "arn",
+            "containerType",
+            "name",
+            "platform",
+            "owner",
+            "parentImage",
+            "dateCreated",
+            "tags",
+        )
+        found = [
+            {k: r[k] for k in keys if k in r}
+            for r in self._listing(request, "container-recipe", params)
+        ]
         return self._page(found, params, "containerRecipeSummaryList")
 
     def _DeleteContainerRecipe(self, request, params) -> dict:
-        return self._delete(request, params["containerRecipeArn"], ("container-recipe",), "containerRecipeArn")
+        return self._delete(
+            request, params["containerRecipeArn"], ("container-recipe",), "containerRecipeArn"
+        )
 
     # --- infrastructure and distribution -------------------------------------------------------
 
@@ -481,7 +568,9 @@ class ImageBuilder:
         try:
             iam.get_instance_profile(InstanceProfileName=name)
         except botocore.exceptions.ClientError:
-            raise ApiError("InvalidParameterValueException", f"The instance profile {name} does not exist.")
+            raise ApiError(
+                "InvalidParameterValueException", f"The instance profile {name} does not exist."
+            )
 
     def _CreateInfrastructureConfiguration(self, request, params) -> dict:
         self._check_profile(request, params["instanceProfileName"])
@@ -498,28 +587,60 @@ class ImageBuilder:
         arn = params["infrastructureConfigurationArn"]
         old = self._get(request, arn, ("infrastructure-configuration",))
         self._check_profile(request, params["instanceProfileName"])
-        resource = {k: v for k, v in params.items() if k not in ("clientToken", "infrastructureConfigurationArn")}
-        resource.update(arn=arn, name=old["name"], dateCreated=old["dateCreated"], dateUpdated=now().isoformat(), tags=old.get("tags", {}))
+        resource = {
+            k: v
+            for k, v in params.items()
+            if k not in ("clientToken", "infrastructureConfigurationArn")
+        }
+        resource.update(
+            arn=arn,
+            name=old["name"],
+            dateCreated=old["dateCreated"],
+            dateUpdated=now().isoformat(),
+            tags=old.get("tags", {}),
+        )
         self._store(arn, "infrastructure-configuration", resource)
         return {"infrastructureConfigurationArn": arn}
 
     def _GetInfrastructureConfiguration(self, request, params) -> dict:
         arn = params["infrastructureConfigurationArn"]
-        return {"infrastructureConfiguration": self._get(request, arn, ("infrastructure-configuration",))}
+        return {
+            "infrastructureConfiguration": self._get(
+                request, arn, ("infrastructure-configuration",)
+            )
+        }
 
     def _ListInfrastructureConfigurations(self, request, params) -> dict:
-        keys = ("arn", "name", "description", "dateCreated", "dateUpdated", "resourceTags", "tags", "instanceTypes", "instanceProfileName")
-        found = [{k: r[k] for k in keys if k in r} for r in self._listing(request, "infrastructure-configuration", params)]
+        keys = (
+            "arn",
+            "name",
+            "description",
+            "dateCreated",
+            "dateUpdated",
+            "resourceTags",
+            "tags",
+            "instanceTypes",
+            "instanceProfileName",
+        )
+        found = [
+            {k: r[k] for k in keys if k in r}
+            for r in self._listing(request, "infrastructure-configuration", params)
+        ]
         return self._page(found, params, "infrastructureConfigurationSummaryList")
 
     def _DeleteInfrastructureConfiguration(self, request, params) -> dict:
         arn = params["infrastructureConfigurationArn"]
-        return self._delete(request, arn, ("infrastructure-configuration",), "infrastructureConfigurationArn")
+        return self._delete(
+            request, arn, ("infrastructure-configuration",), "infrastructureConfigurationArn"
+        )
 
     def _check_distributions(self, request, distributions: list[dict]) -> None:
         regions = [d["region"] for d in distributions]
         if len(set(regions)) != len(regions):
-            raise ApiError("InvalidParameterCombinationException", "A region appears in more than one distribution.")
+            raise ApiError(
+                "InvalidParameterCombinationException",
+                "A region appears in more than one distribution.",
+            )
 
     def _CreateDistributionConfiguration(self, request, params) -> dict:
         self._check_distributions(request, params["distributions"])
@@ -527,7 +648,12 @@ class ImageBuilder:
         with self.lock:
             self._exists(arn, "CreateDistributionConfiguration", "distribution configuration")
             resource = {k: v for k, v in params.items() if k not in ("clientToken", "dryRun")}
-            resource.update(arn=arn, timeoutMinutes=720, dateCreated=now().isoformat(), tags=params.get("tags") or {})
+            resource.update(
+                arn=arn,
+                timeoutMinutes=720,
+                dateCreated=now().isoformat(),
+                tags=params.get("tags") or {},
+            )
             self._store(arn, "distribution-configuration", resource)
         return {"distributionConfigurationArn": arn}
 
@@ -544,33 +670,48 @@ class ImageBuilder:
 
     def _GetDistributionConfiguration(self, request, params) -> dict:
         arn = params["distributionConfigurationArn"]
-        return {"distributionConfiguration": self._get(request, arn, ("distribution-configuration",))}
+        return {
+            "distributionConfiguration": self._get(request, arn, ("distribution-configuration",))
+        }
 
     def _ListDistributionConfigurations(self, request, params) -> dict:
         found = []
         for r in self._listing(request, "distribution-configuration", params):
-            summary = {k: r[k] for k in ("arn", "name", "description", "dateCreated", "dateUpdated", "tags") if k in r}
+            summary = {
+                k: r[k]
+                for k in ("arn", "name", "description", "dateCreated", "dateUpdated", "tags")
+                if k in r
+            }
             summary["regions"] = [d["region"] for d in r["distributions"]]
             found.append(summary)
         return self._page(found, params, "distributionConfigurationSummaryList")
 
     def _DeleteDistributionConfiguration(self, request, params) -> dict:
         arn = params["distributionConfigurationArn"]
-        return self._delete(request, arn, ("distribution-configuration",), "distributionConfigurationArn")
+        return self._delete(
+            request, arn, ("distribution-configuration",), "distributionConfigurationArn"
+        )
 
     # --- pipelines -----------------------------------------------------------------------------
 
     def _check_inputs(self, request, params) -> None:
         """Checks that the recipe, infrastructure and distribution a build or pipeline names exist."""
         if bool(params.get("imageRecipeArn")) == bool(params.get("containerRecipeArn")):
-            raise ApiError("InvalidRequestException", "Exactly one of imageRecipeArn and containerRecipeArn is required.")
+            raise ApiError(
+                "InvalidRequestException",
+                "Exactly one of imageRecipeArn and containerRecipeArn is required.",
+            )
         if params.get("imageRecipeArn"):
             self._get(request, params["imageRecipeArn"], ("image-recipe",))
         else:
             self._get(request, params["containerRecipeArn"], ("container-recipe",))
-        self._get(request, params["infrastructureConfigurationArn"], ("infrastructure-configuration",))
+        self._get(
+            request, params["infrastructureConfigurationArn"], ("infrastructure-configuration",)
+        )
         if params.get("distributionConfigurationArn"):
-            self._get(request, params["distributionConfigurationArn"], ("distribution-configuration",))
+            self._get(
+                request, params["distributionConfigurationArn"], ("distribution-configuration",)
+            )
 
     def _CreateImagePipeline(self, request, params) -> dict:
         self._check_inputs(request, params)
@@ -580,7 +721,12 @@ class ImageBuilder:
             resource = {k: v for k, v in params.items() if k not in ("clientToken", "dryRun")}
             resource.setdefault("status", "ENABLED")
             resource.setdefault("enhancedImageMetadataEnabled", True)
-            resource.update(arn=arn, platform="Linux", dateCreated=now().isoformat(), tags=params.get("tags") or {})
+            resource.update(
+                arn=arn,
+                platform="Linux",
+                dateCreated=now().isoformat(),
+                tags=params.get("tags") or {},
+            )
             self._store(arn, "image-pipeline", resource)
         return {"imagePipelineArn": arn}
 
@@ -589,10 +735,16 @@ class ImageBuilder:
         old = self._get(request, arn, ("image-pipeline",))
         self._check_inputs(request, params)
         if self._running(arn):
-            raise ApiError("ResourceInUseException", f"The image pipeline {arn} has a build in progress.")
+            raise ApiError(
+                "ResourceInUseException", f"The image pipeline {arn} has a build in progress."
+            )
         resource = {k: v for k, v in params.items() if k not in ("clientToken",)}
         resource.update(
-            name=old["name"], platform="Linux", dateCreated=old["dateCreated"], dateUpdated=now().isoformat(), tags=old.get("tags", {})
+            name=old["name"],
+            platform="Linux",
+            dateCreated=old["dateCreated"],
+            dateUpdated=now().isoformat(),
+            tags=old.get("tags", {}),
         )
         resource.setdefault("status", old.get("status", "ENABLED"))
         self._store(arn, "image-pipeline", resource)
@@ -601,26 +753,35 @@ class ImageBuilder:
     def _running(self, pipeline_arn: str) -> bool:
         with self.lock:
             return any(
-                b.image.get("sourcePipelineArn") == pipeline_arn and b.image["state"]["status"] in IN_PROGRESS
+                b.image.get("sourcePipelineArn") == pipeline_arn
+                and b.image["state"]["status"] in IN_PROGRESS
                 for b in self.builds.values()
             )
 
     def _GetImagePipeline(self, request, params) -> dict:
-        return {"imagePipeline": self._get(request, params["imagePipelineArn"], ("image-pipeline",))}
+        return {
+            "imagePipeline": self._get(request, params["imagePipelineArn"], ("image-pipeline",))
+        }
 
     def _ListImagePipelines(self, request, params) -> dict:
-        return self._page(self._listing(request, "image-pipeline", params), params, "imagePipelineList")
+        return self._page(
+            self._listing(request, "image-pipeline", params), params, "imagePipelineList"
+        )
 
     def _DeleteImagePipeline(self, request, params) -> dict:
         arn = params["imagePipelineArn"]
         if self._running(arn):
-            raise ApiError("ResourceDependencyException", f"The image pipeline {arn} has a build in progress.")
+            raise ApiError(
+                "ResourceDependencyException", f"The image pipeline {arn} has a build in progress."
+            )
         return self._delete(request, arn, ("image-pipeline",), "imagePipelineArn")
 
     def _StartImagePipelineExecution(self, request, params) -> dict:
         pipeline = self._get(request, params["imagePipelineArn"], ("image-pipeline",))
         if pipeline.get("status") == "DISABLED":
-            raise ApiError("InvalidRequestException", f"The image pipeline {pipeline['arn']} is disabled.")
+            raise ApiError(
+                "InvalidRequestException", f"The image pipeline {pipeline['arn']} is disabled."
+            )
         arn = self._start(request, pipeline, pipeline)
         with self.lock:
             pipeline["dateLastRun"] = now().isoformat()
@@ -629,7 +790,11 @@ class ImageBuilder:
     def _ListImagePipelineImages(self, request, params) -> dict:
         arn = params["imagePipelineArn"]
         self._get(request, arn, ("image-pipeline",))
-        found = [self._summary(b) for b in self._builds(request) if b.image.get("sourcePipelineArn") == arn]
+        found = [
+            self._summary(b)
+            for b in self._builds(request)
+            if b.image.get("sourcePipelineArn") == arn
+        ]
         return self._page(found, params, "imageSummaryList")
 
     # --- images --------------------------------------------------------------------------------
@@ -644,10 +809,14 @@ class ImageBuilder:
             recipe = self._get(request, params["containerRecipeArn"], ("container-recipe",))
         else:
             recipe = self._get(request, params["imageRecipeArn"], ("image-recipe",))
-        infrastructure = self._get(request, params["infrastructureConfigurationArn"], ("infrastructure-configuration",))
+        infrastructure = self._get(
+            request, params["infrastructureConfigurationArn"], ("infrastructure-configuration",)
+        )
         distribution = None
         if params.get("distributionConfigurationArn"):
-            distribution = self._get(request, params["distributionConfigurationArn"], ("distribution-configuration",))
+            distribution = self._get(
+                request, params["distributionConfigurationArn"], ("distribution-configuration",)
+            )
         components = []
         with self.lock:
             for entry in recipe.get("components") or []:
@@ -667,7 +836,8 @@ class ImageBuilder:
                 "enhancedImageMetadataEnabled": params.get("enhancedImageMetadataEnabled", True),
                 "state": {"status": "PENDING"},
                 "infrastructureConfiguration": copy.deepcopy(infrastructure),
-                "imageTestsConfiguration": params.get("imageTestsConfiguration") or {"imageTestsEnabled": True, "timeoutMinutes": 720},
+                "imageTestsConfiguration": params.get("imageTestsConfiguration")
+                or {"imageTestsEnabled": True, "timeoutMinutes": 720},
                 "dateCreated": now().isoformat(),
                 "outputResources": {"amis": [], "containers": []},
                 "tags": params.get("tags") or {},
@@ -708,7 +878,10 @@ class ImageBuilder:
                 steps=[Step(f"step-{uuid.uuid4()}", n, a, s) for n, a, s in steps],
             )
 
-        return [workflow("BUILD", "build-image", BUILD_STEPS), workflow("TEST", "test-image", TEST_STEPS)]
+        return [
+            workflow("BUILD", "build-image", BUILD_STEPS),
+            workflow("TEST", "test-image", TEST_STEPS),
+        ]
 
     def _build(self, request, arn: str) -> Build:
         self._get(request, arn, ("image",))
@@ -718,7 +891,11 @@ class ImageBuilder:
     def _builds(self, request) -> list[Build]:
         with self.lock:
             return sorted(
-                (b for b in self.builds.values() if (b.account, b.region) == (request.account, request.region)),
+                (
+                    b
+                    for b in self.builds.values()
+                    if (b.account, b.region) == (request.account, request.region)
+                ),
                 key=lambda b: b.arn,
             )
 
@@ -729,7 +906,19 @@ class ImageBuilder:
 
     def _summary(self, build: Build) -> dict:
         image = build.image
-        keys = ("arn", "name", "type", "version", "platform", "state", "dateCreated", "outputResources", "tags", "buildType", "imageSource")
+        keys = (
+            "arn",
+            "name",
+            "type",
+            "version",
+            "platform",
+            "state",
+            "dateCreated",
+            "outputResources",
+            "tags",
+            "buildType",
+            "imageSource",
+        )
         summary = {k: copy.deepcopy(image[k]) for k in keys if k in image}
         summary["owner"] = build.account
         return summary
@@ -741,18 +930,34 @@ class ImageBuilder:
             summary = self._summary(build)
             versions[version_arn] = {
                 "arn": version_arn,
-                **{k: summary[k] for k in ("name", "type", "version", "platform", "owner", "dateCreated", "buildType", "imageSource")},
+                **{
+                    k: summary[k]
+                    for k in (
+                        "name",
+                        "type",
+                        "version",
+                        "platform",
+                        "owner",
+                        "dateCreated",
+                        "buildType",
+                        "imageSource",
+                    )
+                },
             }
         found = list(versions.values())
         for entry in params.get("filters") or []:
-            found = [v for v in found if str(v.get(entry.get("name"))) in (entry.get("values") or [])]
+            found = [
+                v for v in found if str(v.get(entry.get("name"))) in (entry.get("values") or [])
+            ]
         return self._page(found, params, "imageVersionList")
 
     def _ListImageBuildVersions(self, request, params) -> dict:
         prefix = (params.get("imageVersionArn") or "") + "/"
         found = [self._summary(b) for b in self._builds(request) if b.arn.startswith(prefix)]
         for entry in params.get("filters") or []:
-            found = [s for s in found if str(s.get(entry.get("name"))) in (entry.get("values") or [])]
+            found = [
+                s for s in found if str(s.get(entry.get("name"))) in (entry.get("values") or [])
+            ]
         return self._page(found, params, "imageSummaryList")
 
     def _DeleteImage(self, request, params) -> dict:
@@ -772,10 +977,19 @@ class ImageBuilder:
         with self.lock:
             status = build.image["state"]["status"]
             if status in ("DISTRIBUTING", "INTEGRATING"):
-                raise ApiError("ResourceInUseException", f"The image {arn} is {status} and cannot be cancelled now.")
+                raise ApiError(
+                    "ResourceInUseException",
+                    f"The image {arn} is {status} and cannot be cancelled now.",
+                )
             if status not in CANCELLABLE:
-                raise ApiError("InvalidRequestException", f"The image {arn} is {status} and cannot be cancelled.")
-            build.image["state"] = {"status": "CANCELLED", "reason": "Image creation cancelled by the user."}
+                raise ApiError(
+                    "InvalidRequestException",
+                    f"The image {arn} is {status} and cannot be cancelled.",
+                )
+            build.image["state"] = {
+                "status": "CANCELLED",
+                "reason": "Image creation cancelled by the user.",
+            }
             moment = now()
             for workflow in build.workflows:
                 if workflow.status in ("PENDING", "RUNNING"):
@@ -809,7 +1023,12 @@ class ImageBuilder:
 
     @staticmethod
     def _step_metadata(step: Step) -> dict:
-        metadata = {"stepExecutionId": step.id, "name": step.name, "action": step.action, "status": step.status}
+        metadata = {
+            "stepExecutionId": step.id,
+            "name": step.name,
+            "action": step.action,
+            "status": step.status,
+        }
         if step.message:
             metadata["message"] = step.message
         if step.started:
@@ -823,7 +1042,9 @@ class ImageBuilder:
         build = self._build(request, arn)
         with self.lock:
             # AWS lists the executions that have started.
-            executions = [self._workflow_metadata(w) for w in build.workflows if w.status != "PENDING"]
+            executions = [
+                self._workflow_metadata(w) for w in build.workflows if w.status != "PENDING"
+            ]
         answer = self._page(executions, params, "workflowExecutions")
         answer["imageBuildVersionArn"] = arn
         return answer
@@ -833,7 +1054,11 @@ class ImageBuilder:
             for workflow in build.workflows:
                 if workflow.id == workflow_id:
                     return build, workflow
-        raise ApiError("ResourceNotFoundException", f"The workflow execution {workflow_id} does not exist.", 404)
+        raise ApiError(
+            "ResourceNotFoundException",
+            f"The workflow execution {workflow_id} does not exist.",
+            404,
+        )
 
     def _GetWorkflowExecution(self, request, params) -> dict:
         build, workflow = self._find_workflow(request, params["workflowExecutionId"])
@@ -847,7 +1072,11 @@ class ImageBuilder:
         with self.lock:
             steps = [self._step_metadata(s) for s in workflow.steps]
         answer = self._page(steps, params, "steps")
-        answer.update(workflowBuildVersionArn=workflow.arn, workflowExecutionId=workflow.id, imageBuildVersionArn=build.arn)
+        answer.update(
+            workflowBuildVersionArn=workflow.arn,
+            workflowExecutionId=workflow.id,
+            imageBuildVersionArn=build.arn,
+        )
         return answer
 
     def _GetWorkflowStepExecution(self, request, params) -> dict:
@@ -857,9 +1086,17 @@ class ImageBuilder:
                     if step.id == params["stepExecutionId"]:
                         with self.lock:
                             answer = self._step_metadata(step)
-                        answer.update(workflowBuildVersionArn=workflow.arn, workflowExecutionId=workflow.id, imageBuildVersionArn=build.arn)
+                        answer.update(
+                            workflowBuildVersionArn=workflow.arn,
+                            workflowExecutionId=workflow.id,
+                            imageBuildVersionArn=build.arn,
+                        )
                         return answer
-        raise ApiError("ResourceNotFoundException", f"The step execution {params['stepExecutionId']} does not exist.", 404)
+        raise ApiError(
+            "ResourceNotFoundException",
+            f"The step execution {params['stepExecutionId']} does not exist.",
+            404,
+        )
 
     # --- tags ----------------------------------------------------------------------------------
 
@@ -895,7 +1132,11 @@ class ImageBuilder:
             time.sleep(min(self.step_seconds / 4, 0.25))
             moment = time.monotonic()
             with self.lock:
-                due = [b for b in self.builds.values() if b.image["state"]["status"] in IN_PROGRESS and b.next_at <= moment]
+                due = [
+                    b
+                    for b in self.builds.values()
+                    if b.image["state"]["status"] in IN_PROGRESS and b.next_at <= moment
+                ]
             for build in due:
                 try:
                     self._advance(build)
@@ -915,7 +1156,9 @@ class ImageBuilder:
                         step.status, step.message, step.ended = "FAILED", reason, moment
                     elif step.status in ("PENDING", "RUNNING"):
                         step.status = "SKIPPED"
-                if workflow.status == "RUNNING" or any(s.status == "FAILED" for s in workflow.steps):
+                if workflow.status == "RUNNING" or any(
+                    s.status == "FAILED" for s in workflow.steps
+                ):
                     workflow.status, workflow.message, workflow.ended = "FAILED", reason, moment
                 elif workflow.status == "PENDING":
                     workflow.status = "SKIPPED"
@@ -933,7 +1176,9 @@ class ImageBuilder:
                         step.status, step.started = "RUNNING", moment
                         if workflow.status == "PENDING":
                             workflow.status, workflow.started = "RUNNING", moment
-                if workflow.status == "RUNNING" and all(s.status in ("COMPLETED", "SKIPPED") for s in workflow.steps):
+                if workflow.status == "RUNNING" and all(
+                    s.status in ("COMPLETED", "SKIPPED") for s in workflow.steps
+                ):
                     workflow.status, workflow.ended = "COMPLETED", moment
             build.next_at = time.monotonic() + self.step_seconds
 
@@ -999,7 +1244,9 @@ class ImageBuilder:
         if not template:
             return f"{build.image['name']} {date}"
         number = build.arn.rsplit("/", 1)[1]
-        return template.replace("{{ imagebuilder:buildDate }}", date).replace("{{ imagebuilder:buildVersion }}", number)
+        return template.replace("{{ imagebuilder:buildDate }}", date).replace(
+            "{{ imagebuilder:buildVersion }}", number
+        )
 
     def _distributions(self, build: Build) -> list[dict]:
         configuration = build.image.get("distributionConfiguration")
@@ -1019,7 +1266,9 @@ class ImageBuilder:
             region = distribution["region"]
             settings = distribution.get("amiDistributionConfiguration") or {}
             name = self._ami_name(build, settings.get("name"))
-            description = settings.get("description") or build.image["imageRecipe"].get("description") or name
+            description = (
+                settings.get("description") or build.image["imageRecipe"].get("description") or name
+            )
             tags = dict(build.image["imageRecipe"].get("amiTags") or {})
             tags.update(settings.get("amiTags") or {})
             tags.update({"CreatedBy": "EC2 Image Builder", "Ec2ImageBuilderArn": build.arn})
@@ -1035,7 +1284,12 @@ class ImageBuilder:
                 source = image_id
             else:
                 ec2 = self.moto.client("ec2", region, build.account)
-                copy_args = {"Name": name, "Description": description, "SourceImageId": source, "SourceRegion": build.region}
+                copy_args = {
+                    "Name": name,
+                    "Description": description,
+                    "SourceImageId": source,
+                    "SourceRegion": build.region,
+                }
                 if settings.get("kmsKeyId"):
                     copy_args.update(Encrypted=True, KmsKeyId=settings["kmsKeyId"])
                 image_id = ec2.copy_image(**copy_args)["ImageId"]
@@ -1074,19 +1328,30 @@ class ImageBuilder:
     @staticmethod
     def _finish_ami(ec2, image_id: str, tags: dict, permission: dict | None) -> None:
         if tags:
-            ec2.create_tags(Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+            ec2.create_tags(
+                Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
+            )
         if permission:
             add = [{"UserId": u} for u in permission.get("userIds") or []]
             add += [{"Group": g} for g in permission.get("userGroups") or []]
             add += [{"OrganizationArn": o} for o in permission.get("organizationArns") or []]
-            add += [{"OrganizationalUnitArn": o} for o in permission.get("organizationalUnitArns") or []]
+            add += [
+                {"OrganizationalUnitArn": o} for o in permission.get("organizationalUnitArns") or []
+            ]
             if add:
                 ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": add})
 
     def _integrate(self, build: Build) -> None:
         for distribution in self._distributions(build):
             region = distribution["region"]
-            ami = next((a for a in build.amis if a["region"] == region and a["accountId"] == build.account), None)
+            ami = next(
+                (
+                    a
+                    for a in build.amis
+                    if a["region"] == region and a["accountId"] == build.account
+                ),
+                None,
+            )
             if ami is None:
                 continue
             for template in distribution.get("launchTemplateConfigurations") or []:
@@ -1098,7 +1363,9 @@ class ImageBuilder:
                     LaunchTemplateData={"ImageId": ami["image"]},
                 )["LaunchTemplateVersion"]["VersionNumber"]
                 if template.get("setDefaultVersion"):
-                    ec2.modify_launch_template(LaunchTemplateId=template["launchTemplateId"], DefaultVersion=str(version))
+                    ec2.modify_launch_template(
+                        LaunchTemplateId=template["launchTemplateId"], DefaultVersion=str(version)
+                    )
             for parameter in distribution.get("ssmParameterConfigurations") or []:
                 account = parameter.get("amiAccountId") or build.account
                 ssm = self.moto.client("ssm", region, account)
@@ -1117,7 +1384,12 @@ class ImageBuilder:
         repository = recipe["targetRepository"]["repositoryName"]
         tag = f"{recipe['version']}-{build.arn.rsplit('/', 1)[1]}"
         config = json.dumps(
-            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}, "config": {}},
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "config": {},
+            },
             sort_keys=True,
         ).encode()
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
@@ -1139,7 +1411,11 @@ class ImageBuilder:
             {
                 "schemaVersion": 2,
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config),
+                },
                 "layers": [],
             },
             sort_keys=True,
@@ -1153,12 +1429,16 @@ class ImageBuilder:
         urllib.request.urlopen(put, timeout=30).close()
         uri = f"{self.registry}/{repository}:{tag}"
         with self.lock:
-            build.image["outputResources"]["containers"] = [{"region": build.region, "imageUris": [uri]}]
+            build.image["outputResources"]["containers"] = [
+                {"region": build.region, "imageUris": [uri]}
+            ]
 
 
 def main(argv: list[str]) -> None:
     parser = standin.common_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds a build spends in each state")
+    parser.add_argument(
+        "--step-seconds", type=float, default=0.5, help="seconds a build spends in each state"
+    )
     parser.add_argument("--registry", help="HOST:PORT of the registry container builds push to")
     args = parser.parse_args(argv)
     server = ImageBuilder(args.upstream, args.step_seconds, args.registry)

@@ -62,6 +62,8 @@ HOP_BY_HOP = {
     "trailer",
     "upgrade",
     "content-length",
+    # The stand-in has read the whole body already; moto must not be asked to send 100 Continue.
+    "expect",
 }
 # How long a forwarded request may take upstream; moto answers in milliseconds, a slow answer
 # means moto hangs, and a test should fail rather than wait forever.
@@ -351,7 +353,9 @@ class Api:
             required = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
             # Literal segments first: `/tags/{arn}` must not swallow a longer literal route.
             specificity = (len(path.replace("{", "").split("/")), -path.count("{"))
-            routes.append((specificity, operation.http["method"], re.compile(regex), required, operation))
+            routes.append(
+                (specificity, operation.http["method"], re.compile(regex), required, operation)
+            )
         routes.sort(key=lambda r: r[0], reverse=True)
         return [r[1:] for r in routes]
 
@@ -779,16 +783,3 @@ def serve(port: int, handler: Handler, verbose: bool = False) -> None:
         pass
     finally:
         server.server_close()
-
-
-def start_in_thread(port: int, handler: Handler) -> tuple[int, Callable[[], None]]:
-    """For unit use inside one process: serves in a thread; returns the port and a stop function."""
-    server = _Server(port, handler, False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-
-    return server.server_address[1], stop

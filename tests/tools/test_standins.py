@@ -89,7 +89,11 @@ def moto():
         env = dict(os.environ, MOTO_EC2_LOAD_DEFAULT_AMIS="false")
         log = open(pathlib.Path(workdir) / "moto.log", "w")
         process = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", str(port)], cwd=workdir, env=env, stdout=log, stderr=log
+            [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         try:
             url = f"http://127.0.0.1:{port}"
@@ -115,10 +119,14 @@ def start_standin(script: str, *arguments: str):
 def throttle(moto):
     process, url = start_standin(
         "throttle_proxy.py",
-        "--upstream", moto,
-        "--rate", "DescribeRegions=2:0.01",
-        "--max-copies", "2",
-        "--copy-seconds", "1.5",
+        "--upstream",
+        moto,
+        "--rate",
+        "DescribeRegions=2:0.01",
+        "--max-copies",
+        "2",
+        "--copy-seconds",
+        "1.5",
         "--aws-block-size",
     )
     yield url
@@ -163,7 +171,13 @@ def registry():
 @pytest.fixture(scope="module")
 def imagebuilder(moto, registry):
     process, url = start_standin(
-        "imagebuilder_standin.py", "--upstream", moto, "--step-seconds", "0.1", "--registry", registry
+        "imagebuilder_standin.py",
+        "--upstream",
+        moto,
+        "--step-seconds",
+        "0.1",
+        "--registry",
+        registry,
     )
     yield url
     stop(process)
@@ -187,7 +201,8 @@ def client(endpoint: str, service: str, account: str, region: str = "us-east-1",
         config=botocore.config.Config(**options),
     )
     made.meta.events.register(
-        "before-sign", lambda request, **_: request.headers.__setitem__(standin.ACCOUNT_HEADER, account)
+        "before-sign",
+        lambda request, **_: request.headers.__setitem__(standin.ACCOUNT_HEADER, account),
     )
     return made
 
@@ -242,7 +257,9 @@ def as_request(serialized: dict, host: str = "127.0.0.1") -> standin.Request:
     path = serialized["url_path"]
     query = serialized["query_string"]
     if query:
-        path += "?" + (query if isinstance(query, str) else urllib.parse.urlencode(query, doseq=True))
+        path += "?" + (
+            query if isinstance(query, str) else urllib.parse.urlencode(query, doseq=True)
+        )
     body = serialized["body"]
     if isinstance(body, dict):
         body = urllib.parse.urlencode(body).encode()
@@ -258,7 +275,9 @@ ROUND_TRIPS = [
         "StartInstanceRefresh",
         {
             "AutoScalingGroupName": "web",
-            "DesiredConfiguration": {"LaunchTemplate": {"LaunchTemplateName": "web", "Version": "3"}},
+            "DesiredConfiguration": {
+                "LaunchTemplate": {"LaunchTemplateName": "web", "Version": "3"}
+            },
             "Preferences": {
                 "CheckpointPercentages": [10, 50, 100],
                 "CheckpointDelay": 60,
@@ -275,8 +294,12 @@ ROUND_TRIPS = [
             "MinCount": 1,
             "MaxCount": 2,
             "InstanceType": "t3.micro",
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": [{"Key": "a", "Value": "b"}]}],
-            "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8, "Encrypted": True}}],
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": [{"Key": "a", "Value": "b"}]}
+            ],
+            "BlockDeviceMappings": [
+                {"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8, "Encrypted": True}}
+            ],
             "MetadataOptions": {"HttpTokens": "required"},
         },
     ),
@@ -295,12 +318,18 @@ ROUND_TRIPS = [
     (
         "imagebuilder",
         "ListImageBuildVersions",
-        {"imageVersionArn": "arn:aws:imagebuilder:us-east-1:123456789012:image/web/1.0.0", "maxResults": 5},
+        {
+            "imageVersionArn": "arn:aws:imagebuilder:us-east-1:123456789012:image/web/1.0.0",
+            "maxResults": 5,
+        },
     ),
     (
         "imagebuilder",
         "UntagResource",
-        {"resourceArn": "arn:aws:imagebuilder:us-east-1:123456789012:image-recipe/web/1.0.0", "tagKeys": ["a", "b"]},
+        {
+            "resourceArn": "arn:aws:imagebuilder:us-east-1:123456789012:image-recipe/web/1.0.0",
+            "tagKeys": ["a", "b"],
+        },
     ),
     (
         "ebs",
@@ -317,11 +346,15 @@ ROUND_TRIPS = [
 ]
 
 
-@pytest.mark.parametrize("service,operation,params", ROUND_TRIPS, ids=[f"{s}.{o}" for s, o, _ in ROUND_TRIPS])
+@pytest.mark.parametrize(
+    "service,operation,params", ROUND_TRIPS, ids=[f"{s}.{o}" for s, o, _ in ROUND_TRIPS]
+)
 def test_the_library_parses_what_botocore_serializes(service, operation, params):
     api = standin.Api(service)
     model = api.model.operation_model(operation)
-    serialized = botocore.serialize.create_serializer(api.protocol).serialize_to_request(params, model)
+    serialized = botocore.serialize.create_serializer(api.protocol).serialize_to_request(
+        params, model
+    )
     request = as_request(serialized)
 
     assert api.operation(request).name == operation
@@ -372,14 +405,16 @@ def test_query_answers_parse_with_botocore():
     response = api.respond(model, result)
     parser = botocore.parsers.create_parser("query")
     parsed = parser.parse(
-        {"status_code": response.status, "headers": dict(response.headers), "body": response.body}, model.output_shape
+        {"status_code": response.status, "headers": dict(response.headers), "body": response.body},
+        model.output_shape,
     )
     parsed.pop("ResponseMetadata")
     assert parsed == result
 
     error = api.error(standin.ApiError("ActiveInstanceRefreshNotFound", "none"))
     parsed = parser.parse(
-        {"status_code": error.status, "headers": dict(error.headers), "body": error.body}, model.output_shape
+        {"status_code": error.status, "headers": dict(error.headers), "body": error.body},
+        model.output_shape,
     )
     assert parsed["Error"]["Code"] == "ActiveInstanceRefreshNotFound"
 
@@ -407,16 +442,25 @@ def test_throttle_limits_concurrent_copies_per_destination_region(throttle, acco
     east = client(throttle, "ec2", account)
     west = client(throttle, "ec2", account, "us-west-2")
     source = east.register_image(
-        Name="source", RootDeviceName="/dev/xvda", BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}]
+        Name="source",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
     )["ImageId"]
-    copies = [west.copy_image(Name=f"copy-{i}", SourceImageId=source, SourceRegion="us-east-1")["ImageId"] for i in range(2)]
+    copies = [
+        west.copy_image(Name=f"copy-{i}", SourceImageId=source, SourceRegion="us-east-1")["ImageId"]
+        for i in range(2)
+    ]
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         west.copy_image(Name="copy-2", SourceImageId=source, SourceRegion="us-east-1")
     assert error_of(raised) == ("ResourceLimitExceeded", 400)
     # Another destination region is not affected.
-    client(throttle, "ec2", account, "eu-west-1").copy_image(Name="copy-eu", SourceImageId=source, SourceRegion="us-east-1")
+    client(throttle, "ec2", account, "eu-west-1").copy_image(
+        Name="copy-eu", SourceImageId=source, SourceRegion="us-east-1"
+    )
 
-    states = lambda: [i["State"] for i in west.describe_images(ImageIds=copies)["Images"]]  # noqa: E731
+    states = lambda: [
+        i["State"] for i in west.describe_images(ImageIds=copies)["Images"]
+    ]  # noqa: E731
     seen = wait_for(states, lambda s: s == ["available", "available"])
     assert seen[0] == ["pending", "pending"]
     west.copy_image(Name="copy-3", SourceImageId=source, SourceRegion="us-east-1")
@@ -482,10 +526,12 @@ def test_throttle_forwards_other_services(throttle, account):
 def make_group(endpoint, account, name="web", version="1", capacity=4, image="ami-11111111"):
     ec2 = client(endpoint, "ec2", account)
     template = ec2.create_launch_template(
-        LaunchTemplateName=f"{name}-lt", LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"}
+        LaunchTemplateName=f"{name}-lt",
+        LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"},
     )["LaunchTemplate"]["LaunchTemplateId"]
     ec2.create_launch_template_version(
-        LaunchTemplateId=template, LaunchTemplateData={"ImageId": "ami-22222222", "InstanceType": "t3.micro"}
+        LaunchTemplateId=template,
+        LaunchTemplateData={"ImageId": "ami-22222222", "InstanceType": "t3.micro"},
     )
     client(endpoint, "autoscaling", account).create_auto_scaling_group(
         AutoScalingGroupName=name,
@@ -500,14 +546,22 @@ def make_group(endpoint, account, name="web", version="1", capacity=4, image="am
 
 def make_alarm(endpoint, account, name="errors"):
     client(endpoint, "cloudwatch", account).put_metric_alarm(
-        AlarmName=name, MetricName="errors", Namespace="app", Statistic="Sum", Period=60,
-        EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold",
+        AlarmName=name,
+        MetricName="errors",
+        Namespace="app",
+        Statistic="Sum",
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=1,
+        ComparisonOperator="GreaterThanThreshold",
     )
 
 
 def refresh_of(asg, group="web"):
     def read():
-        refresh = asg.describe_instance_refreshes(AutoScalingGroupName=group)["InstanceRefreshes"][0]
+        refresh = asg.describe_instance_refreshes(AutoScalingGroupName=group)["InstanceRefreshes"][
+            0
+        ]
         return refresh["Status"], refresh["PercentageComplete"], refresh.get("StatusReason")
 
     return read
@@ -519,7 +573,11 @@ def test_a_canary_refresh_passes_its_checkpoints_and_updates_the_group(asg_ecs, 
     refresh_id = asg.start_instance_refresh(
         AutoScalingGroupName="web",
         DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}},
-        Preferences={"CheckpointPercentages": [25, 100], "CheckpointDelay": 300, "MinHealthyPercentage": 75},
+        Preferences={
+            "CheckpointPercentages": [25, 100],
+            "CheckpointDelay": 300,
+            "MinHealthyPercentage": 75,
+        },
     )["InstanceRefreshId"]
 
     seen = wait_for(refresh_of(asg), lambda s: s[0] not in standin_active())
@@ -527,10 +585,14 @@ def test_a_canary_refresh_passes_its_checkpoints_and_updates_the_group(asg_ecs, 
     assert statuses[0] == "Pending" and statuses[-1] == "Successful"
     assert ("InProgress", 25, "Checkpoint 25% reached, waiting for the checkpoint delay.") in seen
     assert seen[-1][1] == 100
-    described = asg.describe_instance_refreshes(AutoScalingGroupName="web", InstanceRefreshIds=[refresh_id])
+    described = asg.describe_instance_refreshes(
+        AutoScalingGroupName="web", InstanceRefreshIds=[refresh_id]
+    )
     assert described["InstanceRefreshes"][0]["InstancesToUpdate"] == 0
     # moto itself (not the stand-in) holds the group's new launch template version.
-    group = client(moto, "autoscaling", account).describe_auto_scaling_groups(AutoScalingGroupNames=["web"])
+    group = client(moto, "autoscaling", account).describe_auto_scaling_groups(
+        AutoScalingGroupNames=["web"]
+    )
     assert group["AutoScalingGroups"][0]["LaunchTemplate"]["Version"] == "2"
 
 
@@ -555,21 +617,27 @@ def test_an_alarm_at_the_first_checkpoint_rolls_the_refresh_back(asg_ecs, moto, 
         },
     )
     wait_for(refresh_of(asg), lambda s: s[2] and "Checkpoint 50%" in s[2])
-    client(moto, "cloudwatch", account).set_alarm_state(AlarmName="errors", StateValue="ALARM", StateReason="test")
+    client(moto, "cloudwatch", account).set_alarm_state(
+        AlarmName="errors", StateValue="ALARM", StateReason="test"
+    )
 
     seen = wait_for(refresh_of(asg), lambda s: s[0] not in standin_active())
     assert [s[0] for s in seen][-2:] == ["RollbackInProgress", "RollbackSuccessful"]
     refresh = asg.describe_instance_refreshes(AutoScalingGroupName="web")["InstanceRefreshes"][0]
     assert refresh["RollbackDetails"]["RollbackReason"] == "The alarm errors is in ALARM state."
     assert refresh["RollbackDetails"]["PercentageCompleteOnRollback"] == 100
-    group = client(moto, "autoscaling", account).describe_auto_scaling_groups(AutoScalingGroupNames=["web"])
+    group = client(moto, "autoscaling", account).describe_auto_scaling_groups(
+        AutoScalingGroupNames=["web"]
+    )
     assert group["AutoScalingGroups"][0]["LaunchTemplate"]["Version"] == "1"
 
 
 def test_an_alarm_without_auto_rollback_fails_the_refresh(asg_ecs, moto, account):
     template = make_group(asg_ecs, account)
     make_alarm(asg_ecs, account)
-    client(moto, "cloudwatch", account).set_alarm_state(AlarmName="errors", StateValue="ALARM", StateReason="test")
+    client(moto, "cloudwatch", account).set_alarm_state(
+        AlarmName="errors", StateValue="ALARM", StateReason="test"
+    )
     asg = client(asg_ecs, "autoscaling", account)
     asg.start_instance_refresh(
         AutoScalingGroupName="web",
@@ -586,11 +654,19 @@ def test_rollback_is_refused_where_aws_refuses_it(asg_ecs, account):
     asg = unchecked(asg_ecs, "autoscaling", account)
     desired = {"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}}
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        asg.start_instance_refresh(AutoScalingGroupName="web", DesiredConfiguration=desired, Preferences={"AutoRollback": True})
+        asg.start_instance_refresh(
+            AutoScalingGroupName="web",
+            DesiredConfiguration=desired,
+            Preferences={"AutoRollback": True},
+        )
     assert error_of(raised) == ("ValidationError", 400)
     assert "$Latest or $Default" in raised.value.response["Error"]["Message"]
 
-    asg.start_instance_refresh(AutoScalingGroupName="web", DesiredConfiguration=desired, Preferences={"CheckpointPercentages": [50, 100], "CheckpointDelay": 5000})
+    asg.start_instance_refresh(
+        AutoScalingGroupName="web",
+        DesiredConfiguration=desired,
+        Preferences={"CheckpointPercentages": [50, 100], "CheckpointDelay": 5000},
+    )
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         asg.rollback_instance_refresh(AutoScalingGroupName="web")
     assert error_of(raised)[0] == "IrreversibleInstanceRefresh"
@@ -600,7 +676,9 @@ def test_rollback_is_refused_where_aws_refuses_it(asg_ecs, account):
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         asg.start_instance_refresh(
             AutoScalingGroupName="ssm",
-            DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": ssm_template, "Version": "2"}},
+            DesiredConfiguration={
+                "LaunchTemplate": {"LaunchTemplateId": ssm_template, "Version": "2"}
+            },
             Preferences={"AutoRollback": True},
         )
     assert "Systems Manager parameter" in raised.value.response["Error"]["Message"]
@@ -611,7 +689,9 @@ def test_cancel_and_the_one_refresh_at_a_time_rule(asg_ecs, account):
     asg = client(asg_ecs, "autoscaling", account)
     desired = {"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}}
     first = asg.start_instance_refresh(
-        AutoScalingGroupName="web", DesiredConfiguration=desired, Preferences={"CheckpointPercentages": [50, 100], "CheckpointDelay": 5000}
+        AutoScalingGroupName="web",
+        DesiredConfiguration=desired,
+        Preferences={"CheckpointPercentages": [50, 100], "CheckpointDelay": 5000},
     )["InstanceRefreshId"]
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         asg.start_instance_refresh(AutoScalingGroupName="web", DesiredConfiguration=desired)
@@ -629,7 +709,9 @@ def test_autoscaling_requests_are_validated_and_the_rest_forwarded(asg_ecs, acco
     make_group(asg_ecs, account)
     asg = unchecked(asg_ecs, "autoscaling", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        asg.start_instance_refresh(AutoScalingGroupName="web", Preferences={"MinHealthyPercentage": 101})
+        asg.start_instance_refresh(
+            AutoScalingGroupName="web", Preferences={"MinHealthyPercentage": 101}
+        )
     assert error_of(raised) == ("ValidationError", 400)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         asg.start_instance_refresh(AutoScalingGroupName="nope")
@@ -650,16 +732,27 @@ def make_service(endpoint, account, configuration):
     def register(image, environment=()):
         return ecs.register_task_definition(
             family="api",
-            containerDefinitions=[{"name": "api", "image": image, "memory": 128, "environment": list(environment)}],
-            requiresCompatibilities=["FARGATE"], networkMode="awsvpc", cpu="256", memory="512",
+            containerDefinitions=[
+                {"name": "api", "image": image, "memory": 128, "environment": list(environment)}
+            ],
+            requiresCompatibilities=["FARGATE"],
+            networkMode="awsvpc",
+            cpu="256",
+            memory="512",
         )["taskDefinition"]["taskDefinitionArn"]
 
     good = register("repo@sha256:" + "1" * 64)
     subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
     group = ec2.describe_security_groups()["SecurityGroups"][0]["GroupId"]
     ecs.create_service(
-        cluster="main", serviceName="api", taskDefinition=good, desiredCount=2, launchType="FARGATE",
-        networkConfiguration={"awsvpcConfiguration": {"subnets": [subnet], "securityGroups": [group]}},
+        cluster="main",
+        serviceName="api",
+        taskDefinition=good,
+        desiredCount=2,
+        launchType="FARGATE",
+        networkConfiguration={
+            "awsvpcConfiguration": {"subnets": [subnet], "securityGroups": [group]}
+        },
         deploymentConfiguration=configuration,
     )
     return ecs, register, good
@@ -668,7 +761,10 @@ def make_service(endpoint, account, configuration):
 def deployments_of(ecs):
     def read():
         service = ecs.describe_services(cluster="main", services=["api"])["services"][0]
-        return tuple((d["status"], d["taskDefinition"].rsplit("/", 1)[1], d["rolloutState"]) for d in service["deployments"])
+        return tuple(
+            (d["status"], d["taskDefinition"].rsplit("/", 1)[1], d["rolloutState"])
+            for d in service["deployments"]
+        )
 
     return read
 
@@ -678,7 +774,9 @@ def settled(deployments) -> bool:
 
 
 def test_an_ecs_deployment_replaces_the_old_one_and_completes(asg_ecs, account):
-    ecs, register, _ = make_service(asg_ecs, account, {"deploymentCircuitBreaker": {"enable": True, "rollback": True}})
+    ecs, register, _ = make_service(
+        asg_ecs, account, {"deploymentCircuitBreaker": {"enable": True, "rollback": True}}
+    )
     wait_for(deployments_of(ecs), settled)
     newer = register("repo@sha256:" + "2" * 64)
     ecs.update_service(cluster="main", service="api", taskDefinition=newer)
@@ -688,12 +786,17 @@ def test_an_ecs_deployment_replaces_the_old_one_and_completes(asg_ecs, account):
     assert seen[-1] == (("PRIMARY", "api:2", "COMPLETED"),)
     service = ecs.describe_services(cluster="main", services=["api"])["services"][0]
     assert service["runningCount"] == 2 and service["pendingCount"] == 0
-    assert service["deploymentConfiguration"]["deploymentCircuitBreaker"] == {"enable": True, "rollback": True}
+    assert service["deploymentConfiguration"]["deploymentCircuitBreaker"] == {
+        "enable": True,
+        "rollback": True,
+    }
     assert service["events"][0]["message"].endswith("has reached a steady state.")
 
 
 def test_failing_tasks_trip_the_circuit_breaker_and_roll_back(asg_ecs, moto, account):
-    ecs, register, good = make_service(asg_ecs, account, {"deploymentCircuitBreaker": {"enable": True, "rollback": True}})
+    ecs, register, good = make_service(
+        asg_ecs, account, {"deploymentCircuitBreaker": {"enable": True, "rollback": True}}
+    )
     wait_for(deployments_of(ecs), settled)
     failing = register("repo:2", [{"name": "BAKE_STANDIN_TASKS_FAIL", "value": "true"}])
     ecs.update_service(cluster="main", service="api", taskDefinition=failing)
@@ -702,11 +805,15 @@ def test_failing_tasks_trip_the_circuit_breaker_and_roll_back(asg_ecs, moto, acc
     assert (("PRIMARY", "api:1", "IN_PROGRESS"), ("ACTIVE", "api:2", "FAILED")) in seen
     assert seen[-1] == (("PRIMARY", "api:1", "COMPLETED"),)
     # moto's service points at the previous revision again.
-    moto_service = client(moto, "ecs", account).describe_services(cluster="main", services=["api"])["services"][0]
+    moto_service = client(moto, "ecs", account).describe_services(cluster="main", services=["api"])[
+        "services"
+    ][0]
     assert moto_service["taskDefinition"] == good
 
 
-def test_without_the_circuit_breaker_failing_tasks_keep_the_deployment_in_progress(asg_ecs, account):
+def test_without_the_circuit_breaker_failing_tasks_keep_the_deployment_in_progress(
+    asg_ecs, account
+):
     ecs, register, _ = make_service(asg_ecs, account, {})
     wait_for(deployments_of(ecs), settled)
     ecs.update_service(cluster="main", service="api", taskDefinition=register("repo:standin-fail"))
@@ -721,11 +828,17 @@ def test_without_the_circuit_breaker_failing_tasks_keep_the_deployment_in_progre
 def test_an_ecs_alarm_fails_the_deployment_and_rolls_back(asg_ecs, moto, account):
     make_alarm(asg_ecs, account, "api-errors")
     ecs, register, _ = make_service(
-        asg_ecs, account, {"alarms": {"alarmNames": ["api-errors"], "enable": True, "rollback": True}}
+        asg_ecs,
+        account,
+        {"alarms": {"alarmNames": ["api-errors"], "enable": True, "rollback": True}},
     )
     wait_for(deployments_of(ecs), settled)
-    client(moto, "cloudwatch", account).set_alarm_state(AlarmName="api-errors", StateValue="ALARM", StateReason="test")
-    ecs.update_service(cluster="main", service="api", taskDefinition=register("repo@sha256:" + "3" * 64))
+    client(moto, "cloudwatch", account).set_alarm_state(
+        AlarmName="api-errors", StateValue="ALARM", StateReason="test"
+    )
+    ecs.update_service(
+        cluster="main", service="api", taskDefinition=register("repo@sha256:" + "3" * 64)
+    )
     seen = wait_for(deployments_of(ecs), settled)
     assert seen[-1] == (("PRIMARY", "api:1", "COMPLETED"),)
     assert any(("ACTIVE", "api:2", "FAILED") in s for s in seen)
@@ -734,7 +847,9 @@ def test_an_ecs_alarm_fails_the_deployment_and_rolls_back(asg_ecs, moto, account
 def test_ecs_requests_are_validated(asg_ecs, account):
     ecs = unchecked(asg_ecs, "ecs", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ecs.update_service(service="api", deploymentConfiguration={"deploymentCircuitBreaker": {"enable": "yes"}})
+        ecs.update_service(
+            service="api", deploymentConfiguration={"deploymentCircuitBreaker": {"enable": "yes"}}
+        )
     code, status = error_of(raised)
     assert (code, status) == ("InvalidParameterException", 400)
     assert "rollback" in raised.value.response["Error"]["Message"]
@@ -763,22 +878,30 @@ def builder_setup(endpoint, account, command="echo hello", distributions=None):
     ec2 = client(endpoint, "ec2", account)
     client(endpoint, "iam", account).create_instance_profile(InstanceProfileName="builder")
     base = ec2.register_image(
-        Name="base", RootDeviceName="/dev/xvda", BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}]
+        Name="base",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
     )["ImageId"]
     component = ib.create_component(
-        name="hello", semanticVersion="1.0.0", platform="Linux", data=DOCUMENT.format(command=command)
+        name="hello",
+        semanticVersion="1.0.0",
+        platform="Linux",
+        data=DOCUMENT.format(command=command),
     )["componentBuildVersionArn"]
     recipe = ib.create_image_recipe(
-        name="web", semanticVersion="1.0.0", parentImage=base, components=[{"componentArn": component}]
+        name="web",
+        semanticVersion="1.0.0",
+        parentImage=base,
+        components=[{"componentArn": component}],
     )["imageRecipeArn"]
     infrastructure = ib.create_infrastructure_configuration(
         name="infra", instanceProfileName="builder", instanceTypes=["t3.micro"]
     )["infrastructureConfigurationArn"]
     distribution = None
     if distributions is not None:
-        distribution = ib.create_distribution_configuration(name="dist", distributions=distributions)[
-            "distributionConfigurationArn"
-        ]
+        distribution = ib.create_distribution_configuration(
+            name="dist", distributions=distributions
+        )["distributionConfigurationArn"]
     return ib, component, recipe, infrastructure, distribution
 
 
@@ -788,9 +911,9 @@ def image_state(ib, arn):
 
 def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, moto, account):
     ec2 = client(imagebuilder, "ec2", account)
-    template = ec2.create_launch_template(LaunchTemplateName="web", LaunchTemplateData={"ImageId": "ami-11111111"})[
-        "LaunchTemplate"
-    ]["LaunchTemplateId"]
+    template = ec2.create_launch_template(
+        LaunchTemplateName="web", LaunchTemplateData={"ImageId": "ami-11111111"}
+    )["LaunchTemplate"]["LaunchTemplateId"]
     distributions = [
         {
             "region": "us-east-1",
@@ -799,19 +922,38 @@ def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, mo
                 "amiTags": {"bake:version": "v1"},
                 "launchPermission": {"userIds": ["111122223333"]},
             },
-            "launchTemplateConfigurations": [{"launchTemplateId": template, "setDefaultVersion": True}],
-            "ssmParameterConfigurations": [{"parameterName": "/bake/web", "dataType": "aws:ec2:image"}],
+            "launchTemplateConfigurations": [
+                {"launchTemplateId": template, "setDefaultVersion": True}
+            ],
+            "ssmParameterConfigurations": [
+                {"parameterName": "/bake/web", "dataType": "aws:ec2:image"}
+            ],
         },
-        {"region": "eu-west-1", "amiDistributionConfiguration": {"amiTags": {"bake:version": "v1"}}},
+        {
+            "region": "eu-west-1",
+            "amiDistributionConfiguration": {"amiTags": {"bake:version": "v1"}},
+        },
     ]
-    ib, _, recipe, infrastructure, distribution = builder_setup(imagebuilder, account, distributions=distributions)
+    ib, _, recipe, infrastructure, distribution = builder_setup(
+        imagebuilder, account, distributions=distributions
+    )
     arn = ib.create_image(
-        imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure, distributionConfigurationArn=distribution
+        imageRecipeArn=recipe,
+        infrastructureConfigurationArn=infrastructure,
+        distributionConfigurationArn=distribution,
     )["imageBuildVersionArn"]
     assert arn == f"arn:aws:imagebuilder:us-east-1:{account}:image/web/1.0.0/1"
 
     seen = wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"), every=0.02)
-    assert seen == ["PENDING", "CREATING", "BUILDING", "TESTING", "DISTRIBUTING", "INTEGRATING", "AVAILABLE"]
+    assert seen == [
+        "PENDING",
+        "CREATING",
+        "BUILDING",
+        "TESTING",
+        "DISTRIBUTING",
+        "INTEGRATING",
+        "AVAILABLE",
+    ]
 
     amis = ib.get_image(imageBuildVersionArn=arn)["image"]["outputResources"]["amis"]
     assert [a["region"] for a in amis] == ["us-east-1", "eu-west-1"]
@@ -820,56 +962,105 @@ def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, mo
     image = east.describe_images(ImageIds=[amis[0]["image"]])["Images"][0]
     assert image["Name"].startswith("web-")
     tags = {t["Key"]: t["Value"] for t in image["Tags"]}
-    assert tags == {"bake:version": "v1", "CreatedBy": "EC2 Image Builder", "Ec2ImageBuilderArn": arn}
-    permissions = east.describe_image_attribute(ImageId=amis[0]["image"], Attribute="launchPermission")
+    assert tags == {
+        "bake:version": "v1",
+        "CreatedBy": "EC2 Image Builder",
+        "Ec2ImageBuilderArn": arn,
+    }
+    permissions = east.describe_image_attribute(
+        ImageId=amis[0]["image"], Attribute="launchPermission"
+    )
     assert permissions["LaunchPermissions"] == [{"UserId": "111122223333"}]
-    assert client(moto, "ec2", account, "eu-west-1").describe_images(ImageIds=[amis[1]["image"]])["Images"]
-    assert client(moto, "ssm", account).get_parameter(Name="/bake/web")["Parameter"]["Value"] == amis[0]["image"]
+    assert client(moto, "ec2", account, "eu-west-1").describe_images(ImageIds=[amis[1]["image"]])[
+        "Images"
+    ]
+    assert (
+        client(moto, "ssm", account).get_parameter(Name="/bake/web")["Parameter"]["Value"]
+        == amis[0]["image"]
+    )
     described = east.describe_launch_templates(LaunchTemplateIds=[template])["LaunchTemplates"][0]
     assert described["DefaultVersionNumber"] == 2
 
     executions = ib.list_workflow_executions(imageBuildVersionArn=arn)["workflowExecutions"]
-    assert [(w["type"], w["status"]) for w in executions] == [("BUILD", "COMPLETED"), ("TEST", "COMPLETED")]
-    steps = ib.list_workflow_step_executions(workflowExecutionId=executions[0]["workflowExecutionId"])["steps"]
-    assert steps[0]["name"] == "LaunchBuildInstance" and {s["status"] for s in steps} == {"COMPLETED"}
-    summaries = ib.list_image_build_versions(imageVersionArn=arn.rsplit("/", 1)[0])["imageSummaryList"]
+    assert [(w["type"], w["status"]) for w in executions] == [
+        ("BUILD", "COMPLETED"),
+        ("TEST", "COMPLETED"),
+    ]
+    steps = ib.list_workflow_step_executions(
+        workflowExecutionId=executions[0]["workflowExecutionId"]
+    )["steps"]
+    assert steps[0]["name"] == "LaunchBuildInstance" and {s["status"] for s in steps} == {
+        "COMPLETED"
+    }
+    summaries = ib.list_image_build_versions(imageVersionArn=arn.rsplit("/", 1)[0])[
+        "imageSummaryList"
+    ]
     assert [s["arn"] for s in summaries] == [arn]
 
 
 def test_client_tokens_and_conflicts_behave_as_documented(imagebuilder, account):
     ib, component, recipe, infrastructure, _ = builder_setup(imagebuilder, account)
     document = DOCUMENT.format(command="echo again")
-    first = ib.create_component(name="again", semanticVersion="1.0.0", platform="Linux", data=document, clientToken="token-1")
-    repeat = ib.create_component(name="again", semanticVersion="1.0.0", platform="Linux", data=document, clientToken="token-1")
+    first = ib.create_component(
+        name="again",
+        semanticVersion="1.0.0",
+        platform="Linux",
+        data=document,
+        clientToken="token-1",
+    )
+    repeat = ib.create_component(
+        name="again",
+        semanticVersion="1.0.0",
+        platform="Linux",
+        data=document,
+        clientToken="token-1",
+    )
     assert repeat["componentBuildVersionArn"] == first["componentBuildVersionArn"]
     assert repeat["requestId"] == first["requestId"]
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ib.create_component(name="again", semanticVersion="2.0.0", platform="Linux", data=document, clientToken="token-1")
+        ib.create_component(
+            name="again",
+            semanticVersion="2.0.0",
+            platform="Linux",
+            data=document,
+            clientToken="token-1",
+        )
     assert error_of(raised)[0] == "IdempotentParameterMismatchException"
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         ib.create_component(name="again", semanticVersion="1.0.0", platform="Linux", data=document)
     assert error_of(raised)[0] == "ResourceInUseException"
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ib.create_image_recipe(name="web", semanticVersion="1.0.0", parentImage="ami-11111111", components=[{"componentArn": component}])
+        ib.create_image_recipe(
+            name="web",
+            semanticVersion="1.0.0",
+            parentImage="ami-11111111",
+            components=[{"componentArn": component}],
+        )
     assert error_of(raised)[0] == "ResourceAlreadyExistsException"
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         ib.delete_component(componentBuildVersionArn=component)
     assert error_of(raised)[0] == "ResourceDependencyException"
     # A second build of the same recipe version gets the next build number.
     builds = [
-        ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)["imageBuildVersionArn"]
+        ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)[
+            "imageBuildVersionArn"
+        ]
         for _ in range(2)
     ]
     assert [b.rsplit("/", 1)[1] for b in builds] == ["1", "2"]
     # Wildcard versions resolve to the newest.
-    newest = ib.get_component(componentBuildVersionArn=component.rsplit("/", 2)[0] + "/x.x.x")["component"]
+    newest = ib.get_component(componentBuildVersionArn=component.rsplit("/", 2)[0] + "/x.x.x")[
+        "component"
+    ]
     assert newest["arn"] == component
 
 
 def test_imagebuilder_requests_are_validated_against_the_model(imagebuilder, account):
     ib = unchecked(imagebuilder, "imagebuilder", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ib.create_component(name="bad!", semanticVersion="1.0", platform="Plan9", data="phases: []", clientToken="t")
+        ib.create_component(
+            name="bad!", semanticVersion="1.0", platform="Plan9", data="phases: []", clientToken="t"
+        )
     code, status = error_of(raised)
     assert (code, status) == ("ValidationException", 400)
     message = raised.value.response["Error"]["Message"]
@@ -877,32 +1068,54 @@ def test_imagebuilder_requests_are_validated_against_the_model(imagebuilder, acc
     assert "Plan9" in message and "must be one of: Windows, Linux, macOS" in message
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         ib.create_infrastructure_configuration(name="infra", clientToken="t")
-    assert 'Missing required parameter in input: "instanceProfileName"' in raised.value.response["Error"]["Message"]
+    assert (
+        'Missing required parameter in input: "instanceProfileName"'
+        in raised.value.response["Error"]["Message"]
+    )
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ib.get_image(imageBuildVersionArn="arn:aws:imagebuilder:us-east-1:123456789012:image/web/1.0.0/1")
+        ib.get_image(
+            imageBuildVersionArn="arn:aws:imagebuilder:us-east-1:123456789012:image/web/1.0.0/1"
+        )
     assert error_of(raised) == ("ResourceNotFoundException", 404)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
-        ib.create_component(name="broken", semanticVersion="1.0.0", platform="Linux", data="phases: [", clientToken="t2")
+        ib.create_component(
+            name="broken",
+            semanticVersion="1.0.0",
+            platform="Linux",
+            data="phases: [",
+            clientToken="t2",
+        )
     assert error_of(raised)[0] == "InvalidParameterValueException"
 
 
 def test_a_marked_component_fails_the_build_with_a_reason(imagebuilder, account):
-    ib, _, _, infrastructure, _ = builder_setup(imagebuilder, account, command="echo BAKE_STANDIN_FAIL_BUILD")
+    ib, _, _, infrastructure, _ = builder_setup(
+        imagebuilder, account, command="echo BAKE_STANDIN_FAIL_BUILD"
+    )
     recipe = ib.list_image_recipes()["imageRecipeSummaryList"][0]["arn"]
-    arn = ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)["imageBuildVersionArn"]
+    arn = ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)[
+        "imageBuildVersionArn"
+    ]
     seen = wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"), every=0.02)
     assert seen[-2:] == ["BUILDING", "FAILED"]
     state = ib.get_image(imageBuildVersionArn=arn)["image"]["state"]
     assert "component/hello/1.0.0/1" in state["reason"] and "build phase" in state["reason"]
     executions = ib.list_workflow_executions(imageBuildVersionArn=arn)["workflowExecutions"]
-    assert [(w["type"], w["status"]) for w in executions] == [("BUILD", "FAILED"), ("TEST", "SKIPPED")]
-    steps = ib.list_workflow_step_executions(workflowExecutionId=executions[0]["workflowExecutionId"])["steps"]
+    assert [(w["type"], w["status"]) for w in executions] == [
+        ("BUILD", "FAILED"),
+        ("TEST", "SKIPPED"),
+    ]
+    steps = ib.list_workflow_step_executions(
+        workflowExecutionId=executions[0]["workflowExecutionId"]
+    )["steps"]
     assert {s["name"]: s["status"] for s in steps}["ApplyBuildComponents"] == "FAILED"
 
 
 def test_cancel_image_creation(imagebuilder, account):
     ib, _, recipe, infrastructure, _ = builder_setup(imagebuilder, account)
-    arn = ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)["imageBuildVersionArn"]
+    arn = ib.create_image(imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)[
+        "imageBuildVersionArn"
+    ]
     assert ib.cancel_image_creation(imageBuildVersionArn=arn)["imageBuildVersionArn"] == arn
     time.sleep(0.3)  # three steps' worth: a cancelled build stays cancelled
     state = ib.get_image(imageBuildVersionArn=arn)["image"]["state"]
@@ -916,7 +1129,9 @@ def test_cancel_image_creation(imagebuilder, account):
 def test_a_pipeline_execution_builds_an_image(imagebuilder, account):
     ib, _, recipe, infrastructure, _ = builder_setup(imagebuilder, account)
     pipeline = ib.create_image_pipeline(
-        name="nightly", imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure,
+        name="nightly",
+        imageRecipeArn=recipe,
+        infrastructureConfigurationArn=infrastructure,
         imageTestsConfiguration={"imageTestsEnabled": False},
     )["imagePipelineArn"]
     arn = ib.start_image_pipeline_execution(imagePipelineArn=pipeline)["imageBuildVersionArn"]
@@ -930,15 +1145,28 @@ def test_a_pipeline_execution_builds_an_image(imagebuilder, account):
     assert error_of(raised)[0] == "ResourceDependencyException"
 
 
+DOCKERFILE = """\
+FROM {{{ imagebuilder:parentImage }}}
+{{{ imagebuilder:environments }}}
+{{{ imagebuilder:components }}}
+"""
+
+
 def test_a_container_build_pushes_a_manifest_to_the_registry(imagebuilder, registry, account):
     ib, component, _, infrastructure, _ = builder_setup(imagebuilder, account)
     repository = f"standins/web-{account}"
     recipe = ib.create_container_recipe(
-        containerType="DOCKER", name="web-container", semanticVersion="1.0.0", parentImage="debian:bookworm",
-        components=[{"componentArn": component}], dockerfileTemplateData="FROM {{{ imagebuilder:parentImage }}}\n{{{ imagebuilder:environments }}}\n{{{ imagebuilder:components }}}",
+        containerType="DOCKER",
+        name="web-container",
+        semanticVersion="1.0.0",
+        parentImage="debian:bookworm",
+        components=[{"componentArn": component}],
+        dockerfileTemplateData=DOCKERFILE,
         targetRepository={"service": "ECR", "repositoryName": repository},
     )["containerRecipeArn"]
-    arn = ib.create_image(containerRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)["imageBuildVersionArn"]
+    arn = ib.create_image(containerRecipeArn=recipe, infrastructureConfigurationArn=infrastructure)[
+        "imageBuildVersionArn"
+    ]
     wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"))
     image = ib.get_image(imageBuildVersionArn=arn)["image"]
     assert image["state"]["status"] == "AVAILABLE", image["state"]

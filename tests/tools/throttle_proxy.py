@@ -31,7 +31,8 @@ Control endpoints (not AWS):
 - `POST /_standin/reset`: forgets stats, buckets, copies and stalls.
 
 `--aws-block-size` also rewrites StartSnapshot's `BlockSize` from moto's 512 to AWS's 524288 (what
-scripts/ebs-block-size-proxy.py does for the upload benchmark).
+scripts/ebs-block-size-proxy.py does for the upload benchmark); with `--unlimited` no limit applies,
+so `--unlimited --aws-block-size` does that script's job (requests still validated and counted).
 
 Not modelled: the per-resource rate limits (AttachVolume and friends), the account-wide limits of
 other services (they pass through uncounted except in stats), the EBS direct account-level
@@ -164,14 +165,13 @@ class Copy:
 
 
 class ThrottleProxy:
-    def __init__(self, upstream: str, limits: dict, aws_block_size: bool):
+    def __init__(self, upstream: str, limits: dict, aws_block_size: bool, unlimited: bool = False):
         self.upstream = upstream
+        self.unlimited = unlimited
         self.ec2 = standin.Api("ec2")
         self.ebs = standin.Api("ebs")
         self.category_buckets = dict(CATEGORY_BUCKETS)
-        self.category_buckets.update(
-            {k: tuple(v) for k, v in limits.get("categories", {}).items()}
-        )
+        self.category_buckets.update({k: tuple(v) for k, v in limits.get("categories", {}).items()})
         self.action_buckets = {k: tuple(v) for k, v in limits.get("actions", {}).items()}
         self.max_copies = limits.get("max_copies", MAX_CONCURRENT_COPIES)
         self.copy_seconds = limits.get("copy_seconds", 5.0)
@@ -260,7 +260,8 @@ class ThrottleProxy:
             return None
 
         try:
-            self._admit(api, account, region, action, params)
+            if not self.unlimited:
+                self._admit(api, account, region, action, params)
         except ApiError as error:
             return api.error(error)
 
@@ -297,9 +298,7 @@ class ThrottleProxy:
             if api is self.ebs:
                 if action == "PutSnapshotBlock":
                     key = (account, region, action, params.get("SnapshotId"))
-                    bucket = self.buckets.setdefault(
-                        key, Bucket(self.block_rate, self.block_rate)
-                    )
+                    bucket = self.buckets.setdefault(key, Bucket(self.block_rate, self.block_rate))
                     if not bucket.take():
                         self.stats[(account, action)]["throttled"] += 1
                         error = ApiError(
@@ -308,12 +307,10 @@ class ThrottleProxy:
                         )
                         raise error
                 return
-            capacity, refill = self.action_buckets.get(action) or self.category_buckets[
-                category(action, params)
-            ]
-            bucket = self.buckets.setdefault(
-                (account, region, action), Bucket(capacity, refill)
+            capacity, refill = (
+                self.action_buckets.get(action) or self.category_buckets[category(action, params)]
             )
+            bucket = self.buckets.setdefault((account, region, action), Bucket(capacity, refill))
             if not bucket.take():
                 self.stats[(account, action)]["throttled"] += 1
                 raise ApiError("RequestLimitExceeded", "Request limit exceeded.", status=503)
@@ -404,6 +401,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--aws-block-size", action="store_true", help="answer StartSnapshot with 524288"
     )
+    parser.add_argument(
+        "--unlimited", action="store_true", help="no limits: validate, count and forward only"
+    )
     args = parser.parse_args(argv)
     limits: dict = {}
     if args.limits:
@@ -414,7 +414,7 @@ def main(argv: list[str]) -> None:
         limits["max_copies"] = args.max_copies
     if args.copy_seconds is not None:
         limits["copy_seconds"] = args.copy_seconds
-    proxy = ThrottleProxy(args.upstream, limits, args.aws_block_size)
+    proxy = ThrottleProxy(args.upstream, limits, args.aws_block_size, args.unlimited)
     standin.serve(args.port, proxy.handle, args.verbose)
 
 
