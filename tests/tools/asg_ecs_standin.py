@@ -35,7 +35,8 @@ Auto Scaling (`StartInstanceRefresh`, `DescribeInstanceRefreshes`, `CancelInstan
   nothing and succeeds at once.
 
 ECS (`CreateService`, `UpdateService`, `DescribeServices`, JSON protocol): moto keeps the service;
-this stand-in keeps its deployments.
+this stand-in keeps its deployments. A service made in moto directly (a test's setup) is taken, on
+first sight, as stable: one `COMPLETED` deployment running its desired count.
 
 - A new task definition (or `forceNewDeployment`) starts a `PRIMARY` deployment in `IN_PROGRESS`;
   the previous one becomes `ACTIVE` and drains as the new one's tasks start, one task every
@@ -571,27 +572,23 @@ class Ecs:
             if response.status == 200:
                 answer = json.loads(response.body)
                 cluster = _last(params.get("cluster") or "default")
-                with self.lock:
-                    for service in answer.get("services", []):
-                        tracked = self.services.get(
-                            (account, region, cluster, service["serviceName"])
-                        )
-                        if tracked:
-                            self._overlay(service, tracked)
+                for service in answer.get("services", []):
+                    key = (account, region, cluster, service["serviceName"])
+                    with self.lock:
+                        tracked = self.services.get(key) or self._adopt(key, service)
+                        self._overlay(service, tracked)
                 response = standin.json_response(200, answer, "application/x-amz-json-1.1")
             return response
 
         cluster = _last(params.get("cluster") or "default")
         service_name = _last(params.get("serviceName") or params.get("service") or "")
         key = (account, region, cluster, service_name)
-        previous = None
         if name == "UpdateService" and key not in self.services:
-            # A service this stand-in has not seen (made in moto directly): its current task
-            # definition is the completed deployment the update replaces.
             ecs = self.moto.client("ecs", region, account)
             found = ecs.describe_services(cluster=cluster, services=[service_name])["services"]
             if found:
-                previous = found[0]
+                with self.lock:
+                    self._adopt(key, found[0])
         response = standin.forward(self.upstream, request)
         if response.status != 200:
             return response
@@ -613,14 +610,7 @@ class Ecs:
                     tracked, f"(service {service_name}) has started a deployment {first.id}."
                 )
             else:
-                tracked = self.services.get(key)
-                if tracked is None:
-                    old = self._new_deployment(
-                        account, region, previous["taskDefinition"], previous["desiredCount"]
-                    )
-                    old.rollout, old.running = "COMPLETED", previous["desiredCount"]
-                    tracked = EcsService(account, region, cluster, service_name, {}, [old])
-                    self.services[key] = tracked
+                tracked = self.services[key]
                 if configuration is not None:
                     tracked.configuration = configuration
                 primary = tracked.deployments[0]
@@ -642,6 +632,18 @@ class Ecs:
                         primary.running = primary.desired
             self._overlay(service, tracked)
         return standin.json_response(200, answer, "application/x-amz-json-1.1")
+
+    def _adopt(self, key: tuple[str, str, str, str], service: dict) -> EcsService:
+        """Tracks a service made in moto directly: its current task definition is a completed
+        deployment running the desired count (what moto would show once stable)."""
+        account, region, cluster, name = key
+        deployment = self._new_deployment(
+            account, region, service["taskDefinition"], service["desiredCount"]
+        )
+        deployment.rollout, deployment.running = "COMPLETED", service["desiredCount"]
+        tracked = EcsService(account, region, cluster, name, {}, [deployment])
+        self.services[key] = tracked
+        return tracked
 
     def _overlay(self, service: dict, tracked: EcsService) -> None:
         deployments = []

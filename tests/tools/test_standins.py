@@ -470,6 +470,22 @@ def test_throttle_limits_concurrent_copies_per_destination_region(throttle, acco
     assert stats["peak_copies"]["us-west-2"] == 2
 
 
+def test_throttle_shows_a_snapshot_copy_pending_while_in_flight(throttle, account):
+    east = client(throttle, "ec2", account)
+    volume = east.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    source = east.create_snapshot(VolumeId=volume)["SnapshotId"]
+    south = client(throttle, "ec2", account, "ap-south-1")
+    copied = south.copy_snapshot(SourceSnapshotId=source, SourceRegion="us-east-1")["SnapshotId"]
+
+    def state():
+        snapshot = south.describe_snapshots(SnapshotIds=[copied])["Snapshots"][0]
+        return snapshot["State"], snapshot["Progress"]
+
+    seen = wait_for(state, lambda s: s[0] == "completed")
+    assert seen[0] == ("pending", "0%")
+    assert seen[-1] == ("completed", "100%")
+
+
 def test_throttle_holds_a_stalled_put_snapshot_block_until_the_client_gives_up(throttle, account):
     ebs = client(throttle, "ebs", account, read_timeout=1, connect_timeout=2)
     snapshot = ebs.start_snapshot(VolumeSize=1)
@@ -842,6 +858,17 @@ def test_an_ecs_alarm_fails_the_deployment_and_rolls_back(asg_ecs, moto, account
     seen = wait_for(deployments_of(ecs), settled)
     assert seen[-1] == (("PRIMARY", "api:1", "COMPLETED"),)
     assert any(("ACTIVE", "api:2", "FAILED") in s for s in seen)
+
+
+def test_a_service_made_in_moto_directly_is_stable_then_deploys(asg_ecs, moto, account):
+    # Setup straight in moto, as a test of bake would do it.
+    ecs, register, good = make_service(moto, account, {})
+    ecs = client(asg_ecs, "ecs", account)
+    assert deployments_of(ecs)() == (("PRIMARY", "api:1", "COMPLETED"),)
+    ecs.update_service(cluster="main", service="api", taskDefinition=register("repo:2"))
+    seen = wait_for(deployments_of(ecs), settled)
+    assert seen[0] == (("PRIMARY", "api:2", "IN_PROGRESS"), ("ACTIVE", "api:1", "COMPLETED"))
+    assert seen[-1] == (("PRIMARY", "api:2", "COMPLETED"),)
 
 
 def test_ecs_requests_are_validated(asg_ecs, account):
