@@ -358,7 +358,8 @@ class AutoScaling:
             if refresh.status != "Cancelling":
                 refresh.status = "Cancelling"
                 refresh.reason = "Cancellation requested by the user."
-                refresh.wait_until = time.monotonic() + self.tick
+                # The instances being replaced finish warming up before the refresh stops.
+                refresh.wait_until = time.monotonic() + self._step_seconds(refresh)
             return {"InstanceRefreshId": refresh.id}
 
     def _RollbackInstanceRefresh(self, request, params) -> dict:
