@@ -422,6 +422,18 @@ def test_query_answers_parse_with_botocore():
 # --- throttle_proxy.py --------------------------------------------------------------------------
 
 
+def test_actions_fall_into_aws_throttling_categories():
+    import throttle_proxy
+
+    assert throttle_proxy.category("CopyImage", {}) == "resource-intensive"
+    assert throttle_proxy.category("DescribeImages", {}) == "unfiltered"
+    assert throttle_proxy.category("DescribeImages", {"ImageIds": ["ami-1"]}) == "non-mutating"
+    assert throttle_proxy.category("DescribeImages", {"Filters": [{"Name": "x"}]}) == "non-mutating"
+    assert throttle_proxy.category("CreateTags", {}) == "mutating"
+    assert throttle_proxy.category("EnableImageDeprecation", {}) == "mutating"
+    assert throttle_proxy.category("CancelExportTask", {}) == "uncategorized"
+
+
 def test_throttle_answers_request_limit_exceeded_per_action_and_region(throttle, account):
     east = client(throttle, "ec2", account)
     for _ in range(2):

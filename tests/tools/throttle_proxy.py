@@ -58,7 +58,10 @@ from dataclasses import dataclass
 import standin
 from standin import ApiError, Request, Response
 
-# AWS's documented EC2 buckets: (capacity, refill per second), per account, region and action.
+# AWS's EC2 buckets by action category: (capacity, refill per second), one bucket per account,
+# region and action ("each API is evaluated individually"). The non-mutating 100/20 is the example
+# AWS's throttling page spells out; the others are its table's values as of writing. Any of them
+# can be overridden with --limits or --rate.
 CATEGORY_BUCKETS = {
     "non-mutating": (100, 20),
     "unfiltered": (50, 10),
