@@ -243,7 +243,9 @@ class ThrottleProxy:
         service = request.signing_service
         api = {"ec2": self.ec2, "ebs": self.ebs}.get(service or "")
         if api is None:
-            name = request.headers.get("X-Amz-Target") or f"{service}:{request.method}"
+            # Counted by what the request calls: query protocols' Action, JSON's target.
+            action = request.form().get("Action") if request.method == "POST" else None
+            name = request.headers.get("X-Amz-Target") or f"{service}:{action or request.method}"
             self._count(request.account, name, "passed")
             return standin.forward(self.upstream, request)
         try:
