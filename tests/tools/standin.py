@@ -88,12 +88,21 @@ def request_id() -> str:
 class ApiError(Exception):
     """An error answer in AWS's own terms: the error code, its message and HTTP status."""
 
-    def __init__(self, code: str, message: str, status: int = 400, sender: bool = True):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int = 400,
+        sender: bool = True,
+        fields: dict | None = None,
+    ):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
         self.sender = sender
+        # Members of the error's shape beyond its message (EBS's `Reason`), for JSON protocols.
+        self.fields = fields or {}
 
 
 @dataclass
@@ -607,11 +616,12 @@ class Api:
         if self.protocol == "json":
             return json_response(
                 error.status,
-                {"__type": error.code, "message": error.message},
+                {"__type": error.code, "message": error.message, **error.fields},
                 f"application/x-amz-json-{self.model.metadata.get('jsonVersion', '1.1')}",
             )
         if self.protocol.startswith("rest"):
-            response = json_response(error.status, {"message": error.message, "code": error.code})
+            document = {"message": error.message, "code": error.code, **error.fields}
+            response = json_response(error.status, document)
             response.headers.append(("x-amzn-ErrorType", error.code))
             response.headers.append(("x-amzn-RequestId", rid))
             return response

@@ -116,11 +116,15 @@ def start_standin(script: str, *arguments: str):
 
 
 @pytest.fixture(scope="module")
-def throttle(moto):
+def throttle(moto, tmp_path_factory):
+    limits = tmp_path_factory.mktemp("throttle") / "limits.json"
+    limits.write_text(json.dumps({"put_snapshot_block_rate": 3}))
     process, url = start_standin(
         "throttle_proxy.py",
         "--upstream",
         moto,
+        "--limits",
+        str(limits),
         "--rate",
         "DescribeRegions=2:0.01",
         "--max-copies",
@@ -525,6 +529,30 @@ def test_throttle_holds_a_stalled_put_snapshot_block_until_the_client_gives_up(t
     assert stats == {"passed": 1, "throttled": 0, "limited": 0, "stalled": 1}
 
 
+def test_throttle_limits_put_snapshot_block_per_snapshot(throttle, account):
+    ebs = client(throttle, "ebs", account)
+    first, second = (ebs.start_snapshot(VolumeSize=1)["SnapshotId"] for _ in range(2))
+    block = b"\0" * 512
+
+    def put(snapshot, index):
+        return ebs.put_snapshot_block(
+            SnapshotId=snapshot,
+            BlockIndex=index,
+            BlockData=block,
+            DataLength=len(block),
+            Checksum="x" * 44,
+            ChecksumAlgorithm="SHA256",
+        )
+
+    for index in range(3):  # the --limits file allows 3 a second per snapshot
+        put(first, index)
+    with pytest.raises(botocore.exceptions.ClientError) as raised:
+        put(first, 3)
+    assert error_of(raised) == ("RequestThrottledException", 400)
+    assert raised.value.response["Reason"] == "RESOURCE_LEVEL_THROTTLE"
+    put(second, 0)  # another snapshot has its own bucket
+
+
 def test_throttle_refuses_invalid_requests_without_forwarding_them(throttle, account):
     ec2 = unchecked(throttle, "ec2", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
@@ -710,6 +738,33 @@ def test_rollback_is_refused_where_aws_refuses_it(asg_ecs, account):
             Preferences={"AutoRollback": True},
         )
     assert "Systems Manager parameter" in raised.value.response["Error"]["Message"]
+
+
+def test_bake_time_holds_the_refresh_in_baking_and_skip_matching_skips(asg_ecs, moto, account):
+    template = make_group(asg_ecs, account)
+    asg = client(asg_ecs, "autoscaling", account)
+    asg.start_instance_refresh(
+        AutoScalingGroupName="web",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}},
+        Preferences={"BakeTime": 1000, "MinHealthyPercentage": 50},  # a second, scaled
+    )
+    seen = wait_for(refresh_of(asg), lambda s: s[0] not in standin_active())
+    statuses = [s[0] for s in seen]
+    assert statuses.index("Baking") > statuses.index("InProgress")
+    assert seen[-1][0] == "Successful"
+
+    # The group now runs version 2: a refresh to it again replaces nothing.
+    refresh_id = asg.start_instance_refresh(
+        AutoScalingGroupName="web",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}},
+        Preferences={"SkipMatching": True},
+    )["InstanceRefreshId"]
+    seen = wait_for(refresh_of(asg), lambda s: s[0] not in standin_active())
+    assert seen[-1][:2] == ("Successful", 100)
+    refresh = asg.describe_instance_refreshes(
+        AutoScalingGroupName="web", InstanceRefreshIds=[refresh_id]
+    )["InstanceRefreshes"][0]
+    assert refresh["InstancesToUpdate"] == 0
 
 
 def test_cancel_and_the_one_refresh_at_a_time_rule(asg_ecs, account):

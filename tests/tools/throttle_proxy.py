@@ -16,7 +16,7 @@ the limits AWS documents for the EC2 API:
   DescribeSnapshots show the copied image `pending` and the copied snapshot `pending` (moto would
   show them finished at once).
 - EBS direct `PutSnapshotBlock`: 1,000 requests per second per snapshot; over that,
-  `RequestThrottledException` (HTTP 400, Reason `ACCOUNT_THROTTLED`), as EBS answers.
+  `RequestThrottledException` (HTTP 400, Reason `RESOURCE_LEVEL_THROTTLE`), as EBS answers.
 - Every EC2 and EBS direct request is validated against botocore's model first (see standin.py);
   a bad one is answered as EC2 (`InvalidParameterValue`, `MissingParameter`, `UnknownParameter`) or
   EBS (`ValidationException`) would, and is not forwarded.
@@ -306,11 +306,11 @@ class ThrottleProxy:
                     bucket = self.buckets.setdefault(key, Bucket(self.block_rate, self.block_rate))
                     if not bucket.take():
                         self.stats[(account, action)]["throttled"] += 1
-                        error = ApiError(
+                        raise ApiError(
                             "RequestThrottledException",
                             "The request uses more than the allowed rate for this snapshot",
+                            fields={"Reason": "RESOURCE_LEVEL_THROTTLE"},
                         )
-                        raise error
                 return
             capacity, refill = (
                 self.action_buckets.get(action) or self.category_buckets[category(action, params)]
