@@ -201,18 +201,7 @@ class AutoScaling:
         name = params["AutoScalingGroupName"]
         client = self._asg(request)
         group = self._group(client, name)
-        with self.lock:
-            for refresh in self.refreshes:
-                if (refresh.account, refresh.region, refresh.group) == (
-                    request.account,
-                    request.region,
-                    name,
-                ) and refresh.status in ACTIVE_REFRESH:
-                    raise ApiError(
-                        "InstanceRefreshInProgress",
-                        "An Instance Refresh is already in progress and blocks the execution of "
-                        "this Instance Refresh.",
-                    )
+        self._none_active(request, name)
         preferences = dict(params.get("Preferences") or {})
         preferences.setdefault("MinHealthyPercentage", DEFAULT_MIN_HEALTHY)
         preferences.setdefault("SkipMatching", False)
@@ -269,8 +258,23 @@ class AutoScaling:
             wait_until=time.monotonic() + self.tick,
         )
         with self.lock:
+            self._none_active(request, name)  # again: another start may have won meanwhile
             self.refreshes.append(refresh)
         return {"InstanceRefreshId": refresh.id}
+
+    def _none_active(self, request, name: str) -> None:
+        with self.lock:
+            for refresh in self.refreshes:
+                key = (refresh.account, refresh.region, refresh.group)
+                if (
+                    key == (request.account, request.region, name)
+                    and refresh.status in ACTIVE_REFRESH
+                ):
+                    raise ApiError(
+                        "InstanceRefreshInProgress",
+                        "An Instance Refresh is already in progress and blocks the execution of "
+                        "this Instance Refresh.",
+                    )
 
     def _DescribeInstanceRefreshes(self, request, params) -> dict:
         name = params["AutoScalingGroupName"]
@@ -282,7 +286,10 @@ class AutoScaling:
                 if (r.account, r.region, r.group) == (request.account, request.region, name)
                 and (not ids or r.id in ids)
             ]
-            start = int(params.get("NextToken") or 0)
+            token = params.get("NextToken") or "0"
+            if not token.isdigit():
+                raise ApiError("InvalidNextToken", f"The token {token} is invalid.")
+            start = int(token)
             size = params.get("MaxRecords") or 50
             page = found[start : start + size]
             result: dict[str, Any] = {"InstanceRefreshes": [self._describe(r) for r in page]}

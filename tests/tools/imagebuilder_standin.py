@@ -319,7 +319,10 @@ class ImageBuilder:
 
     @staticmethod
     def _page(items: list, params: dict, member: str) -> dict:
-        start = int(params.get("nextToken") or 0)
+        token = params.get("nextToken") or "0"
+        if not token.isdigit():
+            raise ApiError("InvalidPaginationTokenException", f"The token {token} is invalid.")
+        start = int(token)
         size = params.get("maxResults") or 25
         answer = {member: items[start : start + size]}
         if start + size < len(items):
