@@ -17,7 +17,8 @@ moto and serve the few AWS operations moto lacks. This module owns what they sha
 - `Moto`: boto3 clients to the upstream, per service, region and account, for the stand-ins' own
   calls (registering AMIs, reading alarms, updating groups).
 - `serve`: the command line every stand-in shares (`--port`, `--upstream`): binds 127.0.0.1,
-  prints the port as the first line of stdout so that a test can read it, serves until killed.
+  prints the port as the first line of stdout so that a test can read it, answers
+  `GET /_standin/ready` with 200, serves until killed.
 
 Not modelled here: SigV4 signatures are never checked (moto does not check them either); chunked
 request bodies are reassembled before forwarding (sent on with a Content-Length); patterns use
@@ -69,6 +70,8 @@ HOP_BY_HOP = {
 # means moto hangs, and a test should fail rather than wait forever.
 UPSTREAM_TIMEOUT = 120
 
+# Answers 200 once the stand-in serves (for scripts that start it and wait).
+READY_PATH = "/_standin/ready"
 # An error names at most this many allowed values (EC2's InstanceType enum has a thousand).
 ENUM_SHOWN = 12
 
@@ -733,7 +736,10 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         request = Request(self.command, self.path, self.headers, self._read_body())
         try:
-            response = self.server.handler(request)
+            if request.path == READY_PATH:
+                response = json_response(200, {"ready": True})
+            else:
+                response = self.server.handler(request)
         except Exception as error:  # a stand-in bug: say so in AWS's words, and in the log
             import traceback
 

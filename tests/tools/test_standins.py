@@ -112,7 +112,9 @@ def start_standin(script: str, *arguments: str):
     if not line.strip().isdigit():
         stop(process)
         raise RuntimeError(f"{script} printed {line!r} instead of its port")
-    return process, f"http://127.0.0.1:{int(line)}"
+    url = f"http://127.0.0.1:{int(line)}"
+    wait_http(f"{url}/_standin/ready", process)
+    return process, url
 
 
 @pytest.fixture(scope="module")
