@@ -531,6 +531,36 @@ def test_throttle_holds_a_stalled_put_snapshot_block_until_the_client_gives_up(t
     assert stats == {"passed": 1, "throttled": 0, "limited": 0, "stalled": 1}
 
 
+def test_throttle_limits_and_stalls_can_be_set_per_account(throttle, account):
+    other = f"{int(account) + 5_000_000:012d}"
+    url = f"{throttle}/_standin/limits?account={account}"
+    request = urllib.request.Request(
+        url, method="POST", data=json.dumps({"actions": {"DescribeKeyPairs": [1, 0.01]}}).encode()
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.load(answer)["limits"]["actions"] == {"DescribeKeyPairs": [1.0, 0.01]}
+    mine, theirs = client(throttle, "ec2", account), client(throttle, "ec2", other)
+    mine.describe_key_pairs()
+    with pytest.raises(botocore.exceptions.ClientError) as raised:
+        mine.describe_key_pairs()
+    assert error_of(raised) == ("RequestLimitExceeded", 503)
+    for _ in range(3):
+        theirs.describe_key_pairs()  # the defaults: 100 a second
+
+    bad = urllib.request.Request(url, method="POST", data=b'{"max_copy": 3}')
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=10)
+    assert refused.value.code == 400
+
+    # A stall for one account holds only that account's requests.
+    post(f"{throttle}/_standin/stall?action=DescribeVolumes&count=1&account={other}")
+    assert client(throttle, "ec2", account).describe_volumes()["Volumes"] == []
+    impatient = client(throttle, "ec2", other, read_timeout=1, connect_timeout=2)
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        impatient.describe_volumes()
+    assert impatient.describe_volumes()["Volumes"] == []
+
+
 def test_throttle_limits_put_snapshot_block_per_snapshot(throttle, account):
     ebs = client(throttle, "ebs", account)
     first, second = (ebs.start_snapshot(VolumeSize=1)["SnapshotId"] for _ in range(2))

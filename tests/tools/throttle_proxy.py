@@ -25,9 +25,13 @@ Control endpoints (not AWS):
 
 - `GET /_standin/stats[?account=ID]`: JSON `{"actions": {ACTION: {"passed", "throttled",
   "limited", "stalled"}}, "peak_copies": {REGION: N}}`, so a test can assert the limits were hit.
-- `POST /_standin/stall?action=PutSnapshotBlock&count=1`: the next COUNT requests for ACTION are
-  held: never forwarded, never answered, until `POST /_standin/release` or the proxy stops. This is
-  how a test proves bake's per-request timeout and retry.
+- `POST /_standin/stall?action=PutSnapshotBlock&count=1[&account=ID]`: the next COUNT requests
+  for ACTION (of that account, or of any) are held: never forwarded, never answered, until
+  `POST /_standin/release` or the proxy stops. This is how a test proves bake's per-request
+  timeout and retry.
+- `POST /_standin/limits?account=ID` with a JSON body in the `--limits` format: the limits for
+  that account from now on (its buckets start full), so that tests sharing one proxy each set
+  their own.
 - `POST /_standin/reset`: forgets stats, buckets, copies and stalls.
 
 `--aws-block-size` also rewrites StartSnapshot's `BlockSize` from moto's 512 to AWS's 524288 (what
@@ -53,7 +57,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import standin
 from standin import ApiError, Request, Response
@@ -117,6 +121,9 @@ UNFILTERED_CANDIDATES = {
 MAX_CONCURRENT_COPIES = 20
 # EBS direct: PutSnapshotBlock requests per second per snapshot (AWS's quota).
 PUT_SNAPSHOT_BLOCK_RATE = 1000
+# How long a modelled snapshot copy stays in flight, unless told otherwise: long enough for a
+# waiter to see `pending`, short enough for a test.
+COPY_SECONDS = 5.0
 AWS_BLOCK_SIZE = 524288
 COPY_ACTIONS = {"CopyImage", "CopySnapshot"}
 
@@ -167,18 +174,49 @@ class Copy:
     until: float
 
 
+@dataclass
+class Limits:
+    """The limits in force for an account: AWS's defaults, as overridden by flags or a test."""
+
+    categories: dict[str, tuple[float, float]]
+    actions: dict[str, tuple[float, float]]
+    max_copies: int
+    copy_seconds: float
+    block_rate: float
+
+    @classmethod
+    def parse(cls, document: dict) -> "Limits":
+        """Limits from the JSON document `--limits` and `POST /_standin/limits` take."""
+        known = {"categories", "actions", "max_copies", "copy_seconds", "put_snapshot_block_rate"}
+        unknown = set(document) - known
+        if unknown:
+            raise ValueError(f"unknown limits {sorted(unknown)}; known: {sorted(known)}")
+        categories = dict(CATEGORY_BUCKETS)
+        for name, bucket in (document.get("categories") or {}).items():
+            if name not in CATEGORY_BUCKETS:
+                raise ValueError(f"unknown category {name!r}; known: {sorted(CATEGORY_BUCKETS)}")
+            categories[name] = _bucket(bucket)
+        return cls(
+            categories=categories,
+            actions={k: _bucket(v) for k, v in (document.get("actions") or {}).items()},
+            max_copies=int(document.get("max_copies", MAX_CONCURRENT_COPIES)),
+            copy_seconds=float(document.get("copy_seconds", COPY_SECONDS)),
+            block_rate=float(document.get("put_snapshot_block_rate", PUT_SNAPSHOT_BLOCK_RATE)),
+        )
+
+
+def _bucket(value) -> tuple[float, float]:
+    capacity, refill = value
+    return float(capacity), float(refill)
+
+
 class ThrottleProxy:
     def __init__(self, upstream: str, limits: dict, aws_block_size: bool, unlimited: bool = False):
         self.upstream = upstream
         self.unlimited = unlimited
         self.ec2 = standin.Api("ec2")
         self.ebs = standin.Api("ebs")
-        self.category_buckets = dict(CATEGORY_BUCKETS)
-        self.category_buckets.update({k: tuple(v) for k, v in limits.get("categories", {}).items()})
-        self.action_buckets = {k: tuple(v) for k, v in limits.get("actions", {}).items()}
-        self.max_copies = limits.get("max_copies", MAX_CONCURRENT_COPIES)
-        self.copy_seconds = limits.get("copy_seconds", 5.0)
-        self.block_rate = limits.get("put_snapshot_block_rate", PUT_SNAPSHOT_BLOCK_RATE)
+        self.defaults = Limits.parse(limits)
         self.aws_block_size = aws_block_size
         self.lock = threading.Lock()
         self.release = threading.Event()
@@ -192,7 +230,9 @@ class ThrottleProxy:
             self.stats: dict[tuple[str, str], dict[str, int]] = defaultdict(
                 lambda: {"passed": 0, "throttled": 0, "limited": 0, "stalled": 0}
             )
-            self.stalls: dict[str, int] = {}
+            # Held requests to come, per (action, account or None for any account).
+            self.stalls: dict[tuple[str, str | None], int] = {}
+            self.limits: dict[str, Limits] = {}  # per account, set by a test
             self.release.set()
             self.release = threading.Event()
 
@@ -221,9 +261,24 @@ class ThrottleProxy:
         if request.path == "/_standin/stall" and request.method == "POST":
             action = query.get("action", [""])[0]
             count = int(query.get("count", ["1"])[0])
+            key = (action, query.get("account", [None])[0])
             with self.lock:
-                self.stalls[action] = self.stalls.get(action, 0) + count
-            return standin.json_response(200, {"action": action, "pending": self.stalls[action]})
+                self.stalls[key] = self.stalls.get(key, 0) + count
+                pending = self.stalls[key]
+            return standin.json_response(200, {"action": action, "pending": pending})
+        if request.path == "/_standin/limits" and request.method == "POST":
+            account = query.get("account", [None])[0]
+            if not account:
+                return standin.json_response(400, {"message": "limits are set per ?account=ID"})
+            try:
+                limits = Limits.parse(json.loads(request.body or b"{}"))
+            except (ValueError, TypeError) as error:
+                return standin.json_response(400, {"message": f"bad limits: {error}"})
+            with self.lock:
+                self.limits[account] = limits
+                # Buckets sized by the old limits go; the account starts full at the new ones.
+                self.buckets = {k: v for k, v in self.buckets.items() if k[0] != account}
+            return standin.json_response(200, {"account": account, "limits": asdict(limits)})
         if request.path == "/_standin/release" and request.method == "POST":
             with self.lock:
                 self.stalls.clear()
@@ -258,7 +313,7 @@ class ThrottleProxy:
         action = operation.name
         account, region = request.account, request.region
 
-        stalled = self._take_stall(action)
+        stalled = self._take_stall(action, account)
         if stalled is not None:
             self._count(account, action, "stalled")
             stalled.wait()  # held until released or the proxy stops
@@ -290,20 +345,23 @@ class ThrottleProxy:
                     del copies[index]
                     break
 
-    def _take_stall(self, action: str) -> threading.Event | None:
+    def _take_stall(self, action: str, account: str) -> threading.Event | None:
         with self.lock:
-            if self.stalls.get(action, 0) > 0:
-                self.stalls[action] -= 1
-                return self.release
+            for key in ((action, account), (action, None)):
+                if self.stalls.get(key, 0) > 0:
+                    self.stalls[key] -= 1
+                    return self.release
         return None
 
     def _admit(self, api, account, region, action, params) -> None:
         """Raises the AWS error for a request over a limit; else takes its token."""
         with self.lock:
+            limits = self.limits.get(account, self.defaults)
             if api is self.ebs:
                 if action == "PutSnapshotBlock":
                     key = (account, region, action, params.get("SnapshotId"))
-                    bucket = self.buckets.setdefault(key, Bucket(self.block_rate, self.block_rate))
+                    rate = limits.block_rate
+                    bucket = self.buckets.setdefault(key, Bucket(rate, rate))
                     if not bucket.take():
                         self.stats[(account, action)]["throttled"] += 1
                         raise ApiError(
@@ -313,7 +371,7 @@ class ThrottleProxy:
                         )
                 return
             capacity, refill = (
-                self.action_buckets.get(action) or self.category_buckets[category(action, params)]
+                limits.actions.get(action) or limits.categories[category(action, params)]
             )
             bucket = self.buckets.setdefault((account, region, action), Bucket(capacity, refill))
             if not bucket.take():
@@ -321,16 +379,16 @@ class ThrottleProxy:
                 raise ApiError("RequestLimitExceeded", "Request limit exceeded.", status=503)
             if action in COPY_ACTIONS:
                 in_flight = self._in_flight(account, region)
-                if len(in_flight) >= self.max_copies:
+                if len(in_flight) >= limits.max_copies:
                     self.stats[(account, action)]["limited"] += 1
                     raise ApiError(
                         "ResourceLimitExceeded",
-                        f"Too many snapshot copies in progress. The limit is {self.max_copies} "
+                        f"Too many snapshot copies in progress. The limit is {limits.max_copies} "
                         "for this destination region.",
                     )
                 # Counted now, so that concurrent requests cannot all slip under the limit;
                 # the resource id is filled in from moto's answer.
-                in_flight.append(Copy("pending", "", time.monotonic() + self.copy_seconds))
+                in_flight.append(Copy("pending", "", time.monotonic() + limits.copy_seconds))
                 self.peak[(account, region)] = max(self.peak[(account, region)], len(in_flight))
 
     def _in_flight(self, account: str, region: str) -> list[Copy]:
@@ -399,7 +457,10 @@ def parse_rate(text: str) -> tuple[str, tuple[float, float]]:
 
 def main(argv: list[str]) -> None:
     parser = standin.common_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--limits", help="JSON file: categories, actions, max_copies, copy_seconds")
+    parser.add_argument(
+        "--limits",
+        help="JSON file: categories, actions, max_copies, copy_seconds, put_snapshot_block_rate",
+    )
     parser.add_argument("--rate", action="append", default=[], help="ACTION=CAPACITY:REFILL")
     parser.add_argument("--max-copies", type=int, help="copies in flight per destination region")
     parser.add_argument("--copy-seconds", type=float, help="how long a copy stays in flight")
@@ -419,7 +480,10 @@ def main(argv: list[str]) -> None:
         limits["max_copies"] = args.max_copies
     if args.copy_seconds is not None:
         limits["copy_seconds"] = args.copy_seconds
-    proxy = ThrottleProxy(args.upstream, limits, args.aws_block_size, args.unlimited)
+    try:
+        proxy = ThrottleProxy(args.upstream, limits, args.aws_block_size, args.unlimited)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"throttle_proxy.py: bad limits: {error}")
     standin.serve(args.port, proxy.handle, args.verbose)
 
 
