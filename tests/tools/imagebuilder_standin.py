@@ -11,8 +11,8 @@ answered `ValidationException` (HTTP 400), as AWS's front end does.
 Modelled:
 
 - Components (`data`, or `uri` read from moto's S3; the YAML must parse and have `phases`),
-  image recipes, container recipes, infrastructure configurations (the instance profile must exist
-  in moto's IAM), distribution configurations, image pipelines: create, get, list (with `name`,
+  image recipes, container recipes, infrastructure configurations (the instance profile, subnet,
+  security groups and key pair must exist in moto), distribution configurations, image pipelines: create, get, list (with `name`,
   `platform`, `type`, `version` filters, `owner` Self, paging), update where AWS has it, delete
   (`ResourceDependencyException` while a recipe, pipeline or running image uses it). ARNs follow
   AWS's forms: `component/NAME/1.0.0/1` (build version, the build number counts up per version),
@@ -566,17 +566,36 @@ class ImageBuilder:
 
     # --- infrastructure and distribution -------------------------------------------------------
 
-    def _check_profile(self, request, name: str) -> None:
+    def _check_infrastructure(self, request, params: dict) -> None:
+        """The instance profile, subnet, security groups and key pair must exist in moto."""
+        name = params["instanceProfileName"]
         iam = self.moto.client("iam", "us-east-1", request.account)
-        try:
-            iam.get_instance_profile(InstanceProfileName=name)
-        except botocore.exceptions.ClientError:
-            raise ApiError(
-                "InvalidParameterValueException", f"The instance profile {name} does not exist."
+        ec2 = self.moto.client("ec2", request.region, request.account)
+        checks = [
+            (f"instance profile {name}", lambda: iam.get_instance_profile(InstanceProfileName=name))
+        ]
+        if params.get("subnetId"):
+            subnet = params["subnetId"]
+            checks.append((f"subnet {subnet}", lambda: ec2.describe_subnets(SubnetIds=[subnet])))
+        if params.get("securityGroupIds"):
+            groups = params["securityGroupIds"]
+            checks.append(
+                (
+                    f"security groups {', '.join(groups)}",
+                    lambda: ec2.describe_security_groups(GroupIds=groups),
+                )
             )
+        if params.get("keyPair"):
+            key = params["keyPair"]
+            checks.append((f"key pair {key}", lambda: ec2.describe_key_pairs(KeyNames=[key])))
+        for what, check in checks:
+            try:
+                check()
+            except botocore.exceptions.ClientError:
+                raise ApiError("InvalidParameterValueException", f"The {what} does not exist.")
 
     def _CreateInfrastructureConfiguration(self, request, params) -> dict:
-        self._check_profile(request, params["instanceProfileName"])
+        self._check_infrastructure(request, params)
         arn = self._arn(request, "infrastructure-configuration", params["name"])
         with self.lock:
             self._exists(arn, "CreateInfrastructureConfiguration", "infrastructure configuration")
@@ -589,7 +608,7 @@ class ImageBuilder:
     def _UpdateInfrastructureConfiguration(self, request, params) -> dict:
         arn = params["infrastructureConfigurationArn"]
         old = self._get(request, arn, ("infrastructure-configuration",))
-        self._check_profile(request, params["instanceProfileName"])
+        self._check_infrastructure(request, params)
         resource = {
             k: v
             for k, v in params.items()

@@ -1240,6 +1240,16 @@ def test_imagebuilder_requests_are_validated_against_the_model(imagebuilder, acc
             clientToken="t2",
         )
     assert error_of(raised)[0] == "InvalidParameterValueException"
+    client(imagebuilder, "iam", account).create_instance_profile(InstanceProfileName="builder")
+    with pytest.raises(botocore.exceptions.ClientError) as raised:
+        ib.create_infrastructure_configuration(
+            name="infra",
+            instanceProfileName="builder",
+            subnetId="subnet-0000000f",
+            clientToken="t3",
+        )
+    assert error_of(raised)[0] == "InvalidParameterValueException"
+    assert "subnet subnet-0000000f does not exist" in raised.value.response["Error"]["Message"]
 
 
 def test_a_marked_component_fails_the_build_with_a_reason(imagebuilder, account):
