@@ -1366,23 +1366,22 @@ class ImageBuilder:
     def _integrate(self, build: Build) -> None:
         for distribution in self._distributions(build):
             region = distribution["region"]
-            ami = next(
-                (
-                    a
-                    for a in build.amis
-                    if a["region"] == region and a["accountId"] == build.account
-                ),
-                None,
-            )
-            if ami is None:
-                continue
+
+            def image_for(account: str) -> str | None:
+                """The AMI as ACCOUNT sees it in this region: its own copy, else the build's."""
+                for wanted in (account, build.account):
+                    for ami in build.amis:
+                        if (ami["region"], ami["accountId"]) == (region, wanted):
+                            return ami["image"]
+                return None
+
             for template in distribution.get("launchTemplateConfigurations") or []:
                 account = template.get("accountId") or build.account
                 ec2 = self.moto.client("ec2", region, account)
                 version = ec2.create_launch_template_version(
                     LaunchTemplateId=template["launchTemplateId"],
                     SourceVersion="$Default",
-                    LaunchTemplateData={"ImageId": ami["image"]},
+                    LaunchTemplateData={"ImageId": image_for(account)},
                 )["LaunchTemplateVersion"]["VersionNumber"]
                 if template.get("setDefaultVersion"):
                     ec2.modify_launch_template(
@@ -1393,7 +1392,7 @@ class ImageBuilder:
                 ssm = self.moto.client("ssm", region, account)
                 ssm.put_parameter(
                     Name=parameter["parameterName"],
-                    Value=ami["image"],
+                    Value=image_for(account),
                     Type="String",
                     DataType=parameter.get("dataType") or "text",
                     Overwrite=True,

@@ -1069,6 +1069,7 @@ def image_state(ib, arn):
 
 
 def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, moto, account):
+    target_account = f"{int(account) + 7_000_000:012d}"
     ec2 = client(imagebuilder, "ec2", account)
     template = ec2.create_launch_template(
         LaunchTemplateName="web", LaunchTemplateData={"ImageId": "ami-11111111"}
@@ -1080,6 +1081,7 @@ def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, mo
                 "name": "web-{{ imagebuilder:buildDate }}",
                 "amiTags": {"bake:version": "v1"},
                 "launchPermission": {"userIds": ["111122223333"]},
+                "targetAccountIds": [target_account],
             },
             "launchTemplateConfigurations": [
                 {"launchTemplateId": template, "setDefaultVersion": True}
@@ -1108,7 +1110,11 @@ def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, mo
     assert seen[0] == "PENDING" and seen[-1] == "AVAILABLE"
 
     amis = ib.get_image(imageBuildVersionArn=arn)["image"]["outputResources"]["amis"]
-    assert [a["region"] for a in amis] == ["us-east-1", "eu-west-1"]
+    placed = [(a["region"], a["accountId"]) for a in amis]
+    assert placed == [("us-east-1", account), ("us-east-1", target_account), ("eu-west-1", account)]
+    # The target account got its own AMI (moto cannot copy across accounts).
+    target = client(moto, "ec2", target_account).describe_images(ImageIds=[amis[1]["image"]])
+    assert target["Images"][0]["Name"] == amis[1]["name"]
     # Straight from moto: the AMIs exist, tagged and shared as the distribution says.
     east = client(moto, "ec2", account)
     image = east.describe_images(ImageIds=[amis[0]["image"]])["Images"][0]
@@ -1123,7 +1129,7 @@ def test_a_build_goes_through_its_states_and_lands_amis_in_moto(imagebuilder, mo
         ImageId=amis[0]["image"], Attribute="launchPermission"
     )
     assert permissions["LaunchPermissions"] == [{"UserId": "111122223333"}]
-    assert client(moto, "ec2", account, "eu-west-1").describe_images(ImageIds=[amis[1]["image"]])[
+    assert client(moto, "ec2", account, "eu-west-1").describe_images(ImageIds=[amis[2]["image"]])[
         "Images"
     ]
     assert (
