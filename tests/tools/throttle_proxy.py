@@ -32,7 +32,7 @@ Control endpoints (not AWS):
 - `POST /_standin/limits?account=ID` with a JSON body in the `--limits` format: the limits for
   that account from now on (its buckets start full), so that tests sharing one proxy each set
   their own.
-- `POST /_standin/reset`: forgets stats, buckets, copies and stalls.
+- `POST /_standin/reset`: forgets stats, buckets, copies, stalls and per-account limits.
 
 `--aws-block-size` also rewrites StartSnapshot's `BlockSize` from moto's 512 to AWS's 524288 (what
 scripts/ebs-block-size-proxy.py does for the upload benchmark); with `--unlimited` no limit applies,
