@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""A proxy in front of moto that throttles like AWS: per-action request rates, concurrent copies.
+
+moto answers every request at once, so bake's retries, backoff and quota-aware fan-out never meet
+a limit there. This proxy forwards every request to moto, byte for byte, after checking it against
+the limits AWS documents for the EC2 API:
+
+- Request-rate token buckets, one per account, region and action, sized by the action's category
+  as AWS's "Request throttling for the Amazon EC2 API" page lists them (non-mutating,
+  unfiltered-and-unpaginated non-mutating, mutating, resource-intensive, uncategorized). An empty
+  bucket answers `RequestLimitExceeded` with HTTP 503, as EC2 does. Every bucket can be resized
+  per action with `--limits FILE` or `--rate ACTION=CAPACITY:REFILL`.
+- At most 20 snapshot copies in flight per account and destination region (`CopyImage`,
+  `CopySnapshot`): a copy stays in flight for `--copy-seconds` after moto accepted it; one more
+  answers `ResourceLimitExceeded` (HTTP 400). While a copy is in flight, DescribeImages and
+  DescribeSnapshots show the copied image `pending` and the copied snapshot `pending` (moto would
+  show them finished at once).
+- EBS direct `PutSnapshotBlock`: 1,000 requests per second per snapshot; over that,
+  `RequestThrottledException` (HTTP 400, Reason `RESOURCE_LEVEL_THROTTLE`), as EBS answers.
+- Every EC2 and EBS direct request is validated against botocore's model first (see standin.py);
+  a bad one is answered as EC2 (`InvalidParameterValue`, `MissingParameter`, `UnknownParameter`) or
+  EBS (`ValidationException`) would, and is not forwarded.
+
+Control endpoints (not AWS):
+
+- `GET /_standin/stats[?account=ID]`: JSON `{"actions": {ACTION: {"passed", "throttled",
+  "limited", "stalled"}}, "peak_copies": {REGION: N}}`, so a test can assert the limits were hit.
+- `POST /_standin/stall?action=PutSnapshotBlock&count=1[&account=ID]`: the next COUNT requests
+  for ACTION (of that account, or of any) are held: never forwarded, never answered, until
+  `POST /_standin/release` or the proxy stops. This is how a test proves bake's per-request
+  timeout and retry.
+- `POST /_standin/limits?account=ID` with a JSON body in the `--limits` format: the limits for
+  that account from now on (its buckets start full), so that tests sharing one proxy each set
+  their own.
+- `POST /_standin/reset`: forgets stats, buckets, copies, stalls and per-account limits.
+
+`--aws-block-size` also rewrites StartSnapshot's `BlockSize` from moto's 512 to AWS's 524288 (what
+scripts/ebs-block-size-proxy.py does for the upload benchmark); with `--unlimited` no limit applies,
+so `--unlimited --aws-block-size` does that script's job (requests still validated and counted).
+
+Not modelled: the per-resource rate limits (AttachVolume and friends), the account-wide limits of
+other services (they pass through uncounted except in stats), the EBS direct account-level
+request quotas other than PutSnapshotBlock's per-snapshot rate, `Throttling` answers of
+query-protocol services other than EC2, the time-based copy duration
+(`SnapshotCopyCompletionDurationMinutes` is passed to moto, the modelled duration stays
+`--copy-seconds`), and the size of a snapshot (every copy takes the same time).
+
+Usage: throttle_proxy.py --upstream http://127.0.0.1:MOTO_PORT [--port 0] [--limits FILE]
+       [--rate ACTION=CAPACITY:REFILL]... [--max-copies 20] [--copy-seconds 5] [--aws-block-size]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import standin
+from standin import ApiError, Request, Response
+
+# AWS's EC2 buckets by action category: (capacity, refill per second), one bucket per account,
+# region and action ("each API is evaluated individually"). The non-mutating 100/20 is the example
+# AWS's throttling page spells out; the others are its table's values as of writing. Any of them
+# can be overridden with --limits or --rate.
+CATEGORY_BUCKETS = {
+    "non-mutating": (100, 20),
+    "unfiltered": (50, 10),
+    "mutating": (200, 5),
+    "resource-intensive": (50, 5),
+    "uncategorized": (50, 5),
+}
+# The actions AWS lists as resource-intensive.
+RESOURCE_INTENSIVE = {
+    "AcceptVpcPeeringConnection",
+    "AuthorizeSecurityGroupIngress",
+    "CancelSpotFleetRequests",
+    "CopyImage",
+    "CreateKeyPair",
+    "CreateManagedPrefixList",
+    "CreateNetworkAcl",
+    "CreateNetworkAclEntry",
+    "CreateNetworkInterface",
+    "CreateRoute",
+    "CreateSecurityGroup",
+    "CreateSnapshot",
+    "CreateSnapshots",
+    "CreateSubnet",
+    "CreateVolume",
+    "CreateVpc",
+    "CreateVpcPeeringConnection",
+    "DeleteNetworkAclEntry",
+    "DeleteRoute",
+    "DeleteSecurityGroup",
+    "DeleteSnapshot",
+    "DetachVolume",
+    "ModifyInstanceAttribute",
+    "ModifySnapshotAttribute",
+    "RegisterImage",
+    "ReplaceNetworkAclEntry",
+    "RevokeSecurityGroupIngress",
+    "RunInstances",
+    "StartInstances",
+    "StopInstances",
+    "TerminateInstances",
+}
+# Describe calls that AWS counts as "unfiltered and unpaginated" when they carry neither.
+UNFILTERED_CANDIDATES = {
+    "DescribeImages",
+    "DescribeInstances",
+    "DescribeNetworkInterfaces",
+    "DescribeSecurityGroups",
+    "DescribeSnapshots",
+    "DescribeSpotInstanceRequests",
+    "DescribeVolumes",
+}
+# AWS's limit of snapshot copies in flight per destination region.
+MAX_CONCURRENT_COPIES = 20
+# EBS direct: PutSnapshotBlock requests per second per snapshot (AWS's quota).
+PUT_SNAPSHOT_BLOCK_RATE = 1000
+# How long a modelled snapshot copy stays in flight, unless told otherwise: long enough for a
+# waiter to see `pending`, short enough for a test.
+COPY_SECONDS = 5.0
+AWS_BLOCK_SIZE = 524288
+COPY_ACTIONS = {"CopyImage", "CopySnapshot"}
+
+
+def category(action: str, params: dict) -> str:
+    if action in RESOURCE_INTENSIVE:
+        return "resource-intensive"
+    if action.startswith(("Describe", "Get", "List", "Search")):
+        if action in UNFILTERED_CANDIDATES and not (
+            params.get("Filters") or params.get("MaxResults") or _has_ids(params)
+        ):
+            return "unfiltered"
+        return "non-mutating"
+    if action.startswith(
+        ("Create", "Delete", "Modify", "Register", "Deregister", "Associate", "Disassociate")
+    ) or action.startswith(("Enable", "Disable", "Attach", "Detach", "Copy", "Import", "Reset")):
+        return "mutating"
+    return "uncategorized"
+
+
+def _has_ids(params: dict) -> bool:
+    return any(key.endswith("Ids") and value for key, value in params.items())
+
+
+class Bucket:
+    """A token bucket: CAPACITY tokens, refilled at REFILL per second."""
+
+    def __init__(self, capacity: float, refill: float):
+        self.capacity = capacity
+        self.refill = refill
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        moment = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (moment - self.stamp) * self.refill)
+        self.stamp = moment
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class Copy:
+    kind: str  # "image" or "snapshot"
+    resource_id: str
+    until: float
+
+
+@dataclass
+class Limits:
+    """The limits in force for an account: AWS's defaults, as overridden by flags or a test."""
+
+    categories: dict[str, tuple[float, float]]
+    actions: dict[str, tuple[float, float]]
+    max_copies: int
+    copy_seconds: float
+    block_rate: float
+
+    @classmethod
+    def parse(cls, document: dict) -> "Limits":
+        """Limits from the JSON document `--limits` and `POST /_standin/limits` take."""
+        known = {"categories", "actions", "max_copies", "copy_seconds", "put_snapshot_block_rate"}
+        unknown = set(document) - known
+        if unknown:
+            raise ValueError(f"unknown limits {sorted(unknown)}; known: {sorted(known)}")
+        categories = dict(CATEGORY_BUCKETS)
+        for name, bucket in (document.get("categories") or {}).items():
+            if name not in CATEGORY_BUCKETS:
+                raise ValueError(f"unknown category {name!r}; known: {sorted(CATEGORY_BUCKETS)}")
+            categories[name] = _bucket(bucket)
+        return cls(
+            categories=categories,
+            actions={k: _bucket(v) for k, v in (document.get("actions") or {}).items()},
+            max_copies=int(document.get("max_copies", MAX_CONCURRENT_COPIES)),
+            copy_seconds=float(document.get("copy_seconds", COPY_SECONDS)),
+            block_rate=float(document.get("put_snapshot_block_rate", PUT_SNAPSHOT_BLOCK_RATE)),
+        )
+
+
+def _bucket(value) -> tuple[float, float]:
+    capacity, refill = value
+    return float(capacity), float(refill)
+
+
+class ThrottleProxy:
+    def __init__(self, upstream: str, limits: dict, aws_block_size: bool, unlimited: bool = False):
+        self.upstream = upstream
+        self.unlimited = unlimited
+        self.ec2 = standin.Api("ec2")
+        self.ebs = standin.Api("ebs")
+        self.defaults = Limits.parse(limits)
+        self.aws_block_size = aws_block_size
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.buckets: dict[tuple, Bucket] = {}
+            self.copies: dict[tuple[str, str], list[Copy]] = defaultdict(list)
+            self.peak: dict[tuple[str, str], int] = defaultdict(int)
+            self.stats: dict[tuple[str, str], dict[str, int]] = defaultdict(
+                lambda: {"passed": 0, "throttled": 0, "limited": 0, "stalled": 0}
+            )
+            # Held requests to come, per (action, account or None for any account).
+            self.stalls: dict[tuple[str, str | None], int] = {}
+            self.limits: dict[str, Limits] = {}  # per account, set by a test
+            self.release.set()
+            self.release = threading.Event()
+
+    def _count(self, account: str, action: str, outcome: str) -> None:
+        with self.lock:
+            self.stats[(account, action)][outcome] += 1
+
+    # The control endpoints.
+
+    def control(self, request: Request) -> Response:
+        query = request.query
+        if request.path == "/_standin/stats" and request.method == "GET":
+            account = query.get("account", [None])[0]
+            actions: dict[str, dict[str, int]] = {}
+            peaks: dict[str, int] = {}
+            with self.lock:
+                for (acct, action), counts in self.stats.items():
+                    if account in (None, acct):
+                        total = actions.setdefault(action, dict.fromkeys(counts, 0))
+                        for key, value in counts.items():
+                            total[key] += value
+                for (acct, region), peak in self.peak.items():
+                    if account in (None, acct):
+                        peaks[region] = max(peaks.get(region, 0), peak)
+            return standin.json_response(200, {"actions": actions, "peak_copies": peaks})
+        if request.path == "/_standin/stall" and request.method == "POST":
+            action = query.get("action", [""])[0]
+            count = int(query.get("count", ["1"])[0])
+            key = (action, query.get("account", [None])[0])
+            with self.lock:
+                self.stalls[key] = self.stalls.get(key, 0) + count
+                pending = self.stalls[key]
+            return standin.json_response(200, {"action": action, "pending": pending})
+        if request.path == "/_standin/limits" and request.method == "POST":
+            account = query.get("account", [None])[0]
+            if not account:
+                return standin.json_response(400, {"message": "limits are set per ?account=ID"})
+            try:
+                limits = Limits.parse(json.loads(request.body or b"{}"))
+            except (ValueError, TypeError) as error:
+                return standin.json_response(400, {"message": f"bad limits: {error}"})
+            with self.lock:
+                self.limits[account] = limits
+                # Buckets sized by the old limits go; the account starts full at the new ones.
+                self.buckets = {k: v for k, v in self.buckets.items() if k[0] != account}
+            return standin.json_response(200, {"account": account, "limits": asdict(limits)})
+        if request.path == "/_standin/release" and request.method == "POST":
+            with self.lock:
+                self.stalls.clear()
+                self.release.set()
+                self.release = threading.Event()
+            return standin.json_response(200, {"released": True})
+        if request.path == "/_standin/reset" and request.method == "POST":
+            self.reset()
+            return standin.json_response(200, {"reset": True})
+        return standin.json_response(404, {"message": f"no control endpoint {request.path}"})
+
+    # Requests for AWS.
+
+    def handle(self, request: Request) -> Response | None:
+        if request.path.startswith("/_standin/"):
+            return self.control(request)
+        service = request.signing_service
+        api = {"ec2": self.ec2, "ebs": self.ebs}.get(service or "")
+        if api is None:
+            # Counted by what the request calls: query protocols' Action, JSON's target.
+            action = request.form().get("Action") if request.method == "POST" else None
+            name = request.headers.get("X-Amz-Target") or f"{service}:{action or request.method}"
+            self._count(request.account, name, "passed")
+            return standin.forward(self.upstream, request)
+        try:
+            found = api.parse_and_validate(request)
+        except ApiError as error:
+            return api.error(error)
+        if found is None:
+            return standin.forward(self.upstream, request)
+        operation, params = found
+        action = operation.name
+        account, region = request.account, request.region
+
+        stalled = self._take_stall(action, account)
+        if stalled is not None:
+            self._count(account, action, "stalled")
+            stalled.wait()  # held until released or the proxy stops
+            return None
+
+        try:
+            if not self.unlimited:
+                self._admit(api, account, region, action, params)
+        except ApiError as error:
+            return api.error(error)
+
+        response = None
+        try:
+            response = standin.forward(self.upstream, request)
+        finally:
+            if action in COPY_ACTIONS and (response is None or response.status >= 300):
+                self._forget_copy(account, region)
+        self._count(account, action, "passed")
+        if response.status < 300:
+            response = self._after(account, region, action, params, response)
+        return response
+
+    def _forget_copy(self, account: str, region: str) -> None:
+        """A copy moto refused never started: it frees its slot."""
+        with self.lock:
+            copies = self.copies[(account, region)]
+            for index, copy in enumerate(copies):
+                if copy.kind == "pending":
+                    del copies[index]
+                    break
+
+    def _take_stall(self, action: str, account: str) -> threading.Event | None:
+        with self.lock:
+            for key in ((action, account), (action, None)):
+                if self.stalls.get(key, 0) > 0:
+                    self.stalls[key] -= 1
+                    return self.release
+        return None
+
+    def _admit(self, api, account, region, action, params) -> None:
+        """Raises the AWS error for a request over a limit; else takes its token."""
+        with self.lock:
+            limits = self.limits.get(account, self.defaults)
+            if api is self.ebs:
+                if action == "PutSnapshotBlock":
+                    key = (account, region, action, params.get("SnapshotId"))
+                    rate = limits.block_rate
+                    bucket = self.buckets.setdefault(key, Bucket(rate, rate))
+                    if not bucket.take():
+                        self.stats[(account, action)]["throttled"] += 1
+                        raise ApiError(
+                            "RequestThrottledException",
+                            "The request uses more than the allowed rate for this snapshot",
+                            fields={"Reason": "RESOURCE_LEVEL_THROTTLE"},
+                        )
+                return
+            capacity, refill = (
+                limits.actions.get(action) or limits.categories[category(action, params)]
+            )
+            bucket = self.buckets.setdefault((account, region, action), Bucket(capacity, refill))
+            if not bucket.take():
+                self.stats[(account, action)]["throttled"] += 1
+                raise ApiError("RequestLimitExceeded", "Request limit exceeded.", status=503)
+            if action in COPY_ACTIONS:
+                in_flight = self._in_flight(account, region)
+                if len(in_flight) >= limits.max_copies:
+                    self.stats[(account, action)]["limited"] += 1
+                    raise ApiError(
+                        "ResourceLimitExceeded",
+                        f"Too many snapshot copies in progress. The limit is {limits.max_copies} "
+                        "for this destination region.",
+                    )
+                # Counted now, so that concurrent requests cannot all slip under the limit;
+                # the resource id is filled in from moto's answer.
+                in_flight.append(Copy("pending", "", time.monotonic() + limits.copy_seconds))
+                self.peak[(account, region)] = max(self.peak[(account, region)], len(in_flight))
+
+    def _in_flight(self, account: str, region: str) -> list[Copy]:
+        moment = time.monotonic()
+        alive = [c for c in self.copies[(account, region)] if c.until > moment]
+        self.copies[(account, region)] = alive
+        return alive
+
+    def _after(self, account, region, action, params, response: Response) -> Response:
+        """Rewrites moto's answers where AWS's would differ (copies in flight, block size)."""
+        body = response.body
+        if action in COPY_ACTIONS:
+            tag = "imageId" if action == "CopyImage" else "snapshotId"
+            found = re.search(rf"<{tag}>([^<]+)</{tag}>".encode(), body)
+            with self.lock:
+                for copy in self.copies[(account, region)]:
+                    if copy.kind == "pending":
+                        copy.kind = "image" if action == "CopyImage" else "snapshot"
+                        copy.resource_id = found.group(1).decode() if found else ""
+                        break
+        elif action in ("DescribeImages", "DescribeSnapshots"):
+            with self.lock:
+                pending = [c for c in self._in_flight(account, region) if c.resource_id]
+            for copy in pending:
+                body = _mark_pending(body, copy)
+        elif action == "StartSnapshot" and self.aws_block_size:
+            try:
+                answer = json.loads(body)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict) and answer.get("BlockSize") == 512:
+                answer["BlockSize"] = AWS_BLOCK_SIZE
+                body = json.dumps(answer).encode()
+        response.body = body
+        return response
+
+
+def _mark_pending(body: bytes, copy: Copy) -> bytes:
+    """Shows a copy in flight as AWS does: the image `pending`, the snapshot `pending` at 0%."""
+    if copy.kind == "image":
+        start = body.find(f"<imageId>{copy.resource_id}</imageId>".encode())
+        if start < 0:
+            return body
+        state = body.find(b"<imageState>available</imageState>", start)
+        following = body.find(b"<imageId>", start + 1)
+        if state < 0 or (0 <= following < state):
+            return body
+        return body[:state] + b"<imageState>pending</imageState>" + body[state + 34 :]
+    start = body.find(f"<snapshotId>{copy.resource_id}</snapshotId>".encode())
+    if start < 0:
+        return body
+    end = body.find(b"</item>", start)
+    segment = body[start:end]
+    segment = segment.replace(b"<status>completed</status>", b"<status>pending</status>")
+    segment = re.sub(rb"<progress>[^<]*</progress>", b"<progress>0%</progress>", segment)
+    return body[:start] + segment + body[end:]
+
+
+def parse_rate(text: str) -> tuple[str, tuple[float, float]]:
+    action, _, numbers = text.partition("=")
+    capacity, _, refill = numbers.partition(":")
+    if not action or not capacity or not refill:
+        raise SystemExit(f"--rate wants ACTION=CAPACITY:REFILL, not {text!r}")
+    return action, (float(capacity), float(refill))
+
+
+def main(argv: list[str]) -> None:
+    parser = standin.common_arguments(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--limits",
+        help="JSON file: categories, actions, max_copies, copy_seconds, put_snapshot_block_rate",
+    )
+    parser.add_argument("--rate", action="append", default=[], help="ACTION=CAPACITY:REFILL")
+    parser.add_argument("--max-copies", type=int, help="copies in flight per destination region")
+    parser.add_argument("--copy-seconds", type=float, help="how long a copy stays in flight")
+    parser.add_argument(
+        "--aws-block-size", action="store_true", help="answer StartSnapshot with 524288"
+    )
+    parser.add_argument(
+        "--unlimited", action="store_true", help="no limits: validate, count and forward only"
+    )
+    args = parser.parse_args(argv)
+    limits: dict = {}
+    if args.limits:
+        with open(args.limits) as file:
+            limits = json.load(file)
+    limits.setdefault("actions", {}).update(dict(parse_rate(r) for r in args.rate))
+    if args.max_copies is not None:
+        limits["max_copies"] = args.max_copies
+    if args.copy_seconds is not None:
+        limits["copy_seconds"] = args.copy_seconds
+    try:
+        proxy = ThrottleProxy(args.upstream, limits, args.aws_block_size, args.unlimited)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"throttle_proxy.py: bad limits: {error}")
+    standin.serve(args.port, proxy.handle, args.verbose)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
