@@ -120,7 +120,8 @@ def start_standin(script: str, *arguments: str):
 @pytest.fixture(scope="module")
 def throttle(moto, tmp_path_factory):
     limits = tmp_path_factory.mktemp("throttle") / "limits.json"
-    limits.write_text(json.dumps({"put_snapshot_block_rate": 3}))
+    # Three at once, then one every 100 s: the fourth is refused however slowly requests come.
+    limits.write_text(json.dumps({"put_snapshot_block_rate": [3, 0.01]}))
     process, url = start_standin(
         "throttle_proxy.py",
         "--upstream",
@@ -131,8 +132,9 @@ def throttle(moto, tmp_path_factory):
         "DescribeRegions=2:0.01",
         "--max-copies",
         "2",
+        # Long enough that a loaded machine sends the test's three copies well inside it.
         "--copy-seconds",
-        "4",
+        "12",
         "--aws-block-size",
     )
     yield url
@@ -576,7 +578,7 @@ def test_throttle_limits_put_snapshot_block_per_snapshot(throttle, account):
             ChecksumAlgorithm="SHA256",
         )
 
-    for index in range(3):  # the --limits file allows 3 a second per snapshot
+    for index in range(3):  # the --limits file allows 3 at once per snapshot
         put(first, index)
     with pytest.raises(botocore.exceptions.ClientError) as raised:
         put(first, 3)
