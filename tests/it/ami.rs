@@ -24,7 +24,7 @@ use bake::ami::publish::{PublishError, PublishOptions, publish_snapshot_ami};
 use bake::ami::upload::BLOCK_SIZE;
 use bake::ami::wait::WaitPolicy;
 use bake::ami::{AmiSpec, RegionSpec, Sharing};
-use bake::aws::Aws;
+use bake::aws::{Aws, Emulator};
 use bake::store::Store;
 
 use super::common::{bake, fresh_account, service};
@@ -137,8 +137,15 @@ const SHARED_ACCOUNT: &str = "111122223333";
 const SHARED_ORG: &str = "arn:aws:organizations::111122223333:organization/o-abc123def4";
 
 /// bake's AWS handle for one test: its own moto account, no retries (moto's 500s fail fast),
-/// every request captured.
+/// every request captured, and moto named as the emulator (`BAKE_AWS_EMULATOR=moto`).
 async fn test_aws(endpoint: &str) -> (Aws, Capture, String) {
+    let (aws, capture, account) = test_aws_as_if_aws(endpoint).await;
+    (aws.with_emulator(Emulator::Moto), capture, account)
+}
+
+/// As [`test_aws`], but with no emulator named: bake must treat the endpoint as AWS itself
+/// (an endpoint override is also how VPC and FIPS endpoints are reached).
+async fn test_aws_as_if_aws(endpoint: &str) -> (Aws, Capture, String) {
     let account = fresh_account();
     let config = aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(endpoint)
@@ -662,6 +669,7 @@ async fn a_killed_upload_leaves_a_snapshot_that_cleanup_removes() {
             .env("BAKE_STORE", &store_dir)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_REGION", "us-east-1")
             .env("BAKE_AWS_POLL_INTERVAL", "50ms")
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -853,6 +861,7 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
             .env("BAKE_STORE", &store)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_POLL_INTERVAL", "50ms")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -961,4 +970,71 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     assert_eq!(second["provenance"], first["provenance"]);
     // Nothing booted again; the record keeps the first run's boot.
     assert_eq!(second["boots"], first["boots"]);
+}
+
+/// An endpoint override does not make bake lenient: moto does not implement
+/// `EnableImageDeprecation` (MOTO.md: 500), and without `BAKE_AWS_EMULATOR` that failure fails
+/// the region, as it would on AWS (the run then removes what it made). Naming moto as the
+/// emulator turns the same failure into a warning. moto keeps no deprecation time either way,
+/// so the requests bake sent are what is asserted.
+#[tokio::test]
+async fn a_failing_deprecation_fails_the_region_unless_the_emulator_is_named() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    for named in [false, true] {
+        let (aws, capture, _) = if named {
+            test_aws(&endpoint).await
+        } else {
+            test_aws_as_if_aws(&endpoint).await
+        };
+        kms_keys(&aws, &["us-east-1"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let image = dir.path().join("disk.raw");
+        synthetic_image(&image);
+        let mut spec = spec(
+            if named { "amidepok" } else { "amidepfail" },
+            &["us-east-1"],
+        );
+        spec.deprecate_after = Some(Duration::from_secs(30 * 24 * 3600));
+        capture.clear();
+        let outcome = publish_snapshot_ami(
+            &aws,
+            &store,
+            &spec,
+            Some(&image),
+            None,
+            &fast_options(),
+            std::future::pending(),
+        )
+        .await;
+        let sent = capture.of("EnableImageDeprecation");
+        assert_eq!(sent.len(), 1, "named={named}: {sent:?}");
+        let at: u64 = humantime::parse_rfc3339_weak(&sent[0].params["DeprecateAt"])
+            .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+            .unwrap_or_else(|e| panic!("{:?}: {e}", sent[0].params));
+        assert_eq!(at % 60, 0, "whole minutes");
+        if named {
+            let record = outcome.expect("with moto named, the missing API is a warning");
+            assert_eq!(record.regions.len(), 1);
+        } else {
+            let failed = outcome.expect_err("without an emulator named, the region fails");
+            assert!(
+                matches!(failed.error, PublishError::Distribution(_)),
+                "{:?}",
+                failed.error
+            );
+            let message = failed.error.to_string();
+            assert!(
+                message.contains("set the deprecation time of") && message.contains("us-east-1"),
+                "{message}"
+            );
+            // Rolled back like any other failure: the AMI is not left without its deprecation.
+            assert!(
+                !capture.of("DeregisterImage").is_empty(),
+                "the run removes its AMI"
+            );
+        }
+    }
 }

@@ -446,6 +446,7 @@ async fn moto_aws(endpoint: &str, account: &str) -> bake::aws::Aws {
         profile: None,
         endpoint_url: Some(endpoint.to_owned()),
         emulator_account: Some(account.to_owned()),
+        emulator: Some(bake::aws::Emulator::Moto),
     })
     .await
 }
@@ -1338,6 +1339,7 @@ async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
             .args(args)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_REGION", "us-east-1")
             .env(
                 "BAKE_REGISTRY_ENDPOINTS",
