@@ -1038,3 +1038,306 @@ async fn a_failing_deprecation_fails_the_region_unless_the_emulator_is_named() {
         }
     }
 }
+
+/// A pass-through to moto that holds every `RegisterImage` forever: the request never reaches
+/// moto and never gets an answer, so a run can be killed with its AMI journaled as `creating`
+/// and no id (as a SIGKILL while the request is in flight leaves it). Returns the proxy's URL
+/// and a flag raised once a `RegisterImage` is being held.
+fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream
+        .trim_end_matches('/')
+        .trim_start_matches("http://")
+        .to_owned();
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let upstream = upstream.clone();
+            let flag = flag.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = std::io::BufReader::new(stream.try_clone()?);
+                let mut writer = stream;
+                loop {
+                    let mut head = String::new();
+                    if reader.read_line(&mut head)? == 0 {
+                        return Ok(());
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line)?;
+                        let trimmed = line.trim_end();
+                        if trimmed.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = trimmed.split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                            // moto answers one request per connection; the client reconnects.
+                            if k.trim().eq_ignore_ascii_case("connection") {
+                                continue;
+                            }
+                        }
+                        head.push_str(&line);
+                    }
+                    head.push_str("Connection: close\r\n\r\n");
+                    let mut body = vec![0u8; length];
+                    reader.read_exact(&mut body)?;
+                    if body.starts_with(b"Action=RegisterImage&") {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        // Hold the request until the client goes away (it is killed).
+                        let mut rest = [0u8; 1];
+                        while reader.read(&mut rest)? > 0 {}
+                        return Ok(());
+                    }
+                    let mut moto = std::net::TcpStream::connect(&upstream)?;
+                    moto.write_all(head.as_bytes())?;
+                    moto.write_all(&body)?;
+                    let mut response = Vec::new();
+                    moto.read_to_end(&mut response)?;
+                    writer.write_all(&response)?;
+                    writer.flush()?;
+                }
+            });
+        }
+    });
+    (address, held)
+}
+
+/// Two runs of one version: the first is killed (SIGKILL) with its `RegisterImage` in flight,
+/// the second finishes and registers the version's AMI under the same name. `bake cleanup`
+/// then removes what the dead run's journal names (its snapshot) and never the finished run's
+/// AMI, although it has the dead run's journaled name and was created after it started.
+#[tokio::test]
+async fn cleanup_of_a_killed_run_leaves_another_runs_finished_ami_of_the_version() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, _, account) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let recipe = dir.path().join("twin.yaml");
+    std::fs::write(
+        &recipe,
+        "bake: 1\nname: twin\nbase: scratch\noutputs:\n  ami:\n    strategy: snapshot\n    regions: [us-east-1]\n    disk_size_gib: 1\n",
+    )
+    .unwrap();
+    let disk = dir.path().join("disk.raw");
+    synthetic_image(&disk);
+    let (proxy, held) = stalling_proxy(&endpoint);
+    let run_bake = |endpoint: &str, args: &[&str]| {
+        let mut command = bake();
+        command
+            .args(args)
+            .env("BAKE_STORE", &store_dir)
+            .env("BAKE_AWS_ENDPOINT_URL", endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env("BAKE_AWS_POLL_INTERVAL", "50ms")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL");
+        command
+    };
+    let publish_args = [
+        "ami",
+        "publish",
+        recipe.to_str().unwrap(),
+        "--disk-image",
+        disk.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+
+    // The first run, through the proxy: killed while its RegisterImage is held.
+    let mut killed = run_bake(&proxy, &publish_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !held.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the first run never registered");
+        assert!(
+            killed.try_wait().unwrap().is_none(),
+            "the first run ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let journal_dir = store_dir.join("journal");
+    let journals: Vec<serde_json::Value> = std::fs::read_dir(&journal_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    let dead_run = journals[0]["run"].as_str().unwrap().to_owned();
+    let resources = journals[0]["resources"].as_array().unwrap();
+    let dead_snapshot = resources[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(resources[1]["kind"], "image", "{resources:?}");
+    assert_eq!(resources[1]["status"], "creating", "{resources:?}");
+    let ami_name = resources[1]["token"].as_str().unwrap().to_owned();
+
+    // The second run of the same version, straight to moto: it finishes.
+    let finished = run_bake(&endpoint, &publish_args).output().unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let finished: serde_json::Value = serde_json::from_slice(&finished.stdout).unwrap();
+    let kept_image = finished["regions"][0]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kept_snapshot = finished["regions"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let described = ec2
+        .describe_images()
+        .image_ids(&kept_image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(described.images()[0].name(), Some(ami_name.as_str()));
+    assert!(
+        described.images()[0]
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("bake:run") && t.value() != Some(dead_run.as_str())),
+        "the finished AMI carries its own run's tag"
+    );
+
+    let cleaned = run_bake(&endpoint, &["cleanup"]).output().unwrap();
+    let out = String::from_utf8_lossy(&cleaned.stdout);
+    assert!(
+        cleaned.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&cleaned.stderr)
+    );
+    assert!(
+        out.contains(&format!("removed  snapshot {dead_snapshot}")),
+        "{out}"
+    );
+    assert!(!out.contains(&kept_image), "{out}");
+    let gone = ec2
+        .describe_snapshots()
+        .snapshot_ids(&dead_snapshot)
+        .send()
+        .await;
+    assert!(gone.is_err() || gone.unwrap().snapshots().is_empty());
+    // The finished run's AMI and its snapshot are still there.
+    let image = bake::ami::lookup::image(&ec2, &kept_image).await.unwrap();
+    assert!(
+        image.is_some_and(|i| i.state == "available"),
+        "cleanup removed another run's finished AMI"
+    );
+    let still = ec2
+        .describe_snapshots()
+        .snapshot_ids(&kept_snapshot)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.snapshots().len(), 1);
+    assert!(
+        std::fs::read_dir(&journal_dir).unwrap().next().is_none(),
+        "the dead run's journal is gone once everything in it is"
+    );
+}
+
+/// The journal of a run killed between journaling an AMI and learning its id: `bake cleanup`
+/// finds that AMI by the journaled name and the run's own `bake:run` tag, and leaves another
+/// AMI of the same name (another run's, finished) alone. moto drops RegisterImage's tags, so
+/// the tags AWS would have stored at registration are set here with CreateTags.
+#[tokio::test]
+async fn cleanup_finds_a_dead_runs_unjournaled_ami_by_its_run_tag_only() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, capture, _) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let spec = spec("amitwins", &["us-east-1"]);
+    let name = spec.regions[0].name.clone();
+    let journal = bake::ami::journal::Journal::begin(&store, &spec.recipe, &spec.version).unwrap();
+    journal
+        .creating(bake::ami::journal::ResourceKind::Image, "us-east-1", &name)
+        .unwrap();
+    let dead_run = journal.run_id();
+    drop(journal); // the process died: the lock goes, the journal stays
+
+    let register = |run: String| {
+        let ec2 = ec2.clone();
+        let name = name.clone();
+        async move {
+            let id = ec2
+                .register_image()
+                .name(&name)
+                .root_device_name("/dev/xvda")
+                .send()
+                .await
+                .unwrap()
+                .image_id()
+                .unwrap()
+                .to_owned();
+            ec2.create_tags()
+                .resources(&id)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("bake:run")
+                        .value(run)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let dead_image = register(dead_run.clone()).await;
+    let other_image = register("run-someone-else-0000".to_owned()).await;
+    capture.clear();
+
+    let report = bake::ami::cleanup::cleanup(
+        &aws,
+        Some(&store),
+        &bake::ami::cleanup::CleanupOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!report.failed(), "{:?}", report.removals);
+    let deregistered: Vec<String> = capture
+        .of("DeregisterImage")
+        .into_iter()
+        .map(|c| c.params["ImageId"].clone())
+        .collect();
+    assert_eq!(deregistered, std::slice::from_ref(&dead_image));
+    assert!(
+        bake::ami::lookup::image(&ec2, &dead_image)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        bake::ami::lookup::image(&ec2, &other_image)
+            .await
+            .unwrap()
+            .is_some(),
+        "another run's AMI of the same name was removed"
+    );
+    assert!(bake::ami::journal::list(&store).is_empty());
+}
