@@ -425,6 +425,43 @@ impl Grantee {
 /// Grants what `sharing` asks and takes away public access it does not ask for. Grants to
 /// others that are already there are left alone (someone may have shared on purpose).
 async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<(), AwsCallError> {
+    let (add, remove) = sharing_changes(ec2, image_id, sharing).await?;
+    if add.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let mut modifications = LaunchPermissionModifications::builder();
+    if !add.is_empty() {
+        modifications = modifications.set_add(Some(add));
+    }
+    if !remove.is_empty() {
+        modifications = modifications.set_remove(Some(remove));
+    }
+    ec2.modify_image_attribute()
+        .image_id(image_id)
+        .launch_permission(modifications.build())
+        .send()
+        .await
+        .map_err(|e| AwsCallError::from_sdk(&e))?;
+    Ok(())
+}
+
+/// Whether the AMI's launch permissions already are what `sharing` asks (what `bake plan`
+/// shows): distribution would change nothing.
+pub async fn is_shared(
+    ec2: &Ec2,
+    image_id: &str,
+    sharing: &super::Sharing,
+) -> Result<bool, AwsCallError> {
+    let (add, remove) = sharing_changes(ec2, image_id, sharing).await?;
+    Ok(add.is_empty() && remove.is_empty())
+}
+
+/// The launch permissions to add and to remove for the AMI to be shared as `sharing` asks.
+async fn sharing_changes(
+    ec2: &Ec2,
+    image_id: &str,
+    sharing: &super::Sharing,
+) -> Result<(Vec<LaunchPermission>, Vec<LaunchPermission>), AwsCallError> {
     let mut wanted: BTreeSet<Grantee> = BTreeSet::new();
     wanted.extend(sharing.accounts.iter().cloned().map(Grantee::Account));
     wanted.extend(
@@ -464,23 +501,7 @@ async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<()
     } else {
         Vec::new()
     };
-    if add.is_empty() && remove.is_empty() {
-        return Ok(());
-    }
-    let mut modifications = LaunchPermissionModifications::builder();
-    if !add.is_empty() {
-        modifications = modifications.set_add(Some(add));
-    }
-    if !remove.is_empty() {
-        modifications = modifications.set_remove(Some(remove));
-    }
-    ec2.modify_image_attribute()
-        .image_id(image_id)
-        .launch_permission(modifications.build())
-        .send()
-        .await
-        .map_err(|e| AwsCallError::from_sdk(&e))?;
-    Ok(())
+    Ok((add, remove))
 }
 
 /// Why setting a deprecation time failed.
