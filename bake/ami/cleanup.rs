@@ -246,8 +246,8 @@ pub struct CleanupOptions {
     pub dry_run: bool,
     /// Only runs (and unfinished snapshots) older than this.
     pub older_than: Option<Duration>,
-    /// Regions to search by tag for unfinished snapshots no journal names (runs from other
-    /// machines); the regions in journals are searched through the journals.
+    /// Regions to search by tag for unfinished snapshots no journal names by id: of this
+    /// store's dead runs, and with `older_than` of runs from other machines too.
     pub regions: Vec<String>,
 }
 
@@ -267,7 +267,9 @@ impl CleanupReport {
     }
 }
 
-/// Finds and removes what killed runs left behind.
+/// Finds and removes what killed runs left behind: what this store's journals of dead runs
+/// name, then, in `options.regions`, unfinished snapshots tagged by those runs, or, with
+/// `older_than`, by any run older than that which is not running here.
 pub async fn cleanup(
     aws: &Aws,
     store: Option<&Store>,
@@ -286,12 +288,15 @@ pub async fn cleanup(
         running: scan.running,
         ..CleanupReport::default()
     };
+    // The dead runs this store's journals name: their tagged leftovers are theirs to remove.
+    let mut dead_runs: Vec<String> = Vec::new();
     for mut abandoned in scan.abandoned {
         if now.saturating_sub(abandoned.doc.started) < min_age {
             report.skipped.push(abandoned.doc.run.clone());
             continue;
         }
         let run = abandoned.doc.run.clone();
+        dead_runs.push(run.clone());
         let mut all_gone = true;
         // Newest first: images before the snapshots they were made from.
         for index in (0..abandoned.doc.resources.len()).rev() {
@@ -346,7 +351,16 @@ pub async fn cleanup(
                 continue;
             }
             let run = snapshot.tags.get(TAG_RUN).cloned().unwrap_or_default();
-            if report.running.contains(&run) {
+            if report.running.contains(&run) || report.skipped.contains(&run) {
+                continue;
+            }
+            // A run this store has no journal for may be alive on another machine (an upload
+            // in progress is `pending`): only `--older-than` says it is dead.
+            if options.older_than.is_none() && !dead_runs.contains(&run) {
+                tracing::info!(
+                    "{region}: left {} of run {run}, which this store has no journal for (`--older-than` removes it)",
+                    snapshot.snapshot_id
+                );
                 continue;
             }
             let outcome = delete_snapshot(&ec2, &snapshot.snapshot_id, options.dry_run).await;

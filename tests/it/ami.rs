@@ -1039,11 +1039,21 @@ async fn a_failing_deprecation_fails_the_region_unless_the_emulator_is_named() {
     }
 }
 
-/// A pass-through to moto that holds every `RegisterImage` forever: the request never reaches
-/// moto and never gets an answer, so a run can be killed with its AMI journaled as `creating`
-/// and no id (as a SIGKILL while the request is in flight leaves it). Returns the proxy's URL
-/// and a flag raised once a `RegisterImage` is being held.
-fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+/// What the test proxy does with one request.
+enum Verdict {
+    /// Pass it to moto and its answer back (through the rewrite).
+    Forward,
+    /// Never answer (the client waits until it is killed).
+    Hold,
+}
+
+type Decide = dyn Fn(&[u8]) -> Verdict + Send + Sync;
+type Rewrite = dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync;
+
+/// A pass-through to moto on a loopback port: `decide` sees each request body first, `rewrite`
+/// gets the request body and moto's whole answer and returns what the client gets. Returns
+/// the proxy's URL.
+fn proxy(upstream: &str, decide: Arc<Decide>, rewrite: Arc<Rewrite>) -> String {
     use std::io::{BufRead, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
@@ -1051,13 +1061,12 @@ fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>
         .trim_end_matches('/')
         .trim_start_matches("http://")
         .to_owned();
-    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = held.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let upstream = upstream.clone();
-            let flag = flag.clone();
+            let decide = decide.clone();
+            let rewrite = rewrite.clone();
             std::thread::spawn(move || -> std::io::Result<()> {
                 let mut reader = std::io::BufReader::new(stream.try_clone()?);
                 let mut writer = stream;
@@ -1088,9 +1097,7 @@ fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>
                     head.push_str("Connection: close\r\n\r\n");
                     let mut body = vec![0u8; length];
                     reader.read_exact(&mut body)?;
-                    if body.starts_with(b"Action=RegisterImage&") {
-                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                        // Hold the request until the client goes away (it is killed).
+                    if let Verdict::Hold = decide(&body) {
                         let mut rest = [0u8; 1];
                         while reader.read(&mut rest)? > 0 {}
                         return Ok(());
@@ -1100,13 +1107,62 @@ fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>
                     moto.write_all(&body)?;
                     let mut response = Vec::new();
                     moto.read_to_end(&mut response)?;
-                    writer.write_all(&response)?;
+                    writer.write_all(&rewrite(&body, response))?;
                     writer.flush()?;
                 }
             });
         }
     });
+    address
+}
+
+/// A proxy that holds every `RegisterImage` forever: the request never reaches moto and never
+/// gets an answer, so a run can be killed with its AMI journaled as `creating` and no id (as a
+/// SIGKILL while the request is in flight leaves it). Returns the proxy's URL and a flag
+/// raised once a `RegisterImage` is being held.
+fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = held.clone();
+    let address = proxy(
+        upstream,
+        Arc::new(move |body: &[u8]| {
+            if body.starts_with(b"Action=RegisterImage&") {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Verdict::Hold
+            } else {
+                Verdict::Forward
+            }
+        }),
+        Arc::new(|_: &[u8], response| response),
+    );
     (address, held)
+}
+
+/// A proxy under which every snapshot is still `pending` (an upload in progress): moto shows
+/// snapshots `completed` at once (MOTO.md), so an unfinished one cannot be made there.
+fn pending_snapshots_proxy(upstream: &str) -> String {
+    proxy(
+        upstream,
+        Arc::new(|_: &[u8]| Verdict::Forward),
+        Arc::new(|request: &[u8], response: Vec<u8>| {
+            if !request.starts_with(b"Action=DescribeSnapshots&") {
+                return response;
+            }
+            let text = String::from_utf8(response).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let body = body.replace("<status>completed</status>", "<status>pending</status>");
+            let head: Vec<String> = head
+                .split("\r\n")
+                .map(|line| match line.split_once(':') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("content-length") => {
+                        format!("{k}: {}", body.len())
+                    }
+                    _ => line.to_owned(),
+                })
+                .collect();
+            format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+        }),
+    )
 }
 
 /// Two runs of one version: the first is killed (SIGKILL) with its `RegisterImage` in flight,
@@ -1340,4 +1396,89 @@ async fn cleanup_finds_a_dead_runs_unjournaled_ami_by_its_run_tag_only() {
         "another run's AMI of the same name was removed"
     );
     assert!(bake::ami::journal::list(&store).is_empty());
+}
+
+/// An unfinished snapshot tagged by a run this store has no journal for may be an upload in
+/// progress on another machine: `bake cleanup` leaves it, and only `--older-than` (the
+/// operator saying such runs are dead) removes it.
+#[tokio::test]
+async fn cleanup_leaves_unfinished_snapshots_of_runs_without_a_journal_here() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, _, account) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let volume = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .size(1)
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_owned();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    let snapshot_id = ec2
+        .create_snapshot()
+        .volume_id(&volume)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
+                .tags(tag("bake:version", &format!("sha256:{}", "e".repeat(64))))
+                .tags(tag("bake:run", "run-on-another-machine"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_owned();
+    let proxy = pending_snapshots_proxy(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let cleanup = |extra: &[&str]| {
+        let output = bake()
+            .args(["cleanup", "--regions", "us-east-1"])
+            .args(extra)
+            .env("BAKE_STORE", dir.path().join("store"))
+            .env("BAKE_AWS_ENDPOINT_URL", &proxy)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env("BAKE_AWS_POLL_INTERVAL", "50ms")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        out
+    };
+    let exists = || async {
+        ec2.describe_snapshots()
+            .snapshot_ids(&snapshot_id)
+            .send()
+            .await
+            .map(|s| s.snapshots().len())
+            .unwrap_or(0)
+    };
+
+    let out = cleanup(&[]);
+    assert!(!out.contains(&snapshot_id), "{out}");
+    assert_eq!(exists().await, 1, "another machine's upload was removed");
+
+    let out = cleanup(&["--older-than", "0s"]);
+    assert!(
+        out.contains(&format!("removed  snapshot {snapshot_id}")),
+        "{out}"
+    );
+    assert_eq!(exists().await, 0);
 }
