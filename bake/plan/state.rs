@@ -83,7 +83,7 @@ impl EffectState {
                     NotAsked::Offline => "registries and AWS are asked with --check",
                     NotAsked::NoCredentials => "no AWS credentials",
                     NotAsked::NotBuilt => "not built here: the image digest is not known yet",
-                    NotAsked::PublishPointers => "publishing pointers: see `bake plan --publish`",
+                    NotAsked::PublishPointers => "publishing pointers are compared by --publish",
                 }
             )),
             EffectState::Unknown { error } => Some(format!("unknown ({error})")),
@@ -676,6 +676,13 @@ mod tests {
             reason: NotAsked::Offline,
         };
         assert_eq!(offline.mark(), '?');
+        let pointers = EffectState::NotAsked {
+            reason: NotAsked::PublishPointers,
+        };
+        assert_eq!(
+            pointers.label().unwrap(),
+            "not asked (publishing pointers are compared by --publish)"
+        );
         assert!(offline.label().unwrap().contains("--check"));
         assert_eq!(
             serde_json::to_value(&offline).unwrap(),
