@@ -70,7 +70,7 @@ impl Settings {
     }
 
     /// Resolves settings from the global arguments and the environment.
-    pub fn resolve(args: &crate::cli::GlobalArgs) -> Self {
+    pub fn resolve(args: &crate::cli::GlobalArgs) -> Result<Self, crate::aws::AwsSettingsError> {
         let verbosity = match (args.quiet, args.verbose) {
             (true, _) => Verbosity::Quiet,
             (false, 0) => Verbosity::Normal,
@@ -79,14 +79,14 @@ impl Settings {
         };
         let stderr_tty = std::io::stderr().is_terminal();
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        let mut aws = AwsSettings::from_env();
+        let mut aws = AwsSettings::from_env()?;
         if args.region.is_some() {
             aws.region.clone_from(&args.region);
         }
         if args.profile.is_some() {
             aws.profile.clone_from(&args.profile);
         }
-        Settings {
+        Ok(Settings {
             store: args.store.clone(),
             output: args.output,
             verbosity,
@@ -98,6 +98,6 @@ impl Settings {
             },
             aws,
             boot_accelerator: None,
-        }
+        })
     }
 }

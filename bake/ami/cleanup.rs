@@ -1,7 +1,10 @@
 //! Removing what bake created: the rollback of a failed or interrupted run (from its live
 //! journal), and `bake cleanup` (journals of killed runs, plus unfinished snapshots found by
-//! bake's tags). Only resources a journal names, or that carry bake's tags and were never
-//! finished, are touched; a finished build's AMIs never are.
+//! bake's tags). Only resources a journal names by id, or that carry the run's own `bake:run`
+//! tag, are touched; a finished build's AMIs never are. In particular an image whose id never
+//! reached the journal is looked for by its name *and* the run's tag, never by name and
+//! creation time: another run of the same version registers an AMI of the same name, and that
+//! one is finished.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,10 +16,6 @@ use super::lookup;
 use super::{AwsCallError, TAG_RUN, TAG_VERSION, sdk_error_code};
 use crate::aws::Aws;
 use crate::store::Store;
-
-/// How far a creation date may precede the journal's start and still be this run's (clock
-/// skew between this machine and AWS).
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// What happened to one resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -57,15 +56,10 @@ pub enum CleanupError {
 }
 
 /// Removes one resource (an image with its snapshots, or a snapshot). A resource whose id never
-/// reached the journal is found by bake's run tag (snapshots) or by its name and creation time
-/// (images: emulators may not store tags given at registration).
-async fn remove(
-    ec2: &Ec2,
-    run: &str,
-    started: u64,
-    resource: &Resource,
-    dry_run: bool,
-) -> Vec<Removal> {
+/// reached the journal is found by the run's tag (with the journaled name, for images). An
+/// emulator that drops the tags given at registration (moto) leaves such an image unfound:
+/// left behind, rather than guessed at.
+async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec<Removal> {
     let removal = |id: &str, kind, action, error: Option<String>| Removal {
         region: resource.region.clone(),
         kind,
@@ -84,13 +78,9 @@ async fn remove(
                         return vec![removal(id, ResourceKind::Image, Action::Failed, Some(e.0))];
                     }
                 },
-                None => match lookup::images_named(ec2, &resource.token).await {
+                None => match lookup::images_named_by_run(ec2, &resource.token, run).await {
                     Ok(images) => images
                         .into_iter()
-                        .filter(|i| {
-                            i.tags.get(TAG_RUN).map(String::as_str) == Some(run)
-                                || created_after(i.creation_date.as_deref(), started)
-                        })
                         .map(|i| (i.image_id, i.snapshots))
                         .collect(),
                     Err(e) => {
@@ -194,14 +184,6 @@ async fn remove(
     }
 }
 
-fn created_after(creation_date: Option<&str>, started: u64) -> bool {
-    let Some(created) = creation_date.and_then(|d| humantime::parse_rfc3339_weak(d).ok()) else {
-        return false;
-    };
-    let started = UNIX_EPOCH + Duration::from_secs(started);
-    created + CLOCK_SKEW >= started
-}
-
 struct SnapshotOutcome(Action, Option<String>);
 
 impl SnapshotOutcome {
@@ -243,7 +225,7 @@ pub async fn rollback(aws: &Aws, journal: Journal) -> Vec<Removal> {
     let mut all_gone = true;
     for (entry, resource) in journal.live() {
         let ec2 = aws.ec2(&resource.region);
-        let outcome = remove(&ec2, &doc.run, doc.started, &resource, false).await;
+        let outcome = remove(&ec2, &doc.run, &resource, false).await;
         if outcome.iter().any(Removal::failed) {
             all_gone = false;
         } else if let Err(e) = journal.removed(entry) {
@@ -264,8 +246,8 @@ pub struct CleanupOptions {
     pub dry_run: bool,
     /// Only runs (and unfinished snapshots) older than this.
     pub older_than: Option<Duration>,
-    /// Regions to search by tag for unfinished snapshots no journal names (runs from other
-    /// machines); the regions in journals are searched through the journals.
+    /// Regions to search by tag for unfinished snapshots no journal names by id: of this
+    /// store's dead runs, and with `older_than` of runs from other machines too.
     pub regions: Vec<String>,
 }
 
@@ -285,7 +267,9 @@ impl CleanupReport {
     }
 }
 
-/// Finds and removes what killed runs left behind.
+/// Finds and removes what killed runs left behind: what this store's journals of dead runs
+/// name, then, in `options.regions`, unfinished snapshots tagged by those runs, or, with
+/// `older_than`, by any run older than that which is not running here.
 pub async fn cleanup(
     aws: &Aws,
     store: Option<&Store>,
@@ -304,13 +288,15 @@ pub async fn cleanup(
         running: scan.running,
         ..CleanupReport::default()
     };
+    // The dead runs this store's journals name: their tagged leftovers are theirs to remove.
+    let mut dead_runs: Vec<String> = Vec::new();
     for mut abandoned in scan.abandoned {
         if now.saturating_sub(abandoned.doc.started) < min_age {
             report.skipped.push(abandoned.doc.run.clone());
             continue;
         }
         let run = abandoned.doc.run.clone();
-        let started = abandoned.doc.started;
+        dead_runs.push(run.clone());
         let mut all_gone = true;
         // Newest first: images before the snapshots they were made from.
         for index in (0..abandoned.doc.resources.len()).rev() {
@@ -319,7 +305,7 @@ pub async fn cleanup(
                 continue;
             }
             let ec2 = aws.ec2(&resource.region);
-            let outcome = remove(&ec2, &run, started, &resource, options.dry_run).await;
+            let outcome = remove(&ec2, &run, &resource, options.dry_run).await;
             if outcome.iter().any(Removal::failed) {
                 all_gone = false;
             } else if !options.dry_run {
@@ -365,7 +351,16 @@ pub async fn cleanup(
                 continue;
             }
             let run = snapshot.tags.get(TAG_RUN).cloned().unwrap_or_default();
-            if report.running.contains(&run) {
+            if report.running.contains(&run) || report.skipped.contains(&run) {
+                continue;
+            }
+            // A run this store has no journal for may be alive on another machine (an upload
+            // in progress is `pending`): only `--older-than` says it is dead.
+            if options.older_than.is_none() && !dead_runs.contains(&run) {
+                tracing::info!(
+                    "{region}: left {} of run {run}, which this store has no journal for (`--older-than` removes it)",
+                    snapshot.snapshot_id
+                );
                 continue;
             }
             let outcome = delete_snapshot(&ec2, &snapshot.snapshot_id, options.dry_run).await;

@@ -159,14 +159,14 @@ pub async fn distribute(
     options: &DistributeOptions,
 ) -> DistributionReport {
     let run = journal.map(Journal::run_id);
-    let emulator = aws.has_endpoint_override();
+    let allowances = Allowances::of(aws);
     let outcomes = futures_util::stream::iter(spec.regions.iter().map(|region| {
         let run = run.clone();
         async move {
             let outcome = if region.region == source.region {
                 let ec2 = aws.ec2(&region.region);
                 let run_tag = if created_here { run.as_deref() } else { None };
-                finish(&ec2, spec, region, &source.image_id, run_tag, emulator).await
+                finish(&ec2, spec, region, &source.image_id, run_tag, allowances).await
             } else {
                 copy_to(aws, journal, spec, region, source, run.as_deref(), options).await
             };
@@ -207,7 +207,7 @@ async fn copy_to(
             region,
             &image.image_id,
             None,
-            aws.has_endpoint_override(),
+            Allowances::of(aws),
         )
         .await;
     }
@@ -259,15 +259,7 @@ async fn copy_to(
         j.image_snapshots(entry, &info.snapshots)
             .map_err(journal_error)?;
     }
-    finish(
-        &ec2,
-        spec,
-        region,
-        &image_id,
-        run,
-        aws.has_endpoint_override(),
-    )
-    .await
+    finish(&ec2, spec, region, &image_id, run, Allowances::of(aws)).await
 }
 
 async fn wait_available(
@@ -308,6 +300,25 @@ async fn wait_available(
         })
 }
 
+/// What distribution lets pass because the user named an emulator that lacks an API
+/// (`BAKE_AWS_EMULATOR`). An endpoint override alone allows nothing: behind it may be AWS
+/// itself (VPC and FIPS endpoints).
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowances {
+    /// A deprecation time the endpoint cannot set is warned about instead of failing the region.
+    no_image_deprecation: bool,
+}
+
+impl Allowances {
+    fn of(aws: &Aws) -> Self {
+        Allowances {
+            no_image_deprecation: aws
+                .emulator()
+                .is_some_and(|e| !e.serves_image_deprecation()),
+        }
+    }
+}
+
 /// Tags, launch permissions and deprecation of one region's AMI, each only if not already so.
 async fn finish(
     ec2: &Ec2,
@@ -315,7 +326,7 @@ async fn finish(
     region: &RegionSpec,
     image_id: &str,
     run: Option<&str>,
-    emulator: bool,
+    allowances: Allowances,
 ) -> Result<RegionImage, RegionError> {
     let fail = |action: &'static str| {
         move |source: AwsCallError| RegionError::Finish {
@@ -359,10 +370,10 @@ async fn finish(
             .unwrap_or_else(SystemTime::now);
         match deprecate(ec2, image_id, made + after).await {
             Ok(()) => {}
-            // Emulators without EnableImageDeprecation (moto answers an unmodeled 500): the
-            // request was made as for AWS; there is nothing to set.
-            Err(Unimplemented(_)) if emulator => tracing::warn!(
-                "{}: the AWS endpoint does not implement EnableImageDeprecation; {image_id} has no deprecation time",
+            // An emulator the user named as lacking EnableImageDeprecation (moto answers an
+            // unmodeled 500): the request was made as for AWS; there is nothing to set.
+            Err(Unimplemented(_)) if allowances.no_image_deprecation => tracing::warn!(
+                "{}: the AWS emulator does not implement EnableImageDeprecation; {image_id} has no deprecation time",
                 region.region
             ),
             Err(e) => return Err(fail("set the deprecation time of")(e.into())),
@@ -414,6 +425,43 @@ impl Grantee {
 /// Grants what `sharing` asks and takes away public access it does not ask for. Grants to
 /// others that are already there are left alone (someone may have shared on purpose).
 async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<(), AwsCallError> {
+    let (add, remove) = sharing_changes(ec2, image_id, sharing).await?;
+    if add.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let mut modifications = LaunchPermissionModifications::builder();
+    if !add.is_empty() {
+        modifications = modifications.set_add(Some(add));
+    }
+    if !remove.is_empty() {
+        modifications = modifications.set_remove(Some(remove));
+    }
+    ec2.modify_image_attribute()
+        .image_id(image_id)
+        .launch_permission(modifications.build())
+        .send()
+        .await
+        .map_err(|e| AwsCallError::from_sdk(&e))?;
+    Ok(())
+}
+
+/// Whether the AMI's launch permissions already are what `sharing` asks (what `bake plan`
+/// shows): distribution would change nothing.
+pub async fn is_shared(
+    ec2: &Ec2,
+    image_id: &str,
+    sharing: &super::Sharing,
+) -> Result<bool, AwsCallError> {
+    let (add, remove) = sharing_changes(ec2, image_id, sharing).await?;
+    Ok(add.is_empty() && remove.is_empty())
+}
+
+/// The launch permissions to add and to remove for the AMI to be shared as `sharing` asks.
+async fn sharing_changes(
+    ec2: &Ec2,
+    image_id: &str,
+    sharing: &super::Sharing,
+) -> Result<(Vec<LaunchPermission>, Vec<LaunchPermission>), AwsCallError> {
     let mut wanted: BTreeSet<Grantee> = BTreeSet::new();
     wanted.extend(sharing.accounts.iter().cloned().map(Grantee::Account));
     wanted.extend(
@@ -453,23 +501,7 @@ async fn share(ec2: &Ec2, image_id: &str, sharing: &super::Sharing) -> Result<()
     } else {
         Vec::new()
     };
-    if add.is_empty() && remove.is_empty() {
-        return Ok(());
-    }
-    let mut modifications = LaunchPermissionModifications::builder();
-    if !add.is_empty() {
-        modifications = modifications.set_add(Some(add));
-    }
-    if !remove.is_empty() {
-        modifications = modifications.set_remove(Some(remove));
-    }
-    ec2.modify_image_attribute()
-        .image_id(image_id)
-        .launch_permission(modifications.build())
-        .send()
-        .await
-        .map_err(|e| AwsCallError::from_sdk(&e))?;
-    Ok(())
+    Ok((add, remove))
 }
 
 /// Why setting a deprecation time failed.

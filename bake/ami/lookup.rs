@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::Client as Ec2;
 use aws_sdk_ec2::types::{Filter, Image, ImageState, Snapshot, Tag};
 
-use super::{AwsCallError, TAG_RECIPE, TAG_VERSION, sdk_error_code};
+use super::{AwsCallError, TAG_RECIPE, TAG_RUN, TAG_VERSION, sdk_error_code};
 
 /// What bake needs to know about an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,12 +105,18 @@ pub async fn images_tagged(
     Ok(out.images().iter().map(ImageInfo::from_image).collect())
 }
 
-/// Images owned by this account with exactly this name.
-pub async fn images_named(ec2: &Ec2, name: &str) -> Result<Vec<ImageInfo>, AwsCallError> {
+/// Images owned by this account with exactly this name that one run made (its `bake:run`
+/// tag). Never by name alone: every run of a version names its AMI the same.
+pub async fn images_named_by_run(
+    ec2: &Ec2,
+    name: &str,
+    run: &str,
+) -> Result<Vec<ImageInfo>, AwsCallError> {
     let out = ec2
         .describe_images()
         .owners("self")
         .filters(filter("name", name))
+        .filters(filter(&format!("tag:{TAG_RUN}"), run))
         .send()
         .await
         .map_err(|e| AwsCallError::from_sdk(&e))?;
@@ -119,6 +125,7 @@ pub async fn images_named(ec2: &Ec2, name: &str) -> Result<Vec<ImageInfo>, AwsCa
         .iter()
         .filter(|i| i.name() == Some(name))
         .map(ImageInfo::from_image)
+        .filter(|i| i.tags.get(TAG_RUN).map(String::as_str) == Some(run))
         .collect())
 }
 

@@ -5,6 +5,11 @@
 //! `BAKE_AWS_ENDPOINT_URL`, or the SDK's own `AWS_ENDPOINT_URL`) sends every client to a local
 //! AWS emulator; with an emulator account set, each request carries the emulator's account
 //! header so tests (or a person) get an isolated account per run.
+//!
+//! An endpoint override alone says nothing about what answers there: real users set one for
+//! VPC and FIPS endpoints. So bake never infers emulator behaviour from it; the allowances for
+//! APIs an emulator lacks are enabled only by naming the emulator (`BAKE_AWS_EMULATOR`), see
+//! [`Emulator`].
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -22,6 +27,70 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// The header moto reads to pick the account a request acts in.
 pub const EMULATOR_ACCOUNT_HEADER: &str = "x-moto-account-id";
 
+/// An AWS emulator bake has been told it talks to (`BAKE_AWS_EMULATOR`), and so which AWS APIs
+/// it knows are missing there. Each allowance bake makes for a missing API asks this, never
+/// whether an endpoint override is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    /// moto (`moto_server`), the emulator bake's tests run against.
+    Moto,
+}
+
+impl Emulator {
+    /// Every emulator bake knows, by the name `BAKE_AWS_EMULATOR` takes.
+    pub const ALL: [(&'static str, Emulator); 1] = [("moto", Emulator::Moto)];
+
+    /// The name `BAKE_AWS_EMULATOR` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Moto => "moto",
+        }
+    }
+
+    /// Whether the emulator serves EC2 `EnableImageDeprecation` (moto answers it with a 500).
+    pub fn serves_image_deprecation(self) -> bool {
+        match self {
+            Emulator::Moto => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Emulator {
+    type Err = AwsSettingsError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Emulator::ALL
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, emulator)| *emulator)
+            .ok_or_else(|| AwsSettingsError::UnknownEmulator {
+                name: name.to_owned(),
+            })
+    }
+}
+
+/// AWS settings that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsSettingsError {
+    #[error("`{name}` in BAKE_AWS_EMULATOR is not an AWS emulator bake knows")]
+    UnknownEmulator { name: String },
+}
+
+impl AwsSettingsError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            AwsSettingsError::UnknownEmulator { .. } => Some(format!(
+                "known emulators: {}; leave BAKE_AWS_EMULATOR unset for AWS itself (also behind an endpoint override)",
+                Emulator::ALL
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
 /// AWS settings, resolved from the command line and the environment before any work starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AwsSettings {
@@ -33,18 +102,29 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// With an emulator: the 12-digit account to act in.
     pub emulator_account: Option<String>,
+    /// The emulator the endpoint is, when the user says so; `None` is AWS itself, whatever
+    /// the endpoint.
+    pub emulator: Option<Emulator>,
 }
 
 impl AwsSettings {
     /// bake's own AWS environment variables (the SDK reads the standard `AWS_*` ones itself).
-    pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        AwsSettings {
+    pub fn from_env() -> Result<Self, AwsSettingsError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// The settings from a variable lookup (the environment, or a test's map).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, AwsSettingsError> {
+        let var = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        Ok(AwsSettings {
             region: var("BAKE_AWS_REGION"),
             profile: var("BAKE_AWS_PROFILE"),
             endpoint_url: var("BAKE_AWS_ENDPOINT_URL"),
             emulator_account: var("BAKE_AWS_EMULATOR_ACCOUNT"),
-        }
+            emulator: var("BAKE_AWS_EMULATOR")
+                .map(|name| name.parse())
+                .transpose()?,
+        })
     }
 }
 
@@ -53,6 +133,7 @@ impl AwsSettings {
 pub struct Aws {
     config: SdkConfig,
     emulator_account: Option<String>,
+    emulator: Option<Emulator>,
     /// Added to every client made from here (request logs, tests' request capture).
     interceptors: Vec<SharedInterceptor>,
 }
@@ -90,6 +171,7 @@ impl Aws {
         Aws {
             config: loader.load().await,
             emulator_account: settings.emulator_account.clone(),
+            emulator: settings.emulator,
             interceptors: Vec::new(),
         }
     }
@@ -99,8 +181,21 @@ impl Aws {
         Aws {
             config,
             emulator_account,
+            emulator: None,
             interceptors: Vec::new(),
         }
+    }
+
+    /// Says which emulator answers (see [`Emulator`]); without it, bake treats the endpoint
+    /// as AWS.
+    pub fn with_emulator(mut self, emulator: Emulator) -> Self {
+        self.emulator = Some(emulator);
+        self
+    }
+
+    /// The emulator the user named, if any.
+    pub fn emulator(&self) -> Option<Emulator> {
+        self.emulator
     }
 
     /// Adds an interceptor to every client made from now on.
@@ -119,11 +214,6 @@ impl Aws {
             .collect();
         all.extend(self.interceptors.iter().cloned());
         all
-    }
-
-    /// Whether requests go to an endpoint override (an emulator) rather than AWS.
-    pub fn has_endpoint_override(&self) -> bool {
-        self.config.endpoint_url().is_some()
     }
 
     /// The default region, if the settings or the environment give one.
@@ -186,5 +276,49 @@ impl Intercept for EmulatorAccount {
             .headers_mut()
             .insert(EMULATOR_ACCOUNT_HEADER, self.0.clone());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<AwsSettings, AwsSettingsError> {
+        AwsSettings::from_vars(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn an_endpoint_override_alone_names_no_emulator() {
+        let s = settings(&[(
+            "BAKE_AWS_ENDPOINT_URL",
+            "https://ec2-fips.us-east-1.amazonaws.com",
+        )])
+        .unwrap();
+        assert_eq!(s.emulator, None);
+        let s = settings(&[
+            ("BAKE_AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+            ("BAKE_AWS_EMULATOR", "moto"),
+        ])
+        .unwrap();
+        assert_eq!(s.emulator, Some(Emulator::Moto));
+        assert!(!Emulator::Moto.serves_image_deprecation());
+    }
+
+    #[test]
+    fn an_unknown_emulator_is_refused_with_the_known_ones() {
+        let error = settings(&[("BAKE_AWS_EMULATOR", "localstack")]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "`localstack` in BAKE_AWS_EMULATOR is not an AWS emulator bake knows"
+        );
+        assert!(error.hint().unwrap().contains("moto"));
+        assert_eq!(
+            settings(&[("BAKE_AWS_EMULATOR", "")]).unwrap().emulator,
+            None
+        );
     }
 }

@@ -86,6 +86,19 @@ pub struct BuildRecord {
     pub audit: Option<crate::audit::AuditRecord>,
 }
 
+/// The recorded image of `version`, if the store holds a complete build of it (the record and
+/// every blob it names): then building it again runs nothing.
+pub fn built_image(store: &Store, version: &str) -> Result<Option<BuildOutput>, StoreError> {
+    Ok(store
+        .record::<BuildRecord>(version)?
+        .map(|record| record.output)
+        .filter(|output| {
+            store.has_blob(&output.image_digest)
+                && store.has_blob(&output.config_digest)
+                && output.layers.iter().all(|l| store.has_blob(&l.digest))
+        }))
+}
+
 /// Settings of one build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -316,10 +329,7 @@ impl Builder<'_> {
         plan: &Plan,
         reporter: &mut dyn BuildReporter,
     ) -> Result<BuildOutput, BuildError> {
-        if let Some(record) = self.store.record::<BuildRecord>(&plan.version)?
-            && self.complete(&record.output)
-        {
-            let mut output = record.output;
+        if let Some(mut output) = built_image(self.store, &plan.version)? {
             output.cached = true;
             for step in &mut output.steps {
                 step.cached = true;
@@ -658,13 +668,6 @@ impl Builder<'_> {
         } else {
             Ok(())
         }
-    }
-
-    /// Whether every blob of a recorded output is still in the store.
-    fn complete(&self, output: &BuildOutput) -> bool {
-        self.store.has_blob(&output.image_digest)
-            && self.store.has_blob(&output.config_digest)
-            && output.layers.iter().all(|l| self.store.has_blob(&l.digest))
     }
 
     fn write_layer(

@@ -1,15 +1,21 @@
 //! `bake plan RECIPE`: the version, the inputs that define it, and every effect a run would
-//! have, without doing any of it.
+//! have, without doing any of it. Beside each effect, whether a run would really do it: the
+//! store is always asked; registries and AWS only with `--check` (or `--publish`, which asks
+//! them anyway), so a plain plan stays fast and offline.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 
 use super::{VarArgs, print_json, print_reports};
+use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
+use crate::plan::state::{self, EffectState, Remote, TargetLookup};
 use crate::plan::{self, Plan, PlanError};
 use crate::recipe;
+use crate::registry::{self, auth::ChainCredentials, auth::Credentials, ecr::EcrCredentials};
 use crate::settings::{OutputFormat, Settings};
 
 #[derive(Debug, Args)]
@@ -21,6 +27,10 @@ pub struct PlanArgs {
     /// (asks AWS and the registries; changes nothing): `bake publish --dry-run`'s report.
     #[arg(long)]
     pub publish: bool,
+    /// Ask the registries and AWS whether each image and AMI already exists (`= in registry`,
+    /// `= AMI exists`); without it only the local store is asked (`= built`).
+    #[arg(long)]
+    pub check: bool,
     #[command(flatten)]
     pub vars: VarArgs,
 }
@@ -40,8 +50,12 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
         }
     };
     let planned = plan::plan(&recipe, &shown, &options);
+    let planned = planned.map(|plan| {
+        let states = effect_states(&recipe, &plan, args.check || args.publish, settings);
+        (plan, states)
+    });
     match planned {
-        Ok(plan) if args.publish => {
+        Ok((plan, states)) if args.publish => {
             let publish = super::publish::PublishArgs {
                 recipe: args.recipe.clone(),
                 inputs: None,
@@ -56,20 +70,22 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
             };
             match settings.output {
                 OutputFormat::Json => {
-                    print_json(&serde_json::json!({ "plan": plan, "publish": report }));
+                    print_json(
+                        &serde_json::json!({ "plan": plan_document(&plan, &states), "publish": report }),
+                    );
                     report.exit_status()
                 }
                 OutputFormat::Human => {
-                    print_human(&plan);
+                    print_human(&plan, &states);
                     println!();
                     super::publish::show(settings, &report)
                 }
             }
         }
-        Ok(plan) => {
+        Ok((plan, states)) => {
             match settings.output {
-                OutputFormat::Json => print_json(&plan),
-                OutputFormat::Human => print_human(&plan),
+                OutputFormat::Json => print_json(&plan_document(&plan, &states)),
+                OutputFormat::Human => print_human(&plan, &states),
             }
             ExitStatus::Success
         }
@@ -125,7 +141,95 @@ pub fn plan_reports(error: &PlanError) -> Vec<Report> {
     }
 }
 
-fn print_human(plan: &Plan) {
+/// Whether a run would do each effect: the store is asked; registries and AWS with `remote`.
+fn effect_states(
+    recipe: &crate::recipe::Recipe,
+    plan: &Plan,
+    remote: bool,
+    settings: &Settings,
+) -> Vec<EffectState> {
+    // Planning never creates a store: one that does not exist has built nothing.
+    let store = settings
+        .store
+        .is_dir()
+        .then(|| crate::store::Store::open(&settings.store))
+        .and_then(|opened| {
+            opened
+                .map_err(|e| tracing::warn!("the store was not asked: {e}"))
+                .ok()
+        });
+    let offline = TargetLookup {
+        store: store.as_ref(),
+        registry: None,
+        aws: None,
+    };
+    let runtime = match super::runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::warn!("registries and AWS were not asked: {e}");
+            return futures_util::FutureExt::now_or_never(state::assess(
+                plan,
+                &offline,
+                Remote::Off,
+            ))
+            .unwrap_or_default();
+        }
+    };
+    if !remote {
+        return runtime.block_on(state::assess(plan, &offline, Remote::Off));
+    }
+    runtime.block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let mode = if state::has_aws_credentials(&aws).await {
+            Remote::On
+        } else {
+            Remote::NoAwsCredentials
+        };
+        let mut options = settings.registry.client_options();
+        options.insecure.extend(
+            recipe
+                .publish
+                .registries
+                .iter()
+                .filter(|r| r.insecure)
+                .filter_map(|r| r.repository.split_once('/').map(|(h, _)| h.to_owned())),
+        );
+        let mut credentials: Vec<Arc<dyn Credentials>> = vec![settings.registry.credentials()];
+        if mode == Remote::On {
+            credentials.push(Arc::new(EcrCredentials::new(aws.clone())));
+        }
+        let client = registry::Client::new(options, Arc::new(ChainCredentials(credentials)))
+            .map_err(|e| tracing::warn!("registries cannot be asked: {e}"))
+            .ok();
+        let lookup = TargetLookup {
+            store: store.as_ref(),
+            registry: client.as_ref(),
+            aws: Some(&aws),
+        };
+        state::assess(plan, &lookup, mode).await
+    })
+}
+
+/// The plan as printed with `--output json`: each effect carries its `state`.
+fn plan_document(plan: &Plan, states: &[EffectState]) -> serde_json::Value {
+    #[derive(serde::Serialize)]
+    struct Stated<'a> {
+        #[serde(flatten)]
+        effect: &'a crate::plan::Effect,
+        state: &'a EffectState,
+    }
+    let mut document = serde_json::to_value(plan).expect("plans serialize");
+    let effects: Vec<Stated<'_>> = plan
+        .effects
+        .iter()
+        .zip(states)
+        .map(|(effect, state)| Stated { effect, state })
+        .collect();
+    document["effects"] = serde_json::to_value(effects).expect("effects serialize");
+    document
+}
+
+fn print_human(plan: &Plan, states: &[EffectState]) {
     println!("recipe   {}", plan.recipe);
     println!("name     {}", plan.name);
     println!("version  {}", plan.version);
@@ -162,8 +266,11 @@ fn print_human(plan: &Plan) {
     }
     println!();
     println!("effects:");
-    for effect in &plan.effects {
-        println!("  + {}", effect.describe());
+    for (effect, state) in plan.effects.iter().zip(states) {
+        match state.label() {
+            Some(label) => println!("  {} {label}: {}", state.mark(), effect.describe()),
+            None => println!("  {} {}", state.mark(), effect.describe()),
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 pub mod base;
 mod effects;
 pub mod hash;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 

@@ -24,7 +24,7 @@ use bake::ami::publish::{PublishError, PublishOptions, publish_snapshot_ami};
 use bake::ami::upload::BLOCK_SIZE;
 use bake::ami::wait::WaitPolicy;
 use bake::ami::{AmiSpec, RegionSpec, Sharing};
-use bake::aws::Aws;
+use bake::aws::{Aws, Emulator};
 use bake::store::Store;
 
 use super::common::{bake, fresh_account, service};
@@ -137,8 +137,15 @@ const SHARED_ACCOUNT: &str = "111122223333";
 const SHARED_ORG: &str = "arn:aws:organizations::111122223333:organization/o-abc123def4";
 
 /// bake's AWS handle for one test: its own moto account, no retries (moto's 500s fail fast),
-/// every request captured.
+/// every request captured, and moto named as the emulator (`BAKE_AWS_EMULATOR=moto`).
 async fn test_aws(endpoint: &str) -> (Aws, Capture, String) {
+    let (aws, capture, account) = test_aws_as_if_aws(endpoint).await;
+    (aws.with_emulator(Emulator::Moto), capture, account)
+}
+
+/// As [`test_aws`], but with no emulator named: bake must treat the endpoint as AWS itself
+/// (an endpoint override is also how VPC and FIPS endpoints are reached).
+async fn test_aws_as_if_aws(endpoint: &str) -> (Aws, Capture, String) {
     let account = fresh_account();
     let config = aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(endpoint)
@@ -662,6 +669,7 @@ async fn a_killed_upload_leaves_a_snapshot_that_cleanup_removes() {
             .env("BAKE_STORE", &store_dir)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_REGION", "us-east-1")
             .env("BAKE_AWS_POLL_INTERVAL", "50ms")
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -847,6 +855,7 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
             .env("BAKE_STORE", &store)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_POLL_INTERVAL", "50ms")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -955,4 +964,515 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     assert_eq!(second["provenance"], first["provenance"]);
     // Nothing booted again; the record keeps the first run's boot.
     assert_eq!(second["boots"], first["boots"]);
+}
+
+/// An endpoint override does not make bake lenient: moto does not implement
+/// `EnableImageDeprecation` (MOTO.md: 500), and without `BAKE_AWS_EMULATOR` that failure fails
+/// the region, as it would on AWS (the run then removes what it made). Naming moto as the
+/// emulator turns the same failure into a warning. moto keeps no deprecation time either way,
+/// so the requests bake sent are what is asserted.
+#[tokio::test]
+async fn a_failing_deprecation_fails_the_region_unless_the_emulator_is_named() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    for named in [false, true] {
+        let (aws, capture, _) = if named {
+            test_aws(&endpoint).await
+        } else {
+            test_aws_as_if_aws(&endpoint).await
+        };
+        kms_keys(&aws, &["us-east-1"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let image = dir.path().join("disk.raw");
+        synthetic_image(&image);
+        let mut spec = spec(
+            if named { "amidepok" } else { "amidepfail" },
+            &["us-east-1"],
+        );
+        spec.deprecate_after = Some(Duration::from_secs(30 * 24 * 3600));
+        capture.clear();
+        let outcome = publish_snapshot_ami(
+            &aws,
+            &store,
+            &spec,
+            Some(&image),
+            None,
+            &fast_options(),
+            std::future::pending(),
+        )
+        .await;
+        let sent = capture.of("EnableImageDeprecation");
+        assert_eq!(sent.len(), 1, "named={named}: {sent:?}");
+        let at: u64 = humantime::parse_rfc3339_weak(&sent[0].params["DeprecateAt"])
+            .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+            .unwrap_or_else(|e| panic!("{:?}: {e}", sent[0].params));
+        assert_eq!(at % 60, 0, "whole minutes");
+        if named {
+            let record = outcome.expect("with moto named, the missing API is a warning");
+            assert_eq!(record.regions.len(), 1);
+        } else {
+            let failed = outcome.expect_err("without an emulator named, the region fails");
+            assert!(
+                matches!(failed.error, PublishError::Distribution(_)),
+                "{:?}",
+                failed.error
+            );
+            let message = failed.error.to_string();
+            assert!(
+                message.contains("set the deprecation time of") && message.contains("us-east-1"),
+                "{message}"
+            );
+            // Rolled back like any other failure: the AMI is not left without its deprecation.
+            assert!(
+                !capture.of("DeregisterImage").is_empty(),
+                "the run removes its AMI"
+            );
+        }
+    }
+}
+
+/// What the test proxy does with one request.
+enum Verdict {
+    /// Pass it to moto and its answer back (through the rewrite).
+    Forward,
+    /// Never answer (the client waits until it is killed).
+    Hold,
+}
+
+type Decide = dyn Fn(&[u8]) -> Verdict + Send + Sync;
+type Rewrite = dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync;
+
+/// A pass-through to moto on a loopback port: `decide` sees each request body first, `rewrite`
+/// gets the request body and moto's whole answer and returns what the client gets. Returns
+/// the proxy's URL.
+fn proxy(upstream: &str, decide: Arc<Decide>, rewrite: Arc<Rewrite>) -> String {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream
+        .trim_end_matches('/')
+        .trim_start_matches("http://")
+        .to_owned();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let upstream = upstream.clone();
+            let decide = decide.clone();
+            let rewrite = rewrite.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = std::io::BufReader::new(stream.try_clone()?);
+                let mut writer = stream;
+                loop {
+                    let mut head = String::new();
+                    if reader.read_line(&mut head)? == 0 {
+                        return Ok(());
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line)?;
+                        let trimmed = line.trim_end();
+                        if trimmed.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = trimmed.split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                            // moto answers one request per connection; the client reconnects.
+                            if k.trim().eq_ignore_ascii_case("connection") {
+                                continue;
+                            }
+                        }
+                        head.push_str(&line);
+                    }
+                    head.push_str("Connection: close\r\n\r\n");
+                    let mut body = vec![0u8; length];
+                    reader.read_exact(&mut body)?;
+                    if let Verdict::Hold = decide(&body) {
+                        let mut rest = [0u8; 1];
+                        while reader.read(&mut rest)? > 0 {}
+                        return Ok(());
+                    }
+                    let mut moto = std::net::TcpStream::connect(&upstream)?;
+                    moto.write_all(head.as_bytes())?;
+                    moto.write_all(&body)?;
+                    let mut response = Vec::new();
+                    moto.read_to_end(&mut response)?;
+                    writer.write_all(&rewrite(&body, response))?;
+                    writer.flush()?;
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A proxy that holds every `RegisterImage` forever: the request never reaches moto and never
+/// gets an answer, so a run can be killed with its AMI journaled as `creating` and no id (as a
+/// SIGKILL while the request is in flight leaves it). Returns the proxy's URL and a flag
+/// raised once a `RegisterImage` is being held.
+fn stalling_proxy(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = held.clone();
+    let address = proxy(
+        upstream,
+        Arc::new(move |body: &[u8]| {
+            if body.starts_with(b"Action=RegisterImage&") {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Verdict::Hold
+            } else {
+                Verdict::Forward
+            }
+        }),
+        Arc::new(|_: &[u8], response| response),
+    );
+    (address, held)
+}
+
+/// A proxy under which every snapshot is still `pending` (an upload in progress): moto shows
+/// snapshots `completed` at once (MOTO.md), so an unfinished one cannot be made there.
+fn pending_snapshots_proxy(upstream: &str) -> String {
+    proxy(
+        upstream,
+        Arc::new(|_: &[u8]| Verdict::Forward),
+        Arc::new(|request: &[u8], response: Vec<u8>| {
+            if !request.starts_with(b"Action=DescribeSnapshots&") {
+                return response;
+            }
+            let text = String::from_utf8(response).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let body = body.replace("<status>completed</status>", "<status>pending</status>");
+            let head: Vec<String> = head
+                .split("\r\n")
+                .map(|line| match line.split_once(':') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("content-length") => {
+                        format!("{k}: {}", body.len())
+                    }
+                    _ => line.to_owned(),
+                })
+                .collect();
+            format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+        }),
+    )
+}
+
+/// Two runs of one version: the first is killed (SIGKILL) with its `RegisterImage` in flight,
+/// the second finishes and registers the version's AMI under the same name. `bake cleanup`
+/// then removes what the dead run's journal names (its snapshot) and never the finished run's
+/// AMI, although it has the dead run's journaled name and was created after it started.
+#[tokio::test]
+async fn cleanup_of_a_killed_run_leaves_another_runs_finished_ami_of_the_version() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, _, account) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let recipe = dir.path().join("twin.yaml");
+    std::fs::write(
+        &recipe,
+        "bake: 1\nname: twin\nbase: scratch\noutputs:\n  ami:\n    strategy: snapshot\n    regions: [us-east-1]\n    disk_size_gib: 1\n",
+    )
+    .unwrap();
+    let disk = dir.path().join("disk.raw");
+    synthetic_image(&disk);
+    let (proxy, held) = stalling_proxy(&endpoint);
+    let run_bake = |endpoint: &str, args: &[&str]| {
+        let mut command = bake();
+        command
+            .args(args)
+            .env("BAKE_STORE", &store_dir)
+            .env("BAKE_AWS_ENDPOINT_URL", endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env("BAKE_AWS_POLL_INTERVAL", "50ms")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL");
+        command
+    };
+    let publish_args = [
+        "ami",
+        "publish",
+        recipe.to_str().unwrap(),
+        "--disk-image",
+        disk.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+
+    // The first run, through the proxy: killed while its RegisterImage is held.
+    let mut killed = run_bake(&proxy, &publish_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !held.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the first run never registered");
+        assert!(
+            killed.try_wait().unwrap().is_none(),
+            "the first run ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let journal_dir = store_dir.join("journal");
+    let journals: Vec<serde_json::Value> = std::fs::read_dir(&journal_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    let dead_run = journals[0]["run"].as_str().unwrap().to_owned();
+    let resources = journals[0]["resources"].as_array().unwrap();
+    let dead_snapshot = resources[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(resources[1]["kind"], "image", "{resources:?}");
+    assert_eq!(resources[1]["status"], "creating", "{resources:?}");
+    let ami_name = resources[1]["token"].as_str().unwrap().to_owned();
+
+    // The second run of the same version, straight to moto: it finishes.
+    let finished = run_bake(&endpoint, &publish_args).output().unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let finished: serde_json::Value = serde_json::from_slice(&finished.stdout).unwrap();
+    let kept_image = finished["regions"][0]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kept_snapshot = finished["regions"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let described = ec2
+        .describe_images()
+        .image_ids(&kept_image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(described.images()[0].name(), Some(ami_name.as_str()));
+    assert!(
+        described.images()[0]
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("bake:run") && t.value() != Some(dead_run.as_str())),
+        "the finished AMI carries its own run's tag"
+    );
+
+    let cleaned = run_bake(&endpoint, &["cleanup"]).output().unwrap();
+    let out = String::from_utf8_lossy(&cleaned.stdout);
+    assert!(
+        cleaned.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&cleaned.stderr)
+    );
+    assert!(
+        out.contains(&format!("removed  snapshot {dead_snapshot}")),
+        "{out}"
+    );
+    assert!(!out.contains(&kept_image), "{out}");
+    let gone = ec2
+        .describe_snapshots()
+        .snapshot_ids(&dead_snapshot)
+        .send()
+        .await;
+    assert!(gone.is_err() || gone.unwrap().snapshots().is_empty());
+    // The finished run's AMI and its snapshot are still there.
+    let image = bake::ami::lookup::image(&ec2, &kept_image).await.unwrap();
+    assert!(
+        image.is_some_and(|i| i.state == "available"),
+        "cleanup removed another run's finished AMI"
+    );
+    let still = ec2
+        .describe_snapshots()
+        .snapshot_ids(&kept_snapshot)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.snapshots().len(), 1);
+    assert!(
+        std::fs::read_dir(&journal_dir).unwrap().next().is_none(),
+        "the dead run's journal is gone once everything in it is"
+    );
+}
+
+/// The journal of a run killed between journaling an AMI and learning its id: `bake cleanup`
+/// finds that AMI by the journaled name and the run's own `bake:run` tag, and leaves another
+/// AMI of the same name (another run's, finished) alone. moto drops RegisterImage's tags, so
+/// the tags AWS would have stored at registration are set here with CreateTags.
+#[tokio::test]
+async fn cleanup_finds_a_dead_runs_unjournaled_ami_by_its_run_tag_only() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, capture, _) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let spec = spec("amitwins", &["us-east-1"]);
+    let name = spec.regions[0].name.clone();
+    let journal = bake::ami::journal::Journal::begin(&store, &spec.recipe, &spec.version).unwrap();
+    journal
+        .creating(bake::ami::journal::ResourceKind::Image, "us-east-1", &name)
+        .unwrap();
+    let dead_run = journal.run_id();
+    drop(journal); // the process died: the lock goes, the journal stays
+
+    let register = |run: String| {
+        let ec2 = ec2.clone();
+        let name = name.clone();
+        async move {
+            let id = ec2
+                .register_image()
+                .name(&name)
+                .root_device_name("/dev/xvda")
+                .send()
+                .await
+                .unwrap()
+                .image_id()
+                .unwrap()
+                .to_owned();
+            ec2.create_tags()
+                .resources(&id)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("bake:run")
+                        .value(run)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let dead_image = register(dead_run.clone()).await;
+    let other_image = register("run-someone-else-0000".to_owned()).await;
+    capture.clear();
+
+    let report = bake::ami::cleanup::cleanup(
+        &aws,
+        Some(&store),
+        &bake::ami::cleanup::CleanupOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!report.failed(), "{:?}", report.removals);
+    let deregistered: Vec<String> = capture
+        .of("DeregisterImage")
+        .into_iter()
+        .map(|c| c.params["ImageId"].clone())
+        .collect();
+    assert_eq!(deregistered, std::slice::from_ref(&dead_image));
+    assert!(
+        bake::ami::lookup::image(&ec2, &dead_image)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        bake::ami::lookup::image(&ec2, &other_image)
+            .await
+            .unwrap()
+            .is_some(),
+        "another run's AMI of the same name was removed"
+    );
+    assert!(bake::ami::journal::list(&store).is_empty());
+}
+
+/// An unfinished snapshot tagged by a run this store has no journal for may be an upload in
+/// progress on another machine: `bake cleanup` leaves it, and only `--older-than` (the
+/// operator saying such runs are dead) removes it.
+#[tokio::test]
+async fn cleanup_leaves_unfinished_snapshots_of_runs_without_a_journal_here() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, _, account) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let volume = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .size(1)
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_owned();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    let snapshot_id = ec2
+        .create_snapshot()
+        .volume_id(&volume)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
+                .tags(tag("bake:version", &format!("sha256:{}", "e".repeat(64))))
+                .tags(tag("bake:run", "run-on-another-machine"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_owned();
+    let proxy = pending_snapshots_proxy(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let cleanup = |extra: &[&str]| {
+        let output = bake()
+            .args(["cleanup", "--regions", "us-east-1"])
+            .args(extra)
+            .env("BAKE_STORE", dir.path().join("store"))
+            .env("BAKE_AWS_ENDPOINT_URL", &proxy)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env("BAKE_AWS_POLL_INTERVAL", "50ms")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        out
+    };
+    let exists = || async {
+        ec2.describe_snapshots()
+            .snapshot_ids(&snapshot_id)
+            .send()
+            .await
+            .map(|s| s.snapshots().len())
+            .unwrap_or(0)
+    };
+
+    let out = cleanup(&[]);
+    assert!(!out.contains(&snapshot_id), "{out}");
+    assert_eq!(exists().await, 1, "another machine's upload was removed");
+
+    let out = cleanup(&["--older-than", "0s"]);
+    assert!(
+        out.contains(&format!("removed  snapshot {snapshot_id}")),
+        "{out}"
+    );
+    assert_eq!(exists().await, 0);
 }

@@ -19,6 +19,7 @@ async fn aws_for(endpoint: &str, account: &str) -> Aws {
         profile: None,
         endpoint_url: Some(endpoint.to_owned()),
         emulator_account: Some(account.to_owned()),
+        emulator: Some(bake::aws::Emulator::Moto),
     })
     .await
 }

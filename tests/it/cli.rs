@@ -53,3 +53,22 @@ fn valid_recipe_prints_data_on_stdout_only() {
     );
     assert_eq!(stderr(&output), "");
 }
+
+#[test]
+fn an_unknown_aws_emulator_is_a_usage_error() {
+    let output = super::common::bake()
+        .args(["validate", "tests/fixtures/recipes/valid/minimal.yaml"])
+        .env("BAKE_AWS_EMULATOR", "localstack")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.starts_with(
+            "error: `localstack` in BAKE_AWS_EMULATOR is not an AWS emulator bake knows"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("hint: known emulators: moto"), "{err}");
+    assert_eq!(stdout(&output), "");
+}

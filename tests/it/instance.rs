@@ -168,6 +168,7 @@ async fn moto() -> Option<Moto> {
         profile: None,
         endpoint_url: Some(endpoint.clone()),
         emulator_account: Some(account.clone()),
+        emulator: Some(bake::aws::Emulator::Moto),
     })
     .await;
     let (proxy, captured) = start_proxy(&endpoint);
@@ -187,6 +188,7 @@ impl Moto {
         command
             .env("BAKE_AWS_ENDPOINT_URL", &self.proxy)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &self.account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_REGION", REGION)
             .env("BAKE_AWS_POLL_INTERVAL", "50ms")
             .env("BAKE_STORE", store)

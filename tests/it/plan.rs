@@ -7,7 +7,7 @@ use bake::plan::{PlanOptions, plan};
 use bake::recipe::{self, VarSources};
 use proptest::prelude::*;
 
-use super::common::{copy_tree, run, stderr, stdout};
+use super::common::{bake, copy_tree, fresh_account, run, service, stderr, stdout};
 
 /// How a recipe is written: everything here is formatting, none of it meaning.
 #[derive(Debug, Clone)]
@@ -386,8 +386,299 @@ fn human_plan_lists_inputs_and_effects() {
         "version  sha256:",
         "file       files/setup.sh  sha256:",
         "+ build OCI image for linux/amd64 from debian bookworm",
-        "+ push image to 127.0.0.1:5000/full as ",
+        // Registries are asked only with --check, and the plan says so.
+        "? not asked (registries and AWS are asked with --check): push image to 127.0.0.1:5000/full as ",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
+}
+
+/// `bake plan` in `dir` with its own store, human output.
+fn plan_text(store: &Path, recipe: &Path, extra: &[&str]) -> String {
+    let output = bake()
+        .arg("--store")
+        .arg(store)
+        .arg("plan")
+        .arg(recipe)
+        .args(extra)
+        // No AWS here: the registry is asked, AWS says it has no credentials, fast.
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent/bake-test")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/bake-test")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+}
+
+fn effect_line<'a>(text: &'a str, what: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no effect `{what}` in:\n{text}"))
+        .trim()
+}
+
+/// The effects of an OCI recipe follow its real state: `+ build` until it is built, then
+/// `= built`; a push is not asked about without `--check`, and with it is `+ push` until the
+/// registry has the manifest, then `= in registry`.
+#[test]
+fn plan_effects_say_built_and_in_registry_once_they_are() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("building images") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let repository = format!("{registry}/plan-state-{}", fresh_account());
+    let recipe = dir.path().join("state.yaml");
+    fs_err::write(
+        &recipe,
+        format!(
+            "bake: 1\nname: plan-state\nbase: scratch\noutputs:\n  oci: {{}}\npublish:\n  registries:\n    - repository: {repository}\n      tags: [latest]\n"
+        ),
+    )
+    .unwrap();
+    let push = format!("push image to {repository}");
+
+    let text = plan_text(&store, &recipe, &[]);
+    assert!(
+        effect_line(&text, "build OCI image").starts_with("+ build OCI image"),
+        "{text}"
+    );
+    assert!(
+        effect_line(&text, &push)
+            .starts_with("? not asked (registries and AWS are asked with --check)"),
+        "{text}"
+    );
+    assert!(!store.exists(), "planning made a store");
+    let text = plan_text(&store, &recipe, &["--check"]);
+    assert!(
+        effect_line(&text, &push).starts_with("? not asked (not built here"),
+        "{text}"
+    );
+
+    let built = bake()
+        .arg("--store")
+        .arg(&store)
+        .args(["--output", "json", "build"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", stderr(&built));
+    let built: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
+    let digest = built["image_digest"].as_str().unwrap().to_owned();
+
+    let text = plan_text(&store, &recipe, &[]);
+    assert!(
+        effect_line(&text, "build OCI image").starts_with("= built: build OCI image"),
+        "{text}"
+    );
+    let text = plan_text(&store, &recipe, &["--check"]);
+    assert!(
+        effect_line(&text, &push).starts_with("+ push image"),
+        "{text}"
+    );
+
+    let pushed = bake()
+        .arg("--store")
+        .arg(&store)
+        .arg("push")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let text = plan_text(&store, &recipe, &["--check"]);
+    assert!(
+        effect_line(&text, &push).starts_with("= in registry: push image"),
+        "{text}"
+    );
+    let json = plan_text(&store, &recipe, &["--check", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let effects = json["effects"].as_array().unwrap();
+    assert_eq!(effects[0]["action"], "build_image");
+    assert_eq!(effects[0]["state"]["status"], "built");
+    assert_eq!(effects[0]["state"]["image_digest"], digest.as_str());
+    assert_eq!(effects[1]["action"], "push_image");
+    assert_eq!(effects[1]["state"]["status"], "in_registry");
+    assert_eq!(effects[1]["state"]["digest"], digest.as_str());
+}
+
+/// An AMI recipe's effects with `--check` against moto: where an AMI tagged with the version
+/// exists, its region's effects are `= AMI exists` (and `= shared` when its launch permissions
+/// already are the recipe's); a region without one still has `+ copy`. Without credentials,
+/// AWS is not asked and the plan says so.
+#[tokio::test]
+async fn plan_effects_say_ami_exists_per_region() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let account = fresh_account();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let recipe = dir.path().join("ami.yaml");
+    fs_err::write(
+        &recipe,
+        "bake: 1\nname: plan-ami\nbase: scratch\noutputs:\n  ami:\n    strategy: snapshot\n    regions: [us-east-1, eu-west-1]\n    disk_size_gib: 1\n    sharing:\n      accounts: [\"111122223333\"]\n",
+    )
+    .unwrap();
+    let plan = |args: &[&str], credentials: bool| {
+        let mut command = bake();
+        command
+            .arg("--store")
+            .arg(&store)
+            .args(["--output", "json", "plan"])
+            .arg(&recipe)
+            .args(args)
+            .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent/bake-test")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/bake-test")
+            .env_remove("AWS_PROFILE");
+        if credentials {
+            command
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing");
+        } else {
+            command
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let states = |doc: &serde_json::Value| -> Vec<(String, String)> {
+        doc["effects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let region = e
+                    .get("region")
+                    .or_else(|| e.get("to"))
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("");
+                (
+                    format!("{} {region}", e["action"].as_str().unwrap()),
+                    e["state"]["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let offline = plan(&[], true);
+    let version = offline["version"].as_str().unwrap().to_owned();
+    assert!(
+        states(&offline)
+            .iter()
+            .filter(|(e, _)| !e.starts_with("build_disk"))
+            .all(|(_, s)| s == "not_asked"),
+        "{offline}"
+    );
+    assert_eq!(offline["effects"][1]["state"]["reason"], "offline");
+
+    // Nothing in AWS yet: everything would be done.
+    let fresh = plan(&["--check"], true);
+    assert!(states(&fresh).iter().all(|(_, s)| s == "todo"), "{fresh}");
+
+    // The version's AMI in us-east-1 (as a finished run leaves it), shared as asked.
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    let aws = bake::aws::Aws::from_config(config, Some(account.clone()));
+    let ec2 = aws.ec2("us-east-1");
+    let image_id = ec2
+        .register_image()
+        .name("plan-ami-us-east-1")
+        .root_device_name("/dev/xvda")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2.create_tags()
+        .resources(&image_id)
+        .tags(tag("bake:version", &version))
+        .tags(tag("bake:recipe", "plan-ami"))
+        .send()
+        .await
+        .unwrap();
+    ec2.modify_image_attribute()
+        .image_id(&image_id)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .user_id("111122223333")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let checked = plan(&["--check"], true);
+    assert_eq!(
+        states(&checked),
+        [
+            ("build_disk ".to_owned(), "ami_exists".to_owned()),
+            ("upload_snapshot us-east-1".into(), "ami_exists".into()),
+            ("register_ami us-east-1".into(), "ami_exists".into()),
+            ("share_ami us-east-1".into(), "shared".into()),
+            ("copy_ami eu-west-1".into(), "todo".into()),
+            ("share_ami eu-west-1".into(), "todo".into()),
+        ],
+        "{checked}"
+    );
+    assert_eq!(
+        checked["effects"][2]["state"]["image_id"],
+        image_id.as_str()
+    );
+
+    // The same, for people.
+    let human = bake()
+        .arg("--store")
+        .arg(&store)
+        .arg("plan")
+        .arg(&recipe)
+        .arg("--check")
+        .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+        .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+        .env("BAKE_AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let text = stdout(&human);
+    assert!(
+        text.contains(&format!(
+            "= AMI exists ({image_id}): register AMI `plan-ami-us-east-1"
+        )) || text.contains(&format!("= AMI exists ({image_id}): register AMI")),
+        "{text}"
+    );
+    assert!(text.contains("+ copy AMI"), "{text}");
+
+    // No credentials: AWS is not asked, and each AWS effect says so.
+    let blind = plan(&["--check"], false);
+    assert!(
+        states(&blind).iter().all(|(_, s)| s == "not_asked"),
+        "{blind}"
+    );
+    assert_eq!(blind["effects"][2]["state"]["reason"], "no_credentials");
 }

@@ -848,6 +848,7 @@ async fn kms_key(endpoint: &str, account: &str) -> (bake::aws::Aws, String) {
         profile: None,
         endpoint_url: Some(endpoint.to_owned()),
         emulator_account: Some(account.to_owned()),
+        emulator: Some(bake::aws::Emulator::Moto),
     })
     .await;
     let created = aws
@@ -931,6 +932,7 @@ fn builds_sign_with_a_kms_key_and_verify_against_it() {
             .args(args)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -1038,6 +1040,7 @@ fn ami_provenance_is_tagged_kept_in_ssm_and_verified() {
             .args(args)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")

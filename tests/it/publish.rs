@@ -114,7 +114,8 @@ impl Env {
     async fn new() -> Option<Env> {
         let endpoint = service("BAKE_TEST_MOTO_ENDPOINT")?;
         let account = fresh_account();
-        let aws = Aws::from_config(sdk_config(&endpoint).await, Some(account.clone()));
+        let aws = Aws::from_config(sdk_config(&endpoint).await, Some(account.clone()))
+            .with_emulator(bake::aws::Emulator::Moto);
         Some(Env {
             endpoint,
             account,
@@ -127,6 +128,7 @@ impl Env {
     /// bake's view: the same account, every request captured.
     async fn bake_aws(&self) -> Aws {
         Aws::from_config(sdk_config(&self.endpoint).await, Some(self.account.clone()))
+            .with_emulator(bake::aws::Emulator::Moto)
             .with_interceptor(self.capture.clone())
     }
 
@@ -235,6 +237,7 @@ impl Env {
             .arg(store)
             .env("BAKE_AWS_ENDPOINT_URL", &self.endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &self.account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")

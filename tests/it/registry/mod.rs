@@ -437,6 +437,7 @@ async fn moto_aws(endpoint: &str, account: &str) -> bake::aws::Aws {
         profile: None,
         endpoint_url: Some(endpoint.to_owned()),
         emulator_account: Some(account.to_owned()),
+        emulator: Some(bake::aws::Emulator::Moto),
     })
     .await
 }
@@ -903,7 +904,6 @@ async fn plan_pins_a_tag_by_digest_and_build_pulls_the_base() {
     assert_ne!(replanned["version"], plan["version"]);
 
     // Building needs the namespace runner (root): it pulls the base and builds on it.
-    // SAFETY: geteuid has no preconditions.
     if !crate::skip::root("building from a registry base") {
         return;
     }
@@ -1267,7 +1267,6 @@ async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
     let Some(plain) = service("BAKE_TEST_REGISTRY") else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
     if !crate::skip::root("building an image to push") {
         return;
     }
@@ -1325,6 +1324,7 @@ async fn cli_push_to_ecr_creates_the_repository_and_reports_differences() {
             .args(args)
             .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
             .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
             .env("BAKE_AWS_REGION", "us-east-1")
             .env(
                 "BAKE_REGISTRY_ENDPOINTS",
