@@ -78,7 +78,12 @@ impl Chain {
 
     /// Runs `args` with `--output json`, asserting success.
     fn json(&self, args: &[&str]) -> Value {
-        let output = self.command().args(["--output", "json"]).args(args).output().unwrap();
+        let output = self
+            .command()
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "bake {args:?} failed ({:?}):\n{}\n{}",
@@ -249,7 +254,11 @@ async fn fargate_path_build_push_publish_promote_rollback_and_find_each_version(
         .filter(|p| p["kind"] == "channel")
         .collect();
     assert_eq!(moves.len(), 2, "{manifest:#}");
-    assert!(moves.iter().all(|m| m["channel"] == "prod" && m["at"].is_string()));
+    assert!(
+        moves
+            .iter()
+            .all(|m| m["channel"] == "prod" && m["at"].is_string())
+    );
     assert_eq!(moves[1]["action"], "rollback", "{manifest:#}");
     let manifest2 = chain.json(&["manifest", "show", &v2]);
     assert!(
@@ -284,7 +293,9 @@ fn both_outputs_recipe() -> String {
             "outputs:\n  oci: {}\n  ami:\n    strategy: snapshot\n    name: \"chain-both-{{version_short}}\"\n    regions: [us-east-1]\n",
         );
     assert!(
-        recipe.contains("  oci: {}") && recipe.contains("name: chain-both") && !recipe.contains("boot:"),
+        recipe.contains("  oci: {}")
+            && recipe.contains("name: chain-both")
+            && !recipe.contains("boot:"),
         "the disk fixture changed: update this test"
     );
     recipe
@@ -338,7 +349,9 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
     let v0 = format!("sha256:{}", "0e".repeat(32));
     let inputs = chain.write(
         "v0.json",
-        &format!(r#"{{"recipe": "chain-both", "version": "{v0}", "amis": {{"{REGION}": "{earlier}"}}}}"#),
+        &format!(
+            r#"{{"recipe": "chain-both", "version": "{v0}", "amis": {{"{REGION}": "{earlier}"}}}}"#
+        ),
     );
     chain.json(&["publish", recipe, "--inputs", inputs.to_str().unwrap()]);
     chain.json(&["promote", recipe, &v0, "--channel", "prod"]);
@@ -346,14 +359,23 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
     // One build: the image and the AMI, one version.
     let built = chain.json(&["build", recipe]);
     let version = built["version"].as_str().unwrap().to_owned();
-    let image = built["image_digest"].as_str().unwrap_or_else(|| panic!("no image in {built:#}")).to_owned();
+    let image = built["image_digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no image in {built:#}"))
+        .to_owned();
     assert!(image.starts_with("sha256:"), "{built:#}");
     let ami = built["regions"][0]["image_id"].as_str().unwrap().to_owned();
     assert!(ami.starts_with("ami-"), "{built:#}");
     let manifest = chain.json(&["manifest", "show", &version]);
-    assert_eq!(manifest["outputs"]["oci"]["manifest_digest"], image.as_str());
+    assert_eq!(
+        manifest["outputs"]["oci"]["manifest_digest"],
+        image.as_str()
+    );
     assert_eq!(manifest["outputs"]["amis"][0]["image_id"], ami.as_str());
-    assert!(manifest["outputs"]["disk_image"]["digest"].is_string(), "{manifest:#}");
+    assert!(
+        manifest["outputs"]["disk_image"]["digest"].is_string(),
+        "{manifest:#}"
+    );
     // The image is in the store under that version: it exports.
     let layout = chain.dir.path().join("layout");
     let exported = chain.run(&["export", &version, "--oci-layout", layout.to_str().unwrap()]);
@@ -362,7 +384,9 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
     // Publish from the build record, promote, roll back to version 0.
     let published = chain.json(&["publish", recipe]);
     assert_eq!(published["version"], version.as_str());
-    let lt_version = change_result(&published, "launch_template_version");
+    let lt_version = change_result(&published, "launch_template_version")
+        .trim_start_matches("version ")
+        .to_owned();
     chain.json(&["promote", recipe, &version, "--channel", "prod"]);
     let parameter = aws
         .ssm(REGION)
@@ -377,7 +401,10 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
     assert_eq!(pinned["references"]["version"], v0.as_str());
 
     // Every identifier names the version; the manifest lists what was published, with versions.
-    assert_eq!(shown_version(&chain, &format!("{template}:{lt_version}")), version);
+    assert_eq!(
+        shown_version(&chain, &format!("{template}:{lt_version}")),
+        version
+    );
     assert_eq!(shown_version(&chain, &ami), version);
     assert_eq!(shown_version(&chain, &image), version);
     let manifest = chain.json(&["manifest", "show", &version]);
@@ -389,13 +416,15 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
         "{manifest:#}"
     );
     assert!(
-        publications
-            .iter()
-            .any(|p| p["kind"] == "ssm_parameter" && p["name"] == "/chain/both/ami" && p["version"].as_u64().is_some()),
+        publications.iter().any(|p| p["kind"] == "ssm_parameter"
+            && p["name"] == "/chain/both/ami"
+            && p["version"].as_u64().is_some()),
         "{manifest:#}"
     );
     assert!(
-        publications.iter().any(|p| p["kind"] == "channel" && p["action"] == "promote"),
+        publications
+            .iter()
+            .any(|p| p["kind"] == "channel" && p["action"] == "promote"),
         "{manifest:#}"
     );
 
@@ -409,7 +438,10 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
 /// `recipes/vendor-hardened.yaml`, pointed at this test's parameter and at the sshd harness.
 fn vendor_recipe(dir: &Path, parameter: &str, ssh_port: u16) -> PathBuf {
     let example = repo_root().join("recipes");
-    super::common::copy_tree(&example.join("vendor-hardened"), &dir.join("vendor-hardened"));
+    super::common::copy_tree(
+        &example.join("vendor-hardened"),
+        &dir.join("vendor-hardened"),
+    );
     let text = fs_err::read_to_string(example.join("vendor-hardened.yaml")).unwrap();
     let replaced = text
         .replace("/aws/service/debian/release/bookworm/latest/amd64", parameter)
@@ -421,7 +453,9 @@ fn vendor_recipe(dir: &Path, parameter: &str, ssh_port: u16) -> PathBuf {
         )
         .replace("/platform/vendor-hardened/ami", "/chain/vendor/ami");
     assert!(
-        replaced.contains(parameter) && replaced.contains("ssh_port") && replaced.contains("/chain/vendor/ami"),
+        replaced.contains(parameter)
+            && replaced.contains("ssh_port")
+            && replaced.contains("/chain/vendor/ami"),
         "recipes/vendor-hardened.yaml changed: update this test"
     );
     let path = dir.join("vendor-hardened.yaml");
@@ -479,7 +513,12 @@ async fn vendor_ami_path_build_on_a_builder_then_publish_attest_and_find_it() {
     );
 
     let run = |args: &[&str]| {
-        let output = moto.bake(&store).args(["--output", "json"]).args(args).output().unwrap();
+        let output = moto
+            .bake(&store)
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "bake {args:?} failed ({:?}):\n{}",
@@ -504,8 +543,17 @@ async fn vendor_ami_path_build_on_a_builder_then_publish_attest_and_find_it() {
 
     let attested = run(&["attest", &ami]);
     assert_eq!(attested["version"], version.as_str());
-    assert!(attested["attestations"]["provenance"]["envelope_digest"].is_string(), "{attested:#}");
-    let images = moto.ec2.describe_images().image_ids(&ami).send().await.unwrap();
+    assert!(
+        attested["attestations"]["provenance"]["envelope_digest"].is_string(),
+        "{attested:#}"
+    );
+    let images = moto
+        .ec2
+        .describe_images()
+        .image_ids(&ami)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         super::instance::tag(images.images()[0].tags(), "bake:provenance"),
         attested["attestations"]["provenance"]["envelope_digest"].as_str()
@@ -547,7 +595,11 @@ async fn every_command_plans_a_recipe_with_an_ami_base() {
     let recipe = vendor_recipe(dir.path(), parameter, 22);
     let recipe = recipe.to_str().unwrap();
     let store = dir.path().join("store");
-    let planned = moto.bake(&store).args(["--output", "json", "plan", recipe]).output().unwrap();
+    let planned = moto
+        .bake(&store)
+        .args(["--output", "json", "plan", recipe])
+        .output()
+        .unwrap();
     assert!(planned.status.success(), "{}", stderr(&planned));
     let plan: Value = serde_json::from_slice(&planned.stdout).unwrap();
     let version = plan["version"].as_str().unwrap();
@@ -560,7 +612,10 @@ async fn every_command_plans_a_recipe_with_an_ami_base() {
     ] {
         let output = moto.bake(&store).args(&args).output().unwrap();
         let err = stderr(&output);
-        assert!(!output.status.success(), "{args:?} succeeded with nothing built");
+        assert!(
+            !output.status.success(),
+            "{args:?} succeeded with nothing built"
+        );
         assert!(
             !err.contains("has not resolved") && err.contains(version),
             "{args:?} did not plan the recipe to its version {version}:\n{err}"

@@ -475,12 +475,16 @@ fn manifest_show_finds_the_version_of_an_ami_from_its_build_record() {
     let hex = version.trim_start_matches("sha256:");
     let record_path = s.join("records").join(format!("{hex}.json"));
     let mut record: Value = serde_json::from_slice(&fs_err::read(&record_path).unwrap()).unwrap();
-    record["amis"] = json!([{
-        "region": "eu-west-1",
-        "account": "123456789012",
-        "image_id": "ami-0123456789abcdef0",
-        "snapshot_ids": ["snap-0123456789abcdef0"]
-    }]);
+    // As a build of a recipe with both outputs records it: the image and the AMIs.
+    record["artifact"] = json!({
+        "kind": "oci_image_and_disk_ami",
+        "image": record["artifact"]["image"],
+        "ami": {"disk_image_digest": null, "regions": [{
+            "region": "eu-west-1",
+            "image_id": "ami-0123456789abcdef0",
+            "snapshot_id": "snap-0123456789abcdef0"
+        }]}
+    });
     fs_err::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
     fs_err::remove_file(s.join("manifests").join(format!("{hex}.json"))).unwrap();
     build(s, &[HELLO]);
@@ -490,6 +494,7 @@ fn manifest_show_finds_the_version_of_an_ami_from_its_build_record() {
         manifest["outputs"]["amis"][0]["snapshot_ids"][0],
         "snap-0123456789abcdef0"
     );
+    assert_eq!(manifest_of(s, "snap-0123456789abcdef0")["version"], version);
     let human = bake_in(s, &["manifest", "show", "ami-0123456789abcdef0"]);
     assert!(stdout(&human).contains("ami          ami-0123456789abcdef0 (eu-west-1)"));
     // --manifest writes it where CI wants it.
