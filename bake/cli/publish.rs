@@ -128,8 +128,9 @@ fn digest_check<'a>(
         settings.registry.credentials(),
         Arc::new(EcrCredentials::new(aws.clone())),
     ];
+    let redirected: Vec<String> = options.endpoints.keys().cloned().collect();
     match registry::Client::new(options, Arc::new(ChainCredentials(sources))) {
-        Ok(client) => Ok(RegistryDigestCheck::new(aws, client)),
+        Ok(client) => Ok(RegistryDigestCheck::new(aws, client).with_redirected_hosts(redirected)),
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
             Err(ExitStatus::Infrastructure)
