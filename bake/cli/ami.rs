@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{VarArgs, print_json, print_reports};
 use crate::ami::cleanup::{Action, Removal, rollback};
-use crate::ami::disk_build::build_local_image;
+use crate::ami::disk_build::{build_local_image, build_local_image_of_built_root};
 use crate::ami::journal::{Journal, ResourceKind};
 use crate::ami::publish::{
     PublishFailed, PublishOptions, existing_image, preflight, publish_snapshot_ami,
@@ -530,6 +530,8 @@ pub fn run_snapshot_build(
     let mut audit = None;
     let mut boots = Vec::new();
     let mut image: Option<OciImage> = None;
+    // The image build's gate result, for the disk image of the same root.
+    let mut image_audit = None;
     let wants_image = recipe.outputs.oci.is_some();
     if existing.is_none() || wants_image {
         let runner = match NamespaceRunner::new() {
@@ -563,11 +565,9 @@ pub fn run_snapshot_build(
         if wants_image {
             match builder.build(recipe, &plan, &mut reporter) {
                 Ok(_) => {
-                    image = store
-                        .record(&plan.version)
-                        .ok()
-                        .flatten()
-                        .and_then(|r| r.image().cloned());
+                    let record = store.record(&plan.version).ok().flatten();
+                    image = record.as_ref().and_then(|r| r.image().cloned());
+                    image_audit = record.and_then(|r| r.audit);
                 }
                 Err(e) => {
                     print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
@@ -583,13 +583,20 @@ pub fn run_snapshot_build(
                     return ExitStatus::Infrastructure;
                 }
             };
-            let local = match build_local_image(
-                &builder,
-                recipe,
-                &plan,
-                &dir.path().join("disk.raw"),
-                &mut reporter,
-            ) {
+            let out = dir.path().join("disk.raw");
+            let built = if image.is_some() {
+                build_local_image_of_built_root(
+                    &builder,
+                    recipe,
+                    &plan,
+                    &out,
+                    image_audit.clone(),
+                    &mut reporter,
+                )
+            } else {
+                build_local_image(&builder, recipe, &plan, &out, &mut reporter)
+            };
+            let local = match built {
                 Ok(local) => local,
                 Err(e) => {
                     print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
@@ -609,6 +616,8 @@ pub fn run_snapshot_build(
             work_dir = Some(dir);
         }
     }
+    // The image's gate scanned the same root the AMI is made of.
+    audit = audit.or(image_audit);
     let previous_ami = previous.as_ref().and_then(BuildRecord::disk_ami);
     let digest = disk.as_ref().map(|(_, digest)| digest.clone()).or_else(|| {
         previous_ami

@@ -505,7 +505,11 @@ impl Progress for CliProgress {
             .expect("the template is valid")
             .progress_chars("=> "),
         );
-        bar.set_prefix(digest.trim_start_matches("sha256:")[..12].to_owned());
+        bar.set_prefix(
+            digest
+                .parse::<crate::id::Digest>()
+                .map_or_else(|_| digest.to_owned(), |d| d.short().to_owned()),
+        );
         self.bars
             .lock()
             .expect("bars lock")

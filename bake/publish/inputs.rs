@@ -68,11 +68,7 @@ pub enum InputsError {
 }
 
 pub(crate) fn is_digest(text: &str) -> bool {
-    text.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    })
+    text.parse::<crate::id::Digest>().is_ok()
 }
 
 pub(crate) fn is_ami_id(text: &str) -> bool {
@@ -170,13 +166,17 @@ impl PublishInputs {
         Ok(())
     }
 
-    /// The first 12 hex digits of the version.
+    /// The first 12 hex digits of the version (checked by [`PublishInputs::check`]; an
+    /// unchecked malformed one gives its text unchanged).
     pub fn version_short(&self) -> &str {
-        let hex = self
-            .version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version);
-        &hex[..hex.len().min(12)]
+        match self.version.parse::<crate::id::Version>() {
+            Ok(version) => {
+                let short = version.short();
+                let start = self.version.len() - version.hex().len();
+                &self.version[start..start + short.len()]
+            }
+            Err(_) => &self.version,
+        }
     }
 }
 
