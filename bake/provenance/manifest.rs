@@ -389,10 +389,8 @@ impl Manifest {
             return true;
         }
         // A bare hex prefix of the version, or `name:short` as in the store's index.
-        let hex = self
-            .version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version);
+        let parsed = self.version.parse::<crate::id::Version>().ok();
+        let hex = parsed.as_ref().map_or(self.version.as_str(), |v| v.hex());
         if query.len() >= 6 && query.bytes().all(|b| b.is_ascii_hexdigit()) {
             return hex.starts_with(query);
         }

@@ -172,7 +172,7 @@ pub fn prepare(
         );
         byproducts.push(json!({
             "name": format!("sbom.{}.json", format.name()),
-            "digest": {"sha256": digest_of(&document).trim_start_matches("sha256:")},
+            "digest": {"sha256": crate::id::Digest::of(&document).hex()},
             "mediaType": format.media_type(),
         }));
         sboms.push((

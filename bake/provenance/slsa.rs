@@ -69,7 +69,7 @@ impl Subject {
     fn to_json(&self) -> Value {
         json!({
             "name": self.name,
-            "digest": {"sha256": self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)},
+            "digest": sha256_set(&self.digest),
         })
     }
 }
@@ -111,8 +111,12 @@ pub fn statement(subjects: &[Subject], predicate_type: &str, predicate: Value) -
     })
 }
 
+/// An in-toto digest set: `{"sha256": "<hex>"}`.
 fn sha256_set(digest: &str) -> Value {
-    json!({"sha256": digest.strip_prefix("sha256:").unwrap_or(digest)})
+    let hex = digest
+        .parse::<crate::id::Digest>()
+        .map_or_else(|_| digest.to_owned(), |d| d.hex().to_owned());
+    json!({ "sha256": hex })
 }
 
 /// Every resolved input, as in-toto resource descriptors.
