@@ -92,6 +92,45 @@ pub fn build_local_image(
     out: &Path,
     reporter: &mut dyn BuildReporter,
 ) -> Result<LocalImage, LocalImageError> {
+    build_disk(builder, recipe, plan, out, Checks::Run, reporter)
+}
+
+/// [`build_local_image`] for a version whose OCI image was just built (a recipe with both
+/// outputs): the root is that image's layers, which its build already scanned (`audit`, its
+/// gate's result) and ran the command tests against, so neither runs again. Boot tests still
+/// run: only the disk image can boot.
+pub fn build_local_image_of_built_root(
+    builder: &Builder<'_>,
+    recipe: &Recipe,
+    plan: &Plan,
+    out: &Path,
+    audit: Option<crate::audit::AuditRecord>,
+    reporter: &mut dyn BuildReporter,
+) -> Result<LocalImage, LocalImageError> {
+    build_disk(
+        builder,
+        recipe,
+        plan,
+        out,
+        Checks::Done(audit.map(Box::new)),
+        reporter,
+    )
+}
+
+/// Whether the root still needs its gate and command tests.
+enum Checks {
+    Run,
+    Done(Option<Box<crate::audit::AuditRecord>>),
+}
+
+fn build_disk(
+    builder: &Builder<'_>,
+    recipe: &Recipe,
+    plan: &Plan,
+    out: &Path,
+    checks: Checks,
+    reporter: &mut dyn BuildReporter,
+) -> Result<LocalImage, LocalImageError> {
     let ami = recipe
         .outputs
         .ami
@@ -102,9 +141,11 @@ pub fn build_local_image(
     }
     let root = builder.provision_root(recipe, plan, reporter)?;
     // The compliance gate scans the provisioned root before any disk image exists.
-    let audit = match &recipe.audit {
-        Some(audit) => Some(builder.audit(root.path(), audit, reporter)?),
-        None => None,
+    let run_checks = matches!(checks, Checks::Run);
+    let audit = match (checks, &recipe.audit) {
+        (Checks::Done(audit), _) => audit.map(|a| *a),
+        (Checks::Run, Some(audit)) => Some(builder.audit(root.path(), audit, reporter)?),
+        (Checks::Run, None) => None,
     };
     let spec = DiskSpec::for_recipe(ami, &plan.version, builder.options.source_date_epoch);
     reporter.message(&format!(
@@ -121,7 +162,7 @@ pub fn build_local_image(
         let _ = fs_err::remove_file(out);
     };
     // Command tests may leave files in the root: they run after the image is made.
-    if let Err(e) = builder.run_command_tests(recipe, plan, root.path(), reporter) {
+    if run_checks && let Err(e) = builder.run_command_tests(recipe, plan, root.path(), reporter) {
         remove_image();
         return Err(e.into());
     }

@@ -74,29 +74,6 @@ pub struct AmiRecord {
     pub regions: Vec<RegionImage>,
 }
 
-/// Bumped when [`SnapshotAmiBuildRecord`]'s shape changes.
-pub const SNAPSHOT_RECORD_FORMAT: &str = "bake.ami-snapshot-record/v1";
-
-/// The store's record (`records/<hex>.json`) of a snapshot-strategy AMI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotAmiBuildRecord {
-    pub format: String,
-    pub name: String,
-    pub version: String,
-    pub recipe: String,
-    pub bake_version: String,
-    /// The plan's inputs: exactly what the version is the digest of.
-    pub inputs: serde_json::Value,
-    pub ami: AmiRecord,
-    /// The compliance gate's result, when the recipe has an `audit:` section.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audit: Option<crate::audit::AuditRecord>,
-    /// The recipe's boot tests that the disk image passed before it was uploaded.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub boots: Vec<boot::BootReport>,
-    pub duration_ms: u64,
-}
-
 /// Renders an AWS SDK error with its code and message (the SDK's own `Display` says only
 /// "service error").
 pub fn sdk_error<E>(error: &SdkError<E, HttpResponse>) -> String

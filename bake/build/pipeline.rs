@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::bases::{self, BaseError};
 use super::compress::{BlobWriter, CompressError};
@@ -27,27 +27,27 @@ use super::runner::{Runner, RunnerError, StepOutput, StepSpec};
 use super::snapshot::{Changes, EntryKind, Excludes, Snapshot, SnapshotError, diff, snapshot};
 use super::unpack::{UnpackError, unpack_layer};
 use crate::artifact::oci::{self, HistoryEntry, ImageBlobs, ImageSettings, LayerRef};
+use crate::id::{Digest, Version};
 use crate::plan::Plan;
 use crate::plan::hash::canonical_digest;
 use crate::recipe::template::{Context, Renderer, Secrets};
 use crate::recipe::{Base, Compression, Recipe, RecipeError, Script, Step, Test};
-use crate::store::{ANNOTATION_RECIPE, ANNOTATION_VERSION, Store, StoreError};
+use crate::store::{
+    ANNOTATION_RECIPE, ANNOTATION_VERSION, Artifact, BuildRecord, OciImage, Store, StoreError,
+};
 
 /// Bumped when what a cached layer means changes (tar format, whiteout rules), so old cache
 /// entries are not reused.
 const LAYER_CACHE_FORMAT: &str = "bake.layer-cache/v1";
 
-/// Bumped when the build record's shape changes.
-pub const RECORD_FORMAT: &str = "bake.record/v1";
-
 /// What a build produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BuildOutput {
     pub name: String,
-    pub version: String,
+    pub version: Version,
     /// The manifest digest.
-    pub image_digest: String,
-    pub config_digest: String,
+    pub image_digest: Digest,
+    pub config_digest: Digest,
     pub manifest_size: u64,
     pub layers: Vec<LayerRef>,
     /// The version was already in the store: nothing ran.
@@ -65,38 +65,28 @@ pub struct StepReport {
     pub duration_ms: u64,
 }
 
-/// The record of a version in the store: what went in, what came out, how long it took.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BuildRecord {
-    pub format: String,
-    pub name: String,
-    pub version: String,
-    pub recipe: String,
-    pub bake_version: String,
-    /// The plan's inputs: exactly what the version is the digest of.
-    pub inputs: Value,
-    pub source_date_epoch: u64,
-    /// What determines the compressed bytes (and so the layer digests).
-    pub compressor: String,
-    pub output: BuildOutput,
-    pub started: String,
-    pub duration_ms: u64,
-    /// The compliance gate's result, when the recipe has an `audit:` section.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audit: Option<crate::audit::AuditRecord>,
-}
-
 /// The recorded image of `version`, if the store holds a complete build of it (the record and
 /// every blob it names): then building it again runs nothing.
 pub fn built_image(store: &Store, version: &str) -> Result<Option<BuildOutput>, StoreError> {
-    Ok(store
-        .record::<BuildRecord>(version)?
-        .map(|record| record.output)
-        .filter(|output| {
-            store.has_blob(&output.image_digest)
-                && store.has_blob(&output.config_digest)
-                && output.layers.iter().all(|l| store.has_blob(&l.digest))
-        }))
+    let Some(record) = store.record(version)? else {
+        return Ok(None);
+    };
+    let Some(image) = record.image() else {
+        return Ok(None);
+    };
+    let complete = store.has_blob(&image.image_digest.to_string())
+        && store.has_blob(&image.config_digest.to_string())
+        && image.layers.iter().all(|l| store.has_blob(&l.digest));
+    Ok(complete.then(|| BuildOutput {
+        name: record.name.clone(),
+        version: record.version.clone(),
+        image_digest: image.image_digest.clone(),
+        config_digest: image.config_digest.clone(),
+        manifest_size: image.manifest_size,
+        layers: image.layers.clone(),
+        cached: false,
+        steps: image.steps.clone(),
+    }))
 }
 
 /// Settings of one build.
@@ -379,7 +369,7 @@ impl Builder<'_> {
 
         let settings = image_settings(recipe, oci_output, plan, &renderer)?;
         let annotations = BTreeMap::from([
-            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (ANNOTATION_VERSION.to_owned(), plan.version.to_string()),
             (
                 oci_spec::image::ANNOTATION_TITLE.to_owned(),
                 recipe.name.clone(),
@@ -408,7 +398,7 @@ impl Builder<'_> {
                 oci_spec::image::ANNOTATION_REF_NAME.to_owned(),
                 format!("{}:{}", recipe.name, plan.version_short()),
             ),
-            (ANNOTATION_VERSION.to_owned(), plan.version.clone()),
+            (ANNOTATION_VERSION.to_owned(), plan.version.to_string()),
             (ANNOTATION_RECIPE.to_owned(), recipe.name.clone()),
         ]);
         self.store.add_to_index(oci::descriptor(
@@ -417,35 +407,43 @@ impl Builder<'_> {
             manifest.len() as u64,
             Some(index_annotations),
         )?)?;
+        let parse = |text: String| {
+            text.parse::<Digest>()
+                .map_err(|_| StoreError::BadDigest(text))
+        };
         let output = BuildOutput {
             name: recipe.name.clone(),
             version: plan.version.clone(),
-            image_digest: manifest_digest,
-            config_digest,
+            image_digest: parse(manifest_digest)?,
+            config_digest: parse(config_digest)?,
             manifest_size: manifest.len() as u64,
             layers,
             cached: false,
             steps: reports,
         };
-        let record = BuildRecord {
-            format: RECORD_FORMAT.into(),
-            name: recipe.name.clone(),
-            version: plan.version.clone(),
-            recipe: plan.recipe.clone(),
-            bake_version: env!("CARGO_PKG_VERSION").into(),
-            inputs: plan.inputs.clone(),
-            source_date_epoch: self.options.source_date_epoch,
+        let image = OciImage {
+            image_digest: output.image_digest.clone(),
+            config_digest: output.config_digest.clone(),
+            manifest_size: output.manifest_size,
+            layers: output.layers.clone(),
+            steps: output.steps.clone(),
             compressor: if compressor.is_empty() {
                 describe_compression(compression)
             } else {
                 compressor
             },
-            output: output.clone(),
-            started: humantime::format_rfc3339_seconds(started).to_string(),
-            duration_ms: clock.elapsed().as_millis() as u64,
-            audit,
         };
-        self.store.put_record(&plan.version, &record)?;
+        let mut record = BuildRecord::new(
+            &recipe.name,
+            &plan.version,
+            &plan.recipe,
+            &plan.inputs,
+            Artifact::OciImage { image },
+        );
+        record.started = humantime::format_rfc3339_seconds(started).to_string();
+        record.duration_ms = clock.elapsed().as_millis() as u64;
+        record.audit = audit;
+        self.store.put_record(&record)?;
         tracing::debug!("build recorded after {:?}", clock.elapsed());
         Ok(output)
     }
@@ -488,15 +486,11 @@ impl Builder<'_> {
         } = self.base(recipe, plan, reporter)?;
 
         // Which steps are cached, given everything before them.
-        let variables = plan
-            .inputs
-            .pointer("/recipe/variables")
-            .cloned()
-            .unwrap_or(Value::Null);
-        let files = plan.inputs.get("files").cloned().unwrap_or(Value::Null);
+        let variables = &plan.inputs.recipe.variables;
+        let files = &plan.inputs.files;
         let mut key = canonical_digest(&json!({
             "format": LAYER_CACHE_FORMAT,
-            "base": plan.inputs.get("base"),
+            "base": plan.inputs.base,
             "compression": compression,
             "source_date_epoch": self.options.source_date_epoch,
         }));
@@ -525,7 +519,7 @@ impl Builder<'_> {
                 "parent": key,
                 "step": step_json,
                 "variables": variables,
-                "files": step_files(&files, provisioner),
+                "files": step_files(files, provisioner),
             }));
             let step_clock = Instant::now();
             if !squash
@@ -707,7 +701,7 @@ impl Builder<'_> {
             recipe: recipe.name.clone(),
             source,
         };
-        let identity = plan.inputs.get("base").cloned().unwrap_or(Value::Null);
+        let identity = &plan.inputs.base;
         let key = canonical_digest(&json!({
             "format": LAYER_CACHE_FORMAT,
             "base": identity,
@@ -718,9 +712,10 @@ impl Builder<'_> {
             Base::Scratch => Ok(BaseLayers::default()),
             Base::OciLayout { .. } | Base::Image { .. } => {
                 let digest = identity
-                    .get("digest")
-                    .and_then(Value::as_str)
+                    .digest()
+                    .map(ToString::to_string)
                     .unwrap_or_default();
+                let digest = digest.as_str();
                 // A registry base was pulled into the store (which is an OCI layout) before
                 // the build: `bake build` pulls it, and the plan pinned its digest.
                 let path = match &recipe.base {
@@ -794,11 +789,12 @@ impl Builder<'_> {
                 )
             }
             Base::Bootstrap(bootstrap) => {
-                let arch = identity
-                    .get("architecture")
-                    .and_then(Value::as_str)
-                    .unwrap_or("amd64")
-                    .to_owned();
+                let arch = match identity {
+                    crate::plan::BaseIdentity::Bootstrap { architecture, .. } => {
+                        architecture.clone()
+                    }
+                    _ => "amd64".to_owned(),
+                };
                 let created_by = format!(
                     "bake: mmdebstrap --variant={} {} ({} packages)",
                     bootstrap.variant,
@@ -1539,7 +1535,10 @@ pub fn gate(
 }
 
 /// The inputs of one step, from the plan's file list.
-fn step_files(files: &Value, provisioner: &crate::recipe::Provisioner) -> Value {
+fn step_files<'f>(
+    files: &'f [crate::plan::hash::FileInput],
+    provisioner: &crate::recipe::Provisioner,
+) -> Vec<&'f crate::plan::hash::FileInput> {
     let prefix = match &provisioner.step {
         Step::File(f) => Some(f.relative_source.clone()),
         Step::Shell(s) => match &s.script {
@@ -1549,25 +1548,16 @@ fn step_files(files: &Value, provisioner: &crate::recipe::Provisioner) -> Value 
         Step::Hardening(_) => None,
     };
     let Some(prefix) = prefix else {
-        return Value::Array(Vec::new());
+        return Vec::new();
     };
     let prefix = prefix
         .trim_start_matches("./")
         .trim_end_matches('/')
         .to_owned();
-    Value::Array(
-        files
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|f| {
-                f.get("path")
-                    .and_then(Value::as_str)
-                    .is_some_and(|p| p == prefix || p.starts_with(&format!("{prefix}/")))
-            })
-            .cloned()
-            .collect(),
-    )
+    files
+        .iter()
+        .filter(|f| f.path == prefix || f.path.starts_with(&format!("{prefix}/")))
+        .collect()
 }
 
 fn describe_compression(compression: Compression) -> String {

@@ -16,21 +16,22 @@ use serde::Serialize;
 
 use super::{VarArgs, print_json, print_reports};
 use crate::ami::cleanup::{Action, Removal, rollback};
-use crate::ami::disk_build::build_local_image;
+use crate::ami::disk_build::{build_local_image, build_local_image_of_built_root};
 use crate::ami::journal::{Journal, ResourceKind};
 use crate::ami::publish::{
     PublishFailed, PublishOptions, existing_image, preflight, publish_snapshot_ami,
 };
 use crate::ami::upload::{SnapshotRequest, SnapshotUploader, min_volume_gib};
-use crate::ami::{AmiRecord, AmiSpec, SNAPSHOT_RECORD_FORMAT, SnapshotAmiBuildRecord, TAG_RUN};
+use crate::ami::{AmiRecord, AmiSpec, TAG_RUN};
 use crate::aws::Aws;
 use crate::build::pipeline::{BuildOptions, Builder};
 use crate::build::runner::NamespaceRunner;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
+use crate::plan::Plan;
 use crate::recipe::Recipe;
 use crate::settings::{OutputFormat, Settings};
-use crate::store::Store;
+use crate::store::{Artifact, BuildRecord, DiskAmi, OciImage, Store};
 
 #[derive(Debug, Args)]
 pub struct AmiArgs {
@@ -240,11 +241,10 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
-    let plan =
-        match super::plan::plan_or_report(&recipe, &shown, &settings.plan_options(), settings) {
-            Ok(plan) => plan,
-            Err(status) => return status,
-        };
+    let plan = match super::plan::plan_or_report(&recipe, &shown, settings) {
+        Ok(plan) => plan,
+        Err(status) => return status,
+    };
     let spec = match AmiSpec::from_recipe(&recipe, &plan.version) {
         Ok(Some(spec)) => spec,
         Ok(None) => {
@@ -289,7 +289,13 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         options.snapshot_wait.interval = interval;
         options.distribute.wait.interval = interval;
     }
-    let started = std::time::Instant::now();
+    let started = std::time::SystemTime::now();
+    // An image the store already has of this version stays in its record.
+    let image = store
+        .record(&plan.version)
+        .ok()
+        .flatten()
+        .and_then(|r| r.image().cloned());
     let result = publish_snapshot_ami(
         &aws,
         &store,
@@ -300,32 +306,61 @@ async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>
         interrupted(),
     )
     .await;
-    let result = result.map(|ami| SnapshotAmiBuildRecord {
-        format: SNAPSHOT_RECORD_FORMAT.to_owned(),
-        name: plan.name.clone(),
-        version: plan.version.clone(),
-        recipe: plan.recipe.clone(),
-        bake_version: plan.bake_version.to_owned(),
-        inputs: plan.inputs.clone(),
-        ami,
-        audit: None,
-        boots: Vec::new(),
-        duration_ms: started.elapsed().as_millis() as u64,
+    let result = result.map(|ami| {
+        let record = disk_ami_record(&plan, image, &ami, Vec::new(), None, started);
+        (record, ami)
     });
     finish_publish(settings, &store, result)
+}
+
+/// The build record of a version whose AMIs were registered from a disk image (with its OCI
+/// image, when the same build made one).
+fn disk_ami_record(
+    plan: &Plan,
+    image: Option<OciImage>,
+    ami: &AmiRecord,
+    boots: Vec<crate::ami::boot::BootReport>,
+    audit: Option<crate::audit::AuditRecord>,
+    started: std::time::SystemTime,
+) -> BuildRecord {
+    let ami = DiskAmi {
+        // The publish step computed it over the bytes it uploaded.
+        disk_image_digest: ami
+            .disk_image_digest
+            .as_deref()
+            .and_then(|d| d.parse().ok()),
+        regions: ami.regions.clone(),
+        boots,
+    };
+    let artifact = match image {
+        Some(image) => Artifact::OciImageAndDiskAmi { image, ami },
+        None => Artifact::DiskAmi { ami },
+    };
+    let mut record = BuildRecord::new(
+        &plan.name,
+        &plan.version,
+        &plan.recipe,
+        &plan.inputs,
+        artifact,
+    );
+    record.started = humantime::format_rfc3339_seconds(started).to_string();
+    record.duration_ms = started
+        .elapsed()
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    record.audit = audit;
+    record
 }
 
 fn finish_publish(
     settings: &Settings,
     store: &Store,
-    result: Result<SnapshotAmiBuildRecord, PublishFailed>,
+    result: Result<(BuildRecord, AmiRecord), PublishFailed>,
 ) -> ExitStatus {
     match result {
-        Ok(full) => {
-            if let Err(e) = store.put_record(&full.version, &full) {
+        Ok((full, record)) => {
+            if let Err(e) = store.put_record(&full) {
                 tracing::warn!("failed to write the build record: {e}");
             }
-            let record = full.ami;
             match settings.output {
                 OutputFormat::Json => print_json(&record),
                 OutputFormat::Human => print_ami_record(&record),
@@ -395,6 +430,9 @@ fn print_removals(settings: &Settings, removals: &[Removal], kept: bool) {
 struct AmiBuildOutput<'a> {
     name: &'a str,
     version: &'a str,
+    /// The OCI image the same build made, for a recipe with `outputs.oci` too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_digest: Option<&'a crate::id::Digest>,
     #[serde(flatten)]
     ami: &'a AmiRecord,
     /// The version's AMI existed already: no disk image was made, nothing was uploaded.
@@ -434,8 +472,7 @@ pub fn run_snapshot_build(
             return ExitStatus::Infrastructure;
         }
     };
-    let plan = match super::plan::plan_or_report(recipe, shown, &settings.plan_options(), settings)
-    {
+    let plan = match super::plan::plan_or_report(recipe, shown, settings) {
         Ok(plan) => plan,
         Err(status) => return status,
     };
@@ -482,15 +519,21 @@ pub fn run_snapshot_build(
             };
         }
     };
-    let started = std::time::Instant::now();
+    let started = std::time::SystemTime::now();
     let quiet = settings.verbosity == crate::settings::Verbosity::Quiet;
     let mut reporter = super::build::CliReporter { quiet };
+    // What an earlier run of this version recorded, read before this run writes anything.
+    let previous = store.record(&plan.version).ok().flatten();
     // Holds the disk image until the upload is done.
     let mut work_dir = None;
     let mut disk: Option<(PathBuf, String)> = None;
     let mut audit = None;
     let mut boots = Vec::new();
-    if existing.is_none() {
+    let mut image: Option<OciImage> = None;
+    // The image build's gate result, for the disk image of the same root.
+    let mut image_audit = None;
+    let wants_image = recipe.outputs.oci.is_some();
+    if existing.is_none() || wants_image {
         let runner = match NamespaceRunner::new() {
             Ok(runner) => runner,
             Err(e) => {
@@ -508,51 +551,89 @@ pub fn run_snapshot_build(
                 boot_accelerator: settings.boot_accelerator,
             },
         };
-        let dir = match store.work_dir("disk") {
-            Ok(dir) => dir,
-            Err(e) => {
-                report(&e);
-                return ExitStatus::Infrastructure;
+        let exit = |e: &crate::build::pipeline::BuildError| {
+            if e.is_interrupted() || cancel.load(Ordering::SeqCst) {
+                ExitStatus::Interrupted
+            } else if e.is_recipe_failure() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
             }
         };
-        let local = match build_local_image(
-            &builder,
-            recipe,
-            &plan,
-            &dir.path().join("disk.raw"),
-            &mut reporter,
-        ) {
-            Ok(local) => local,
-            Err(e) => {
-                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-                return if e.is_interrupted() || cancel.load(Ordering::SeqCst) {
-                    ExitStatus::Interrupted
-                } else if e.is_recipe_failure() {
-                    ExitStatus::RecipeOrUsage
-                } else {
-                    ExitStatus::Infrastructure
-                };
+        // With `outputs.oci` too, the image comes first: its steps fill the layer cache, so the
+        // disk image's root below is those same layers unpacked (no step runs twice), and both
+        // artifacts are the one provisioned root under this one version.
+        if wants_image {
+            match builder.build(recipe, &plan, &mut reporter) {
+                Ok(_) => {
+                    let record = store.record(&plan.version).ok().flatten();
+                    image = record.as_ref().and_then(|r| r.image().cloned());
+                    image_audit = record.and_then(|r| r.audit);
+                }
+                Err(e) => {
+                    print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                    return exit(&e);
+                }
             }
-        };
-        let image = local.image;
-        audit = local.audit;
-        boots = local.boots;
-        disk = Some((image.path.clone(), image.digest.clone()));
-        work_dir = Some(dir);
+        }
+        if existing.is_none() {
+            let dir = match store.work_dir("disk") {
+                Ok(dir) => dir,
+                Err(e) => {
+                    report(&e);
+                    return ExitStatus::Infrastructure;
+                }
+            };
+            let out = dir.path().join("disk.raw");
+            let built = if image.is_some() {
+                build_local_image_of_built_root(
+                    &builder,
+                    recipe,
+                    &plan,
+                    &out,
+                    image_audit.clone(),
+                    &mut reporter,
+                )
+            } else {
+                build_local_image(&builder, recipe, &plan, &out, &mut reporter)
+            };
+            let local = match built {
+                Ok(local) => local,
+                Err(e) => {
+                    print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                    return if e.is_interrupted() || cancel.load(Ordering::SeqCst) {
+                        ExitStatus::Interrupted
+                    } else if e.is_recipe_failure() {
+                        ExitStatus::RecipeOrUsage
+                    } else {
+                        ExitStatus::Infrastructure
+                    };
+                }
+            };
+            let local_image = local.image;
+            audit = local.audit;
+            boots = local.boots;
+            disk = Some((local_image.path.clone(), local_image.digest.clone()));
+            work_dir = Some(dir);
+        }
     }
-    let previous: Option<SnapshotAmiBuildRecord> = store.record(&plan.version).ok().flatten();
+    // The image's gate scanned the same root the AMI is made of.
+    audit = audit.or(image_audit);
+    let previous_ami = previous.as_ref().and_then(BuildRecord::disk_ami);
     let digest = disk.as_ref().map(|(_, digest)| digest.clone()).or_else(|| {
-        previous
-            .as_ref()
-            .and_then(|r| r.ami.disk_image_digest.clone())
+        previous_ami
+            .and_then(|a| a.disk_image_digest.as_ref())
+            .map(ToString::to_string)
     });
     // A rebuild that reuses the AMI ran no gate and no boot: the record keeps the first run's.
     if existing.is_some()
-        && let Some(previous) = previous
+        && let Some(previous) = &previous
     {
-        audit = audit.or(previous.audit);
-        if boots.is_empty() {
-            boots = previous.boots;
+        audit = audit.or_else(|| previous.audit.clone());
+        if boots.is_empty()
+            && let Some(ami) = previous_ami
+        {
+            boots = ami.boots.clone();
         }
     }
     let mut options = PublishOptions::default();
@@ -571,21 +652,13 @@ pub fn run_snapshot_build(
     ));
     drop(work_dir);
     let cached = existing.is_some();
-    let result = result.map(|ami| SnapshotAmiBuildRecord {
-        format: SNAPSHOT_RECORD_FORMAT.to_owned(),
-        name: plan.name.clone(),
-        version: plan.version.clone(),
-        recipe: plan.recipe.clone(),
-        bake_version: plan.bake_version.to_owned(),
-        inputs: plan.inputs.clone(),
-        ami,
-        audit,
-        boots,
-        duration_ms: started.elapsed().as_millis() as u64,
+    let result = result.map(|ami| {
+        let record = disk_ami_record(&plan, image, &ami, boots, audit, started);
+        (record, ami)
     });
     match result {
-        Ok(record) => {
-            if let Err(e) = store.put_record(&record.version, &record) {
+        Ok((record, ami)) => {
+            if let Err(e) = store.put_record(&record) {
                 tracing::warn!("failed to write the build record: {e}");
             }
             // Signed provenance for the AMIs, unless every one of them already has it.
@@ -622,18 +695,22 @@ pub fn run_snapshot_build(
                 OutputFormat::Json => print_json(&AmiBuildOutput {
                     name: &record.name,
                     version: &record.version,
-                    ami: &record.ami,
+                    image_digest: record.image().map(|i| &i.image_digest),
+                    ami: &ami,
                     cached,
                     provenance: provenance.as_deref(),
-                    boots: &record.boots,
+                    boots: record.disk_ami().map_or(&[], |a| a.boots.as_slice()),
                 }),
                 OutputFormat::Human => {
                     println!("version  {}", record.version);
-                    print_ami_record(&record.ami);
+                    if let Some(image) = record.image() {
+                        println!("image    {}", image.image_digest);
+                    }
+                    print_ami_record(&ami);
                     if let Some(digest) = &provenance {
                         println!("provenance {digest}");
                     }
-                    for boot in &record.boots {
+                    for boot in record.disk_ami().map_or(&[][..], |a| a.boots.as_slice()) {
                         println!(
                             "booted   to `{}` in {:.1} s ({})",
                             boot.marker,

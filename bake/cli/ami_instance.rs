@@ -175,10 +175,11 @@ pub fn run_build(
         };
         let mut plan_options = settings.plan_options();
         plan_options.source_ami = Some(source.clone());
-        let plan = match super::plan::plan_or_report(recipe, shown, &plan_options, settings) {
-            Ok(plan) => plan,
-            Err(status) => return status,
-        };
+        let plan =
+            match super::plan::plan_resolved_or_report(recipe, shown, &plan_options, settings) {
+                Ok(plan) => plan,
+                Err(status) => return status,
+            };
         let ec2 = aws.ec2(&source.region);
         let builder = InstanceBuilder {
             aws: &aws,
@@ -188,6 +189,10 @@ pub fn run_build(
         };
         match builder.build(recipe, &plan, &source, &mut reporter).await {
             Ok(output) => {
+                // The version's index, so `manifest show ami-…` finds it before any publish.
+                if let Err(e) = crate::provenance::manifest::ensure(&store, &plan.version) {
+                    tracing::warn!("failed to write the manifest: {e}");
+                }
                 match settings.output {
                     OutputFormat::Json => print_json(&output),
                     OutputFormat::Human => {

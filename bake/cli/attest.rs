@@ -171,9 +171,12 @@ fn signer(
 /// with the envelope's digest, the envelope kept in the store and optionally in SSM).
 #[derive(Debug, clap::Args)]
 pub struct AttestCommandArgs {
-    /// A version (or prefix), `name:short-version`, an image digest or an AMI id.
-    #[arg(value_name = "VERSION|REF")]
+    /// A recipe file (its current version), a version (or prefix), `name:short-version`, an
+    /// image digest or an AMI id.
+    #[arg(value_name = "RECIPE|VERSION|REF")]
     pub what: String,
+    #[command(flatten)]
+    pub vars: super::VarArgs,
     /// Also keep an AMI's provenance envelope in this SSM parameter (in each AMI's region).
     #[arg(long, value_name = "NAME")]
     pub ssm_parameter: Option<String>,
@@ -191,19 +194,26 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
         Ok(store) => store,
         Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
     };
-    // The version: from a manifest, else the argument itself.
-    let version = match manifest::find(&store, &args.what) {
-        Ok(found) => found.version,
-        Err(_) if args.what.starts_with("sha256:") && args.what.len() == 71 => args.what.clone(),
-        Err(e) => {
-            return fail(
-                Report::from_error(&e).with_hint(e.hint()),
-                ExitStatus::RecipeOrUsage,
-            );
+    // The version: a recipe's current one, from a manifest, from a record, else the argument.
+    let version = if std::path::Path::new(&args.what).is_file() {
+        match super::export::find_record(&store, &args.what, &args.vars, settings) {
+            Ok(record) => record.version.to_string(),
+            Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
+        }
+    } else {
+        match manifest::find(&store, &args.what) {
+            Ok(found) => found.version,
+            Err(_) if args.what.parse::<crate::id::Version>().is_ok() => args.what.clone(),
+            Err(e) => {
+                return fail(
+                    Report::from_error(&e).with_hint(e.hint()),
+                    ExitStatus::RecipeOrUsage,
+                );
+            }
         }
     };
-    let raw: serde_json::Value = match store.record(&version) {
-        Ok(Some(raw)) => raw,
+    let record = match store.record(&version) {
+        Ok(Some(record)) => record,
         Ok(None) => {
             return fail(
                 Report::new(format!("version {version} has no record in the store")),
@@ -212,7 +222,8 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
         }
         Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
     };
-    let manifest = if raw.get("ami").is_some() {
+    // AMIs are attested as AMIs (tagged, kept in SSM); an image-only version by its image.
+    let manifest = if !record.amis().is_empty() {
         let runtime = match super::runtime() {
             Ok(runtime) => runtime,
             Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),

@@ -57,7 +57,17 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
                 return ExitStatus::RecipeOrUsage;
             }
         };
-        match unpack(&store, &record.output.layers) {
+        let Some(image) = record.image() else {
+            print_reports(
+                settings,
+                &[Report::new(format!(
+                    "version {} of `{}` has no OCI image to scan: it was built as an AMI",
+                    record.version, record.name
+                ))],
+            );
+            return ExitStatus::RecipeOrUsage;
+        };
+        match unpack(&store, &image.layers) {
             Ok(dir) => {
                 let root = dir.path().join("rootfs");
                 _unpacked = Some(dir);

@@ -69,14 +69,14 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let plan =
-        match super::plan::plan_or_report(&recipe, &shown, &settings.plan_options(), settings) {
-            Ok(plan) => plan,
-            Err(status) => return status,
-        };
+    let plan = match super::plan::plan_or_report(&recipe, &shown, settings) {
+        Ok(plan) => plan,
+        Err(status) => return status,
+    };
     if let recipe::Base::Image { reference } = &recipe.base
-        && let Some(digest) = plan.inputs.pointer("/base/digest").and_then(|d| d.as_str())
+        && let Some(digest) = plan.inputs.base.digest()
     {
+        let digest = &digest.to_string();
         let architecture = recipe
             .outputs
             .oci

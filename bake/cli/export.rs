@@ -7,10 +7,10 @@ use clap::Args;
 
 use super::{VarArgs, print_json, print_reports};
 use crate::artifact::export;
-use crate::build::pipeline::BuildRecord;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::settings::Settings;
+use crate::store::BuildRecord;
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -51,12 +51,26 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
     };
-    let short = record.version.trim_start_matches("sha256:")[..12].to_owned();
+    let short = record.version.short().to_owned();
     let tag = args
         .tag
         .clone()
         .unwrap_or_else(|| format!("bake/{}:{short}", record.name));
-    let digest = &record.output.image_digest;
+    let Some(image) = record.image() else {
+        print_reports(
+            settings,
+            &[Report::new(format!(
+                "version {} of `{}` has no OCI image: it was built as an AMI",
+                record.version, record.name
+            ))
+            .with_hint(Some(
+                "export writes images; give the recipe `outputs.oci` to build one".into(),
+            ))],
+        );
+        return ExitStatus::RecipeOrUsage;
+    };
+    let digest_text = image.image_digest.to_string();
+    let digest = &digest_text;
     let mut written = serde_json::Map::new();
     if let Some(dir) = &args.oci_layout {
         let ref_name = tag.rsplit(':').next().unwrap_or(&short).to_owned();
@@ -127,10 +141,9 @@ pub(super) fn find_record(
                     .unwrap_or_else(|| Report::new("invalid recipe")),
             )
         })?;
-        let plan = crate::plan::plan(&recipe, what, &settings.plan_options())
-            .map_err(|e| Box::new(Report::from_error(&e).with_hint(e.hint())))?;
+        let plan = super::plan::plan_one_report(&recipe, what, settings)?;
         return store
-            .record::<BuildRecord>(&plan.version)
+            .record(&plan.version)
             .map_err(|e| Box::new(Report::from_error(&e)))?
             .ok_or_else(|| not_built(&plan.version));
     }
@@ -142,29 +155,14 @@ pub(super) fn find_record(
             ),
         ));
     }
-    let records = store.root().join("records");
-    let mut matches: Vec<PathBuf> = fs_err::read_dir(&records)
-        .map_err(|e| Box::new(Report::from_error(&e)))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(hex))
-        })
-        .collect();
+    let mut matches = crate::store::record::versions_with_prefix(store, hex)
+        .map_err(|e| Box::new(Report::from_error(&e)))?;
     match matches.len() {
         0 => Err(not_built(what)),
         1 => {
-            let name = matches.remove(0);
-            let version = format!(
-                "sha256:{}",
-                name.file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-            );
+            let version = matches.remove(0);
             store
-                .record::<BuildRecord>(&version)
+                .record(&version)
                 .map_err(|e| Box::new(Report::from_error(&e)))?
                 .ok_or_else(|| not_built(&version))
         }

@@ -107,7 +107,12 @@ pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
                         ..
                     } => format!("SSM parameter {name} version {version} ({region})"),
                     Publication::EcsTaskDefinition { arn, .. } => format!("task definition {arn}"),
-                    Publication::Channel { channel, .. } => format!("channel {channel}"),
+                    Publication::Channel {
+                        channel,
+                        action,
+                        at,
+                        ..
+                    } => format!("channel {channel} ({action} at {at})"),
                     Publication::Attestation { reference, .. } => {
                         format!("attestation {reference}")
                     }

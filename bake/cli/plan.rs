@@ -41,16 +41,7 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
-    // A source AMI is looked up in AWS, so its id enters the version.
-    let options = match super::ami_instance::plan_options(&recipe, settings) {
-        Ok(options) => options,
-        Err((report, status)) => {
-            print_reports(settings, &[report]);
-            return status;
-        }
-    };
-    let planned = plan::plan(&recipe, &shown, &options);
-    let planned = planned.map(|plan| {
+    let planned = plan_recipe(&recipe, &shown, settings).map(|plan| {
         let states = effect_states(&recipe, &plan, args.check || args.publish, settings);
         (plan, states)
     });
@@ -89,15 +80,46 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
             }
             ExitStatus::Success
         }
-        Err(error) => {
-            print_reports(settings, &plan_reports(&error));
-            if error.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            }
+        Err((reports, status)) => {
+            print_reports(settings, &reports);
+            status
         }
     }
+}
+
+/// Plans `recipe` the one way every command does: an `ami` base is first resolved in AWS (so
+/// its exact id enters the version), then the plan is made with the settings' options. The
+/// error is the reports to print and the exit status to end with.
+pub(super) fn plan_recipe(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<Plan, (Vec<Report>, ExitStatus)> {
+    let options = super::ami_instance::plan_options(recipe, settings)
+        .map_err(|(report, status)| (vec![report], status))?;
+    plan::plan(recipe, shown, &options).map_err(|error| {
+        let status = if error.is_user_error() {
+            ExitStatus::RecipeOrUsage
+        } else {
+            ExitStatus::Infrastructure
+        };
+        (plan_reports(&error), status)
+    })
+}
+
+/// [`plan_recipe`] for callers that report one error.
+pub(super) fn plan_one_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<Plan, Box<Report>> {
+    plan_recipe(recipe, shown, settings).map_err(|(mut reports, _)| {
+        Box::new(if reports.is_empty() {
+            Report::new(format!("failed to plan `{shown}`"))
+        } else {
+            reports.remove(0)
+        })
+    })
 }
 
 /// Loads the recipe at `path` with the command line's variables, or prints every error in it
@@ -113,8 +135,22 @@ pub(super) fn load_or_report(
     })
 }
 
-/// Plans `recipe`, or prints why it cannot be planned and returns the exit status to end with.
+/// Plans `recipe` ([`plan_recipe`]), or prints why it cannot be planned and returns the exit
+/// status to end with.
 pub(super) fn plan_or_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<crate::plan::Plan, ExitStatus> {
+    plan_recipe(recipe, shown, settings).map_err(|(reports, status)| {
+        print_reports(settings, &reports);
+        status
+    })
+}
+
+/// Plans `recipe` with options whose source AMI the caller already resolved (through
+/// [`super::ami_instance::resolve_source`], as [`plan_recipe`] does), or prints why not.
+pub(super) fn plan_resolved_or_report(
     recipe: &crate::recipe::Recipe,
     shown: &str,
     options: &crate::plan::PlanOptions,
@@ -235,34 +271,29 @@ fn print_human(plan: &Plan, states: &[EffectState]) {
     println!("version  {}", plan.version);
     println!();
     println!("inputs:");
-    if let Some(base) = plan.inputs.get("base") {
-        println!("  base       {}", compact(base));
-    }
-    if let Some(vars) = plan
-        .inputs
-        .pointer("/recipe/variables")
-        .and_then(|v| v.as_object())
-        && !vars.is_empty()
-    {
+    let base = serde_json::to_value(&plan.inputs.base).expect("base identities serialize");
+    println!("  base       {}", compact(&base));
+    let vars = &plan.inputs.recipe.variables;
+    if !vars.is_empty() {
         let shown: Vec<String> = vars
             .iter()
-            .map(|(name, v)| match v.get("value") {
-                Some(value) if !value.is_null() => format!("{name}={}", scalar(value)),
-                _ => format!("{name} (unset)"),
+            .map(|(name, v)| {
+                if v.value.is_null() {
+                    format!("{name} (unset)")
+                } else {
+                    format!("{name}={}", scalar(&v.value))
+                }
             })
             .collect();
         println!("  variables  {}", shown.join(", "));
     }
-    if let Some(files) = plan.inputs.get("files").and_then(|f| f.as_array()) {
-        for file in files {
-            let path = file.get("path").and_then(|p| p.as_str()).unwrap_or("");
-            let detail = file
-                .get("digest")
-                .or_else(|| file.get("target"))
-                .map(scalar)
-                .unwrap_or_else(|| "directory".into());
-            println!("  file       {path}  {detail}");
-        }
+    for file in &plan.inputs.files {
+        let detail = file
+            .digest
+            .clone()
+            .or_else(|| file.target.clone())
+            .unwrap_or_else(|| "directory".into());
+        println!("  file       {}  {detail}", file.path);
     }
     println!();
     println!("effects:");

@@ -11,7 +11,7 @@ use super::{VarArgs, print_json, print_reports};
 use crate::aws::Aws;
 use crate::diagnostic::{JsonReport, Report};
 use crate::exit::ExitStatus;
-use crate::plan;
+
 use crate::publish::{
     Action, PublishError, PublishInputs, PublishOptions, PublishReport, Publisher,
     RegistryDigestCheck, Status,
@@ -128,8 +128,9 @@ fn digest_check<'a>(
         settings.registry.credentials(),
         Arc::new(EcrCredentials::new(aws.clone())),
     ];
+    let redirected: Vec<String> = options.endpoints.keys().cloned().collect();
     match registry::Client::new(options, Arc::new(ChainCredentials(sources))) {
-        Ok(client) => Ok(RegistryDigestCheck::new(aws, client)),
+        Ok(client) => Ok(RegistryDigestCheck::new(aws, client).with_redirected_hosts(redirected)),
         Err(e) => {
             print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
             Err(ExitStatus::Infrastructure)
@@ -154,10 +155,7 @@ enum Source {
     /// `--inputs FILE`.
     Given(PublishInputs),
     /// The build record of the recipe's current version.
-    Record {
-        version: String,
-        record: serde_json::Value,
-    },
+    Record(Box<crate::store::BuildRecord>),
 }
 
 /// The inputs of the version to publish: the given file, or the build record of the recipe's
@@ -176,10 +174,9 @@ fn source(args: &PublishArgs, recipe: &Recipe, settings: &Settings) -> Result<So
         return Ok(Source::Given(inputs));
     }
     let shown = args.recipe.display().to_string();
-    let plan = plan::plan(recipe, &shown, &settings.plan_options())
-        .map_err(|e| Report::from_error(&e).with_hint(e.hint()))?;
+    let plan = super::plan::plan_one_report(recipe, &shown, settings).map_err(|r| *r)?;
     let store = Store::open(&settings.store).map_err(|e| Report::from_error(&e))?;
-    let record: serde_json::Value = store
+    let record = store
         .record(&plan.version)
         .map_err(|e| Report::from_error(&e))?
         .ok_or_else(|| {
@@ -193,10 +190,7 @@ fn source(args: &PublishArgs, recipe: &Recipe, settings: &Settings) -> Result<So
                 "run `bake build` first, or give the artifacts with --inputs FILE".into(),
             ))
         })?;
-    Ok(Source::Record {
-        version: plan.version,
-        record,
-    })
+    Ok(Source::Record(Box::new(record)))
 }
 
 /// Every repository the recipe pushes to, with its registry host (ECR's needs the account).
@@ -262,12 +256,12 @@ pub(super) fn publish_report(
         };
         let inputs = match source {
             Source::Given(inputs) => inputs,
-            Source::Record { version, record } => {
+            Source::Record(record) => {
                 let repositories = match pushed_repositories(&publisher).await {
                     Ok(repositories) => repositories,
                     Err(e) => return Err(fail(settings, &e)),
                 };
-                match PublishInputs::from_record(&recipe.name, &version, &record, &repositories) {
+                match PublishInputs::from_record(&record, &repositories) {
                     Ok(inputs) => inputs,
                     Err(e) => {
                         print_reports(settings, &[Report::from_error(&e)]);
@@ -276,8 +270,48 @@ pub(super) fn publish_report(
                 }
             }
         };
-        Ok(publisher.publish(&inputs).await)
+        let report = publisher.publish(&inputs).await;
+        record_in_manifest(settings, &recipe.name, &report, Vec::new(), |_| true);
+        Ok(report)
     })
+}
+
+/// Adds what a publish, promote or rollback did to the version's manifest in the store (made
+/// for the occasion when the version was published from `--inputs`), so `bake manifest show`
+/// finds the version from a launch template version, parameter version or task definition.
+/// `extra` goes first (a channel move); `keep` chooses among the report's publications.
+/// Failing to write it is a warning: AWS holds the truth (the release and channel records).
+fn record_in_manifest(
+    settings: &Settings,
+    recipe: &str,
+    report: &PublishReport,
+    extra: Vec<crate::provenance::manifest::Publication>,
+    keep: impl Fn(&crate::provenance::manifest::Publication) -> bool,
+) {
+    if report.dry_run || report.version.is_empty() {
+        return;
+    }
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let by = crate::provenance::registry::operator();
+    let mut publications = extra;
+    publications.extend(report.publications(&at, &by).into_iter().filter(keep));
+    if publications.is_empty() {
+        return;
+    }
+    let written = Store::open(&settings.store)
+        .map_err(|e| e.to_string())
+        .and_then(|store| {
+            crate::provenance::manifest::record_publications_of(
+                &store,
+                recipe,
+                &report.version,
+                publications,
+            )
+            .map_err(|e| e.to_string())
+        });
+    if let Err(e) = written {
+        tracing::warn!("failed to record the publications in the manifest: {e}");
+    }
 }
 
 pub fn run_promote(args: &PromoteArgs, settings: &Settings) -> ExitStatus {
@@ -345,12 +379,37 @@ fn move_channel(
             recipe: &recipe,
             options,
         };
-        let moved = match movement {
-            ChannelMove::Promote { version, channel } => publisher.promote(version, channel).await,
-            ChannelMove::Rollback { channel } => publisher.rollback(channel).await,
+        let (moved, channel, action) = match movement {
+            ChannelMove::Promote { version, channel } => (
+                publisher.promote(version, channel).await,
+                channel,
+                "promote",
+            ),
+            ChannelMove::Rollback { channel } => {
+                (publisher.rollback(channel).await, channel, "rollback")
+            }
         };
         match moved {
-            Ok(report) => show(settings, &report),
+            Ok(report) => {
+                if report.exit_status() == ExitStatus::Success {
+                    let moved = crate::provenance::manifest::Publication::Channel {
+                        channel: channel.to_owned(),
+                        action: action.to_owned(),
+                        at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string(),
+                        by: crate::provenance::registry::operator(),
+                    };
+                    // A move writes parameter versions; its launch template versions and task
+                    // definitions were recorded when the version was published.
+                    record_in_manifest(settings, &recipe.name, &report, vec![moved], |p| {
+                        matches!(
+                            p,
+                            crate::provenance::manifest::Publication::SsmParameter { .. }
+                        )
+                    });
+                }
+                show(settings, &report)
+            }
             Err(e) => fail(settings, &e),
         }
     })

@@ -11,7 +11,6 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{VarArgs, print_json, print_reports};
-use crate::build::pipeline::BuildRecord;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::plan::Effect;
@@ -20,6 +19,7 @@ use crate::registry::ecr::{self, EcrCredentials, EcrEncryption, RepositorySettin
 use crate::registry::push::{PushJob, PushTarget, TargetReport, Transfers, push_job};
 use crate::registry::{BlobOutcome, Client, Progress, Reference, RegistryError};
 use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::store::BuildRecord;
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -95,6 +95,19 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
             }
         };
         insecure.extend(recipe_insecure);
+        if record.image().is_none() {
+            print_reports(
+                settings,
+                &[Report::new(format!(
+                    "version {} of `{}` has no OCI image to push: it was built as an AMI",
+                    record.version, record.name
+                ))
+                .with_hint(Some(
+                    "push sends images; give the recipe `outputs.oci` to build one".into(),
+                ))],
+            );
+            return ExitStatus::RecipeOrUsage;
+        }
         if items
             .iter()
             .any(|i: &Item| i.record.version == record.version)
@@ -124,7 +137,7 @@ pub fn run(args: &PushArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::RecipeOrUsage;
         }
         // Every target gets the version's tag as well as its own.
-        let version_tag = record.version.trim_start_matches("sha256:")[..12].to_owned();
+        let version_tag = record.version.short().to_owned();
         for target in &mut planned {
             let tags = match target {
                 Planned::Registry(t) => &mut t.tags,
@@ -213,7 +226,7 @@ async fn push(
             }
         }
         jobs.push(PushJob {
-            digest: item.record.output.image_digest.clone(),
+            digest: image_digest(&item.record),
             targets,
             companions: crate::provenance::registry::referrer_blobs(store, &item.record.version),
         });
@@ -251,7 +264,7 @@ async fn push(
             Ok(outcome) => outcome,
             Err(e) => {
                 print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-                failures.push((record.version.clone(), e.to_string()));
+                failures.push((record.version.to_string(), e.to_string()));
                 only_user_errors = false;
                 continue;
             }
@@ -292,11 +305,11 @@ async fn push(
             }
         }
         if settings.verbosity > Verbosity::Quiet {
-            eprintln!("{}", summary(&record.output.image_digest, &outcome.pushed));
+            eprintln!("{}", summary(&image_digest(record), &outcome.pushed));
         }
         images.push(json!({
             "version": record.version,
-            "image_digest": record.output.image_digest,
+            "image_digest": image_digest(record),
         }));
         all_pushed.extend(outcome.pushed);
     }
@@ -387,10 +400,9 @@ fn find(
                 .unwrap_or_else(|| Report::new("invalid recipe")),
         )
     })?;
-    let plan = crate::plan::plan(&recipe, what, &settings.plan_options())
-        .map_err(|e| Box::new(Report::from_error(&e).with_hint(e.hint())))?;
+    let plan = super::plan::plan_one_report(&recipe, what, settings)?;
     let record = store
-        .record::<BuildRecord>(&plan.version)
+        .record(&plan.version)
         .map_err(|e| Box::new(Report::from_error(&e)))?
         .ok_or_else(|| {
             Box::new(
@@ -493,7 +505,11 @@ impl Progress for CliProgress {
             .expect("the template is valid")
             .progress_chars("=> "),
         );
-        bar.set_prefix(digest.trim_start_matches("sha256:")[..12].to_owned());
+        bar.set_prefix(
+            digest
+                .parse::<crate::id::Digest>()
+                .map_or_else(|_| digest.to_owned(), |d| d.short().to_owned()),
+        );
         self.bars
             .lock()
             .expect("bars lock")
@@ -529,4 +545,12 @@ impl Progress for CliProgress {
             }
         })
     }
+}
+
+/// The digest of a record's image (every record `push` keeps was checked to have one).
+fn image_digest(record: &BuildRecord) -> String {
+    record
+        .image()
+        .map(|image| image.image_digest.to_string())
+        .unwrap_or_default()
 }

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{Value, json};
-
-use super::PlanError;
+use super::{BaseIdentity, PlanError};
 use crate::recipe::{Base, Recipe};
 use crate::registry::{ManifestInfo, Reference};
 
@@ -31,9 +29,16 @@ pub fn identity(
     cache: &super::hash::DigestCache,
     resolver: Option<&dyn ImageResolver>,
     source_ami: Option<&crate::ami::instance::SourceAmi>,
-) -> Result<Value, PlanError> {
+) -> Result<BaseIdentity, PlanError> {
+    let digest = |text: String| -> Result<crate::id::Digest, PlanError> {
+        text.parse()
+            .map_err(|e: crate::id::BadId| PlanError::Layout {
+                path: recipe.path.clone(),
+                reason: e.to_string(),
+            })
+    };
     Ok(match &recipe.base {
-        Base::Scratch => json!({ "kind": "scratch" }),
+        Base::Scratch => BaseIdentity::Scratch,
         Base::Image { reference } => {
             let parsed: Reference =
                 reference
@@ -59,24 +64,26 @@ pub fn identity(
                     });
                 }
             };
-            json!({
-                "kind": "image",
-                "repository": parsed.name(),
-                "digest": digest,
-            })
+            BaseIdentity::Image {
+                repository: parsed.name().to_owned(),
+                digest: digest
+                    .parse()
+                    .map_err(|e: crate::id::BadId| PlanError::ImageResolve {
+                        reference: reference.clone(),
+                        source: Box::new(e),
+                    })?,
+            }
         }
         Base::OciLayout {
             path,
             tag,
             relative_path,
-        } => {
-            let digest = layout_manifest(path, tag.as_deref(), relative_path)?;
-            json!({ "kind": "oci_layout", "digest": digest })
-        }
-        Base::Rootfs { path, .. } => json!({
-            "kind": "rootfs",
-            "digest": cache.digest(path).map_err(PlanError::Hash)?,
-        }),
+        } => BaseIdentity::OciLayout {
+            digest: digest(layout_manifest(path, tag.as_deref(), relative_path)?)?,
+        },
+        Base::Rootfs { path, .. } => BaseIdentity::Rootfs {
+            digest: digest(cache.digest(path).map_err(PlanError::Hash)?)?,
+        },
         Base::Bootstrap(bootstrap) => {
             let arch = recipe
                 .outputs
@@ -85,31 +92,35 @@ pub fn identity(
                 .map(|o| o.architecture)
                 .or_else(|| recipe.outputs.ami.as_ref().map(|a| a.architecture))
                 .map_or("amd64", |a| a.oci());
-            json!({
-                "kind": "bootstrap",
-                "distro": bootstrap.distro,
-                "suite": bootstrap.suite,
-                "variant": bootstrap.variant,
-                "packages": bootstrap.packages,
-                "mirror": bootstrap.mirror,
-                "components": bootstrap.components,
-                "architecture": arch,
-            })
+            BaseIdentity::Bootstrap {
+                distro: serde_json::to_value(bootstrap.distro)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .expect("distros serialize as strings"),
+                suite: bootstrap.suite.clone(),
+                variant: bootstrap.variant.clone(),
+                packages: bootstrap.packages.clone(),
+                mirror: bootstrap.mirror.clone(),
+                components: bootstrap.components.clone(),
+                architecture: arch.to_owned(),
+            }
         }
         Base::Recipe { path, .. } => {
             let base = plan_recipe(path)?;
-            json!({ "kind": "recipe", "name": base.name, "version": base.version })
+            BaseIdentity::Recipe {
+                name: base.name,
+                version: base.version,
+            }
         }
         // The exact image, so a new vendor release is a new version.
         Base::Ami(_) => match source_ami {
-            Some(source) => json!({
-                "kind": "ami",
-                "region": source.region,
-                "image_id": source.image_id,
-                "name": source.name,
-                "creation_date": source.creation_date,
-                "owner_id": source.owner_id,
-            }),
+            Some(source) => BaseIdentity::Ami {
+                region: source.region.clone(),
+                image_id: source.image_id.clone(),
+                name: source.name.clone(),
+                creation_date: source.creation_date.clone(),
+                owner_id: source.owner_id.clone(),
+            },
             None => {
                 return Err(PlanError::UnresolvedAmi {
                     recipe: recipe.name.clone(),

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Reads in 1 MiB chunks: large enough to keep hashing at memory speed, small enough that a
@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 const READ_CHUNK: usize = 1 << 20;
 
 /// One file-system entry that is an input of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInput {
     /// Relative to the recipe's directory, `/`-separated.
     pub path: String,
@@ -33,7 +33,7 @@ pub struct FileInput {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {
     File,

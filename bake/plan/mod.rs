@@ -24,17 +24,19 @@
 pub mod base;
 mod effects;
 pub mod hash;
+pub mod inputs;
 pub mod state;
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::{Value, json};
 
 pub use effects::Effect;
+pub use inputs::{BaseIdentity, BuiltinInput, PlanInputs, RecipeInputs};
 
+use crate::id::Version;
 use crate::recipe::{self, Recipe, RecipeErrors, Script, Step, VarSources};
-use hash::{DigestCache, FileInput, HashError, canonical_digest, tree_inputs};
+use hash::{DigestCache, FileInput, HashError, tree_inputs};
 
 /// SOURCE_DATE_EPOCH when neither the recipe nor the environment sets one: 0, the Unix epoch.
 /// A fixed default keeps builds reproducible by default, and 1970-01-01 in an image's `created`
@@ -51,29 +53,22 @@ pub struct Plan {
     /// The recipe file, as the user named it.
     pub recipe: String,
     /// `sha256:<hex>` of the canonical inputs.
-    pub version: String,
+    pub version: Version,
     /// The bake that made this plan (recorded, not hashed).
     pub bake_version: &'static str,
-    pub inputs: Value,
+    pub inputs: PlanInputs,
     pub effects: Vec<Effect>,
 }
 
 impl Plan {
     /// The SOURCE_DATE_EPOCH the build uses (part of the inputs).
     pub fn source_date_epoch(&self) -> u64 {
-        self.inputs
-            .get("source_date_epoch")
-            .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
+        self.inputs.source_date_epoch
     }
 
     /// The first 12 hex digits of the version, for names and tags.
     pub fn version_short(&self) -> &str {
-        let hex = self
-            .version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version);
-        &hex[..12.min(hex.len())]
+        self.version.short()
     }
 }
 
@@ -229,23 +224,27 @@ fn plan_inner(
         .source_date_epoch
         .or(options.source_date_epoch)
         .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH);
-    let inputs = json!({
-        "format": VERSION_FORMAT,
-        "recipe": {
-            "name": recipe.name,
-            "variables": recipe.variables,
-            "base": recipe.base,
-            "build": recipe.build,
-            "provisioners": recipe.provisioners,
-            "tests": recipe.tests,
-            "outputs": recipe.outputs,
+    fn value(v: &impl Serialize) -> serde_json::Value {
+        serde_json::to_value(v).expect("recipes serialize")
+    }
+    let inputs = PlanInputs {
+        format: VERSION_FORMAT.to_owned(),
+        recipe: RecipeInputs {
+            name: recipe.name.clone(),
+            variables: serde_json::from_value(value(&recipe.variables))
+                .expect("variables serialize as variable inputs"),
+            base: value(&recipe.base),
+            build: value(&recipe.build),
+            provisioners: value(&recipe.provisioners),
+            tests: value(&recipe.tests),
+            outputs: value(&recipe.outputs),
         },
-        "base": base,
-        "files": files,
-        "builtins": builtins,
-        "source_date_epoch": source_date_epoch,
-    });
-    let version = canonical_digest(&inputs);
+        base,
+        files,
+        builtins,
+        source_date_epoch,
+    };
+    let version = inputs.version();
     let effects = effects::effects(recipe, &version, options.aws_region.as_deref())
         .map_err(|e| PlanError::Recipe(e.into()))?;
     Ok(Plan {
@@ -274,21 +273,24 @@ pub fn hardening_flavour(
 
 /// The digests of the scripts bake itself supplies (hardening profiles): a new bake with a
 /// changed profile gives new versions.
-fn builtin_inputs(recipe: &Recipe) -> Value {
+fn builtin_inputs(recipe: &Recipe) -> Vec<BuiltinInput> {
     let mut out = Vec::new();
     for p in &recipe.provisioners {
         if let Step::Hardening(h) = &p.step {
             let flavour = hardening_flavour(recipe, h);
             let script = crate::build::hardening::script(&h.profile, flavour, &h.exclude)
                 .unwrap_or_default();
-            out.push(json!({
-                "profile": h.profile,
-                "flavour": flavour,
-                "digest": hash::bytes_digest(script.as_bytes()),
-            }));
+            out.push(BuiltinInput {
+                profile: h.profile.clone(),
+                flavour: serde_json::to_value(flavour)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .expect("flavours serialize as strings"),
+                digest: crate::id::Digest::of(script.as_bytes()),
+            });
         }
     }
-    Value::Array(out)
+    out
 }
 
 /// Every file the recipe reads, sorted by path, each listed once.

@@ -344,7 +344,7 @@ impl Lookup for TargetLookup<'_> {
             return Ok(None);
         };
         crate::build::pipeline::built_image(store, version)
-            .map(|output| output.map(|o| o.image_digest))
+            .map(|output| output.map(|o| o.image_digest.to_string()))
             .map_err(LookupError::Store)
     }
 

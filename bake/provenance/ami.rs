@@ -1,6 +1,7 @@
 //! Provenance of AMIs. An AMI has no content digest EC2 can report, so its provenance names each
 //! AMI by ARN (`arn:aws:ec2:REGION::image/ami-…`) with the digest of the raw disk image it was
-//! made from. The signed envelope is kept beside the manifest in the store (and, when asked, in
+//! made from; an AMI made on a builder instance (no disk image bake saw) is named with the
+//! version's digest instead, the digest of everything that went into it. The signed envelope is kept beside the manifest in the store (and, when asked, in
 //! an SSM parameter), and each AMI is tagged with the envelope's digest (`bake:provenance`), so
 //! `bake verify ami-… --region R` can find and check it.
 
@@ -66,17 +67,15 @@ pub fn ami_arn(region: &str, image_id: &str) -> String {
 /// The digest of `version`'s AMI provenance when every AMI its record lists is attested by it;
 /// `None` when one is not (or nothing is).
 pub fn attested(store: &Store, version: &str) -> Result<Option<String>, AmiProvenanceError> {
-    let (Some(raw), Some(manifest)) = (
-        store.record::<Value>(version)?,
-        manifest::load(store, version)?,
-    ) else {
+    let (Some(record), Some(manifest)) = (store.record(version)?, manifest::load(store, version)?)
+    else {
         return Ok(None);
     };
     let Some(attestations) = &manifest.attestations else {
         return Ok(None);
     };
     let digest = &attestations.provenance.envelope_digest;
-    let covered = manifest::record_amis(&raw).iter().all(|ami| {
+    let covered = manifest::record_amis(&record).iter().all(|ami| {
         manifest.publications.iter().any(|p| {
             matches!(p, Publication::Attestation { reference, digest: d, .. }
                 if *reference == ami_arn(&ami.region, &ami.image_id) && d == digest)
@@ -96,48 +95,52 @@ pub async fn attest_amis(
     invocation_id: String,
     ssm_parameter: Option<&str>,
 ) -> Result<Manifest, AmiProvenanceError> {
-    let raw: Value = store
+    let record = store
         .record(version)?
         .ok_or_else(|| AmiProvenanceError::NotBuilt {
             version: version.to_owned(),
         })?;
+    let fresh = Manifest::from_record(&record);
     let mut manifest = match manifest::load(store, version)? {
         Some(existing) => existing,
-        None => Manifest::from_ami_record(&raw).ok_or_else(|| AmiProvenanceError::NotBuilt {
-            version: version.to_owned(),
-        })?,
+        None => fresh.clone(),
     };
     // The record names the AMIs the version has now; a manifest from an earlier build of the
     // same version (say, before its AMIs were deregistered and built again) may name others.
-    if let Some(fresh) = Manifest::from_ami_record(&raw) {
-        if !fresh.outputs.amis.is_empty() {
-            manifest.outputs.amis = fresh.outputs.amis;
-        }
-        manifest.outputs.disk_image = fresh.outputs.disk_image.or(manifest.outputs.disk_image);
+    if !fresh.outputs.amis.is_empty() {
+        manifest.outputs.amis = fresh.outputs.amis;
+    }
+    manifest.outputs.disk_image = fresh.outputs.disk_image.or(manifest.outputs.disk_image);
+    if manifest.inputs.base.is_null() {
+        // A manifest made from publications alone, before this store had the build.
+        manifest.inputs = fresh.inputs;
+        manifest.outputs.oci = fresh.outputs.oci;
+        manifest.timings = fresh.timings;
     }
     if manifest.outputs.amis.is_empty() {
         return Err(AmiProvenanceError::NoAmis {
             version: version.to_owned(),
         });
     }
-    let disk =
-        manifest
-            .outputs
-            .disk_image
-            .clone()
-            .ok_or_else(|| AmiProvenanceError::NoDiskImage {
+    // The AMIs' content: the disk image they were registered from, else (made on a builder)
+    // the version itself.
+    let content = match (&manifest.outputs.disk_image, record.instance_ami()) {
+        (Some(disk), _) => disk.digest.clone(),
+        (None, Some(_)) => record.version.to_string(),
+        (None, None) => {
+            return Err(AmiProvenanceError::NoDiskImage {
                 version: version.to_owned(),
-            })?;
-    let facts = BuildFacts::from_value(&raw).ok_or_else(|| AmiProvenanceError::NotBuilt {
-        version: version.to_owned(),
-    })?;
+            });
+        }
+    };
+    let facts = BuildFacts::from(&record);
     let subjects: Vec<Subject> = manifest
         .outputs
         .amis
         .iter()
         .map(|a| Subject {
             name: ami_arn(&a.region, &a.image_id),
-            digest: disk.digest.clone(),
+            digest: content.clone(),
         })
         .collect();
     let run = RunDetails::of(&facts, invocation_id);

@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::build::pipeline::BuildRecord;
-use crate::store::{Store, StoreError, digest_hex};
+use crate::store::{BuildRecord, Store, StoreError, digest_hex};
 
 /// The schema of the manifest document; bumped on incompatible changes.
 pub const MANIFEST_SCHEMA: &str = "bake.manifest/v1";
@@ -128,8 +127,12 @@ pub enum Publication {
         at: String,
         by: String,
     },
+    /// A channel moved to this version (`promote`) or back to it (`rollback`).
     Channel {
         channel: String,
+        /// `promote` or `rollback` (empty in manifests written before bake recorded it).
+        #[serde(default)]
+        action: String,
         at: String,
         by: String,
     },
@@ -140,6 +143,22 @@ pub enum Publication {
         at: String,
         by: String,
     },
+}
+
+impl Publication {
+    /// The same thing published again (a re-run that found it in place), whenever and by
+    /// whomever; channel moves are events, each kept.
+    fn repeats(&self, other: &Publication) -> bool {
+        let without_stamp = |p: &Publication| {
+            let mut value = serde_json::to_value(p).expect("publications serialize");
+            if let Some(map) = value.as_object_mut() {
+                map.remove("at");
+                map.remove("by");
+            }
+            value
+        };
+        !matches!(self, Publication::Channel { .. }) && without_stamp(self) == without_stamp(other)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,154 +240,91 @@ impl ManifestError {
     }
 }
 
-fn variables(inputs: &Value) -> Value {
-    let mut out = serde_json::Map::new();
-    if let Some(vars) = inputs
-        .pointer("/recipe/variables")
-        .and_then(Value::as_object)
-    {
-        for (name, var) in vars {
-            let value = if var.get("sensitive").and_then(Value::as_bool) == Some(true) {
-                serde_json::json!({"sensitive": true})
-            } else {
-                var.get("value").cloned().unwrap_or(Value::Null)
-            };
-            out.insert(name.clone(), value);
-        }
-    }
-    Value::Object(out)
-}
-
-/// AMIs that the build record lists (the AMI pipeline writes them as `amis` next to `output`,
-/// or inside it), in the manifest's form.
-pub(crate) fn record_amis(raw_record: &Value) -> Vec<AmiRecord> {
-    let list = raw_record
-        .get("amis")
-        .or_else(|| raw_record.pointer("/output/amis"))
-        // The AMI pipeline's record: `ami.regions[]` of {region, image_id, snapshot_id}.
-        .or_else(|| raw_record.pointer("/ami/regions"))
-        .and_then(Value::as_array);
-    list.into_iter()
-        .flatten()
-        .filter_map(|a| {
-            let s = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
-            let image_id = s("image_id").or_else(|| s("ami_id")).or_else(|| s("id"))?;
-            let mut snapshot_ids: Vec<String> = a
-                .get("snapshot_ids")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect();
-            snapshot_ids.extend(s("snapshot_id"));
-            Some(AmiRecord {
-                region: s("region").unwrap_or_default(),
-                account: s("account").or_else(|| s("account_id")),
-                image_id,
-                snapshot_ids,
-                name: s("name"),
-            })
+/// The AMIs a build record lists, in the manifest's form.
+pub(crate) fn record_amis(record: &BuildRecord) -> Vec<AmiRecord> {
+    record
+        .amis()
+        .iter()
+        .map(|a| AmiRecord {
+            region: a.region.clone(),
+            account: None,
+            image_id: a.image_id.clone(),
+            snapshot_ids: vec![a.snapshot_id.clone()],
+            name: record.instance_ami().map(|i| i.image_name.clone()),
         })
         .collect()
 }
 
-/// The raw disk image an AMI was made from, from either record shape.
-fn disk_image_of(raw_record: &Value) -> Option<DiskImage> {
-    if let Some(d) = raw_record.get("disk_image") {
-        return serde_json::from_value::<DiskImage>(d.clone()).ok();
-    }
-    raw_record
-        .pointer("/ami/disk_image_digest")
-        .and_then(Value::as_str)
-        .map(|digest| DiskImage {
-            digest: digest.to_owned(),
-            size: raw_record
-                .pointer("/ami/disk_image_size")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        })
-}
-
 impl Manifest {
-    /// The manifest of a version that only has an AMI record (the snapshot strategy's
-    /// `bake.ami-snapshot-record/v1`: name, version, recipe, bake_version, inputs, ami).
-    pub fn from_ami_record(raw_record: &Value) -> Option<Manifest> {
-        let s = |k: &str| raw_record.get(k).and_then(Value::as_str).map(str::to_owned);
-        let inputs = raw_record.get("inputs").cloned().unwrap_or(Value::Null);
-        Some(Manifest {
-            schema: MANIFEST_SCHEMA.into(),
-            name: s("name")?,
-            version: s("version")?,
-            recipe: s("recipe").unwrap_or_default(),
-            inputs: Inputs {
-                base: inputs.get("base").cloned().unwrap_or(Value::Null),
-                files: inputs.get("files").cloned().unwrap_or(Value::Null),
-                variables: variables(&inputs),
-                recipe_digest: crate::plan::hash::canonical_digest(
-                    inputs.get("recipe").unwrap_or(&Value::Null),
-                ),
-                source_date_epoch: inputs
-                    .get("source_date_epoch")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-                bake_version: s("bake_version").unwrap_or_default(),
-                compressor: s("compressor").unwrap_or_default(),
-            },
-            outputs: Outputs {
-                oci: None,
-                disk_image: disk_image_of(raw_record),
-                amis: record_amis(raw_record),
-            },
-            publications: Vec::new(),
-            attestations: None,
-            timings: Timings {
-                started: s("started").unwrap_or_default(),
-                build_ms: raw_record
-                    .get("duration_ms")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-                attested: None,
-            },
-        })
-    }
-    /// The manifest of a freshly built version, from its build record (`raw_record` is the same
-    /// record as JSON, for the fields later pipeline stages add to it).
-    pub fn from_record(record: &BuildRecord, raw_record: &Value) -> Manifest {
+    /// The manifest of a built version, from its build record (any artifact kind).
+    pub fn from_record(record: &BuildRecord) -> Manifest {
         let inputs = &record.inputs;
-        let disk_image = disk_image_of(raw_record);
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
             name: record.name.clone(),
-            version: record.version.clone(),
+            version: record.version.to_string(),
             recipe: record.recipe.clone(),
             inputs: Inputs {
-                base: inputs.get("base").cloned().unwrap_or(Value::Null),
-                files: inputs.get("files").cloned().unwrap_or(Value::Null),
-                variables: variables(inputs),
-                recipe_digest: crate::plan::hash::canonical_digest(
-                    inputs.get("recipe").unwrap_or(&Value::Null),
-                ),
-                source_date_epoch: record.source_date_epoch,
+                base: serde_json::to_value(&inputs.base).expect("base identities serialize"),
+                files: serde_json::to_value(&inputs.files).expect("file inputs serialize"),
+                variables: serde_json::to_value(inputs.shown_variables())
+                    .expect("variables serialize"),
+                recipe_digest: inputs.recipe_digest(),
+                source_date_epoch: inputs.source_date_epoch,
                 bake_version: record.bake_version.clone(),
-                compressor: record.compressor.clone(),
+                compressor: record.compressor().to_owned(),
             },
             outputs: Outputs {
-                oci: Some(OciOutput {
-                    manifest_digest: record.output.image_digest.clone(),
-                    manifest_size: record.output.manifest_size,
+                oci: record.image().map(|image| OciOutput {
+                    manifest_digest: image.image_digest.to_string(),
+                    manifest_size: image.manifest_size,
                     media_type: oci_spec::image::MediaType::ImageManifest.to_string(),
-                    config_digest: record.output.config_digest.clone(),
+                    config_digest: image.config_digest.to_string(),
                     index_digest: None,
-                    layers: record.output.layers.clone(),
+                    layers: image.layers.clone(),
                 }),
-                disk_image,
-                amis: record_amis(raw_record),
+                disk_image: record
+                    .disk_ami()
+                    .and_then(|a| a.disk_image_digest.as_ref())
+                    .map(|digest| DiskImage {
+                        digest: digest.to_string(),
+                        size: 0,
+                    }),
+                amis: record_amis(record),
             },
             publications: Vec::new(),
             attestations: None,
             timings: Timings {
                 started: record.started.clone(),
                 build_ms: record.duration_ms,
+                attested: None,
+            },
+        }
+    }
+
+    /// The manifest of a version this store did not build (it was published from `--inputs`):
+    /// no inputs are known, only its publications.
+    pub fn unbuilt(name: &str, version: &str) -> Manifest {
+        Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            name: name.to_owned(),
+            version: version.to_owned(),
+            recipe: String::new(),
+            inputs: Inputs {
+                base: Value::Null,
+                files: Value::Null,
+                variables: Value::Null,
+                recipe_digest: String::new(),
+                source_date_epoch: 0,
+                bake_version: String::new(),
+                compressor: String::new(),
+            },
+            outputs: Outputs::default(),
+            publications: Vec::new(),
+            attestations: None,
+            timings: Timings {
+                started: String::new(),
+                build_ms: 0,
                 attested: None,
             },
         }
@@ -400,6 +356,13 @@ impl Manifest {
         if query.starts_with("ami-") {
             return self.outputs.amis.iter().any(|a| a.image_id == query);
         }
+        if query.starts_with("snap-") {
+            return self
+                .outputs
+                .amis
+                .iter()
+                .any(|a| a.snapshot_ids.iter().any(|s| s == query));
+        }
         if query.starts_with("lt-") {
             let (id, version) = match query.split_once(':') {
                 Some((id, v)) => (id, v.parse::<u64>().ok()),
@@ -426,10 +389,8 @@ impl Manifest {
             return true;
         }
         // A bare hex prefix of the version, or `name:short` as in the store's index.
-        let hex = self
-            .version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version);
+        let parsed = self.version.parse::<crate::id::Version>().ok();
+        let hex = parsed.as_ref().map_or(self.version.as_str(), |v| v.hex());
         if query.len() >= 6 && query.bytes().all(|b| b.is_ascii_hexdigit()) {
             return hex.starts_with(query);
         }
@@ -494,6 +455,52 @@ pub fn update(
     change(&mut manifest);
     save(store, &manifest)?;
     Ok(manifest)
+}
+
+/// Appends publications to the manifest of `version` of recipe `name`, making an
+/// [`Manifest::unbuilt`] one when this store has none (the version was published from
+/// `--inputs`), so that `manifest show` finds it from what was published. One write for all
+/// of them; one it already lists is not added again.
+pub fn record_publications_of(
+    store: &Store,
+    name: &str,
+    version: &str,
+    publications: impl IntoIterator<Item = Publication>,
+) -> Result<Manifest, ManifestError> {
+    let _lock = store.lock()?;
+    let mut manifest = match load(store, version)? {
+        Some(manifest) => manifest,
+        None => match store.record(version)? {
+            Some(record) => Manifest::from_record(&record),
+            None => Manifest::unbuilt(name, version),
+        },
+    };
+    for publication in publications {
+        if !manifest
+            .publications
+            .iter()
+            .any(|p| p.repeats(&publication))
+        {
+            manifest.publications.push(publication);
+        }
+    }
+    save(store, &manifest)?;
+    Ok(manifest)
+}
+
+/// The manifest of `version`, written from its build record first if the store has the record
+/// and no manifest yet (builds that sign nothing, such as an AMI made on a builder instance).
+pub fn ensure(store: &Store, version: &str) -> Result<Option<Manifest>, ManifestError> {
+    let _lock = store.lock()?;
+    if let Some(manifest) = load(store, version)? {
+        return Ok(Some(manifest));
+    }
+    let Some(record) = store.record(version)? else {
+        return Ok(None);
+    };
+    let manifest = Manifest::from_record(&record);
+    save(store, &manifest)?;
+    Ok(Some(manifest))
 }
 
 /// Appends publications to the manifest of `version` (one write for all of them); one it
@@ -688,28 +695,59 @@ mod tests {
     }
 
     #[test]
-    fn amis_come_from_the_record_in_either_place() {
-        let raw = serde_json::json!({"amis": [{"region": "us-east-1", "ami_id": "ami-1", "snapshot_id": "snap-1"}]});
-        let amis = record_amis(&raw);
-        assert_eq!(amis[0].image_id, "ami-1");
-        assert_eq!(amis[0].snapshot_ids, ["snap-1"]);
-        let snapshot_record = serde_json::json!({
-            "format": "bake.ami-snapshot-record/v1", "name": "web", "version": format!("sha256:{}", "e".repeat(64)),
-            "recipe": "web.yaml", "bake_version": "0.1.0", "inputs": {"source_date_epoch": 5},
-            "ami": {"disk_image_digest": format!("sha256:{}", "f".repeat(64)),
-                    "regions": [{"region": "eu-west-1", "image_id": "ami-3", "snapshot_id": "snap-3"}]},
-            "duration_ms": 9
-        });
-        let manifest = Manifest::from_ami_record(&snapshot_record).unwrap();
+    fn manifests_come_from_every_kind_of_record_and_find_snapshots() {
+        let record: BuildRecord = serde_json::from_value(serde_json::json!({
+            "format": crate::store::record::RECORD_FORMAT,
+            "name": "web", "version": format!("sha256:{}", "e".repeat(64)), "recipe": "web.yaml",
+            "bake_version": "0.1.0",
+            "inputs": {"format": "bake.version/v1",
+                       "recipe": {"name": "web", "variables": {}, "base": {}, "build": {},
+                                  "provisioners": [], "tests": [], "outputs": {}},
+                       "base": {"kind": "ami", "region": "eu-west-1", "image_id": "ami-0aaaaaaaaaaaaaaaa",
+                                "name": null, "creation_date": null, "owner_id": null},
+                       "files": [], "builtins": [], "source_date_epoch": 5},
+            "started": "", "duration_ms": 9,
+            "artifact": {"kind": "instance_ami", "ami": {
+                "source": {"region": "eu-west-1", "image_id": "ami-0aaaaaaaaaaaaaaaa"},
+                "image_name": "web-eeeeeeeeeeee", "build_id": "b", "host_key": null,
+                "regions": [{"region": "eu-west-1", "image_id": "ami-3", "snapshot_id": "snap-3"}]}}
+        }))
+        .unwrap();
+        let manifest = Manifest::from_record(&record);
+        assert!(manifest.outputs.oci.is_none());
         assert_eq!(manifest.outputs.amis[0].image_id, "ami-3");
         assert_eq!(manifest.outputs.amis[0].snapshot_ids, ["snap-3"]);
         assert_eq!(
-            manifest.outputs.disk_image.unwrap().digest,
-            format!("sha256:{}", "f".repeat(64))
+            manifest.outputs.amis[0].name.as_deref(),
+            Some("web-eeeeeeeeeeee")
         );
+        assert_eq!(manifest.inputs.base["image_id"], "ami-0aaaaaaaaaaaaaaaa");
         assert_eq!(manifest.inputs.source_date_epoch, 5);
-        let nested =
-            serde_json::json!({"output": {"amis": [{"region": "r", "image_id": "ami-2"}]}});
-        assert_eq!(record_amis(&nested)[0].image_id, "ami-2");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        save(&store, &manifest).unwrap();
+        assert_eq!(find(&store, "snap-3").unwrap().version, manifest.version);
+        assert_eq!(find(&store, "ami-3").unwrap().version, manifest.version);
+
+        // A version published without a local build gets a manifest of its publications.
+        let other = format!("sha256:{}", "f".repeat(64));
+        record_publications_of(
+            &store,
+            "web",
+            &other,
+            [Publication::EcsTaskDefinition {
+                arn: "arn:aws:ecs:us-east-1:123456789012:task-definition/web:4".into(),
+                at: "t".into(),
+                by: "me".into(),
+            }],
+        )
+        .unwrap();
+        let found = find(
+            &store,
+            "arn:aws:ecs:us-east-1:123456789012:task-definition/web:4",
+        )
+        .unwrap();
+        assert_eq!(found.version, other);
+        assert!(found.outputs.oci.is_none() && found.inputs.base.is_null());
     }
 }

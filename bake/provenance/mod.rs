@@ -27,8 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::build::pipeline::BuildRecord;
-use crate::store::{Store, StoreError};
+use crate::store::{BuildRecord, Store, StoreError};
 use dsse::{DsseError, Envelope, IN_TOTO_PAYLOAD_TYPE};
 use imagefs::{ImageFs, ImageFsError};
 use keys::{KeyAlgorithm, KeyError, LocalKey, Signer};
@@ -43,6 +42,10 @@ pub enum ProvenanceError {
     Store(#[from] StoreError),
     #[error("version {version} has no build record in the store; build it first")]
     NotBuilt { version: String },
+    #[error(
+        "version {version} has no OCI image to attest (its AMIs are attested with `bake attest AMI`)"
+    )]
+    NoImage { version: String },
     #[error("failed to read the image of version {version}")]
     Image {
         version: String,
@@ -89,7 +92,6 @@ pub fn random_uuid() -> Result<String, KeyError> {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub record: BuildRecord,
-    pub raw_record: Value,
     pub target: Target,
     /// The provenance statement's bytes.
     pub provenance: Vec<u8>,
@@ -120,12 +122,13 @@ pub fn prepare(
     let not_built = || ProvenanceError::NotBuilt {
         version: version.to_owned(),
     };
-    let raw_record: Value = store.record(version)?.ok_or_else(not_built)?;
-    let record: BuildRecord = store.record(version)?.ok_or_else(not_built)?;
-    let output = &record.output;
+    let record = store.record(version)?.ok_or_else(not_built)?;
+    let output = record.image().ok_or_else(|| ProvenanceError::NoImage {
+        version: version.to_owned(),
+    })?;
     let target = Target {
         media_type: oci_spec::image::MediaType::ImageManifest.to_string(),
-        digest: output.image_digest.clone(),
+        digest: output.image_digest.to_string(),
         size: output.manifest_size,
         annotations: Default::default(),
     };
@@ -139,22 +142,23 @@ pub fn prepare(
     })?;
     let image_subject = Subject {
         name: record.name.clone(),
-        digest: output.image_digest.clone(),
+        digest: output.image_digest.to_string(),
     };
     let mut subjects = vec![image_subject.clone()];
-    if let Some(disk) = raw_record
-        .pointer("/disk_image/digest")
-        .and_then(Value::as_str)
+    // The same build's disk image (both outputs), from the same provisioned root.
+    if let Some(disk) = record
+        .disk_ami()
+        .and_then(|ami| ami.disk_image_digest.as_ref())
     {
         subjects.push(Subject {
             name: format!("{}.raw", record.name),
-            digest: disk.to_owned(),
+            digest: disk.to_string(),
         });
     }
     let sbom_subject = SbomSubject {
         name: record.name.clone(),
-        digest: output.image_digest.clone(),
-        created_epoch: record.source_date_epoch,
+        digest: output.image_digest.to_string(),
+        created_epoch: record.inputs.source_date_epoch,
     };
     let mut sboms = Vec::new();
     let mut byproducts = Vec::new();
@@ -168,7 +172,7 @@ pub fn prepare(
         );
         byproducts.push(json!({
             "name": format!("sbom.{}.json", format.name()),
-            "digest": {"sha256": digest_of(&document).trim_start_matches("sha256:")},
+            "digest": {"sha256": crate::id::Digest::of(&document).hex()},
             "mediaType": format.media_type(),
         }));
         sboms.push((
@@ -186,7 +190,6 @@ pub fn prepare(
     );
     Ok(Prepared {
         record,
-        raw_record,
         target,
         provenance: serde_json::to_vec(&provenance).expect("JSON"),
         sboms,
@@ -196,7 +199,7 @@ pub fn prepare(
 /// Signs the prepared statements.
 pub async fn sign(prepared: Prepared, signer: &dyn Signer) -> Result<Signed, ProvenanceError> {
     let sign_error = |source| ProvenanceError::Sign {
-        version: prepared.record.version.clone(),
+        version: prepared.record.version.to_string(),
         source,
     };
     let provenance = Envelope::sign(IN_TOTO_PAYLOAD_TYPE, &prepared.provenance, signer)
@@ -229,7 +232,7 @@ pub async fn sign(prepared: Prepared, signer: &dyn Signer) -> Result<Signed, Pro
 pub fn store_attestations(store: &Store, signed: &Signed) -> Result<Manifest, ProvenanceError> {
     let prepared = &signed.prepared;
     let layout = Layout::open(store.root())?;
-    let created = crate::artifact::oci::rfc3339(prepared.record.source_date_epoch);
+    let created = crate::artifact::oci::rfc3339(prepared.record.inputs.source_date_epoch);
     let attach = |envelope: &Envelope, statement: &[u8], predicate_type: &str| {
         let bytes = envelope.to_json();
         let envelope_digest = store.put_blob(&bytes)?;
@@ -256,8 +259,8 @@ pub fn store_attestations(store: &Store, signed: &Signed) -> Result<Manifest, Pr
             attestation: attach(envelope, statement, format.predicate_type())?,
         });
     }
-    let fresh = Manifest::from_record(&prepared.record, &prepared.raw_record);
-    let version = prepared.record.version.clone();
+    let fresh = Manifest::from_record(&prepared.record);
+    let version = prepared.record.version.to_string();
     let _lock = store.lock()?;
     let previous = manifest::load(store, &version)?;
     let mut manifest = fresh;

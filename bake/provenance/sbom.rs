@@ -164,8 +164,11 @@ impl Inventory {
     }
 }
 
-fn digest_hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
+/// The hex digits of a subject's digest (subjects are bake's own digests, always sha256).
+fn digest_hex(digest: &str) -> String {
+    digest
+        .parse::<crate::id::Digest>()
+        .map_or_else(|_| digest.to_owned(), |d| d.hex().to_owned())
 }
 
 /// `pkg:oci/<name>@sha256%3A<hex>`: the image as a package.

@@ -10,17 +10,18 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::build::pipeline::BuildRecord;
+use crate::plan::PlanInputs;
 use crate::plan::hash::canonical_digest;
+use crate::store::BuildRecord;
 
-/// What provenance says about a build, from an image's build record or an AMI's record.
+/// What provenance says about a build, from its build record (of any artifact kind).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildFacts {
     pub name: String,
     pub version: String,
     pub recipe: String,
     pub bake_version: String,
-    pub inputs: Value,
+    pub inputs: PlanInputs,
     pub source_date_epoch: u64,
     pub compressor: String,
     /// RFC 3339.
@@ -32,43 +33,21 @@ impl From<&BuildRecord> for BuildFacts {
     fn from(record: &BuildRecord) -> Self {
         BuildFacts {
             name: record.name.clone(),
-            version: record.version.clone(),
+            version: record.version.to_string(),
             recipe: record.recipe.clone(),
             bake_version: record.bake_version.clone(),
             inputs: record.inputs.clone(),
-            source_date_epoch: record.source_date_epoch,
-            compressor: record.compressor.clone(),
-            started: record.started.clone(),
+            source_date_epoch: record.inputs.source_date_epoch,
+            compressor: record.compressor().to_owned(),
+            // Records converted from a format that kept no start time: the time of attesting
+            // stands in.
+            started: if record.started.is_empty() {
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+            } else {
+                record.started.clone()
+            },
             duration_ms: record.duration_ms,
         }
-    }
-}
-
-impl BuildFacts {
-    /// From any record shape with `name`, `version`, `recipe`, `bake_version` and `inputs` (the
-    /// AMI pipeline's record has no start time: the time of attesting stands in).
-    pub fn from_value(record: &Value) -> Option<BuildFacts> {
-        let s = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_owned);
-        let inputs = record.get("inputs").cloned().unwrap_or(Value::Null);
-        Some(BuildFacts {
-            name: s("name")?,
-            version: s("version")?,
-            recipe: s("recipe").unwrap_or_default(),
-            bake_version: s("bake_version").unwrap_or_default(),
-            source_date_epoch: inputs
-                .get("source_date_epoch")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            inputs,
-            compressor: s("compressor").unwrap_or_default(),
-            started: s("started").unwrap_or_else(|| {
-                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-            }),
-            duration_ms: record
-                .get("duration_ms")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        })
     }
 }
 
@@ -90,7 +69,7 @@ impl Subject {
     fn to_json(&self) -> Value {
         json!({
             "name": self.name,
-            "digest": {"sha256": self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)},
+            "digest": sha256_set(&self.digest),
         })
     }
 }
@@ -132,125 +111,76 @@ pub fn statement(subjects: &[Subject], predicate_type: &str, predicate: Value) -
     })
 }
 
+/// An in-toto digest set: `{"sha256": "<hex>"}`.
 fn sha256_set(digest: &str) -> Value {
-    json!({"sha256": digest.strip_prefix("sha256:").unwrap_or(digest)})
-}
-
-/// The variables as the user set them, sensitive ones without their value.
-fn variables(inputs: &Value) -> Value {
-    let mut out = Map::new();
-    if let Some(vars) = inputs
-        .pointer("/recipe/variables")
-        .and_then(Value::as_object)
-    {
-        for (name, var) in vars {
-            let sensitive = var.get("sensitive").and_then(Value::as_bool) == Some(true);
-            let value = if sensitive {
-                json!({"sensitive": true})
-            } else {
-                var.get("value").cloned().unwrap_or(Value::Null)
-            };
-            out.insert(name.clone(), value);
-        }
-    }
-    Value::Object(out)
+    let hex = digest
+        .parse::<crate::id::Digest>()
+        .map_or_else(|_| digest.to_owned(), |d| d.hex().to_owned());
+    json!({ "sha256": hex })
 }
 
 /// Every resolved input, as in-toto resource descriptors.
 pub fn resolved_dependencies(record: &BuildFacts) -> Vec<Value> {
+    use crate::plan::BaseIdentity;
     let inputs = &record.inputs;
     let mut deps = Vec::new();
     deps.push(json!({
         "uri": format!("bake:recipe/{}", record.name),
         "name": record.recipe,
-        "digest": sha256_set(&canonical_digest(inputs.get("recipe").unwrap_or(&Value::Null))),
+        "digest": sha256_set(&inputs.recipe_digest()),
         "mediaType": "application/vnd.bake.recipe+json",
     }));
-    if let Some(base) = inputs.get("base") {
-        let kind = base
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown");
-        if kind != "scratch" {
-            let uri = match kind {
-                "image" => base
-                    .get("reference")
-                    .and_then(Value::as_str)
-                    .map(|r| format!("oci://{r}")),
-                "oci_layout" => base
-                    .get("relative_path")
-                    .and_then(Value::as_str)
-                    .map(|p| format!("oci-layout:{p}")),
-                "rootfs" => base
-                    .get("relative_path")
-                    .and_then(Value::as_str)
-                    .map(|p| format!("file:{p}")),
-                "bootstrap" => Some(format!(
-                    "mmdebstrap:{}/{}?variant={}",
-                    base.get("distro")
-                        .and_then(Value::as_str)
-                        .unwrap_or("debian"),
-                    base.get("suite").and_then(Value::as_str).unwrap_or(""),
-                    base.get("variant").and_then(Value::as_str).unwrap_or(""),
-                )),
-                _ => None,
-            }
-            .unwrap_or_else(|| format!("bake:base/{kind}"));
-            // A base with a content digest (image, layout, tarball) is pinned by it; a
-            // bootstrap is pinned by its full configuration.
-            let digest = base
-                .get("digest")
-                .and_then(Value::as_str)
-                .map(sha256_set)
-                .unwrap_or_else(|| sha256_set(&canonical_digest(base)));
-            deps.push(json!({
-                "uri": uri,
-                "name": "base",
-                "digest": digest,
-                "annotations": base,
-            }));
-        }
+    let base = &inputs.base;
+    if *base != BaseIdentity::Scratch {
+        let uri = match base {
+            BaseIdentity::Image { repository, digest } => format!("oci://{repository}@{digest}"),
+            BaseIdentity::Bootstrap {
+                distro,
+                suite,
+                variant,
+                ..
+            } => format!("mmdebstrap:{distro}/{suite}?variant={variant}"),
+            BaseIdentity::Ami {
+                region, image_id, ..
+            } => crate::provenance::ami::ami_arn(region, image_id),
+            other => format!("bake:base/{}", other.kind()),
+        };
+        let annotations = serde_json::to_value(base).expect("base identities serialize");
+        // A base with a content digest (image, layout, tarball) is pinned by it; a bootstrap
+        // by its full configuration, a base recipe or an AMI by its identity.
+        let digest = base
+            .digest()
+            .map(|d| sha256_set(&d.to_string()))
+            .unwrap_or_else(|| sha256_set(&canonical_digest(&annotations)));
+        deps.push(json!({
+            "uri": uri,
+            "name": "base",
+            "digest": digest,
+            "annotations": annotations,
+        }));
     }
-    for file in inputs
-        .get("files")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let path = file.get("path").and_then(Value::as_str).unwrap_or_default();
-        let mut dep = json!({"uri": format!("file:{path}"), "name": path});
-        if let Some(digest) = file.get("digest").and_then(Value::as_str) {
-            dep["digest"] = sha256_set(digest);
-        } else {
+    for file in &inputs.files {
+        let mut dep = json!({"uri": format!("file:{}", file.path), "name": file.path});
+        let value = serde_json::to_value(file).expect("file inputs serialize");
+        dep["digest"] = match &file.digest {
+            Some(digest) => sha256_set(digest),
             // Directories and symlinks have no content digest: pin their metadata.
-            dep["digest"] = sha256_set(&canonical_digest(file));
-        }
+            None => sha256_set(&canonical_digest(&value)),
+        };
         let mut annotations = Map::new();
         for key in ["type", "mode", "target"] {
-            if let Some(v) = file.get(key) {
+            if let Some(v) = value.get(key) {
                 annotations.insert(key.into(), v.clone());
             }
         }
         dep["annotations"] = Value::Object(annotations);
         deps.push(dep);
     }
-    for builtin in inputs
-        .get("builtins")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = builtin
-            .get("name")
-            .or_else(|| builtin.get("path"))
-            .and_then(Value::as_str)
-            .unwrap_or("builtin");
-        let digest = builtin
-            .get("digest")
-            .and_then(Value::as_str)
-            .map(sha256_set)
-            .unwrap_or_else(|| sha256_set(&canonical_digest(builtin)));
-        deps.push(json!({"uri": format!("bake:builtin/{name}"), "digest": digest}));
+    for builtin in &inputs.builtins {
+        deps.push(json!({
+            "uri": format!("bake:builtin/hardening/{}/{}", builtin.profile, builtin.flavour),
+            "digest": sha256_set(&builtin.digest.to_string()),
+        }));
     }
     deps
 }
@@ -262,14 +192,14 @@ pub fn predicate(record: &BuildFacts, run: &RunDetails, byproducts: Vec<Value>) 
             "buildType": BUILD_TYPE,
             "externalParameters": {
                 "recipe": {"path": record.recipe, "name": record.name},
-                "variables": variables(&record.inputs),
+                "variables": record.inputs.shown_variables(),
                 "sourceDateEpoch": record.source_date_epoch,
                 "version": record.version,
             },
             "internalParameters": {
                 "bakeVersion": record.bake_version,
                 "compressor": record.compressor,
-                "versionFormat": record.inputs.get("format"),
+                "versionFormat": record.inputs.format,
             },
             "resolvedDependencies": resolved_dependencies(record),
         },
@@ -359,33 +289,35 @@ mod tests {
 
     fn record() -> BuildRecord {
         serde_json::from_value(json!({
-            "format": "bake.record/v1",
+            "format": crate::store::record::RECORD_FORMAT,
             "name": "demo",
             "version": format!("sha256:{}", "1".repeat(64)),
             "recipe": "demo.yaml",
             "bake_version": "0.1.0",
             "inputs": {
                 "format": "bake.version/v1",
-                "base": {"kind": "bootstrap", "distro": "debian", "suite": "bookworm", "variant": "minbase"},
+                "base": {"kind": "bootstrap", "distro": "debian", "suite": "bookworm", "variant": "minbase",
+                         "packages": [], "mirror": "http://deb.debian.org/debian", "components": ["main"],
+                         "architecture": "amd64"},
                 "files": [
                     {"path": "app/bin", "type": "file", "mode": "0755", "digest": format!("sha256:{}", "2".repeat(64))},
-                    {"path": "app", "type": "dir", "mode": "0755"}
+                    {"path": "app", "type": "directory", "mode": "0755"}
                 ],
-                "recipe": {"variables": {
+                "recipe": {"name": "demo", "base": null, "build": {}, "provisioners": [], "tests": [],
+                           "outputs": {}, "variables": {
                     "greeting": {"kind": "string", "sensitive": false, "value": "hi"},
                     "token": {"kind": "string", "sensitive": true, "value": "***"}
                 }},
                 "builtins": [],
                 "source_date_epoch": 1700000000
             },
-            "source_date_epoch": 1700000000,
-            "compressor": "gzip-6",
-            "output": {
-                "name": "demo", "version": "v", "image_digest": format!("sha256:{}", "3".repeat(64)),
-                "config_digest": "c", "manifest_size": 1, "layers": [], "cached": false, "steps": []
-            },
             "started": "2026-01-01T00:00:00Z",
-            "duration_ms": 61000
+            "duration_ms": 61000,
+            "artifact": {"kind": "oci_image", "image": {
+                "image_digest": format!("sha256:{}", "3".repeat(64)),
+                "config_digest": format!("sha256:{}", "4".repeat(64)),
+                "manifest_size": 1, "layers": [], "steps": [], "compressor": "gzip-6"
+            }}
         }))
         .unwrap()
     }
@@ -398,7 +330,7 @@ mod tests {
         assert_eq!(run.finished_on, "2026-01-01T00:01:01Z");
         let subject = Subject {
             name: "demo".into(),
-            digest: record.output.image_digest.clone(),
+            digest: record.image().unwrap().image_digest.to_string(),
         };
         let statement = statement(
             std::slice::from_ref(&subject),

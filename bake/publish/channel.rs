@@ -56,6 +56,14 @@ pub struct TaskDefinitionRecord {
     pub image: String,
 }
 
+/// An SSM parameter version written for a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SsmParameterRecord {
+    pub region: String,
+    pub name: String,
+    pub version: u64,
+}
+
 /// The immutable references of one published version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct References {
@@ -66,6 +74,9 @@ pub struct References {
     pub images: Vec<String>,
     pub launch_templates: Vec<LaunchTemplateRecord>,
     pub task_definitions: Vec<TaskDefinitionRecord>,
+    /// Parameter versions that hold the AMI (absent from records of earlier bakes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssm_parameters: Vec<SsmParameterRecord>,
 }
 
 impl References {
@@ -87,6 +98,13 @@ impl References {
                 .retain(|t| !(t.region == td.region && t.family == td.family));
             self.task_definitions.push(td.clone());
         }
+        for p in &other.ssm_parameters {
+            self.ssm_parameters
+                .retain(|q| !(q.region == p.region && q.name == p.name));
+            self.ssm_parameters.push(p.clone());
+        }
+        self.ssm_parameters
+            .sort_by(|a, b| (&a.region, &a.name).cmp(&(&b.region, &b.name)));
         self.launch_templates
             .sort_by(|a, b| (&a.region, &a.template_id).cmp(&(&b.region, &b.template_id)));
         self.task_definitions
@@ -114,6 +132,12 @@ impl References {
                 .task_definitions
                 .iter()
                 .filter(|t| t.region == region)
+                .cloned()
+                .collect(),
+            ssm_parameters: self
+                .ssm_parameters
+                .iter()
+                .filter(|p| p.region == region)
                 .cloned()
                 .collect(),
         }
@@ -322,8 +346,9 @@ impl<D: DigestCheck> Publisher<'_, D> {
         let mut outcomes = Vec::new();
         for region in &regions {
             let mut changes = Vec::new();
+            let mut written = Vec::new();
             let outcome = match self
-                .move_region(release, region, &caller, &mut changes)
+                .move_region(release, region, &caller, &mut changes, &mut written)
                 .await
             {
                 Ok(()) => RegionOutcome {
@@ -335,7 +360,10 @@ impl<D: DigestCheck> Publisher<'_, D> {
                     },
                     changes,
                     error: None,
-                    references: release.in_region(region),
+                    references: References {
+                        ssm_parameters: written,
+                        ..release.in_region(region)
+                    },
                 },
                 Err(e) => {
                     changes.retain(|c| c.result.is_some());
@@ -359,6 +387,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
         region: &str,
         caller: &str,
         changes: &mut Vec<Change>,
+        written: &mut Vec<SsmParameterRecord>,
     ) -> Result<(), PublishError> {
         let ec2 = self.aws.ec2(region);
         let ssm_client = clients::ssm(self.aws, region);
@@ -460,7 +489,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
             };
             if apply {
                 if !keep {
-                    ssm::put(
+                    let version = ssm::put(
                         &ssm_client,
                         &state,
                         region,
@@ -475,6 +504,11 @@ impl<D: DigestCheck> Publisher<'_, D> {
                         },
                     )
                     .await?;
+                    written.push(SsmParameterRecord {
+                        region: region.to_owned(),
+                        name: state.name.clone(),
+                        version: u64::try_from(version).unwrap_or_default(),
+                    });
                 }
                 change.result = Some(ami.clone());
             }

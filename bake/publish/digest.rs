@@ -48,11 +48,25 @@ pub trait DigestCheck {
 pub struct RegistryDigestCheck<'a> {
     client: registry::Client,
     aws: &'a Aws,
+    /// Registry hosts whose requests go elsewhere (`BAKE_REGISTRY_ENDPOINTS`).
+    redirected: std::collections::BTreeSet<String>,
 }
 
 impl<'a> RegistryDigestCheck<'a> {
     pub fn new(aws: &'a Aws, client: registry::Client) -> Self {
-        RegistryDigestCheck { client, aws }
+        RegistryDigestCheck {
+            client,
+            aws,
+            redirected: Default::default(),
+        }
+    }
+
+    /// Registry hosts the user sent elsewhere: an ECR host among them is asked where its
+    /// images were pushed (its registry), not through ECR's API, which describes only the
+    /// images of the registry it fronts.
+    pub fn with_redirected_hosts(mut self, hosts: impl IntoIterator<Item = String>) -> Self {
+        self.redirected.extend(hosts);
+        self
     }
 
     async fn head(&self, image: &ImageRef) -> Result<bool, DigestCheckError> {
@@ -113,9 +127,12 @@ impl<'a> RegistryDigestCheck<'a> {
 
 impl DigestCheck for RegistryDigestCheck<'_> {
     async fn exists(&self, image: &ImageRef) -> Result<bool, DigestCheckError> {
+        let host = image.repository.split('/').next().unwrap_or_default();
         match ecr_repository(&image.repository) {
-            Some((region, name)) => self.ecr(image, &region, &name).await,
-            None => self.head(image).await,
+            Some((region, name)) if !self.redirected.contains(host) => {
+                self.ecr(image, &region, &name).await
+            }
+            _ => self.head(image).await,
         }
     }
 }

@@ -68,11 +68,7 @@ pub enum InputsError {
 }
 
 pub(crate) fn is_digest(text: &str) -> bool {
-    text.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    })
+    text.parse::<crate::id::Digest>().is_ok()
 }
 
 pub(crate) fn is_ami_id(text: &str) -> bool {
@@ -99,56 +95,33 @@ impl PublishInputs {
         Ok(inputs)
     }
 
-    /// Takes the inputs from a build record (any JSON). AMIs: `amis` (region → AMI id), else
-    /// `ami.regions` (`[{region, image_id}]`, the AMI stage's record). Images: `images`
-    /// (`[{repository, digest}]`), else the built image (`output.image_digest`) in each of
-    /// `repositories` (the recipe's push targets: a push keeps the manifest's bytes, so its
-    /// digest; the registry is asked before anything points at it).
+    /// Takes the inputs from the version's build record: its AMIs (any strategy), and its
+    /// image in each of `repositories` (the recipe's push targets: a push keeps the manifest's
+    /// bytes, so its digest; the registry is asked before anything points at it).
     pub fn from_record(
-        recipe: &str,
-        version: &str,
-        record: &serde_json::Value,
+        record: &crate::store::BuildRecord,
         repositories: &[String],
     ) -> Result<Self, InputsError> {
-        let field = |name: &str, e: serde_json::Error| {
-            InputsError::Invalid(format!("the build record's `{name}`: {e}"))
-        };
-        let amis = if let Some(value) = record.get("amis") {
-            serde_json::from_value(value.clone()).map_err(|e| field("amis", e))?
-        } else if let Some(value) = record.pointer("/ami/regions") {
-            #[derive(Deserialize)]
-            struct RegionImage {
-                region: String,
-                image_id: String,
-            }
-            let regions: Vec<RegionImage> =
-                serde_json::from_value(value.clone()).map_err(|e| field("ami.regions", e))?;
-            regions
-                .into_iter()
-                .map(|r| (r.region, r.image_id))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
-        let images = if let Some(value) = record.get("images") {
-            serde_json::from_value(value.clone()).map_err(|e| field("images", e))?
-        } else if let Some(digest) = record
-            .pointer("/output/image_digest")
-            .and_then(|d| d.as_str())
-        {
-            repositories
-                .iter()
-                .map(|repository| ImageRef {
-                    repository: repository.clone(),
-                    digest: digest.to_owned(),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let amis = record
+            .amis()
+            .iter()
+            .map(|r| (r.region.clone(), r.image_id.clone()))
+            .collect();
+        let images = record
+            .image()
+            .map(|image| {
+                repositories
+                    .iter()
+                    .map(|repository| ImageRef {
+                        repository: repository.clone(),
+                        digest: image.image_digest.to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let inputs = PublishInputs {
-            recipe: recipe.to_owned(),
-            version: version.to_owned(),
+            recipe: record.name.clone(),
+            version: record.version.to_string(),
             amis,
             images,
         };
@@ -193,13 +166,17 @@ impl PublishInputs {
         Ok(())
     }
 
-    /// The first 12 hex digits of the version.
+    /// The first 12 hex digits of the version (checked by [`PublishInputs::check`]; an
+    /// unchecked malformed one gives its text unchanged).
     pub fn version_short(&self) -> &str {
-        let hex = self
-            .version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version);
-        &hex[..hex.len().min(12)]
+        match self.version.parse::<crate::id::Version>() {
+            Ok(version) => {
+                let short = version.short();
+                let start = self.version.len() - version.hex().len();
+                &self.version[start..start + short.len()]
+            }
+            Err(_) => &self.version,
+        }
     }
 }
 
@@ -245,33 +222,41 @@ mod tests {
         assert!(bad.check().is_err());
     }
 
-    #[test]
-    fn inputs_come_from_a_build_record() {
-        let record = serde_json::json!({
-            "format": "bake.build/1",
-            "amis": {"eu-west-1": "ami-0123456789abcdef0"},
-            "images": [{"repository": "127.0.0.1:5000/web", "digest": format!("sha256:{}", "b".repeat(64))}]
-        });
-        let version = format!("sha256:{}", "c".repeat(64));
-        let inputs = PublishInputs::from_record("web", &version, &record, &[]).unwrap();
-        assert_eq!(inputs.amis["eu-west-1"], "ami-0123456789abcdef0");
-        assert_eq!(inputs.images.len(), 1);
-        assert_eq!(inputs.version_short(), "cccccccccccc");
+    fn record(artifact: serde_json::Value) -> crate::store::BuildRecord {
+        serde_json::from_value(serde_json::json!({
+            "format": crate::store::record::RECORD_FORMAT,
+            "name": "web", "version": format!("sha256:{}", "c".repeat(64)), "recipe": "web.yaml",
+            "bake_version": "0.1.0",
+            "inputs": {"format": "bake.version/v1",
+                       "recipe": {"name": "web", "variables": {}, "base": "scratch", "build": {},
+                                  "provisioners": [], "tests": [], "outputs": {}},
+                       "base": {"kind": "scratch"}, "files": [], "builtins": [], "source_date_epoch": 0},
+            "started": "", "duration_ms": 0,
+            "artifact": artifact,
+        }))
+        .unwrap()
+    }
+
+    fn regions() -> serde_json::Value {
+        serde_json::json!([
+            {"region": "us-east-1", "image_id": "ami-0123456789abcdef0", "snapshot_id": "snap-1"},
+            {"region": "eu-west-1", "image_id": "ami-0fedcba9876543210", "snapshot_id": "snap-2"}
+        ])
     }
 
     #[test]
-    fn inputs_come_from_the_stages_own_records() {
+    fn inputs_come_from_every_kind_of_build_record() {
         let digest = format!("sha256:{}", "d".repeat(64));
-        let record = serde_json::json!({
-            "ami": {"regions": [
-                {"region": "us-east-1", "image_id": "ami-0123456789abcdef0", "snapshot_id": "snap-1"},
-                {"region": "eu-west-1", "image_id": "ami-0fedcba9876543210", "snapshot_id": "snap-2"}
-            ]},
-            "output": {"image_digest": digest}
-        });
-        let version = format!("sha256:{}", "c".repeat(64));
         let repositories = ["127.0.0.1:5000/web".to_owned()];
-        let inputs = PublishInputs::from_record("web", &version, &record, &repositories).unwrap();
+        let both = record(serde_json::json!({
+            "kind": "oci_image_and_disk_ami",
+            "image": {"image_digest": digest, "config_digest": digest, "manifest_size": 1,
+                      "layers": [], "steps": [], "compressor": "gzip"},
+            "ami": {"disk_image_digest": null, "regions": regions()}
+        }));
+        let inputs = PublishInputs::from_record(&both, &repositories).unwrap();
+        assert_eq!(inputs.recipe, "web");
+        assert_eq!(inputs.version_short(), "cccccccccccc");
         assert_eq!(inputs.amis.len(), 2);
         assert_eq!(inputs.amis["eu-west-1"], "ami-0fedcba9876543210");
         assert_eq!(
@@ -281,8 +266,14 @@ mod tests {
                 digest
             }]
         );
-        let broken = serde_json::json!({"ami": {"regions": [{"region": "us-east-1"}]}});
-        let err = PublishInputs::from_record("web", &version, &broken, &[]).unwrap_err();
-        assert!(err.to_string().contains("ami.regions"), "{err}");
+        // An AMI made on a builder instance reaches publishing like any other.
+        let instance = record(serde_json::json!({
+            "kind": "instance_ami",
+            "ami": {"source": {"region": "us-east-1", "image_id": "ami-0aaaaaaaaaaaaaaaa"},
+                    "image_name": "web", "build_id": null, "host_key": null, "regions": regions()}
+        }));
+        let inputs = PublishInputs::from_record(&instance, &repositories).unwrap();
+        assert_eq!(inputs.amis["us-east-1"], "ami-0123456789abcdef0");
+        assert!(inputs.images.is_empty());
     }
 }

@@ -145,6 +145,50 @@ pub struct PublishReport {
 }
 
 impl PublishReport {
+    /// What the regions that are done now hold for this version (new launch template versions,
+    /// SSM parameter versions, task definition revisions), as entries of the version's
+    /// manifest, stamped `at` by `by`. Nothing for a dry run.
+    pub fn publications(
+        &self,
+        at: &str,
+        by: &str,
+    ) -> Vec<crate::provenance::manifest::Publication> {
+        use crate::provenance::manifest::Publication;
+        let mut out = Vec::new();
+        if self.dry_run {
+            return out;
+        }
+        for outcome in self.regions.iter().filter(|r| r.status == Status::Done) {
+            let references = &outcome.references;
+            for lt in &references.launch_templates {
+                out.push(Publication::LaunchTemplate {
+                    region: lt.region.clone(),
+                    id: lt.template_id.clone(),
+                    version: u64::try_from(lt.version).unwrap_or_default(),
+                    at: at.to_owned(),
+                    by: by.to_owned(),
+                });
+            }
+            for parameter in &references.ssm_parameters {
+                out.push(Publication::SsmParameter {
+                    region: parameter.region.clone(),
+                    name: parameter.name.clone(),
+                    version: parameter.version,
+                    at: at.to_owned(),
+                    by: by.to_owned(),
+                });
+            }
+            for task in &references.task_definitions {
+                out.push(Publication::EcsTaskDefinition {
+                    arn: task.arn.clone(),
+                    at: at.to_owned(),
+                    by: by.to_owned(),
+                });
+            }
+        }
+        out
+    }
+
     /// Success when every region is done, the partial-publish code when some are, else
     /// a recipe error for refusals and an infrastructure error otherwise.
     pub fn exit_status(&self) -> ExitStatus {
@@ -608,6 +652,11 @@ impl<D: DigestCheck> Publisher<'_, D> {
                         },
                     )
                     .await?;
+                    references.ssm_parameters.push(channel::SsmParameterRecord {
+                        region: region.to_owned(),
+                        name: state.name.clone(),
+                        version: u64::try_from(version).unwrap_or_default(),
+                    });
                     format!("{ami} (parameter version {version})")
                 });
             }

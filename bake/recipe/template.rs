@@ -55,9 +55,13 @@ impl Context {
         region: Option<&str>,
         secrets: Secrets,
     ) -> Self {
-        let placeholder = format!("sha256:{}", "0".repeat(64));
-        let version = version.unwrap_or(&placeholder);
-        let hex = version.strip_prefix("sha256:").unwrap_or(version);
+        // Before the version is known (validation), an all-zero one stands in.
+        let version: crate::id::Version =
+            version.and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                crate::id::Version::from_digest(
+                    crate::id::Digest::from_hex(&"0".repeat(64)).expect("64 hex digits"),
+                )
+            });
         let mut vars = Map::new();
         let mut unset = Vec::new();
         for (name, variable) in &recipe.variables {
@@ -81,10 +85,10 @@ impl Context {
         let mut root = Map::new();
         root.insert("var".into(), Value::Object(vars));
         root.insert("name".into(), Value::String(recipe.name.clone()));
-        root.insert("version".into(), Value::String(version.to_owned()));
+        root.insert("version".into(), Value::String(version.to_string()));
         root.insert(
             "version_short".into(),
-            Value::String(hex.chars().take(12).collect()),
+            Value::String(version.short().to_owned()),
         );
         root.insert("arch".into(), Value::String(arch.to_owned()));
         let mut unavailable = vec!["region"];

@@ -35,7 +35,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
 
+pub mod record;
 pub(crate) mod trash;
+
+pub use record::{Artifact, BuildRecord, DiskAmi, InstanceAmi, OciImage};
 
 /// The annotation bake puts on each index entry: the version it is the image of.
 pub const ANNOTATION_VERSION: &str = "dev.bake.version";
@@ -62,6 +65,11 @@ pub enum StoreError {
     DigestMismatch { expected: String, actual: String },
     #[error("`{0}` is not a sha256 digest")]
     BadDigest(String),
+    #[error(
+        "build record `{}` has format `{format}`, which this bake does not read",
+        path.display()
+    )]
+    RecordFormat { path: PathBuf, format: String },
     #[error(
         "refusing to discard `{}`: only entries of the store's `work/` and `tmp/` are thrown away",
         path.display()
@@ -329,20 +337,13 @@ impl Store {
     }
 
     /// The build record of `version`, if it was built here.
-    pub fn record<T: DeserializeOwned>(&self, version: &str) -> Result<Option<T>, StoreError> {
-        let path = self
-            .root
-            .join("records")
-            .join(format!("{}.json", digest_hex(version)?));
-        self.read_json(&path)
+    pub fn record(&self, version: &str) -> Result<Option<BuildRecord>, StoreError> {
+        record::load(self, version)
     }
 
-    pub fn put_record<T: Serialize>(&self, version: &str, record: &T) -> Result<(), StoreError> {
-        let path = self
-            .root
-            .join("records")
-            .join(format!("{}.json", digest_hex(version)?));
-        self.write_json(&path, record)
+    /// Writes the build record of its version.
+    pub fn put_record(&self, record: &BuildRecord) -> Result<(), StoreError> {
+        record::save(self, record)
     }
 
     /// A cached result of `kind` (such as `steps` or `bootstrap`) under `key` (a digest).
@@ -419,7 +420,10 @@ impl Store {
         Ok(file)
     }
 
-    fn read_json<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<T>, StoreError> {
+    pub(crate) fn read_json<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<T>, StoreError> {
         let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -435,7 +439,11 @@ impl Store {
             })
     }
 
-    fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), StoreError> {
+    pub(crate) fn write_json<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let mut bytes = serde_json::to_vec_pretty(value).expect("store documents serialize");
         bytes.push(b'\n');
         self.write_atomic(path, &bytes)
@@ -668,26 +676,12 @@ mod tests {
     }
 
     #[test]
-    fn records_and_caches_round_trip() {
+    fn caches_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let version = format!("sha256:{}", "a".repeat(64));
-        assert!(
-            store
-                .record::<serde_json::Value>(&version)
-                .unwrap()
-                .is_none()
-        );
-        store
-            .put_record(&version, &serde_json::json!({"ok": true}))
-            .unwrap();
-        assert_eq!(
-            store
-                .record::<serde_json::Value>(&version)
-                .unwrap()
-                .unwrap()["ok"],
-            true
-        );
+        assert!(store.record(&version).unwrap().is_none());
+        assert_eq!(store.cached::<u32>("steps", &version).unwrap(), None);
         store.put_cached("steps", &version, &3u32).unwrap();
         assert_eq!(store.cached::<u32>("steps", &version).unwrap(), Some(3));
     }

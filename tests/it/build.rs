@@ -141,14 +141,17 @@ fn scratch_builds_are_reproducible_across_directories_and_times() {
         &fs_err::read(store_a.path().join("records").join(format!("{hex}.json"))).unwrap(),
     )
     .unwrap();
-    assert_eq!(record["output"]["image_digest"], a["image_digest"]);
+    assert_eq!(record["format"], "bake.build-record/v2");
+    assert_eq!(record["artifact"]["kind"], "oci_image");
+    let image = &record["artifact"]["image"];
+    assert_eq!(image["image_digest"], a["image_digest"]);
     assert!(
-        record["compressor"]
+        image["compressor"]
             .as_str()
             .unwrap()
             .starts_with("gzip/zlib-rs"),
         "{}",
-        record["compressor"]
+        image["compressor"]
     );
     assert_eq!(record["inputs"]["format"], "bake.version/v1");
 }

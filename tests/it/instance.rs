@@ -22,17 +22,17 @@ use bake::aws::{Aws, AwsSettings};
 
 use super::common::{bake, fresh_account, service, stderr, stdout};
 
-const REGION: &str = "us-east-1";
+pub(super) const REGION: &str = "us-east-1";
 
 // ---------------------------------------------------------------------------------------------
 // moto, through a recording proxy
 
 /// Every request bake sent (form-decoded EC2 query bodies), in order.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+pub(super) struct Captured(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
 
 impl Captured {
-    fn actions(&self, action: &str) -> Vec<BTreeMap<String, String>> {
+    pub(super) fn actions(&self, action: &str) -> Vec<BTreeMap<String, String>> {
         self.0
             .lock()
             .unwrap()
@@ -145,15 +145,15 @@ fn url_decode_form(text: &str) -> BTreeMap<String, String> {
 }
 
 /// One test's moto account, clients for it, and the proxy bake talks to.
-struct Moto {
-    proxy: String,
-    captured: Captured,
-    account: String,
-    ec2: aws_sdk_ec2::Client,
-    aws: Aws,
+pub(super) struct Moto {
+    pub(super) proxy: String,
+    pub(super) captured: Captured,
+    pub(super) account: String,
+    pub(super) ec2: aws_sdk_ec2::Client,
+    pub(super) aws: Aws,
 }
 
-async fn moto() -> Option<Moto> {
+pub(super) async fn moto() -> Option<Moto> {
     let endpoint = service("BAKE_TEST_MOTO_ENDPOINT")?;
     let account = fresh_account();
     // SAFETY: the tests set the same dummy values; nothing reads them concurrently in a way
@@ -183,7 +183,7 @@ async fn moto() -> Option<Moto> {
 
 impl Moto {
     /// `bake` configured for this account, through the proxy.
-    fn bake(&self, store: &Path) -> Command {
+    pub(super) fn bake(&self, store: &Path) -> Command {
         let mut command = bake();
         command
             .env("BAKE_AWS_ENDPOINT_URL", &self.proxy)
@@ -203,7 +203,7 @@ impl Moto {
 
     /// Two vendor-like AMIs (made from a throwaway instance, then terminated): moto's own
     /// images are `paravirtual`/`standard`, so recipes here filter on that.
-    async fn vendor_amis(&self) -> (String, String) {
+    pub(super) async fn vendor_amis(&self) -> (String, String) {
         let run = self
             .ec2
             .run_instances()
@@ -236,7 +236,7 @@ impl Moto {
     }
 
     /// Instances not terminated, key pairs and non-default security groups in the account.
-    async fn leftovers(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+    pub(super) async fn leftovers(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
         let instances = self
             .ec2
             .describe_instances()
@@ -338,9 +338,9 @@ fn base_root() -> Result<PathBuf, String> {
 
 /// An sshd on 127.0.0.1 in its own mount and PID namespaces, chrooted into an overlay of the
 /// base root; what provisioning writes lands in `upper`.
-struct Sshd {
+pub(super) struct Sshd {
     child: Child,
-    port: u16,
+    pub(super) port: u16,
     upper: PathBuf,
     keys: PathBuf,
     _dir: tempfile::TempDir,
@@ -355,7 +355,7 @@ fn free_port() -> u16 {
 }
 
 impl Sshd {
-    fn start() -> Option<Sshd> {
+    pub(super) fn start() -> Option<Sshd> {
         if !super::skip::root("namespaces, overlay and chroot for sshd") {
             return None;
         }
@@ -434,7 +434,7 @@ exec chroot "$MERGED" /usr/sbin/sshd -D -e -p "$PORT" -o ListenAddress=127.0.0.1
         }
     }
 
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("sshd.log")).unwrap_or_default()
     }
 
@@ -445,7 +445,7 @@ exec chroot "$MERGED" /usr/sbin/sshd -D -e -p "$PORT" -o ListenAddress=127.0.0.1
     }
 
     /// A file as provisioning left it in the root.
-    fn file(&self, path: &str) -> Option<String> {
+    pub(super) fn file(&self, path: &str) -> Option<String> {
         std::fs::read_to_string(self.upper.join(path.trim_start_matches('/'))).ok()
     }
 }
@@ -460,7 +460,7 @@ impl Drop for Sshd {
 
 /// Authorizes the build's key in `sshd` as soon as bake has imported it into moto, while bake
 /// waits for SSH (as a real builder's cloud-init would).
-fn authorize_when_imported(moto: &Moto, sshd: &Sshd, child: &mut Child) {
+pub(super) fn authorize_when_imported(moto: &Moto, sshd: &Sshd, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let rt = tokio::runtime::Handle::current();
     loop {
@@ -569,11 +569,11 @@ fn wait_for(child: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn finish(child: Child) -> std::process::Output {
+pub(super) fn finish(child: Child) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
-fn tag<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
+pub(super) fn tag<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
     tags.iter()
         .find(|t| t.key() == Some(key))
         .and_then(|t| t.value())

@@ -7,6 +7,7 @@
 mod ami;
 mod aws_harness;
 mod build;
+mod chain;
 mod cli;
 mod common;
 mod disk;

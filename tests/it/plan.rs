@@ -150,6 +150,7 @@ fn version_of(dir: &Path, yaml: &str, sources: &VarSources) -> String {
     plan(&recipe, "recipe.yaml", &PlanOptions::default())
         .unwrap()
         .version
+        .to_string()
 }
 
 fn canonical_style() -> Style {

@@ -466,12 +466,16 @@ fn manifest_show_finds_the_version_of_an_ami_from_its_build_record() {
     let hex = version.trim_start_matches("sha256:");
     let record_path = s.join("records").join(format!("{hex}.json"));
     let mut record: Value = serde_json::from_slice(&fs_err::read(&record_path).unwrap()).unwrap();
-    record["amis"] = json!([{
-        "region": "eu-west-1",
-        "account": "123456789012",
-        "image_id": "ami-0123456789abcdef0",
-        "snapshot_ids": ["snap-0123456789abcdef0"]
-    }]);
+    // As a build of a recipe with both outputs records it: the image and the AMIs.
+    record["artifact"] = json!({
+        "kind": "oci_image_and_disk_ami",
+        "image": record["artifact"]["image"],
+        "ami": {"disk_image_digest": null, "regions": [{
+            "region": "eu-west-1",
+            "image_id": "ami-0123456789abcdef0",
+            "snapshot_id": "snap-0123456789abcdef0"
+        }]}
+    });
     fs_err::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
     fs_err::remove_file(s.join("manifests").join(format!("{hex}.json"))).unwrap();
     build(s, &[HELLO]);
@@ -481,6 +485,7 @@ fn manifest_show_finds_the_version_of_an_ami_from_its_build_record() {
         manifest["outputs"]["amis"][0]["snapshot_ids"][0],
         "snap-0123456789abcdef0"
     );
+    assert_eq!(manifest_of(s, "snap-0123456789abcdef0")["version"], version);
     let human = bake_in(s, &["manifest", "show", "ami-0123456789abcdef0"]);
     assert!(stdout(&human).contains("ami          ami-0123456789abcdef0 (eu-west-1)"));
     // --manifest writes it where CI wants it.
@@ -1021,8 +1026,14 @@ fn ami_provenance_is_tagged_kept_in_ssm_and_verified() {
         "version": version,
         "recipe": "web-ami.yaml",
         "bake_version": "0.1.0",
-        "inputs": {"base": {"kind": "bootstrap", "suite": "bookworm"}, "files": [],
-                   "recipe": {"variables": {}}, "source_date_epoch": 1700000000},
+        "inputs": {"format": "bake.version/v1",
+                   "base": {"kind": "bootstrap", "distro": "debian", "suite": "bookworm",
+                            "variant": "minbase", "packages": [], "mirror": "http://deb.debian.org/debian",
+                            "components": ["main"], "architecture": "amd64"},
+                   "files": [], "builtins": [],
+                   "recipe": {"name": "web-ami", "variables": {}, "base": {}, "build": {},
+                              "provisioners": [], "tests": [], "outputs": {}},
+                   "source_date_epoch": 1700000000},
         "ami": {"disk_image_digest": disk,
                 "regions": [{"region": "us-east-1", "image_id": ami, "snapshot_id": "snap-0123"}]},
         "duration_ms": 1000

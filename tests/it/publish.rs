@@ -1287,15 +1287,27 @@ async fn publish_takes_the_artifacts_from_the_build_record() {
     ok(plan.clone(), "plan");
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let version = plan["version"].as_str().unwrap().to_owned();
-    // The AMI stage's record of what it made, as the build record carries it.
-    let record = serde_json::json!({
-        "format": "bake.build/1",
-        "version": version,
-        "ami": {"regions": [{"region": region, "image_id": new, "snapshot_id": "snap-0123456789abcdef0"}]}
-    });
+    // The AMI stage's record of what it made (as `bake build` of the snapshot strategy writes it).
+    let record = bake::store::BuildRecord::new(
+        "web",
+        &version.parse().unwrap(),
+        recipe_arg,
+        &serde_json::from_value(plan["inputs"].clone()).unwrap(),
+        bake::store::Artifact::DiskAmi {
+            ami: bake::store::DiskAmi {
+                disk_image_digest: None,
+                regions: vec![bake::ami::RegionImage {
+                    region: region.into(),
+                    image_id: new.clone(),
+                    snapshot_id: "snap-0123456789abcdef0".into(),
+                }],
+                boots: vec![],
+            },
+        },
+    );
     bake::store::Store::open(&store)
         .unwrap()
-        .put_record(&version, &record)
+        .put_record(&record)
         .unwrap();
     // `bake plan --publish` shows each pointer's current and wanted value, and changes nothing.
     let planned = env.bake_in(

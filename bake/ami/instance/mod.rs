@@ -111,7 +111,7 @@ impl InstanceOptions {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AmiBuildOutput {
     pub name: String,
-    pub version: String,
+    pub version: crate::id::Version,
     pub region: String,
     pub image_id: String,
     pub image_name: String,
@@ -124,18 +124,6 @@ pub struct AmiBuildOutput {
     /// Every region's AMI, the build region first.
     pub regions: Vec<RegionImage>,
 }
-
-/// The store's record of an instance build.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AmiBuildRecord {
-    pub format: String,
-    pub inputs: serde_json::Value,
-    pub source: SourceAmi,
-    pub output: AmiBuildOutput,
-    pub duration_ms: u64,
-}
-
-pub const AMI_RECORD_FORMAT: &str = "bake.ami-instance-record/v1";
 
 /// An AWS error's code and message, as the cause of a bake error.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +400,11 @@ impl InstanceBuilder<'_> {
                     .distribute(None, &spec, &existing, false)
                     .await
                     .map_err(not_created)?;
+                // A store that never saw this version (another machine built it) gets its
+                // record, so publish, attest and the manifest find the AMI here too.
+                if matches!(self.store.record(&plan.version), Ok(None)) {
+                    self.write_record(plan, source, &existing, started);
+                }
                 return Ok(existing);
             }
         };
@@ -494,16 +487,7 @@ impl InstanceBuilder<'_> {
         match result {
             Ok(mut output) if cleanup.is_empty() => {
                 output.build_id = Some(build_id);
-                let record = AmiBuildRecord {
-                    format: AMI_RECORD_FORMAT.into(),
-                    inputs: plan.inputs.clone(),
-                    source: source.clone(),
-                    output: output.clone(),
-                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                };
-                if let Err(e) = self.store.put_record(&plan.version, &record) {
-                    tracing::warn!("failed to write the build record: {e}");
-                }
+                self.write_record(plan, &source, &output, started);
                 Ok(output)
             }
             Ok(output) => Err(InstanceFailure {
@@ -518,6 +502,39 @@ impl InstanceBuilder<'_> {
                 cleanup,
                 created_anything: true,
             }),
+        }
+    }
+
+    /// Keeps the build in the store's record of the version (a failure to write it is only
+    /// logged: the AMI exists, and a rebuild finds it by its tag and writes the record).
+    fn write_record(
+        &self,
+        plan: &Plan,
+        source: &SourceAmi,
+        output: &AmiBuildOutput,
+        started: Instant,
+    ) {
+        let mut record = crate::store::BuildRecord::new(
+            &plan.name,
+            &plan.version,
+            &plan.recipe,
+            &plan.inputs,
+            crate::store::Artifact::InstanceAmi {
+                ami: crate::store::InstanceAmi {
+                    source: source.clone(),
+                    image_name: output.image_name.clone(),
+                    build_id: output.build_id.clone(),
+                    host_key: output.host_key.clone(),
+                    regions: output.regions.clone(),
+                },
+            },
+        );
+        record.started =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() - started.elapsed())
+                .to_string();
+        record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.store.put_record(&record) {
+            tracing::warn!("failed to write the build record: {e}");
         }
     }
 
@@ -1374,7 +1391,7 @@ impl BuildCtx<'_> {
             (TAG_BUILD_ID.into(), self.build_id.to_owned()),
             (TAG_RUN.into(), self.build_id.to_owned()),
             (TAG_RECIPE.into(), self.recipe.name.clone()),
-            (TAG_VERSION.into(), self.plan.version.clone()),
+            (TAG_VERSION.into(), self.plan.version.to_string()),
             (TAG_CREATED.into(), now_secs().to_string()),
         ]
     }

@@ -651,18 +651,34 @@ pub fn record_image(store: &Store, name: &str, digest: &str) -> String {
     );
     let manifest: serde_json::Value =
         serde_json::from_slice(&store.read_blob(digest).unwrap()).unwrap();
-    let record = serde_json::json!({
-        "format": "bake.record/v1", "name": name, "version": version, "recipe": "test",
-        "bake_version": "test", "inputs": {}, "source_date_epoch": 0, "compressor": "test",
-        "output": {
-            "name": name, "version": version, "image_digest": digest,
-            "config_digest": manifest["config"]["digest"],
-            "manifest_size": store.read_blob(digest).unwrap().len(),
-            "layers": [], "cached": false, "steps": [],
+    let inputs: bake::plan::PlanInputs = serde_json::from_value(serde_json::json!({
+        "format": bake::plan::VERSION_FORMAT,
+        "recipe": {"name": name, "variables": {}, "base": "scratch", "build": {},
+                   "provisioners": [], "tests": [], "outputs": {}},
+        "base": {"kind": "scratch"}, "files": [], "builtins": [], "source_date_epoch": 0
+    }))
+    .unwrap();
+    let record = bake::store::BuildRecord::new(
+        name,
+        &version.parse().unwrap(),
+        "test",
+        &inputs,
+        bake::store::Artifact::OciImage {
+            image: bake::store::OciImage {
+                image_digest: digest.parse().unwrap(),
+                config_digest: manifest["config"]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                manifest_size: store.read_blob(digest).unwrap().len() as u64,
+                layers: vec![],
+                steps: vec![],
+                compressor: "test".into(),
+            },
         },
-        "started": "1970-01-01T00:00:00Z", "duration_ms": 0,
-    });
-    store.put_record(&version, &record).unwrap();
+    );
+    store.put_record(&record).unwrap();
     version
 }
 

@@ -4,7 +4,7 @@
 //! data plane, faults injected by a proxy in front of a real registry, tag resolution in plans,
 //! and credentials that never leak.
 
-mod harness;
+pub(super) mod harness;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -425,7 +425,7 @@ async fn skopeo_reads_what_bake_pushed_and_bake_pulls_what_skopeo_pushed() {
     assert_same_image(&other, &pulled_store, &other_digest);
 }
 
-async fn moto_aws(endpoint: &str, account: &str) -> bake::aws::Aws {
+pub(super) async fn moto_aws(endpoint: &str, account: &str) -> bake::aws::Aws {
     // SAFETY: every test that touches AWS sets the same dummy values.
     unsafe {
         std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
