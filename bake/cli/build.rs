@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{VarArgs, print_json, print_reports};
+use crate::build::engine::Engine;
 use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
-use crate::build::runner::{NamespaceRunner, StepOutput, Stream};
+use crate::build::runner::{NamespaceRunner, Runner, StepOutput, Stream};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::recipe;
@@ -28,6 +29,18 @@ pub struct BuildArgs {
     pub vars: VarArgs,
     #[command(flatten)]
     pub attest: super::attest::AttestArgs,
+    /// Where provisioning steps run: `chroot` (namespaces, needs root) or `docker` (a Docker
+    /// Engine found like the docker CLI finds it). Overrides the recipe's `build.runner`; both
+    /// give the same image.
+    #[arg(long, value_name = "RUNNER")]
+    pub runner: Option<RunnerArg>,
+}
+
+/// `--runner`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunnerArg {
+    Chroot,
+    Docker,
 }
 
 pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
@@ -92,20 +105,39 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             };
         }
     }
-    let runner = match NamespaceRunner::new() {
-        Ok(runner) => runner,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
-        }
+    let cancel = cancel_on_signals();
+    let docker = match args.runner {
+        Some(choice) => choice == RunnerArg::Docker,
+        None => recipe.build.runner == recipe::RunnerKind::Docker,
+    };
+    let namespace;
+    let engine;
+    let runner: &dyn Runner = if docker {
+        engine = match Engine::connect(Arc::clone(&cancel)) {
+            Ok(engine) => engine,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        &engine
+    } else {
+        namespace = match NamespaceRunner::new() {
+            Ok(runner) => runner,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        &namespace
     };
     let builder = Builder {
         store: &store,
-        runner: &runner,
+        runner,
         options: BuildOptions {
             source_date_epoch: plan.source_date_epoch(),
             workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
-            cancel: cancel_on_signals(),
+            cancel,
         },
     };
     let mut reporter = CliReporter {

@@ -1,0 +1,602 @@
+//! A file tree read from a tar stream, kept as metadata in memory and file content in one
+//! spool file: what the Docker runner knows of a root filesystem it cannot unpack on the host
+//! (an unprivileged user cannot create root-owned files or device nodes there).
+//!
+//! Two uses, both ending in [`super::layer::write_layer_from`] so that the layer bytes come from
+//! bake's own tar writer:
+//!
+//! - a rootfs tarball base, applied as bake's unpacker applies a layer (whiteouts, opaque
+//!   markers, missing parents created `0755` root-owned, a later entry replacing an earlier
+//!   one), then written whole;
+//! - a container's export (`GET /containers/{id}/export`), of which only the paths a step
+//!   changed (and their parents) are kept.
+//!
+//! What a tar cannot say is made up consistently: every entry gets its own inode number and
+//! hard links share one, so the layer writer finds hard links as it does on a real file system;
+//! ctime is zero (it is never written).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use tar::EntryType;
+
+use super::layer::{LayerError, LayerSource, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use super::snapshot::{EntryKind, EntryMeta};
+
+/// Mode of a parent directory a tar leaves out, as bake's unpacker (and containerd) make it.
+const INVENTED_DIR_MODE: u32 = 0o755;
+
+/// A failure to read a tar stream into a tree.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("failed to read the tar stream of {what}")]
+    Read {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to spool file content of {what} into `{}`", path.display())]
+    Spool {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("entry `{path}` of {what} {problem}")]
+    Entry {
+        what: String,
+        path: String,
+        problem: &'static str,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    meta: EntryMeta,
+    /// Offset and length of a regular file's content in the spool.
+    content: Option<(u64, u64)>,
+}
+
+/// Which entries to keep while reading: all, or only some paths (and what they need).
+#[derive(Debug, Clone, Default)]
+pub struct Keep {
+    /// `None`: everything.
+    paths: Option<BTreeSet<PathBuf>>,
+}
+
+impl Keep {
+    pub fn all() -> Self {
+        Keep { paths: None }
+    }
+
+    /// Only `paths` (relative, no leading `/`) and their parent directories.
+    pub fn only(paths: impl IntoIterator<Item = PathBuf>) -> Self {
+        let mut kept = BTreeSet::new();
+        for path in paths {
+            for ancestor in path.ancestors() {
+                if ancestor.as_os_str().is_empty() {
+                    break;
+                }
+                kept.insert(ancestor.to_path_buf());
+            }
+        }
+        Keep { paths: Some(kept) }
+    }
+
+    fn keeps(&self, path: &Path) -> bool {
+        self.paths.as_ref().is_none_or(|paths| paths.contains(path))
+    }
+}
+
+/// A tree read from one or more tar streams.
+pub struct TarTree {
+    nodes: BTreeMap<PathBuf, Node>,
+    spool: tempfile::NamedTempFile,
+    spooled: u64,
+    next_ino: u64,
+}
+
+impl std::fmt::Debug for TarTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarTree")
+            .field("entries", &self.nodes.len())
+            .field("spooled", &self.spooled)
+            .finish()
+    }
+}
+
+impl TarTree {
+    /// An empty tree whose file content is spooled into a temporary file in `dir`.
+    pub fn new(dir: &Path) -> Result<Self, TreeError> {
+        let spool = tempfile::NamedTempFile::new_in(dir).map_err(|source| TreeError::Spool {
+            what: "a tree".into(),
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(TarTree {
+            nodes: BTreeMap::new(),
+            spool,
+            spooled: 0,
+            next_ino: 1,
+        })
+    }
+
+    /// Every path in the tree, parents first.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.nodes.keys().map(PathBuf::as_path)
+    }
+
+    pub fn get(&self, path: &Path) -> Option<&EntryMeta> {
+        self.nodes.get(path).map(|n| &n.meta)
+    }
+
+    /// Applies the tar stream `reader` (described as `what` in errors), keeping what `keep`
+    /// keeps. Whiteouts and opaque markers remove what earlier streams put in the tree.
+    pub fn apply(&mut self, reader: impl Read, what: &str, keep: &Keep) -> Result<(), TreeError> {
+        let read_error = |source| TreeError::Read {
+            what: what.to_owned(),
+            source,
+        };
+        let mut archive = tar::Archive::new(reader);
+        // Entries this stream wrote: an opaque marker hides only what came from below.
+        let mut written: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut opaque: Vec<PathBuf> = Vec::new();
+        for entry in archive.entries().map_err(read_error)? {
+            let mut entry = entry.map_err(read_error)?;
+            let raw = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let entry_error = |problem| TreeError::Entry {
+                what: what.to_owned(),
+                path: shown.clone(),
+                problem,
+            };
+            let Some(path) =
+                normalize(Path::new(std::ffi::OsStr::from_bytes(&raw))).map_err(entry_error)?
+            else {
+                continue; // the root itself
+            };
+            let name = path.file_name().expect("normalized paths have a name");
+            let name_bytes = name.as_bytes();
+            if name_bytes == OPAQUE_MARKER.as_bytes() {
+                opaque.push(path.parent().unwrap_or(Path::new("")).to_path_buf());
+                continue;
+            }
+            if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+                if hidden.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                    continue; // aufs bookkeeping, as the unpacker ignores it
+                }
+                let gone = path.with_file_name(std::ffi::OsStr::from_bytes(hidden));
+                self.remove_subtree(&gone);
+                continue;
+            }
+            if !keep.keeps(&path) {
+                continue;
+            }
+            let header = entry.header().clone();
+            let kind = match header.entry_type() {
+                EntryType::Regular | EntryType::Continuous => EntryKind::File,
+                EntryType::Directory => EntryKind::Dir,
+                EntryType::Symlink => EntryKind::Symlink,
+                EntryType::Char => EntryKind::CharDevice,
+                EntryType::Block => EntryKind::BlockDevice,
+                EntryType::Fifo => EntryKind::Fifo,
+                EntryType::Link => {
+                    let target = entry
+                        .link_name_bytes()
+                        .ok_or_else(|| entry_error("is a hard link without a target"))?;
+                    let target = normalize(Path::new(std::ffi::OsStr::from_bytes(&target)))
+                        .map_err(entry_error)?
+                        .ok_or_else(|| entry_error("is a hard link to the root"))?;
+                    let Some(node) = self.nodes.get(&target).cloned() else {
+                        return Err(entry_error(
+                            "is a hard link to an entry the stream has not given (or bake did not keep)",
+                        ));
+                    };
+                    self.ensure_parents(&path);
+                    self.replace(&path);
+                    self.nodes.insert(path.clone(), node);
+                    written.insert(path);
+                    continue;
+                }
+                _ => continue, // PAX and GNU headers are read by the crate; others carry nothing
+            };
+            let mut xattrs = BTreeMap::new();
+            if let Some(extensions) = entry.pax_extensions().map_err(read_error)? {
+                for extension in extensions {
+                    let extension = extension.map_err(read_error)?;
+                    if let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                        xattrs.insert(
+                            OsString::from(std::ffi::OsStr::from_bytes(name)),
+                            extension.value_bytes().to_vec(),
+                        );
+                    }
+                }
+            }
+            let mtime_ns = pax_mtime_ns(&mut entry)
+                .unwrap_or_else(|| i128::from(header.mtime().unwrap_or(0)) * 1_000_000_000);
+            let rdev = match kind {
+                EntryKind::CharDevice | EntryKind::BlockDevice => rustix::fs::makedev(
+                    header.device_major().ok().flatten().unwrap_or(0),
+                    header.device_minor().ok().flatten().unwrap_or(0),
+                ),
+                _ => 0,
+            };
+            let link_target = match kind {
+                EntryKind::Symlink => Some(PathBuf::from(std::ffi::OsStr::from_bytes(
+                    &entry.link_name_bytes().unwrap_or_default(),
+                ))),
+                _ => None,
+            };
+            let size = if kind == EntryKind::File {
+                header.entry_size().map_err(read_error)?
+            } else {
+                0
+            };
+            let content = if kind == EntryKind::File {
+                Some(self.spool_content(&mut entry, size, what)?)
+            } else {
+                None
+            };
+            let meta = EntryMeta {
+                kind,
+                mode: header.mode().map_err(read_error)? & 0o7777,
+                uid: u32::try_from(header.uid().map_err(read_error)?)
+                    .map_err(|_| entry_error("has a uid above 2^32"))?,
+                gid: u32::try_from(header.gid().map_err(read_error)?)
+                    .map_err(|_| entry_error("has a gid above 2^32"))?,
+                size,
+                mtime_ns,
+                ctime_ns: 0,
+                dev: 0,
+                ino: self.next_ino,
+                nlink: 1,
+                rdev,
+                link_target,
+                xattrs,
+            };
+            self.next_ino += 1;
+            self.ensure_parents(&path);
+            if kind == EntryKind::Dir
+                && let Some(existing) = self.nodes.get_mut(&path)
+                && existing.meta.kind == EntryKind::Dir
+            {
+                // An existing directory takes the new metadata and keeps its content.
+                existing.meta = EntryMeta {
+                    ino: existing.meta.ino,
+                    ..meta
+                };
+            } else {
+                self.replace(&path);
+                self.nodes.insert(path.clone(), Node { meta, content });
+            }
+            written.insert(path);
+        }
+        for dir in opaque {
+            let below: Vec<PathBuf> = self
+                .nodes
+                .keys()
+                .filter(|p| p.starts_with(&dir) && **p != dir && !written.contains(*p))
+                .cloned()
+                .collect();
+            for path in below {
+                self.nodes.remove(&path);
+            }
+        }
+        self.count_links();
+        Ok(())
+    }
+
+    /// Sets `nlink` from how many paths share each inode.
+    fn count_links(&mut self) {
+        let mut counts: HashMap<u64, u64> = HashMap::new();
+        for node in self.nodes.values() {
+            if node.meta.kind != EntryKind::Dir {
+                *counts.entry(node.meta.ino).or_default() += 1;
+            }
+        }
+        for node in self.nodes.values_mut() {
+            if node.meta.kind != EntryKind::Dir {
+                node.meta.nlink = counts[&node.meta.ino];
+            }
+        }
+    }
+
+    fn spool_content(
+        &mut self,
+        entry: &mut impl Read,
+        size: u64,
+        what: &str,
+    ) -> Result<(u64, u64), TreeError> {
+        let offset = self.spooled;
+        let path = self.spool.path().to_path_buf();
+        let file = self.spool.as_file_mut();
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| io::copy(&mut entry.take(size), file))
+            .map_err(|source| TreeError::Spool {
+                what: what.to_owned(),
+                path,
+                source,
+            })
+            .and_then(|copied| {
+                if copied == size {
+                    Ok(())
+                } else {
+                    Err(TreeError::Read {
+                        what: what.to_owned(),
+                        source: io::Error::new(io::ErrorKind::UnexpectedEof, "a file ended early"),
+                    })
+                }
+            })?;
+        self.spooled += size;
+        Ok((offset, size))
+    }
+
+    /// Creates missing parent directories as the unpacker does.
+    fn ensure_parents(&mut self, path: &Path) {
+        let mut missing = Vec::new();
+        for ancestor in path.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                break;
+            }
+            match self.nodes.get(ancestor) {
+                Some(node) if node.meta.kind == EntryKind::Dir => break,
+                Some(_) => {
+                    // Something that is not a directory is in the way: the unpacker replaces it.
+                    self.nodes.remove(ancestor);
+                    missing.push(ancestor.to_path_buf());
+                }
+                None => missing.push(ancestor.to_path_buf()),
+            }
+        }
+        for dir in missing.into_iter().rev() {
+            let ino = self.next_ino;
+            self.next_ino += 1;
+            self.nodes.insert(
+                dir,
+                Node {
+                    meta: EntryMeta {
+                        kind: EntryKind::Dir,
+                        mode: INVENTED_DIR_MODE,
+                        uid: 0,
+                        gid: 0,
+                        size: 0,
+                        mtime_ns: 0,
+                        ctime_ns: 0,
+                        dev: 0,
+                        ino,
+                        nlink: 1,
+                        rdev: 0,
+                        link_target: None,
+                        xattrs: BTreeMap::new(),
+                    },
+                    content: None,
+                },
+            );
+        }
+    }
+
+    /// Removes what is at `path` so that a new entry can take its place (a directory only goes
+    /// if the new entry is not a directory; the caller handles that case).
+    fn replace(&mut self, path: &Path) {
+        self.remove_subtree(path);
+    }
+
+    fn remove_subtree(&mut self, path: &Path) {
+        let below: Vec<PathBuf> = self
+            .nodes
+            .range(path.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in below {
+            self.nodes.remove(&p);
+        }
+    }
+}
+
+/// The PAX `mtime` record, in nanoseconds, when the entry has one.
+fn pax_mtime_ns<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<i128> {
+    let extensions = entry.pax_extensions().ok()??;
+    for extension in extensions {
+        let extension = extension.ok()?;
+        if extension.key_bytes() == b"mtime" {
+            let value = extension.value().ok()?;
+            let (seconds, fraction) = value.split_once('.').unwrap_or((value, ""));
+            let seconds: i128 = seconds.parse().ok()?;
+            let mut nanos = fraction.chars().take(9).collect::<String>();
+            while nanos.len() < 9 {
+                nanos.push('0');
+            }
+            let nanos: i128 = nanos.parse().ok()?;
+            return Some(seconds * 1_000_000_000 + nanos);
+        }
+    }
+    None
+}
+
+/// A tar path relative to the root, without `.` components; `None` for the root; `..` refused.
+fn normalize(path: &Path) -> Result<Option<PathBuf>, &'static str> {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err("has a `..` component");
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+impl LayerSource for TarTree {
+    fn display(&self, path: &Path) -> PathBuf {
+        Path::new("/").join(path)
+    }
+
+    fn meta(&self, path: &Path) -> Result<EntryMeta, LayerError> {
+        self.nodes
+            .get(path)
+            .map(|n| n.meta.clone())
+            .ok_or_else(|| LayerError::Read {
+                path: self.display(path),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "not in the tree read from the engine",
+                ),
+            })
+    }
+
+    fn content(
+        &self,
+        path: &Path,
+        _meta: &EntryMeta,
+        append: &mut dyn FnMut(&mut dyn Read) -> Result<(), LayerError>,
+    ) -> Result<(), LayerError> {
+        let read_error = |source| LayerError::Read {
+            path: self.display(path),
+            source,
+        };
+        let (offset, length) = self
+            .nodes
+            .get(path)
+            .and_then(|n| n.content)
+            .ok_or_else(|| read_error(io::Error::new(io::ErrorKind::NotFound, "no content")))?;
+        let mut file = self.spool.reopen().map_err(read_error)?;
+        file.seek(SeekFrom::Start(offset)).map_err(read_error)?;
+        append(&mut file.take(length))
+    }
+}
+
+/// The tree's paths, for tests.
+#[cfg(test)]
+fn names(tree: &TarTree) -> Vec<String> {
+    tree.paths().map(|p| p.display().to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::layer::{LayerOptions, write_layer, write_layer_from};
+    use crate::build::snapshot::{Changes, Excludes, snapshot};
+
+    fn tar_of(entries: &[(&str, EntryType, &[u8], &str)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_mode(if *kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(1_000);
+            header.set_size(data.len() as u64);
+            if !link.is_empty() {
+                header.set_link_name(link).unwrap();
+            }
+            builder.append_data(&mut header, path, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn whiteouts_opaque_markers_and_invented_parents_apply_like_the_unpacker() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = TarTree::new(dir.path()).unwrap();
+        let lower = tar_of(&[
+            ("./etc/", EntryType::Directory, b"", ""),
+            ("./etc/a", EntryType::Regular, b"a", ""),
+            ("./etc/b", EntryType::Regular, b"b", ""),
+            ("./opt/x/y", EntryType::Regular, b"y", ""),
+        ]);
+        tree.apply(&lower[..], "lower", &Keep::all()).unwrap();
+        assert_eq!(
+            names(&tree),
+            ["etc", "etc/a", "etc/b", "opt", "opt/x", "opt/x/y"]
+        );
+        assert_eq!(tree.get(Path::new("opt")).unwrap().mode, INVENTED_DIR_MODE);
+        let upper = tar_of(&[
+            ("etc/.wh.a", EntryType::Regular, b"", ""),
+            ("opt/x/new", EntryType::Regular, b"n", ""),
+            ("opt/x/.wh..wh..opq", EntryType::Regular, b"", ""),
+            ("etc/b2", EntryType::Link, b"", "etc/b"),
+        ]);
+        tree.apply(&upper[..], "upper", &Keep::all()).unwrap();
+        assert_eq!(
+            names(&tree),
+            ["etc", "etc/b", "etc/b2", "opt", "opt/x", "opt/x/new"]
+        );
+        let b = tree.get(Path::new("etc/b")).unwrap();
+        let b2 = tree.get(Path::new("etc/b2")).unwrap();
+        assert_eq!((b.ino, b.nlink), (b2.ino, 2));
+    }
+
+    #[test]
+    fn only_the_kept_paths_and_their_parents_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = TarTree::new(dir.path()).unwrap();
+        let stream = tar_of(&[
+            ("etc/", EntryType::Directory, b"", ""),
+            ("etc/a", EntryType::Regular, b"a", ""),
+            ("etc/b", EntryType::Regular, b"b", ""),
+            ("usr/", EntryType::Directory, b"", ""),
+        ]);
+        tree.apply(&stream[..], "export", &Keep::only([PathBuf::from("etc/b")]))
+            .unwrap();
+        assert_eq!(names(&tree), ["etc", "etc/b"]);
+    }
+
+    /// The same tree, unpacked on the host or read from a tar, gives the same layer bytes.
+    #[test]
+    fn a_tree_read_from_a_tar_writes_the_layer_the_unpacked_tree_writes() {
+        if !crate::build::testing::privileged("tree round trip") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs_err::create_dir(&root).unwrap();
+        crate::build::testing::rich_tree(&root);
+        let tree = snapshot(&root, &Excludes::new()).unwrap();
+        let options = LayerOptions {
+            source_date_epoch: Some(1_000_000_000),
+        };
+        let mut from_host = Vec::new();
+        write_layer(&root, &Changes::whole_tree(&tree), &options, &mut from_host).unwrap();
+
+        let mut read = TarTree::new(dir.path()).unwrap();
+        read.apply(&from_host[..], "layer", &Keep::all()).unwrap();
+        let changes = Changes {
+            changed: read.paths().map(Path::to_path_buf).collect(),
+            ..Changes::default()
+        };
+        let mut from_tree = Vec::new();
+        write_layer_from(&read, &changes, &options, &mut from_tree).unwrap();
+        assert!(from_host == from_tree, "the two layers differ");
+    }
+
+    #[test]
+    fn spool_holds_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = TarTree::new(dir.path()).unwrap();
+        let stream = tar_of(&[("a", EntryType::Regular, b"hello", "")]);
+        tree.apply(&stream[..], "t", &Keep::all()).unwrap();
+        let mut got = Vec::new();
+        tree.content(
+            Path::new("a"),
+            &tree.meta(Path::new("a")).unwrap(),
+            &mut |r| {
+                r.read_to_end(&mut got)
+                    .map(|_| ())
+                    .map_err(LayerError::Write)
+            },
+        )
+        .unwrap();
+        assert_eq!(got, b"hello");
+    }
+}
