@@ -26,7 +26,7 @@ use crate::artifact::oci::{HistoryEntry, LayerRef};
 use crate::build::engine::{Engine, EngineError};
 use crate::build::layer::{LayerOptions, write_layer_from};
 use crate::build::runner::StepSpec;
-use crate::build::snapshot::Changes;
+use crate::build::snapshot::{Changes, Snapshot, diff};
 use crate::build::tree::{Keep, TarTree};
 use crate::plan::Plan;
 use crate::recipe::template::{Context, Renderer, Secrets};
@@ -126,7 +126,8 @@ impl Builder<'_> {
                 None => self.engine_state(engine, &layers, &format!("{index}-start"))?,
             };
             reporter.step_started(&provisioner.name, false);
-            let container = self.engine_step(
+            let work = self.store.work_dir("engine-step")?;
+            let outcome = self.engine_step(
                 engine,
                 recipe,
                 provisioner,
@@ -135,14 +136,30 @@ impl Builder<'_> {
                 &renderer,
                 &contexts,
                 reporter,
-            )?;
+                work.path(),
+            );
+            let (container, before) = match outcome {
+                Ok(ran) => ran,
+                Err(error) => {
+                    super::discard(self.store, work);
+                    return Err(error);
+                }
+            };
             // From here the container exists: it goes whatever happens next.
-            let outcome = self.engine_layer(engine, &container.id, compression, &provisioner.name);
+            let outcome = self.engine_layer(
+                engine,
+                &container.id,
+                &before,
+                compression,
+                &provisioner.name,
+                work.path(),
+            );
             let committed = outcome
                 .as_ref()
                 .ok()
                 .map(|_| engine.commit(&container.id, &format!("{index}-done")));
             engine.discard(container);
+            super::discard(self.store, work);
             let (layer, used, changes) = outcome?;
             let next_image = committed.expect("committed when the layer was written")?;
             if !used.is_empty() {
@@ -250,7 +267,8 @@ impl Builder<'_> {
         renderer: &Renderer,
         contexts: &Contexts<'_>,
         reporter: &mut dyn BuildReporter,
-    ) -> Result<crate::build::engine::ContainerStep, BuildError> {
+        work: &Path,
+    ) -> Result<(crate::build::engine::ContainerStep, Snapshot), BuildError> {
         let context = contexts.secret;
         let spec = match &provisioner.step {
             Step::File(file) => {
@@ -271,13 +289,20 @@ impl Builder<'_> {
                 };
                 let id = engine.create_idle(image, &provisioner.name)?;
                 let container = crate::build::engine::ContainerStep { id, exit_code: 0 };
-                if let Err(error) =
-                    engine.copy_into_container(&container.id, &source, &destination, &options)
-                {
-                    engine.discard(container);
-                    return Err(error.into());
-                }
-                return Ok(container);
+                let copied = engine
+                    .read_tree(&container.id, work, &Keep::index())
+                    .and_then(|before| {
+                        engine
+                            .copy_into_container(&container.id, &source, &destination, &options)
+                            .map(|()| before.snapshot())
+                    });
+                return match copied {
+                    Ok(before) => Ok((container, before)),
+                    Err(error) => {
+                        engine.discard(container);
+                        Err(error.into())
+                    }
+                };
             }
             Step::Shell(shell) => {
                 let script = match &shell.script {
@@ -323,23 +348,34 @@ impl Builder<'_> {
                 spec
             }
         };
-        Ok(engine.run_step_with_mount_points(image, &spec, present, reporter)?)
+        let id = engine.create_for(image, &spec)?;
+        let before = match engine.read_tree(&id, work, &Keep::index()) {
+            Ok(tree) => tree.snapshot(),
+            Err(error) => {
+                engine.discard(crate::build::engine::ContainerStep { id, exit_code: -1 });
+                return Err(error.into());
+            }
+        };
+        let container = engine.run_created(id, &spec, Some(present), reporter)?;
+        Ok((container, before))
     }
 
-    /// The layer of what a step changed in `container`, written by bake's tar writer.
+    /// The layer of what a step changed in `container` since `before` (a read of the same
+    /// container before the step), written by bake's tar writer.
     fn engine_layer(
         &self,
         engine: &Engine,
         container: &str,
+        before: &Snapshot,
         compression: Compression,
         step: &str,
+        work: &Path,
     ) -> Result<(Option<LayerRef>, String, Changes), BuildError> {
-        let changes = engine.changes(container)?;
+        let after = engine.read_tree(container, work, &Keep::all())?;
+        let changes = diff(before, &after.snapshot());
         if changes.is_empty() {
             return Ok((None, String::new(), changes));
         }
-        let work = self.store.work_dir("engine-step")?;
-        let tree = engine.read_changed(container, &changes, work.path())?;
         let options = LayerOptions {
             source_date_epoch: Some(self.options.source_date_epoch),
         };
@@ -349,7 +385,7 @@ impl Builder<'_> {
             compression,
             step,
             |writer| {
-                write_layer_from(&tree, &changes, &options, writer)
+                write_layer_from(&after, &changes, &options, writer)
                     .map(|_| ())
                     .map_err(|source| BuildError::Layer {
                         step: step.to_owned(),
@@ -357,8 +393,6 @@ impl Builder<'_> {
                     })
             },
         )?;
-        drop(tree);
-        super::discard(self.store, work);
         Ok((Some(layer), used, changes))
     }
 

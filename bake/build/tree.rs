@@ -8,8 +8,9 @@
 //! - a rootfs tarball base, applied as bake's unpacker applies a layer (whiteouts, opaque
 //!   markers, missing parents created `0755` root-owned, a later entry replacing an earlier
 //!   one), then written whole;
-//! - a container's export (`GET /containers/{id}/export`), of which only the paths a step
-//!   changed (and their parents) are kept.
+//! - a container's export (`GET /containers/{id}/export`), read before and after a step: the
+//!   two reads become [`Snapshot`]s ([`TarTree::snapshot`]) for bake's own diff, and the
+//!   second one is the source of the step's layer.
 //!
 //! What a tar cannot say is made up consistently: every entry gets its own inode number and
 //! hard links share one, so the layer writer finds hard links as it does on a real file system;
@@ -17,14 +18,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
 
 use super::layer::{LayerError, LayerSource, OPAQUE_MARKER, WHITEOUT_PREFIX};
-use super::snapshot::{EntryKind, EntryMeta};
+use super::snapshot::{EntryKind, EntryMeta, Excludes, Snapshot};
 
 /// Mode of a parent directory a tar leaves out, as bake's unpacker (and containerd) make it.
 const INVENTED_DIR_MODE: u32 = 0o755;
@@ -53,11 +54,16 @@ pub enum TreeError {
     },
 }
 
+/// Offset and length of a file's content in the spool.
+type Spooled = (u64, u64);
+
 #[derive(Debug, Clone)]
 struct Node {
     meta: EntryMeta,
-    /// Offset and length of a regular file's content in the spool.
-    content: Option<(u64, u64)>,
+    /// Where a regular file's content is in the spool (none in an index).
+    content: Option<Spooled>,
+    /// SHA-256 of a regular file's content.
+    digest: Option<[u8; 32]>,
 }
 
 /// Which entries to keep while reading: all, or only some paths (and what they need).
@@ -65,11 +71,24 @@ struct Node {
 pub struct Keep {
     /// `None`: everything.
     paths: Option<BTreeSet<PathBuf>>,
+    /// Only metadata and content digests, no content: a tree to compare against, not to write.
+    index_only: bool,
 }
 
 impl Keep {
     pub fn all() -> Self {
-        Keep { paths: None }
+        Keep {
+            paths: None,
+            index_only: false,
+        }
+    }
+
+    /// Everything, without content: for [`TarTree::snapshot`] only.
+    pub fn index() -> Self {
+        Keep {
+            paths: None,
+            index_only: true,
+        }
     }
 
     /// Only `paths` (relative, no leading `/`) and their parent directories.
@@ -83,7 +102,10 @@ impl Keep {
                 kept.insert(ancestor.to_path_buf());
             }
         }
-        Keep { paths: Some(kept) }
+        Keep {
+            paths: Some(kept),
+            index_only: false,
+        }
     }
 
     fn keeps(&self, path: &Path) -> bool {
@@ -235,10 +257,12 @@ impl TarTree {
             } else {
                 0
             };
-            let content = if kind == EntryKind::File {
-                Some(self.spool_content(&mut entry, size, what)?)
+            let (content, digest) = if kind == EntryKind::File {
+                let (content, digest) =
+                    self.spool_content(&mut entry, size, what, keep.index_only)?;
+                (content, Some(digest))
             } else {
-                None
+                (None, None)
             };
             let meta = EntryMeta {
                 kind,
@@ -270,7 +294,14 @@ impl TarTree {
                 };
             } else {
                 self.replace(&path);
-                self.nodes.insert(path.clone(), Node { meta, content });
+                self.nodes.insert(
+                    path.clone(),
+                    Node {
+                        meta,
+                        content,
+                        digest,
+                    },
+                );
             }
             written.insert(path);
         }
@@ -304,34 +335,103 @@ impl TarTree {
         }
     }
 
+    /// Reads a file's content, hashing it and (unless `index_only`) appending it to the spool.
     fn spool_content(
         &mut self,
         entry: &mut impl Read,
         size: u64,
         what: &str,
-    ) -> Result<(u64, u64), TreeError> {
+        index_only: bool,
+    ) -> Result<(Option<Spooled>, [u8; 32]), TreeError> {
+        use sha2::Digest as _;
         let offset = self.spooled;
         let path = self.spool.path().to_path_buf();
-        let file = self.spool.as_file_mut();
-        file.seek(SeekFrom::Start(offset))
-            .and_then(|_| io::copy(&mut entry.take(size), file))
-            .map_err(|source| TreeError::Spool {
-                what: what.to_owned(),
-                path,
-                source,
-            })
-            .and_then(|copied| {
-                if copied == size {
-                    Ok(())
+        let spool_error = |source| TreeError::Spool {
+            what: what.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut left = size;
+        if !index_only {
+            self.spool
+                .as_file_mut()
+                .seek(SeekFrom::Start(offset))
+                .map_err(spool_error)?;
+        }
+        while left > 0 {
+            let want = buffer
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = entry
+                .read(&mut buffer[..want])
+                .map_err(|source| TreeError::Read {
+                    what: what.to_owned(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(TreeError::Read {
+                    what: what.to_owned(),
+                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "a file ended early"),
+                });
+            }
+            hasher.update(&buffer[..n]);
+            if !index_only {
+                self.spool
+                    .as_file_mut()
+                    .write_all(&buffer[..n])
+                    .map_err(spool_error)?;
+            }
+            left -= n as u64;
+        }
+        let content = if index_only {
+            None
+        } else {
+            self.spooled += size;
+            Some((offset, size))
+        };
+        Ok((content, hasher.finalize().into()))
+    }
+
+    /// The tree as a [`Snapshot`] that [`crate::build::snapshot::diff`] can compare with
+    /// another read of the same root: inode numbers are stable (from the path, or from the
+    /// first path of a hard-link group) and the ctime field carries the content digest, so a
+    /// file whose bytes changed differs even with the same size and mtime.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut first: HashMap<u64, &Path> = HashMap::new();
+        for (path, node) in &self.nodes {
+            if node.meta.kind != EntryKind::Dir {
+                first.entry(node.meta.ino).or_insert(path);
+            }
+        }
+        let stable = |path: &Path| -> u64 {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(path.as_os_str().as_bytes());
+            u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+        };
+        let entries = self
+            .nodes
+            .iter()
+            .map(|(path, node)| {
+                let mut meta = node.meta.clone();
+                let anchor = if meta.kind == EntryKind::Dir {
+                    path.as_path()
                 } else {
-                    Err(TreeError::Read {
-                        what: what.to_owned(),
-                        source: io::Error::new(io::ErrorKind::UnexpectedEof, "a file ended early"),
-                    })
-                }
-            })?;
-        self.spooled += size;
-        Ok((offset, size))
+                    first[&meta.ino]
+                };
+                meta.ino = stable(anchor);
+                meta.ctime_ns = node.digest.map_or(0, |d| {
+                    i128::from_le_bytes(d[..16].try_into().expect("16 bytes"))
+                });
+                (path.clone(), meta)
+            })
+            .collect();
+        Snapshot {
+            entries,
+            mount_points: BTreeSet::new(),
+            excludes: Excludes::new(),
+        }
     }
 
     /// Creates missing parent directories as the unpacker does.
@@ -373,6 +473,7 @@ impl TarTree {
                         xattrs: BTreeMap::new(),
                     },
                     content: None,
+                    digest: None,
                 },
             );
         }

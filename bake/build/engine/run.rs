@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ use tokio::io::AsyncWriteExt;
 use super::{Engine, EngineError, api_error};
 use crate::artifact::oci::LayerRef;
 use crate::build::runner::{DEFAULT_PATH, RunnerError, StepOutput, StepSpec, Stream, Tail};
-use crate::build::snapshot::Changes;
 use crate::build::tree::{Keep, TarTree};
 use crate::store::Store;
 
@@ -129,7 +128,12 @@ impl Engine {
             tty: Some(false),
             host_config: Some(HostConfig {
                 network_mode: Some(if step.network { "host" } else { "none" }.into()),
-                tmpfs: Some(HashMap::from([("/tmp".to_owned(), "mode=1777".to_owned())])),
+                // As the namespace runner's: nosuid and nodev, but not Docker's default noexec,
+                // since a script with a `#!` line is executed from there.
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_owned(),
+                    "rw,exec,nosuid,nodev,mode=1777".to_owned(),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -245,38 +249,33 @@ impl Engine {
     }
 
     /// Runs `step` in a new container of `image`, streaming its output to `output`; the
-    /// container is kept (for its changes) and returned if the step exits as expected.
+    /// container is kept and returned if the step exits as expected.
     pub fn run_step(
         &self,
         image: &str,
         step: &StepSpec,
         output: &mut dyn StepOutput,
     ) -> Result<ContainerStep, RunnerError> {
-        self.run_in(image, step, None, output)
+        let container = self.create_for(image, step)?;
+        self.run_created(container, step, None, output)
     }
 
-    /// [`Engine::run_step`] for a provisioning step: first creates the mount points the image
-    /// (whose top-level names are `present`) lacks, as the namespace runner does in a root.
-    pub fn run_step_with_mount_points(
-        &self,
-        image: &str,
-        step: &StepSpec,
-        present: &BTreeSet<String>,
-        output: &mut dyn StepOutput,
-    ) -> Result<ContainerStep, RunnerError> {
-        self.run_in(image, step, Some(present), output)
+    /// Creates (does not start) the container `step` will run in.
+    pub fn create_for(&self, image: &str, step: &StepSpec) -> Result<String, RunnerError> {
+        self.create(image, step, step_command(&step.script))
+            .map_err(self.step_error(&step.step))
     }
 
-    fn run_in(
+    /// Runs `step` in `container` (from [`Engine::create_for`]); first creates the mount points
+    /// the image lacks when `present` (its top-level names) is given, as the namespace runner
+    /// does in a root. On failure the container is removed.
+    pub fn run_created(
         &self,
-        image: &str,
+        container: String,
         step: &StepSpec,
         present: Option<&BTreeSet<String>>,
         output: &mut dyn StepOutput,
     ) -> Result<ContainerStep, RunnerError> {
-        let container = self
-            .create(image, step, step_command(&step.script))
-            .map_err(self.step_error(&step.step))?;
         if let Some(present) = present
             && let Err(error) = self.create_mount_points(&container, present)
         {
@@ -428,53 +427,19 @@ impl Engine {
         })
     }
 
-    /// What the step changed in `container`, as the namespace runner's diff would list it
-    /// (`replaced_dirs` stays empty: see the crate docs on what the engine cannot tell).
-    pub fn changes(&self, container: &str) -> Result<Changes, EngineError> {
-        let listed = self.block_on(async {
-            self.docker
-                .container_changes(container)
-                .await
-                .map_err(api_error(format!(
-                    "list the changes of container {container}"
-                )))
-        })?;
-        let mut changes = Changes::default();
-        for change in listed.unwrap_or_default() {
-            let path = PathBuf::from(change.path.trim_start_matches('/'));
-            if path.as_os_str().is_empty() {
-                continue;
-            }
-            match change.kind {
-                bollard::models::ChangeType::_2 => {
-                    changes.deleted.insert(path);
-                }
-                _ => {
-                    changes.changed.insert(path);
-                }
-            }
-        }
-        // Only the top of a deleted subtree, and nothing below a deleted path: the engine lists
-        // a replaced directory's old children as deleted one by one.
-        let deleted = changes.deleted.clone();
-        changes.deleted.retain(|path| {
-            !path
-                .ancestors()
-                .skip(1)
-                .any(|a| deleted.contains(a) && !a.as_os_str().is_empty())
-        });
-        Ok(changes)
-    }
-
-    /// Reads the entries of `container`'s filesystem that `changes` needs (the changed paths and
-    /// the parents of every listed path) into a tree spooled in `dir`.
-    pub fn read_changed(
+    /// `container`'s whole filesystem (its export) read into a tree spooled in `dir`: with
+    /// content (`Keep::all`), or only metadata and digests (`Keep::index`).
+    ///
+    /// The engine's own change list (`GET /containers/{id}/changes`) is not used: engines that
+    /// compare trees ("naive diff") miss a file rewritten with the same size and mtime, which
+    /// comparing content digests of two exports of the same container does not.
+    pub fn read_tree(
         &self,
         container: &str,
-        changes: &Changes,
         dir: &Path,
+        keep: &Keep,
     ) -> Result<TarTree, EngineError> {
-        let export = dir.join("export.tar");
+        let export = dir.join(format!("export-{}.tar", fastrand::u64(..)));
         self.block_on(async {
             let mut file =
                 tokio::fs::File::create(&export)
@@ -502,12 +467,6 @@ impl Engine {
             action: "make a spool for the container's files".into(),
             source: io::Error::other(crate::diagnostic::error_chain(&e)),
         })?;
-        let wanted = changes.changed.iter().cloned().chain(
-            changes
-                .deleted
-                .iter()
-                .filter_map(|p| p.parent().map(Path::to_path_buf)),
-        );
         let reader = io::BufReader::with_capacity(
             1 << 20,
             fs_err::File::open(&export).map_err(|source| EngineError::Io {
@@ -515,16 +474,12 @@ impl Engine {
                 source,
             })?,
         );
-        tree.apply(
-            reader,
-            &format!("container {container}'s export"),
-            &Keep::only(wanted),
-        )
-        .map_err(|e| EngineError::Io {
-            action: format!("read container {container}'s export"),
-            source: io::Error::other(crate::diagnostic::error_chain(&e)),
-        })?;
+        let applied = tree.apply(reader, &format!("container {container}'s export"), keep);
         let _ = fs_err::remove_file(&export);
+        applied.map_err(|e| EngineError::Io {
+            action: format!("read container {container}'s export"),
+            source: io::Error::other(format!("{e}: {}", crate::diagnostic::error_chain(&e))),
+        })?;
         Ok(tree)
     }
 
