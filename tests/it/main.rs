@@ -9,6 +9,7 @@ mod build;
 mod cli;
 mod common;
 mod disk;
+mod docker_runner;
 mod hardening;
 mod instance;
 mod plan;

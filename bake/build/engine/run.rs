@@ -18,9 +18,10 @@ use crate::build::runner::{DEFAULT_PATH, RunnerError, StepOutput, StepSpec, Stre
 use crate::build::tree::{Keep, TarTree};
 use crate::store::Store;
 
-/// Where the script goes, in the container's `/tmp` (a tmpfs: nothing there enters the image),
-/// as with the namespace runner.
-const SCRIPT_PATH: &str = "/tmp/bake-step.sh";
+/// Where the script goes: Docker's `/dev/shm`, a tmpfs every user may write to (mode 1777) that
+/// never reaches an image or a commit. (Not `/tmp`, as with the namespace runner: Docker gives
+/// a tmpfs there the mode of the image's `/tmp`, which an unprivileged step may not write to.)
+const SCRIPT_PATH: &str = "/dev/shm/bake-step.sh";
 
 /// How often a running step looks at the build's cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
@@ -128,8 +129,9 @@ impl Engine {
             tty: Some(false),
             host_config: Some(HostConfig {
                 network_mode: Some(if step.network { "host" } else { "none" }.into()),
-                // As the namespace runner's: nosuid and nodev, but not Docker's default noexec,
-                // since a script with a `#!` line is executed from there.
+                // As the namespace runner's: nothing written there enters a layer; nosuid and
+                // nodev, not Docker's default noexec. (Docker gives it the mode of the image's
+                // `/tmp`, which is 1777 in every real image.)
                 tmpfs: Some(HashMap::from([(
                     "/tmp".to_owned(),
                     "rw,exec,nosuid,nodev,mode=1777".to_owned(),
@@ -534,20 +536,29 @@ enum Stop {
     Interrupted,
 }
 
-/// The container's command: read the script from stdin into the tmpfs `/tmp`, then run it as
-/// the namespace runner does (`/bin/sh -e SCRIPT`, or the script itself when it has a `#!`).
+/// The container's command: read the script from stdin into [`SCRIPT_PATH`], then run it as
+/// the namespace runner does: `/bin/sh -e SCRIPT`, or the interpreter of its `#!` line with the
+/// line's one argument (as the kernel would; `/dev/shm` is mounted `noexec`).
 fn step_command(script: &str) -> Vec<String> {
-    let run = if script.starts_with("#!") {
-        r#"chmod 0700 "$0" && exec "$0""#
-    } else {
-        r#"exec /bin/sh -e "$0""#
-    };
-    vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!(r#"cat > "$0" && {run}"#),
-        SCRIPT_PATH.into(),
-    ]
+    let mut command = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        r#"cat > "$0" && exec "$@" "$0""#.to_owned(),
+        SCRIPT_PATH.to_owned(),
+    ];
+    match script.strip_prefix("#!") {
+        Some(rest) => {
+            let line = rest.lines().next().unwrap_or("").trim();
+            let (interpreter, argument) = match line.split_once([' ', '\t']) {
+                Some((interpreter, argument)) => (interpreter, Some(argument.trim())),
+                None => (line, None),
+            };
+            command.push(interpreter.to_owned());
+            command.extend(argument.filter(|a| !a.is_empty()).map(str::to_owned));
+        }
+        None => command.extend(["/bin/sh".to_owned(), "-e".to_owned()]),
+    }
+    command
 }
 
 /// Splits a byte stream into lines (without terminators; invalid UTF-8 replaced), passing on
@@ -760,13 +771,14 @@ mod tests {
 
     #[test]
     fn scripts_run_as_the_namespace_runner_runs_them() {
+        assert_eq!(step_command("echo hi")[4..], ["/bin/sh", "-e"]);
         assert_eq!(
-            step_command("echo hi")[2],
-            r#"cat > "$0" && exec /bin/sh -e "$0""#
+            step_command("#!/bin/busybox sh\necho hi")[4..],
+            ["/bin/busybox", "sh"]
         );
         assert_eq!(
-            step_command("#!/bin/busybox sh\necho hi")[2],
-            r#"cat > "$0" && chmod 0700 "$0" && exec "$0""#
+            step_command("#!/usr/bin/python3\n")[4..],
+            ["/usr/bin/python3"]
         );
         assert_eq!(step_command("x")[3], SCRIPT_PATH);
     }
