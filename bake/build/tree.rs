@@ -66,50 +66,22 @@ struct Node {
     digest: Option<[u8; 32]>,
 }
 
-/// Which entries to keep while reading: all, or only some paths (and what they need).
+/// What to keep of a tar stream's files.
 #[derive(Debug, Clone, Default)]
 pub struct Keep {
-    /// `None`: everything.
-    paths: Option<BTreeSet<PathBuf>>,
     /// Only metadata and content digests, no content: a tree to compare against, not to write.
     index_only: bool,
 }
 
 impl Keep {
+    /// Metadata and content: a tree a layer can be written from.
     pub fn all() -> Self {
-        Keep {
-            paths: None,
-            index_only: false,
-        }
+        Keep { index_only: false }
     }
 
-    /// Everything, without content: for [`TarTree::snapshot`] only.
+    /// Metadata and content digests only: for [`TarTree::snapshot`].
     pub fn index() -> Self {
-        Keep {
-            paths: None,
-            index_only: true,
-        }
-    }
-
-    /// Only `paths` (relative, no leading `/`) and their parent directories.
-    pub fn only(paths: impl IntoIterator<Item = PathBuf>) -> Self {
-        let mut kept = BTreeSet::new();
-        for path in paths {
-            for ancestor in path.ancestors() {
-                if ancestor.as_os_str().is_empty() {
-                    break;
-                }
-                kept.insert(ancestor.to_path_buf());
-            }
-        }
-        Keep {
-            paths: Some(kept),
-            index_only: false,
-        }
-    }
-
-    fn keeps(&self, path: &Path) -> bool {
-        self.paths.as_ref().is_none_or(|paths| paths.contains(path))
+        Keep { index_only: true }
     }
 }
 
@@ -192,9 +164,6 @@ impl TarTree {
                 }
                 let gone = path.with_file_name(std::ffi::OsStr::from_bytes(hidden));
                 self.remove_subtree(&gone);
-                continue;
-            }
-            if !keep.keeps(&path) {
                 continue;
             }
             let header = entry.header().clone();
@@ -639,18 +608,38 @@ mod tests {
     }
 
     #[test]
-    fn only_the_kept_paths_and_their_parents_are_read() {
+    fn an_index_has_digests_and_no_content_and_its_snapshot_sees_rewrites() {
         let dir = tempfile::tempdir().unwrap();
-        let mut tree = TarTree::new(dir.path()).unwrap();
-        let stream = tar_of(&[
-            ("etc/", EntryType::Directory, b"", ""),
-            ("etc/a", EntryType::Regular, b"a", ""),
-            ("etc/b", EntryType::Regular, b"b", ""),
-            ("usr/", EntryType::Directory, b"", ""),
-        ]);
-        tree.apply(&stream[..], "export", &Keep::only([PathBuf::from("etc/b")]))
-            .unwrap();
-        assert_eq!(names(&tree), ["etc", "etc/b"]);
+        let read = |content: &[u8]| {
+            let mut tree = TarTree::new(dir.path()).unwrap();
+            let stream = tar_of(&[
+                ("etc/", EntryType::Directory, b"", ""),
+                ("etc/a", EntryType::Regular, content, ""),
+            ]);
+            tree.apply(&stream[..], "export", &Keep::index()).unwrap();
+            tree
+        };
+        let before = read(b"one");
+        let same = read(b"one");
+        let after = read(b"two");
+        assert!(before.meta(Path::new("etc/a")).is_ok());
+        assert!(
+            before
+                .content(
+                    Path::new("etc/a"),
+                    &before.meta(Path::new("etc/a")).unwrap(),
+                    &mut |_| Ok(())
+                )
+                .is_err()
+        );
+        // Same size and mtime: only the content digest tells the rewrite.
+        let unchanged = crate::build::snapshot::diff(&before.snapshot(), &same.snapshot());
+        assert!(unchanged.is_empty(), "{unchanged:?}");
+        let changed = crate::build::snapshot::diff(&before.snapshot(), &after.snapshot());
+        assert_eq!(
+            changed.changed.into_iter().collect::<Vec<_>>(),
+            [PathBuf::from("etc/a")]
+        );
     }
 
     /// The same tree, unpacked on the host or read from a tar, gives the same layer bytes.
