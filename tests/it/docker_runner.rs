@@ -369,6 +369,41 @@ fn offline_example_recipes_give_the_same_image_with_either_runner() {
     assert_nothing_left(&host, &already);
 }
 
+/// A Debian bootstrap base (read from mmdebstrap's tarball, never unpacked on the host) and a
+/// step with the network that installs a package with apt: the same image with either runner.
+#[test]
+fn a_debian_apt_build_gives_the_same_image_with_either_runner() {
+    let Some((host, _engine, already)) = engine() else {
+        return;
+    };
+    let root = repo_root();
+    let recipe = "tests/fixtures/recipes/build/debian-apt.yaml";
+    let dir = tempfile::tempdir().unwrap();
+    let (namespace, by_namespace) = build(
+        &dir.path().join("ns"),
+        &root,
+        recipe,
+        &["--runner", "chroot"],
+        None,
+    );
+    assert_ok(&namespace);
+    let (docker_run, by_docker) = build(
+        &dir.path().join("docker"),
+        &root,
+        recipe,
+        &["--runner", "docker"],
+        Some(&host),
+    );
+    assert_ok(&docker_run);
+    assert_eq!(digest(&by_docker), digest(&by_namespace));
+    assert!(
+        stderr(&docker_run).contains("hello runs | Hello, world!"),
+        "{}",
+        stderr(&docker_run)
+    );
+    assert_nothing_left(&host, &already);
+}
+
 #[test]
 fn an_unprivileged_user_builds_the_same_image_into_its_own_store() {
     let Some((host, _engine, already)) = engine() else {
