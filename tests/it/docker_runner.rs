@@ -156,9 +156,15 @@ const FIXTURE_STEPS: &str = r#"  - shell:
       workdir: /home/app
       env:
         GREETING: hello
+        QUOTED: "it's `not` $run"
       inline: |
         echo "$GREETING from $(pwd) as $(id -u)" > greeting
+        echo "$QUOTED" > quoted
         mkdir -p cache && ln greeting cache/greeting-link
+  - shell:
+      name: next
+      inline: |
+        echo "${GREETING:-a step sees only its own variables}" > /next
 "#;
 
 fn write_fixture(dir: &Path, steps: &str) -> PathBuf {
@@ -295,7 +301,7 @@ fn the_docker_runner_gives_the_namespace_runners_image() {
             .collect()
     };
     assert_eq!(layers(&by_docker), layers(&by_namespace));
-    assert_eq!(layers(&by_docker).len(), 3);
+    assert_eq!(layers(&by_docker).len(), 4);
     // Output streamed with the step's prefix; the command test ran in the engine.
     assert!(
         stderr(&docker_run).contains("mutate | mutated"),

@@ -107,17 +107,22 @@ impl Engine {
         step: &StepSpec,
         command: Vec<String>,
     ) -> Result<String, EngineError> {
-        let mut env = std::collections::BTreeMap::from([
-            ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
-            ("DEBIAN_FRONTEND".to_owned(), "noninteractive".to_owned()),
-        ]);
-        env.extend(step.env.clone());
+        // Only the defaults: the step's own variables (which may be secrets) come in on stdin
+        // (see [`step_input`]), because the engine copies a container's environment into the
+        // image a commit makes, which would hand it to the next step and keep it in the engine.
+        let env = [
+            ("PATH", DEFAULT_PATH),
+            ("DEBIAN_FRONTEND", "noninteractive"),
+        ];
         let body = ContainerCreateBody {
             image: Some(image.to_owned()),
             cmd: Some(command),
             entrypoint: Some(Vec::new()),
-            env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            user: step.user.clone(),
+            env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            // Always given: a commit keeps the last container's user (and workdir) in the
+            // image, which the next step must not inherit. Root by default, as with the
+            // namespace runner.
+            user: Some(step.user.clone().unwrap_or_else(|| "0:0".to_owned())),
             working_dir: Some(step.workdir.clone().unwrap_or_else(|| "/".into())),
             hostname: Some(step.hostname.clone()),
             labels: Some(self.labels()),
@@ -333,7 +338,7 @@ impl Engine {
             let mut input = attached.input;
             let mut stream = attached.output;
             // The script goes in on stdin, which closes right after: the step's stdin is empty.
-            let script = step.script.clone().into_bytes();
+            let script = step_input(step);
             let feed = async move {
                 let _ = input.write_all(&script).await;
                 let _ = input.shutdown().await;
@@ -536,6 +541,28 @@ enum Stop {
     Interrupted,
 }
 
+/// What the container's shell does with [`step_input`]: the first line counts the lines of
+/// `export` statements that follow, which it writes to `/dev/shm/bake-env` (a tmpfs, as
+/// [`SCRIPT_PATH`]) and sources; the rest is the
+/// script. Shell builtins only, besides `cat`.
+const READ_INPUT: &str = r#"IFS= read -r n || exit 125; : > /dev/shm/bake-env || exit 125; i=0; while [ "$i" -lt "$n" ]; do IFS= read -r line || exit 125; printf '%s\n' "$line" >> /dev/shm/bake-env; i=$((i + 1)); done; . /dev/shm/bake-env && cat > "$0" && exec "$@" "$0""#;
+
+/// The container's stdin: the step's variables as `export NAME='value'` lines (their count
+/// first), then the script.
+fn step_input(step: &StepSpec) -> Vec<u8> {
+    let mut exports = String::new();
+    for (name, value) in &step.env {
+        exports.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', r"'\''")
+        ));
+    }
+    let lines = exports.matches('\n').count();
+    let mut input = format!("{lines}\n{exports}").into_bytes();
+    input.extend_from_slice(step.script.as_bytes());
+    input
+}
+
 /// The container's command: read the script from stdin into [`SCRIPT_PATH`], then run it as
 /// the namespace runner does: `/bin/sh -e SCRIPT`, or the interpreter of its `#!` line with the
 /// line's one argument (as the kernel would; `/dev/shm` is mounted `noexec`).
@@ -543,7 +570,7 @@ fn step_command(script: &str) -> Vec<String> {
     let mut command = vec![
         "/bin/sh".to_owned(),
         "-c".to_owned(),
-        r#"cat > "$0" && exec "$@" "$0""#.to_owned(),
+        READ_INPUT.to_owned(),
         SCRIPT_PATH.to_owned(),
     ];
     match script.strip_prefix("#!") {
@@ -767,6 +794,18 @@ mod tests {
         let pieces = splitter.push(&long);
         assert_eq!(pieces.len(), 1);
         assert_eq!(splitter.finish().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn variables_go_in_before_the_script_quoted_for_the_shell() {
+        let mut step = StepSpec::new("/", "s", "echo hi\n", Duration::from_secs(1));
+        step.env.insert("A".into(), "it's\ntwo lines".into());
+        step.env.insert("B".into(), "$HOME `x`".into());
+        let input = String::from_utf8(step_input(&step)).unwrap();
+        assert_eq!(
+            input,
+            "3\nexport A='it'\\''s\ntwo lines'\nexport B='$HOME `x`'\necho hi\n"
+        );
     }
 
     #[test]
