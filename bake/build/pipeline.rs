@@ -36,6 +36,8 @@ use crate::store::{ANNOTATION_RECIPE, ANNOTATION_VERSION, Store, StoreError};
 #[path = "pipeline_engine.rs"]
 mod engine_steps;
 
+pub use engine_steps::is_built;
+
 /// Bumped when what a cached layer means changes (tar format, whiteout rules), so old cache
 /// entries are not reused.
 const LAYER_CACHE_FORMAT: &str = "bake.layer-cache/v1";

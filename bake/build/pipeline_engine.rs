@@ -32,6 +32,18 @@ use crate::plan::Plan;
 use crate::recipe::template::{Context, Renderer, Secrets};
 use crate::recipe::{Base, Compression, Recipe, RecipeError, Script, Step};
 
+/// Whether `version` is built and complete in `store` (a build of it would run nothing): the
+/// CLI connects to a Docker Engine only when a step may have to run.
+pub fn is_built(store: &crate::store::Store, version: &str) -> bool {
+    matches!(
+        store.record::<super::BuildRecord>(version),
+        Ok(Some(record))
+            if store.has_blob(&record.output.image_digest)
+                && store.has_blob(&record.output.config_digest)
+                && record.output.layers.iter().all(|l| store.has_blob(&l.digest))
+    )
+}
+
 impl From<EngineError> for BuildError {
     fn from(source: EngineError) -> Self {
         BuildError::Engine(Box::new(source))

@@ -109,7 +109,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     let docker = match args.runner {
         Some(choice) => choice == RunnerArg::Docker,
         None => recipe.build.runner == recipe::RunnerKind::Docker,
-    };
+    } && !crate::build::pipeline::is_built(&store, &plan.version); // a built version runs nothing
     let namespace;
     let engine;
     let runner: &dyn Runner = if docker {

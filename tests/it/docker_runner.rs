@@ -302,6 +302,16 @@ fn the_docker_runner_gives_the_namespace_runners_image() {
     };
     assert_eq!(layers(&by_docker), layers(&by_namespace));
     assert_eq!(layers(&by_docker).len(), 4);
+    // A built version runs nothing, so it needs no engine.
+    let (cached, again) = build(
+        &dir.path().join("docker"),
+        dir.path(),
+        "recipe.yaml",
+        &["--runner", "docker"],
+        Some("unix:///nonexistent/docker.sock"),
+    );
+    assert_ok(&cached);
+    assert_eq!(again["cached"], true);
     // Output streamed with the step's prefix; the command test ran in the engine.
     assert!(
         stderr(&docker_run).contains("mutate | mutated"),
