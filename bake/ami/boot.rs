@@ -54,6 +54,10 @@ const STATUS_POLL: Duration = Duration::from_secs(1);
 /// How long the monitor's socket may take to appear after QEMU starts. A QEMU that never
 /// opens it (an old build, a wrapper) is still watched through its stderr and exit.
 const MONITOR_CONNECT: Duration = Duration::from_secs(10);
+/// Under KVM the firmware prints its first console line within seconds. A machine that stays
+/// silent this long under an automatically chosen KVM is taken for a KVM that cannot run the
+/// guest (some nested hosts hang it without a word), and the boot falls back to TCG.
+const KVM_SILENCE: Duration = Duration::from_secs(60);
 /// How long to wait for QEMU's last words after it was killed.
 const DRAIN: Duration = Duration::from_secs(2);
 /// VM states (QMP `query-status`) in which the guest will never print the marker.
@@ -76,6 +80,8 @@ pub struct BootSpec {
     pub qemu: Option<PathBuf>,
     /// The device whose opening tells `auto` that KVM is there.
     pub kvm_device: PathBuf,
+    /// With `auto`: how long KVM may leave the console silent before the boot falls back.
+    pub kvm_silence: Duration,
     pub firmware_code: PathBuf,
     pub firmware_vars: PathBuf,
     /// Where to write the whole console output as it arrives (for CI artifacts).
@@ -94,6 +100,7 @@ impl BootSpec {
             accelerator: Accelerator::Auto,
             qemu: None,
             kvm_device: PathBuf::from(KVM_DEVICE),
+            kvm_silence: KVM_SILENCE,
             firmware_code: PathBuf::from(OVMF_CODE),
             firmware_vars: PathBuf::from(OVMF_VARS),
             console_log: None,
@@ -343,7 +350,8 @@ pub fn boot_test(image: &Path, spec: &BootSpec) -> Result<BootReport, BootError>
             source,
         })?;
     let accelerator = spec.accelerator.resolve(&spec.kvm_device);
-    match boot_once(&qemu, image, work.path(), spec, accelerator) {
+    let kvm_silence = (spec.accelerator == Accelerator::Auto).then_some(spec.kvm_silence);
+    match boot_once(&qemu, image, work.path(), spec, accelerator, kvm_silence) {
         // KVM inside a VM can fail in ways no probe of /dev/kvm shows: QEMU dies before the
         // firmware prints anything (nested virtualisation refusing an MSR), or pauses the VM
         // with an internal error (an instruction KVM cannot emulate). Emulation is slower but
@@ -364,7 +372,7 @@ pub fn boot_test(image: &Path, spec: &BootSpec) -> Result<BootReport, BootError>
                 "KVM cannot run the guest ({}); booting with software emulation (TCG)",
                 why.replace('\n', " ")
             );
-            let mut report = boot_once(&qemu, image, work.path(), spec, Accelerator::Tcg)?;
+            let mut report = boot_once(&qemu, image, work.path(), spec, Accelerator::Tcg, None)?;
             report.kvm_fallback = Some(why);
             Ok(report)
         }
@@ -373,13 +381,14 @@ pub fn boot_test(image: &Path, spec: &BootSpec) -> Result<BootReport, BootError>
 }
 
 /// One boot of `image` with `accelerator`; `work` holds the firmware's variable store and the
-/// monitor's socket.
+/// monitor's socket. Under KVM, a console silent for `kvm_silence` counts as KVM failing.
 fn boot_once(
     qemu: &Path,
     image: &Path,
     work: &Path,
     spec: &BootSpec,
     accelerator: Accelerator,
+    kvm_silence: Option<Duration>,
 ) -> Result<BootReport, BootError> {
     // A fresh variable store for every boot: a failed boot must not leave its boot entries.
     let vars = work.join("OVMF_VARS.fd");
@@ -459,6 +468,14 @@ fn boot_once(
                 last_lines: Vec::new(),
                 qemu_stderr: String::new(),
             });
+        }
+        if let Some(limit) = kvm_silence
+            && accelerator == Accelerator::Kvm
+            && lines == 0
+            && clock.elapsed() >= limit
+        {
+            let why = format!("no console output within {}s under KVM", limit.as_secs());
+            break Err(stopped(why, true));
         }
         match receiver.recv_timeout(POLL.min(deadline - now)) {
             Ok(Event::Line(line)) => {
@@ -931,6 +948,33 @@ mod tests {
         let why = report.kvm_fallback.unwrap();
         assert!(why.contains("KVM internal error"), "{why}");
         assert_eq!(stand_in.calls(), ["kvm", "tcg"]);
+    }
+
+    #[test]
+    fn a_kvm_that_leaves_the_console_silent_falls_back_to_tcg_on_auto_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut stand_in = StandIn::new(Accelerator::Auto);
+        // This stand-in says nothing at all under KVM: it just hangs.
+        let qemu = stand_in.spec.qemu.clone().unwrap();
+        let script = fs_err::read_to_string(&qemu)
+            .unwrap()
+            .replace(&format!("printf '%s\\n' '{KVM_INTERNAL_ERROR}' >&2"), ":");
+        fs_err::write(&qemu, script).unwrap();
+        fs_err::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        stand_in.spec.kvm_device = stand_in.image.clone();
+        stand_in.spec.kvm_silence = Duration::from_secs(1);
+        let report = boot_test(&stand_in.image, &stand_in.spec).unwrap();
+        assert_eq!(report.accelerator, "tcg");
+        assert_eq!(
+            report.kvm_fallback.as_deref(),
+            Some("no console output within 1s under KVM")
+        );
+
+        // Forced KVM waits for its own timeout: the user asked for it.
+        stand_in.spec.accelerator = Accelerator::Kvm;
+        stand_in.spec.timeout = Duration::from_secs(3);
+        let error = boot_test(&stand_in.image, &stand_in.spec).unwrap_err();
+        assert!(matches!(error, BootError::Timeout { .. }), "{error:?}");
     }
 
     #[test]
