@@ -153,8 +153,112 @@ pub fn write_layer<W: Write>(
     options: &LayerOptions,
     out: W,
 ) -> Result<LayerSummary, LayerError> {
+    write_layer_from(&HostRoot(root), changes, options, out)
+}
+
+/// Where a layer's entries come from: their metadata and the bytes of regular files.
+///
+/// The tar itself is always written here, by [`write_layer_from`], whatever the source: a root
+/// directory on the host ([`HostRoot`]), or a tree read from a tar stream (the Docker runner's
+/// container exports, see [`super::tree`]). Same metadata and content, same bytes.
+pub trait LayerSource {
+    /// The entry at `path` (relative), for messages.
+    fn display(&self, path: &Path) -> PathBuf;
+
+    /// The metadata of the entry at `path`, not following a symlink there. `(dev, ino)` and
+    /// `nlink` tell hard links apart; ctime is not written.
+    fn meta(&self, path: &Path) -> Result<EntryMeta, LayerError>;
+
+    /// Calls `append` with exactly `meta.size` bytes of the regular file at `path`.
+    fn content(
+        &self,
+        path: &Path,
+        meta: &EntryMeta,
+        append: &mut dyn FnMut(&mut dyn Read) -> Result<(), LayerError>,
+    ) -> Result<(), LayerError>;
+}
+
+/// A root directory on the host; a file that changes while it is read is an error.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRoot<'a>(pub &'a Path);
+
+impl LayerSource for HostRoot<'_> {
+    fn display(&self, path: &Path) -> PathBuf {
+        self.0.join(path)
+    }
+
+    fn meta(&self, path: &Path) -> Result<EntryMeta, LayerError> {
+        let full = self.0.join(path);
+        let read_error = |source| LayerError::Read {
+            path: full.clone(),
+            source,
+        };
+        let metadata = fs_err::symlink_metadata(&full).map_err(read_error)?;
+        entry_meta(&full, &metadata).map_err(read_error)
+    }
+
+    fn content(
+        &self,
+        path: &Path,
+        meta: &EntryMeta,
+        append: &mut dyn FnMut(&mut dyn Read) -> Result<(), LayerError>,
+    ) -> Result<(), LayerError> {
+        let full = self.0.join(path);
+        let read_error = |source| LayerError::Read {
+            path: full.to_path_buf(),
+            source,
+        };
+        let fd = rustix::fs::open(
+            &full,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| read_error(e.into()))?;
+        let file = File::from(fd);
+        let unchanged = |file: &File| -> Result<bool, LayerError> {
+            let now = file.metadata().map_err(read_error)?;
+            let now = entry_times(&now);
+            Ok(now == (meta.ino, meta.size, meta.mtime_ns, meta.ctime_ns))
+        };
+        if !unchanged(&file)? {
+            return Err(LayerError::Changed {
+                path: full.to_path_buf(),
+            });
+        }
+        let mut content = Exact {
+            inner: &file,
+            left: meta.size,
+            shrank: false,
+            error: None,
+        };
+        let appended = append(&mut content);
+        if let Some(source) = content.error.take() {
+            return Err(read_error(source));
+        }
+        if content.shrank {
+            return Err(LayerError::Changed {
+                path: full.to_path_buf(),
+            });
+        }
+        appended?;
+        if !unchanged(&file)? {
+            return Err(LayerError::Changed {
+                path: full.to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes the layer for `changes` of the tree `source` describes into `out`, ending the tar.
+pub fn write_layer_from<W: Write>(
+    source: &dyn LayerSource,
+    changes: &Changes,
+    options: &LayerOptions,
+    out: W,
+) -> Result<LayerSummary, LayerError> {
     let mut writer = LayerWriter {
-        root,
+        source,
         options,
         builder: tar::Builder::new(out),
         first_links: HashMap::new(),
@@ -180,7 +284,7 @@ pub fn write_layer<W: Write>(
 }
 
 struct LayerWriter<'a, W: Write> {
-    root: &'a Path,
+    source: &'a dyn LayerSource,
     options: &'a LayerOptions,
     builder: tar::Builder<W>,
     /// The first path stored for each (device, inode) with more than one link.
@@ -214,11 +318,7 @@ impl<W: Write> LayerWriter<'_, W> {
     }
 
     fn entry(&mut self, path: &Path) -> Result<(), LayerError> {
-        let full = self.root.join(path);
-        let read_error = |source| LayerError::Read {
-            path: full.clone(),
-            source,
-        };
+        let full = self.source.display(path);
         if path
             .file_name()
             .is_some_and(|name| name.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()))
@@ -228,8 +328,7 @@ impl<W: Write> LayerWriter<'_, W> {
                 reason: "names starting with `.wh.` are whiteouts in a layer",
             });
         }
-        let metadata = fs_err::symlink_metadata(&full).map_err(read_error)?;
-        let meta = entry_meta(&full, &metadata).map_err(read_error)?;
+        let meta = self.source.meta(path)?;
         if meta.kind == EntryKind::Socket {
             self.summary.skipped_sockets.push(path.to_path_buf());
             return Ok(());
@@ -288,64 +387,16 @@ impl<W: Write> LayerWriter<'_, W> {
             EntryKind::File => {
                 header.set_entry_type(EntryType::Regular);
                 header.set_size(meta.size);
-                self.file(&mut header, path, &full, &meta)?;
+                let builder = &mut self.builder;
+                self.source.content(path, &meta, &mut |content| {
+                    builder
+                        .append_data(&mut header, path, content)
+                        .map_err(LayerError::Write)
+                })?;
             }
             EntryKind::Socket => unreachable!("skipped above"),
         }
         self.summary.entries += 1;
-        Ok(())
-    }
-
-    /// A regular file's header and content, checking that the file did not change meanwhile.
-    fn file(
-        &mut self,
-        header: &mut Header,
-        path: &Path,
-        full: &Path,
-        meta: &EntryMeta,
-    ) -> Result<(), LayerError> {
-        let read_error = |source| LayerError::Read {
-            path: full.to_path_buf(),
-            source,
-        };
-        let fd = rustix::fs::open(
-            full,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| read_error(e.into()))?;
-        let file = File::from(fd);
-        let unchanged = |file: &File| -> Result<bool, LayerError> {
-            let now = file.metadata().map_err(read_error)?;
-            let now = entry_times(&now);
-            Ok(now == (meta.ino, meta.size, meta.mtime_ns, meta.ctime_ns))
-        };
-        if !unchanged(&file)? {
-            return Err(LayerError::Changed {
-                path: full.to_path_buf(),
-            });
-        }
-        let mut content = Exact {
-            inner: &file,
-            left: meta.size,
-            shrank: false,
-            error: None,
-        };
-        let appended = self.builder.append_data(header, path, &mut content);
-        if let Some(source) = content.error.take() {
-            return Err(read_error(source));
-        }
-        if content.shrank {
-            return Err(LayerError::Changed {
-                path: full.to_path_buf(),
-            });
-        }
-        appended.map_err(LayerError::Write)?;
-        if !unchanged(&file)? {
-            return Err(LayerError::Changed {
-                path: full.to_path_buf(),
-            });
-        }
         Ok(())
     }
 

@@ -44,6 +44,7 @@
 
 pub mod bases;
 pub mod compress;
+pub mod engine;
 pub mod hardening;
 pub mod layer;
 pub mod pipeline;
@@ -51,4 +52,5 @@ pub mod runner;
 pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod tree;
 pub mod unpack;

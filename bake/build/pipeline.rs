@@ -36,6 +36,11 @@ use crate::store::{
     ANNOTATION_RECIPE, ANNOTATION_VERSION, Artifact, BuildRecord, OciImage, Store, StoreError,
 };
 
+#[path = "pipeline_engine.rs"]
+mod engine_steps;
+
+pub use engine_steps::is_built;
+
 /// Bumped when what a cached layer means changes (tar format, whiteout rules), so old cache
 /// entries are not reused.
 const LAYER_CACHE_FORMAT: &str = "bake.layer-cache/v1";
@@ -168,6 +173,10 @@ pub enum BuildError {
     #[error("the build was interrupted")]
     Interrupted,
     #[error(transparent)]
+    Engine(Box<super::engine::EngineError>),
+    #[error("{0} is not supported with the Docker runner yet")]
+    EngineUnsupported(String),
+    #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
 }
 
@@ -189,6 +198,7 @@ impl BuildError {
                 | BuildError::Render(_)
                 | BuildError::NoOciOutput
                 | BuildError::UnsupportedBase(_)
+                | BuildError::EngineUnsupported(_)
                 | BuildError::Audit(crate::audit::AuditError::Gate(_))
         )
     }
@@ -197,6 +207,10 @@ impl BuildError {
         match self {
             BuildError::Base { source, .. } => source.hint(),
             BuildError::Step(e) => e.hint(),
+            BuildError::Engine(e) => e.hint(),
+            BuildError::EngineUnsupported(_) => {
+                Some("build this recipe with the namespace runner (`--runner chroot`, as root)".into())
+            }
             BuildError::Audit(e) => e.hint(),
             BuildError::UnsupportedBase(_) => {
                 Some("use an image, bootstrap, rootfs or OCI layout base".into())
@@ -266,6 +280,11 @@ impl Builder<'_> {
         plan: &Plan,
         reporter: &mut dyn BuildReporter,
     ) -> Result<ProvisionedRoot, BuildError> {
+        if self.runner.engine().is_some() {
+            return Err(BuildError::EngineUnsupported(
+                "an AMI build (a root filesystem on the host)".into(),
+            ));
+        }
         let secrets = recipe.secret_values();
         let mut redacting = Redacting {
             inner: reporter,
@@ -330,13 +349,18 @@ impl Builder<'_> {
         let started = std::time::SystemTime::now();
         let clock = Instant::now();
         let compression = recipe.build.compression;
+        let engine = self.runner.engine();
         let Provisioned {
             mut layers,
             history,
             mut root,
             reports,
             compressor,
-        } = self.provision(recipe, plan, reporter)?;
+        } = match engine {
+            // Runs the command tests too: nothing of the state is on the host.
+            Some(engine) => self.provision_in_engine(engine, recipe, plan, reporter)?,
+            None => self.provision(recipe, plan, reporter)?,
+        };
         let renderer = Renderer::default();
         let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
         // Tests run against the final root.
@@ -345,7 +369,7 @@ impl Builder<'_> {
             .iter()
             .filter(|t| matches!(t, Test::Command { .. }))
             .collect();
-        if !tests.is_empty() {
+        if !tests.is_empty() && engine.is_none() {
             let build_root = self.materialize(&mut root, &recipe.name, &mut layers)?;
             for test in tests {
                 self.check_cancel()?;

@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{VarArgs, print_json, print_reports};
+use crate::build::engine::Engine;
 use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
-use crate::build::runner::{NamespaceRunner, StepOutput, Stream};
+use crate::build::runner::{NamespaceRunner, Runner, StepOutput, Stream};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::recipe;
@@ -32,6 +33,18 @@ pub struct BuildArgs {
     /// else software emulation), `kvm` (fail when KVM cannot run the guest) or `tcg`.
     #[arg(long, value_enum, value_name = "ACCEL", env = "BAKE_BOOT_ACCELERATOR")]
     pub boot_accelerator: Option<crate::ami::boot::Accelerator>,
+    /// Where provisioning steps run: `chroot` (namespaces, needs root) or `docker` (a Docker
+    /// Engine found like the docker CLI finds it). Overrides the recipe's `build.runner`; both
+    /// give the same image.
+    #[arg(long, value_name = "RUNNER")]
+    pub runner: Option<RunnerArg>,
+}
+
+/// `--runner`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunnerArg {
+    Chroot,
+    Docker,
 }
 
 pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
@@ -100,20 +113,39 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             };
         }
     }
-    let runner = match NamespaceRunner::new() {
-        Ok(runner) => runner,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
-        }
+    let cancel = cancel_on_signals();
+    let docker = match args.runner {
+        Some(choice) => choice == RunnerArg::Docker,
+        None => recipe.build.runner == recipe::RunnerKind::Docker,
+    } && !crate::build::pipeline::is_built(&store, &plan.version); // a built version runs nothing
+    let namespace;
+    let engine;
+    let runner: &dyn Runner = if docker {
+        engine = match Engine::connect(Arc::clone(&cancel)) {
+            Ok(engine) => engine,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        &engine
+    } else {
+        namespace = match NamespaceRunner::new() {
+            Ok(runner) => runner,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e)]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        &namespace
     };
     let builder = Builder {
         store: &store,
-        runner: &runner,
+        runner,
         options: BuildOptions {
             source_date_epoch: plan.source_date_epoch(),
             workers: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
-            cancel: cancel_on_signals(),
+            cancel,
             boot_accelerator: settings.boot_accelerator,
         },
     };

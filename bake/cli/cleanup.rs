@@ -10,6 +10,10 @@
 //!   (another machine's) are removed only with `--older-than`.
 //!
 //! Resources without bake's tags are never touched.
+//!
+//! `--docker` sweeps the Docker Engine instead ([`crate::build::engine::sweep`]): containers,
+//! images and volumes labelled by Docker-runner builds whose process is gone. Nothing without
+//! bake's label is touched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -40,6 +44,10 @@ pub struct CleanupArgs {
     /// Show what would be removed, and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Sweep the Docker Engine (found as the docker CLI finds it) for what killed Docker-runner
+    /// builds left: containers, images and volumes labelled with a dead build's id. No AWS.
+    #[arg(long)]
+    pub docker: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -63,6 +71,9 @@ struct Outcome {
 }
 
 pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
+    if args.docker {
+        return sweep_engine(args, settings);
+    }
     // A store that does not exist has no journals: only the tag sweep applies.
     let store = if settings.store.is_dir() {
         match Store::open(&settings.store) {
@@ -113,6 +124,46 @@ pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
                 print_reports(settings, &failures);
                 ExitStatus::Infrastructure
             }
+        }
+    }
+}
+
+/// `bake cleanup --docker`.
+fn sweep_engine(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
+    let swept = crate::build::engine::discover()
+        .and_then(|address| crate::build::engine::sweep(address, args.dry_run));
+    match swept {
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            ExitStatus::Infrastructure
+        }
+        Ok(swept) => {
+            match settings.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "dry_run": args.dry_run,
+                    "engine": swept,
+                })),
+                OutputFormat::Human => {
+                    let verb = if args.dry_run {
+                        "would remove"
+                    } else {
+                        "removed"
+                    };
+                    for (kind, ids) in [
+                        ("container", &swept.containers),
+                        ("image", &swept.images),
+                        ("volume", &swept.volumes),
+                    ] {
+                        for id in ids {
+                            println!("{verb}  docker {kind} {id}");
+                        }
+                    }
+                    if swept == crate::build::engine::Swept::default() {
+                        eprintln!("nothing to clean up in the Docker Engine");
+                    }
+                }
+            }
+            ExitStatus::Success
         }
     }
 }

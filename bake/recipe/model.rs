@@ -314,6 +314,9 @@ pub struct BuildSettings {
     pub source_date_epoch: Option<u64>,
     pub compression: Compression,
     pub squash: bool,
+    /// Where steps run. Not part of the version (skipped when the recipe is hashed): both
+    /// runners give the same image, byte for byte.
+    #[serde(skip)]
     pub runner: RunnerKind,
 }
 

@@ -11,6 +11,7 @@ mod chain;
 mod cli;
 mod common;
 mod disk;
+mod docker_runner;
 mod hardening;
 mod instance;
 mod plan;

@@ -257,6 +257,26 @@ fn every_kind_of_input_changes_the_version() {
     );
 }
 
+/// Both runners give the same image, so which one builds is not an input: `build.runner` is
+/// left out of the version (and of the inputs), while another build setting is not.
+#[test]
+fn the_runner_is_not_part_of_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = VarSources::default();
+    let recipe = |build: &str| {
+        format!("bake: 1\nname: r\nbase: scratch\nbuild:\n{build}outputs:\n  oci:\n    cmd: [/x]\n")
+    };
+    let chroot = version_of(dir.path(), &recipe("  runner: chroot\n"), &none);
+    let docker = version_of(dir.path(), &recipe("  runner: docker\n"), &none);
+    let squashed = version_of(
+        dir.path(),
+        &recipe("  runner: docker\n  squash: true\n"),
+        &none,
+    );
+    assert_eq!(chroot, docker);
+    assert_ne!(docker, squashed, "other build settings still count");
+}
+
 #[test]
 fn plan_json_has_the_documented_shape_and_is_stable() {
     let args = [

@@ -57,6 +57,12 @@ pub trait Runner: Send + Sync {
     /// [`RunnerError::StepFailed`], with the step's last lines.
     fn run(&self, step: &StepSpec, output: &mut dyn StepOutput)
     -> Result<StepOutcome, RunnerError>;
+
+    /// The Docker Engine this runner provisions in, when the build's state lives there rather
+    /// than in a root directory on the host (the Docker runner, see [`crate::build::engine`]).
+    fn engine(&self) -> Option<&crate::build::engine::Engine> {
+        None
+    }
 }
 
 /// One shell step, ready to run: templates rendered, paths absolute.
@@ -261,6 +267,12 @@ pub enum RunnerError {
     },
     #[error("the sandbox helper for step `{step}` {problem}")]
     Helper { step: String, problem: String },
+    #[error("the Docker Engine failed step `{step}`")]
+    Engine {
+        step: String,
+        #[source]
+        source: Box<crate::build::engine::EngineError>,
+    },
     #[error("failed to remove `{}` after step `{step}`", path.display())]
     Cleanup {
         step: String,
@@ -275,9 +287,11 @@ impl RunnerError {
     pub fn hint(&self) -> Option<String> {
         match self {
             RunnerError::NeedsRoot { .. } => Some(
-                "run bake as root (namespaces and mounts need it), or set `build.runner: docker`"
+                "run bake as root (namespaces and mounts need it), or build in a Docker Engine \
+                 you can reach: `bake build --runner docker` (or `build.runner: docker`)"
                     .into(),
             ),
+            RunnerError::Engine { source, .. } => source.hint(),
             RunnerError::TimedOut { .. } => {
                 Some("raise the step's `timeout` if it needs longer".into())
             }
