@@ -429,11 +429,6 @@ pub enum Test {
         #[serde(skip)]
         accelerator: crate::ami::boot::Accelerator,
     },
-    Compliance {
-        profile: String,
-        /// Minimum score in percent, in hundredths (so the canonical form has no floats).
-        min_score_centi: u32,
-    },
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

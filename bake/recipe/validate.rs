@@ -1005,6 +1005,25 @@ impl<'a> Validator<'a> {
     fn audit(&mut self, a: &S<RawAudit>, outputs: &Outputs) -> Option<Audit> {
         let raw = &a.value;
         let mut ok = true;
+        if outputs
+            .ami
+            .as_ref()
+            .is_some_and(|ami| ami.strategy == AmiStrategy::Instance)
+        {
+            // The gate scans the provisioned root on the build host, offline; an instance build
+            // has its root on the builder. Refused rather than skipped: a gate that silently
+            // does not run is worse than none.
+            self.error(
+                a,
+                RecipeErrorKind::Conflict(
+                    "the compliance gate (`audit:`) cannot run on a builder instance: it scans the provisioned root on the build host, and `strategy: instance` provisions it on the builder".into(),
+                ),
+            )
+            .hint = Some(
+                "build the AMI with `strategy: snapshot` from a bootstrap or image base to gate it, or remove `audit:`".into(),
+            );
+            ok = false;
+        }
         if let Some(scanner) = &raw.scanner
             && scanner.value != "openscap"
         {
@@ -1226,25 +1245,19 @@ impl<'a> Validator<'a> {
                     accelerator,
                 }
             }
-            RawTest::Compliance(c) => {
-                let score = c
-                    .min_score
-                    .value
-                    .as_f64()
-                    .filter(|s| (0.0..=100.0).contains(s));
-                let Some(score) = score else {
-                    self.invalid(
-                        &c.min_score,
-                        "min_score",
-                        &c.min_score.value,
-                        "write a percentage from 0 to 100",
-                    );
-                    return None;
-                };
-                Test::Compliance {
-                    profile: c.profile.value.clone(),
-                    min_score_centi: (score * 100.0).round() as u32,
-                }
+            RawTest::Compliance(_) => {
+                // Parsed only to say where the gate went: a second, weaker scan (no data stream,
+                // no exceptions) next to `audit:` would be a way to pass a gate by accident.
+                self.error(
+                    t,
+                    RecipeErrorKind::Conflict(
+                        "`compliance` tests are gone: the compliance gate is the recipe's `audit:` section".into(),
+                    ),
+                )
+                .hint = Some(
+                    "move `profile` to `audit.profile` and `min_score` to `audit.min_pass_ratio`, and name the data stream in `audit.datastream`".into(),
+                );
+                return None;
             }
         })
     }
