@@ -1,11 +1,14 @@
 //! Removing what bake created: the rollback of a failed or interrupted run (from its live
 //! journal), and `bake cleanup` (journals of killed runs, plus unfinished snapshots found by
 //! bake's tags). Only resources a journal names by id, or that carry the run's own `bake:run`
-//! tag, are touched; a finished build's AMIs never are. In particular an image whose id never
+//! tag, are touched; a finished build's AMIs never are, and neither is a journaled image or
+//! snapshot that carries *another* run's `bake:run` tag (runs of one version share idempotency
+//! tokens, so a racing run can journal what the other made). In particular an image whose id never
 //! reached the journal is looked for by its name *and* the run's tag, never by name and
 //! creation time: another run of the same version registers an AMI of the same name, and that
 //! one is finished.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_ec2::Client as Ec2;
@@ -26,6 +29,8 @@ pub enum Action {
     WouldRemove,
     /// Not there any more (removed earlier, or never made).
     AlreadyGone,
+    /// Left alone: the journal names it, but it belongs to another run (see `reason`).
+    Kept,
     Failed,
 }
 
@@ -38,6 +43,9 @@ pub struct Removal {
     pub action: Action,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a resource was kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The run that created it, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
@@ -66,13 +74,28 @@ async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec
         id: id.to_owned(),
         action,
         error,
+        reason: None,
+        run: Some(run.to_owned()),
+    };
+    let kept = |id: &str, kind, owner: String| Removal {
+        region: resource.region.clone(),
+        kind,
+        id: id.to_owned(),
+        action: Action::Kept,
+        error: None,
+        reason: Some(format!(
+            "it carries the `{TAG_RUN}` tag of run {owner}: another run of the same version made it (AWS answered this run's create with the same idempotency token)"
+        )),
         run: Some(run.to_owned()),
     };
     match resource.kind {
         ResourceKind::Image => {
             let candidates: Vec<(String, Vec<String>)> = match &resource.id {
                 Some(id) => match lookup::image(ec2, id).await {
-                    Ok(Some(info)) => vec![(id.clone(), info.snapshots)],
+                    Ok(Some(info)) => match other_run(&info.tags, run) {
+                        Some(owner) => return vec![kept(id, ResourceKind::Image, owner)],
+                        None => vec![(id.clone(), info.snapshots)],
+                    },
                     Ok(None) => vec![],
                     Err(e) => {
                         return vec![removal(id, ResourceKind::Image, Action::Failed, Some(e.0))];
@@ -153,7 +176,14 @@ async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec
         }
         ResourceKind::Snapshot => {
             let ids: Vec<String> = match &resource.id {
-                Some(id) => vec![id.clone()],
+                Some(id) => match lookup::snapshot(ec2, id).await {
+                    Ok(Some(info)) => match other_run(&info.tags, run) {
+                        Some(owner) => return vec![kept(id, ResourceKind::Snapshot, owner)],
+                        None => vec![id.clone()],
+                    },
+                    // Gone, or not readable: deleting says which.
+                    Ok(None) | Err(_) => vec![id.clone()],
+                },
                 None => match lookup::snapshots_tagged(ec2, TAG_RUN, Some(run)).await {
                     Ok(found) => found.into_iter().map(|s| s.snapshot_id).collect(),
                     Err(e) => {
@@ -184,6 +214,14 @@ async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec
     }
 }
 
+/// The run a resource's `bake:run` tag names, when that is not `run`. Idempotency tokens are
+/// derived from the version, so two runs of one version that race get the same snapshot or
+/// copy back from AWS, and both journal it; only the run whose tag it carries may remove it.
+/// A resource without the tag (an emulator may drop tags) is the journal's to remove.
+fn other_run(tags: &BTreeMap<String, String>, run: &str) -> Option<String> {
+    tags.get(TAG_RUN).filter(|owner| *owner != run).cloned()
+}
+
 struct SnapshotOutcome(Action, Option<String>);
 
 impl SnapshotOutcome {
@@ -194,6 +232,7 @@ impl SnapshotOutcome {
             id: id.to_owned(),
             action: self.0,
             error: self.1,
+            reason: None,
             run: Some(run.to_owned()),
         }
     }
@@ -331,6 +370,7 @@ pub async fn cleanup(
                     id: format!("tag-key={TAG_VERSION}"),
                     action: Action::Failed,
                     error: Some(e.0),
+                    reason: None,
                     run: None,
                 });
                 continue;

@@ -291,6 +291,7 @@ async fn sweep(
                 id: failure.id,
                 action: Action::Failed,
                 error: Some(failure.reason),
+                reason: None,
                 run: None,
             });
         }
@@ -305,6 +306,7 @@ fn removal(found: &Found, action: Action, error: Option<String>) -> Removal {
         id: found.id.clone(),
         action,
         error,
+        reason: None,
         run: Some(found.build_id.clone()),
     }
 }
@@ -316,15 +318,20 @@ fn print_human(outcome: &Outcome) {
             Action::Removed => "removed",
             Action::WouldRemove => "would remove",
             Action::AlreadyGone => continue,
+            Action::Kept => "kept",
             Action::Failed => "failed",
         };
         printed = true;
         println!(
-            "{verb}  {} {}  {}  run {}",
+            "{verb}  {} {}  {}  run {}{}",
             r.kind.label(),
             r.id,
             r.region,
-            r.run.as_deref().unwrap_or("?")
+            r.run.as_deref().unwrap_or("?"),
+            r.reason
+                .as_deref()
+                .map(|why| format!(": {why}"))
+                .unwrap_or_default()
         );
     }
     for run in &outcome.journals.running {

@@ -1392,6 +1392,144 @@ async fn cleanup_finds_a_dead_runs_unjournaled_ami_by_its_run_tag_only() {
     assert!(bake::ami::journal::list(&store).is_empty());
 }
 
+/// Runs of one version send the same idempotency tokens, so a run that raced another can get
+/// the other's snapshot or AMI copy back from AWS and journal it by id. When the journaling run
+/// dies, `bake cleanup` keeps what carries another run's `bake:run` tag, says why, and still
+/// removes what is the dead run's own.
+#[tokio::test]
+async fn cleanup_keeps_what_a_dead_run_journaled_but_another_run_made() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let (aws, capture, _) = test_aws(&endpoint).await;
+    let ec2 = aws.ec2("us-east-1");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let spec = spec("amiracers", &["us-east-1"]);
+    let name = spec.regions[0].name.clone();
+    let other_run = "run-the-finished-one-00".to_owned();
+    let tag = |key: &str, value: &str| {
+        aws_sdk_ec2::types::Tag::builder()
+            .key(key)
+            .value(value)
+            .build()
+    };
+    let snapshot_of = |run: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let volume = ec2
+                .create_volume()
+                .availability_zone("us-east-1a")
+                .size(1)
+                .send()
+                .await
+                .unwrap();
+            let snapshot = ec2
+                .create_snapshot()
+                .volume_id(volume.volume_id().unwrap())
+                .send()
+                .await
+                .unwrap();
+            let id = snapshot.snapshot_id().unwrap().to_owned();
+            ec2.create_tags()
+                .resources(&id)
+                .tags(tag("bake:run", &run))
+                .send()
+                .await
+                .unwrap();
+            id
+        }
+    };
+
+    let journal = bake::ami::journal::Journal::begin(&store, &spec.recipe, &spec.version).unwrap();
+    let dead_run = journal.run_id();
+    // Its own snapshot, and the other run's snapshot and AMI, which AWS answered it with.
+    let own_snapshot = snapshot_of(dead_run.clone()).await;
+    let shared_snapshot = snapshot_of(other_run.clone()).await;
+    let shared_image = ec2
+        .register_image()
+        .name(&name)
+        .root_device_name("/dev/xvda")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    ec2.create_tags()
+        .resources(&shared_image)
+        .tags(tag("bake:run", &other_run))
+        .send()
+        .await
+        .unwrap();
+    for (kind, token, id) in [
+        (
+            bake::ami::journal::ResourceKind::Snapshot,
+            "own",
+            &own_snapshot,
+        ),
+        (
+            bake::ami::journal::ResourceKind::Snapshot,
+            "shared",
+            &shared_snapshot,
+        ),
+        (
+            bake::ami::journal::ResourceKind::Image,
+            name.as_str(),
+            &shared_image,
+        ),
+    ] {
+        let entry = journal.creating(kind, "us-east-1", token).unwrap();
+        journal.created(entry, id).unwrap();
+    }
+    drop(journal); // the process died: the lock goes, the journal stays
+    capture.clear();
+
+    let report = bake::ami::cleanup::cleanup(
+        &aws,
+        Some(&store),
+        &bake::ami::cleanup::CleanupOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!report.failed(), "{:?}", report.removals);
+    assert!(
+        capture.of("DeregisterImage").is_empty(),
+        "{:?}",
+        report.removals
+    );
+    let deleted: Vec<String> = capture
+        .of("DeleteSnapshot")
+        .into_iter()
+        .map(|c| c.params["SnapshotId"].clone())
+        .collect();
+    assert_eq!(deleted, std::slice::from_ref(&own_snapshot));
+    for kept in [&shared_snapshot, &shared_image] {
+        let removal = report
+            .removals
+            .iter()
+            .find(|r| &r.id == kept)
+            .unwrap_or_else(|| panic!("{kept} is not in {:?}", report.removals));
+        assert_eq!(removal.action, bake::ami::cleanup::Action::Kept);
+        assert!(
+            removal.reason.as_deref().unwrap().contains(&other_run),
+            "{removal:?}"
+        );
+    }
+    assert!(
+        bake::ami::lookup::image(&ec2, &shared_image)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        bake::ami::lookup::snapshot(&ec2, &shared_snapshot)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 /// An unfinished snapshot tagged by a run this store has no journal for may be an upload in
 /// progress on another machine: `bake cleanup` leaves it, and only `--older-than` (the
 /// operator saying such runs are dead) removes it.

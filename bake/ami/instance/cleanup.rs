@@ -356,6 +356,7 @@ pub async fn remove_journaled(
         id: id.to_owned(),
         action,
         error,
+        reason: None,
         run: Some(run.to_owned()),
     };
     let tagged = match find(ec2, &resource.region, Some(run)).await {
