@@ -205,9 +205,83 @@ impl<'de> Deserialize<'de> for Version {
     }
 }
 
+/// A version as people type it: `sha256:<hex>` or just hex digits, at least [`SHORT_LEN`] of
+/// them (lowercase), naming every version that starts with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionPrefix(String);
+
+impl VersionPrefix {
+    /// The hex digits given.
+    pub fn hex(&self) -> &str {
+        &self.0
+    }
+
+    /// The first [`SHORT_LEN`] hex digits: what names a version in tags and parameters.
+    pub fn short(&self) -> &str {
+        &self.0[..SHORT_LEN]
+    }
+
+    /// Whether `version` starts with this prefix.
+    pub fn matches(&self, version: &Version) -> bool {
+        version.hex().starts_with(&self.0)
+    }
+}
+
+impl FromStr for VersionPrefix {
+    type Err = BadId;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let hex = text.strip_prefix("sha256:").unwrap_or(text);
+        let valid = (SHORT_LEN..=64).contains(&hex.len())
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if valid {
+            Ok(VersionPrefix(hex.to_owned()))
+        } else {
+            Err(BadId {
+                what: "version prefix",
+                text: text.to_owned(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for VersionPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_prefixes_take_twelve_to_sixty_four_lowercase_hex_digits() {
+        let hex = "0123456789abcdef".repeat(4);
+        let version: Version = format!("sha256:{hex}").parse().unwrap();
+        for given in [&hex[..12], &hex[..40], hex.as_str()] {
+            for text in [given.to_owned(), format!("sha256:{given}")] {
+                let prefix: VersionPrefix = text.parse().unwrap();
+                assert_eq!(prefix.hex(), given);
+                assert_eq!(prefix.short(), &hex[..12]);
+                assert!(prefix.matches(&version), "{text}");
+            }
+        }
+        let other: VersionPrefix = "0123456789ab0".parse().unwrap();
+        assert!(!other.matches(&version));
+        for bad in [
+            &hex[..11],
+            "sha256:0123456789a",
+            "0123456789AB",
+            "0123456789ag",
+            "sha512:0123456789ab",
+        ] {
+            assert!(bad.parse::<VersionPrefix>().is_err(), "{bad}");
+        }
+        assert!(format!("{hex}0").parse::<VersionPrefix>().is_err());
+    }
 
     #[test]
     fn digests_and_versions_parse_only_lowercase_sha256() {

@@ -120,13 +120,12 @@ pub fn layout_image(
     architecture: &str,
 ) -> Result<(ImageManifest, ImageConfiguration), BaseError> {
     let blob = |digest: &str| -> Result<Vec<u8>, BaseError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .ok_or_else(|| BaseError::BadLayout {
-                path: dir.to_path_buf(),
-                reason: format!("unsupported digest `{digest}`"),
-            })?;
-        let path = dir.join("blobs/sha256").join(hex);
+        // Parsed, not sliced: the digest names a file, so it must be exactly 64 hex digits.
+        let parsed: crate::id::Digest = digest.parse().map_err(|_| BaseError::BadLayout {
+            path: dir.to_path_buf(),
+            reason: format!("unsupported digest `{digest}`"),
+        })?;
+        let path = dir.join("blobs/sha256").join(parsed.hex());
         let bytes = fs_err::read(&path).map_err(|source| BaseError::Layout {
             path: path.clone(),
             source,

@@ -147,15 +147,14 @@ pub(super) fn find_record(
             .map_err(|e| Box::new(Report::from_error(&e)))?
             .ok_or_else(|| not_built(&plan.version));
     }
-    let hex = what.trim_start_matches("sha256:");
-    if hex.len() < 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let Ok(prefix) = what.parse::<crate::id::VersionPrefix>() else {
         return Err(Box::new(
             Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
                 Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
             ),
         ));
-    }
-    let mut matches = crate::store::record::versions_with_prefix(store, hex)
+    };
+    let mut matches = crate::store::record::versions_with_prefix(store, &prefix)
         .map_err(|e| Box::new(Report::from_error(&e)))?;
     match matches.len() {
         0 => Err(not_built(what)),

@@ -20,6 +20,7 @@ use super::{
     ami, check_digest, clients, ecs, home_region, launch_template, render_parameter, ssm,
 };
 use crate::diagnostic::Report;
+use crate::id::{Version, VersionPrefix};
 
 /// The format tag of a channel record.
 const CHANNEL_FORMAT: &str = "bake.channel/1";
@@ -188,17 +189,6 @@ impl ChannelState {
     }
 }
 
-/// A version given on the command line (`sha256:<hex>`, or a prefix of at least 12 hex digits)
-/// → the 12 hex digits that name its release.
-pub fn version_short(version: &str) -> Option<String> {
-    let hex = version.strip_prefix("sha256:").unwrap_or(version);
-    (hex.len() >= 12
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-    .then(|| hex[..12].to_owned())
-}
-
 impl<D: DigestCheck> Publisher<'_, D> {
     fn channel_error(&self, channel: &str, problem: impl Into<String>) -> PublishError {
         PublishError::Channel {
@@ -254,19 +244,15 @@ impl<D: DigestCheck> Publisher<'_, D> {
             recipe: self.recipe.name.clone(),
             version: version.to_owned(),
         };
-        let short = version_short(version).ok_or_else(missing)?;
+        let prefix: VersionPrefix = version.parse().map_err(|_| missing())?;
         let home = home_region(self.recipe, self.aws)?;
         let ssm = clients::ssm(self.aws, &home);
-        let name = release_parameter(&self.recipe.name, &short);
+        let name = release_parameter(&self.recipe.name, prefix.short());
         let release: References = ssm::read_record(&ssm, &name, &home)
             .await?
             .ok_or_else(missing)?;
-        let hex = version.strip_prefix("sha256:").unwrap_or(version);
-        if !release
-            .version
-            .trim_start_matches("sha256:")
-            .starts_with(hex)
-        {
+        let published = release.version.parse::<Version>().ok();
+        if !published.is_some_and(|published| prefix.matches(&published)) {
             return Err(missing());
         }
         Ok(release)
@@ -498,8 +484,11 @@ impl<D: DigestCheck> Publisher<'_, D> {
                             value: ami,
                             data_type: Some("aws:ec2:image"),
                             description: text.as_deref(),
-                            label: version_short(&release.version)
-                                .map(|short| ssm::version_label(&short))
+                            label: release
+                                .version
+                                .parse::<Version>()
+                                .ok()
+                                .map(|v| ssm::version_label(v.short()))
                                 .as_deref(),
                         },
                     )
@@ -597,14 +586,5 @@ mod tests {
         assert_eq!(a.launch_templates.len(), 2);
         assert_eq!(a.launch_templates[0].version, 3);
         assert_eq!(a.in_region("r2").launch_templates.len(), 1);
-    }
-
-    #[test]
-    fn versions_name_their_release() {
-        let full = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(version_short(&full).unwrap(), "abababababab");
-        assert_eq!(version_short("abababababab").unwrap(), "abababababab");
-        assert!(version_short("abc").is_none());
-        assert!(version_short("ABABABABABAB").is_none());
     }
 }

@@ -22,7 +22,7 @@ use crate::ami::instance::SourceAmi;
 use crate::artifact::oci::LayerRef;
 use crate::audit::AuditRecord;
 use crate::build::pipeline::StepReport;
-use crate::id::{Digest, Version};
+use crate::id::{Digest, Version, VersionPrefix};
 use crate::plan::PlanInputs;
 
 /// The record format this bake writes; bumped when its shape changes.
@@ -204,7 +204,10 @@ pub fn save(store: &Store, record: &BuildRecord) -> Result<(), StoreError> {
 }
 
 /// Every version the store has a record of whose hex starts with `prefix`.
-pub fn versions_with_prefix(store: &Store, prefix: &str) -> Result<Vec<Version>, StoreError> {
+pub fn versions_with_prefix(
+    store: &Store,
+    prefix: &VersionPrefix,
+) -> Result<Vec<Version>, StoreError> {
     let dir = store.root().join("records");
     let entries = match fs_err::read_dir(&dir) {
         Ok(entries) => entries,
@@ -215,9 +218,8 @@ pub fn versions_with_prefix(store: &Store, prefix: &str) -> Result<Vec<Version>,
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_str()?.strip_suffix(".json")?.to_owned();
-            name.starts_with(prefix)
-                .then(|| format!("sha256:{name}").parse().ok())
-                .flatten()
+            let version: Version = format!("sha256:{name}").parse().ok()?;
+            prefix.matches(&version).then_some(version)
         })
         .collect();
     found.sort();
@@ -542,7 +544,7 @@ mod tests {
         );
         assert!(read.image().is_some() && read.amis().len() == 1);
         assert_eq!(
-            versions_with_prefix(&store, "cccc").unwrap(),
+            versions_with_prefix(&store, &"cccccccccccc".parse().unwrap()).unwrap(),
             std::slice::from_ref(&version)
         );
 
