@@ -3,8 +3,10 @@
 //! The image is streamed: a blocking reader walks only the file's data extents (`SEEK_DATA`/
 //! `SEEK_HOLE`), reads 512 KiB blocks, skips those that are all zeros, hashes the rest (SHA-256
 //! per block, and the linear aggregate over them in block order) and hands them to a bounded
-//! channel; up to `concurrency` `PutSnapshotBlock` calls run at once, each retried with
-//! backoff. Memory stays at about `2 × concurrency` blocks whatever the disk size.
+//! channel; up to `concurrency` `PutSnapshotBlock` calls run at once, each bounded by
+//! `block_timeout` and retried with backoff (a stalled request is abandoned and sent again,
+//! never waited on forever). Memory stays at about `2 × concurrency` blocks whatever the disk
+//! size.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,6 +37,11 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 /// Attempts per block on top of the SDK's own retries: a block that still fails after this many
 /// is not going to succeed, and the whole upload fails.
 pub const BLOCK_ATTEMPTS: u32 = 4;
+
+/// How long one `PutSnapshotBlock` attempt may take before it is abandoned and retried. A
+/// 512 KiB block takes well under a second on AWS; this allows a slow link (about 140 kbit/s)
+/// while bounding what a request that never answers costs.
+pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first backoff between block attempts; doubled each time.
 const BLOCK_BACKOFF: Duration = Duration::from_millis(200);
@@ -116,6 +123,8 @@ pub struct SnapshotUploader {
     ec2: aws_sdk_ec2::Client,
     region: String,
     pub concurrency: usize,
+    /// The limit of one `PutSnapshotBlock` attempt.
+    pub block_timeout: Duration,
     pub wait: WaitPolicy,
 }
 
@@ -126,6 +135,7 @@ impl SnapshotUploader {
             ec2,
             region: region.to_owned(),
             concurrency: DEFAULT_CONCURRENCY,
+            block_timeout: DEFAULT_BLOCK_TIMEOUT,
             wait: WaitPolicy::SNAPSHOT,
         }
     }
@@ -218,7 +228,7 @@ impl SnapshotUploader {
         let mut delay = BLOCK_BACKOFF;
         let mut attempt = 1;
         loop {
-            let result = self
+            let call = self
                 .ebs
                 .put_snapshot_block()
                 .snapshot_id(snapshot_id)
@@ -227,29 +237,31 @@ impl SnapshotUploader {
                 .checksum(&block.checksum)
                 .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
                 .block_data(ByteStream::from(block.data.clone()))
-                .send()
-                .await;
-            match result {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt >= BLOCK_ATTEMPTS => {
-                    return Err(UploadError::Block {
-                        snapshot_id: snapshot_id.to_owned(),
-                        index: block.index,
-                        attempts: attempt,
-                        source: AwsCallError(sdk_error(&e)),
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(
-                        "block {} of {snapshot_id}: attempt {attempt} failed: {}",
-                        block.index,
-                        sdk_error(&e)
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
+                .send();
+            let failure = match tokio::time::timeout(self.block_timeout, call).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => sdk_error(&e),
+                // Dropping the call closes its connection; the block is sent again.
+                Err(_) => format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.block_timeout)
+                ),
+            };
+            if attempt >= BLOCK_ATTEMPTS {
+                return Err(UploadError::Block {
+                    snapshot_id: snapshot_id.to_owned(),
+                    index: block.index,
+                    attempts: attempt,
+                    source: AwsCallError(failure),
+                });
             }
+            tracing::debug!(
+                "block {} of {snapshot_id}: attempt {attempt} failed: {failure}",
+                block.index
+            );
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            attempt += 1;
         }
     }
 

@@ -1392,6 +1392,221 @@ async fn cleanup_finds_a_dead_runs_unjournaled_ami_by_its_run_tag_only() {
     assert!(bake::ami::journal::list(&store).is_empty());
 }
 
+/// A `PutSnapshotBlock` that never answers (the throttle proxy holds it) is abandoned after the
+/// uploader's per-request timeout and sent again; the upload completes and the snapshot holds
+/// every block. (A stalled block used to hang the build, as it does coldsnap.)
+#[tokio::test]
+async fn a_stalled_block_upload_is_retried_after_its_timeout_and_the_upload_completes() {
+    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
+        return;
+    };
+    let (aws, _, account) = test_aws(&proxy).await;
+    let http = reqwest::Client::new();
+    let stall = http
+        .post(format!(
+            "{proxy}/_standin/stall?action=PutSnapshotBlock&count=1&account={account}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(stall.status().is_success(), "{stall:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let blocks = synthetic_image(&disk);
+    let mut uploader = bake::ami::upload::SnapshotUploader::new(
+        aws.ebs("us-east-1"),
+        aws.ec2("us-east-1"),
+        "us-east-1",
+    );
+    uploader.block_timeout = Duration::from_secs(2);
+    uploader.wait = WaitPolicy::fast();
+    let started = Instant::now();
+    let snapshot_id = uploader
+        .start(&bake::ami::upload::SnapshotRequest {
+            volume_size_gib: 1,
+            description: "stalled block test".into(),
+            tags: BTreeMap::new(),
+            encrypted: false,
+            kms_key_arn: None,
+            client_token: format!("stall-{account}"),
+        })
+        .await
+        .unwrap();
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        uploader.put_blocks(&snapshot_id, &disk, 1),
+    )
+    .await
+    .expect("the upload hung on the stalled block")
+    .unwrap();
+    uploader.complete(&snapshot_id, &written).await.unwrap();
+    uploader.wait_completed(&snapshot_id).await.unwrap();
+    assert_eq!(written.changed_blocks, blocks.len() as u64);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the stalled request was not waited on for its timeout"
+    );
+
+    let stats = http
+        .get(format!("{proxy}/_standin/stats?account={account}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let puts = &stats["actions"]["PutSnapshotBlock"];
+    assert_eq!(puts["stalled"], 1, "{stats}");
+    // Every block reached EBS once, the stalled one on its second attempt.
+    assert_eq!(puts["passed"], blocks.len() as u64, "{stats}");
+    let listed = aws
+        .ebs("us-east-1")
+        .list_snapshot_blocks()
+        .snapshot_id(&snapshot_id)
+        .send()
+        .await
+        .unwrap();
+    let mut indexes: Vec<i32> = listed
+        .blocks()
+        .iter()
+        .filter_map(|b| b.block_index())
+        .collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, blocks.keys().copied().collect::<Vec<_>>());
+    // The held request is left held (`/_standin/release` would release every test's stalls);
+    // it ends with the proxy.
+}
+
+/// One AMI distributed to 20 regions through the throttle proxy, with EC2's request-rate
+/// buckets shrunk for this account so that tags, snapshot and image polls are throttled
+/// (`RequestLimitExceeded`, as EC2 answers): every region ends with its AMI, none fails, and
+/// the proxy's counters show the limits were hit.
+#[tokio::test]
+async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
+    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
+        return;
+    };
+    const TWENTY: [&str; 20] = [
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "ca-central-1",
+        "sa-east-1",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "eu-central-1",
+        "eu-north-1",
+        "eu-south-1",
+        "ap-south-1",
+        "ap-northeast-1",
+        "ap-northeast-2",
+        "ap-northeast-3",
+        "ap-southeast-1",
+        "ap-southeast-2",
+        "ap-southeast-3",
+        "af-south-1",
+    ];
+    // bake's own retry configuration, not the tests' usual none.
+    let account = fresh_account();
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&proxy)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .retry_config(RetryConfig::standard().with_max_attempts(bake::aws::MAX_ATTEMPTS))
+        .load()
+        .await;
+    let aws = Aws::from_config(config, Some(account.clone())).with_emulator(Emulator::Moto);
+    let http = reqwest::Client::new();
+    // Buckets are per account, region and action: one copy per region never empties
+    // CopyImage's, so the calls each region makes several of get one-token buckets.
+    let limits = serde_json::json!({
+        "actions": {
+            "CreateTags": [1, 1],
+            "DescribeImages": [1, 1],
+            "DescribeSnapshots": [1, 1],
+        },
+        "copy_seconds": 2,
+    });
+    let set = http
+        .post(format!("{proxy}/_standin/limits?account={account}"))
+        .body(limits.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(set.status().is_success(), "{set:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let image = dir.path().join("disk.raw");
+    synthetic_image(&image);
+    let mut spec = spec("amitwenty", &TWENTY);
+    spec.encrypted = false;
+    spec.sharing = Sharing {
+        accounts: vec![],
+        organizations: vec![],
+        organizational_units: vec![],
+        public: false,
+    };
+    for region in &mut spec.regions {
+        region.kms_key_id = None;
+    }
+    let options = PublishOptions {
+        upload_concurrency: 8,
+        snapshot_wait: WaitPolicy::fast(),
+        distribute: DistributeOptions {
+            concurrency: TWENTY.len(),
+            wait: WaitPolicy {
+                interval: Duration::from_millis(250),
+                max_attempts: 400,
+                consecutive_successes: 1,
+            },
+        },
+        keep_on_failure: false,
+    };
+    let record = publish_snapshot_ami(
+        &aws,
+        &store,
+        &spec,
+        Some(&image),
+        None,
+        &options,
+        std::future::pending(),
+    )
+    .await
+    .expect("every region gets its AMI");
+    let mut regions: Vec<&str> = record.regions.iter().map(|r| r.region.as_str()).collect();
+    regions.sort_unstable();
+    let mut expected = TWENTY.to_vec();
+    expected.sort_unstable();
+    assert_eq!(regions, expected);
+
+    let stats = http
+        .get(format!("{proxy}/_standin/stats?account={account}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let throttled: u64 = stats["actions"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|counts| counts["throttled"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(throttled > 0, "no request was throttled: {stats}");
+    assert_eq!(
+        stats["actions"]["CopyImage"]["passed"],
+        TWENTY.len() as u64 - 1,
+        "{stats}"
+    );
+}
+
 /// Runs of one version send the same idempotency tokens, so a run that raced another can get
 /// the other's snapshot or AMI copy back from AWS and journal it by id. When the journaling run
 /// dies, `bake cleanup` keeps what carries another run's `bake:run` tag, says why, and still
