@@ -24,6 +24,7 @@ pub mod build;
 pub mod cli;
 pub mod diagnostic;
 pub mod exit;
+pub mod gc;
 pub mod id;
 pub mod plan;
 pub mod provenance;

@@ -119,6 +119,17 @@ pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
                 };
                 println!("published    {text}");
             }
+            for removal in &found.removals {
+                let place = if removal.region.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", removal.region)
+                };
+                println!(
+                    "removed      {} {}{place} at {}: {}",
+                    removal.kind, removal.id, removal.at, removal.reason
+                );
+            }
         }
     }
     ExitStatus::Success

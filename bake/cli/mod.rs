@@ -9,6 +9,7 @@ mod audit;
 mod build;
 mod cleanup;
 mod export;
+mod gc;
 mod key;
 mod manifest;
 mod plan;
@@ -80,6 +81,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Remove AWS resources left by AMI builds that died (journals and tags).
     Cleanup(cleanup::CleanupArgs),
+    /// Remove old AMIs that nothing references (deprecate first; explain every decision).
+    Gc(gc::GcArgs),
     /// AMIs from disk images: upload a raw image into an EBS snapshot, publish a recipe's AMI.
     Ami(ami::AmiArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
@@ -156,6 +159,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Pin(args) => publish::run_pin(&args, settings),
         Command::Ami(args) => ami::run(&args, settings),
         Command::Cleanup(args) => cleanup::run(&args, settings),
+        Command::Gc(args) => gc::run(&args, settings),
         Command::Audit(args) => audit::run(&args, settings),
         Command::Sandbox(args) => sandbox::run(&args),
     }

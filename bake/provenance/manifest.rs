@@ -37,6 +37,26 @@ pub struct Manifest {
     #[serde(default)]
     pub attestations: Option<Attestations>,
     pub timings: Timings,
+    /// What `bake gc` removed of this version, and when (the outputs above still name it, so
+    /// `manifest show` answers for a removed AMI id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals: Vec<Removal>,
+}
+
+/// One artifact of the version that `bake gc` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    /// `ami`, `snapshot` or `image`.
+    pub kind: String,
+    /// The AMI or snapshot id, or `repository@sha256:…`.
+    pub id: String,
+    /// Empty for registry images.
+    #[serde(default)]
+    pub region: String,
+    /// RFC 3339.
+    pub at: String,
+    /// The rule that let it go.
+    pub reason: String,
 }
 
 /// Every resolved input, with its digest.
@@ -299,6 +319,7 @@ impl Manifest {
                 build_ms: record.duration_ms,
                 attested: None,
             },
+            removals: Vec::new(),
         }
     }
 
@@ -327,6 +348,7 @@ impl Manifest {
                 build_ms: 0,
                 attested: None,
             },
+            removals: Vec::new(),
         }
     }
 
@@ -636,6 +658,7 @@ mod tests {
                 build_ms: 0,
                 attested: None,
             },
+            removals: Vec::new(),
         }
     }
 

@@ -66,6 +66,37 @@ pub struct Recipe {
     /// Not part of the version: the key that signs an artifact's provenance does not change it.
     #[serde(skip)]
     pub provenance: ProvenanceSettings,
+    /// Not part of the version: how long artifacts are kept says nothing about what they are.
+    #[serde(skip)]
+    pub lifecycle: Lifecycle,
+}
+
+/// Retention for `bake gc` (`lifecycle:`); the command line (`--keep`, `--older-than`)
+/// overrides the recipe-wide values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The newest versions always kept.
+    pub keep: Option<u32>,
+    /// Only versions older than this are removed.
+    pub older_than: Option<Duration>,
+    /// How long an AMI stays deprecated before it is deregistered (zero: in the same run).
+    pub grace: Duration,
+    /// Per channel (each one of `publish.channels`).
+    pub channels: BTreeMap<String, ChannelRetention>,
+}
+
+/// Channel entries `bake gc` keeps when the recipe does not say: the current one and the
+/// previous one, which a rollback returns to.
+pub const DEFAULT_CHANNEL_KEEP: u32 = 2;
+
+/// How much of a channel's history `bake gc` keeps, beyond its current and previous versions
+/// (always kept: they are what a rollback needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelRetention {
+    /// The channel's newest entries kept.
+    pub keep: u32,
+    /// Every version the channel held within this long.
+    pub older_than: Option<Duration>,
 }
 
 /// How a build's provenance is signed and which SBOMs are made (`provenance:`); the command

@@ -40,6 +40,30 @@ pub struct RawRecipe {
     pub audit: Option<S<RawAudit>>,
     /// How provenance is signed and which SBOMs are made.
     pub provenance: Option<S<RawProvenance>>,
+    /// Retention for `bake gc`: how many versions and how long to keep, per channel too.
+    pub lifecycle: Option<S<RawLifecycle>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    /// The newest versions always kept (`bake gc --keep` overrides it).
+    pub keep: Option<S<RawValue>>,
+    /// Only versions older than this are removed (`bake gc --older-than` overrides it).
+    pub older_than: Option<S<String>>,
+    /// How long an AMI stays deprecated before it is deregistered (default `0s`: in the same
+    /// run, right after its deprecation).
+    pub grace: Option<S<String>>,
+    /// Per channel: its newest `keep` entries, and every version it held within `older_than`.
+    #[serde(default)]
+    pub channels: BTreeMap<String, S<RawChannelRetention>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChannelRetention {
+    pub keep: Option<S<RawValue>>,
+    pub older_than: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

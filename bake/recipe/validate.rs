@@ -171,6 +171,11 @@ impl<'a> Validator<'a> {
             .as_ref()
             .map(|p| self.provenance(p))
             .unwrap_or_default();
+        let lifecycle = raw
+            .lifecycle
+            .as_ref()
+            .map(|l| self.lifecycle(l, &publish))
+            .unwrap_or_default();
 
         let recipe = Recipe {
             source: Arc::clone(&self.file),
@@ -187,6 +192,7 @@ impl<'a> Validator<'a> {
             publish,
             audit,
             provenance,
+            lifecycle,
         };
         // Templates can only be checked once variables are resolved and the shape is valid;
         // checking them against a broken recipe would only add noise.
@@ -999,6 +1005,83 @@ impl<'a> Validator<'a> {
             signing_key,
             kms_key,
             sbom_formats,
+        }
+    }
+
+    fn lifecycle(&mut self, l: &S<RawLifecycle>, publish: &Publish) -> Lifecycle {
+        let raw = &l.value;
+        let mut channels = BTreeMap::new();
+        for (name, retention) in &raw.channels {
+            if !publish.channels.contains(name) {
+                self.error(
+                    retention,
+                    RecipeErrorKind::Conflict(format!(
+                        "lifecycle channel `{name}` is not in publish.channels"
+                    )),
+                )
+                .hint = Some("declare it under publish.channels, or remove its retention".into());
+                continue;
+            }
+            let keep = retention
+                .value
+                .keep
+                .as_ref()
+                .and_then(|k| self.count(k, "lifecycle channel keep"))
+                .unwrap_or(DEFAULT_CHANNEL_KEEP);
+            let older_than = retention
+                .value
+                .older_than
+                .as_ref()
+                .and_then(|d| self.lifecycle_duration(d));
+            channels.insert(name.clone(), ChannelRetention { keep, older_than });
+        }
+        Lifecycle {
+            keep: raw
+                .keep
+                .as_ref()
+                .and_then(|k| self.count(k, "lifecycle keep")),
+            older_than: raw
+                .older_than
+                .as_ref()
+                .and_then(|d| self.lifecycle_duration(d)),
+            grace: raw
+                .grace
+                .as_ref()
+                .and_then(|d| self.lifecycle_duration(d))
+                .unwrap_or(Duration::ZERO),
+            channels,
+        }
+    }
+
+    /// A whole number of versions (`keep`), at least 1: keeping none is never what gc means.
+    fn count(&mut self, at: &S<Value>, what: &'static str) -> Option<u32> {
+        match at.value.as_u64() {
+            Some(n @ 1..=10_000) => Some(n as u32),
+            _ => {
+                self.invalid(
+                    at,
+                    what,
+                    &at.value,
+                    "write a whole number of versions, at least 1",
+                );
+                None
+            }
+        }
+    }
+
+    /// A retention duration; unlike step timeouts, zero is allowed (`0s`: no wait).
+    fn lifecycle_duration(&mut self, at: &S<String>) -> Option<Duration> {
+        match humantime::parse_duration(&at.value) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.invalid(
+                    at,
+                    "duration",
+                    &at.value,
+                    "write a duration such as `0s`, `12h` or `30d`",
+                );
+                None
+            }
         }
     }
 

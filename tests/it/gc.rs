@@ -1,0 +1,875 @@
+//! `bake gc` through the binary against moto: the reference scan in two regions, the dry run,
+//! a second run, a run killed mid-way, and AMIs that are not gc's to touch.
+//!
+//! bake talks to moto through the throttle proxy of `scripts/services`
+//! (`BAKE_TEST_THROTTLE_ENDPOINT`), which counts every request per account and action: that is
+//! how "makes no mutating call" is asserted on what the binary really sent, and its `stall`
+//! control holds one DeleteSnapshot so a run can be killed between deregistering an AMI and
+//! deleting its snapshot. Setup and inspection talk to moto directly (uncounted). moto has no
+//! EnableImageDeprecation; bake is told it talks to moto (`BAKE_AWS_EMULATOR=moto`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_credential_types::Credentials;
+use aws_sdk_autoscaling::types::{
+    LaunchTemplate, LaunchTemplateOverrides, LaunchTemplateSpecification, MixedInstancesPolicy,
+};
+use aws_sdk_ec2::types::{RequestLaunchTemplateData, Tag};
+use bake::aws::Aws;
+use bake::publish::clients;
+use serde_json::{Value, json};
+
+use super::common::{bake, fresh_account, service};
+
+const RECIPE: &str = "gcweb";
+const HOME: &str = "us-east-1";
+const OTHER: &str = "eu-west-1";
+
+/// Region → (AMI id, snapshot id) of one version.
+type Amis = BTreeMap<String, (String, String)>;
+
+struct Env {
+    proxy: String,
+    account: String,
+    /// Clients straight to moto, for setup and inspection (not counted by the proxy).
+    aws: Aws,
+    /// Holds the store and the recipe.
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+    recipe: PathBuf,
+}
+
+/// A test version: `sha256:` and 64 hex digits from `n`.
+fn version(n: u8) -> String {
+    format!("sha256:{}", format!("{n:02x}").repeat(32))
+}
+
+fn short(n: u8) -> String {
+    format!("{n:02x}").repeat(6)
+}
+
+impl Env {
+    async fn new(recipe_text: &str) -> Option<Env> {
+        let moto = service("BAKE_TEST_MOTO_ENDPOINT")?;
+        let proxy = service("BAKE_TEST_THROTTLE_ENDPOINT")?;
+        let account = fresh_account();
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&moto)
+            .region(Region::new(HOME))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .retry_config(RetryConfig::disabled())
+            .load()
+            .await;
+        let aws = Aws::from_config(config, Some(account.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        bake::store::Store::open(&store).unwrap();
+        let recipe = dir.path().join("gcweb.yaml");
+        fs_err::write(&recipe, recipe_text).unwrap();
+        Some(Env {
+            proxy,
+            account,
+            aws,
+            _dir: dir,
+            store,
+            recipe,
+        })
+    }
+
+    /// Runs `bake ARGS` through the counting proxy, in this test's account and store.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = bake();
+        command
+            .args(args)
+            .arg("--store")
+            .arg(&self.store)
+            .env("BAKE_AWS_ENDPOINT_URL", &self.proxy)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &self.account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", HOME)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE");
+        command
+    }
+
+    fn bake(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run bake")
+    }
+
+    /// `bake gc RECIPE ARGS --output json`, which must succeed; its report.
+    fn gc(&self, args: &[&str]) -> Value {
+        let mut all = vec!["gc", self.recipe.to_str().unwrap()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--output", "json"]);
+        let out = self.bake(&all);
+        assert!(
+            out.status.success(),
+            "bake gc failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).expect("gc prints JSON")
+    }
+
+    /// Every request the proxy counted for this account, by action.
+    async fn counted(&self) -> BTreeMap<String, u64> {
+        let text = reqwest::Client::new()
+            .get(format!(
+                "{}/_standin/stats?account={}",
+                self.proxy, self.account
+            ))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let stats: Value = serde_json::from_str(&text).unwrap();
+        stats["actions"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(action, counts)| {
+                let n = ["passed", "throttled", "limited", "stalled"]
+                    .iter()
+                    .map(|k| counts[k].as_u64().unwrap_or(0))
+                    .sum();
+                (action.clone(), n)
+            })
+            .collect()
+    }
+
+    /// The store's build record of version `n`, with its AMIs, made on day `n`.
+    fn record(&self, name: &str, n: u8, amis: &[(&str, &str, &str)]) {
+        let regions: Vec<Value> = amis
+            .iter()
+            .map(|(region, image, snapshot)| {
+                json!({"region": region, "image_id": image, "snapshot_id": snapshot})
+            })
+            .collect();
+        let record = json!({
+            "format": "bake.build-record/v2",
+            "name": name,
+            "version": version(n),
+            "recipe": format!("{name}.yaml"),
+            "bake_version": "0.1.0",
+            "inputs": {
+                "format": "bake.version/v1",
+                "recipe": {"name": name, "variables": {}, "base": "scratch", "build": {},
+                           "provisioners": [], "tests": [], "outputs": {}},
+                "base": {"kind": "scratch"},
+                "files": [],
+                "builtins": [],
+                "source_date_epoch": 7
+            },
+            "started": format!("2026-01-{:02}T00:00:00Z", n + 1),
+            "duration_ms": 1,
+            "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": regions}}
+        });
+        let record: bake::store::BuildRecord = serde_json::from_value(record).unwrap();
+        bake::store::Store::open(&self.store)
+            .unwrap()
+            .put_record(&record)
+            .unwrap();
+    }
+
+    /// An AMI registered in moto, tagged (image and snapshot) as a bake build tags it when
+    /// `tags` says so; returns (AMI id, snapshot id).
+    async fn ami(&self, region: &str, name: &str, tags: &[(&str, &str)]) -> (String, String) {
+        let ec2 = self.aws.ec2(region);
+        let image = ec2
+            .register_image()
+            .name(name)
+            .root_device_name("/dev/xvda")
+            .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
+            .virtualization_type("hvm")
+            .send()
+            .await
+            .unwrap()
+            .image_id()
+            .unwrap()
+            .to_owned();
+        let described = ec2
+            .describe_images()
+            .image_ids(&image)
+            .send()
+            .await
+            .unwrap();
+        let snapshot = described.images()[0]
+            .block_device_mappings()
+            .iter()
+            .find_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+            .expect("moto gives a registered AMI a snapshot")
+            .to_owned();
+        if !tags.is_empty() {
+            ec2.create_tags()
+                .resources(&image)
+                .resources(&snapshot)
+                .set_tags(Some(
+                    tags.iter()
+                        .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                        .collect(),
+                ))
+                .send()
+                .await
+                .unwrap();
+        }
+        (image, snapshot)
+    }
+
+    /// Version `n` of the recipe: an AMI per region, tagged, and its build record.
+    async fn built(&self, n: u8, regions: &[&str]) -> Amis {
+        let v = version(n);
+        let tags = [("bake:recipe", RECIPE), ("bake:version", v.as_str())];
+        let mut made = BTreeMap::new();
+        for region in regions {
+            let ami = self
+                .ami(region, &format!("{RECIPE}-{}", short(n)), &tags)
+                .await;
+            made.insert(region.to_string(), ami);
+        }
+        let amis: Vec<(&str, &str, &str)> = made
+            .iter()
+            .map(|(r, (i, s))| (r.as_str(), i.as_str(), s.as_str()))
+            .collect();
+        self.record(RECIPE, n, &amis);
+        made
+    }
+
+    async fn image_exists(&self, region: &str, image: &str) -> bool {
+        self.aws
+            .ec2(region)
+            .describe_images()
+            .image_ids(image)
+            .send()
+            .await
+            .map(|o| {
+                o.images()
+                    .iter()
+                    .any(|i| i.state().is_some_and(|s| s.as_str() == "available"))
+            })
+            .unwrap_or(false)
+    }
+
+    async fn snapshot_exists(&self, region: &str, snapshot: &str) -> bool {
+        self.aws
+            .ec2(region)
+            .describe_snapshots()
+            .snapshot_ids(snapshot)
+            .send()
+            .await
+            .is_ok_and(|o| !o.snapshots().is_empty())
+    }
+
+    /// A launch template whose versions have these AMIs (version 1 first); `default` is made
+    /// the default version. Returns its id.
+    async fn launch_template(&self, name: &str, amis: &[&str], default: i64) -> String {
+        let ec2 = self.aws.ec2(HOME);
+        let data = |ami: &str| {
+            RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build()
+        };
+        let id = ec2
+            .create_launch_template()
+            .launch_template_name(name)
+            .launch_template_data(data(amis[0]))
+            .send()
+            .await
+            .unwrap()
+            .launch_template()
+            .unwrap()
+            .launch_template_id()
+            .unwrap()
+            .to_owned();
+        for ami in &amis[1..] {
+            ec2.create_launch_template_version()
+                .launch_template_id(&id)
+                .launch_template_data(data(ami))
+                .send()
+                .await
+                .unwrap();
+        }
+        ec2.modify_launch_template()
+            .launch_template_id(&id)
+            .default_version(default.to_string())
+            .send()
+            .await
+            .unwrap();
+        id
+    }
+
+    /// An Auto Scaling group with no instances (so only the group names the AMI).
+    async fn group(
+        &self,
+        name: &str,
+        template: Option<LaunchTemplateSpecification>,
+        mixed: Option<MixedInstancesPolicy>,
+    ) {
+        clients::autoscaling(&self.aws, HOME)
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .set_launch_template(template)
+            .set_mixed_instances_policy(mixed)
+            .min_size(0)
+            .max_size(1)
+            .desired_capacity(0)
+            .availability_zones(format!("{HOME}a"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("create Auto Scaling group {name}: {e:?}"));
+    }
+
+    /// Writes a channel's record as `bake promote` does: `versions` oldest first.
+    async fn channel(&self, channel: &str, versions: &[(u8, Amis)]) {
+        let history: Vec<Value> = versions
+            .iter()
+            .enumerate()
+            .map(|(i, (n, amis))| {
+                json!({
+                    "promoted_at": format!("2026-02-{:02}T00:00:00Z", i + 1),
+                    "references": {
+                        "version": version(*n),
+                        "amis": amis.iter().map(|(r, (i, _))| (r.clone(), i.clone())).collect::<BTreeMap<_, _>>(),
+                        "images": [],
+                        "launch_templates": [],
+                        "task_definitions": []
+                    }
+                })
+            })
+            .collect();
+        let state = json!({"format": "bake.channel/1", "recipe": RECIPE, "channel": channel, "history": history});
+        clients::ssm(&self.aws, HOME)
+            .put_parameter()
+            .name(format!("/bake/channels/{RECIPE}/{channel}"))
+            .value(state.to_string())
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    fn gc_journals(&self) -> Vec<PathBuf> {
+        match fs_err::read_dir(self.store.join("gc")) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn recipe_text(regions: &[&str]) -> String {
+    format!(
+        "bake: 1\nname: {RECIPE}\nbase: scratch\noutputs:\n  ami:\n    strategy: snapshot\n    name: \"{RECIPE}-{{{{version_short}}}}\"\n    regions: [{}]\npublish:\n  channels: [prod]\nlifecycle:\n  grace: 0s\n",
+        regions.join(", ")
+    )
+}
+
+/// Actions that change nothing (the proxy's names: `Action`, `service:Action` or a JSON
+/// target `Service.Action`).
+fn mutations(counted: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> Vec<String> {
+    counted
+        .iter()
+        .filter(|(action, n)| before.get(*action).copied().unwrap_or(0) < **n)
+        .map(|(action, _)| action.rsplit([':', '.']).next().unwrap().to_owned())
+        .filter(|action| {
+            !["Describe", "Get", "List"]
+                .iter()
+                .any(|p| action.starts_with(p))
+        })
+        .collect()
+}
+
+/// (region, id) → line of the report's AMIs.
+fn ami_lines(report: &Value) -> BTreeMap<(String, String), Value> {
+    report["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "ami")
+        .map(|l| {
+            (
+                (
+                    l["region"].as_str().unwrap().to_owned(),
+                    l["id"].as_str().unwrap().to_owned(),
+                ),
+                l.clone(),
+            )
+        })
+        .collect()
+}
+
+fn with_action(report: &Value, kind: &str, action: &str) -> BTreeSet<String> {
+    report["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == kind && l["action"] == action)
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_removes_exactly_the_unreferenced_old_amis_in_two_regions_and_says_why() {
+    let Some(env) = Env::new(&recipe_text(&[HOME, OTHER])).await else {
+        return;
+    };
+    let both = [HOME, OTHER];
+    let mut v = BTreeMap::new();
+    for n in 0..=9u8 {
+        v.insert(n, env.built(n, &both).await);
+    }
+    let ami = |n: u8, region: &str| v[&n][region].0.clone();
+
+    // v1: an ASG pinned to launch template version 1 (the template's default is version 2).
+    let pinned = env
+        .launch_template("gc-pinned", &[&ami(1, HOME), &ami(9, HOME)], 2)
+        .await;
+    env.group(
+        "asg-pinned",
+        Some(
+            LaunchTemplateSpecification::builder()
+                .launch_template_id(&pinned)
+                .version("1")
+                .build(),
+        ),
+        None,
+    )
+    .await;
+    // v2: an ASG through `$Default` (version 1; `$Latest` is version 2 on v9).
+    let default = env
+        .launch_template("gc-default", &[&ami(2, HOME), &ami(9, HOME)], 1)
+        .await;
+    env.group(
+        "asg-default",
+        Some(
+            LaunchTemplateSpecification::builder()
+                .launch_template_id(&default)
+                .version("$Default")
+                .build(),
+        ),
+        None,
+    )
+    .await;
+    // v3: a mixed-instances ASG pinned to version 1.
+    let mixed = env
+        .launch_template("gc-mixed", &[&ami(3, HOME), &ami(9, HOME)], 2)
+        .await;
+    env.group(
+        "asg-mixed",
+        None,
+        Some(
+            MixedInstancesPolicy::builder()
+                .launch_template(
+                    LaunchTemplate::builder()
+                        .launch_template_specification(
+                            LaunchTemplateSpecification::builder()
+                                .launch_template_id(&mixed)
+                                .version("1")
+                                .build(),
+                        )
+                        .overrides(
+                            LaunchTemplateOverrides::builder()
+                                .instance_type("t3.micro")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        ),
+    )
+    .await;
+    // v4: an instance, in the other region.
+    let instance = env
+        .aws
+        .ec2(OTHER)
+        .run_instances()
+        .image_id(ami(4, OTHER))
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    // v5: an SSM parameter.
+    clients::ssm(&env.aws, HOME)
+        .put_parameter()
+        .name("/app/web/ami")
+        .value(ami(5, HOME))
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    // v6 is prod's previous version, v8 its current one.
+    env.channel("prod", &[(6, v[&6].clone()), (8, v[&8].clone())])
+        .await;
+    // Not gc's: an AMI without bake's tags, one of another recipe (with its own record in the
+    // same store), and one tagged for this recipe with a version this store never built.
+    let (foreign, foreign_snapshot) = env.ami(HOME, "hand-made", &[]).await;
+    let other_version = version(0x42);
+    let (other, other_snapshot) = env
+        .ami(
+            HOME,
+            "other-1",
+            &[("bake:recipe", "other"), ("bake:version", &other_version)],
+        )
+        .await;
+    env.record("other", 0x42, &[(HOME, &other, &other_snapshot)]);
+    let stray_version = version(0x77);
+    let (stray, _) = env
+        .ami(
+            HOME,
+            "gcweb-stray",
+            &[("bake:recipe", RECIPE), ("bake:version", &stray_version)],
+        )
+        .await;
+
+    let expected_removed: BTreeSet<(String, String)> = [
+        (HOME, 0),
+        (HOME, 4),
+        (HOME, 7),
+        (OTHER, 0),
+        (OTHER, 1),
+        (OTHER, 2),
+        (OTHER, 3),
+        (OTHER, 5),
+        (OTHER, 7),
+    ]
+    .iter()
+    .map(|&(r, n)| (r.to_owned(), ami(n, r)))
+    .collect();
+    let instance_reason = format!("instance {instance}");
+    let expected_reasons: Vec<((&str, u8), &str)> = vec![
+        (
+            (HOME, 1),
+            "Auto Scaling group asg-pinned uses launch template",
+        ),
+        (
+            (HOME, 2),
+            "Auto Scaling group asg-default uses launch template",
+        ),
+        ((HOME, 2), "$Default"),
+        (
+            (HOME, 3),
+            "Auto Scaling group asg-mixed uses (mixed instances policy)",
+        ),
+        ((OTHER, 4), instance_reason.as_str()),
+        ((HOME, 5), "SSM parameter /app/web/ami"),
+        ((HOME, 6), "channel prod: previous"),
+        ((OTHER, 6), "channel prod: previous"),
+        ((HOME, 8), "channel prod: current"),
+        ((OTHER, 8), "channel prod: current"),
+        ((HOME, 9), "rule: one of the last 1 versions"),
+        ((OTHER, 9), "rule: one of the last 1 versions"),
+    ];
+    let check_lines = |report: &Value, removal: &str| {
+        let lines = ami_lines(report);
+        let removed: BTreeSet<(String, String)> = lines
+            .iter()
+            .filter(|(_, l)| l["action"] == removal)
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(removed, expected_removed, "{removal}: {report:#}");
+        for &((region, n), reason) in &expected_reasons {
+            let line = &lines[&(region.to_owned(), ami(n, region))];
+            assert_eq!(line["action"], "keep", "{line:#}");
+            assert!(
+                line["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_str().unwrap().contains(reason)),
+                "v{n} in {region} should be kept because {reason}: {line:#}"
+            );
+        }
+        // Only this recipe's AMIs get lines; the stray one is named and left alone.
+        assert!(!lines.contains_key(&(HOME.to_owned(), foreign.clone())));
+        assert!(!lines.contains_key(&(HOME.to_owned(), other.clone())));
+        assert_eq!(lines[&(HOME.to_owned(), stray.clone())]["action"], "skip");
+        // 10 versions × 2 regions + the stray one.
+        assert_eq!(lines.len(), 21, "{report:#}");
+    };
+
+    // The dry run decides everything and sends only reads.
+    let before = env.counted().await;
+    let dry = env.gc(&["--keep", "1", "--dry-run"]);
+    check_lines(&dry, "would_remove");
+    let sent = env.counted().await;
+    assert!(
+        sent.keys().any(|a| a.contains("DescribeAutoScalingGroups")),
+        "the proxy saw bake's requests: {sent:?}"
+    );
+    assert_eq!(mutations(&sent, &before), Vec::<String>::new());
+    for (region, image) in &expected_removed {
+        assert!(env.image_exists(region, image).await);
+    }
+    // The human form: one line per artifact, naming the reference.
+    let human = env.bake(&[
+        "gc",
+        env.recipe.to_str().unwrap(),
+        "--keep",
+        "1",
+        "--dry-run",
+    ]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success());
+    assert_eq!(text.lines().count(), 21, "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("keep")
+            && l.contains(&ami(1, HOME))
+            && l.contains("asg-pinned")),
+        "{text}"
+    );
+
+    // The real run removes exactly those, deprecating first, and their snapshots.
+    let before = env.counted().await;
+    let real = env.gc(&["--keep", "1"]);
+    check_lines(&real, "removed");
+    let sent = env.counted().await;
+    let changed = mutations(&sent, &before);
+    for action in [
+        "EnableImageDeprecation",
+        "DeregisterImage",
+        "DeleteSnapshot",
+    ] {
+        assert!(changed.iter().any(|a| a == action), "{action}: {changed:?}");
+    }
+    let removed_snapshots = with_action(&real, "snapshot", "removed");
+    for (region, image) in &expected_removed {
+        assert!(
+            !env.image_exists(region, image).await,
+            "{image} in {region}"
+        );
+        let n = v.iter().find(|(_, m)| &m[region].0 == image).unwrap().0;
+        let snapshot = &v[n][region].1;
+        assert!(removed_snapshots.contains(snapshot));
+        assert!(!env.snapshot_exists(region, snapshot).await, "{snapshot}");
+    }
+    for &((region, n), _) in &expected_reasons {
+        assert!(env.image_exists(region, &ami(n, region)).await);
+        assert!(env.snapshot_exists(region, &v[&n][region].1).await);
+    }
+    for (image, snapshot) in [(&foreign, &foreign_snapshot), (&other, &other_snapshot)] {
+        assert!(env.image_exists(HOME, image).await);
+        assert!(env.snapshot_exists(HOME, snapshot).await);
+    }
+    assert!(env.image_exists(HOME, &stray).await);
+    assert!(
+        env.gc_journals().is_empty(),
+        "a finished run leaves no journal"
+    );
+
+    // The removed version's manifest says what went and when; `manifest show` still answers
+    // for its AMI id.
+    let shown = env.bake(&["manifest", "show", &ami(7, OTHER), "--output", "json"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let manifest: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(manifest["version"], version(7));
+    let removals = manifest["removals"].as_array().unwrap();
+    let ids: BTreeSet<&str> = removals.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    for region in both {
+        assert!(ids.contains(ami(7, region).as_str()));
+        assert!(ids.contains(v[&7][region].1.as_str()));
+    }
+    assert!(
+        removals
+            .iter()
+            .all(|r| r["at"].as_str().unwrap().starts_with("20"))
+    );
+
+    // A second run finds nothing to do: no mutating call.
+    let before = env.counted().await;
+    let again = env.gc(&["--keep", "1"]);
+    assert!(with_action(&again, "ami", "removed").is_empty());
+    assert_eq!(
+        mutations(&env.counted().await, &before),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gc_killed_between_deregistering_and_deleting_snapshots_is_finished_by_the_next() {
+    let Some(env) = Env::new(&recipe_text(&[HOME])).await else {
+        return;
+    };
+    let mut v = BTreeMap::new();
+    for n in 1..=4u8 {
+        v.insert(n, env.built(n, &[HOME]).await[HOME].clone());
+    }
+    let client = reqwest::Client::new();
+    // The next DeleteSnapshot of this account is held forever: the run stops right after its
+    // first AMI was deregistered and journaled.
+    let stalled = client
+        .post(format!(
+            "{}/_standin/stall?action=DeleteSnapshot&count=1&account={}",
+            env.proxy, env.account
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(stalled.status().is_success());
+    let mut child = env
+        .command(&["gc", env.recipe.to_str().unwrap(), "--keep", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stalled = env
+            .counted()
+            .await
+            .get("DeleteSnapshot")
+            .copied()
+            .unwrap_or(0);
+        let journaled = env
+            .gc_journals()
+            .iter()
+            .any(|p| fs_err::read_to_string(p).is_ok_and(|t| t.contains("\"deregistered\"")));
+        if stalled > 0 && journaled {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "gc ended before it could be killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "gc never got stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let journal: Value =
+        serde_json::from_str(&fs_err::read_to_string(&env.gc_journals()[0]).unwrap()).unwrap();
+    let first = journal["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["step"] == "deregistered")
+        .unwrap()
+        .clone();
+    let image = first["image_id"].as_str().unwrap().to_owned();
+    let snapshot = first["snapshots"][0].as_str().unwrap().to_owned();
+    assert!(!env.image_exists(HOME, &image).await);
+    assert!(
+        env.snapshot_exists(HOME, &snapshot).await,
+        "killed before the snapshot went"
+    );
+
+    // The next run finishes: the orphaned snapshot (only the journal knows it) and the rest.
+    let report = env.gc(&["--keep", "1"]);
+    let removed_snapshots = with_action(&report, "snapshot", "removed");
+    assert!(removed_snapshots.contains(&snapshot), "{report:#}");
+    for n in 1..=3u8 {
+        let (image, snapshot) = &v[&n];
+        assert!(!env.image_exists(HOME, image).await, "v{n}");
+        assert!(!env.snapshot_exists(HOME, snapshot).await, "v{n}");
+    }
+    assert!(env.image_exists(HOME, &v[&4].0).await);
+    assert!(env.gc_journals().is_empty(), "{:?}", env.gc_journals());
+
+    let before = env.counted().await;
+    env.gc(&["--keep", "1"]);
+    assert_eq!(
+        mutations(&env.counted().await, &before),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amis_without_bake_tags_or_of_another_recipe_are_never_touched() {
+    let Some(env) = Env::new(&recipe_text(&[HOME])).await else {
+        return;
+    };
+    // Old versions of this recipe whose AMIs lost their tags, or carry another recipe's: the
+    // records name them, but gc needs both before it judges anything.
+    let (untagged, untagged_snapshot) = env.ami(HOME, "gcweb-old", &[]).await;
+    env.record(RECIPE, 1, &[(HOME, &untagged, &untagged_snapshot)]);
+    let (theirs, theirs_snapshot) = env
+        .ami(
+            HOME,
+            "gcweb-theirs",
+            &[("bake:recipe", "other"), ("bake:version", &version(2))],
+        )
+        .await;
+    env.record(RECIPE, 2, &[(HOME, &theirs, &theirs_snapshot)]);
+    let newest = env.built(3, &[HOME]).await;
+
+    let before = env.counted().await;
+    let report = env.gc(&["--keep", "1"]);
+    let lines = ami_lines(&report);
+    for image in [&untagged, &theirs] {
+        let line = &lines[&(HOME.to_owned(), image.clone())];
+        assert_eq!(line["action"], "skip", "{line:#}");
+        assert!(
+            line["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains("never touched")
+        );
+        assert!(env.image_exists(HOME, image).await);
+    }
+    assert!(env.snapshot_exists(HOME, &untagged_snapshot).await);
+    assert!(env.snapshot_exists(HOME, &theirs_snapshot).await);
+    assert_eq!(
+        lines[&(HOME.to_owned(), newest[HOME].0.clone())]["action"],
+        "keep"
+    );
+    assert_eq!(
+        mutations(&env.counted().await, &before),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn gc_refuses_a_store_without_builds_and_bad_lifecycle_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.yaml");
+    fs_err::write(&recipe, recipe_text(&[HOME])).unwrap();
+    let out = bake()
+        .args(["gc", recipe.to_str().unwrap(), "--store"])
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no build records"));
+
+    let bad: &Path = &dir.path().join("bad.yaml");
+    fs_err::write(
+        bad,
+        format!(
+            "{}  keep: 0\n  channels:\n    dev: {{keep: 1, older_than: soon}}\n",
+            recipe_text(&[HOME])
+        ),
+    )
+    .unwrap();
+    let out = bake()
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lifecycle keep"), "{stderr}");
+    assert!(
+        stderr.contains("`dev` is not in publish.channels"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.yaml:"), "{stderr}");
+}
