@@ -5,8 +5,8 @@
 //! The rules, each there because something else would leak into the bytes:
 //!
 //! - entries are sorted by path component by component (bytewise), so a parent comes before its
-//!   children and a directory's subtree is contiguous; within a directory its opaque marker
-//!   (`.wh..wh..opq`) comes first, then its whiteouts (`.wh.<name>`), then its entries;
+//!   children and a directory's subtree is contiguous; within a directory its whiteouts
+//!   (`.wh.<name>`) come first, then its entries;
 //! - the parent directories of every changed or deleted path are included with their current
 //!   metadata, so a consumer never invents one;
 //! - uid, gid and mode (with setuid, setgid and sticky) are numeric and kept; user and group
@@ -36,7 +36,8 @@ use super::snapshot::{Changes, EntryKind, EntryMeta, entry_meta};
 /// Prefix of a whiteout's name (A3).
 pub const WHITEOUT_PREFIX: &str = ".wh.";
 
-/// Name of the marker that makes a directory opaque (A3).
+/// Name of the marker that makes a directory opaque (A3). Read in other images' layers; bake
+/// writes whiteouts for what a directory lost instead (see [`super::snapshot::diff`]).
 pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Extended attributes that describe the build host rather than the image, never written into
@@ -55,6 +56,26 @@ pub struct LayerOptions {
     pub source_date_epoch: Option<u64>,
 }
 
+impl LayerOptions {
+    /// The mtime a layer records for `mtime_ns` (nanoseconds since the epoch): whole seconds,
+    /// clamped to `SOURCE_DATE_EPOCH`. The diff ([`super::snapshot::diff`]) judges mtimes by
+    /// this too, so a change the layer cannot show is no change.
+    pub fn recorded_mtime(&self, mtime_ns: i128) -> u64 {
+        let seconds = u64::try_from(mtime_ns.div_euclid(1_000_000_000)).unwrap_or(0);
+        match self.source_date_epoch {
+            Some(epoch) => seconds.min(epoch),
+            None => seconds,
+        }
+    }
+}
+
+/// Whether a layer records the extended attribute `name`: not the host's (see
+/// [`HOST_XATTR_PREFIXES`]). A name that is not UTF-8 counts as recorded; writing it fails.
+pub fn records_xattr(name: &OsStr) -> bool {
+    name.to_str()
+        .is_none_or(|name| !HOST_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)))
+}
+
 /// What went into a layer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LayerSummary {
@@ -62,7 +83,7 @@ pub struct LayerSummary {
     pub entries: u64,
     /// Of `entries`, how many are hard links to an earlier entry.
     pub hard_links: u64,
-    /// Whiteouts and opaque markers.
+    /// Whiteouts.
     pub whiteouts: u64,
     /// Sockets, which a tar cannot hold: they are left out, and listed here.
     pub skipped_sockets: Vec<PathBuf>,
@@ -90,13 +111,11 @@ pub enum LayerError {
 enum Item {
     Entry,
     Whiteout,
-    Opaque,
 }
 
-/// Sort classes of a path component: an opaque marker before whiteouts before entries.
-const CLASS_OPAQUE: u8 = 0;
-const CLASS_WHITEOUT: u8 = 1;
-const CLASS_ENTRY: u8 = 2;
+/// Sort classes of a path component: whiteouts before entries.
+const CLASS_WHITEOUT: u8 = 0;
+const CLASS_ENTRY: u8 = 1;
 
 type SortKey = Vec<(u8, OsString)>;
 
@@ -112,7 +131,6 @@ fn sort_key(path: &Path, item: Item) -> SortKey {
                 last.0 = CLASS_WHITEOUT;
             }
         }
-        Item::Opaque => key.push((CLASS_OPAQUE, OsString::new())),
     }
     key
 }
@@ -134,10 +152,6 @@ fn plan(changes: &Changes) -> BTreeMap<SortKey, (PathBuf, Item)> {
     };
     for path in &changes.changed {
         add(path, Item::Entry);
-    }
-    for path in &changes.replaced_dirs {
-        add(path, Item::Entry);
-        add(path, Item::Opaque);
     }
     for path in &changes.deleted {
         add(path, Item::Whiteout);
@@ -276,7 +290,6 @@ pub fn write_layer_from<W: Write>(
                 marker.push(name);
                 writer.marker(&path.with_file_name(marker))?;
             }
-            Item::Opaque => writer.marker(&path.join(OPAQUE_MARKER))?,
         }
     }
     writer.builder.into_inner().map_err(LayerError::Write)?;
@@ -293,15 +306,7 @@ struct LayerWriter<'a, W: Write> {
 }
 
 impl<W: Write> LayerWriter<'_, W> {
-    fn clamp(&self, mtime_ns: i128) -> u64 {
-        let seconds = u64::try_from(mtime_ns.div_euclid(1_000_000_000)).unwrap_or(0);
-        match self.options.source_date_epoch {
-            Some(epoch) => seconds.min(epoch),
-            None => seconds,
-        }
-    }
-
-    /// A whiteout or opaque marker: an empty regular file with no metadata of its own.
+    /// A whiteout: an empty regular file with no metadata of its own.
     fn marker(&mut self, path: &Path) -> Result<(), LayerError> {
         let mut header = Header::new_gnu();
         header.set_entry_type(EntryType::Regular);
@@ -338,7 +343,7 @@ impl<W: Write> LayerWriter<'_, W> {
         header.set_mode(meta.mode);
         header.set_uid(meta.uid.into());
         header.set_gid(meta.gid.into());
-        header.set_mtime(self.clamp(meta.mtime_ns));
+        header.set_mtime(self.options.recorded_mtime(meta.mtime_ns));
         header.set_size(0);
 
         if meta.kind != EntryKind::Dir && meta.nlink > 1 {
@@ -410,7 +415,7 @@ impl<W: Write> LayerWriter<'_, W> {
                     reason: "an extended attribute name is not UTF-8",
                 });
             };
-            if HOST_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            if !records_xattr(name.as_ref()) {
                 continue;
             }
             records.push((format!("SCHILY.xattr.{name}"), value.as_slice()));
@@ -638,7 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn whiteouts_and_opaque_markers_come_first_in_their_directory() {
+    fn whiteouts_come_first_in_their_directory() {
         if !privileged() {
             return;
         }
@@ -647,8 +652,12 @@ mod tests {
         rich_tree(root);
         let changes = Changes {
             changed: set(&["var/cache/app/keep", "etc/motd"]),
-            deleted: set(&["usr/share/doc/pkg", "etc/zzz-gone", "etc/aaa-gone"]),
-            replaced_dirs: set(&["var/cache/app"]),
+            deleted: set(&[
+                "usr/share/doc/pkg",
+                "etc/zzz-gone",
+                "etc/aaa-gone",
+                "var/cache/app/old",
+            ]),
         };
         let entries = list(&layer(root, &changes, Some(EPOCH)));
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
@@ -666,7 +675,7 @@ mod tests {
                 "var/",
                 "var/cache/",
                 "var/cache/app/",
-                "var/cache/app/.wh..wh..opq",
+                "var/cache/app/.wh.old",
                 "var/cache/app/keep",
             ]
         );
@@ -743,11 +752,11 @@ mod tests {
         let before = snapshot(root, &Excludes::new()).unwrap();
         write(root, "usr/lib/libx.so.1", b"new content, same inode");
         std::fs::remove_dir_all(root.join("usr/share/doc/pkg")).unwrap();
-        let after = snapshot(root, &Excludes::new()).unwrap();
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
         let mut out = Vec::new();
         let summary = write_layer(
             root,
-            &diff(&before, &after),
+            &diff(&before, &mut after, &LayerOptions::default()).unwrap(),
             &LayerOptions::default(),
             &mut out,
         )

@@ -504,20 +504,13 @@ impl Builder<'_> {
         let compression = recipe.build.compression;
         let BaseLayers {
             mut layers,
-            mut history,
+            history,
             root: base_root,
             tree: base_tree,
         } = self.base(recipe, plan, reporter)?;
 
         // Which steps are cached, given everything before them.
-        let variables = &plan.inputs.recipe.variables;
-        let files = &plan.inputs.files;
-        let mut key = canonical_digest(&json!({
-            "format": LAYER_CACHE_FORMAT,
-            "base": plan.inputs.base,
-            "compression": compression,
-            "source_date_epoch": self.options.source_date_epoch,
-        }));
+        let mut chain = StepChain::new(self.store, plan, recipe, &self.options, history);
         let renderer = Renderer::default();
         // Scripts and their environment see secrets; nothing that lands in a layer does.
         let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
@@ -526,8 +519,10 @@ impl Builder<'_> {
             secret: &context,
             public: &public,
         };
+        let layer_options = LayerOptions {
+            source_date_epoch: Some(self.options.source_date_epoch),
+        };
         let mut root: Option<BuildRoot> = base_root;
-        let mut reports = Vec::new();
         let mut compressor = String::new();
         let squash = recipe.build.squash;
         let mut squash_before: Option<Snapshot> = None;
@@ -538,45 +533,34 @@ impl Builder<'_> {
 
         for (index, provisioner) in recipe.provisioners.iter().enumerate() {
             self.check_cancel()?;
-            let step_json = serde_json::to_value(provisioner).expect("steps serialize");
-            key = canonical_digest(&json!({
-                "parent": key,
-                "step": step_json,
-                "variables": variables,
-                "files": step_files(files, provisioner),
-            }));
             let step_clock = Instant::now();
-            if !squash
-                && let Some(cached) = self.store.cached::<CachedStep>("steps", &key)?
-                && cached
-                    .layer
-                    .as_ref()
-                    .is_none_or(|l| self.store.has_blob(&l.digest))
-            {
-                reporter.step_started(&provisioner.name, true);
-                if let (Some(root), Some(layer)) = (&root, &cached.layer) {
+            if let Some(cached) = chain.advance(provisioner)? {
+                let layer = chain.reuse(&provisioner.name, cached, reporter);
+                if let (Some(root), Some(layer)) = (&root, &layer) {
                     root.apply(self.store, layer)?;
                     current_tree = None;
                 }
-                reports.push(StepReport {
-                    name: provisioner.name.clone(),
-                    cached: true,
-                    layer: cached.layer.as_ref().map(|l| l.digest.clone()),
-                    duration_ms: 0,
-                });
-                layers.extend(cached.layer.clone());
-                history.push(cached.history);
+                layers.extend(layer);
                 continue;
             }
             // A step must run: materialize the root (base + every layer so far) once.
             let build_root = self.materialize(&mut root, &recipe.name, &mut layers)?;
             reporter.step_started(&provisioner.name, false);
             // A squashed build diffs its one layer against the root before its first step.
-            let before = match (&squash_before, current_tree.take()) {
+            let mut before = match (&squash_before, current_tree.take()) {
                 (Some(first), _) => first.clone(),
                 (None, Some(tree)) => tree,
                 (None, None) => snapshot(build_root.path(), &Excludes::new())?,
             };
+            // The content of every file as it is now, for the files the step rewrites: only
+            // what changed since the last step's diff is read (nothing for a squashed build's
+            // later steps, whose "before" is the first one's).
+            let hashed = before.hash_files()?;
+            tracing::debug!(
+                "step `{}`: {hashed} bytes hashed before it after {:?}",
+                provisioner.name,
+                step_clock.elapsed()
+            );
             if squash && squash_before.is_none() {
                 squash_before = Some(before.clone());
             }
@@ -589,13 +573,7 @@ impl Builder<'_> {
                 reporter,
             )?;
             if squash && index + 1 < recipe.provisioners.len() {
-                reporter.step_finished(&provisioner.name, step_clock.elapsed());
-                reports.push(StepReport {
-                    name: provisioner.name.clone(),
-                    cached: false,
-                    layer: None,
-                    duration_ms: step_clock.elapsed().as_millis() as u64,
-                });
+                chain.folded(&provisioner.name, step_clock, reporter);
                 continue;
             }
             tracing::debug!(
@@ -603,8 +581,8 @@ impl Builder<'_> {
                 provisioner.name,
                 step_clock.elapsed()
             );
-            let after = snapshot(build_root.path(), &Excludes::new())?;
-            let changes = diff(&before, &after);
+            let mut after = snapshot(build_root.path(), &Excludes::new())?;
+            let changes = diff(&before, &mut after, &layer_options)?;
             current_tree = Some(after);
             tracing::debug!(
                 "step `{}` diffed after {:?}",
@@ -624,36 +602,20 @@ impl Builder<'_> {
                 compressor = used;
                 Some(layer)
             };
-            let entry = HistoryEntry {
+            chain.ran(
+                &provisioner.name,
                 created_by,
-                comment: Some("bake".into()),
-                empty_layer: layer.is_none(),
-            };
-            if !squash {
-                self.store.put_cached(
-                    "steps",
-                    &key,
-                    &CachedStep {
-                        layer: layer.clone(),
-                        history: entry.clone(),
-                    },
-                )?;
-            }
-            reporter.step_finished(&provisioner.name, step_clock.elapsed());
-            reports.push(StepReport {
-                name: provisioner.name.clone(),
-                cached: false,
-                layer: layer.as_ref().map(|l| l.digest.clone()),
-                duration_ms: step_clock.elapsed().as_millis() as u64,
-            });
+                layer.as_ref(),
+                step_clock,
+                reporter,
+            )?;
             layers.extend(layer);
-            history.push(entry);
         }
         Ok(Provisioned {
             layers,
-            history,
+            history: chain.history,
             root,
-            reports,
+            reports: chain.reports,
             compressor,
         })
     }
@@ -726,12 +688,11 @@ impl Builder<'_> {
             source,
         };
         let identity = &plan.inputs.base;
-        let key = canonical_digest(&json!({
-            "format": LAYER_CACHE_FORMAT,
-            "base": identity,
-            "compression": recipe.build.compression,
-            "source_date_epoch": self.options.source_date_epoch,
-        }));
+        let key = base_key(
+            plan,
+            recipe.build.compression,
+            self.options.source_date_epoch,
+        );
         match &recipe.base {
             Base::Scratch => Ok(BaseLayers::default()),
             Base::OciLayout { .. } | Base::Image { .. } => {
@@ -1516,6 +1477,147 @@ impl From<Vec<LayerRef>> for Layers {
 impl Extend<LayerRef> for Layers {
     fn extend<I: IntoIterator<Item = LayerRef>>(&mut self, layers: I) {
         self.done.extend(layers);
+    }
+}
+
+/// The cache key of a recipe's base layers, and the start of its steps' key chain.
+fn base_key(plan: &Plan, compression: Compression, source_date_epoch: u64) -> String {
+    canonical_digest(&json!({
+        "format": LAYER_CACHE_FORMAT,
+        "base": plan.inputs.base,
+        "compression": compression,
+        "source_date_epoch": source_date_epoch,
+    }))
+}
+
+/// The per-step bookkeeping both runners share, so that they cannot drift apart: the chain of
+/// cache keys (each step's key covers its definition, the digests of the files it reads, the
+/// recipe's variable values and every key before it), the step cache, the history and the
+/// reports. Both runners' layers are the same bytes, so they share one cache: a step cached
+/// by one runner is not run again by the other.
+struct StepChain<'a> {
+    store: &'a Store,
+    plan: &'a Plan,
+    key: String,
+    /// Whether steps are looked up in and stored into the cache (not in a squashed build,
+    /// whose steps have no layers of their own).
+    caching: bool,
+    history: Vec<HistoryEntry>,
+    reports: Vec<StepReport>,
+}
+
+impl<'a> StepChain<'a> {
+    /// The chain after the base, whose history is `history`.
+    fn new(
+        store: &'a Store,
+        plan: &'a Plan,
+        recipe: &Recipe,
+        options: &BuildOptions,
+        history: Vec<HistoryEntry>,
+    ) -> Self {
+        StepChain {
+            store,
+            plan,
+            key: base_key(plan, recipe.build.compression, options.source_date_epoch),
+            caching: !recipe.build.squash,
+            history,
+            reports: Vec::new(),
+        }
+    }
+
+    /// Moves the chain on to `provisioner` (its key now covers it) and returns its cached
+    /// result, if the store holds it whole.
+    fn advance(
+        &mut self,
+        provisioner: &crate::recipe::Provisioner,
+    ) -> Result<Option<CachedStep>, StoreError> {
+        let step_json = serde_json::to_value(provisioner).expect("steps serialize");
+        self.key = canonical_digest(&json!({
+            "parent": self.key,
+            "step": step_json,
+            "variables": self.plan.inputs.recipe.variables,
+            "files": step_files(&self.plan.inputs.files, provisioner),
+        }));
+        if !self.caching {
+            return Ok(None);
+        }
+        let cached = self.store.cached::<CachedStep>("steps", &self.key)?;
+        Ok(cached.filter(|cached| {
+            cached
+                .layer
+                .as_ref()
+                .is_none_or(|l| self.store.has_blob(&l.digest))
+        }))
+    }
+
+    /// Records `name` as served from the cache; returns its layer, if it has one.
+    fn reuse(
+        &mut self,
+        name: &str,
+        cached: CachedStep,
+        reporter: &mut dyn BuildReporter,
+    ) -> Option<LayerRef> {
+        reporter.step_started(name, true);
+        self.reports.push(StepReport {
+            name: name.to_owned(),
+            cached: true,
+            layer: cached.layer.as_ref().map(|l| l.digest.clone()),
+            duration_ms: 0,
+        });
+        self.history.push(cached.history);
+        cached.layer
+    }
+
+    /// Records `name`, started at `clock`, as run and making `layer` (`None`: it changed
+    /// nothing), described in the history as `created_by`; caches the result under the step's
+    /// key.
+    fn ran(
+        &mut self,
+        name: &str,
+        created_by: String,
+        layer: Option<&LayerRef>,
+        clock: Instant,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<(), StoreError> {
+        let entry = HistoryEntry {
+            created_by,
+            comment: Some("bake".into()),
+            empty_layer: layer.is_none(),
+        };
+        if self.caching {
+            self.store.put_cached(
+                "steps",
+                &self.key,
+                &CachedStep {
+                    layer: layer.cloned(),
+                    history: entry.clone(),
+                },
+            )?;
+        }
+        self.history.push(entry);
+        self.finished(name, layer, clock, reporter);
+        Ok(())
+    }
+
+    /// Records `name` of a squashed build as run, its changes left for the last step's layer.
+    fn folded(&mut self, name: &str, clock: Instant, reporter: &mut dyn BuildReporter) {
+        self.finished(name, None, clock, reporter);
+    }
+
+    fn finished(
+        &mut self,
+        name: &str,
+        layer: Option<&LayerRef>,
+        clock: Instant,
+        reporter: &mut dyn BuildReporter,
+    ) {
+        reporter.step_finished(name, clock.elapsed());
+        self.reports.push(StepReport {
+            name: name.to_owned(),
+            cached: false,
+            layer: layer.map(|l| l.digest.clone()),
+            duration_ms: clock.elapsed().as_millis() as u64,
+        });
     }
 }
 

@@ -16,11 +16,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use super::{
-    BuildError, BuildReporter, Builder, CachedStep, Contexts, LAYER_CACHE_FORMAT, Provisioned,
-    StepReport, cache_base, canonical_digest, step_files, store_layer,
+    BuildError, BuildReporter, Builder, CachedStep, Contexts, Provisioned, StepChain, base_key,
+    cache_base, store_layer,
 };
 use crate::artifact::oci::{HistoryEntry, LayerRef};
 use crate::build::engine::{Engine, EngineError};
@@ -66,7 +64,7 @@ impl Builder<'_> {
             ));
         }
         let compression = recipe.build.compression;
-        let (mut layers, mut history) = match &recipe.base {
+        let (mut layers, history) = match &recipe.base {
             Base::Rootfs { .. } | Base::Bootstrap(_) => {
                 self.engine_tarball_base(recipe, plan, reporter)?
             }
@@ -75,15 +73,8 @@ impl Builder<'_> {
                 (base.layers.into_resolved()?, base.history)
             }
         };
-        // The same keys as `Builder::provision`: both runners share one layer cache.
-        let variables = &plan.inputs.recipe.variables;
-        let files = &plan.inputs.files;
-        let mut key = canonical_digest(&json!({
-            "format": LAYER_CACHE_FORMAT,
-            "base": plan.inputs.base,
-            "compression": compression,
-            "source_date_epoch": self.options.source_date_epoch,
-        }));
+        // The same keys, cache and records as `Builder::provision`.
+        let mut chain = StepChain::new(self.store, plan, recipe, &self.options, history);
         let renderer = Renderer::default();
         let context = Context::new(recipe, Some(&plan.version), None, Secrets::Reveal);
         let public = Context::new(recipe, Some(&plan.version), None, Secrets::Redact);
@@ -91,39 +82,19 @@ impl Builder<'_> {
             secret: &context,
             public: &public,
         };
-        let mut reports = Vec::new();
         let mut compressor = String::new();
         // The engine's image of `layers`, once loaded, and the top-level names it has.
         let mut state: Option<(String, BTreeSet<String>)> = None;
 
         for (index, provisioner) in recipe.provisioners.iter().enumerate() {
             self.check_cancel()?;
-            let step_json = serde_json::to_value(provisioner).expect("steps serialize");
-            key = canonical_digest(&json!({
-                "parent": key,
-                "step": step_json,
-                "variables": variables,
-                "files": step_files(files, provisioner),
-            }));
             let step_clock = Instant::now();
-            if let Some(cached) = self.store.cached::<CachedStep>("steps", &key)?
-                && cached
-                    .layer
-                    .as_ref()
-                    .is_none_or(|l| self.store.has_blob(&l.digest))
-            {
-                reporter.step_started(&provisioner.name, true);
-                if cached.layer.is_some() {
+            if let Some(cached) = chain.advance(provisioner)? {
+                let layer = chain.reuse(&provisioner.name, cached, reporter);
+                if layer.is_some() {
                     state = None;
                 }
-                reports.push(StepReport {
-                    name: provisioner.name.clone(),
-                    cached: true,
-                    layer: cached.layer.as_ref().map(|l| l.digest.clone()),
-                    duration_ms: 0,
-                });
-                layers.extend(cached.layer.clone());
-                history.push(cached.history);
+                layers.extend(layer);
                 continue;
             }
             let (image, present) = match state.take() {
@@ -182,28 +153,14 @@ impl Builder<'_> {
                 }
             }
             state = Some((next_image, now_present));
-            let entry = HistoryEntry {
-                created_by: provisioner.name.clone(),
-                comment: Some("bake".into()),
-                empty_layer: layer.is_none(),
-            };
-            self.store.put_cached(
-                "steps",
-                &key,
-                &CachedStep {
-                    layer: layer.clone(),
-                    history: entry.clone(),
-                },
+            chain.ran(
+                &provisioner.name,
+                provisioner.name.clone(),
+                layer.as_ref(),
+                step_clock,
+                reporter,
             )?;
-            reporter.step_finished(&provisioner.name, step_clock.elapsed());
-            reports.push(StepReport {
-                name: provisioner.name.clone(),
-                cached: false,
-                layer: layer.as_ref().map(|l| l.digest.clone()),
-                duration_ms: step_clock.elapsed().as_millis() as u64,
-            });
             layers.extend(layer);
-            history.push(entry);
         }
 
         let tests: Vec<_> = recipe
@@ -226,9 +183,9 @@ impl Builder<'_> {
         }
         Ok(Provisioned {
             layers: layers.into(),
-            history,
+            history: chain.history,
             root: None,
-            reports,
+            reports: chain.reports,
             compressor,
         })
     }
@@ -377,13 +334,13 @@ impl Builder<'_> {
         work: &Path,
     ) -> Result<(Option<LayerRef>, String, Changes), BuildError> {
         let after = engine.read_tree(container, work, &Keep::all())?;
-        let changes = diff(before, &after.snapshot());
-        if changes.is_empty() {
-            return Ok((None, String::new(), changes));
-        }
         let options = LayerOptions {
             source_date_epoch: Some(self.options.source_date_epoch),
         };
+        let changes = diff(before, &mut after.snapshot(), &options)?;
+        if changes.is_empty() {
+            return Ok((None, String::new(), changes));
+        }
         let (layer, used) = store_layer(
             self.store,
             self.options.workers,
@@ -410,12 +367,11 @@ impl Builder<'_> {
         reporter: &mut dyn BuildReporter,
     ) -> Result<(Vec<LayerRef>, Vec<HistoryEntry>), BuildError> {
         let identity = &plan.inputs.base;
-        let key = canonical_digest(&json!({
-            "format": LAYER_CACHE_FORMAT,
-            "base": identity,
-            "compression": recipe.build.compression,
-            "source_date_epoch": self.options.source_date_epoch,
-        }));
+        let key = base_key(
+            plan,
+            recipe.build.compression,
+            self.options.source_date_epoch,
+        );
         let created_by = match &recipe.base {
             Base::Rootfs { relative_path, .. } => format!("bake: rootfs {relative_path}"),
             Base::Bootstrap(bootstrap) => format!(

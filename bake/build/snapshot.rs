@@ -1,10 +1,19 @@
 //! Snapshots of a root directory and the difference between two of them: what a provisioning
 //! step added, changed, deleted or replaced, which is what its layer must contain.
 //!
-//! A snapshot records, for every entry under the root, the metadata a change can touch: type,
-//! mode, owner, size, mtime and ctime (nanoseconds), inode, link count, device number, symlink
-//! target and xattrs. Content is not hashed: any write changes mtime or ctime, and `ctime`
-//! cannot be set from user space, so restoring an mtime with `touch -d` still shows.
+//! A snapshot records, for every entry under the root, its metadata: type, mode, owner, size,
+//! mtime and ctime (nanoseconds), inode, link count, device number, symlink target and xattrs;
+//! and, once asked ([`Snapshot::hash_files`]), the SHA-256 of each regular file's content.
+//!
+//! [`diff`] calls an entry changed only when what its layer entry would record changed: type,
+//! mode, owner, size, mtime as the layer writes it (whole seconds, clamped to
+//! `SOURCE_DATE_EPOCH`), link count, device number, symlink target, the xattrs a layer keeps,
+//! and content. Both runners decide this way, so they write the same layers: the Docker runner
+//! sees the tree through a tar (no inodes, no ctime), and a file that apt or dpkg rewrote with
+//! the same bytes and metadata is no change to either. The inode, ctime and exact mtime only
+//! say when content must be compared: a file whose inode, ctime, mtime and size are all as
+//! before is taken as untouched without reading it, so only files a step wrote to are hashed
+//! after it.
 //!
 //! Timestamps are only as fine as the kernel makes them: before Linux 6.13 (multigrain
 //! timestamps) a same-size rewrite in place within one timer tick (a few ms) of the snapshot
@@ -15,9 +24,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+
+use super::layer::{LayerOptions, records_xattr};
+
+/// Read size when hashing a file's content.
+const HASH_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Paths under the root that a snapshot (and so a layer) leaves out, relative to the root.
 ///
@@ -138,32 +152,63 @@ pub struct EntryMeta {
     pub link_target: Option<PathBuf>,
     /// Extended attributes, by name.
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
+    /// SHA-256 of a regular file's content, when known: always in a tree read from a tar
+    /// ([`super::tree::TarTree::snapshot`]); on the host, after [`Snapshot::hash_files`], or
+    /// when [`diff`] needed it.
+    pub digest: Option<[u8; 32]>,
+}
+
+/// How an entry compares with what it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Same,
+    Changed,
+    /// Everything a layer records is as before except perhaps the content, and the entry was
+    /// written to: the content decides.
+    ContentDecides,
 }
 
 impl EntryMeta {
-    /// Whether anything a step could have done to the entry differs. Access times and the
-    /// device id are not compared; the inode is, because replacing a file by renaming another
-    /// over it (as `sed -i` and dpkg do) may keep everything else.
-    fn changed_from(&self, before: &Self) -> bool {
-        let size = |meta: &Self| {
-            if meta.kind == EntryKind::Dir {
-                0
-            } else {
-                meta.size
-            }
-        };
-        self.kind != before.kind
+    /// Compares the entry with `before` on what a layer records of it (see the module docs).
+    fn compare(&self, before: &Self, options: &LayerOptions) -> Verdict {
+        let is_dir = self.kind == EntryKind::Dir;
+        // A directory's size and link count are file-system bookkeeping, not in a layer.
+        let size = |meta: &Self| if is_dir { 0 } else { meta.size };
+        let nlink = |meta: &Self| if is_dir { 0 } else { meta.nlink };
+        fn xattrs(meta: &EntryMeta) -> impl Iterator<Item = (&OsString, &Vec<u8>)> {
+            meta.xattrs.iter().filter(|(name, _)| records_xattr(name))
+        }
+        let recorded_differs = self.kind != before.kind
             || self.mode != before.mode
             || self.uid != before.uid
             || self.gid != before.gid
             || size(self) != size(before)
-            || self.mtime_ns != before.mtime_ns
-            || self.ctime_ns != before.ctime_ns
-            || self.ino != before.ino
-            || self.nlink != before.nlink
+            || options.recorded_mtime(self.mtime_ns) != options.recorded_mtime(before.mtime_ns)
+            || nlink(self) != nlink(before)
             || self.rdev != before.rdev
             || self.link_target != before.link_target
-            || self.xattrs != before.xattrs
+            || !xattrs(self).eq(xattrs(before));
+        if recorded_differs {
+            return Verdict::Changed;
+        }
+        if self.kind != EntryKind::File || self.size == 0 {
+            return Verdict::Same;
+        }
+        match (self.digest, before.digest) {
+            (Some(now), Some(was)) if now == was => Verdict::Same,
+            (Some(_), Some(_)) => Verdict::Changed,
+            _ if self.untouched_since(before) => Verdict::Same,
+            _ => Verdict::ContentDecides,
+        }
+    }
+
+    /// Whether the entry is the same inode with the same size, mtime and ctime: nothing wrote
+    /// to it (a write sets ctime, which user space cannot set back).
+    fn untouched_since(&self, before: &Self) -> bool {
+        self.ino == before.ino
+            && self.size == before.size
+            && self.mtime_ns == before.mtime_ns
+            && self.ctime_ns == before.ctime_ns
     }
 }
 
@@ -178,28 +223,81 @@ pub struct Snapshot {
     pub mount_points: BTreeSet<PathBuf>,
     /// The excludes the snapshot was taken with.
     pub excludes: Excludes,
+    /// The directory the snapshot was taken of, where file content is read to hash it; `None`
+    /// for a tree read from a tar, whose files all have their digest.
+    pub root: Option<PathBuf>,
 }
 
 impl Snapshot {
     /// Whether `path` was left out of this snapshot: excluded, a mount point, or below either.
     pub fn leaves_out(&self, path: &Path) -> bool {
-        let mut ancestor = Some(path);
-        let mut first = true;
-        while let Some(current) = ancestor {
-            if current.as_os_str().is_empty() {
-                break;
-            }
-            if self.excludes.subtrees.contains(current)
-                || self.mount_points.contains(current)
-                || (!first && self.excludes.contents.contains(current))
-            {
-                return true;
-            }
-            first = false;
-            ancestor = current.parent();
-        }
-        false
+        leaves_out(&self.excludes, &self.mount_points, path)
     }
+
+    /// Hashes the content of every non-empty regular file whose digest is not known yet, so
+    /// that [`diff`] can tell a rewrite with the same bytes from a change once this tree is
+    /// gone. Returns the bytes read. A snapshot of a tar tree has nothing to hash.
+    pub fn hash_files(&mut self) -> Result<u64, SnapshotError> {
+        let Some(root) = &self.root else {
+            return Ok(0);
+        };
+        let mut hashed = 0;
+        for (path, meta) in &mut self.entries {
+            if meta.kind == EntryKind::File && meta.size > 0 && meta.digest.is_none() {
+                meta.digest = Some(hash_file(&root.join(path))?);
+                hashed += meta.size;
+            }
+        }
+        Ok(hashed)
+    }
+}
+
+/// SHA-256 of the content of the regular file at `path` (not following a symlink there).
+fn hash_file(path: &Path) -> Result<[u8; 32], SnapshotError> {
+    use sha2::Digest as _;
+    let read_error = |source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| read_error(e.into()))?;
+    let mut file = std::fs::File::from(fd);
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(read_error(error)),
+        };
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Whether `path` is left out by `excludes` or below one of `mount_points`.
+fn leaves_out(excludes: &Excludes, mount_points: &BTreeSet<PathBuf>, path: &Path) -> bool {
+    let mut ancestor = Some(path);
+    let mut first = true;
+    while let Some(current) = ancestor {
+        if current.as_os_str().is_empty() {
+            break;
+        }
+        if excludes.subtrees.contains(current)
+            || mount_points.contains(current)
+            || (!first && excludes.contents.contains(current))
+        {
+            return true;
+        }
+        first = false;
+        ancestor = current.parent();
+    }
+    false
 }
 
 /// A failure to take a snapshot.
@@ -232,6 +330,7 @@ pub fn snapshot(root: &Path, excludes: &Excludes) -> Result<Snapshot, SnapshotEr
         entries: BTreeMap::new(),
         mount_points: BTreeSet::new(),
         excludes: excludes.clone(),
+        root: Some(root.to_path_buf()),
     };
     let mut walker = walkdir::WalkDir::new(root)
         .follow_links(false)
@@ -298,6 +397,7 @@ pub(crate) fn entry_meta(path: &Path, metadata: &std::fs::Metadata) -> io::Resul
         },
         link_target,
         xattrs: read_xattrs(path)?,
+        digest: None,
     })
 }
 
@@ -328,16 +428,12 @@ pub(crate) fn read_xattrs(path: &Path) -> io::Result<BTreeMap<OsString, Vec<u8>>
 /// What changed between two snapshots of the same root: the content of a layer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Entries added or modified, written whole into the layer. Includes every entry below a
-    /// replaced directory.
+    /// Entries added or modified, written whole into the layer.
     pub changed: BTreeSet<PathBuf>,
     /// Entries that are gone, each to become a `.wh.<name>` whiteout. Only the top of a deleted
-    /// subtree is listed, and nothing whose parent is gone, replaced or no longer a directory
-    /// (deleting or replacing the parent already hides it).
+    /// subtree is listed, and nothing whose parent is gone or no longer a directory (deleting
+    /// or replacing the parent already hides it).
     pub deleted: BTreeSet<PathBuf>,
-    /// Directories deleted and created again (a different inode): their lower content is
-    /// hidden with an opaque marker, and what they hold now is in `changed`.
-    pub replaced_dirs: BTreeSet<PathBuf>,
 }
 
 impl Changes {
@@ -350,59 +446,79 @@ impl Changes {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.deleted.is_empty() && self.replaced_dirs.is_empty()
+        self.changed.is_empty() && self.deleted.is_empty()
     }
 }
 
-/// What changed from `before` to `after`. Paths that either snapshot left out are ignored, so
-/// snapshots taken with different excludes never produce whiteouts for excluded paths.
-pub fn diff(before: &Snapshot, after: &Snapshot) -> Changes {
-    let ignored = |path: &Path| before.leaves_out(path) || after.leaves_out(path);
+/// What changed from `before` to `after`, judged on what a layer records (see the module
+/// docs). Paths that either snapshot left out are ignored, so snapshots taken with different
+/// excludes never produce whiteouts for excluded paths.
+///
+/// A directory is compared by path, never by inode (a layer cannot say which directory it is):
+/// one deleted and made again is the same directory, whose lost children get whiteouts.
+///
+/// Content is compared only for a non-empty regular file whose recorded metadata is as before
+/// but which was written to (see [`EntryMeta::untouched_since`]): from the digests when both are
+/// known, else by hashing the file under `after`'s root against `before`'s digest (a file
+/// whose old digest is unknown counts as changed). `after` keeps the digests computed, and
+/// takes `before`'s for every file untouched since, so that it serves as the next step's
+/// `before` with only what this step wrote left to hash.
+pub fn diff(
+    before: &Snapshot,
+    after: &mut Snapshot,
+    options: &LayerOptions,
+) -> Result<Changes, SnapshotError> {
+    let Snapshot {
+        entries,
+        mount_points,
+        excludes,
+        root,
+    } = after;
+    let ignored = |path: &Path| before.leaves_out(path) || leaves_out(excludes, mount_points, path);
     let mut changes = Changes::default();
-    // Component order visits a directory before its subtree, so a replaced ancestor is known
-    // by the time its descendants come.
-    for (path, now) in &after.entries {
+    for (path, now) in entries.iter_mut() {
         if ignored(path) {
             continue;
         }
-        match before.entries.get(path) {
-            None => {
-                changes.changed.insert(path.clone());
-            }
-            Some(was) => {
-                let replaced =
-                    was.kind == EntryKind::Dir && now.kind == EntryKind::Dir && was.ino != now.ino;
-                if replaced {
-                    changes.replaced_dirs.insert(path.clone());
+        let Some(was) = before.entries.get(path) else {
+            changes.changed.insert(path.clone());
+            continue;
+        };
+        let changed = match now.compare(was, options) {
+            Verdict::Same => false,
+            Verdict::Changed => true,
+            Verdict::ContentDecides => match (root.as_deref(), was.digest, now.digest) {
+                (_, Some(old), Some(new)) => old != new,
+                (Some(root), Some(old), None) => {
+                    let new = hash_file(&root.join(path))?;
+                    now.digest = Some(new);
+                    old != new
                 }
-                if replaced || now.changed_from(was) || under_any(path, &changes.replaced_dirs) {
-                    changes.changed.insert(path.clone());
-                }
-            }
+                _ => true,
+            },
+        };
+        if now.digest.is_none() && now.untouched_since(was) {
+            now.digest = was.digest;
+        }
+        if changed {
+            changes.changed.insert(path.clone());
         }
     }
     for path in before.entries.keys() {
-        if after.entries.contains_key(path) || ignored(path) {
+        if entries.contains_key(path) || ignored(path) {
             continue;
         }
         let parent = path.parent().unwrap_or(Path::new(""));
-        let parent_unchanged_dir = parent.as_os_str().is_empty()
-            || match (before.entries.get(parent), after.entries.get(parent)) {
-                (Some(was), Some(now)) => {
-                    was.kind == EntryKind::Dir && now.kind == EntryKind::Dir && was.ino == now.ino
-                }
-                _ => false,
-            };
-        if parent_unchanged_dir {
+        let is_dir = |snapshot: &BTreeMap<PathBuf, EntryMeta>| {
+            snapshot
+                .get(parent)
+                .is_some_and(|meta| meta.kind == EntryKind::Dir)
+        };
+        if parent.as_os_str().is_empty() || (is_dir(&before.entries) && is_dir(entries)) {
             changes.deleted.insert(path.to_path_buf());
         }
     }
-    changes
-}
-
-/// Whether a proper ancestor of `path` is in `dirs`.
-fn under_any(path: &Path, dirs: &BTreeSet<PathBuf>) -> bool {
-    !dirs.is_empty() && path.ancestors().skip(1).any(|a| dirs.contains(a))
+    Ok(changes)
 }
 
 #[cfg(test)]
@@ -486,14 +602,31 @@ mod tests {
         assert!(Excludes::new().contents("/").is_err());
     }
 
+    /// 2001-09-09: earlier than any file a test creates, so every new mtime is recorded as it.
+    const EPOCH: LayerOptions = LayerOptions {
+        source_date_epoch: Some(1_000_000_000),
+    };
+
+    /// A snapshot whose files are hashed, as a step's `before` is.
+    fn hashed(root: &Path, excludes: &Excludes) -> Snapshot {
+        let mut snap = snapshot(root, excludes).unwrap();
+        snap.hash_files().unwrap();
+        snap
+    }
+
+    fn changes(before: &Snapshot, root: &Path, excludes: &Excludes) -> Changes {
+        let mut after = snapshot(root, excludes).unwrap();
+        diff(before, &mut after, &EPOCH).unwrap()
+    }
+
     #[test]
-    fn diff_finds_added_modified_deleted_and_replaced_entries() {
+    fn diff_finds_added_modified_and_deleted_entries() {
         let dir = tree();
         let root = dir.path();
-        let before = snapshot(root, &excludes()).unwrap();
+        let before = hashed(root, &excludes());
 
         write(root, "etc/new", "new\n");
-        // Same size, so only times and ctime tell.
+        // Same size, and the mtime a layer records is the same: only the content tells.
         write(root, "etc/motd", "ho\n");
         std::fs::set_permissions(
             root.join("etc/passwd"),
@@ -508,77 +641,188 @@ mod tests {
         write(root, "tmp/other", "ignored\n");
         write(root, "proc/2/status", "ignored\n");
 
-        let after = snapshot(root, &excludes()).unwrap();
-        let changes = diff(&before, &after);
+        let changes = changes(&before, root, &excludes());
+        // Directories whose only change is an mtime the layer clamps are no change (the layer
+        // writes the parents of what changed anyway).
         assert_eq!(
             paths(&changes.changed),
-            [
-                "etc",
-                "etc/motd",
-                "etc/new",
-                "etc/passwd",
-                "tmp",
-                "usr/share/doc",
-                "var",
-                "var/lib",
-                "var/lib/state",
-                "var/lib/state/z"
-            ]
+            ["etc/motd", "etc/new", "etc/passwd", "var/lib/state/z"]
         );
-        // The deleted subtree collapses to its top; `y` is hidden by the opaque `state`.
-        assert_eq!(paths(&changes.deleted), ["usr/share/doc/a"]);
-        assert_eq!(paths(&changes.replaced_dirs), ["var/lib/state"]);
+        // The deleted subtree collapses to its top; the directory made again is the same
+        // directory by path, and what it lost gets a whiteout.
+        assert_eq!(
+            paths(&changes.deleted),
+            ["usr/share/doc/a", "var/lib/state/y"]
+        );
+    }
+
+    #[test]
+    fn rewrites_with_the_same_bytes_and_metadata_are_no_change() {
+        let dir = tree();
+        let root = dir.path();
+        let before = hashed(root, &Excludes::new());
+        // As dpkg does: a new inode with the same content, renamed over the old one, and the
+        // same mtime.
+        let passwd = root.join("etc/passwd");
+        let mtime = std::fs::metadata(&passwd).unwrap().modified().unwrap();
+        write(root, "etc/passwd.dpkg-new", "root:x:0:0\n");
+        std::fs::File::options()
+            .write(true)
+            .open(root.join("etc/passwd.dpkg-new"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(root.join("etc/passwd.dpkg-new"), &passwd).unwrap();
+        // A mode changed and changed back: only the ctime moved.
+        let motd = root.join("etc/motd");
+        std::fs::set_permissions(&motd, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&motd, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The same length written in place, with the old mtime put back: the content tells.
+        let readme = root.join("usr/share/doc/a/README");
+        let mtime = std::fs::metadata(&readme).unwrap().modified().unwrap();
+        std::fs::write(&readme, "b\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&readme)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
+        assert_ne!(
+            after.entries[Path::new("etc/passwd")].ino,
+            before.entries[Path::new("etc/passwd")].ino
+        );
+        let changes = diff(&before, &mut after, &EPOCH).unwrap();
+        assert_eq!(paths(&changes.changed), ["usr/share/doc/a/README"]);
+        assert!(changes.deleted.is_empty(), "{:?}", changes.deleted);
+        // Only what was written to was hashed; the rest took the earlier digests.
+        for (path, meta) in &after.entries {
+            if meta.kind == EntryKind::File {
+                assert!(meta.digest.is_some(), "{} has no digest", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn only_files_written_to_are_hashed_after_a_step() {
+        let dir = tree();
+        let root = dir.path();
+        let before = hashed(root, &Excludes::new());
+        write(root, "etc/new", "new\n");
+        write(root, "etc/motd", "longer than before\n");
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
+        let changes = diff(&before, &mut after, &EPOCH).unwrap();
+        assert_eq!(paths(&changes.changed), ["etc/motd", "etc/new"]);
+        // A new file and one whose size changed need no content to be judged.
+        assert_eq!(after.entries[Path::new("etc/new")].digest, None);
+        assert_eq!(after.entries[Path::new("etc/motd")].digest, None);
+        assert_eq!(
+            after.entries[Path::new("etc/passwd")].digest,
+            before.entries[Path::new("etc/passwd")].digest
+        );
+        // The next step's `before` hashes only those two.
+        assert_eq!(after.hash_files().unwrap(), 4 + 19);
+    }
+
+    #[test]
+    fn without_the_old_digest_a_file_written_to_counts_as_changed() {
+        let dir = tree();
+        let root = dir.path();
+        let before = snapshot(root, &Excludes::new()).unwrap();
+        write(root, "etc/motd", "hi\n");
+        assert_eq!(
+            paths(&changes(&before, root, &Excludes::new()).changed),
+            ["etc/motd"]
+        );
     }
 
     #[test]
     fn a_directory_that_became_a_symlink_hides_its_old_children_without_whiteouts() {
         let dir = tree();
         let root = dir.path();
-        let before = snapshot(root, &Excludes::new()).unwrap();
+        let before = hashed(root, &Excludes::new());
         std::fs::remove_dir_all(root.join("var/lib")).unwrap();
         symlink("/usr/lib", root.join("var/lib")).unwrap();
-        let after = snapshot(root, &Excludes::new()).unwrap();
-        let changes = diff(&before, &after);
-        assert_eq!(paths(&changes.changed), ["var", "var/lib"]);
+        let changes = changes(&before, root, &Excludes::new());
+        assert_eq!(paths(&changes.changed), ["var/lib"]);
         assert!(changes.deleted.is_empty(), "{:?}", changes.deleted);
-        assert!(changes.replaced_dirs.is_empty());
     }
 
     #[test]
     fn what_either_snapshot_excludes_is_neither_changed_nor_deleted() {
         let dir = tree();
         let root = dir.path();
-        let before = snapshot(root, &Excludes::new()).unwrap();
+        let before = hashed(root, &Excludes::new());
         write(root, "tmp/new", "n\n");
-        let after = snapshot(root, &excludes()).unwrap();
-        let changes = diff(&before, &after);
+        let changes = changes(&before, root, &excludes());
         // `proc` and `tmp/scratch` were recorded before and are excluded after: no whiteouts.
         assert!(changes.deleted.is_empty(), "{:?}", changes.deleted);
-        assert_eq!(paths(&changes.changed), ["tmp"]);
+        assert!(changes.changed.is_empty(), "{:?}", changes.changed);
+    }
+
+    #[test]
+    fn mtimes_are_compared_as_the_layer_records_them() {
+        let dir = tree();
+        let root = dir.path();
+        let set_mtime = |seconds: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(root.join("etc/motd"))
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+                .unwrap();
+        };
+        set_mtime(500);
+        let before = hashed(root, &Excludes::new());
+        set_mtime(600);
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
+        let unclamped = diff(&before, &mut after, &LayerOptions::default()).unwrap();
+        assert_eq!(paths(&unclamped.changed), ["etc/motd"]);
+        // Both clamped to the epoch: the same in a layer, and the same bytes.
+        let clamped = LayerOptions {
+            source_date_epoch: Some(400),
+        };
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
+        assert!(diff(&before, &mut after, &clamped).unwrap().is_empty());
     }
 
     #[test]
     fn identical_snapshots_have_no_changes_and_whole_tree_lists_everything() {
         let dir = tree();
-        let snap = snapshot(dir.path(), &excludes()).unwrap();
-        let again = snapshot(dir.path(), &excludes()).unwrap();
-        assert!(diff(&snap, &again).is_empty());
+        let snap = hashed(dir.path(), &excludes());
+        assert!(changes(&snap, dir.path(), &excludes()).is_empty());
         let whole = Changes::whole_tree(&snap);
         assert_eq!(whole.changed.len(), snap.entries.len());
     }
 
     #[test]
-    fn xattrs_and_ctime_only_changes_are_seen() {
+    fn xattrs_a_layer_keeps_are_seen_and_host_ones_are_not() {
         let dir = tree();
         let root = dir.path();
-        let before = snapshot(root, &Excludes::new()).unwrap();
+        let before = hashed(root, &Excludes::new());
         xattr::set(root.join("etc/passwd"), "user.bake", b"1").unwrap();
-        let after = snapshot(root, &Excludes::new()).unwrap();
+        let mut after = snapshot(root, &Excludes::new()).unwrap();
         assert_eq!(
             after.entries[Path::new("etc/passwd")].xattrs[&OsString::from("user.bake")],
             b"1"
         );
-        assert_eq!(paths(&diff(&before, &after).changed), ["etc/passwd"]);
+        assert_eq!(
+            paths(&diff(&before, &mut after, &EPOCH).unwrap().changed),
+            ["etc/passwd"]
+        );
+        // An SELinux label is the host's, never in a layer: a relabel is no change.
+        let mut relabelled = after.clone();
+        relabelled
+            .entries
+            .get_mut(Path::new("etc/motd"))
+            .unwrap()
+            .xattrs
+            .insert(
+                "security.selinux".into(),
+                b"system_u:object_r:etc_t:s0".to_vec(),
+            );
+        assert!(diff(&after, &mut relabelled, &EPOCH).unwrap().is_empty());
     }
 
     #[test]
@@ -589,7 +833,7 @@ mod tests {
         let dir = tree();
         let root = dir.path();
         write(root, "run/lock/pid", "1\n");
-        let before = snapshot(root, &Excludes::new()).unwrap();
+        let before = hashed(root, &Excludes::new());
         let mounted = std::process::Command::new("mount")
             .args([
                 "-t",
@@ -604,10 +848,10 @@ mod tests {
         let unmounted = std::process::Command::new("umount")
             .arg(root.join("run"))
             .status();
-        let after = after.unwrap();
+        let mut after = after.unwrap();
         assert!(unmounted.unwrap().success());
         assert_eq!(paths(&after.mount_points), ["run"]);
         assert!(!after.entries.contains_key(Path::new("run")));
-        assert!(diff(&before, &after).is_empty());
+        assert!(diff(&before, &mut after, &EPOCH).unwrap().is_empty());
     }
 }

@@ -14,7 +14,9 @@
 //!
 //! What a tar cannot say is made up consistently: every entry gets its own inode number and
 //! hard links share one, so the layer writer finds hard links as it does on a real file system;
-//! ctime is zero (it is never written).
+//! ctime is zero (it is never written). Every regular file's content digest is known, so the
+//! diff compares content directly where the namespace runner's needs inodes and ctimes to know
+//! what to hash.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -59,11 +61,10 @@ type Spooled = (u64, u64);
 
 #[derive(Debug, Clone)]
 struct Node {
+    /// With the SHA-256 of a regular file's content.
     meta: EntryMeta,
     /// Where a regular file's content is in the spool (none in an index).
     content: Option<Spooled>,
-    /// SHA-256 of a regular file's content.
-    digest: Option<[u8; 32]>,
 }
 
 /// What to keep of a tar stream's files.
@@ -249,6 +250,7 @@ impl TarTree {
                 rdev,
                 link_target,
                 xattrs,
+                digest,
             };
             self.next_ino += 1;
             self.ensure_parents(&path);
@@ -263,14 +265,7 @@ impl TarTree {
                 };
             } else {
                 self.replace(&path);
-                self.nodes.insert(
-                    path.clone(),
-                    Node {
-                        meta,
-                        content,
-                        digest,
-                    },
-                );
+                self.nodes.insert(path.clone(), Node { meta, content });
             }
             written.insert(path);
         }
@@ -365,8 +360,8 @@ impl TarTree {
 
     /// The tree as a [`Snapshot`] that [`crate::build::snapshot::diff`] can compare with
     /// another read of the same root: inode numbers are stable (from the path, or from the
-    /// first path of a hard-link group) and the ctime field carries the content digest, so a
-    /// file whose bytes changed differs even with the same size and mtime.
+    /// first path of a hard-link group), and every file has its content digest, so a file
+    /// whose bytes changed differs even with the same size and mtime.
     pub fn snapshot(&self) -> Snapshot {
         let mut first: HashMap<u64, &Path> = HashMap::new();
         for (path, node) in &self.nodes {
@@ -390,9 +385,6 @@ impl TarTree {
                     first[&meta.ino]
                 };
                 meta.ino = stable(anchor);
-                meta.ctime_ns = node.digest.map_or(0, |d| {
-                    i128::from_le_bytes(d[..16].try_into().expect("16 bytes"))
-                });
                 (path.clone(), meta)
             })
             .collect();
@@ -400,6 +392,7 @@ impl TarTree {
             entries,
             mount_points: BTreeSet::new(),
             excludes: Excludes::new(),
+            root: None,
         }
     }
 
@@ -440,9 +433,9 @@ impl TarTree {
                         rdev: 0,
                         link_target: None,
                         xattrs: BTreeMap::new(),
+                        digest: None,
                     },
                     content: None,
-                    digest: None,
                 },
             );
         }
@@ -551,7 +544,7 @@ fn names(tree: &TarTree) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::build::layer::{LayerOptions, write_layer, write_layer_from};
-    use crate::build::snapshot::{Changes, Excludes, snapshot};
+    use crate::build::snapshot::{Changes, Excludes, diff, snapshot};
 
     fn tar_of(entries: &[(&str, EntryType, &[u8], &str)]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
@@ -633,9 +626,12 @@ mod tests {
                 .is_err()
         );
         // Same size and mtime: only the content digest tells the rewrite.
-        let unchanged = crate::build::snapshot::diff(&before.snapshot(), &same.snapshot());
+        let options = LayerOptions::default();
+        let compare =
+            |a: &TarTree, b: &TarTree| diff(&a.snapshot(), &mut b.snapshot(), &options).unwrap();
+        let unchanged = compare(&before, &same);
         assert!(unchanged.is_empty(), "{unchanged:?}");
-        let changed = crate::build::snapshot::diff(&before.snapshot(), &after.snapshot());
+        let changed = compare(&before, &after);
         assert_eq!(
             changed.changed.into_iter().collect::<Vec<_>>(),
             [PathBuf::from("etc/a")]
@@ -688,5 +684,85 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, b"hello");
+    }
+
+    /// The two runners' diffs agree: the namespace runner's (a root on the host, inodes and
+    /// ctimes) and the Docker runner's (two tar reads of the same root, content digests) give
+    /// the same layer bytes for the same step, including rewrites that change nothing a layer
+    /// records.
+    #[test]
+    fn the_host_diff_and_the_tar_diff_write_the_same_layer() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let write = |path: &str, content: &str| {
+            let full = root.join(path);
+            fs_err::create_dir_all(full.parent().unwrap()).unwrap();
+            fs_err::write(full, content).unwrap();
+        };
+        write("etc/passwd", "root:x:0:0\n");
+        write("etc/motd", "hi\n");
+        write("etc/doomed", "x\n");
+        write("usr/lib/libx.so", "library\n");
+        write("var/cache/apt/pkgcache.bin", "cache\n");
+        write("opt/app/main", "app\n");
+        let epoch = LayerOptions {
+            source_date_epoch: Some(1_000_000_000),
+        };
+        // What `docker export` would give: the whole tree, mtimes as they are.
+        let export = |name: &str| {
+            let whole = Changes::whole_tree(&snapshot(&root, &Excludes::new()).unwrap());
+            let mut tar = Vec::new();
+            write_layer(&root, &whole, &LayerOptions::default(), &mut tar).unwrap();
+            let mut tree = TarTree::new(dir.path()).unwrap();
+            tree.apply(&tar[..], name, &Keep::all()).unwrap();
+            tree
+        };
+        let mut host_before = snapshot(&root, &Excludes::new()).unwrap();
+        host_before.hash_files().unwrap();
+        let tar_before = export("before");
+
+        // A dpkg-style rewrite with the same bytes and mtime, a mode changed and back, a real
+        // change of the same size, a deletion, a directory made again with one file back.
+        let libx = root.join("usr/lib/libx.so");
+        let mtime = fs_err::metadata(&libx).unwrap().modified().unwrap();
+        write("usr/lib/libx.so.tmp", "library\n");
+        std::fs::File::options()
+            .write(true)
+            .open(root.join("usr/lib/libx.so.tmp"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs_err::rename(root.join("usr/lib/libx.so.tmp"), &libx).unwrap();
+        let passwd = root.join("etc/passwd");
+        fs_err::set_permissions(&passwd, std::fs::Permissions::from_mode(0o600)).unwrap();
+        fs_err::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write("etc/motd", "ho\n");
+        fs_err::remove_file(root.join("etc/doomed")).unwrap();
+        fs_err::rename(root.join("var/cache/apt"), root.join("var/apt.old")).unwrap();
+        write("var/cache/apt/srcpkgcache.bin", "new\n");
+        fs_err::remove_dir_all(root.join("var/apt.old")).unwrap();
+
+        let mut host_after = snapshot(&root, &Excludes::new()).unwrap();
+        let by_host = diff(&host_before, &mut host_after, &epoch).unwrap();
+        let tar_after = export("after");
+        let by_tar = diff(&tar_before.snapshot(), &mut tar_after.snapshot(), &epoch).unwrap();
+        assert_eq!(by_host, by_tar);
+        let paths = |set: &BTreeSet<PathBuf>| -> Vec<String> {
+            set.iter().map(|p| p.display().to_string()).collect()
+        };
+        assert_eq!(
+            paths(&by_host.changed),
+            ["etc/motd", "var/cache/apt/srcpkgcache.bin"]
+        );
+        assert_eq!(
+            paths(&by_host.deleted),
+            ["etc/doomed", "var/cache/apt/pkgcache.bin"]
+        );
+        let mut from_host = Vec::new();
+        write_layer(&root, &by_host, &epoch, &mut from_host).unwrap();
+        let mut from_tree = Vec::new();
+        write_layer_from(&tar_after, &by_tar, &epoch, &mut from_tree).unwrap();
+        assert!(from_host == from_tree, "the two layers differ");
     }
 }

@@ -11,17 +11,18 @@
 //!   `file` steps go in through the archive API ([`copy`]);
 //! - the step's layer is the difference between two exports of its container, before and
 //!   after the step, read into [`crate::build::tree::TarTree`]s, diffed by bake's own
-//!   [`crate::build::snapshot::diff`] (with content digests standing in for ctime) and written
+//!   [`crate::build::snapshot::diff`] (which compares content digests where the namespace
+//!   runner needs inodes and ctimes to know what to hash) and written
 //!   by bake's own tar writer ([`crate::build::layer::write_layer_from`]), so the bytes,
 //!   digests and cache are the namespace runner's; the engine's own layer (its commit) only
 //!   carries the state to the next step and never becomes part of the image. The engine's
 //!   change list is not used: an engine that compares trees ("naive diff", Docker 20.10 on
 //!   overlay2 here) misses a file rewritten with the same size and mtime.
 //!
-//! What no Engine API shows is ctime: a step that only re-applies an owner or mode a file
-//! already has (`chown -R root:root`, `chmod 0644` of a 0644 file) changes nothing the engine
-//! reports, so that file is not in the Docker runner's layer while the namespace runner's diff
-//! (which compares ctime) puts it in. The image's files are the same; the layer bytes differ.
+//! No Engine API shows ctime or inode numbers, and no layer records them: the diff judges both
+//! runners' trees on what a layer records only, so a step that re-applies an owner or mode a
+//! file already has, or rewrites a file with the same bytes (as dpkg does), changes neither
+//! runner's layer.
 //!
 //! Everything bake creates in the engine carries [`LABEL_BUILD`] (the build id) and
 //! [`LABEL_PID`]; a build removes what it made when it ends, on success, failure or Ctrl-C
