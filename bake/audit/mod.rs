@@ -12,6 +12,7 @@
 //! writes (or a crash halfway) leaves the image's files untouched. The entry point is
 //! [`audit_root`], one call on a root directory, so OCI and AMI builds share it.
 
+pub mod content;
 pub mod oscap;
 pub mod support;
 
@@ -55,6 +56,16 @@ pub enum AuditError {
     Decompress { path: PathBuf, reason: String },
     #[error("the scan results `{}` cannot be read: {reason}", path.display())]
     Results { path: PathBuf, reason: String },
+    #[error(
+        "the SCAP data stream `{}` has no profile `{profile}`",
+        datastream.display()
+    )]
+    NoProfile {
+        profile: String,
+        datastream: PathBuf,
+        /// Short ids of the profiles it has.
+        available: Vec<String>,
+    },
     #[error("profile `{profile}` selects no rule that applies to `{}`", root.display())]
     NothingEvaluated { profile: String, root: PathBuf },
     #[error("`check-support-status` failed on `{}` (exit {code}):\n{tail}", root.display())]
@@ -85,6 +96,14 @@ impl AuditError {
             AuditError::Version { .. } => {
                 Some("install Debian 12's `openscap-scanner` (1.3.7)".into())
             }
+            AuditError::NoProfile { available, .. } => Some(format!(
+                "its profiles are: {}",
+                if available.is_empty() {
+                    "none (is it a SCAP source data stream?)".to_owned()
+                } else {
+                    available.join(", ")
+                }
+            )),
             AuditError::NothingEvaluated { .. } => {
                 Some("check the profile id and that the data stream is for this distribution".into())
             }
@@ -146,6 +165,10 @@ pub struct AuditRecord {
     pub excepted: Vec<ExceptedRule>,
     /// Rules the scanner could not decide offline (`unknown`, `error`, host-only checks).
     pub undecided: Vec<RuleSummary>,
+    /// Rules of the profile that did not apply to this root, each with the data stream's reason
+    /// as the scan decided it (SSG's platforms: `machine`, a package, a mount point, …).
+    #[serde(default)]
+    pub not_applicable: Vec<NotApplicableRule>,
     pub unsupported_packages: Vec<EndedPackage>,
     /// Why the gate failed; empty when it passed.
     pub problems: Vec<String>,
@@ -156,6 +179,12 @@ pub struct RuleSummary {
     pub id: String,
     pub severity: String,
     pub result: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotApplicableRule {
+    pub id: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +203,21 @@ pub struct AuditDirs {
 /// Scans `root` as `audit` says, checks package support, and judges the result: `Ok` with the
 /// record when the gate passes, [`AuditError::Gate`] with the same record when it fails.
 pub fn audit_root(root: &Path, audit: &Audit, dirs: &AuditDirs) -> Result<AuditRecord, AuditError> {
+    let (record, _) = evaluate(root, audit, dirs)?;
+    if record.problems.is_empty() {
+        Ok(record)
+    } else {
+        Err(AuditError::Gate(Box::new(record)))
+    }
+}
+
+/// The gate's whole evaluation of `root` (the scan, the support check, the judgement), whether
+/// it passes or not: [`audit_root`] for builds, and `bake audit`, which shows every rule.
+pub fn evaluate(
+    root: &Path,
+    audit: &Audit,
+    dirs: &AuditDirs,
+) -> Result<(AuditRecord, Scan), AuditError> {
     let version = oscap::version()?;
     let datastream = oscap::Datastream::prepare(&audit.datastream, &dirs.cache)?;
     let scan = oscap::scan(root, &datastream, &audit.profile, audit.target, &dirs.work)?;
@@ -183,11 +227,7 @@ pub fn audit_root(root: &Path, audit: &Audit, dirs: &AuditDirs) -> Result<AuditR
         Vec::new()
     };
     let record = judge(&scan, audit, &version, &datastream.digest, unsupported);
-    if record.problems.is_empty() {
-        Ok(record)
-    } else {
-        Err(AuditError::Gate(Box::new(record)))
-    }
+    Ok((record, scan))
 }
 
 /// Applies the thresholds and exceptions of `audit` to `scan`.
@@ -201,6 +241,7 @@ pub fn judge(
     let mut failing = Vec::new();
     let mut excepted = Vec::new();
     let mut undecided = Vec::new();
+    let mut not_applicable = Vec::new();
     let (mut passed, mut failed) = (0u32, 0u32);
     for rule in &scan.rules {
         match rule.result {
@@ -216,6 +257,13 @@ pub fn judge(
                 }
             }
             Outcome::Error | Outcome::Unknown | Outcome::HostOnly => undecided.push(summary(rule)),
+            Outcome::NotApplicable => not_applicable.push(NotApplicableRule {
+                id: rule.id.clone(),
+                reason: rule
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the scanner gave no reason".into()),
+            }),
             _ => {}
         }
     }
@@ -276,6 +324,7 @@ pub fn judge(
         failing,
         excepted,
         undecided,
+        not_applicable,
         unsupported_packages,
         problems,
     }
@@ -342,6 +391,8 @@ mod tests {
                     id: (*id).into(),
                     severity: "medium".into(),
                     result: *result,
+                    reason: (*result == Outcome::NotApplicable)
+                        .then(|| format!("platform `machine` is not met ({id})")),
                 })
                 .collect(),
         }
@@ -377,6 +428,13 @@ mod tests {
         );
         assert_eq!(record.failing.len(), 2);
         assert_eq!(record.undecided[0].id, "f");
+        assert_eq!(
+            record.not_applicable,
+            [NotApplicableRule {
+                id: "e".into(),
+                reason: "platform `machine` is not met (e)".into()
+            }]
+        );
         assert_eq!(record.problems.len(), 1, "{:?}", record.problems);
         let message = gate_message(&record);
         assert!(message.contains("\n  c (medium)") && message.contains("\n  d (medium)"));

@@ -14,7 +14,12 @@
 //! - Script-checked (SCE) rules run their script on the scanning host: their results say
 //!   nothing about the image, so they are reported as [`Outcome::HostOnly`].
 //! - For a container target, `/run/.containerenv` is created in the overlay's upper layer (as
-//!   podman does when it runs an image), so the content marks machine-only rules not applicable.
+//!   podman does when it runs an image): SSG's own container detection (the OVAL check behind
+//!   its `machine` and `not_container` platforms) then finds a container, and `oscap` itself
+//!   marks the machine-only rules not applicable. bake keeps no list of such rules.
+//! - Results are written as ARF, which holds the verdicts of the CPE OVAL definitions behind
+//!   every platform beside the rule results: each not-applicable rule is reported with the
+//!   platform that kept it out, as this scan decided it ([`super::content`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::AuditError;
+use super::content::{self, Content};
 use crate::recipe::AuditTarget;
 
 /// The oscap release line the offline tricks above were checked against.
@@ -50,6 +56,7 @@ const ERROR_TAIL_LINES: usize = 20;
 
 const SCE_SYSTEM: &str = "http://open-scap.org/page/SCE";
 const RULE_PREFIX: &str = "xccdf_org.ssgproject.content_rule_";
+const PROFILE_PREFIX: &str = "xccdf_org.ssgproject.content_profile_";
 
 /// A rule's result, as XCCDF names it, plus `host_only` for checks that ran on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +112,10 @@ pub struct RuleResult {
     pub id: String,
     pub severity: String,
     pub result: Outcome,
+    /// Why a `notapplicable` rule did not apply: the data stream's platforms that the scan
+    /// found unmet, with the scanner's verdict on each definition they test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The selected rules of one scan.
@@ -142,6 +153,8 @@ pub fn version() -> Result<String, AuditError> {
 /// A data stream ready for `oscap`: decompressed (cached by digest) when it was `.xz`.
 #[derive(Debug, Clone)]
 pub struct Datastream {
+    /// The file as the recipe (or the command line) names it.
+    pub source: PathBuf,
     pub xml: PathBuf,
     /// `sha256:…` of the file the recipe names.
     pub digest: String,
@@ -168,13 +181,18 @@ impl Datastream {
         let is_xz = path.extension().is_some_and(|e| e == "xz");
         if !is_xz {
             return Ok(Datastream {
+                source: path.to_path_buf(),
                 xml: path.to_path_buf(),
                 digest,
             });
         }
         let xml = cache.join(format!("{hex}.xml"));
         if xml.is_file() {
-            return Ok(Datastream { xml, digest });
+            return Ok(Datastream {
+                source: path.to_path_buf(),
+                xml,
+                digest,
+            });
         }
         let io = |source| AuditError::Io {
             path: cache.to_path_buf(),
@@ -200,7 +218,33 @@ impl Datastream {
         }
         temp.as_file().sync_all().map_err(io)?;
         temp.persist(&xml).map_err(|e| io(e.error))?;
-        Ok(Datastream { xml, digest })
+        Ok(Datastream {
+            source: path.to_path_buf(),
+            xml,
+            digest,
+        })
+    }
+
+    /// Reads the data stream's applicability content, refusing one that does not have
+    /// `profile`.
+    pub fn content(&self, profile: &str) -> Result<Content, AuditError> {
+        let text = fs_err::read_to_string(&self.xml).map_err(|source| AuditError::Datastream {
+            path: self.source.clone(),
+            source,
+        })?;
+        let content = Content::parse(&text);
+        if !content.profiles().iter().any(|p| p == profile) {
+            return Err(AuditError::NoProfile {
+                profile: profile.to_owned(),
+                datastream: self.source.clone(),
+                available: content
+                    .profiles()
+                    .iter()
+                    .map(|p| p.strip_prefix(PROFILE_PREFIX).unwrap_or(p).to_owned())
+                    .collect(),
+            });
+        }
+        Ok(content)
     }
 }
 
@@ -217,7 +261,7 @@ for m in "$@"; do
 done
 set +e
 APT_CONFIG=$aptconf OSCAP_PROBE_ROOT=$merged PATH=$BAKE_ROOT_PATH \
-	oscap xccdf eval --profile "$profile" --results "$results" "$ds"
+	oscap xccdf eval --profile "$profile" --results-arf "$results" "$ds"
 code=$?
 # 2: the scan ran and some rule failed.
 if [ "$code" -eq 2 ]; then exit 0; fi
@@ -233,6 +277,7 @@ pub fn scan(
     target: AuditTarget,
     work: &Path,
 ) -> Result<Scan, AuditError> {
+    let applicability = datastream.content(profile)?;
     let root = fs_err::canonicalize(root).map_err(|source| AuditError::Io {
         path: root.to_path_buf(),
         source,
@@ -279,7 +324,7 @@ pub fn scan(
         ),
     )
     .map_err(io(&apt_conf))?;
-    let results = dir.join("results.xml");
+    let results = dir.join("results-arf.xml");
     let output = Command::new("unshare")
         .args([
             "--mount",
@@ -330,14 +375,21 @@ pub fn scan(
             tail: lines[lines.len().saturating_sub(ERROR_TAIL_LINES)..].join("\n"),
         });
     }
-    let xml = fs_err::read_to_string(&results).map_err(|e| AuditError::Results {
+    let arf = fs_err::read_to_string(&results).map_err(|e| AuditError::Results {
         path: results.clone(),
         reason: e.to_string(),
     })?;
-    let rules = parse_results(&xml).map_err(|reason| AuditError::Results {
+    let mut rules = parse_results(&arf).map_err(|reason| AuditError::Results {
         path: results.clone(),
         reason,
     })?;
+    // The CPE OVAL verdicts of this very scan say which platform kept a rule out.
+    let facts = content::facts(&arf);
+    for rule in &mut rules {
+        if rule.result == Outcome::NotApplicable {
+            rule.reason = Some(applicability.why_not_applicable(&rule.id, &facts));
+        }
+    }
     let scan = Scan {
         profile: profile.to_owned(),
         rules,
@@ -382,6 +434,7 @@ pub fn parse_results(xml: &str) -> Result<Vec<RuleResult>, String> {
                 id: idref.strip_prefix(RULE_PREFIX).unwrap_or(idref).to_owned(),
                 severity: severity.to_owned(),
                 result,
+                reason: None,
             });
         }
         rest = &element[end + "</rule-result>".len()..];

@@ -1,4 +1,9 @@
-//! `bake audit VERSION|ROOTFS`: the compliance scan alone, with every rule's result.
+//! `bake audit VERSION|RECIPE|ROOTFS`: the compliance gate alone, with every rule's result.
+//!
+//! The data stream, profile, target, thresholds and exceptions come from the recipe (the one
+//! given, the one a version was built from, or `--recipe` for a root directory), so the numbers
+//! are the build gate's for the same root; `--datastream`, `--profile` and `--target` override
+//! them, and are all a root without a recipe needs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,27 +11,35 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use super::{VarArgs, print_json, print_reports};
-use crate::audit::{AuditDirs, Outcome, oscap};
+use crate::audit::{AuditDirs, AuditError, AuditRecord, Scan};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::recipe::AuditTarget;
+use crate::recipe::{Audit, AuditTarget, Recipe, Scanner};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
+/// The profile `bake audit` scans with when neither a recipe nor `--profile` names one.
+const DEFAULT_PROFILE: &str = "cis_level1_server";
+
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// A root filesystem directory, a version in the store, or a recipe file (its version).
-    #[arg(value_name = "VERSION|ROOTFS")]
+    /// A version in the store, a recipe file (its version), or a root filesystem directory.
+    #[arg(value_name = "VERSION|RECIPE|ROOTFS")]
     pub what: String,
-    /// The SCAP source data stream (`.xml` or `.xml.xz`).
+    /// Take the gate's settings from this recipe (default: the recipe given, or the one the
+    /// version was built from).
     #[arg(long, value_name = "FILE")]
-    pub datastream: PathBuf,
-    /// The XCCDF profile, short (`cis_level1_server`) or full.
-    #[arg(long, default_value = "cis_level1_server")]
-    pub profile: String,
-    /// What the root is: SCAP content skips machine-only rules for a container.
-    #[arg(long, value_enum, default_value_t = TargetArg::Machine)]
-    pub target: TargetArg,
+    pub recipe: Option<PathBuf>,
+    /// The SCAP source data stream (`.xml` or `.xml.xz`), instead of the recipe's.
+    #[arg(long, value_name = "FILE")]
+    pub datastream: Option<PathBuf>,
+    /// The XCCDF profile, short (`cis_level1_server`) or full, instead of the recipe's.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// What the root is, instead of the recipe's: SCAP content skips machine-only rules for a
+    /// container.
+    #[arg(long, value_enum)]
+    pub target: Option<TargetArg>,
     #[command(flatten)]
     pub vars: VarArgs,
 }
@@ -45,94 +58,234 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    // A version is unpacked into a scratch root, removed afterwards.
-    let mut _unpacked = None;
-    let root: PathBuf = if Path::new(&args.what).is_dir() {
-        PathBuf::from(&args.what)
+    let fail = |report: Report, status: ExitStatus| {
+        print_reports(settings, &[report]);
+        status
+    };
+    let is_root = Path::new(&args.what).is_dir();
+    let record = if is_root {
+        None
     } else {
-        let record = match super::export::find_record(&store, &args.what, &args.vars, settings) {
-            Ok(record) => record,
-            Err(report) => {
-                print_reports(settings, &[*report]);
-                return ExitStatus::RecipeOrUsage;
-            }
-        };
-        let Some(image) = record.image() else {
-            print_reports(
-                settings,
-                &[Report::new(format!(
-                    "version {} of `{}` has no OCI image to scan: it was built as an AMI",
-                    record.version, record.name
-                ))],
-            );
-            return ExitStatus::RecipeOrUsage;
-        };
-        match unpack(&store, &image.layers) {
-            Ok(dir) => {
-                let root = dir.path().join("rootfs");
-                _unpacked = Some(dir);
-                root
-            }
-            Err(report) => {
-                print_reports(settings, &[report]);
-                return ExitStatus::Infrastructure;
-            }
+        match super::export::find_record(&store, &args.what, &args.vars, settings) {
+            Ok(record) => Some(record),
+            Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
         }
     };
-    let profile = if args.profile.starts_with("xccdf_") {
-        args.profile.clone()
-    } else {
-        format!("xccdf_org.ssgproject.content_profile_{}", args.profile)
+    // The recipe whose gate this is.
+    let recipe_file: Option<PathBuf> = match (&args.recipe, &record) {
+        (Some(file), _) => Some(file.clone()),
+        (None, Some(_)) if Path::new(&args.what).is_file() => Some(PathBuf::from(&args.what)),
+        (None, Some(record)) if !args.overrides_all() => Some(PathBuf::from(&record.recipe)),
+        _ => None,
     };
-    let target = match args.target {
-        TargetArg::Machine => AuditTarget::Machine,
-        TargetArg::Container => AuditTarget::Container,
+    let recipe = match &recipe_file {
+        Some(file) => match load_recipe(file, &args.vars) {
+            Ok(recipe) => Some(recipe),
+            Err(report) => return fail(report, ExitStatus::RecipeOrUsage),
+        },
+        None => None,
+    };
+    let audit = match gate_settings(args, recipe_file.as_deref(), recipe.as_ref()) {
+        Ok(audit) => audit,
+        Err(report) => return fail(report, ExitStatus::RecipeOrUsage),
+    };
+
+    // A version is unpacked into a scratch root, removed afterwards.
+    let mut _unpacked = None;
+    let root: PathBuf = match &record {
+        None => PathBuf::from(&args.what),
+        Some(record) => {
+            let Some(image) = record.image() else {
+                return fail(
+                    Report::new(format!(
+                        "version {} of `{}` has no OCI image to scan: it was built as an AMI",
+                        record.version, record.name
+                    ))
+                    .with_hint(Some(
+                        "its build record holds the gate's result (`bake manifest`)".into(),
+                    )),
+                    ExitStatus::RecipeOrUsage,
+                );
+            };
+            match unpack(&store, &image.layers) {
+                Ok(dir) => {
+                    let root = dir.path().join("rootfs");
+                    _unpacked = Some(dir);
+                    root
+                }
+                Err(report) => return fail(report, ExitStatus::Infrastructure),
+            }
+        }
     };
     let dirs = AuditDirs {
         cache: store.root().join("cache").join("scap"),
         work: store.root().join("work"),
     };
-    let scan = oscap::version().and_then(|version| {
-        let datastream = oscap::Datastream::prepare(&args.datastream, &dirs.cache)?;
-        let scan = oscap::scan(&root, &datastream, &profile, target, &dirs.work)?;
-        Ok((version, datastream.digest, scan))
-    });
-    let (version, digest, scan) = match scan {
+    let (audit_record, scan) = match crate::audit::evaluate(&root, &audit, &dirs) {
         Ok(found) => found,
         Err(e) => {
-            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-            return ExitStatus::Infrastructure;
+            let status = match e {
+                AuditError::NoProfile { .. } => ExitStatus::RecipeOrUsage,
+                _ => ExitStatus::Infrastructure,
+            };
+            return fail(Report::from_error(&e).with_hint(e.hint()), status);
         }
     };
-    let passed = count(&scan.rules, Outcome::Pass);
-    let failed = count(&scan.rules, Outcome::Fail);
-    let score_centi = crate::audit::score_centi(passed, failed);
+    if let Some(record) = &record
+        && let Some(built) = &record.audit
+        && built.datastream_digest != audit_record.datastream_digest
+    {
+        tracing::warn!(
+            "version {} was gated with data stream {}; this scan used {} (`{}`)",
+            record.version,
+            built.datastream_digest,
+            audit_record.datastream_digest,
+            audit.datastream.display()
+        );
+    }
+    print(settings, &root, &audit_record, &scan);
+    if audit_record.problems.is_empty() {
+        ExitStatus::Success
+    } else {
+        let error = AuditError::Gate(Box::new(audit_record));
+        print_reports(
+            settings,
+            &[Report::from_error(&error).with_hint(error.hint())],
+        );
+        ExitStatus::RecipeOrUsage
+    }
+}
+
+impl AuditArgs {
+    /// Whether the flags alone say everything the gate needs from a recipe.
+    fn overrides_all(&self) -> bool {
+        self.datastream.is_some() && self.profile.is_some() && self.target.is_some()
+    }
+}
+
+fn load_recipe(file: &Path, vars: &VarArgs) -> Result<Recipe, Report> {
+    if !file.is_file() {
+        return Err(Report::new(format!(
+            "the recipe `{}` is not a file",
+            file.display()
+        ))
+        .with_hint(Some(
+            "give the recipe with `--recipe FILE`, or the gate's settings with `--datastream`, `--profile` and `--target`".into(),
+        )));
+    }
+    crate::recipe::load(file, &vars.sources()).map_err(|e| {
+        e.0.first()
+            .map(|e| e.report())
+            .unwrap_or_else(|| Report::new(format!("invalid recipe `{}`", file.display())))
+    })
+}
+
+/// The gate of `recipe` (when it has one) with the command line's overrides.
+fn gate_settings(
+    args: &AuditArgs,
+    recipe_file: Option<&Path>,
+    recipe: Option<&Recipe>,
+) -> Result<Audit, Report> {
+    let from_recipe = recipe.and_then(|r| r.audit.clone());
+    let mut audit = match from_recipe {
+        Some(audit) => audit,
+        None => {
+            let Some(datastream) = &args.datastream else {
+                return Err(match recipe_file {
+                    Some(file) => Report::new(format!(
+                        "the recipe `{}` has no `audit:` section, so it names no data stream",
+                        file.display()
+                    )),
+                    None => Report::new("no SCAP data stream to scan with"),
+                }
+                .with_hint(Some(
+                    "give one with `--datastream FILE` (and `--profile`, `--target`), or add an `audit:` section to the recipe".into(),
+                )));
+            };
+            Audit {
+                scanner: Scanner::Openscap,
+                datastream: datastream.clone(),
+                datastream_path: datastream.display().to_string(),
+                profile: full_profile(DEFAULT_PROFILE),
+                target: AuditTarget::Machine,
+                min_pass_ratio_centi: None,
+                max_failures: None,
+                exceptions: BTreeMap::new(),
+                support_status: false,
+            }
+        }
+    };
+    if let Some(datastream) = &args.datastream {
+        audit.datastream = datastream.clone();
+        audit.datastream_path = datastream.display().to_string();
+    }
+    if let Some(profile) = args.profile.as_deref().map(full_profile)
+        && profile != audit.profile
+    {
+        // The recipe's thresholds and exceptions are about its own profile.
+        audit.min_pass_ratio_centi = None;
+        audit.max_failures = None;
+        audit.exceptions.clear();
+        audit.profile = profile;
+    }
+    if let Some(target) = args.target {
+        audit.target = match target {
+            TargetArg::Machine => AuditTarget::Machine,
+            TargetArg::Container => AuditTarget::Container,
+        };
+    }
+    Ok(audit)
+}
+
+fn full_profile(profile: &str) -> String {
+    if profile.starts_with("xccdf_") {
+        profile.to_owned()
+    } else {
+        format!("xccdf_org.ssgproject.content_profile_{profile}")
+    }
+}
+
+fn print(settings: &Settings, root: &Path, record: &AuditRecord, scan: &Scan) {
     match settings.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "root": root.display().to_string(),
-            "scanner": "openscap",
-            "scanner_version": version,
-            "profile": profile,
-            "datastream_digest": digest,
-            "passed": passed,
-            "failed": failed,
-            "score_centi": score_centi,
+            "scanner": record.scanner,
+            "scanner_version": record.scanner_version,
+            "profile": record.profile,
+            "datastream_digest": record.datastream_digest,
+            "target": record.target,
+            "passed": record.passed,
+            "failed": record.failed,
+            "score_centi": record.score_centi,
+            "gate": record,
             "rules": scan.rules,
         })),
         OutputFormat::Human => {
             let mut by_outcome: BTreeMap<&str, usize> = BTreeMap::new();
             for rule in &scan.rules {
-                println!(
-                    "{:<14} {:<8} {}",
-                    rule.result.name(),
-                    rule.severity,
-                    rule.id
-                );
+                match &rule.reason {
+                    Some(reason) => println!(
+                        "{:<14} {:<8} {} ({reason})",
+                        rule.result.name(),
+                        rule.severity,
+                        rule.id
+                    ),
+                    None => println!(
+                        "{:<14} {:<8} {}",
+                        rule.result.name(),
+                        rule.severity,
+                        rule.id
+                    ),
+                }
                 *by_outcome.entry(rule.result.name()).or_default() += 1;
             }
             println!(
-                "{profile}: {:.2}% pass ({passed} pass, {failed} fail; {})",
-                score_centi as f64 / 100.0,
+                "{}: {:.2}% pass ({} pass, {} fail, {} excepted; {})",
+                record.profile,
+                record.score_centi as f64 / 100.0,
+                record.passed,
+                record.failed,
+                record.excepted.len(),
                 by_outcome
                     .iter()
                     .map(|(k, v)| format!("{v} {k}"))
@@ -141,11 +294,6 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
             );
         }
     }
-    ExitStatus::Success
-}
-
-fn count(rules: &[crate::audit::RuleResult], outcome: Outcome) -> u32 {
-    rules.iter().filter(|r| r.result == outcome).count() as u32
 }
 
 fn unpack(

@@ -41,6 +41,9 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
+    for advice in crate::build::hardening::missing_bootstrap_packages(&recipe) {
+        tracing::warn!("{shown}: {advice}");
+    }
     let planned = plan_recipe(&recipe, &shown, settings).map(|plan| {
         let states = effect_states(&recipe, &plan, args.check || args.publish, settings);
         (plan, states)
