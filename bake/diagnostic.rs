@@ -222,7 +222,7 @@ impl Report {
 }
 
 /// A [`Report`] as JSON.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct JsonReport {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -10,6 +10,10 @@
 //!                             effects   images     records  SSM, ECS
 //! ```
 //!
+//! Past publishing: [`rollout`] moves a channel and replaces the machines behind it (instance
+//! refreshes, ECS deployments) with a way back, and [`verify_published`] compares the live
+//! state of every published surface with what was published.
+//!
 //! Each stage has one typed entry point whose output serializes, so any stage can be inspected
 //! or rerun: [`recipe::load`] gives a [`recipe::Recipe`], [`plan::plan`] a [`plan::Plan`].
 //! Side effects live behind narrow traits; AWS clients are built in one place ([`aws`]).
@@ -31,8 +35,10 @@ pub mod provenance;
 pub mod publish;
 pub mod recipe;
 pub mod registry;
+pub mod rollout;
 pub mod settings;
 #[cfg(test)]
 pub(crate) mod skip;
 pub mod ssh;
 pub mod store;
+pub mod verify_published;

@@ -116,6 +116,20 @@ pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
                     Publication::Attestation { reference, .. } => {
                         format!("attestation {reference}")
                     }
+                    Publication::Rollout {
+                        channel,
+                        outcome,
+                        targets,
+                        at,
+                        ..
+                    } => format!(
+                        "rollout to channel {channel}: {} ({} target(s), ended {at})",
+                        serde_json::to_value(outcome)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        targets.len()
+                    ),
                 };
                 println!("published    {text}");
             }

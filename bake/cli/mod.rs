@@ -15,6 +15,7 @@ mod manifest;
 mod plan;
 mod publish;
 mod push;
+mod rollout;
 mod sandbox;
 mod validate;
 mod verify;
@@ -105,6 +106,9 @@ pub enum Command {
     Rollback(publish::RollbackArgs),
     /// Print a channel's current immutable references.
     Pin(publish::PinArgs),
+    /// Move a channel to a version and replace the machines behind it (instance refreshes, ECS
+    /// deployments), waiting, and rolling back on failure.
+    Rollout(rollout::RolloutArgs),
     /// Scan a root filesystem or a built version with OpenSCAP and print every rule's result.
     Audit(audit::AuditArgs),
     /// Internal: the namespace runner's sandbox helper, which bake starts itself.
@@ -157,6 +161,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Promote(args) => publish::run_promote(&args, settings),
         Command::Rollback(args) => publish::run_rollback(&args, settings),
         Command::Pin(args) => publish::run_pin(&args, settings),
+        Command::Rollout(args) => rollout::run(&args, settings),
         Command::Ami(args) => ami::run(&args, settings),
         Command::Cleanup(args) => cleanup::run(&args, settings),
         Command::Gc(args) => gc::run(&args, settings),

@@ -117,7 +117,7 @@ fn insecure_hosts(recipe: &Recipe) -> BTreeSet<String> {
 }
 
 /// The digest check: bake's registry client with the configured credentials plus ECR's.
-fn digest_check<'a>(
+pub(super) fn digest_check<'a>(
     aws: &'a Aws,
     recipe: &Recipe,
     settings: &Settings,

@@ -6,6 +6,10 @@
 //! or `oci:DIR:TAG`), or an image in the local store (its version, `name:short-version` or
 //! manifest digest). Trusted keys: `--key PUBLIC.pem`
 //! (repeatable), `--kms-key` (its public key from KMS), else every `keys/*.pub` of the store.
+//!
+//! `bake verify --published RECIPE --channel NAME` instead compares the live state of every
+//! surface the channel's version was published to with what was published
+//! ([`crate::verify_published`]).
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +31,16 @@ pub struct VerifyArgs {
     /// or image digest in the store.
     #[arg(value_name = "REF")]
     pub reference: String,
+    /// REF is a recipe: compare every surface its channel's version was published to (AMIs,
+    /// launch permissions, launch template versions, SSM parameters, task definitions, the
+    /// channel's groups and services) with AWS, and print every difference.
+    #[arg(long, requires = "channel")]
+    pub published: bool,
+    /// The channel whose current version `--published` checks.
+    #[arg(long, value_name = "NAME", requires = "published")]
+    pub channel: Option<String>,
+    #[command(flatten)]
+    pub vars: super::VarArgs,
     /// A trusted public key (PEM); repeatable.
     #[arg(long = "key", value_name = "PUBLIC.pem")]
     pub keys: Vec<PathBuf>,
@@ -218,6 +232,9 @@ pub fn kms_region(key: &str, settings: &Settings) -> Option<String> {
 }
 
 pub fn run(args: &VerifyArgs, settings: &Settings) -> ExitStatus {
+    if let (true, Some(channel)) = (args.published, &args.channel) {
+        return run_published(args, channel, settings);
+    }
     let keys = match trusted_keys(args, settings) {
         Ok(keys) => keys,
         Err(report) => {
@@ -290,4 +307,82 @@ fn print_human(report: &VerifyReport) {
             None => println!("attestation  {} signed by {}", a.predicate_type, a.key_id),
         }
     }
+}
+
+/// `bake verify --published RECIPE --channel NAME`.
+fn run_published(args: &VerifyArgs, channel: &str, settings: &Settings) -> ExitStatus {
+    use crate::publish::{PublishOptions, Publisher};
+    let recipe = match super::plan::load_or_report(Path::new(&args.reference), &args.vars, settings)
+    {
+        Ok(recipe) => recipe,
+        Err(status) => return status,
+    };
+    let runtime = match super::runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    runtime.block_on(async {
+        let aws = crate::aws::Aws::load(&settings.aws).await;
+        let digests = match super::publish::digest_check(&aws, &recipe, settings) {
+            Ok(digests) => digests,
+            Err(status) => return status,
+        };
+        let publisher = Publisher {
+            aws: &aws,
+            digests: &digests,
+            recipe: &recipe,
+            options: PublishOptions::default(),
+        };
+        match crate::verify_published::verify(&publisher, channel).await {
+            Ok(report) => {
+                match settings.output {
+                    OutputFormat::Json => print_json(&report),
+                    OutputFormat::Human => {
+                        println!(
+                            "{} channel {}: version {}",
+                            report.recipe, report.channel, report.version
+                        );
+                        for check in &report.checks {
+                            match &check.found {
+                                None => println!(
+                                    "ok       {} {} in {}: {}",
+                                    check.surface, check.resource, check.region, check.expected
+                                ),
+                                Some(found) => println!(
+                                    "DIFFERS  {} {} in {}: expected {}, found {found}",
+                                    check.surface, check.resource, check.region, check.expected
+                                ),
+                            }
+                        }
+                        for skipped in &report.skipped {
+                            println!("skipped  {skipped}");
+                        }
+                    }
+                }
+                let differences = report.differences().count();
+                if differences == 0 {
+                    ExitStatus::Success
+                } else {
+                    print_reports(
+                        settings,
+                        &[Report::new(format!(
+                            "{differences} published surface(s) of channel `{channel}` differ from what was published"
+                        ))],
+                    );
+                    ExitStatus::Unverified
+                }
+            }
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                if e.is_refusal() {
+                    ExitStatus::RecipeOrUsage
+                } else {
+                    ExitStatus::Infrastructure
+                }
+            }
+        }
+    })
 }

@@ -147,12 +147,25 @@ pub enum Publication {
         at: String,
         by: String,
     },
-    /// A channel moved to this version (`promote`) or back to it (`rollback`).
+    /// A channel moved to this version (`promote`) or back to it (`rollback`, or `rollout`
+    /// after a failed rollout of another version).
     Channel {
         channel: String,
         /// `promote` or `rollback` (empty in manifests written before bake recorded it).
         #[serde(default)]
         action: String,
+        at: String,
+        by: String,
+    },
+    /// A rollout of this version to a channel's machines (`bake rollout`): which groups and
+    /// services, when, and how it ended. `at` is when it ended.
+    Rollout {
+        channel: String,
+        outcome: crate::rollout::Outcome,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        targets: Vec<RolloutTarget>,
+        started_at: String,
         at: String,
         by: String,
     },
@@ -163,6 +176,18 @@ pub enum Publication {
         at: String,
         by: String,
     },
+}
+
+/// One group or service of a recorded rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutTarget {
+    /// `group NAME (REGION)` or `service CLUSTER/NAME (REGION)`.
+    pub target: String,
+    /// Launch template version or task definition before and after.
+    pub from: String,
+    pub to: String,
+    #[serde(flatten)]
+    pub phase: crate::rollout::Phase,
 }
 
 impl Publication {
@@ -177,7 +202,10 @@ impl Publication {
             }
             value
         };
-        !matches!(self, Publication::Channel { .. }) && without_stamp(self) == without_stamp(other)
+        !matches!(
+            self,
+            Publication::Channel { .. } | Publication::Rollout { .. }
+        ) && without_stamp(self) == without_stamp(other)
     }
 }
 

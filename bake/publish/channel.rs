@@ -189,6 +189,15 @@ impl ChannelState {
     }
 }
 
+/// Whether a channel move also moves the machines: instance refreshes after a launch template's
+/// default changed and ECS service updates. `bake rollout` moves the pointers with
+/// [`Fleet::Leave`] and replaces the machines itself, watching and rolling back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fleet {
+    Move,
+    Leave,
+}
+
 impl<D: DigestCheck> Publisher<'_, D> {
     fn channel_error(&self, channel: &str, problem: impl Into<String>) -> PublishError {
         PublishError::Channel {
@@ -264,9 +273,19 @@ impl<D: DigestCheck> Publisher<'_, D> {
         version: &str,
         channel: &str,
     ) -> Result<PublishReport, PublishError> {
+        self.promote_with(version, channel, Fleet::Move).await
+    }
+
+    /// Promote, moving the machines too or not.
+    pub async fn promote_with(
+        &self,
+        version: &str,
+        channel: &str,
+        fleet: Fleet,
+    ) -> Result<PublishReport, PublishError> {
         let mut state = self.channel_state(channel).await?;
         let release = self.release(version).await?;
-        let mut report = self.move_pointers(&release).await?;
+        let mut report = self.move_pointers(&release, fleet).await?;
         if !self.options.dry_run && report.exit_status() == crate::exit::ExitStatus::Success {
             state.promote(release, now());
             if let Err(e) = self.write_channel(&state).await {
@@ -278,13 +297,22 @@ impl<D: DigestCheck> Publisher<'_, D> {
 
     /// `bake rollback`: moves the channel's pointers back to the previous entry.
     pub async fn rollback(&self, channel: &str) -> Result<PublishReport, PublishError> {
+        self.rollback_with(channel, Fleet::Move).await
+    }
+
+    /// Rollback, moving the machines too or not.
+    pub async fn rollback_with(
+        &self,
+        channel: &str,
+        fleet: Fleet,
+    ) -> Result<PublishReport, PublishError> {
         let mut state = self.channel_state(channel).await?;
         let previous = state
             .previous()
             .ok_or_else(|| self.channel_error(channel, "has no earlier version to roll back to"))?
             .references
             .clone();
-        let mut report = self.move_pointers(&previous).await?;
+        let mut report = self.move_pointers(&previous, fleet).await?;
         if !self.options.dry_run && report.exit_status() == crate::exit::ExitStatus::Success {
             state.history.pop();
             if let Err(e) = self.write_channel(&state).await {
@@ -292,6 +320,32 @@ impl<D: DigestCheck> Publisher<'_, D> {
             }
         }
         Ok(report)
+    }
+
+    /// Takes `version` off the channel after a failed rollout: a rollback when the channel was
+    /// on another version before, else the entry is dropped and the pointers stay (there is
+    /// nothing earlier to point them at). `None` when the channel is not on `version`.
+    pub async fn retract(
+        &self,
+        channel: &str,
+        version: &str,
+    ) -> Result<Option<PublishReport>, PublishError> {
+        let mut state = self.channel_state(channel).await?;
+        if state.current().map(|e| e.references.version.as_str()) != Some(version) {
+            return Ok(None);
+        }
+        if state.previous().is_some() {
+            return self.rollback_with(channel, Fleet::Leave).await.map(Some);
+        }
+        state.history.pop();
+        self.write_channel(&state).await?;
+        Ok(Some(PublishReport {
+            recipe: self.recipe.name.clone(),
+            version: version.to_owned(),
+            dry_run: false,
+            regions: Vec::new(),
+            errors: Vec::new(),
+        }))
     }
 
     /// `bake pin`: the channel's current references (in one region, if asked).
@@ -314,7 +368,11 @@ impl<D: DigestCheck> Publisher<'_, D> {
     }
 
     /// Checks every artifact of `release`, then moves every pointer of the recipe to it.
-    async fn move_pointers(&self, release: &References) -> Result<PublishReport, PublishError> {
+    async fn move_pointers(
+        &self,
+        release: &References,
+        fleet: Fleet,
+    ) -> Result<PublishReport, PublishError> {
         let home = home_region(self.recipe, self.aws)?;
         let caller = if release.amis.is_empty() {
             String::new()
@@ -334,7 +392,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
             let mut changes = Vec::new();
             let mut written = Vec::new();
             let outcome = match self
-                .move_region(release, region, &caller, &mut changes, &mut written)
+                .move_region(release, region, &caller, fleet, &mut changes, &mut written)
                 .await
             {
                 Ok(()) => RegionOutcome {
@@ -372,6 +430,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
         release: &References,
         region: &str,
         caller: &str,
+        fleet: Fleet,
         changes: &mut Vec<Change>,
         written: &mut Vec<SsmParameterRecord>,
     ) -> Result<(), PublishError> {
@@ -419,7 +478,7 @@ impl<D: DigestCheck> Publisher<'_, D> {
             }
         }
         let mut services = Vec::new();
-        for target in &targets.tasks {
+        for target in targets.tasks.iter().filter(|_| fleet == Fleet::Move) {
             if let Some(service) = &target.service
                 && let Some(task) = tasks.iter().find(|t| t.family == target.family)
             {
@@ -455,7 +514,10 @@ impl<D: DigestCheck> Publisher<'_, D> {
                 change.result = Some(format!("version {}", lt.version));
             }
             changes.push(change);
-            if !keep && let Some(refresh) = refresh {
+            if !keep
+                && fleet == Fleet::Move
+                && let Some(refresh) = refresh
+            {
                 self.refresh(refresh, region, apply, changes).await?;
             }
         }

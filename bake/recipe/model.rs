@@ -554,6 +554,59 @@ pub struct Publish {
     pub ssm_parameters: Vec<SsmTarget>,
     pub ecs_task_definitions: Vec<EcsTarget>,
     pub channels: Vec<String>,
+    /// Channel name → how `bake rollout` replaces machines for it. Like the rest of `publish`,
+    /// not part of the version: how a version reaches machines does not change what it is.
+    pub rollouts: BTreeMap<String, Rollout>,
+}
+
+/// How machines are replaced when a channel moves to a version (`bake rollout`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Rollout {
+    pub strategy: RolloutStrategy,
+    /// Percentages at which an instance refresh pauses (canary); the last is 100.
+    pub checkpoints: Vec<u8>,
+    #[serde(serialize_with = "serialize_secs")]
+    pub checkpoint_delay: Duration,
+    /// `None` leaves AWS's default (90 for instance refreshes, 100 for ECS).
+    pub min_healthy_percentage: Option<u8>,
+    #[serde(serialize_with = "serialize_opt_secs")]
+    pub instance_warmup: Option<Duration>,
+    #[serde(serialize_with = "serialize_opt_secs")]
+    pub bake_time: Option<Duration>,
+    /// CloudWatch alarms that stop the rollout and roll it back.
+    pub alarms: Vec<String>,
+    pub skip_matching: bool,
+    #[serde(serialize_with = "serialize_secs")]
+    pub timeout: Duration,
+    pub auto_scaling_groups: Vec<RolloutGroup>,
+    pub ecs_services: Vec<RolloutService>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStrategy {
+    /// Replace in steps, pausing at each checkpoint while the alarms watch.
+    Canary,
+    /// Replace batch by batch, keeping the minimum healthy percentage in service.
+    Rolling,
+    /// Launch the whole new fleet before the old one goes (max healthy 200%), then bake.
+    BlueGreen,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutGroup {
+    pub name: String,
+    /// `None`: every region the version's launch templates are in.
+    pub regions: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutService {
+    pub cluster: String,
+    pub name: String,
+    /// The task definition target the service runs (its family and region).
+    pub family: String,
+    pub region: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -382,6 +382,49 @@ pub struct RawPublish {
     pub ecs_task_definitions: Vec<S<RawEcsTarget>>,
     #[serde(default)]
     pub channels: Vec<S<String>>,
+    /// How `bake rollout` replaces machines for a channel, keyed by channel name.
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, S<RawRollout>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// `canary` (checkpoints), `rolling` (min healthy percentage) or `blue_green`.
+    pub strategy: Option<S<String>>,
+    /// Canary checkpoints, ascending percentages ending at 100.
+    pub checkpoints: Option<S<Vec<S<RawValue>>>>,
+    pub checkpoint_delay: Option<S<String>>,
+    pub min_healthy_percentage: Option<S<RawValue>>,
+    pub instance_warmup: Option<S<String>>,
+    pub bake_time: Option<S<String>>,
+    #[serde(default)]
+    pub alarms: Vec<S<String>>,
+    #[serde(default = "yes")]
+    pub skip_matching: bool,
+    pub timeout: Option<S<String>>,
+    /// Groups to refresh; without it, the groups of `launch_templates[].instance_refresh`.
+    pub auto_scaling_groups: Option<Vec<S<RawRolloutGroup>>>,
+    /// Services to deploy; without it, the services of `ecs_task_definitions[].service`.
+    pub ecs_services: Option<Vec<S<RawRolloutService>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRolloutGroup {
+    pub name: S<String>,
+    /// Only these regions (default: every region the version's launch templates are in).
+    pub regions: Option<Vec<S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRolloutService {
+    pub cluster: S<String>,
+    pub name: S<String>,
+    /// The task definition target (by family) whose revisions the service runs; optional
+    /// when the recipe has one.
+    pub family: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -43,6 +43,15 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// A software-emulated (no KVM) UEFI boot of a cloud kernel takes a few minutes.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The smallest root volume a Debian cloud image with a kernel fits on, and EBS's largest.
+/// Canary checkpoints when the recipe names none: a small first step the alarms can judge,
+/// then half, then all.
+const DEFAULT_CANARY_CHECKPOINTS: [u8; 3] = [10, 50, 100];
+/// How long a canary pauses at a checkpoint: long enough for alarms on request metrics
+/// (typically 1-minute periods, a few datapoints) to see the new instances.
+const DEFAULT_CHECKPOINT_DELAY: Duration = Duration::from_secs(10 * 60);
+/// How long bake waits for a rollout before it rolls it back: a large group with warm-up and
+/// checkpoints fits in an hour.
+const DEFAULT_ROLLOUT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const DISK_SIZE_GIB: std::ops::RangeInclusive<u64> = 1..=16384;
 
 pub(super) struct Validator<'a> {
@@ -2159,7 +2168,215 @@ impl<'a> Validator<'a> {
             }
         }
         publish.channels = channels.into_iter().collect();
+        for (channel, raw) in &p.rollouts {
+            if !publish.channels.contains(channel) {
+                self.error(
+                    raw,
+                    RecipeErrorKind::Conflict(format!(
+                        "rollout for channel `{channel}`, which is not in publish.channels"
+                    )),
+                )
+                .hint = did_you_mean(channel, publish.channels.iter().map(String::as_str))
+                    .map(|c| format!("did you mean `{c}`?"));
+                continue;
+            }
+            if let Some(rollout) = self.rollout(raw, &publish) {
+                publish.rollouts.insert(channel.clone(), rollout);
+            }
+        }
         publish
+    }
+
+    /// A channel's rollout settings; AWS's own defaults where the recipe is silent.
+    fn rollout(&mut self, raw: &S<RawRollout>, publish: &Publish) -> Option<Rollout> {
+        let r = &raw.value;
+        let strategy = match r.strategy.as_ref().map(|s| s.value.as_str()) {
+            None | Some("rolling") => RolloutStrategy::Rolling,
+            Some("canary") => RolloutStrategy::Canary,
+            Some("blue_green") => RolloutStrategy::BlueGreen,
+            Some(other) => {
+                let at = r.strategy.as_ref().expect("matched Some");
+                self.invalid(
+                    at,
+                    "rollout strategy",
+                    other,
+                    "write `canary`, `rolling` or `blue_green`",
+                );
+                RolloutStrategy::Rolling
+            }
+        };
+        let mut checkpoints = Vec::new();
+        if let Some(list) = &r.checkpoints {
+            if strategy != RolloutStrategy::Canary {
+                self.error(
+                    list,
+                    RecipeErrorKind::Conflict("checkpoints need `strategy: canary`".into()),
+                );
+            }
+            for c in &list.value {
+                match c.value.as_u64().filter(|n| (1..=100).contains(n)) {
+                    Some(n) if checkpoints.last().is_none_or(|last| u64::from(*last) < n) => {
+                        checkpoints.push(n as u8)
+                    }
+                    Some(_) => {
+                        self.invalid(c, "checkpoint", &c.value, "checkpoints must ascend");
+                    }
+                    None => {
+                        self.invalid(
+                            c,
+                            "checkpoint",
+                            &c.value,
+                            "write a percentage from 1 to 100",
+                        );
+                    }
+                }
+            }
+            if checkpoints.last().is_some_and(|last| *last != 100) {
+                self.invalid(
+                    list,
+                    "checkpoints",
+                    format!("{checkpoints:?}"),
+                    "the last checkpoint must be 100, or the rollout never replaces every instance",
+                );
+            }
+        } else if strategy == RolloutStrategy::Canary {
+            checkpoints = DEFAULT_CANARY_CHECKPOINTS.to_vec();
+        }
+        let min_healthy = r.min_healthy_percentage.as_ref().and_then(|m| {
+            match m.value.as_u64().filter(|n| *n <= 100) {
+                Some(n) => Some(n as u8),
+                None => {
+                    self.invalid(
+                        m,
+                        "min_healthy_percentage",
+                        &m.value,
+                        "write a whole number from 0 to 100",
+                    );
+                    None
+                }
+            }
+        });
+        for alarm in &r.alarms {
+            if alarm.value.is_empty() || alarm.value.len() > 255 {
+                self.invalid(
+                    alarm,
+                    "alarm name",
+                    &alarm.value,
+                    "write a CloudWatch alarm's name (1 to 255 characters)",
+                );
+            }
+        }
+        let checkpoint_delay = self.duration(r.checkpoint_delay.as_ref(), DEFAULT_CHECKPOINT_DELAY);
+        let timeout = self.duration(r.timeout.as_ref(), DEFAULT_ROLLOUT_TIMEOUT);
+        let instance_warmup = r
+            .instance_warmup
+            .as_ref()
+            .map(|w| self.duration(Some(w), Duration::ZERO));
+        let bake_time = r
+            .bake_time
+            .as_ref()
+            .map(|b| self.duration(Some(b), Duration::ZERO));
+        let auto_scaling_groups = match &r.auto_scaling_groups {
+            Some(groups) => groups
+                .iter()
+                .map(|g| {
+                    let name = &g.value.name;
+                    if name.value.is_empty() || name.value.len() > 255 {
+                        self.invalid(
+                            name,
+                            "Auto Scaling group name",
+                            &name.value,
+                            "write the group's name (1 to 255 characters)",
+                        );
+                    }
+                    RolloutGroup {
+                        name: name.value.clone(),
+                        regions: g.value.regions.as_ref().map(|r| self.regions(r)),
+                    }
+                })
+                .collect(),
+            None => publish
+                .launch_templates
+                .iter()
+                .filter_map(|t| t.instance_refresh.as_ref())
+                .map(|refresh| RolloutGroup {
+                    name: refresh.auto_scaling_group.clone(),
+                    regions: None,
+                })
+                .collect(),
+        };
+        let ecs_services = match &r.ecs_services {
+            Some(services) => {
+                let mut out = Vec::new();
+                for s in services {
+                    let v = &s.value;
+                    let families = publish
+                        .ecs_task_definitions
+                        .iter()
+                        .map(|t| t.family.as_str());
+                    let target = match &v.family {
+                        Some(f) => publish
+                            .ecs_task_definitions
+                            .iter()
+                            .find(|t| t.family == f.value),
+                        None if publish.ecs_task_definitions.len() == 1 => {
+                            publish.ecs_task_definitions.first()
+                        }
+                        None => None,
+                    };
+                    let Some(target) = target else {
+                        let hint = v
+                            .family
+                            .as_ref()
+                            .and_then(|f| did_you_mean(&f.value, families))
+                            .map(|f| format!("did you mean `{f}`?"))
+                            .unwrap_or_else(|| {
+                                "name the family of one of publish.ecs_task_definitions".into()
+                            });
+                        self.error(
+                            s,
+                            RecipeErrorKind::Conflict(
+                                "a rollout service needs `family`: the task definition target it runs".into(),
+                            ),
+                        )
+                        .hint = Some(hint);
+                        continue;
+                    };
+                    out.push(RolloutService {
+                        cluster: v.cluster.value.clone(),
+                        name: v.name.value.clone(),
+                        family: target.family.clone(),
+                        region: target.region.clone(),
+                    });
+                }
+                out
+            }
+            None => publish
+                .ecs_task_definitions
+                .iter()
+                .filter_map(|t| {
+                    t.service.as_ref().map(|s| RolloutService {
+                        cluster: s.cluster.clone(),
+                        name: s.name.clone(),
+                        family: t.family.clone(),
+                        region: t.region.clone(),
+                    })
+                })
+                .collect(),
+        };
+        Some(Rollout {
+            strategy,
+            checkpoints,
+            checkpoint_delay,
+            min_healthy_percentage: min_healthy,
+            instance_warmup,
+            bake_time,
+            alarms: r.alarms.iter().map(|a| a.value.clone()).collect(),
+            skip_matching: r.skip_matching,
+            timeout,
+            auto_scaling_groups,
+            ecs_services,
+        })
     }
 
     fn needs<T>(&mut self, at: &S<T>, what: &str, output: &str) {

@@ -21,6 +21,8 @@ mod publish;
 mod recipes;
 mod registry;
 mod registry_harness;
+mod rollout;
 mod runner;
 #[path = "../../bake/skip.rs"]
 mod skip;
+mod verify_published;

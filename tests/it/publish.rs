@@ -90,11 +90,13 @@ fn mutations(requests: &[Captured]) -> Vec<String> {
         .collect()
 }
 
-struct Env {
-    endpoint: String,
-    account: String,
+/// One test's moto account, clients for it, and a directory for its files (the rollout tests
+/// use it too, pointed at the Auto Scaling/ECS stand-in).
+pub(super) struct Env {
+    pub(super) endpoint: String,
+    pub(super) account: String,
     /// Clients for setting up and inspecting moto (not captured).
-    aws: Aws,
+    pub(super) aws: Aws,
     capture: Capture,
     dir: tempfile::TempDir,
 }
@@ -112,7 +114,13 @@ async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
 
 impl Env {
     async fn new() -> Option<Env> {
-        let endpoint = service("BAKE_TEST_MOTO_ENDPOINT")?;
+        Env::at("BAKE_TEST_MOTO_ENDPOINT").await
+    }
+
+    /// An environment whose endpoint is the server in `variable` (moto, or a stand-in in front
+    /// of it).
+    pub(super) async fn at(variable: &str) -> Option<Env> {
+        let endpoint = service(variable)?;
         let account = fresh_account();
         let aws = Aws::from_config(sdk_config(&endpoint).await, Some(account.clone()))
             .with_emulator(bake::aws::Emulator::Moto);
@@ -139,14 +147,14 @@ impl Env {
             .unwrap_or_else(|e| panic!("test recipe is invalid: {e:?}"))
     }
 
-    fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(super) fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.path().join(name);
         fs_err::write(&path, text).unwrap();
         path
     }
 
     /// An AMI of this account in `region`, made the way a bake build registers one.
-    async fn ami(&self, region: &str, name: &str) -> String {
+    pub(super) async fn ami(&self, region: &str, name: &str) -> String {
         let ec2 = self.aws.ec2(region);
         ec2.register_image()
             .name(name)
@@ -162,7 +170,7 @@ impl Env {
     }
 
     /// A launch template with an instance type and a first version on `ami`.
-    async fn launch_template(&self, region: &str, name: &str, ami: &str) -> String {
+    pub(super) async fn launch_template(&self, region: &str, name: &str, ami: &str) -> String {
         self.aws
             .ec2(region)
             .create_launch_template()
@@ -183,7 +191,7 @@ impl Env {
             .to_owned()
     }
 
-    async fn template_default(&self, region: &str, id: &str) -> (i64, Option<String>) {
+    pub(super) async fn template_default(&self, region: &str, id: &str) -> (i64, Option<String>) {
         let ec2 = self.aws.ec2(region);
         let out = ec2
             .describe_launch_template_versions()
@@ -213,7 +221,7 @@ impl Env {
             .len()
     }
 
-    async fn parameter(&self, region: &str, name: &str) -> Option<String> {
+    pub(super) async fn parameter(&self, region: &str, name: &str) -> Option<String> {
         clients::ssm(&self.aws, region)
             .get_parameter()
             .name(name)
@@ -224,14 +232,20 @@ impl Env {
     }
 
     /// Runs the bake binary against moto, with a fresh store directory.
-    fn bake(&self, args: &[&str]) -> std::process::Output {
+    pub(super) fn bake(&self, args: &[&str]) -> std::process::Output {
         let store = tempfile::tempdir().unwrap();
         self.bake_in(store.path(), args)
     }
 
     /// Runs the bake binary against moto, with the store `store`.
-    fn bake_in(&self, store: &Path, args: &[&str]) -> std::process::Output {
-        bake()
+    pub(super) fn bake_in(&self, store: &Path, args: &[&str]) -> std::process::Output {
+        self.command(store, args).output().expect("run bake")
+    }
+
+    /// The bake command [`Env::bake_in`] runs, for tests that start it in the background.
+    pub(super) fn command(&self, store: &Path, args: &[&str]) -> std::process::Command {
+        let mut command = bake();
+        command
             .args(args)
             .arg("--store")
             .arg(store)
@@ -242,13 +256,12 @@ impl Env {
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_PROFILE")
-            .output()
-            .expect("run bake")
+            .env_remove("AWS_PROFILE");
+        command
     }
 }
 
-fn version(n: u8) -> String {
+pub(super) fn version(n: u8) -> String {
     format!("sha256:{}", format!("{n:02x}").repeat(32))
 }
 
@@ -265,7 +278,7 @@ fn inputs(recipe: &str, n: u8, amis: &[(&str, &str)], images: Vec<ImageRef>) -> 
 }
 
 /// A recipe for an AMI published to launch template `web` (and more, from `publish`).
-fn ami_recipe(regions: &[&str], share: &[&str], publish: &str) -> String {
+pub(super) fn ami_recipe(regions: &[&str], share: &[&str], publish: &str) -> String {
     let share = if share.is_empty() {
         String::new()
     } else {
@@ -446,7 +459,7 @@ fn registry_client() -> bake::registry::Client {
 }
 
 /// Pushes a small image to the registry; returns its repository and manifest digest.
-async fn push_image(registry: &str, name: &str) -> ImageRef {
+pub(super) async fn push_image(registry: &str, name: &str) -> ImageRef {
     push_image_as(registry, name, None).await
 }
 
@@ -508,7 +521,11 @@ async fn push_image_as(registry: &str, name: &str, auth: Option<(&str, &str)>) -
     }
 }
 
-fn fargate_recipe(repository: &str, service: Option<(&str, &str)>, channels: bool) -> String {
+pub(super) fn fargate_recipe(
+    repository: &str,
+    service: Option<(&str, &str)>,
+    channels: bool,
+) -> String {
     let service = service
         .map(|(c, s)| format!("      service: {{cluster: {c}, name: {s}}}\n"))
         .unwrap_or_default();
@@ -518,7 +535,10 @@ fn fargate_recipe(repository: &str, service: Option<(&str, &str)>, channels: boo
     )
 }
 
-async fn register_first_revision(env: &Env, image: &str) -> aws_sdk_ecs::types::TaskDefinition {
+pub(super) async fn register_first_revision(
+    env: &Env,
+    image: &str,
+) -> aws_sdk_ecs::types::TaskDefinition {
     use aws_sdk_ecs::types::{
         Compatibility, ContainerDefinition, KeyValuePair, NetworkMode, PortMapping,
     };
@@ -922,7 +942,7 @@ async fn one_failing_region_of_three_is_a_partial_publish() {
     }
 }
 
-fn pin(env: &Env, recipe: &Path) -> serde_json::Value {
+pub(super) fn pin(env: &Env, recipe: &Path) -> serde_json::Value {
     let output = env.bake(&[
         "pin",
         recipe.to_str().unwrap(),
@@ -939,7 +959,7 @@ fn pin(env: &Env, recipe: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-fn ok(output: std::process::Output, what: &str) {
+pub(super) fn ok(output: std::process::Output, what: &str) {
     assert!(
         output.status.success(),
         "{what} failed ({:?}): {}\n{}",
