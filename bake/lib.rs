@@ -25,6 +25,7 @@ pub mod cli;
 pub mod diagnostic;
 pub mod exit;
 pub mod id;
+pub mod imagebuilder;
 pub mod plan;
 pub mod provenance;
 pub mod publish;
