@@ -9,6 +9,7 @@ mod audit;
 mod build;
 mod cleanup;
 mod export;
+mod imagebuilder;
 mod key;
 mod manifest;
 mod plan;

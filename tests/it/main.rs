@@ -13,6 +13,7 @@ mod common;
 mod disk;
 mod docker_runner;
 mod hardening;
+mod imagebuilder;
 mod instance;
 mod plan;
 mod provenance;
