@@ -750,6 +750,17 @@ fn write_bytes(bytes: &[u8], target: &str) -> String {
     format!("base64 -d <<'BAKE_EOF' | gzip -dc >{target}\n{lines}BAKE_EOF\n")
 }
 
+/// Shell lines that write a script (or a test's expected text) into `target`. A missing final
+/// newline is added, which changes neither what a script does nor what `case` matches, and
+/// keeps the usual one-line command readable in the document.
+fn write_script(text: &str, target: &str) -> String {
+    if text.ends_with('\n') {
+        write_bytes(text.as_bytes(), target)
+    } else {
+        write_bytes(format!("{text}\n").as_bytes(), target)
+    }
+}
+
 /// Commands that run `script` as bake's runner does: `/bin/sh -e`, with `env`, as `user`, in
 /// `workdir`.
 fn run_script(
@@ -759,7 +770,7 @@ fn run_script(
     workdir: Option<&str>,
 ) -> String {
     let mut commands = String::from("set -eu\nscript=$(mktemp)\ntrap 'rm -f \"$script\"' EXIT\n");
-    commands.push_str(&write_bytes(script.as_bytes(), "\"$script\""));
+    commands.push_str(&write_script(script, "\"$script\""));
     commands.push_str("chmod 0755 \"$script\"\n");
     if let Some(dir) = workdir {
         commands.push_str(&format!("cd {}\n", quote(dir)));
@@ -913,7 +924,7 @@ fn test_commands(
     let mut commands = String::from(
         "set -u\nscript=$(mktemp)\nout=$(mktemp)\ntrap 'rm -f \"$script\" \"$out\"' EXIT\n",
     );
-    commands.push_str(&write_bytes(script.as_bytes(), "\"$script\""));
+    commands.push_str(&write_script(script, "\"$script\""));
     commands.push_str("chmod 0755 \"$script\"\n");
     let runner = match user {
         Some(user) => format!("runuser -u {} -- ", quote(user)),
@@ -927,7 +938,7 @@ fn test_commands(
     ));
     if let Some(expected) = expected {
         commands.push_str("expected=$(mktemp)\n");
-        commands.push_str(&write_bytes(expected.as_bytes(), "\"$expected\""));
+        commands.push_str(&write_script(expected, "\"$expected\""));
         // The expected text, whole, anywhere in the output (quoted in a `case` pattern, it
         // matches literally); command substitution drops trailing newlines from both.
         commands.push_str(
