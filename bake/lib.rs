@@ -30,6 +30,7 @@ pub mod diagnostic;
 pub mod exit;
 pub mod gc;
 pub mod id;
+pub mod imagebuilder;
 pub mod plan;
 pub mod provenance;
 pub mod publish;

@@ -250,6 +250,11 @@ impl Aws {
         service_client!(self, aws_sdk_ssm, region)
     }
 
+    /// An EC2 Image Builder client for `region` (`bake build --engine imagebuilder`).
+    pub fn imagebuilder(&self, region: &str) -> aws_sdk_imagebuilder::Client {
+        service_client!(self, aws_sdk_imagebuilder, region)
+    }
+
     /// An ECR client for `region`.
     pub fn ecr(&self, region: &str) -> aws_sdk_ecr::Client {
         service_client!(self, aws_sdk_ecr, region)

@@ -38,6 +38,22 @@ pub struct BuildArgs {
     /// give the same image.
     #[arg(long, value_name = "RUNNER")]
     pub runner: Option<RunnerArg>,
+    /// Where the build runs: `local` (this machine, or the recipe's builder instance) or
+    /// `imagebuilder` (EC2 Image Builder builds the AMIs from the compiled recipe).
+    #[arg(
+        long,
+        value_name = "ENGINE",
+        default_value = "local",
+        env = "BAKE_ENGINE"
+    )]
+    pub engine: EngineArg,
+}
+
+/// `--engine`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineArg {
+    Local,
+    Imagebuilder,
 }
 
 /// `--runner`'s values.
@@ -57,6 +73,9 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
+    if args.engine == EngineArg::Imagebuilder {
+        return super::imagebuilder::run_build(&recipe, &shown, settings, cancel_on_signals());
+    }
     if super::ami_instance::is_instance_recipe(&recipe) {
         return super::ami_instance::run_build(&recipe, &shown, settings, cancel_on_signals());
     }

@@ -14,11 +14,17 @@ use crate::store::BuildRecord;
 use crate::store::Store;
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(true)))]
+#[command(
+    group(clap::ArgGroup::new("target").required(true).multiple(true)),
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct ExportArgs {
+    #[command(subcommand)]
+    pub to: Option<ExportTo>,
     /// A version (`sha256:…`, or its first 12 or more hex digits) or a recipe file.
-    #[arg(value_name = "VERSION|RECIPE")]
-    pub what: String,
+    #[arg(value_name = "VERSION|RECIPE", required = true)]
+    pub what: Option<String>,
     /// Write an OCI image layout into this directory.
     #[arg(long, value_name = "DIR", group = "target")]
     pub oci_layout: Option<PathBuf>,
@@ -36,7 +42,22 @@ pub struct ExportArgs {
     pub vars: VarArgs,
 }
 
+/// Exports of a recipe rather than of a built image.
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportTo {
+    /// Write a recipe's EC2 Image Builder resources: AWSTOE component documents and a JSON plan
+    /// of the API calls that create them (for CloudFormation or Terraform).
+    Imagebuilder(super::imagebuilder::ExportImageBuilderArgs),
+}
+
 pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
+    let what = match (&args.to, &args.what) {
+        (Some(ExportTo::Imagebuilder(to)), _) => {
+            return super::imagebuilder::run_export(to, settings);
+        }
+        (None, Some(what)) => what.as_str(),
+        (None, None) => unreachable!("clap requires VERSION|RECIPE without a subcommand"),
+    };
     let store = match Store::open(&settings.store) {
         Ok(store) => store,
         Err(e) => {
@@ -44,7 +65,7 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let record = match find_record(&store, &args.what, &args.vars, settings) {
+    let record = match find_record(&store, what, &args.vars, settings) {
         Ok(record) => record,
         Err(report) => {
             print_reports(settings, &[*report]);

@@ -10,6 +10,7 @@ mod build;
 mod cleanup;
 mod export;
 mod gc;
+mod imagebuilder;
 mod key;
 mod manifest;
 mod plan;

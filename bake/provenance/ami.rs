@@ -124,10 +124,11 @@ pub async fn attest_amis(
     }
     // The AMIs' content: the disk image they were registered from, else (made on a builder)
     // the version itself.
-    let content = match (&manifest.outputs.disk_image, record.instance_ami()) {
+    let built_remotely = record.instance_ami().is_some() || record.imagebuilder_ami().is_some();
+    let content = match (&manifest.outputs.disk_image, built_remotely) {
         (Some(disk), _) => disk.digest.clone(),
-        (None, Some(_)) => record.version.to_string(),
-        (None, None) => {
+        (None, true) => record.version.to_string(),
+        (None, false) => {
             return Err(AmiProvenanceError::NoDiskImage {
                 version: version.to_owned(),
             });

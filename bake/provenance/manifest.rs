@@ -298,7 +298,7 @@ pub(crate) fn record_amis(record: &BuildRecord) -> Vec<AmiRecord> {
             account: None,
             image_id: a.image_id.clone(),
             snapshot_ids: vec![a.snapshot_id.clone()],
-            name: record.instance_ami().map(|i| i.image_name.clone()),
+            name: record.ami_name().map(str::to_owned),
         })
         .collect()
 }

@@ -27,7 +27,20 @@ pub struct BuildFacts {
     /// RFC 3339.
     pub started: String,
     pub duration_ms: u64,
+    /// The remote build service that ran the build, when bake did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteBuild>,
 }
+
+/// A build that a service ran for bake: its builder id and the service's own name for the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteBuild {
+    pub builder_id: String,
+    pub invocation_id: String,
+}
+
+/// The builder id of a build EC2 Image Builder ran (`bake build --engine imagebuilder`).
+pub const IMAGEBUILDER_BUILDER_ID: &str = "https://bake.dev/builders/ec2-imagebuilder/v1";
 
 impl From<&BuildRecord> for BuildFacts {
     fn from(record: &BuildRecord) -> Self {
@@ -47,6 +60,14 @@ impl From<&BuildRecord> for BuildFacts {
                 record.started.clone()
             },
             duration_ms: record.duration_ms,
+            // The image ARN and its workflow executions name the run on Image Builder.
+            remote: record.imagebuilder_ami().map(|ib| RemoteBuild {
+                builder_id: IMAGEBUILDER_BUILDER_ID.into(),
+                invocation_id: std::iter::once(ib.image_arn.as_str())
+                    .chain(ib.workflow_executions.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }),
         }
     }
 }
@@ -85,15 +106,20 @@ pub struct RunDetails {
 }
 
 impl RunDetails {
-    /// The run that produced `record`, with a fresh invocation id.
+    /// The run that produced `record`, with a fresh invocation id (for a build a service ran,
+    /// that service's builder id and its name for the run).
     pub fn of(record: &BuildFacts, invocation_id: String) -> RunDetails {
         let started = humantime::parse_rfc3339(&record.started).ok();
         let finished = started
             .map(|s| s + std::time::Duration::from_millis(record.duration_ms))
             .map(|f| humantime::format_rfc3339_seconds(f).to_string())
             .unwrap_or_else(|| record.started.clone());
+        let (builder_id, invocation_id) = match &record.remote {
+            Some(remote) => (remote.builder_id.clone(), remote.invocation_id.clone()),
+            None => (LOCAL_BUILDER_ID.into(), invocation_id),
+        };
         RunDetails {
-            builder_id: LOCAL_BUILDER_ID.into(),
+            builder_id,
             invocation_id,
             started_on: record.started.clone(),
             finished_on: finished,

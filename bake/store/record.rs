@@ -75,6 +75,11 @@ pub enum Artifact {
         image: OciImage,
         ami: DiskAmi,
     },
+    /// `bake build --engine imagebuilder`: AMIs EC2 Image Builder made from the recipe's
+    /// compiled components, on the source AMI.
+    ImageBuilderAmi {
+        ami: ImageBuilderAmi,
+    },
 }
 
 /// An OCI image in the store.
@@ -116,6 +121,21 @@ pub struct InstanceAmi {
     pub regions: Vec<RegionImage>,
 }
 
+/// AMIs EC2 Image Builder made (`bake build --engine imagebuilder`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageBuilderAmi {
+    /// The parent image the build started from.
+    pub source: SourceAmi,
+    /// The Image Builder image (build version) ARN.
+    pub image_arn: String,
+    /// The output AMIs' name.
+    pub image_name: String,
+    /// The build's workflow execution ids.
+    pub workflow_executions: Vec<String>,
+    /// One per region, the build region first.
+    pub regions: Vec<RegionImage>,
+}
+
 impl BuildRecord {
     /// A record of the current format.
     pub fn new(
@@ -145,7 +165,9 @@ impl BuildRecord {
             Artifact::OciImage { image } | Artifact::OciImageAndDiskAmi { image, .. } => {
                 Some(image)
             }
-            Artifact::DiskAmi { .. } | Artifact::InstanceAmi { .. } => None,
+            Artifact::DiskAmi { .. }
+            | Artifact::InstanceAmi { .. }
+            | Artifact::ImageBuilderAmi { .. } => None,
         }
     }
 
@@ -154,6 +176,7 @@ impl BuildRecord {
         match &self.artifact {
             Artifact::DiskAmi { ami } | Artifact::OciImageAndDiskAmi { ami, .. } => &ami.regions,
             Artifact::InstanceAmi { ami } => &ami.regions,
+            Artifact::ImageBuilderAmi { ami } => &ami.regions,
             Artifact::OciImage { .. } => &[],
         }
     }
@@ -170,6 +193,23 @@ impl BuildRecord {
     pub fn instance_ami(&self) -> Option<&InstanceAmi> {
         match &self.artifact {
             Artifact::InstanceAmi { ami } => Some(ami),
+            _ => None,
+        }
+    }
+
+    /// The Image Builder build, if EC2 Image Builder made the AMIs.
+    pub fn imagebuilder_ami(&self) -> Option<&ImageBuilderAmi> {
+        match &self.artifact {
+            Artifact::ImageBuilderAmi { ami } => Some(ami),
+            _ => None,
+        }
+    }
+
+    /// The name the AMIs were given, when a builder (not bake) chose it.
+    pub fn ami_name(&self) -> Option<&str> {
+        match &self.artifact {
+            Artifact::InstanceAmi { ami } => Some(&ami.image_name),
+            Artifact::ImageBuilderAmi { ami } => Some(&ami.image_name),
             _ => None,
         }
     }

@@ -14,6 +14,7 @@ mod disk;
 mod docker_runner;
 mod gc;
 mod hardening;
+mod imagebuilder;
 mod instance;
 mod plan;
 mod provenance;

@@ -1,0 +1,372 @@
+//! `bake build RECIPE --engine imagebuilder` and `bake export imagebuilder RECIPE DIR`: the
+//! recipe is planned here (its source AMI resolved in AWS), compiled and handed to
+//! [`crate::imagebuilder`]; this file only turns results into output and exit statuses.
+//!
+//! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Value, json};
+
+use super::{VarArgs, print_json, print_reports};
+use crate::ami::instance::SourceAmi;
+use crate::aws::Aws;
+use crate::diagnostic::Report;
+use crate::exit::ExitStatus;
+use crate::imagebuilder::engine::client_token;
+use crate::imagebuilder::{CompileOptions, Compiled, Engine, EngineOptions, compile};
+use crate::plan::Plan;
+use crate::recipe::Recipe;
+use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::store::Store;
+
+/// `bake export imagebuilder RECIPE DIR`.
+#[derive(Debug, Args)]
+pub struct ExportImageBuilderArgs {
+    /// The recipe file.
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// The directory to write the component documents and `plan.json` into.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Also define an image pipeline that runs on this schedule (`cron(…)` or `rate(…)`).
+    #[arg(long, value_name = "EXPRESSION")]
+    pub schedule: Option<String>,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+/// Plans `recipe` with its source AMI resolved; the error is printed already.
+async fn plan(
+    aws: &Aws,
+    recipe: &Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<(Plan, SourceAmi), ExitStatus> {
+    let source = match super::ami_instance::resolve_source(aws, recipe).await {
+        Ok(Some(source)) => source,
+        Ok(None) => {
+            let error = crate::imagebuilder::CompileError::NotAmiBase {
+                recipe: recipe.name.clone(),
+                base: base_name(recipe),
+            };
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            return Err(ExitStatus::RecipeOrUsage);
+        }
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+            return Err(if e.is_user_error() {
+                ExitStatus::RecipeOrUsage
+            } else {
+                ExitStatus::Infrastructure
+            });
+        }
+    };
+    let mut options = settings.plan_options();
+    options.source_ami = Some(source.clone());
+    let plan = super::plan::plan_resolved_or_report(recipe, shown, &options, settings)?;
+    Ok((plan, source))
+}
+
+fn base_name(recipe: &Recipe) -> &'static str {
+    match recipe.base {
+        crate::recipe::Base::Scratch => "scratch",
+        crate::recipe::Base::Image { .. } => "image",
+        crate::recipe::Base::OciLayout { .. } => "oci_layout",
+        crate::recipe::Base::Rootfs { .. } => "rootfs",
+        crate::recipe::Base::Bootstrap(_) => "bootstrap",
+        crate::recipe::Base::Recipe { .. } => "recipe",
+        crate::recipe::Base::Ami(_) => "ami",
+    }
+}
+
+fn compile_or_report(
+    recipe: &Recipe,
+    plan: &Plan,
+    source: &SourceAmi,
+    options: &CompileOptions,
+    settings: &Settings,
+) -> Result<Compiled, ExitStatus> {
+    compile(recipe, plan, source, options).map_err(|e| {
+        print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+        if e.is_user_error() {
+            ExitStatus::RecipeOrUsage
+        } else {
+            ExitStatus::Infrastructure
+        }
+    })
+}
+
+fn poll_interval() -> Result<Duration, Report> {
+    match std::env::var("BAKE_AWS_POLL_INTERVAL")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(EngineOptions::DEFAULT_POLL),
+        Some(text) => humantime::parse_duration(&text).map_err(|_| {
+            Report::new(format!("BAKE_AWS_POLL_INTERVAL=`{text}` is not a duration"))
+                .with_hint(Some("for example `5s` or `500ms`".into()))
+        }),
+    }
+}
+
+/// `bake build RECIPE --engine imagebuilder`.
+pub fn run_build(
+    recipe: &Recipe,
+    shown: &str,
+    settings: &Settings,
+    cancel: Arc<AtomicBool>,
+) -> ExitStatus {
+    let poll = match poll_interval() {
+        Ok(poll) => poll,
+        Err(report) => {
+            print_reports(settings, &[report]);
+            return ExitStatus::RecipeOrUsage;
+        }
+    };
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let quiet = settings.verbosity == Verbosity::Quiet;
+    let mut reporter = super::build::CliReporter { quiet };
+    rt.block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let (plan, source) = match plan(&aws, recipe, shown, settings).await {
+            Ok(planned) => planned,
+            Err(status) => return status,
+        };
+        let compiled =
+            match compile_or_report(recipe, &plan, &source, &CompileOptions::default(), settings) {
+                Ok(compiled) => compiled,
+                Err(status) => return status,
+            };
+        if !quiet {
+            for note in &compiled.not_compiled {
+                eprintln!("warning: not run on Image Builder: {note}");
+            }
+        }
+        let engine = Engine {
+            aws: &aws,
+            store: &store,
+            options: EngineOptions { poll, cancel },
+        };
+        match engine.build(&plan, &source, &compiled, &mut reporter).await {
+            Ok(output) => {
+                // The version's index, so `manifest show ami-…` finds it before any publish.
+                if let Err(e) = crate::provenance::manifest::ensure(&store, &plan.version) {
+                    tracing::warn!("failed to write the manifest: {e}");
+                }
+                match settings.output {
+                    OutputFormat::Json => print_json(&output),
+                    OutputFormat::Human => {
+                        println!("version  {}", output.version);
+                        println!("image    {}", output.image_arn);
+                        for region in &output.regions {
+                            println!("ami      {} ({})", region.image_id, region.region);
+                        }
+                        println!("source   {}", output.source_ami);
+                        if !output.started_build && !quiet {
+                            eprintln!("(built by an earlier run: nothing was started)");
+                        }
+                    }
+                }
+                ExitStatus::Success
+            }
+            Err(error) => {
+                print_reports(
+                    settings,
+                    &[Report::from_error(&error).with_hint(error.hint())],
+                );
+                if error.is_interrupted() {
+                    ExitStatus::Interrupted
+                } else if error.is_recipe_failure() {
+                    ExitStatus::RecipeOrUsage
+                } else {
+                    ExitStatus::Infrastructure
+                }
+            }
+        }
+    })
+}
+
+/// `bake export imagebuilder RECIPE DIR`.
+pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitStatus {
+    let shown = args.recipe.display().to_string();
+    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+        Ok(recipe) => recipe,
+        Err(status) => return status,
+    };
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let planned = rt.block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        plan(&aws, &recipe, &shown, settings).await
+    });
+    let (plan, source) = match planned {
+        Ok(planned) => planned,
+        Err(status) => return status,
+    };
+    let options = CompileOptions {
+        publish: true,
+        schedule: args.schedule.clone(),
+    };
+    let compiled = match compile_or_report(&recipe, &plan, &source, &options, settings) {
+        Ok(compiled) => compiled,
+        Err(status) => return status,
+    };
+    let written = match write_export(&compiled, &args.dir) {
+        Ok(written) => written,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    match settings.output {
+        OutputFormat::Json => print_json(&json!({
+            "version": compiled.version,
+            "written": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "not_compiled": compiled.not_compiled,
+        })),
+        OutputFormat::Human => {
+            for path in &written {
+                println!("{}", path.display());
+            }
+            for note in &compiled.not_compiled {
+                eprintln!("warning: not compiled: {note}");
+            }
+        }
+    }
+    ExitStatus::Success
+}
+
+/// Writes each component document as `components/NAME.yaml` and the API calls that create
+/// everything as `plan.json`; returns the paths written.
+fn write_export(compiled: &Compiled, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let components = dir.join("components");
+    fs_err::create_dir_all(&components)?;
+    let mut written = Vec::new();
+    for component in &compiled.components {
+        let path = components.join(format!("{}.yaml", component.name));
+        fs_err::write(&path, &component.data)?;
+        written.push(path);
+    }
+    let path = dir.join("plan.json");
+    let mut text = serde_json::to_string_pretty(&api_plan(compiled)).expect("plans serialize");
+    text.push('\n');
+    fs_err::write(&path, text)?;
+    written.push(path);
+    Ok(written)
+}
+
+/// The API calls that create `compiled`, in order, each with its request; an ARN known only
+/// once an earlier call has answered is written `${OPERATION:NAME}`.
+pub fn api_plan(compiled: &Compiled) -> Value {
+    let version = &compiled.version;
+    let with_token = |mut input: Value, what: &str| {
+        input["clientToken"] = json!(client_token(version, what));
+        input
+    };
+    let mut calls = Vec::new();
+    for component in &compiled.components {
+        let mut input = serde_json::to_value(component).expect("components serialize");
+        input["platform"] = json!("Linux");
+        calls.push(json!({
+            "operation": "CreateComponent",
+            "input": with_token(input, &format!("component {}", component.name)),
+            "document": format!("components/{}.yaml", component.name),
+        }));
+    }
+    let recipe = &compiled.image_recipe;
+    let mut input = serde_json::to_value(recipe).expect("recipes serialize");
+    input["components"] = recipe
+        .components
+        .iter()
+        .map(|name| json!({"componentArn": format!("${{CreateComponent:{name}}}")}))
+        .collect();
+    calls.push(json!({
+        "operation": "CreateImageRecipe",
+        "input": with_token(input, &format!("image recipe {}", recipe.name)),
+    }));
+    let infra = &compiled.infrastructure_configuration;
+    calls.push(json!({
+        "operation": "CreateInfrastructureConfiguration",
+        "input": with_token(
+            serde_json::to_value(infra).expect("configurations serialize"),
+            &format!("infrastructure configuration {}", infra.name),
+        ),
+    }));
+    let distribution = &compiled.distribution_configuration;
+    calls.push(json!({
+        "operation": "CreateDistributionConfiguration",
+        "input": with_token(
+            serde_json::to_value(distribution).expect("configurations serialize"),
+            &format!("distribution configuration {}", distribution.name),
+        ),
+    }));
+    let references = json!({
+        "imageRecipeArn": format!("${{CreateImageRecipe:{}}}", recipe.name),
+        "infrastructureConfigurationArn":
+            format!("${{CreateInfrastructureConfiguration:{}}}", infra.name),
+        "distributionConfigurationArn":
+            format!("${{CreateDistributionConfiguration:{}}}", distribution.name),
+    });
+    match &compiled.image_pipeline {
+        Some(pipeline) => {
+            let mut input = serde_json::to_value(pipeline).expect("pipelines serialize");
+            merge(&mut input, &references);
+            calls.push(json!({
+                "operation": "CreateImagePipeline",
+                "input": with_token(input, &format!("image pipeline {}", pipeline.name)),
+            }));
+        }
+        None => {
+            let mut input = json!({
+                "imageTestsConfiguration": {"imageTestsEnabled": compiled.has_tests()},
+                "tags": recipe.tags,
+            });
+            merge(&mut input, &references);
+            calls.push(json!({
+                "operation": "CreateImage",
+                "input": with_token(input, "image attempt 1"),
+            }));
+        }
+    }
+    json!({
+        "recipe": compiled.recipe,
+        "version": compiled.version,
+        "region": compiled.region,
+        "calls": calls,
+        "notCompiled": compiled.not_compiled,
+    })
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    if let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) {
+        for (key, value) in from {
+            into.insert(key.clone(), value.clone());
+        }
+    }
+}

@@ -1,0 +1,852 @@
+//! Running a compiled recipe on EC2 Image Builder: create or reuse its resources, start the
+//! build, follow it to the end, and keep what it made as bake's build record.
+//!
+//! - **Look before create.** Every resource is looked up by its name (owner: self) first; only
+//!   missing ones are created, each with a client token derived from the version, so a retried
+//!   call cannot create a second one. A second build of a version creates nothing: its image,
+//!   once `AVAILABLE`, is found and recorded; one still in progress is followed.
+//! - **Waiting is a value.** The image is polled every [`EngineOptions::poll`]; each change of
+//!   its state and of a workflow step (`build-image: ApplyBuildComponents running`) is
+//!   reported.
+//! - **Failure** reports Image Builder's reason and where the logs are (CloudWatch Logs group
+//!   `/aws/imagebuilder/<recipe name>`). Nothing is deleted: the resources are the version's,
+//!   and a fixed recipe is a new version with new resources.
+//! - **Ctrl-C** (the cancel flag) cancels the build (`CancelImageCreation`) and waits until
+//!   Image Builder says it is cancelled (or past the point where it can be).
+//! - Everything bake creates carries `bake:recipe` and `bake:version`; the output AMIs too (in
+//!   the distribution's AMI tags), so a store that never saw the build can still trace them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_imagebuilder::error::ProvideErrorMetadata;
+use aws_sdk_imagebuilder::types::{
+    AmiDistributionConfiguration, ComponentConfiguration, Distribution,
+    EbsInstanceBlockDeviceSpecification, EbsVolumeType, Filter, ImageStatus,
+    ImageTestsConfiguration, InstanceBlockDeviceMapping, InstanceMetadataOptions,
+    LaunchPermissionConfiguration, LaunchTemplateConfiguration, Ownership, Platform,
+    SsmParameterConfiguration, SsmParameterDataType, WorkflowStepExecutionStatus,
+};
+use serde::{Deserialize, Serialize};
+
+use super::compile::Compiled;
+use crate::ami::RegionImage;
+use crate::ami::instance::SourceAmi;
+use crate::aws::Aws;
+use crate::build::pipeline::BuildReporter;
+use crate::plan::Plan;
+use crate::store::{Artifact, BuildRecord, ImageBuilderAmi, Store};
+
+/// How long bake follows one build before it gives up waiting (the build goes on in AWS):
+/// Image Builder's own default timeout for a build's tests is 12 hours, and builds of large
+/// images with many components take several.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// How long a cancelled build may take to reach `CANCELLED` before bake stops waiting.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// How the engine runs.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Pause between polls of the image's state.
+    pub poll: Duration,
+    /// Set by Ctrl-C: the build is cancelled at the next poll.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl EngineOptions {
+    /// Image Builder's state changes take minutes; a poll every 15 s shows them promptly at a
+    /// negligible request rate.
+    pub const DEFAULT_POLL: Duration = Duration::from_secs(15);
+}
+
+/// What a build on Image Builder produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageBuilderOutput {
+    pub name: String,
+    pub version: String,
+    /// The Image Builder image (build version) ARN.
+    pub image_arn: String,
+    /// The build's workflow executions (`wf-…`).
+    pub workflow_executions: Vec<String>,
+    pub source_ami: String,
+    /// Every region's AMI, the build region first.
+    pub regions: Vec<RegionImage>,
+    /// ARNs of the Image Builder resources this run created (empty when it reused them all).
+    pub created: Vec<String>,
+    /// Whether this run started the build (false: an earlier run's image was found).
+    pub started_build: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("failed to {action} in {region}")]
+    Aws {
+        action: String,
+        region: String,
+        #[source]
+        source: crate::ami::instance::AwsDetail,
+    },
+    #[error("Image Builder image {image_arn} failed: {reason}")]
+    Failed {
+        image_arn: String,
+        reason: String,
+        logs: String,
+    },
+    #[error("the build was interrupted; Image Builder image {image_arn} is {state}")]
+    Interrupted { image_arn: String, state: String },
+    #[error("Image Builder image {image_arn} ended {state}")]
+    Ended { image_arn: String, state: String },
+    #[error("Image Builder image {image_arn} did not finish within {}", humantime::format_duration(*waited))]
+    Timeout { image_arn: String, waited: Duration },
+    #[error("Image Builder image {image_arn} is available but names no AMI in {region}")]
+    NoAmi { image_arn: String, region: String },
+}
+
+impl EngineError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            EngineError::Failed { logs, .. } => Some(format!(
+                "the build's logs are in {logs}; fix the recipe and build again (a changed recipe is a new version with its own resources)"
+            )),
+            EngineError::Timeout { .. } => Some(
+                "the build goes on in AWS; `bake build` again follows it and records its AMIs"
+                    .into(),
+            ),
+            EngineError::Aws { source, .. } if source.0.contains("instance profile") => Some(
+                "Image Builder's instances need an instance profile: set `outputs.ami.instance.iam_instance_profile`, or create `EC2InstanceProfileForImageBuilder` as AWS's Image Builder guide describes".into(),
+            ),
+            _ => None,
+        }
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, EngineError::Interrupted { .. })
+    }
+
+    /// Whether the recipe is at fault (its build failed), not the machine or AWS.
+    pub fn is_recipe_failure(&self) -> bool {
+        matches!(self, EngineError::Failed { .. })
+    }
+}
+
+fn aws<E: ProvideErrorMetadata + std::fmt::Debug>(
+    action: impl Into<String>,
+    region: &str,
+) -> impl FnOnce(E) -> EngineError {
+    let action = action.into();
+    let region = region.to_owned();
+    move |error| EngineError::Aws {
+        action,
+        region,
+        source: crate::ami::instance::AwsDetail(match (error.code(), error.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => format!("{error:?}"),
+        }),
+    }
+}
+
+/// A client token (1 to 36 characters) for creating `what` of `version`: the same call for the
+/// same version is the same request, so a retry cannot create twice.
+pub fn client_token(version: &str, what: &str) -> String {
+    let digest = crate::id::Digest::of(format!("{version}\n{what}").as_bytes());
+    digest.hex()[..32].to_owned()
+}
+
+/// Runs builds on Image Builder.
+pub struct Engine<'a> {
+    pub aws: &'a Aws,
+    pub store: &'a Store,
+    pub options: EngineOptions,
+}
+
+impl Engine<'_> {
+    /// Builds `compiled` (from `plan`, on `source`) and writes the version's build record.
+    pub async fn build(
+        &self,
+        plan: &Plan,
+        source: &SourceAmi,
+        compiled: &Compiled,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<ImageBuilderOutput, EngineError> {
+        let started = Instant::now();
+        let region = compiled.region.as_str();
+        let client = self.aws.imagebuilder(region);
+        let version = compiled.version.as_str();
+        let mut created = Vec::new();
+
+        let mut component_arns = HashMap::new();
+        for component in &compiled.components {
+            let arn = match self
+                .find_component(&client, region, &component.name)
+                .await?
+            {
+                Some(arn) => arn,
+                None => {
+                    let arn = client
+                        .create_component()
+                        .name(&component.name)
+                        .semantic_version(&component.semantic_version)
+                        .description(&component.description)
+                        .platform(Platform::Linux)
+                        .data(&component.data)
+                        .set_tags(Some(to_map(&component.tags)))
+                        .client_token(client_token(
+                            version,
+                            &format!("component {}", component.name),
+                        ))
+                        .send()
+                        .await
+                        .map_err(aws(
+                            format!("create component `{}`", component.name),
+                            region,
+                        ))?
+                        .component_build_version_arn()
+                        .unwrap_or_default()
+                        .to_owned();
+                    reporter.message(&format!("created component {arn}"));
+                    created.push(arn.clone());
+                    arn
+                }
+            };
+            component_arns.insert(component.name.clone(), arn);
+        }
+
+        let recipe = &compiled.image_recipe;
+        let recipe_arn = match self
+            .find_image_recipe(&client, region, &recipe.name)
+            .await?
+        {
+            Some(arn) => arn,
+            None => {
+                let mut request = client
+                    .create_image_recipe()
+                    .name(&recipe.name)
+                    .semantic_version(&recipe.semantic_version)
+                    .description(&recipe.description)
+                    .parent_image(&recipe.parent_image)
+                    .set_tags(Some(to_map(&recipe.tags)))
+                    .client_token(client_token(
+                        version,
+                        &format!("image recipe {}", recipe.name),
+                    ));
+                for name in &recipe.components {
+                    request = request.components(
+                        ComponentConfiguration::builder()
+                            .component_arn(&component_arns[name])
+                            .build()
+                            .expect("the component ARN is set"),
+                    );
+                }
+                for mapping in &recipe.block_device_mappings {
+                    request = request.block_device_mappings(
+                        InstanceBlockDeviceMapping::builder()
+                            .device_name(&mapping.device_name)
+                            .ebs(
+                                EbsInstanceBlockDeviceSpecification::builder()
+                                    .encrypted(mapping.ebs.encrypted)
+                                    .set_kms_key_id(mapping.ebs.kms_key_id.clone())
+                                    .volume_size(mapping.ebs.volume_size as i32)
+                                    .volume_type(EbsVolumeType::from(
+                                        mapping.ebs.volume_type.as_str(),
+                                    ))
+                                    .delete_on_termination(mapping.ebs.delete_on_termination)
+                                    .build(),
+                            )
+                            .build(),
+                    );
+                }
+                let arn = request
+                    .send()
+                    .await
+                    .map_err(aws(
+                        format!("create image recipe `{}`", recipe.name),
+                        region,
+                    ))?
+                    .image_recipe_arn()
+                    .unwrap_or_default()
+                    .to_owned();
+                reporter.message(&format!("created image recipe {arn}"));
+                created.push(arn.clone());
+                arn
+            }
+        };
+
+        let infra = &compiled.infrastructure_configuration;
+        let infra_arn = match self
+            .find_infrastructure(&client, region, &infra.name)
+            .await?
+        {
+            Some(arn) => arn,
+            None => {
+                let arn = client
+                    .create_infrastructure_configuration()
+                    .name(&infra.name)
+                    .description(&infra.description)
+                    .set_instance_types(Some(infra.instance_types.clone()))
+                    .instance_profile_name(&infra.instance_profile_name)
+                    .set_subnet_id(infra.subnet_id.clone())
+                    .terminate_instance_on_failure(infra.terminate_instance_on_failure)
+                    .instance_metadata_options(
+                        InstanceMetadataOptions::builder()
+                            .http_tokens(&infra.instance_metadata_options.http_tokens)
+                            .http_put_response_hop_limit(
+                                infra.instance_metadata_options.http_put_response_hop_limit,
+                            )
+                            .build(),
+                    )
+                    .set_resource_tags(Some(to_map(&infra.resource_tags)))
+                    .set_tags(Some(to_map(&infra.tags)))
+                    .client_token(client_token(
+                        version,
+                        &format!("infrastructure configuration {}", infra.name),
+                    ))
+                    .send()
+                    .await
+                    .map_err(aws(
+                        format!("create infrastructure configuration `{}`", infra.name),
+                        region,
+                    ))?
+                    .infrastructure_configuration_arn()
+                    .unwrap_or_default()
+                    .to_owned();
+                reporter.message(&format!("created infrastructure configuration {arn}"));
+                created.push(arn.clone());
+                arn
+            }
+        };
+
+        let distribution = &compiled.distribution_configuration;
+        let distribution_arn = match self
+            .find_distribution(&client, region, &distribution.name)
+            .await?
+        {
+            Some(arn) => arn,
+            None => {
+                let mut request = client
+                    .create_distribution_configuration()
+                    .name(&distribution.name)
+                    .description(&distribution.description)
+                    .set_tags(Some(to_map(&distribution.tags)))
+                    .client_token(client_token(
+                        version,
+                        &format!("distribution configuration {}", distribution.name),
+                    ));
+                for d in &distribution.distributions {
+                    request = request.distributions(sdk_distribution(d));
+                }
+                let arn = request
+                    .send()
+                    .await
+                    .map_err(aws(
+                        format!("create distribution configuration `{}`", distribution.name),
+                        region,
+                    ))?
+                    .distribution_configuration_arn()
+                    .unwrap_or_default()
+                    .to_owned();
+                reporter.message(&format!("created distribution configuration {arn}"));
+                created.push(arn.clone());
+                arn
+            }
+        };
+
+        // The image: an earlier run's, or a new build.
+        let image_version_arn = recipe_arn.replacen(":image-recipe/", ":image/", 1);
+        let builds = self.builds(&client, region, &image_version_arn).await?;
+        let current = builds
+            .iter()
+            .find(|(_, status)| *status == ImageStatus::Available)
+            .or_else(|| builds.iter().find(|(_, status)| in_progress(status)));
+        let (image_arn, started_build) = match current {
+            Some((arn, status)) => {
+                reporter.message(&format!(
+                    "Image Builder image {arn} of this version is {}: following it",
+                    status.as_str()
+                ));
+                (arn.clone(), false)
+            }
+            None => {
+                // Failed or cancelled attempts count, so a rebuild after one gets a fresh token.
+                let attempt = builds.len() + 1;
+                let arn = client
+                    .create_image()
+                    .image_recipe_arn(&recipe_arn)
+                    .infrastructure_configuration_arn(&infra_arn)
+                    .distribution_configuration_arn(&distribution_arn)
+                    .image_tests_configuration(
+                        ImageTestsConfiguration::builder()
+                            .image_tests_enabled(compiled.has_tests())
+                            .build(),
+                    )
+                    .set_tags(Some(to_map(&compiled.image_recipe.tags)))
+                    .client_token(client_token(version, &format!("image attempt {attempt}")))
+                    .send()
+                    .await
+                    .map_err(aws("start the Image Builder build", region))?
+                    .image_build_version_arn()
+                    .unwrap_or_default()
+                    .to_owned();
+                reporter.message(&format!("started Image Builder image {arn}"));
+                (arn, true)
+            }
+        };
+
+        let workflow_executions = self
+            .follow(&client, region, &compiled.recipe, &image_arn, reporter)
+            .await?;
+        let image = client
+            .get_image()
+            .image_build_version_arn(&image_arn)
+            .send()
+            .await
+            .map_err(aws("read the finished image", region))?;
+        let amis: Vec<(String, String)> = image
+            .image()
+            .and_then(|i| i.output_resources())
+            .map(|o| {
+                o.amis()
+                    .iter()
+                    .filter_map(|a| Some((a.region()?.to_owned(), a.image()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut regions = Vec::new();
+        for distribution in &distribution.distributions {
+            let region = &distribution.region;
+            let image_id = amis
+                .iter()
+                .find(|(r, _)| r == region)
+                .map(|(_, id)| id.clone())
+                .ok_or_else(|| EngineError::NoAmi {
+                    image_arn: image_arn.clone(),
+                    region: region.clone(),
+                })?;
+            let snapshot_id = self.root_snapshot(region, &image_id).await?;
+            regions.push(RegionImage {
+                region: region.clone(),
+                image_id,
+                snapshot_id,
+            });
+        }
+        let image_name = image
+            .image()
+            .and_then(|i| i.output_resources())
+            .and_then(|o| o.amis().first())
+            .and_then(|a| a.name())
+            .unwrap_or_default()
+            .to_owned();
+        let mut record = BuildRecord::new(
+            &plan.name,
+            &plan.version,
+            &plan.recipe,
+            &plan.inputs,
+            Artifact::ImageBuilderAmi {
+                ami: ImageBuilderAmi {
+                    source: source.clone(),
+                    image_arn: image_arn.clone(),
+                    image_name,
+                    workflow_executions: workflow_executions.clone(),
+                    regions: regions.clone(),
+                },
+            },
+        );
+        record.started =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() - started.elapsed())
+                .to_string();
+        record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.store.put_record(&record) {
+            // The AMIs exist and carry the version's tags; a rebuild finds them and writes it.
+            tracing::warn!("failed to write the build record: {e}");
+        }
+        Ok(ImageBuilderOutput {
+            name: plan.name.clone(),
+            version: plan.version.to_string(),
+            image_arn,
+            workflow_executions,
+            source_ami: source.image_id.clone(),
+            regions,
+            created,
+            started_build,
+        })
+    }
+
+    async fn find_component(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let out = client
+            .list_components()
+            .owner(Ownership::SelfValue)
+            .filters(name_filter(name))
+            .send()
+            .await
+            .map_err(aws(format!("look for component `{name}`"), region))?;
+        Ok(out
+            .component_version_list()
+            .iter()
+            .find(|c| c.name() == Some(name))
+            .and_then(|c| c.arn())
+            .map(str::to_owned))
+    }
+
+    async fn find_image_recipe(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let out = client
+            .list_image_recipes()
+            .owner(Ownership::SelfValue)
+            .filters(name_filter(name))
+            .send()
+            .await
+            .map_err(aws(format!("look for image recipe `{name}`"), region))?;
+        Ok(out
+            .image_recipe_summary_list()
+            .iter()
+            .find(|r| r.name() == Some(name))
+            .and_then(|r| r.arn())
+            .map(str::to_owned))
+    }
+
+    async fn find_infrastructure(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let out = client
+            .list_infrastructure_configurations()
+            .filters(name_filter(name))
+            .send()
+            .await
+            .map_err(aws(
+                format!("look for infrastructure configuration `{name}`"),
+                region,
+            ))?;
+        Ok(out
+            .infrastructure_configuration_summary_list()
+            .iter()
+            .find(|r| r.name() == Some(name))
+            .and_then(|r| r.arn())
+            .map(str::to_owned))
+    }
+
+    async fn find_distribution(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let out = client
+            .list_distribution_configurations()
+            .filters(name_filter(name))
+            .send()
+            .await
+            .map_err(aws(
+                format!("look for distribution configuration `{name}`"),
+                region,
+            ))?;
+        Ok(out
+            .distribution_configuration_summary_list()
+            .iter()
+            .find(|r| r.name() == Some(name))
+            .and_then(|r| r.arn())
+            .map(str::to_owned))
+    }
+
+    /// Every build of the image version, oldest first, with its state.
+    async fn builds(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        image_version_arn: &str,
+    ) -> Result<Vec<(String, ImageStatus)>, EngineError> {
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let out = client
+                .list_image_build_versions()
+                .image_version_arn(image_version_arn)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(aws("look for images of this version", region))?;
+            for summary in out.image_summary_list() {
+                if let (Some(arn), Some(status)) =
+                    (summary.arn(), summary.state().and_then(|s| s.status()))
+                {
+                    found.push((arn.to_owned(), status.clone()));
+                }
+            }
+            token = out.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Polls the image until it is available, reporting each change of its state and of its
+    /// workflows' steps; cancels it on Ctrl-C. Returns the workflow execution ids.
+    async fn follow(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        recipe: &str,
+        image_arn: &str,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<Vec<String>, EngineError> {
+        let started = Instant::now();
+        let mut last_state = String::new();
+        let mut steps: HashMap<String, String> = HashMap::new();
+        let mut executions: Vec<String> = Vec::new();
+        let mut cancelled_at: Option<Instant> = None;
+        loop {
+            if cancelled_at.is_none() && self.options.cancel.load(Ordering::SeqCst) {
+                reporter.message(&format!("cancelling Image Builder image {image_arn}"));
+                match client
+                    .cancel_image_creation()
+                    .image_build_version_arn(image_arn)
+                    .client_token(client_token(image_arn, "cancel"))
+                    .send()
+                    .await
+                {
+                    Ok(_) => {}
+                    // Distributing or integrating: past the point where a build can stop.
+                    Err(e) if e.code() == Some("ResourceInUseException") => {
+                        reporter.message(&format!(
+                            "Image Builder image {image_arn} is past cancelling ({}); it will finish",
+                            e.message().unwrap_or_default()
+                        ));
+                    }
+                    Err(e) => return Err(aws("cancel the Image Builder build", region)(e)),
+                }
+                cancelled_at = Some(Instant::now());
+            }
+            let out = client
+                .get_image()
+                .image_build_version_arn(image_arn)
+                .send()
+                .await
+                .map_err(aws("follow the Image Builder build", region))?;
+            let state = out.image().and_then(|i| i.state());
+            let status = state
+                .and_then(|s| s.status())
+                .cloned()
+                .unwrap_or(ImageStatus::Pending);
+            if status.as_str() != last_state {
+                reporter.message(&format!("image {}", status.as_str()));
+                last_state = status.as_str().to_owned();
+            }
+            self.report_steps(client, image_arn, &mut executions, &mut steps, reporter)
+                .await;
+            match status {
+                ImageStatus::Available => return Ok(executions),
+                ImageStatus::Failed => {
+                    return Err(EngineError::Failed {
+                        image_arn: image_arn.to_owned(),
+                        reason: state
+                            .and_then(|s| s.reason())
+                            .unwrap_or("Image Builder gave no reason")
+                            .to_owned(),
+                        logs: format!(
+                            "CloudWatch Logs group /aws/imagebuilder/{recipe} in {region}"
+                        ),
+                    });
+                }
+                ImageStatus::Cancelled if cancelled_at.is_some() => {
+                    return Err(EngineError::Interrupted {
+                        image_arn: image_arn.to_owned(),
+                        state: "CANCELLED".into(),
+                    });
+                }
+                ref other if !in_progress(other) => {
+                    return Err(EngineError::Ended {
+                        image_arn: image_arn.to_owned(),
+                        state: other.as_str().to_owned(),
+                    });
+                }
+                _ => {}
+            }
+            if let Some(at) = cancelled_at
+                && at.elapsed() > CANCEL_TIMEOUT
+            {
+                return Err(EngineError::Interrupted {
+                    image_arn: image_arn.to_owned(),
+                    state: status.as_str().to_owned(),
+                });
+            }
+            if started.elapsed() > BUILD_TIMEOUT {
+                return Err(EngineError::Timeout {
+                    image_arn: image_arn.to_owned(),
+                    waited: BUILD_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(self.options.poll).await;
+        }
+    }
+
+    /// Reports workflow steps whose status changed. Progress only: a failure to read them is
+    /// logged, never fatal (the image's state decides the build).
+    async fn report_steps(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        image_arn: &str,
+        executions: &mut Vec<String>,
+        steps: &mut HashMap<String, String>,
+        reporter: &mut dyn BuildReporter,
+    ) {
+        let listed = match client
+            .list_workflow_executions()
+            .image_build_version_arn(image_arn)
+            .send()
+            .await
+        {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::debug!("workflow executions of {image_arn}: {e:?}");
+                return;
+            }
+        };
+        for execution in listed.workflow_executions() {
+            let Some(id) = execution.workflow_execution_id() else {
+                continue;
+            };
+            if !executions.iter().any(|e| e == id) {
+                executions.push(id.to_owned());
+            }
+            let workflow = execution
+                .workflow_build_version_arn()
+                .and_then(|arn| arn.split('/').nth(2))
+                .unwrap_or("workflow")
+                .to_owned();
+            let Ok(listed_steps) = client
+                .list_workflow_step_executions()
+                .workflow_execution_id(id)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            for step in listed_steps.steps() {
+                let (Some(step_id), Some(name), Some(status)) =
+                    (step.step_execution_id(), step.name(), step.status())
+                else {
+                    continue;
+                };
+                if *status == WorkflowStepExecutionStatus::Pending {
+                    continue;
+                }
+                let shown = status.as_str().to_ascii_lowercase();
+                if steps.get(step_id) != Some(&shown) {
+                    let message = step
+                        .message()
+                        .filter(|_| *status == WorkflowStepExecutionStatus::Failed)
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default();
+                    reporter.message(&format!("{workflow}: {name} {shown}{message}"));
+                    steps.insert(step_id.to_owned(), shown);
+                }
+            }
+        }
+    }
+
+    /// The root volume's snapshot of an AMI (empty when EC2 names none).
+    async fn root_snapshot(&self, region: &str, image_id: &str) -> Result<String, EngineError> {
+        let out = self
+            .aws
+            .ec2(region)
+            .describe_images()
+            .image_ids(image_id)
+            .send()
+            .await
+            .map_err(aws(format!("describe AMI {image_id}"), region))?;
+        Ok(out
+            .images()
+            .first()
+            .and_then(|image| {
+                let root = image.root_device_name();
+                let mappings = image.block_device_mappings();
+                mappings
+                    .iter()
+                    .find(|m| m.device_name() == root)
+                    .or_else(|| mappings.first())
+                    .and_then(|m| m.ebs())
+                    .and_then(|e| e.snapshot_id())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default())
+    }
+}
+
+fn in_progress(status: &ImageStatus) -> bool {
+    matches!(
+        status,
+        ImageStatus::Pending
+            | ImageStatus::Creating
+            | ImageStatus::Building
+            | ImageStatus::Testing
+            | ImageStatus::Distributing
+            | ImageStatus::Integrating
+    )
+}
+
+fn name_filter(name: &str) -> Filter {
+    Filter::builder().name("name").values(name).build()
+}
+
+fn to_map(tags: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn sdk_distribution(d: &super::compile::Distribution) -> Distribution {
+    let ami = &d.ami_distribution_configuration;
+    let permission = ami.launch_permission.as_ref().map(|p| {
+        LaunchPermissionConfiguration::builder()
+            .set_user_ids(Some(p.user_ids.clone()).filter(|v| !v.is_empty()))
+            .set_user_groups(Some(p.user_groups.clone()).filter(|v| !v.is_empty()))
+            .set_organization_arns(Some(p.organization_arns.clone()).filter(|v| !v.is_empty()))
+            .set_organizational_unit_arns(
+                Some(p.organizational_unit_arns.clone()).filter(|v| !v.is_empty()),
+            )
+            .build()
+    });
+    let mut builder = Distribution::builder()
+        .region(&d.region)
+        .ami_distribution_configuration(
+            AmiDistributionConfiguration::builder()
+                .name(&ami.name)
+                .set_description(ami.description.clone())
+                .set_ami_tags(Some(to_map(&ami.ami_tags)))
+                .set_kms_key_id(ami.kms_key_id.clone())
+                .set_launch_permission(permission)
+                .build(),
+        );
+    for template in &d.launch_template_configurations {
+        builder = builder.launch_template_configurations(
+            LaunchTemplateConfiguration::builder()
+                .launch_template_id(&template.launch_template_id)
+                .set_default_version(template.set_default_version)
+                .build()
+                .expect("the launch template id is set"),
+        );
+    }
+    for parameter in &d.ssm_parameter_configurations {
+        builder = builder.ssm_parameter_configurations(
+            SsmParameterConfiguration::builder()
+                .parameter_name(&parameter.parameter_name)
+                .data_type(SsmParameterDataType::from(parameter.data_type.as_str()))
+                .build()
+                .expect("the parameter name is set"),
+        );
+    }
+    builder.build().expect("the region is set")
+}

@@ -1,0 +1,599 @@
+//! EC2 Image Builder as bake's build engine, driven through the `bake` binary against the
+//! Image Builder stand-in (`tests/tools/imagebuilder_standin.py`, in front of moto): builds
+//! move through their states every half second, register their AMIs in moto, and fail on
+//! purpose when a component document contains `BAKE_STANDIN_FAIL_BUILD`.
+//!
+//! Each test has its own moto account; the stand-in's state is read back through its own
+//! Image Builder API, moto's through EC2 and SSM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::common::{bake, repo_root, service, stderr, stdout};
+use super::instance::{Moto, REGION};
+
+/// The test account's Image Builder and moto, a store and a recipe directory.
+struct Harness {
+    moto: Moto,
+    endpoint: String,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Everything a build needs: the stand-in, an account with a vendor AMI behind SSM
+    /// parameter `parameter`, and Image Builder's default instance profile.
+    async fn start(parameter: &str) -> Option<Harness> {
+        let endpoint = service("BAKE_TEST_IMAGEBUILDER_ENDPOINT")?;
+        let python = service("BAKE_TEST_PYTHON")?;
+        let moto_endpoint = service("BAKE_TEST_MOTO_ENDPOINT")?;
+        let moto = super::instance::moto().await?;
+        let (_older, newest) = moto.vendor_amis().await;
+        moto.aws
+            .ssm(REGION)
+            .put_parameter()
+            .name(parameter)
+            .value(&newest)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .send()
+            .await
+            .unwrap();
+        create_instance_profile(
+            &python,
+            &moto_endpoint,
+            &moto.account,
+            bake::imagebuilder::compile::DEFAULT_INSTANCE_PROFILE,
+        );
+        Some(Harness {
+            moto,
+            endpoint,
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn store(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `bake` against the stand-in in this test's account, with store `store`.
+    fn bake(&self, store: &str) -> Command {
+        let mut command = bake();
+        command
+            .env("BAKE_AWS_ENDPOINT_URL", &self.endpoint)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &self.moto.account)
+            .env("BAKE_AWS_REGION", REGION)
+            .env("BAKE_AWS_POLL_INTERVAL", "100ms")
+            .env("BAKE_STORE", self.store(store))
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL");
+        command
+    }
+
+    /// Runs `bake --output json ARGS` with `store`, asserting success.
+    fn json(&self, store: &str, args: &[&str]) -> Value {
+        let output = self
+            .bake(store)
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "bake {args:?} failed ({:?}):\n{}\n{}",
+            output.status.code(),
+            stderr(&output),
+            stdout(&output)
+        );
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("bake {args:?} printed no JSON ({e}): {}", stdout(&output)))
+    }
+
+    /// An Image Builder client of this account, through the stand-in.
+    async fn imagebuilder(&self) -> aws_sdk_imagebuilder::Client {
+        bake::aws::Aws::load(&bake::aws::AwsSettings {
+            region: Some(REGION.into()),
+            profile: None,
+            endpoint_url: Some(self.endpoint.clone()),
+            emulator_account: Some(self.moto.account.clone()),
+            emulator: Some(bake::aws::Emulator::Moto),
+        })
+        .await
+        .imagebuilder(REGION)
+    }
+
+    /// The names of this account's components and the ARNs of its images' builds.
+    async fn inventory(&self) -> (Vec<String>, Vec<String>) {
+        let client = self.imagebuilder().await;
+        let components = client
+            .list_components()
+            .owner(aws_sdk_imagebuilder::types::Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .component_version_list()
+            .iter()
+            .filter_map(|c| c.name().map(str::to_owned))
+            .collect();
+        let mut images = Vec::new();
+        for version in client
+            .list_images()
+            .owner(aws_sdk_imagebuilder::types::Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .image_version_list()
+        {
+            let builds = client
+                .list_image_build_versions()
+                .image_version_arn(version.arn().unwrap())
+                .send()
+                .await
+                .unwrap();
+            images.extend(
+                builds
+                    .image_summary_list()
+                    .iter()
+                    .filter_map(|s| s.arn().map(str::to_owned)),
+            );
+        }
+        (components, images)
+    }
+}
+
+/// Creates an IAM instance profile in moto (the stand-in checks that an infrastructure
+/// configuration's profile exists), with the venv's boto3: bake has no IAM client.
+fn create_instance_profile(python: &str, endpoint: &str, account: &str, name: &str) {
+    let script = r#"
+import sys, boto3
+endpoint, account, name = sys.argv[1:4]
+iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                   aws_access_key_id="testing", aws_secret_access_key="testing")
+def header(request, **kwargs):
+    request.headers["x-moto-account-id"] = account
+iam.meta.events.register("before-sign.iam.*", header)
+iam.create_instance_profile(InstanceProfileName=name)
+"#;
+    let output = Command::new(python)
+        .args(["-c", script, endpoint, account, name])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "creating the instance profile failed: {}",
+        stderr(&output)
+    );
+}
+
+/// `recipes/vendor-hardened.yaml` in `dir`, its base pointed at `parameter`, publishing to this
+/// test's SSM parameter and channel; `extra_step` (YAML list items) is added to its
+/// provisioners.
+fn vendor_recipe(dir: &Path, parameter: &str, extra_step: &str) -> PathBuf {
+    let example = repo_root().join("recipes");
+    super::common::copy_tree(
+        &example.join("vendor-hardened"),
+        &dir.join("vendor-hardened"),
+    );
+    let text = fs_err::read_to_string(example.join("vendor-hardened.yaml")).unwrap();
+    let replaced = text
+        .replace(
+            "/aws/service/debian/release/bookworm/latest/amd64",
+            parameter,
+        )
+        .replace(
+            "    - name: /platform/vendor-hardened/ami\n",
+            "    - name: /ib/vendor/ami\n  channels: [prod]\n",
+        )
+        .replace("\ntests:\n", &format!("{extra_step}\ntests:\n"));
+    assert!(
+        replaced.contains(parameter) && replaced.contains("channels: [prod]"),
+        "recipes/vendor-hardened.yaml changed: update this test"
+    );
+    let path = dir.join("vendor-hardened.yaml");
+    fs_err::write(&path, replaced).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_ami_recipe_builds_on_image_builder_then_publishes_and_promotes() {
+    let parameter = "/ib/vendor/bookworm";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let recipe = vendor_recipe(h.dir.path(), parameter, "");
+    let recipe = recipe.to_str().unwrap();
+
+    let built = h.json("store", &["build", recipe, "--engine", "imagebuilder"]);
+    let version = built["version"].as_str().unwrap().to_owned();
+    let ami = built["regions"][0]["image_id"].as_str().unwrap().to_owned();
+    assert!(ami.starts_with("ami-"), "{built:#}");
+    assert_eq!(built["regions"][0]["region"], REGION);
+    assert_eq!(built["started_build"], true);
+    let image_arn = built["image_arn"].as_str().unwrap().to_owned();
+    assert!(image_arn.contains(":image/vendor-hardened-"), "{built:#}");
+    // Two components (the file and the script), the test component, the recipe and both
+    // configurations.
+    assert_eq!(built["created"].as_array().unwrap().len(), 6, "{built:#}");
+    assert_eq!(built["workflow_executions"].as_array().unwrap().len(), 2);
+
+    // The AMI is in EC2, tagged with the version (the distribution's AMI tags).
+    let images = h
+        .moto
+        .ec2
+        .describe_images()
+        .image_ids(&ami)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        super::instance::tag(images.images()[0].tags(), "bake:version"),
+        Some(version.as_str())
+    );
+
+    // The record and manifest name the AMI and the source.
+    let manifest = h.json("store", &["manifest", "show", &ami]);
+    assert_eq!(manifest["version"], version.as_str());
+    assert_eq!(manifest["outputs"]["amis"][0]["image_id"], ami.as_str());
+
+    // publish and promote work unchanged, from the build record.
+    let published = h.json("store", &["publish", recipe]);
+    assert_eq!(published["version"], version.as_str());
+    let value = h
+        .moto
+        .aws
+        .ssm(REGION)
+        .get_parameter()
+        .name("/ib/vendor/ami")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(value.parameter().unwrap().value(), Some(ami.as_str()));
+    h.json("store", &["promote", recipe, &version, "--channel", "prod"]);
+    let pinned = h.json("store", &["pin", recipe, "--channel", "prod"]);
+    assert_eq!(pinned["references"]["version"], version.as_str());
+
+    // The provenance says Image Builder ran the build: its builder id, and the image ARN and
+    // workflow executions as the invocation.
+    let attested = h.json("store", &["attest", &ami]);
+    let envelope = attested["attestations"]["provenance"]["envelope_digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let envelope: Value = serde_json::from_slice(
+        &fs_err::read(h.store("store").join("blobs/sha256").join(envelope)).unwrap(),
+    )
+    .unwrap();
+    let statement: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            envelope["payload"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let run = &statement["predicate"]["runDetails"];
+    assert_eq!(
+        run["builder"]["id"],
+        bake::provenance::slsa::IMAGEBUILDER_BUILDER_ID,
+        "{statement:#}"
+    );
+    let invocation = run["metadata"]["invocationId"].as_str().unwrap();
+    assert!(invocation.starts_with(&image_arn), "{statement:#}");
+    for execution in built["workflow_executions"].as_array().unwrap() {
+        assert!(
+            invocation.contains(execution.as_str().unwrap()),
+            "{statement:#}"
+        );
+    }
+
+    // A second build of the version from an empty store (another CI runner) finds everything:
+    // no resource is created, no build started, and its record names the same AMI.
+    let before = h.inventory().await;
+    assert_eq!(before.1, std::slice::from_ref(&image_arn));
+    let again = h.json(
+        "other-store",
+        &["build", recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(again["created"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again["started_build"], false);
+    assert_eq!(again["image_arn"], image_arn.as_str());
+    assert_eq!(again["regions"][0]["image_id"], ami.as_str());
+    assert_eq!(h.inventory().await, before);
+    let shown = h.json("other-store", &["manifest", "show", &version]);
+    assert_eq!(shown["outputs"]["amis"][0]["image_id"], ami.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_reports_the_reason_and_the_logs_and_keeps_the_resources() {
+    let parameter = "/ib/vendor/failing";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let failing =
+        "  - shell:\n      name: breaks\n      inline: echo BAKE_STANDIN_FAIL_BUILD; exit 1\n";
+    let recipe = vendor_recipe(h.dir.path(), parameter, failing);
+    let output = h
+        .bake("store")
+        .args([
+            "build",
+            recipe.to_str().unwrap(),
+            "--engine",
+            "imagebuilder",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("failed: Workflow Execution ID")
+            && err.contains("exited with status 1 in its build phase"),
+        "{err}"
+    );
+    assert!(
+        err.contains("CloudWatch Logs group /aws/imagebuilder/"),
+        "{err}"
+    );
+    // The build's step that failed was reported as it happened.
+    assert!(err.contains("ApplyBuildComponents failed"), "{err}");
+    // Nothing the version owns was removed: its components and the failed image remain.
+    let (components, images) = h.inventory().await;
+    assert_eq!(components.len(), 4, "{components:?}");
+    assert_eq!(images.len(), 1);
+    // No record: the version is not built.
+    assert!(
+        !h.store("store").join("records").exists() || {
+            fs_err::read_dir(h.store("store").join("records"))
+                .unwrap()
+                .next()
+                .is_none()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_the_image_builder_build() {
+    let parameter = "/ib/vendor/cancel";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let recipe = vendor_recipe(h.dir.path(), parameter, "");
+    let mut child = h
+        .bake("store")
+        .args([
+            "build",
+            recipe.to_str().unwrap(),
+            "--engine",
+            "imagebuilder",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the build is running, then interrupt it as a terminal's Ctrl-C would.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let building = line.contains("image BUILDING");
+        seen.push(line);
+        if building {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no BUILDING state: {seen:#?}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let err = format!("{}\n{}", seen.join("\n"), rest.join("\n"));
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("the build was interrupted"), "{err}");
+    let (_, images) = h.inventory().await;
+    assert_eq!(images.len(), 1);
+    let image = h
+        .imagebuilder()
+        .await
+        .get_image()
+        .image_build_version_arn(&images[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        image.image().unwrap().state().unwrap().status(),
+        Some(&aws_sdk_imagebuilder::types::ImageStatus::Cancelled)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// bake export imagebuilder
+
+/// The export fixture, with its base pointed at `parameter`.
+fn export_recipe(dir: &Path, parameter: &str, extra_step: &str) -> PathBuf {
+    let fixtures = repo_root().join("tests/fixtures/imagebuilder");
+    super::common::copy_tree(&fixtures.join("files"), &dir.join("files"));
+    let text = fs_err::read_to_string(fixtures.join("export.yaml"))
+        .unwrap()
+        .replace("/bake-test/export/ami", parameter)
+        .replace("provisioners:\n", &format!("provisioners:\n{extra_step}"));
+    let path = dir.join("export.yaml");
+    fs_err::write(&path, text).unwrap();
+    path
+}
+
+const SECRET: &str = "s3cr3t-ib-value";
+
+/// Every file under `dir`, with its text.
+fn files_under(dir: &Path) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            (
+                e.path().strip_prefix(dir).unwrap().display().to_string(),
+                fs_err::read_to_string(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_writes_stable_documents_that_follow_the_awstoe_format_and_no_secret() {
+    let parameter = "/bake-test/export/ami";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let Some(python) = service("BAKE_TEST_PYTHON") else {
+        return;
+    };
+    let recipe = export_recipe(h.dir.path(), parameter, "");
+    let out = h.dir.path().join("export");
+    let output = h
+        .bake("store")
+        .env("BAKE_VAR_token", SECRET)
+        .args(["export", "imagebuilder", recipe.to_str().unwrap()])
+        .arg(&out)
+        .args(["--schedule", "cron(0 3 ? * MON *)"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stdout(&output).contains(SECRET) && !stderr(&output).contains(SECRET));
+    let files = files_under(&out);
+    for (path, text) in &files {
+        assert!(!text.contains(SECRET), "{path} holds the secret");
+    }
+
+    // Every document follows AWS's component document format.
+    let documents: Vec<PathBuf> = files
+        .iter()
+        .filter(|(p, _)| p.ends_with(".yaml"))
+        .map(|(p, _)| out.join(p))
+        .collect();
+    assert_eq!(documents.len(), 4, "{files:?}");
+    let checked = Command::new(&python)
+        .arg(repo_root().join("tests/tools/awstoe_schema.py"))
+        .arg(repo_root().join("tests/fixtures/imagebuilder/awstoe-component.schema.json"))
+        .args(&documents)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        stdout(&checked),
+        stderr(&checked)
+    );
+
+    // Stable: the same recipe exports the same bytes; the snapshot shows them with the moving
+    // parts (the source AMI, and so the version) filtered.
+    let again = h.dir.path().join("again");
+    let output = h
+        .bake("store")
+        .env("BAKE_VAR_token", SECRET)
+        .args(["export", "imagebuilder", recipe.to_str().unwrap()])
+        .arg(&again)
+        .args(["--schedule", "cron(0 3 ? * MON *)"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(files_under(&again), files);
+    let shown: String = files
+        .iter()
+        .map(|(path, text)| format!("=== {path}\n{text}\n"))
+        .collect();
+    insta::with_settings!({filters => vec![
+        (r"sha256:[0-9a-f]{64}", "sha256:[VERSION]"),
+        (r"export-test-[0-9a-f]{12}", "export-test-[SHORT]"),
+        (r#""clientToken": "[0-9a-f]{32}""#, r#""clientToken": "[TOKEN]""#),
+        (r"ami-[0-9a-f]+", "ami-[ID]"),
+        (r"\b[0-9a-f]{12}\b", "[SHORT]"),
+    ]}, {
+        insta::assert_snapshot!("export_imagebuilder", shown);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_uses_a_sensitive_variable_is_refused_without_showing_it() {
+    let parameter = "/bake-test/export/secret";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let leaking =
+        "  - shell:\n      name: uses the token\n      inline: echo '{{var.token}}' >/etc/token\n";
+    let recipe = export_recipe(h.dir.path(), parameter, leaking);
+    let out = h.dir.path().join("export");
+    let output = h
+        .bake("store")
+        .env("BAKE_VAR_token", SECRET)
+        .args(["export", "imagebuilder", recipe.to_str().unwrap()])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "provisioner `uses the token` of recipe `export-test` uses a sensitive variable"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET) && !stdout(&output).contains(SECRET));
+    assert!(!out.exists(), "nothing is written for a refused recipe");
+    // The build refuses it the same way, before creating anything.
+    let output = h
+        .bake("store")
+        .env("BAKE_VAR_token", SECRET)
+        .args([
+            "build",
+            recipe.to_str().unwrap(),
+            "--engine",
+            "imagebuilder",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(!stderr(&output).contains(SECRET));
+    assert_eq!(h.inventory().await, (vec![], vec![]));
+}
+
+#[tokio::test]
+async fn recipes_without_a_source_ami_are_refused_with_a_hint() {
+    let Some(endpoint) = service("BAKE_TEST_MOTO_ENDPOINT") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let output = bake()
+        .env("BAKE_AWS_ENDPOINT_URL", &endpoint)
+        .env("BAKE_AWS_EMULATOR", "moto")
+        .env("BAKE_AWS_EMULATOR_ACCOUNT", super::common::fresh_account())
+        .env("BAKE_AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("BAKE_STORE", dir.path().join("store"))
+        .args(["export", "imagebuilder", "recipes/debian-ami.yaml"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "recipe `debian-ami` starts from `base: bootstrap`, and Image Builder builds on an AMI"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("hint: give the recipe an `ami` base"), "{err}");
+}
