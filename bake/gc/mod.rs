@@ -283,7 +283,7 @@ pub async fn run(
 /// Every build record of the store.
 fn all_records(store: &Store) -> Result<Vec<BuildRecord>, StoreError> {
     let mut records = Vec::new();
-    for version in crate::store::record::versions_with_prefix(store, "")? {
+    for version in crate::store::record::versions(store)? {
         if let Some(record) = store.record(version.as_str())? {
             records.push(record);
         }

@@ -450,9 +450,6 @@ pub fn compile(
             Test::Boot { marker, .. } => not_compiled.push(format!(
                 "boot test (marker `{marker}`): Image Builder's test stage launches the new AMI, but bake cannot read its console there"
             )),
-            Test::Compliance { profile, .. } => not_compiled.push(format!(
-                "compliance test `{profile}`: scanned by bake on a local root only"
-            )),
         }
     }
     if recipe.audit.is_some() {

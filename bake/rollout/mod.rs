@@ -620,7 +620,12 @@ impl<D: DigestCheck> Rollouts<'_, '_, D> {
                         asg::watch(&clients::autoscaling(self.aws(), &group.region), group).await
                     }
                     Target::Service(service) => {
-                        ecs::watch(&clients::ecs(self.aws(), &service.region), service, true).await
+                        ecs::watch(
+                            &clients::ecs(self.aws(), &service.region),
+                            service,
+                            t.undoing,
+                        )
+                        .await
                     }
                 };
                 match progress {

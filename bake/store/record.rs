@@ -243,11 +243,8 @@ pub fn save(store: &Store, record: &BuildRecord) -> Result<(), StoreError> {
     store.write_json(&path, record)
 }
 
-/// Every version the store has a record of whose hex starts with `prefix`.
-pub fn versions_with_prefix(
-    store: &Store,
-    prefix: &VersionPrefix,
-) -> Result<Vec<Version>, StoreError> {
+/// Every version the store has a record of, in order.
+pub fn versions(store: &Store) -> Result<Vec<Version>, StoreError> {
     let dir = store.root().join("records");
     let entries = match fs_err::read_dir(&dir) {
         Ok(entries) => entries,
@@ -258,11 +255,20 @@ pub fn versions_with_prefix(
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_str()?.strip_suffix(".json")?.to_owned();
-            let version: Version = format!("sha256:{name}").parse().ok()?;
-            prefix.matches(&version).then_some(version)
+            format!("sha256:{name}").parse().ok()
         })
         .collect();
     found.sort();
+    Ok(found)
+}
+
+/// Every version the store has a record of whose hex starts with `prefix`.
+pub fn versions_with_prefix(
+    store: &Store,
+    prefix: &VersionPrefix,
+) -> Result<Vec<Version>, StoreError> {
+    let mut found = versions(store)?;
+    found.retain(|version| prefix.matches(version));
     Ok(found)
 }
 
