@@ -59,11 +59,23 @@ pub struct PromoteArgs {
     #[arg(long, value_name = "NAME")]
     pub channel: String,
     /// Show each pointer's current and wanted value; change nothing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rollout")]
     pub dry_run: bool,
     /// Overwrite SSM parameters bake does not own.
     #[arg(long)]
     pub allow_clobber: bool,
+    /// Also replace the machines behind the channel, as `bake rollout` does: instance refreshes
+    /// and ECS deployments with the recipe's `publish.rollouts.<channel>`, waited for and rolled
+    /// back on failure.
+    #[arg(long)]
+    pub rollout: bool,
+    /// With `--rollout`: what Ctrl-C does (`cancel` or `leave`; see `bake rollout`).
+    #[arg(long, value_enum, value_name = "CHOICE", requires = "rollout")]
+    pub on_interrupt: Option<crate::rollout::OnInterrupt>,
+    /// With `--rollout`: how often to ask AWS how each target is doing.
+    #[arg(long, value_name = "DURATION", requires = "rollout",
+          value_parser = super::rollout::parse_duration, default_value = "15s")]
+    pub poll_interval: std::time::Duration,
     #[command(flatten)]
     pub vars: VarArgs,
 }
@@ -315,6 +327,20 @@ fn record_in_manifest(
 }
 
 pub fn run_promote(args: &PromoteArgs, settings: &Settings) -> ExitStatus {
+    if args.rollout {
+        // The rollout promotes (moves the channel) before it replaces the machines, and moves
+        // the channel back if they fail.
+        let rollout = super::rollout::RolloutArgs {
+            recipe: args.recipe.clone(),
+            target_version: args.target_version.clone(),
+            channel: args.channel.clone(),
+            on_interrupt: args.on_interrupt,
+            poll_interval: args.poll_interval,
+            allow_clobber: args.allow_clobber,
+            vars: args.vars.clone(),
+        };
+        return super::rollout::run(&rollout, settings);
+    }
     let movement = ChannelMove::Promote {
         version: &args.target_version,
         channel: &args.channel,

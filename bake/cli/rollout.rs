@@ -48,7 +48,7 @@ pub struct RolloutArgs {
     pub vars: VarArgs,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .ok()
         .filter(|d| !d.is_zero())

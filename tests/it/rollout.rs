@@ -325,6 +325,64 @@ async fn a_canary_rollout_passes_its_checkpoints_and_ends_on_the_new_version() {
 }
 
 #[tokio::test]
+async fn promote_with_rollout_replaces_the_machines_as_rollout_does() {
+    let Some(env) = env().await else { return };
+    let (recipe, _) = web_fleet(
+        &env,
+        "      strategy: rolling\n      min_healthy_percentage: 90\n      timeout: 2m\n",
+    )
+    .await;
+    let recipe_arg = recipe.to_str().unwrap();
+    let (_, v1_template) = pinned_template_version(&env, &recipe);
+    let store = tempfile::tempdir().unwrap();
+    // `--on-interrupt` and `--poll-interval` belong to `--rollout`; alone they are refused.
+    let refused = env.bake_in(
+        store.path(),
+        &[
+            "promote",
+            recipe_arg,
+            &version(2),
+            "--channel",
+            "prod",
+            "--poll-interval",
+            "1s",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    let output = env.bake_in(
+        store.path(),
+        &[
+            "promote",
+            recipe_arg,
+            &version(2),
+            "--channel",
+            "prod",
+            "--rollout",
+            "--poll-interval",
+            "200ms",
+        ],
+    );
+    ok(output, "promote --rollout v2");
+
+    let (pinned, v2_template) = pinned_template_version(&env, &recipe);
+    assert_eq!(pinned, version(2));
+    assert_ne!(v2_template, v1_template);
+    let refresh = &refreshes(&env, "web-asg").await[0];
+    assert_eq!(refresh.status().unwrap().as_str(), "Successful");
+    assert_eq!(
+        refresh.preferences().unwrap().min_healthy_percentage(),
+        Some(90)
+    );
+    assert_eq!(
+        group_version(&env, "web-asg").await,
+        v2_template.to_string()
+    );
+    let recorded = manifest_rollouts(&env, store.path(), 2);
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["outcome"], "succeeded");
+}
+
+#[tokio::test]
 async fn an_alarm_at_the_first_checkpoint_rolls_back_and_moves_the_channel_back() {
     let Some(env) = env().await else { return };
     let (recipe, template) = web_fleet(
