@@ -88,7 +88,7 @@ fn check_schema(kind: &str, file: &Path) {
 
 /// Unpacks image `tag` of the layout at `layout` with umoci (an independent OCI implementation)
 /// into `bundle`, and returns the bundle's root filesystem.
-fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+pub(super) fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
     let unpacked = Command::new("umoci")
         .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
         .arg(bundle)

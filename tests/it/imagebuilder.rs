@@ -598,3 +598,182 @@ async fn recipes_without_a_source_ami_are_refused_with_a_hint() {
     );
     assert!(err.contains("hint: give the recipe an `ami` base"), "{err}");
 }
+
+/// What Image Builder's build phase runs is what the local build does. The example AMI recipe's
+/// provisioners, applied by the namespace runner to a Debian root, and the build-phase commands
+/// `bake export imagebuilder` compiles them to, run by the same runner (under bash, as AWSTOE's
+/// `ExecuteBash` runs them) on the same root, leave the same files: paths, types, modes, owners,
+/// contents and link targets. `recipes/vendor-hardened.yaml` is the only example recipe whose base
+/// is an AMI, so the only one Image Builder can build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compiled_build_phase_leaves_the_files_the_local_build_leaves() {
+    if !super::skip::root("building images: namespaces, chown") {
+        return;
+    }
+    let parameter = "/ib/vendor/twins";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let dir = h.dir.path();
+    let recipe = vendor_recipe(dir, parameter, "");
+    let exported = dir.join("export");
+    let output = h
+        .bake("store")
+        .args(["export", "imagebuilder", recipe.to_str().unwrap()])
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // The build phase of every component, in the image recipe's order, as one script per step.
+    let plan: Value =
+        serde_json::from_slice(&fs_err::read(exported.join("plan.json")).unwrap()).unwrap();
+    let mut steps = Vec::new();
+    for call in plan["calls"].as_array().unwrap() {
+        if call["operation"] != "CreateComponent" {
+            continue;
+        }
+        let text =
+            fs_err::read_to_string(exported.join(call["document"].as_str().unwrap())).unwrap();
+        let document: Value = serde_saphyr::from_str(&text).unwrap();
+        for phase in document["phases"].as_array().unwrap() {
+            if phase["name"] != "build" {
+                continue;
+            }
+            for step in phase["steps"].as_array().unwrap() {
+                assert_eq!(step["action"], "ExecuteBash", "{text}");
+                let commands: Vec<&str> = step["inputs"]["commands"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_str().unwrap())
+                    .collect();
+                steps.push(commands.join("\n"));
+            }
+        }
+    }
+    assert_eq!(steps.len(), 2, "the file and the script: {plan:#}");
+
+    // Two twins of the recipe on the same Debian root (with procps, which owns /etc/sysctl.d, as
+    // on Debian's AMI): its own provisioners, and the compiled steps. Each compiled step runs as
+    // AWSTOE runs it: its commands in one bash script.
+    let example = fs_err::read_to_string(repo_root().join("recipes/vendor-hardened.yaml")).unwrap();
+    let provisioners =
+        &example[example.find("provisioners:\n").unwrap()..example.find("\ntests:\n").unwrap()];
+    let twin = |name: &str, provisioners: &str| {
+        format!(
+            "bake: 1\nname: {name}\nbase:\n  bootstrap:\n    suite: bookworm\n    variant: minbase\n    packages: [procps]\n\
+             build:\n  source_date_epoch: 1700000000\n{provisioners}\noutputs:\n  oci:\n    cmd: [/bin/sh]\n"
+        )
+    };
+    fs_err::write(dir.join("local.yaml"), twin("twin-local", provisioners)).unwrap();
+    let mut compiled = String::from("provisioners:\n");
+    fs_err::create_dir_all(dir.join("compiled")).unwrap();
+    for (i, commands) in steps.iter().enumerate() {
+        let script = format!("compiled/step{i}.sh");
+        fs_err::write(
+            dir.join(&script),
+            format!(
+                "#!/bin/bash\nexec bash -e -s <<'BAKE_TWIN_STEP'\n{commands}\nBAKE_TWIN_STEP\n"
+            ),
+        )
+        .unwrap();
+        compiled.push_str(&format!(
+            "  - shell:\n      name: compiled step {i}\n      script: {script}\n"
+        ));
+    }
+    fs_err::write(dir.join("compiled.yaml"), twin("twin-compiled", &compiled)).unwrap();
+
+    let mut roots = Vec::new();
+    for name in ["local", "compiled"] {
+        let recipe = format!("{name}.yaml");
+        let layout = dir.join(format!("oci-{name}"));
+        for args in [
+            vec!["build", recipe.as_str()],
+            vec![
+                "export",
+                recipe.as_str(),
+                "--oci-layout",
+                layout.to_str().unwrap(),
+                "--tag",
+                "twin:t",
+            ],
+        ] {
+            let output = h
+                .bake("store")
+                .current_dir(dir)
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "bake {args:?}: {}",
+                stderr(&output)
+            );
+        }
+        roots.push(super::build::umoci_unpack(
+            &layout,
+            "t",
+            &dir.join(format!("bundle-{name}")),
+        ));
+    }
+    let local = tree(&roots[0]);
+    let compiled = tree(&roots[1]);
+    let differences: Vec<String> = local
+        .iter()
+        .filter(|(path, entry)| compiled.get(*path) != Some(entry))
+        .map(|(path, entry)| format!("{path}: local {entry}, compiled {:?}", compiled.get(path)))
+        .chain(
+            compiled
+                .iter()
+                .filter(|(path, _)| !local.contains_key(*path))
+                .map(|(path, entry)| format!("{path}: only compiled, {entry}")),
+        )
+        .collect();
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    // And the recipe's changes are there at all.
+    for changed in [
+        "/etc/ssh/sshd_config.d/50-bake-hardening.conf",
+        "/etc/sysctl.d/90-bake-hardening.conf",
+        "/etc/security/limits.d/90-bake-nocore.conf",
+    ] {
+        assert!(local.contains_key(changed), "{changed}");
+    }
+}
+
+/// Every entry under `root` (mtimes aside): its type, mode, owner, and its content's SHA-256 or
+/// its link target.
+fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt as _;
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(Result::unwrap)
+        .map(|entry| {
+            let meta = entry.metadata().unwrap();
+            let kind = if entry.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    fs_err::read_link(entry.path()).unwrap().display()
+                )
+            } else if entry.file_type().is_file() {
+                let bytes = fs_err::read(entry.path()).unwrap();
+                format!("file {}", hex::encode(sha2::Sha256::digest(&bytes)))
+            } else if entry.file_type().is_dir() {
+                "dir".to_owned()
+            } else {
+                format!("special {:o}", meta.mode() & 0o170000)
+            };
+            let path = format!("/{}", entry.path().strip_prefix(root).unwrap().display());
+            (
+                path,
+                format!(
+                    "{kind} mode {:o} owner {}:{}",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            )
+        })
+        .collect()
+}
