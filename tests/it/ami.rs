@@ -1430,6 +1430,7 @@ async fn a_stalled_block_upload_is_retried_after_its_timeout_and_the_upload_comp
             encrypted: false,
             kms_key_arn: None,
             client_token: format!("stall-{account}"),
+            parent_snapshot_id: None,
         })
         .await
         .unwrap();
