@@ -113,7 +113,7 @@ pub async fn find_parent(aws: &Aws, store: &Store, spec: &AmiSpec) -> Result<Par
             home.region
         ))
     };
-    let (version, info, digest) = match recorded {
+    let (version, candidates, digest) = match recorded {
         Some((version, snapshot_id, digest)) => {
             let Some(info) = lookup::snapshot(&ec2, &snapshot_id)
                 .await
@@ -134,7 +134,7 @@ pub async fn find_parent(aws: &Aws, store: &Store, spec: &AmiSpec) -> Result<Par
                     spec.recipe
                 )));
             }
-            (version, info, digest)
+            (version, vec![info], digest)
         }
         None => {
             let tagged = lookup::snapshots_tagged(&ec2, TAG_RECIPE, Some(&spec.recipe))
@@ -160,29 +160,41 @@ pub async fn find_parent(aws: &Aws, store: &Store, spec: &AmiSpec) -> Result<Par
             // too, and an emulator may register an AMI on a snapshot of its own): the first
             // usable one of the newest version.
             let version = newest.tags[TAG_VERSION].clone();
-            let mut first_reason = None;
-            let mut found = None;
-            for candidate in candidates
+            let candidates = candidates
                 .into_iter()
                 .filter(|s| s.tags[TAG_VERSION] == version)
-            {
-                match usable(&candidate, spec) {
-                    Ok(()) => {
-                        found = Some(candidate);
-                        break;
-                    }
-                    Err(reason) => {
-                        first_reason.get_or_insert(reason);
-                    }
-                }
-            }
-            match found {
-                Some(info) => (version, info, None),
-                None => return Err(first_reason.expect("the newest version has a snapshot")),
-            }
+                .collect();
+            (version, candidates, None)
         }
     };
-    usable(&info, spec)?;
+    // Looked up only when it matters: a parent encrypted, and a recipe that names no key.
+    let default_key =
+        if spec.encrypted && home.kms_key_id.is_none() && candidates.iter().any(|c| c.encrypted) {
+            Some(default_ebs_key(aws, &home.region).await.map_err(|e| {
+                NoParent::Unusable(format!(
+                    "the account's default EBS KMS key in {} could not be looked up: {e}",
+                    home.region
+                ))
+            })?)
+        } else {
+            None
+        };
+    let mut first_reason = None;
+    let mut found = None;
+    for candidate in candidates {
+        match usable(&candidate, spec, default_key.as_deref()) {
+            Ok(()) => {
+                found = Some(candidate);
+                break;
+            }
+            Err(reason) => {
+                first_reason.get_or_insert(reason);
+            }
+        }
+    }
+    let Some(info) = found else {
+        return Err(first_reason.expect("there is a candidate"));
+    };
     let disk_image = digest
         .and_then(|d| store.disk_image(&spec.recipe, &d.to_string()).ok())
         .flatten();
@@ -193,9 +205,41 @@ pub async fn find_parent(aws: &Aws, store: &Store, spec: &AmiSpec) -> Result<Par
     })
 }
 
+/// The ARN of the account's default EBS KMS key in `region` (what an encrypted volume that
+/// names no key is encrypted with).
+async fn default_ebs_key(aws: &Aws, region: &str) -> Result<String, super::AwsCallError> {
+    let out = aws
+        .ec2(region)
+        .get_ebs_default_kms_key_id()
+        .send()
+        .await
+        .map_err(|e| super::AwsCallError::from_sdk(&e))?;
+    let key = out.kms_key_id().ok_or_else(|| {
+        super::AwsCallError("GetEbsDefaultKmsKeyId answered without a key".into())
+    })?;
+    // It may answer an alias (`alias/aws/ebs`); snapshots name the key's ARN.
+    let described = aws
+        .kms(region)
+        .describe_key()
+        .key_id(key)
+        .send()
+        .await
+        .map_err(|e| super::AwsCallError::from_sdk(&e))?;
+    described
+        .key_metadata()
+        .and_then(|m| m.arn())
+        .map(str::to_owned)
+        .ok_or_else(|| super::AwsCallError(format!("DescribeKey of `{key}` answered no ARN")))
+}
+
 /// Whether a child of `parent` would be the volume `spec` describes: a snapshot with a parent
 /// has the parent's encryption and key, and bake uses only a parent of the same size.
-fn usable(parent: &SnapshotInfo, spec: &AmiSpec) -> Result<(), NoParent> {
+/// `default_key` is the ARN of the account's default EBS key, when the recipe names no key.
+fn usable(
+    parent: &SnapshotInfo,
+    spec: &AmiSpec,
+    default_key: Option<&str>,
+) -> Result<(), NoParent> {
     let id = &parent.snapshot_id;
     let unusable = |why: String| {
         Err(NoParent::Unusable(format!(
@@ -235,13 +279,21 @@ fn usable(parent: &SnapshotInfo, spec: &AmiSpec) -> Result<(), NoParent> {
                     "is encrypted with KMS key {theirs}, and this version's with {ours}"
                 ));
             }
-            // The account's default EBS key is not looked up: a full upload is always right.
-            None => {
-                return unusable(format!(
-                    "is encrypted with KMS key {theirs}, and this version names no key (the \
-                     account's default EBS key), which bake does not compare"
-                ));
-            }
+            None => match default_key {
+                Some(ours) if ours == theirs => {}
+                Some(ours) => {
+                    return unusable(format!(
+                        "is encrypted with KMS key {theirs}, and this version with the \
+                         account's default EBS key {ours}"
+                    ));
+                }
+                None => {
+                    return unusable(format!(
+                        "is encrypted with KMS key {theirs}, and the account's default EBS key \
+                         is not known"
+                    ));
+                }
+            },
         }
     }
     Ok(())
@@ -289,15 +341,31 @@ mod tests {
         let key = "arn:aws:kms:us-east-1:123456789012:key/a";
         let other = "arn:aws:kms:us-east-1:123456789012:key/b";
         assert_eq!(
-            usable(&snapshot("completed", 2, None), &spec(false, None)),
+            usable(&snapshot("completed", 2, None), &spec(false, None), None),
             Ok(())
         );
         assert_eq!(
-            usable(&snapshot("completed", 2, Some(key)), &spec(true, Some(key))),
+            usable(
+                &snapshot("completed", 2, Some(key)),
+                &spec(true, Some(key)),
+                None
+            ),
+            Ok(())
+        );
+        // No key named: the account's default EBS key is what the parent must have.
+        assert_eq!(
+            usable(
+                &snapshot("completed", 2, Some(key)),
+                &spec(true, None),
+                Some(key)
+            ),
             Ok(())
         );
         let reason = |parent: SnapshotInfo, spec: AmiSpec| {
-            usable(&parent, &spec).unwrap_err().reason().to_owned()
+            usable(&parent, &spec, None)
+                .unwrap_err()
+                .reason()
+                .to_owned()
         };
         assert!(reason(snapshot("pending", 2, None), spec(false, None)).contains("is pending"));
         assert!(reason(snapshot("completed", 3, None), spec(false, None)).contains("is 3 GiB"));
@@ -309,7 +377,18 @@ mod tests {
                 .contains("KMS key arn:aws:kms:us-east-1:123456789012:key/b")
         );
         assert!(
-            reason(snapshot("completed", 2, Some(key)), spec(true, None)).contains("names no key")
+            reason(snapshot("completed", 2, Some(key)), spec(true, None)).contains("not known")
+        );
+        let refused = usable(
+            &snapshot("completed", 2, Some(other)),
+            &spec(true, None),
+            Some(key),
+        );
+        assert!(
+            refused
+                .unwrap_err()
+                .reason()
+                .contains("the account's default EBS key arn:aws:kms:us-east-1:123456789012:key/a")
         );
     }
 }
