@@ -680,6 +680,33 @@ def test_throttle_refuses_parents_as_ebs_does(throttle, account):
     assert ebs.start_snapshot(VolumeSize=3, ParentSnapshotId=parent)["SnapshotId"]
 
 
+def test_throttle_shows_ebs_direct_encryption_and_the_default_key(throttle, account):
+    ebs, ec2 = client(throttle, "ebs", account), client(throttle, "ec2", account)
+    kms = client(throttle, "kms", account)
+    default = ec2.get_ebs_default_kms_key_id()["KmsKeyId"]
+    assert default == kms.describe_key(KeyId="alias/aws/ebs")["KeyMetadata"]["Arn"]
+    own = kms.create_key()["KeyMetadata"]["Arn"]
+    plain = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    by_default = ebs.start_snapshot(VolumeSize=1, Encrypted=True)["SnapshotId"]
+    keyed = ebs.start_snapshot(VolumeSize=1, Encrypted=True, KmsKeyArn=own)["SnapshotId"]
+    for snapshot in (by_default, keyed):
+        ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=0)
+    child = ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=keyed)["SnapshotId"]
+
+    described = {
+        s["SnapshotId"]: (s["Encrypted"], s.get("KmsKeyId"))
+        for s in ec2.describe_snapshots(SnapshotIds=[plain, by_default, keyed, child])["Snapshots"]
+    }
+    assert described == {
+        plain: (False, None),
+        by_default: (True, default),
+        keyed: (True, own),
+        child: (True, own),  # a child has its parent's key
+    }
+    # The same default key the next time (made once).
+    assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == default
+
+
 def test_throttle_refuses_invalid_requests_without_forwarding_them(throttle, account):
     ec2 = unchecked(throttle, "ec2", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:

@@ -27,6 +27,10 @@ the limits AWS documents for the EC2 API:
   parent's is a `ValidationException` (`INVALID_VOLUME_SIZE`; a larger volume is allowed, as a
   volume made from a snapshot may be larger). Which snapshot is whose parent is kept for the
   proxy's life (`/_standin/reset` keeps it: it is AWS's state, not a limit).
+- EBS direct encryption (moto keeps none): a snapshot started with `KmsKeyArn`, or `Encrypted`
+  alone (the account's default EBS key, the AWS-managed `alias/aws/ebs`), or from an encrypted
+  parent (the parent's key) shows `Encrypted` and its `KmsKeyId` in DescribeSnapshots; EC2's
+  `GetEbsDefaultKmsKeyId` (moto lacks it) answers that default key's ARN.
 - Every EC2 and EBS direct request is validated against botocore's model first (see standin.py);
   a bad one is answered as EC2 (`InvalidParameterValue`, `MissingParameter`, `UnknownParameter`) or
   EBS (`ValidationException`) would, and is not forwarded.
@@ -54,8 +58,10 @@ request quotas other than PutSnapshotBlock's per-snapshot rate, `Throttling` ans
 query-protocol services other than EC2, the time-based copy duration
 (`SnapshotCopyCompletionDurationMinutes` is passed to moto, the modelled duration stays
 `--copy-seconds`), and the size of a snapshot (every copy takes the same time). Of EBS direct
-parents: the parent's encryption and KMS key (moto keeps none for EBS direct snapshots: a child
-is never refused for them, nor shown encrypted), `ListChangedBlocks` between a child and its
+parents: refusals for the parent's encryption (a child is never refused for its parent's key,
+nor for an unencrypted parent under encryption by default), `ModifyEbsDefaultKmsKeyId` (the
+default key stays `alias/aws/ebs`), the encryption of snapshots made other than by StartSnapshot
+(as moto keeps it), `ListChangedBlocks` between a child and its
 parent (moto compares only the blocks each snapshot wrote itself), parents in other accounts,
 block tokens (any token is accepted for a block, as moto accepts it; moto's tokens, UUIDs that
 EBS's model refuses, are answered without their dashes) and `ExpiryTime`.
@@ -253,6 +259,8 @@ class ThrottleProxy:
         self.parents: dict[tuple[str, str, str], str] = {}
         self.pending_snapshots: set[tuple[str, str, str]] = set()
         self.sealed_blocks: dict[tuple[str, str, str], dict[int, str]] = {}
+        # The KMS key ARN of each encrypted EBS direct snapshot started here (moto keeps none).
+        self.encryption: dict[tuple[str, str, str], str] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -355,6 +363,9 @@ class ThrottleProxy:
         try:
             if not self.unlimited:
                 self._admit(api, account, region, action, params)
+            if action == "GetEbsDefaultKmsKeyId":  # moto lacks it
+                self._count(account, action, "passed")
+                return self.ec2.respond(operation, {"KmsKeyId": self._default_key(account, region)})
             if api is self.ebs:
                 answered = self._lineage(operation, account, region, params, request)
                 if answered is not None:
@@ -451,6 +462,12 @@ class ThrottleProxy:
                 pending = [c for c in self._in_flight(account, region) if c.resource_id]
             for copy in pending:
                 body = _mark_pending(body, copy)
+            if action == "DescribeSnapshots":
+                with self.lock:
+                    here = (account, region)
+                    keys = {k[2]: v for k, v in self.encryption.items() if k[:2] == here}
+                for snapshot, key in keys.items():
+                    body = _mark_encrypted(body, snapshot, key)
         elif action == "StartSnapshot":
             try:
                 answer = json.loads(body)
@@ -458,10 +475,13 @@ class ThrottleProxy:
                 answer = None
             snapshot = answer.get("SnapshotId") if isinstance(answer, dict) else None
             if snapshot:
+                key = self._encryption_of_new(account, region, params)
                 with self.lock:
                     self.pending_snapshots.add((account, region, snapshot))
                     if params.get("ParentSnapshotId"):
                         self.parents[(account, region, snapshot)] = params["ParentSnapshotId"]
+                    if key:
+                        self.encryption[(account, region, snapshot)] = key
             if self.aws_block_size and isinstance(answer, dict) and answer.get("BlockSize") == 512:
                 answer["BlockSize"] = AWS_BLOCK_SIZE
                 body = json.dumps(answer).encode()
@@ -542,6 +562,41 @@ class ThrottleProxy:
                 fields={"Reason": "INVALID_VOLUME_SIZE"},
             )
 
+    def _encryption_of_new(self, account, region, params) -> str | None:
+        """The KMS key ARN a snapshot StartSnapshot makes is encrypted with (None: unencrypted),
+        as EBS decides it: a child has its parent's; else `KmsKeyArn`, or with `Encrypted` alone
+        the account's default EBS key."""
+        parent = params.get("ParentSnapshotId")
+        if parent:
+            with self.lock:
+                known = self.encryption.get((account, region, parent))
+            if known:
+                return known
+            ec2 = self.moto.client("ec2", region, account)
+            try:
+                found = ec2.describe_snapshots(SnapshotIds=[parent])["Snapshots"]
+            except botocore.exceptions.ClientError:
+                return None
+            return found[0].get("KmsKeyId") if found and found[0].get("Encrypted") else None
+        if params.get("KmsKeyArn"):
+            return params["KmsKeyArn"]
+        if params.get("Encrypted"):
+            return self._default_key(account, region)
+        return None
+
+    def _default_key(self, account, region) -> str:
+        """The ARN of the account's default EBS key (AWS-managed `alias/aws/ebs`). moto makes it
+        when an encrypted volume names no key, so one such volume is made and deleted again."""
+        kms = self.moto.client("kms", region, account)
+        try:
+            return kms.describe_key(KeyId="alias/aws/ebs")["KeyMetadata"]["Arn"]
+        except botocore.exceptions.ClientError:
+            pass
+        ec2 = self.moto.client("ec2", region, account)
+        volume = ec2.create_volume(AvailabilityZone=f"{region}a", Size=1, Encrypted=True)
+        ec2.delete_volume(VolumeId=volume["VolumeId"])
+        return volume["KmsKeyId"]
+
     def _chain(self, account, region, snapshot) -> list[str]:
         """The snapshot, its parent, the parent's parent..."""
         chain = [snapshot]
@@ -617,6 +672,21 @@ def _aws_block_tokens(body: bytes) -> bytes:
             if isinstance(block.get(key), str):
                 block[key] = _aws_block_token(block[key])
     return json.dumps(answer).encode()
+
+
+def _mark_encrypted(body: bytes, snapshot: str, key: str) -> bytes:
+    """Shows a snapshot encrypted with KEY in a DescribeSnapshots answer (the members after
+    `snapshotId` in moto's item hold no nested item)."""
+    start = body.find(f"<snapshotId>{snapshot}</snapshotId>".encode())
+    if start < 0:
+        return body
+    end = body.find(b"</item>", start)
+    segment = re.sub(rb"<kmsKeyId>[^<]*</kmsKeyId>", b"", body[start:end])
+    encrypted = f"<encrypted>true</encrypted><kmsKeyId>{key}</kmsKeyId>".encode()
+    segment, count = re.subn(rb"<encrypted>[^<]*</encrypted>", encrypted, segment)
+    if not count:
+        segment += encrypted
+    return body[:start] + segment + body[end:]
 
 
 def _mark_pending(body: bytes, copy: Copy) -> bytes:
