@@ -966,6 +966,107 @@ async fn bake_build_makes_the_ami_in_three_regions_and_a_rebuild_reuses_it() {
     assert_eq!(second["boots"], first["boots"]);
 }
 
+/// `bake build` of the disk fixture recipe, then of its version 2 (one more step writes one
+/// small file): version 2's snapshot starts from version 1's, compared with version 1's disk
+/// image, which the first build kept in the store; the blocks written are those where the two
+/// disk images differ (the proxy's PutSnapshotBlock count says so too), and the snapshot reads
+/// back equal to the kept version 2 image. A real provisioned root, made into disk images by
+/// bake and boot-tested, through the throttle proxy (EBS parents and encryption).
+#[tokio::test(flavor = "multi_thread")]
+async fn bake_build_of_version_two_uploads_only_what_changed_since_the_kept_image() {
+    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
+        return;
+    };
+    if !super::skip::root("provisioning a root filesystem") {
+        return;
+    }
+    let (aws, _, account) = test_aws(&proxy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::fs::read_to_string(
+        super::common::repo_root().join("tests/fixtures/recipes/disk/ami.yaml"),
+    )
+    .unwrap();
+    // More room for the boot under TCG on a busy machine, as above.
+    let fixture = fixture.replace("      timeout: 10m\n", "      timeout: 25m\n");
+    let second = fixture.replace(
+        "provisioners:\n",
+        "provisioners:\n  - shell:\n      name: release note\n      inline: echo 'release 2' >/etc/bake-release\n",
+    );
+    assert!(
+        second != fixture && fixture.contains("timeout: 25m"),
+        "the fixture changed"
+    );
+    // A store of its own: records of the other tests' versions (other accounts) stay out.
+    let store = dir.path().join("store");
+    let build = |name: &str, text: &str| {
+        let recipe = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&recipe, text).unwrap();
+        let output = bake()
+            .args([
+                "build",
+                recipe.to_str().unwrap(),
+                "--output",
+                "json",
+                "--no-attest",
+            ])
+            .env("BAKE_STORE", &store)
+            .env("BAKE_AWS_ENDPOINT_URL", &proxy)
+            .env("BAKE_AWS_EMULATOR_ACCOUNT", &account)
+            .env("BAKE_AWS_EMULATOR", "moto")
+            .env("BAKE_AWS_POLL_INTERVAL", "50ms")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "bake build failed:\n{stderr}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let first = build("v1", &fixture);
+    let kept = |digest: &str| {
+        Store::open(&store)
+            .unwrap()
+            .disk_image("disk-test", digest)
+            .unwrap()
+            .unwrap_or_else(|| panic!("the store did not keep the disk image {digest}"))
+    };
+    let old = image_blocks(&kept(first["disk_image_digest"].as_str().unwrap()));
+    let put_before = blocks_put(&proxy, &account).await;
+
+    let second = build("v2", &second);
+    let upload = &second["upload"];
+    assert_eq!(
+        upload["parent_snapshot_id"], first["upload"]["snapshot_id"],
+        "{second}"
+    );
+    assert_eq!(upload["parent_version"], first["version"], "{second}");
+    assert_eq!(upload["compared_with"], "disk_image", "{second}");
+    let new_image = kept(second["disk_image_digest"].as_str().unwrap());
+    let new = image_blocks(&new_image);
+    // Only the latest image of the recipe stays.
+    assert!(
+        Store::open(&store)
+            .unwrap()
+            .disk_image("disk-test", first["disk_image_digest"].as_str().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    let differing = old.iter().zip(&new).filter(|(a, b)| a != b).count() as u64;
+    let non_zero = new.iter().filter(|b| b.is_some()).count() as u64;
+    eprintln!("{differing} of {non_zero} non-zero blocks differ between the two built images");
+    assert_eq!(upload["changed_blocks"], differing, "{second}");
+    assert_eq!(blocks_put(&proxy, &account).await - put_before, differing);
+    assert!(differing < non_zero, "{differing} of {non_zero}");
+    let read = read_snapshot(
+        &aws.ebs("us-east-1"),
+        upload["snapshot_id"].as_str().unwrap(),
+    )
+    .await;
+    assert_reads_back(&read, &new, "version 2's snapshot");
+}
+
 /// An endpoint override does not make bake lenient: moto does not implement
 /// `EnableImageDeprecation` (MOTO.md: 500), and without `BAKE_AWS_EMULATOR` that failure fails
 /// the region, as it would on AWS (the run then removes what it made). Naming moto as the
@@ -1867,15 +1968,23 @@ fn publish_through(
     (serde_json::from_slice(&output.stdout).unwrap(), stderr)
 }
 
-/// Every 512 KiB block of `image` by index, and which of them are not all zeros.
-fn image_blocks(image: &Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(image).unwrap();
-    bytes
-        .chunks(BLOCK_SIZE)
-        .map(|chunk| {
-            let mut block = chunk.to_vec();
-            block.resize(BLOCK_SIZE, 0);
+/// Every 512 KiB block of `image` by index: its SHA-256, or `None` for a block of zeros (holes
+/// included). Digests, not bytes: two 2 GiB images stay small.
+fn image_blocks(image: &Path) -> Vec<Option<[u8; 32]>> {
+    use sha2::Digest as _;
+    let file = std::fs::File::open(image).unwrap();
+    let size = file.metadata().unwrap().len();
+    let mut block = vec![0u8; BLOCK_SIZE];
+    (0..size.div_ceil(BLOCK_SIZE as u64))
+        .map(|index| {
+            let offset = index * BLOCK_SIZE as u64;
+            block.fill(0);
+            let wanted = (size - offset).min(BLOCK_SIZE as u64) as usize;
+            file.read_exact_at(&mut block[..wanted], offset).unwrap();
             block
+                .iter()
+                .any(|b| *b != 0)
+                .then(|| sha2::Sha256::digest(&block).into())
         })
         .collect()
 }
@@ -1913,16 +2022,22 @@ async fn read_snapshot(ebs: &aws_sdk_ebs::Client, snapshot_id: &str) -> BTreeMap
     blocks
 }
 
-/// Asserts that `snapshot` reads back as `image`: each listed block equals the image's, and
-/// each block it does not list is all zeros in the image.
-fn assert_reads_back(snapshot: &BTreeMap<i32, Vec<u8>>, image: &[Vec<u8>], what: &str) {
+/// Asserts that `snapshot` reads back as `image` (its [`image_blocks`]): each listed block
+/// equals the image's, and each block it does not list is all zeros in the image.
+fn assert_reads_back(snapshot: &BTreeMap<i32, Vec<u8>>, image: &[Option<[u8; 32]>], what: &str) {
+    use sha2::Digest as _;
     for (index, block) in image.iter().enumerate() {
-        match snapshot.get(&(index as i32)) {
-            Some(read) => assert!(read == block, "{what}: block {index} reads back otherwise"),
-            None => assert!(
-                block.iter().all(|b| *b == 0),
-                "{what}: block {index} of the image is missing from the snapshot"
+        match (snapshot.get(&(index as i32)), block) {
+            (Some(read), Some(digest)) => assert!(
+                sha2::Sha256::digest(read).as_slice() == digest,
+                "{what}: block {index} reads back otherwise"
             ),
+            (Some(read), None) => assert!(
+                read.iter().all(|b| *b == 0),
+                "{what}: block {index} reads back data where the image has zeros"
+            ),
+            (None, Some(_)) => panic!("{what}: block {index} of the image is missing"),
+            (None, None) => {}
         }
     }
     assert!(
@@ -2060,7 +2175,7 @@ async fn version_two_uploads_only_its_changed_blocks_onto_version_ones_snapshot(
     let new = image_blocks(&images[1].1);
     assert_eq!(old.len(), new.len());
     let differing = old.iter().zip(&new).filter(|(a, b)| a != b).count() as u64;
-    let non_zero = new.iter().filter(|b| b.iter().any(|x| *x != 0)).count() as u64;
+    let non_zero = new.iter().filter(|b| b.is_some()).count() as u64;
     let changed = upload["changed_blocks"].as_u64().unwrap();
     // Shown with --nocapture: how small a part of the image the change is.
     eprintln!("{differing} of {non_zero} non-zero blocks differ between the two images");
@@ -2220,7 +2335,7 @@ async fn zeroed_blocks_are_written_a_tagged_parent_is_found_and_an_unusable_one_
     );
     let non_zero = image_blocks(&second_image)
         .iter()
-        .filter(|b| b.iter().any(|x| *x != 0))
+        .filter(|b| b.is_some())
         .count();
     assert_eq!(upload["changed_blocks"], non_zero as u64, "{third}");
     // The build record keeps the same account of the upload.
