@@ -150,6 +150,11 @@ pub struct SnapshotInfo {
     pub state: String,
     pub tags: BTreeMap<String, String>,
     pub start_time: Option<std::time::SystemTime>,
+    /// GiB.
+    pub volume_size: Option<i32>,
+    pub encrypted: bool,
+    /// The KMS key's ARN, for an encrypted snapshot.
+    pub kms_key_id: Option<String>,
 }
 
 impl SnapshotInfo {
@@ -161,6 +166,9 @@ impl SnapshotInfo {
             start_time: s
                 .start_time()
                 .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+            volume_size: s.volume_size(),
+            encrypted: s.encrypted().unwrap_or(false),
+            kms_key_id: s.kms_key_id().map(str::to_owned),
         }
     }
 }

@@ -18,6 +18,9 @@
 //!                  └────────────┴── journal ───┘  (rollback on error, `bake cleanup`)
 //! ```
 //!
+//! A new version's snapshot starts from the previous version's ([`incremental`]): only the
+//! blocks that changed are uploaded.
+//!
 //! The pieces are strategy-agnostic: [`journal`], [`distribute`] and [`cleanup`] work on AMI
 //! ids and regions, whichever way the source AMI was made. [`publish`] strings them together
 //! for the snapshot strategy; [`instance`] is the builder-instance strategy (launch a vendor
@@ -32,6 +35,7 @@ pub mod cleanup;
 pub mod disk;
 pub mod disk_build;
 pub mod distribute;
+pub mod incremental;
 pub mod instance;
 pub mod journal;
 pub mod lookup;
@@ -72,6 +76,9 @@ pub struct AmiRecord {
     pub disk_image_digest: Option<String>,
     /// One entry per region, in the recipe's order (the first is where the AMI was made).
     pub regions: Vec<RegionImage>,
+    /// How this run uploaded the first region's snapshot (absent when the AMI existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<incremental::UploadSummary>,
 }
 
 /// Renders an AWS SDK error with its code and message (the SDK's own `Display` says only

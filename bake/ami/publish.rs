@@ -4,6 +4,7 @@
 //! preflight (regions, KMS keys, disk size; no mutating call)
 //!   └► look up the version's AMI in the first region ─ found ─┐
 //!        └► upload ─► register ─► wait available ─────────────┴► distribute ─► AmiRecord
+//!           (from the previous version's snapshot when it can: only changed blocks)
 //! ```
 //!
 //! Every resource is journaled before it is created. On an error, or when `cancel` resolves
@@ -14,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 use super::cleanup::{Removal, rollback};
 use super::distribute::{DistributeOptions, DistributionFailed, SourceImage, distribute};
+use super::incremental::{Comparison, NoParent, UploadSummary, find_parent};
 use super::journal::{Journal, JournalError, ResourceKind};
 use super::register::{RegisterError, RegisterRequest, register};
-use super::upload::{SnapshotRequest, SnapshotUploader, UploadError};
+use super::upload::{Baseline, SnapshotRequest, SnapshotUploader, UploadError};
 use super::wait::{Poll, WaitPolicy, wait_for};
 use super::{AmiRecord, AmiSpec, AwsCallError, TAG_RUN, lookup, sdk_error, sdk_error_code};
 use crate::aws::Aws;
@@ -277,19 +279,28 @@ pub async fn publish_snapshot_ami(
         }));
     }
     let journal = Journal::begin(store, &spec.recipe, &spec.version).map_err(|e| fail(e.into()))?;
-    let work = make(aws, &journal, &spec, disk_image, existing.as_ref(), options);
+    let work = make(
+        aws,
+        store,
+        &journal,
+        &spec,
+        disk_image,
+        existing.as_ref(),
+        options,
+    );
     let result = tokio::select! {
         result = work => result,
         () = cancel => Err(PublishError::Interrupted),
     };
     match result {
-        Ok(regions) => {
+        Ok((regions, upload)) => {
             if let Err(e) = journal.finish() {
                 tracing::warn!("failed to delete the finished run's journal: {e}");
             }
             Ok(AmiRecord {
                 disk_image_digest,
                 regions,
+                upload,
             })
         }
         Err(error) if options.keep_on_failure => {
@@ -316,15 +327,16 @@ pub async fn publish_snapshot_ami(
 
 async fn make(
     aws: &Aws,
+    store: &Store,
     journal: &Journal,
     spec: &AmiSpec,
     disk_image: Option<&Path>,
     existing: Option<&lookup::ImageInfo>,
     options: &PublishOptions,
-) -> Result<Vec<super::RegionImage>, PublishError> {
+) -> Result<(Vec<super::RegionImage>, Option<UploadSummary>), PublishError> {
     let home = spec.home();
     let ec2 = aws.ec2(&home.region);
-    let (image_id, uploaded_snapshot) = match existing {
+    let (image_id, uploaded) = match existing {
         Some(image) => {
             tracing::info!(
                 "{}: the AMI of this version exists: {}",
@@ -338,7 +350,8 @@ async fn make(
                 version: spec.version.clone(),
                 region: home.region.clone(),
             })?;
-            let snapshot_id = upload(aws, journal, spec, disk_image, options).await?;
+            let summary = upload(aws, store, journal, spec, disk_image, options).await?;
+            let snapshot_id = summary.snapshot_id.clone();
             let mut tags = home.tags.clone();
             tags.insert(TAG_RUN.to_owned(), journal.run_id());
             let entry = journal.creating(ResourceKind::Image, &home.region, &home.name)?;
@@ -363,7 +376,7 @@ async fn make(
             let mut snapshots = vec![snapshot_id.clone()];
             snapshots.extend(info.snapshots);
             journal.image_snapshots(entry, &snapshots)?;
-            (image_id, Some(snapshot_id))
+            (image_id, Some(summary))
         }
     };
     let source = SourceImage {
@@ -375,30 +388,79 @@ async fn make(
         Some(journal),
         spec,
         &source,
-        uploaded_snapshot.is_some(),
+        uploaded.is_some(),
         &options.distribute,
     )
     .await
     .into_result()?;
-    if let (Some(snapshot_id), Some(first)) = (uploaded_snapshot, regions.first_mut()) {
+    if let (Some(summary), Some(first)) = (&uploaded, regions.first_mut()) {
         // The snapshot the home AMI was registered from (emulators may report another).
-        first.snapshot_id = snapshot_id;
+        first.snapshot_id = summary.snapshot_id.clone();
     }
-    Ok(regions)
+    Ok((regions, uploaded))
 }
 
+/// Uploads the disk image into a new snapshot in the first region: from the previous
+/// version's snapshot when there is a usable one (only the blocks that differ), else in full.
 async fn upload(
     aws: &Aws,
+    store: &Store,
     journal: &Journal,
     spec: &AmiSpec,
     disk_image: &Path,
     options: &PublishOptions,
-) -> Result<String, PublishError> {
+) -> Result<UploadSummary, PublishError> {
     let home = spec.home();
     let mut uploader =
         SnapshotUploader::new(aws.ebs(&home.region), aws.ec2(&home.region), &home.region);
     uploader.concurrency = options.upload_concurrency;
     uploader.wait = options.snapshot_wait;
+    let (parent, baseline, comparison, reason) = match find_parent(aws, store, spec).await {
+        Ok(parent) => match &parent.disk_image {
+            Some(image) => {
+                let baseline = Baseline::Image(image.clone());
+                (Some(parent), baseline, Some(Comparison::DiskImage), None)
+            }
+            None => match uploader.block_checksums(&parent.snapshot_id).await {
+                Ok(sums) => (
+                    Some(parent),
+                    Baseline::Checksums(sums),
+                    Some(Comparison::ParentChecksums),
+                    None,
+                ),
+                Err(e) => {
+                    let reason = crate::diagnostic::error_chain(&e);
+                    (
+                        None,
+                        Baseline::Empty,
+                        None,
+                        Some(NoParent::Unusable(reason)),
+                    )
+                }
+            },
+        },
+        Err(no_parent) => (None, Baseline::Empty, None, Some(no_parent)),
+    };
+    match (&parent, &reason) {
+        (Some(parent), _) => tracing::info!(
+            "{}: starting from {} (version {}), writing only the blocks that differ from its {}",
+            home.region,
+            parent.snapshot_id,
+            parent.version,
+            if parent.disk_image.is_some() {
+                "disk image"
+            } else {
+                "block checksums"
+            }
+        ),
+        (None, Some(NoParent::Unusable(why))) => {
+            tracing::warn!("{}: uploading in full: {why}", home.region);
+        }
+        (None, Some(NoParent::First(why))) => {
+            tracing::info!("{}: uploading in full: {why}", home.region);
+        }
+        (None, None) => {}
+    }
     let mut tags = home.tags.clone();
     tags.insert(TAG_RUN.to_owned(), journal.run_id());
     let client_token = spec.client_token("start-snapshot", &home.region);
@@ -412,21 +474,32 @@ async fn upload(
             encrypted: spec.encrypted,
             kms_key_arn: home.kms_key_id.clone(),
             client_token,
+            parent_snapshot_id: parent.as_ref().map(|p| p.snapshot_id.clone()),
         })
         .await?;
     journal.created(entry, &snapshot_id)?;
     tracing::info!("{}: uploading into {snapshot_id}", home.region);
     let written = uploader
-        .put_blocks(&snapshot_id, disk_image, volume)
+        .put_changed_blocks(&snapshot_id, disk_image, volume, baseline)
         .await?;
     uploader.complete(&snapshot_id, &written).await?;
     uploader.wait_completed(&snapshot_id).await?;
     tracing::info!(
-        "{}: {snapshot_id} completed ({} blocks)",
+        "{}: {snapshot_id} completed ({} blocks written, {} of them zeros)",
         home.region,
-        written.changed_blocks
+        written.changed_blocks,
+        written.zero_blocks
     );
-    Ok(snapshot_id)
+    Ok(UploadSummary {
+        region: home.region.clone(),
+        snapshot_id,
+        parent_snapshot_id: parent.as_ref().map(|p| p.snapshot_id.clone()),
+        parent_version: parent.map(|p| p.version),
+        compared_with: comparison,
+        changed_blocks: written.changed_blocks,
+        zero_blocks: written.zero_blocks,
+        full_upload_reason: reason.map(|r| r.reason().to_owned()),
+    })
 }
 
 async fn wait_image(

@@ -7,6 +7,13 @@
 //! `block_timeout` and retried with backoff (a stalled request is abandoned and sent again,
 //! never waited on forever). Memory stays at about `2 × concurrency` blocks whatever the disk
 //! size.
+//!
+//! A snapshot started from a parent (`StartSnapshot`'s `ParentSnapshotId`) reads as the parent
+//! wherever it has no block of its own, so only the blocks whose content differs from the
+//! parent's are written ([`Baseline`]): compared with the parent's disk image when bake still
+//! has it, else with the parent's block checksums. A block that is all zeros in the new image
+//! but holds data in the parent is written as zeros: skipping it would leave the parent's data
+//! showing through.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -86,6 +93,12 @@ pub enum UploadError {
         #[source]
         source: AwsCallError,
     },
+    #[error("failed to read the blocks of parent snapshot {snapshot_id}")]
+    ParentBlocks {
+        snapshot_id: String,
+        #[source]
+        source: AwsCallError,
+    },
     #[error("snapshot {snapshot_id} did not complete")]
     Wait {
         snapshot_id: String,
@@ -105,13 +118,34 @@ pub struct SnapshotRequest {
     pub kms_key_arn: Option<String>,
     /// Idempotency token: a repeated StartSnapshot with it returns the same snapshot.
     pub client_token: String,
+    /// The snapshot this one starts from. EBS refuses `Encrypted` next to it, and the child is
+    /// encrypted as its parent is: `encrypted` and `kms_key_arn` are then not sent (the caller
+    /// checked that the parent's encryption is what it wants).
+    pub parent_snapshot_id: Option<String>,
+}
+
+/// What the new image is compared with, to find the blocks to write.
+#[derive(Debug, Clone, Default)]
+pub enum Baseline {
+    /// An empty snapshot: every non-zero block is written.
+    #[default]
+    Empty,
+    /// The parent snapshot's disk image, here: a block is written where the two images differ,
+    /// zeros included.
+    Image(PathBuf),
+    /// The parent snapshot's blocks, each its base64 SHA-256 (what `GetSnapshotBlock` answers)
+    /// by block index: a block is written where its checksum differs from the parent's block
+    /// (zeros included), or where the parent has none and it is not all zeros.
+    Checksums(BTreeMap<u64, String>),
 }
 
 /// What was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlocksWritten {
-    /// Non-zero blocks sent.
+    /// Blocks sent (`CompleteSnapshot`'s `ChangedBlocksCount`).
     pub changed_blocks: u64,
+    /// Of those, all-zero blocks written over a parent's data.
+    pub zero_blocks: u64,
     /// Base64 SHA-256 over the blocks' SHA-256 digests in block order (EBS's `LINEAR`).
     pub checksum: String,
 }
@@ -140,7 +174,7 @@ impl SnapshotUploader {
         }
     }
 
-    /// Starts an empty snapshot; returns its id.
+    /// Starts a snapshot (empty, or reading as its parent); returns its id.
     pub async fn start(&self, request: &SnapshotRequest) -> Result<String, UploadError> {
         let mut call = self
             .ebs
@@ -148,7 +182,6 @@ impl SnapshotUploader {
             .volume_size(request.volume_size_gib as i64)
             .description(&request.description)
             .client_token(&request.client_token)
-            .encrypted(request.encrypted)
             .set_tags(Some(
                 request
                     .tags
@@ -156,8 +189,14 @@ impl SnapshotUploader {
                     .map(|(k, v)| Tag::builder().key(k).value(v).build())
                     .collect(),
             ));
-        if let Some(arn) = &request.kms_key_arn {
-            call = call.kms_key_arn(arn);
+        match &request.parent_snapshot_id {
+            Some(parent) => call = call.parent_snapshot_id(parent),
+            None => {
+                call = call.encrypted(request.encrypted);
+                if let Some(arn) = &request.kms_key_arn {
+                    call = call.kms_key_arn(arn);
+                }
+            }
         }
         let out = call.send().await.map_err(|e| UploadError::Start {
             region: self.region.clone(),
@@ -171,12 +210,25 @@ impl SnapshotUploader {
             })
     }
 
-    /// Writes the image's non-zero blocks into the snapshot.
+    /// Writes the image's non-zero blocks into an empty snapshot.
     pub async fn put_blocks(
         &self,
         snapshot_id: &str,
         image: &Path,
         volume_size_gib: u64,
+    ) -> Result<BlocksWritten, UploadError> {
+        self.put_changed_blocks(snapshot_id, image, volume_size_gib, Baseline::Empty)
+            .await
+    }
+
+    /// Writes the blocks of the image that differ from `baseline` (what the snapshot reads as
+    /// before any write) into the snapshot.
+    pub async fn put_changed_blocks(
+        &self,
+        snapshot_id: &str,
+        image: &Path,
+        volume_size_gib: u64,
+        baseline: Baseline,
     ) -> Result<BlocksWritten, UploadError> {
         let file = File::open(image).map_err(|source| UploadError::Read {
             path: image.to_path_buf(),
@@ -198,7 +250,9 @@ impl SnapshotUploader {
         }
         let (sender, receiver) = tokio::sync::mpsc::channel::<Block>(self.concurrency.max(1));
         let path = image.to_path_buf();
-        let reader = tokio::task::spawn_blocking(move || read_blocks(&file, &path, size, &sender));
+        let reader = tokio::task::spawn_blocking(move || {
+            read_blocks(&file, &path, size, &baseline, &sender)
+        });
         let blocks = futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|block| (block, receiver))
         });
@@ -263,6 +317,62 @@ impl SnapshotUploader {
             delay *= 2;
             attempt += 1;
         }
+    }
+
+    /// The blocks `snapshot_id` holds, each its base64 SHA-256 as `GetSnapshotBlock` answers it
+    /// (empty when EBS gives none, which no block matches), by block index. Reads every block:
+    /// EBS lists blocks without their checksums.
+    pub async fn block_checksums(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<BTreeMap<u64, String>, UploadError> {
+        let failed = |source| UploadError::ParentBlocks {
+            snapshot_id: snapshot_id.to_owned(),
+            source,
+        };
+        let mut pages = self
+            .ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot_id)
+            .into_paginator()
+            .send();
+        let mut listed = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| failed(AwsCallError::from_sdk(&e)))?;
+            for block in page.blocks() {
+                if let (Some(index), Some(token)) = (block.block_index(), block.block_token()) {
+                    listed.push((index, token.to_owned()));
+                }
+            }
+        }
+        let mut reads = Box::pin(
+            futures_util::stream::iter(listed)
+                .map(|(index, token)| async move {
+                    let out = self
+                        .ebs
+                        .get_snapshot_block()
+                        .snapshot_id(snapshot_id)
+                        .block_index(index)
+                        .block_token(token)
+                        .send()
+                        .await
+                        .map_err(|e| AwsCallError::from_sdk(&e))?;
+                    let checksum = out.checksum().unwrap_or_default().to_owned();
+                    // Read to the end, so that the connection can be used again.
+                    out.block_data
+                        .collect()
+                        .await
+                        .map_err(|e| AwsCallError(format!("block {index}: {e}")))?;
+                    Ok::<_, AwsCallError>((u64::try_from(index).unwrap_or(u64::MAX), checksum))
+                })
+                .buffer_unordered(self.concurrency.max(1)),
+        );
+        let mut checksums = BTreeMap::new();
+        while let Some(read) = reads.next().await {
+            let (index, checksum) = read.map_err(failed)?;
+            checksums.insert(index, checksum);
+        }
+        Ok(checksums)
     }
 
     /// Seals the snapshot.
@@ -376,32 +486,115 @@ fn is_zero(data: &[u8]) -> bool {
             .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }
 
-/// The blocking side: reads, filters and hashes blocks in order and sends them.
+/// The parent's side of the comparison, opened.
+enum Before {
+    Empty,
+    Image {
+        file: File,
+        path: PathBuf,
+        size: u64,
+    },
+    Checksums(BTreeMap<u64, String>),
+}
+
+/// The block indexes to look at, in order: those covering the image's data, and those where
+/// the parent may hold data.
+fn candidate_indexes(ours: &[(u64, u64)], before: &Before) -> Result<Vec<u64>, UploadError> {
+    let mut indexes: std::collections::BTreeSet<u64> = block_indexes(ours).collect();
+    match before {
+        Before::Empty => {}
+        Before::Image { file, path, size } => {
+            let theirs = data_extents(file, *size).map_err(|source| UploadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            indexes.extend(block_indexes(&theirs));
+        }
+        Before::Checksums(checksums) => indexes.extend(checksums.keys().copied()),
+    }
+    Ok(indexes.into_iter().collect())
+}
+
+/// Reads block `index` of a `size`-byte file into `buffer` (zeros past the end).
+fn read_block(file: &File, size: u64, index: u64, buffer: &mut [u8]) -> std::io::Result<()> {
+    buffer.fill(0);
+    let offset = index * BLOCK_SIZE as u64;
+    if offset < size {
+        let wanted = ((size - offset) as usize).min(BLOCK_SIZE);
+        file.read_exact_at(&mut buffer[..wanted], offset)?;
+    }
+    Ok(())
+}
+
+/// The blocking side: reads, compares and hashes blocks in order and sends those to write.
 fn read_blocks(
     file: &File,
     path: &Path,
     size: u64,
+    baseline: &Baseline,
     sender: &tokio::sync::mpsc::Sender<Block>,
 ) -> Result<BlocksWritten, UploadError> {
     let read_error = |source| UploadError::Read {
         path: path.to_path_buf(),
         source,
     };
+    let before = match baseline {
+        Baseline::Empty => Before::Empty,
+        Baseline::Image(parent) => {
+            let parent_error = |source| UploadError::Read {
+                path: parent.clone(),
+                source,
+            };
+            let file = File::open(parent).map_err(parent_error)?;
+            let size = file.metadata().map_err(parent_error)?.len();
+            Before::Image {
+                file,
+                path: parent.clone(),
+                size,
+            }
+        }
+        Baseline::Checksums(checksums) => Before::Checksums(checksums.clone()),
+    };
     let extents = data_extents(file, size).map_err(read_error)?;
     let mut aggregate = Sha256::new();
     let mut changed = 0u64;
-    for index in block_indexes(&extents) {
-        let offset = index * BLOCK_SIZE as u64;
+    let mut zeros = 0u64;
+    let mut theirs = vec![0u8; BLOCK_SIZE];
+    for index in candidate_indexes(&extents, &before)? {
         let mut buffer = BytesMut::zeroed(BLOCK_SIZE);
-        let wanted = ((size - offset) as usize).min(BLOCK_SIZE);
-        file.read_exact_at(&mut buffer[..wanted], offset)
-            .map_err(read_error)?;
-        if is_zero(&buffer) {
-            continue;
-        }
-        let digest = Sha256::digest(&buffer);
+        read_block(file, size, index, &mut buffer).map_err(read_error)?;
+        let zero = is_zero(&buffer);
+        let digest = match &before {
+            Before::Empty => {
+                if zero {
+                    continue;
+                }
+                Sha256::digest(&buffer)
+            }
+            Before::Image { file, path, size } => {
+                read_block(file, *size, index, &mut theirs).map_err(|source| {
+                    UploadError::Read {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                if theirs[..] == buffer[..] {
+                    continue;
+                }
+                Sha256::digest(&buffer)
+            }
+            Before::Checksums(checksums) => {
+                let digest = Sha256::digest(&buffer);
+                match checksums.get(&index) {
+                    Some(theirs) if *theirs == BASE64.encode(digest) => continue,
+                    None if zero => continue,
+                    _ => digest,
+                }
+            }
+        };
         aggregate.update(digest);
         changed += 1;
+        zeros += u64::from(zero);
         let block = Block {
             index: i32::try_from(index).expect("a 16 TiB volume has fewer than 2^31 blocks"),
             data: buffer.freeze(),
@@ -414,6 +607,7 @@ fn read_blocks(
     }
     Ok(BlocksWritten {
         changed_blocks: changed,
+        zero_blocks: zeros,
         checksum: BASE64.encode(aggregate.finalize()),
     })
 }
@@ -510,11 +704,12 @@ mod tests {
         let (sender, mut receiver) = tokio::sync::mpsc::channel(16);
         let path = file.path().to_path_buf();
         let handle = file.reopen().unwrap();
-        let written =
-            tokio::task::spawn_blocking(move || read_blocks(&handle, &path, size, &sender))
-                .await
-                .unwrap()
-                .unwrap();
+        let written = tokio::task::spawn_blocking(move || {
+            read_blocks(&handle, &path, size, &Baseline::Empty, &sender)
+        })
+        .await
+        .unwrap()
+        .unwrap();
         let mut blocks = Vec::new();
         while let Some(block) = receiver.recv().await {
             blocks.push(block);
@@ -534,7 +729,90 @@ mod tests {
             aggregate.update(digest);
         }
         assert_eq!(written.changed_blocks, 2);
+        assert_eq!(written.zero_blocks, 0);
         assert_eq!(written.checksum, BASE64.encode(aggregate.finalize()));
+    }
+
+    /// Runs the reader over `image` against `baseline`; the blocks it sends and its totals.
+    async fn sent(image: &Path, baseline: Baseline) -> (Vec<Block>, BlocksWritten) {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(64);
+        let path = image.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || {
+            let file = File::open(&path).unwrap();
+            let size = file.metadata().unwrap().len();
+            read_blocks(&file, &path, size, &baseline, &sender)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let mut blocks = Vec::new();
+        while let Some(block) = receiver.recv().await {
+            blocks.push(block);
+        }
+        (blocks, written)
+    }
+
+    /// A sparse image of 8 blocks with `fill` bytes at the start of the given blocks.
+    fn image(dir: &Path, name: &str, blocks: &[(u64, u8)]) -> PathBuf {
+        let path = dir.join(name);
+        let file = File::create(&path).unwrap();
+        file.set_len(8 * BLOCK_SIZE as u64).unwrap();
+        for &(index, fill) in blocks {
+            file.write_all_at(&[fill; 1000], index * BLOCK_SIZE as u64)
+                .unwrap();
+        }
+        path
+    }
+
+    #[tokio::test]
+    async fn against_the_parents_image_only_differing_blocks_are_sent_and_new_zeros_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = image(dir.path(), "v1", &[(0, 1), (2, 2), (5, 5), (7, 7)]);
+        // Block 2 changed, block 5 became zeros (written zeros), block 7 a hole, block 3 new.
+        let child = image(dir.path(), "v2", &[(0, 1), (2, 9), (3, 3), (5, 0)]);
+        let (blocks, written) = sent(&child, Baseline::Image(parent)).await;
+        assert_eq!(
+            blocks.iter().map(|b| b.index).collect::<Vec<_>>(),
+            vec![2, 3, 5, 7]
+        );
+        assert!(blocks[2].data.iter().all(|b| *b == 0));
+        assert!(blocks[3].data.iter().all(|b| *b == 0));
+        assert_eq!(blocks[0].data[0], 9);
+        assert_eq!((written.changed_blocks, written.zero_blocks), (4, 2));
+        let mut aggregate = Sha256::new();
+        for block in &blocks {
+            aggregate.update(Sha256::digest(&block.data));
+        }
+        assert_eq!(written.checksum, BASE64.encode(aggregate.finalize()));
+    }
+
+    #[tokio::test]
+    async fn against_the_parents_checksums_the_same_blocks_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = image(dir.path(), "v1", &[(0, 1), (2, 2), (5, 5), (7, 7)]);
+        let child = image(dir.path(), "v2", &[(0, 1), (2, 9), (3, 3), (5, 0)]);
+        // What GetSnapshotBlock answers for the parent's blocks (block 6: a zero block the
+        // parent holds, which stays zero: not sent again).
+        let mut checksums = BTreeMap::new();
+        let mut buffer = vec![0u8; BLOCK_SIZE];
+        let file = File::open(&parent).unwrap();
+        for index in [0u64, 2, 5, 6, 7] {
+            read_block(&file, 8 * BLOCK_SIZE as u64, index, &mut buffer).unwrap();
+            checksums.insert(index, BASE64.encode(Sha256::digest(&buffer)));
+        }
+        let (blocks, written) = sent(&child, Baseline::Checksums(checksums)).await;
+        assert_eq!(
+            blocks.iter().map(|b| b.index).collect::<Vec<_>>(),
+            vec![2, 3, 5, 7]
+        );
+        assert_eq!((written.changed_blocks, written.zero_blocks), (4, 2));
+        // The same image against an empty snapshot: its non-zero blocks.
+        let (blocks, written) = sent(&child, Baseline::Empty).await;
+        assert_eq!(
+            blocks.iter().map(|b| b.index).collect::<Vec<_>>(),
+            vec![0, 2, 3]
+        );
+        assert_eq!(written.zero_blocks, 0);
     }
 
     #[test]

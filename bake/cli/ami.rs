@@ -185,6 +185,7 @@ async fn upload(args: &UploadArgs, settings: &Settings, poll: Option<Duration>) 
                 encrypted: false,
                 kms_key_arn: None,
                 client_token: token,
+                parent_snapshot_id: None,
             })
             .await?;
         journal.created(entry, &snapshot_id)?;
@@ -331,6 +332,7 @@ fn disk_ami_record(
             .and_then(|d| d.parse().ok()),
         regions: ami.regions.clone(),
         boots,
+        upload: ami.upload.clone(),
     };
     let artifact = match image {
         Some(image) => Artifact::OciImageAndDiskAmi { image, ami },
@@ -650,10 +652,27 @@ pub fn run_snapshot_build(
         &options,
         flag_set(Arc::clone(&cancel)),
     ));
+    // The image just uploaded is what the next version's upload compares itself with.
+    if let (Ok(ami), Some((path, digest))) = (&result, &disk)
+        && ami.upload.is_some()
+        && let Err(e) = store.keep_disk_image(&recipe.name, digest, path)
+    {
+        tracing::warn!(
+            "failed to keep the disk image for the next version's incremental upload: {}",
+            crate::diagnostic::error_chain(&e)
+        );
+    }
     drop(work_dir);
     let cached = existing.is_some();
     let result = result.map(|ami| {
-        let record = disk_ami_record(&plan, image, &ami, boots, audit, started);
+        let mut record = disk_ami_record(&plan, image, &ami, boots, audit, started);
+        // A rebuild that reuses the AMI uploaded nothing: the record keeps the first run's.
+        if let Artifact::DiskAmi { ami: disk } | Artifact::OciImageAndDiskAmi { ami: disk, .. } =
+            &mut record.artifact
+            && disk.upload.is_none()
+        {
+            disk.upload = previous_ami.and_then(|a| a.upload.clone());
+        }
         (record, ami)
     });
     match result {

@@ -9,6 +9,8 @@
 //!   blobs/sha256/<hex>      layers, configs, manifests
 //!   records/<hex>.json      the build record of version sha256:<hex>
 //!   cache/<kind>/<hex>.json small pointers: step results, bootstrapped bases
+//!   disks/<recipe>/<hex>.raw the disk image of a recipe's latest uploaded AMI version, which
+//!                           the next version's upload compares itself with
 //!   tmp/                    staging for atomic writes (same file system as the blobs)
 //!   work/                   build roots of running builds
 //!   trash/                  finished build roots and scratch files, waiting to be deleted
@@ -346,6 +348,59 @@ impl Store {
         record::save(self, record)
     }
 
+    /// The disk image with `digest` that the store keeps for recipe `name`, if it has it.
+    pub fn disk_image(&self, name: &str, digest: &str) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.disk_image_path(name, digest)?;
+        Ok(path.is_file().then_some(path))
+    }
+
+    /// Keeps `image` (moved: a file on the store's file system, such as one in `work/`) as
+    /// recipe `name`'s disk image with `digest`, and drops the images of its earlier versions:
+    /// only the latest one is compared with, by the next version's incremental upload.
+    pub fn keep_disk_image(
+        &self,
+        name: &str,
+        digest: &str,
+        image: &Path,
+    ) -> Result<PathBuf, StoreError> {
+        let path = self.disk_image_path(name, digest)?;
+        let dir = path.parent().expect("disk images have a directory");
+        fs_err::create_dir_all(dir).map_err(io(dir))?;
+        fs_err::rename(image, &path).map_err(io(image))?;
+        sync_dir(dir)?;
+        for entry in fs_err::read_dir(dir).map_err(io(dir))?.flatten() {
+            if entry.path() != path {
+                let _ = fs_err::remove_file(entry.path());
+            }
+        }
+        Ok(path)
+    }
+
+    fn disk_image_path(&self, name: &str, digest: &str) -> Result<PathBuf, StoreError> {
+        let hex = digest_hex(digest)?;
+        // Recipe names are validated (letters, digits, `-`, `_`, `.`, starting with a letter
+        // or digit); anything else never names a directory here.
+        let simple = !name.is_empty()
+            && name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !simple {
+            return Err(StoreError::Io {
+                path: PathBuf::from(name),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a recipe name"),
+            });
+        }
+        Ok(self
+            .root
+            .join("disks")
+            .join(name)
+            .join(format!("{hex}.raw")))
+    }
+
     /// A cached result of `kind` (such as `steps` or `bootstrap`) under `key` (a digest).
     pub fn cached<T: DeserializeOwned>(
         &self,
@@ -494,6 +549,26 @@ pub fn digest_hex(digest: &str) -> Result<&str, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_latest_disk_image_of_a_recipe_is_kept_and_earlier_ones_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = format!("sha256:{}", "a".repeat(64));
+        let second = format!("sha256:{}", "b".repeat(64));
+        let work = store.work_dir("disk").unwrap();
+        let image = work.path().join("disk.raw");
+        fs_err::write(&image, b"one").unwrap();
+        let kept = store.keep_disk_image("web", &first, &image).unwrap();
+        assert_eq!(store.disk_image("web", &first).unwrap(), Some(kept));
+        assert!(!image.exists(), "moved, not copied");
+        fs_err::write(&image, b"two").unwrap();
+        let kept = store.keep_disk_image("web", &second, &image).unwrap();
+        assert_eq!(fs_err::read(&kept).unwrap(), b"two");
+        assert_eq!(store.disk_image("web", &first).unwrap(), None);
+        assert_eq!(store.disk_image("other", &second).unwrap(), None);
+        assert!(store.disk_image("../web", &second).is_err());
+    }
 
     #[test]
     fn blobs_round_trip_and_are_verified() {

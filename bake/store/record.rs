@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::{Store, StoreError};
 use crate::ami::RegionImage;
 use crate::ami::boot::BootReport;
+use crate::ami::incremental::UploadSummary;
 use crate::ami::instance::SourceAmi;
 use crate::artifact::oci::LayerRef;
 use crate::audit::AuditRecord;
@@ -106,6 +107,9 @@ pub struct DiskAmi {
     /// The recipe's boot tests that the disk image passed before it was uploaded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub boots: Vec<BootReport>,
+    /// How the first region's snapshot was uploaded: from which parent, or why in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadSummary>,
 }
 
 /// An AMI made by `CreateImage` from a provisioned builder instance.
@@ -272,6 +276,36 @@ pub fn versions_with_prefix(
     Ok(found)
 }
 
+/// The records of recipe `name`'s versions other than `except` whose AMIs were registered from
+/// a disk image, the most recently started first. A record that cannot be read is passed over:
+/// it names no parent.
+pub fn disk_amis_of(
+    store: &Store,
+    name: &str,
+    except: &str,
+) -> Result<Vec<BuildRecord>, StoreError> {
+    let dir = store.root().join("records");
+    let entries = match fs_err::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(StoreError::Io { path: dir, source }),
+    };
+    let mut found: Vec<(String, std::time::SystemTime, BuildRecord)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let hex = e.file_name().to_str()?.strip_suffix(".json")?.to_owned();
+            let written = e.metadata().and_then(|m| m.modified()).ok()?;
+            let record = load(store, &format!("sha256:{hex}")).ok().flatten()?;
+            Some((record.started.clone(), written, record))
+        })
+        .filter(|(_, _, r)| r.name == name && r.version != except && r.disk_ami().is_some())
+        .collect();
+    // `started` is RFC 3339 in UTC with seconds (the text sorts as the time does); versions
+    // started within one second are told apart by when their records were written.
+    found.sort_by(|a, b| (&b.0, b.1).cmp(&(&a.0, a.1)));
+    Ok(found.into_iter().map(|(_, _, record)| record).collect())
+}
+
 fn corrupt(path: &Path) -> impl FnOnce(serde_json::Error) -> StoreError + '_ {
     move |source| StoreError::Corrupt {
         path: path.to_path_buf(),
@@ -402,6 +436,7 @@ impl From<SnapshotRecordV1> for BuildRecord {
                     disk_image_digest: old.ami.disk_image_digest,
                     regions: old.ami.regions,
                     boots: old.boots,
+                    upload: None,
                 },
             },
         }
@@ -577,6 +612,7 @@ mod tests {
                             .unwrap(),
                     ],
                     boots: vec![],
+                    upload: None,
                 },
             },
         );

@@ -1322,6 +1322,7 @@ async fn publish_takes_the_artifacts_from_the_build_record() {
                     snapshot_id: "snap-0123456789abcdef0".into(),
                 }],
                 boots: vec![],
+                upload: None,
             },
         },
     );

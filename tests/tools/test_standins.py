@@ -587,6 +587,126 @@ def test_throttle_limits_put_snapshot_block_per_snapshot(throttle, account):
     put(second, 0)  # another snapshot has its own bucket
 
 
+def put_block(ebs, snapshot: str, index: int, data: bytes):
+    import base64
+    import hashlib
+
+    block = data.ljust(524288, b"\0")
+    return ebs.put_snapshot_block(
+        SnapshotId=snapshot,
+        BlockIndex=index,
+        BlockData=block,
+        DataLength=len(block),
+        Checksum=base64.b64encode(hashlib.sha256(block).digest()).decode(),
+        ChecksumAlgorithm="SHA256",
+    )
+
+
+def read_blocks(ebs, snapshot: str, **listing) -> dict[int, bytes]:
+    """The snapshot's listed blocks as EBS reads them back, first 8 bytes of each."""
+    listed = ebs.list_snapshot_blocks(SnapshotId=snapshot, **listing)["Blocks"]
+    return {
+        b["BlockIndex"]: ebs.get_snapshot_block(
+            SnapshotId=snapshot, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"]
+        )["BlockData"].read()[:8]
+        for b in listed
+    }
+
+
+def test_throttle_reads_a_child_snapshot_through_its_parents(throttle, account):
+    ebs = client(throttle, "ebs", account)
+    parent = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    for index, data in ((0, b"A"), (1, b"B"), (2, b"C")):
+        put_block(ebs, parent, index, data)
+    ebs.complete_snapshot(SnapshotId=parent, ChangedBlocksCount=3)
+    child = ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent)["SnapshotId"]
+    put_block(ebs, child, 1, b"D")
+    put_block(ebs, child, 2, b"")  # zeros written over the parent's data
+    put_block(ebs, child, 4, b"E")
+
+    zeros = b"\0" * 8
+    padded = lambda data: data.ljust(8, b"\0")  # noqa: E731
+    expected = {0: padded(b"A"), 1: padded(b"D"), 2: zeros, 4: padded(b"E")}
+    assert read_blocks(ebs, child) == expected  # while the child is pending
+    ebs.complete_snapshot(SnapshotId=child, ChangedBlocksCount=3)
+    assert read_blocks(ebs, child) == expected
+    # The parent is untouched; a grandchild with no blocks of its own reads as its parent.
+    assert read_blocks(ebs, parent) == {0: padded(b"A"), 1: padded(b"B"), 2: padded(b"C")}
+    grandchild = ebs.start_snapshot(VolumeSize=2, ParentSnapshotId=child)["SnapshotId"]
+    assert read_blocks(ebs, grandchild) == expected
+    # Pages, as EBS gives them: from a block index, at most MaxResults at a time.
+    assert read_blocks(ebs, child, StartingBlockIndex=2) == {2: zeros, 4: expected[4]}
+    first = ebs.list_snapshot_blocks(SnapshotId=grandchild, MaxResults=100)
+    assert "NextToken" not in first and len(first["Blocks"]) == 4
+    # A block neither the child nor its parents hold.
+    with pytest.raises(botocore.exceptions.ClientError) as raised:
+        ebs.get_snapshot_block(SnapshotId=child, BlockIndex=3, BlockToken="x" * 10)
+    assert error_of(raised) == ("ValidationException", 400)
+    assert raised.value.response["Reason"] == "INVALID_BLOCK"
+
+
+def test_throttle_refuses_parents_as_ebs_does(throttle, account):
+    ebs = client(throttle, "ebs", account)
+
+    def refused(**start) -> tuple[str, int, str]:
+        with pytest.raises(botocore.exceptions.ClientError) as raised:
+            ebs.start_snapshot(**start)
+        return (*error_of(raised), raised.value.response.get("Reason"))
+
+    missing = "snap-0123456789abcdef0"
+    assert refused(VolumeSize=1, ParentSnapshotId=missing) == (
+        "ResourceNotFoundException",
+        404,
+        "SNAPSHOT_NOT_FOUND",
+    )
+    parent = ebs.start_snapshot(VolumeSize=2)["SnapshotId"]
+    assert refused(VolumeSize=2, ParentSnapshotId=parent) == (
+        "ValidationException",
+        400,
+        "INVALID_DEPENDENCY_REQUEST",
+    )
+    ebs.complete_snapshot(SnapshotId=parent, ChangedBlocksCount=0)
+    assert refused(VolumeSize=1, ParentSnapshotId=parent) == (
+        "ValidationException",
+        400,
+        "INVALID_VOLUME_SIZE",
+    )
+    assert refused(VolumeSize=2, ParentSnapshotId=parent, Encrypted=True) == (
+        "ValidationException",
+        400,
+        "INVALID_PARAMETER_VALUE",
+    )
+    assert ebs.start_snapshot(VolumeSize=2, ParentSnapshotId=parent)["SnapshotId"]
+    assert ebs.start_snapshot(VolumeSize=3, ParentSnapshotId=parent)["SnapshotId"]
+
+
+def test_throttle_shows_ebs_direct_encryption_and_the_default_key(throttle, account):
+    ebs, ec2 = client(throttle, "ebs", account), client(throttle, "ec2", account)
+    kms = client(throttle, "kms", account)
+    default = ec2.get_ebs_default_kms_key_id()["KmsKeyId"]
+    assert default == kms.describe_key(KeyId="alias/aws/ebs")["KeyMetadata"]["Arn"]
+    own = kms.create_key()["KeyMetadata"]["Arn"]
+    plain = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    by_default = ebs.start_snapshot(VolumeSize=1, Encrypted=True)["SnapshotId"]
+    keyed = ebs.start_snapshot(VolumeSize=1, Encrypted=True, KmsKeyArn=own)["SnapshotId"]
+    for snapshot in (by_default, keyed):
+        ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=0)
+    child = ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=keyed)["SnapshotId"]
+
+    described = {
+        s["SnapshotId"]: (s["Encrypted"], s.get("KmsKeyId"))
+        for s in ec2.describe_snapshots(SnapshotIds=[plain, by_default, keyed, child])["Snapshots"]
+    }
+    assert described == {
+        plain: (False, None),
+        by_default: (True, default),
+        keyed: (True, own),
+        child: (True, own),  # a child has its parent's key
+    }
+    # The same default key the next time (made once).
+    assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == default
+
+
 def test_throttle_refuses_invalid_requests_without_forwarding_them(throttle, account):
     ec2 = unchecked(throttle, "ec2", account)
     with pytest.raises(botocore.exceptions.ClientError) as raised:

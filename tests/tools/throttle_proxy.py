@@ -17,6 +17,20 @@ the limits AWS documents for the EC2 API:
   show them finished at once).
 - EBS direct `PutSnapshotBlock`: 1,000 requests per second per snapshot; over that,
   `RequestThrottledException` (HTTP 400, Reason `RESOURCE_LEVEL_THROTTLE`), as EBS answers.
+- EBS direct snapshots started with `ParentSnapshotId` (moto ignores it) read as AWS documents:
+  `ListSnapshotBlocks` and `GetSnapshotBlock` of the child give the parent's blocks (and its
+  parent's, down the chain) wherever the child has written none. StartSnapshot checks the parent
+  first, as EBS does: `ParentSnapshotId` with `Encrypted` is a `ValidationException`
+  (`INVALID_PARAMETER_VALUE`); a parent that does not exist is a `ResourceNotFoundException`
+  (HTTP 404, `SNAPSHOT_NOT_FOUND`); a parent started through this proxy and not completed yet is
+  a `ValidationException` (`INVALID_DEPENDENCY_REQUEST`); a `VolumeSize` smaller than the
+  parent's is a `ValidationException` (`INVALID_VOLUME_SIZE`; a larger volume is allowed, as a
+  volume made from a snapshot may be larger). Which snapshot is whose parent is kept for the
+  proxy's life (`/_standin/reset` keeps it: it is AWS's state, not a limit).
+- EBS direct encryption (moto keeps none): a snapshot started with `KmsKeyArn`, or `Encrypted`
+  alone (the account's default EBS key, the AWS-managed `alias/aws/ebs`), or from an encrypted
+  parent (the parent's key) shows `Encrypted` and its `KmsKeyId` in DescribeSnapshots; EC2's
+  `GetEbsDefaultKmsKeyId` (moto lacks it) answers that default key's ARN.
 - Every EC2 and EBS direct request is validated against botocore's model first (see standin.py);
   a bad one is answered as EC2 (`InvalidParameterValue`, `MissingParameter`, `UnknownParameter`) or
   EBS (`ValidationException`) would, and is not forwarded.
@@ -43,7 +57,14 @@ other services (they pass through uncounted except in stats), the EBS direct acc
 request quotas other than PutSnapshotBlock's per-snapshot rate, `Throttling` answers of
 query-protocol services other than EC2, the time-based copy duration
 (`SnapshotCopyCompletionDurationMinutes` is passed to moto, the modelled duration stays
-`--copy-seconds`), and the size of a snapshot (every copy takes the same time).
+`--copy-seconds`), and the size of a snapshot (every copy takes the same time). Of EBS direct
+parents: refusals for the parent's encryption (a child is never refused for its parent's key,
+nor for an unencrypted parent under encryption by default), `ModifyEbsDefaultKmsKeyId` (the
+default key stays `alias/aws/ebs`), the encryption of snapshots made other than by StartSnapshot
+(as moto keeps it), `ListChangedBlocks` between a child and its
+parent (moto compares only the blocks each snapshot wrote itself), parents in other accounts,
+block tokens (any token is accepted for a block, as moto accepts it; moto's tokens, UUIDs that
+EBS's model refuses, are answered without their dashes) and `ExpiryTime`.
 
 Usage: throttle_proxy.py --upstream http://127.0.0.1:MOTO_PORT [--port 0] [--limits FILE]
        [--rate ACTION=CAPACITY:REFILL]... [--max-copies 20] [--copy-seconds 5] [--aws-block-size]
@@ -58,6 +79,8 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+
+import botocore.exceptions
 
 import standin
 from standin import ApiError, Request, Response
@@ -229,6 +252,15 @@ class ThrottleProxy:
         self.aws_block_size = aws_block_size
         self.lock = threading.Lock()
         self.release = threading.Event()
+        self.moto = standin.Moto(upstream)
+        # EBS direct lineage, per (account, region, snapshot id): the parent each child was
+        # started from, the snapshots started here and not completed yet, and the blocks
+        # (index -> token) of completed snapshots, which no longer change.
+        self.parents: dict[tuple[str, str, str], str] = {}
+        self.pending_snapshots: set[tuple[str, str, str]] = set()
+        self.sealed_blocks: dict[tuple[str, str, str], dict[int, str]] = {}
+        # The KMS key ARN of each encrypted EBS direct snapshot started here (moto keeps none).
+        self.encryption: dict[tuple[str, str, str], str] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -331,6 +363,14 @@ class ThrottleProxy:
         try:
             if not self.unlimited:
                 self._admit(api, account, region, action, params)
+            if action == "GetEbsDefaultKmsKeyId":  # moto lacks it
+                self._count(account, action, "passed")
+                return self.ec2.respond(operation, {"KmsKeyId": self._default_key(account, region)})
+            if api is self.ebs:
+                answered = self._lineage(operation, account, region, params, request)
+                if answered is not None:
+                    self._count(account, action, "passed")
+                    return answered
         except ApiError as error:
             return api.error(error)
 
@@ -422,16 +462,231 @@ class ThrottleProxy:
                 pending = [c for c in self._in_flight(account, region) if c.resource_id]
             for copy in pending:
                 body = _mark_pending(body, copy)
-        elif action == "StartSnapshot" and self.aws_block_size:
+            if action == "DescribeSnapshots":
+                with self.lock:
+                    here = (account, region)
+                    keys = {k[2]: v for k, v in self.encryption.items() if k[:2] == here}
+                for snapshot, key in keys.items():
+                    body = _mark_encrypted(body, snapshot, key)
+        elif action == "StartSnapshot":
             try:
                 answer = json.loads(body)
             except ValueError:
                 answer = None
-            if isinstance(answer, dict) and answer.get("BlockSize") == 512:
+            snapshot = answer.get("SnapshotId") if isinstance(answer, dict) else None
+            if snapshot:
+                key = self._encryption_of_new(account, region, params)
+                with self.lock:
+                    self.pending_snapshots.add((account, region, snapshot))
+                    if params.get("ParentSnapshotId"):
+                        self.parents[(account, region, snapshot)] = params["ParentSnapshotId"]
+                    if key:
+                        self.encryption[(account, region, snapshot)] = key
+            if self.aws_block_size and isinstance(answer, dict) and answer.get("BlockSize") == 512:
                 answer["BlockSize"] = AWS_BLOCK_SIZE
                 body = json.dumps(answer).encode()
+        elif action in ("ListSnapshotBlocks", "ListChangedBlocks"):
+            body = _aws_block_tokens(body)
+        elif action == "CompleteSnapshot":
+            with self.lock:
+                self.pending_snapshots.discard((account, region, params.get("SnapshotId")))
         response.body = body
         return response
+
+    # EBS direct snapshots with parents.
+
+    def _lineage(self, operation, account, region, params, request: Request) -> Response | None:
+        """Answers what moto would get wrong about parents; None: forward the request."""
+        action = operation.name
+        if action == "StartSnapshot" and params.get("ParentSnapshotId"):
+            self._check_parent(account, region, params)
+            return None
+        if action not in ("ListSnapshotBlocks", "GetSnapshotBlock"):
+            return None
+        chain = self._chain(account, region, params["SnapshotId"])
+        if len(chain) == 1:
+            return None  # no parent: moto's own answer is right
+        if action == "ListSnapshotBlocks":
+            return self._list_blocks(operation, account, region, chain, params)
+        index = params["BlockIndex"]
+        for snapshot in chain:
+            if index in self._blocks(account, region, snapshot):
+                if snapshot == chain[0]:
+                    return None
+                child, owner = f"/snapshots/{chain[0]}/", f"/snapshots/{snapshot}/"
+                path = request.raw_path.replace(child, owner, 1)
+                return standin.forward(
+                    self.upstream, Request(request.method, path, request.headers, request.body)
+                )
+        raise ApiError(
+            "ValidationException",
+            f"The block {index} is not in snapshot {chain[0]} or its parents",
+            fields={"Reason": "INVALID_BLOCK"},
+        )
+
+    def _check_parent(self, account, region, params) -> None:
+        parent = params["ParentSnapshotId"]
+        if "Encrypted" in params:
+            raise ApiError(
+                "ValidationException",
+                "You can't specify ParentSnapshotId and Encrypted in the same request",
+                fields={"Reason": "INVALID_PARAMETER_VALUE"},
+            )
+        ec2 = self.moto.client("ec2", region, account)
+        try:
+            found = ec2.describe_snapshots(SnapshotIds=[parent])["Snapshots"]
+        except botocore.exceptions.ClientError:
+            found = []
+        if not found:
+            raise ApiError(
+                "ResourceNotFoundException",
+                f"The snapshot {parent} does not exist",
+                status=404,
+                fields={"Reason": "SNAPSHOT_NOT_FOUND"},
+            )
+        with self.lock:
+            pending = (account, region, parent) in self.pending_snapshots
+        state = "pending" if pending else found[0].get("State")
+        if state != "completed":
+            raise ApiError(
+                "ValidationException",
+                f"The parent snapshot {parent} is {state}, not completed",
+                fields={"Reason": "INVALID_DEPENDENCY_REQUEST"},
+            )
+        size = found[0].get("VolumeSize") or 0
+        if params["VolumeSize"] < size:
+            raise ApiError(
+                "ValidationException",
+                f"The volume size {params['VolumeSize']} GiB is smaller than the parent "
+                f"snapshot's {size} GiB",
+                fields={"Reason": "INVALID_VOLUME_SIZE"},
+            )
+
+    def _encryption_of_new(self, account, region, params) -> str | None:
+        """The KMS key ARN a snapshot StartSnapshot makes is encrypted with (None: unencrypted),
+        as EBS decides it: a child has its parent's; else `KmsKeyArn`, or with `Encrypted` alone
+        the account's default EBS key."""
+        parent = params.get("ParentSnapshotId")
+        if parent:
+            with self.lock:
+                known = self.encryption.get((account, region, parent))
+            if known:
+                return known
+            ec2 = self.moto.client("ec2", region, account)
+            try:
+                found = ec2.describe_snapshots(SnapshotIds=[parent])["Snapshots"]
+            except botocore.exceptions.ClientError:
+                return None
+            return found[0].get("KmsKeyId") if found and found[0].get("Encrypted") else None
+        if params.get("KmsKeyArn"):
+            return params["KmsKeyArn"]
+        if params.get("Encrypted"):
+            return self._default_key(account, region)
+        return None
+
+    def _default_key(self, account, region) -> str:
+        """The ARN of the account's default EBS key (AWS-managed `alias/aws/ebs`). moto makes it
+        when an encrypted volume names no key, so one such volume is made and deleted again."""
+        kms = self.moto.client("kms", region, account)
+        try:
+            return kms.describe_key(KeyId="alias/aws/ebs")["KeyMetadata"]["Arn"]
+        except botocore.exceptions.ClientError:
+            pass
+        ec2 = self.moto.client("ec2", region, account)
+        volume = ec2.create_volume(AvailabilityZone=f"{region}a", Size=1, Encrypted=True)
+        ec2.delete_volume(VolumeId=volume["VolumeId"])
+        return volume["KmsKeyId"]
+
+    def _chain(self, account, region, snapshot) -> list[str]:
+        """The snapshot, its parent, the parent's parent..."""
+        chain = [snapshot]
+        with self.lock:
+            while parent := self.parents.get((account, region, chain[-1])):
+                if parent in chain:
+                    break
+                chain.append(parent)
+        return chain
+
+    def _blocks(self, account, region, snapshot) -> dict[int, str]:
+        """The blocks moto holds for the snapshot itself (none for one it has no data of)."""
+        key = (account, region, snapshot)
+        with self.lock:
+            if key in self.sealed_blocks:
+                return self.sealed_blocks[key]
+            pending = key in self.pending_snapshots
+        ebs = self.moto.client("ebs", region, account)
+        try:
+            listed = ebs.list_snapshot_blocks(SnapshotId=snapshot)["Blocks"]
+        except botocore.exceptions.ClientError:
+            listed = []  # made by EC2 (CreateSnapshot, CopySnapshot): moto has no blocks
+        blocks = {b["BlockIndex"]: _aws_block_token(b["BlockToken"]) for b in listed}
+        if not pending:
+            with self.lock:
+                self.sealed_blocks[key] = blocks
+        return blocks
+
+    def _list_blocks(self, operation, account, region, chain, params) -> Response:
+        merged: dict[int, str] = {}
+        for snapshot in reversed(chain):  # the child's own blocks last: they win
+            merged.update(self._blocks(account, region, snapshot))
+        start = params.get("StartingBlockIndex", 0)
+        token = params.get("NextToken")
+        if token is not None:
+            if not token.isdigit():
+                raise ApiError(
+                    "ValidationException",
+                    "The pagination token is invalid",
+                    fields={"Reason": "INVALID_PAGE_TOKEN"},
+                )
+            start = int(token)
+        limit = params.get("MaxResults", 10000)
+        indexes = [i for i in sorted(merged) if i >= start]
+        page, rest = indexes[:limit], indexes[limit:]
+        ebs = self.moto.client("ebs", region, account)
+        own = ebs.list_snapshot_blocks(SnapshotId=chain[0])
+        result = {
+            "Blocks": [{"BlockIndex": i, "BlockToken": merged[i]} for i in page],
+            "VolumeSize": own["VolumeSize"],
+            "BlockSize": AWS_BLOCK_SIZE if self.aws_block_size else own["BlockSize"],
+        }
+        if rest:
+            result["NextToken"] = str(rest[0])
+        return self.ebs.respond(operation, result)
+
+
+def _aws_block_token(token: str) -> str:
+    """moto's block token (a UUID) in the alphabet EBS's model allows (`[A-Za-z0-9+/=]`): a
+    client that validates requests (boto3) could not send moto's own token back."""
+    return token.replace("-", "")
+
+
+def _aws_block_tokens(body: bytes) -> bytes:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(answer, dict):
+        return body
+    for block in answer.get("Blocks") or answer.get("ChangedBlocks") or []:
+        for key in ("BlockToken", "FirstBlockToken", "SecondBlockToken"):
+            if isinstance(block.get(key), str):
+                block[key] = _aws_block_token(block[key])
+    return json.dumps(answer).encode()
+
+
+def _mark_encrypted(body: bytes, snapshot: str, key: str) -> bytes:
+    """Shows a snapshot encrypted with KEY in a DescribeSnapshots answer (the members after
+    `snapshotId` in moto's item hold no nested item)."""
+    start = body.find(f"<snapshotId>{snapshot}</snapshotId>".encode())
+    if start < 0:
+        return body
+    end = body.find(b"</item>", start)
+    segment = re.sub(rb"<kmsKeyId>[^<]*</kmsKeyId>", b"", body[start:end])
+    encrypted = f"<encrypted>true</encrypted><kmsKeyId>{key}</kmsKeyId>".encode()
+    segment, count = re.subn(rb"<encrypted>[^<]*</encrypted>", encrypted, segment)
+    if not count:
+        segment += encrypted
+    return body[:start] + segment + body[end:]
 
 
 def _mark_pending(body: bytes, copy: Copy) -> bytes:
