@@ -24,14 +24,16 @@
 //! let excludes = snapshot::Excludes::new().subtree("proc")?.contents("tmp")?;
 //! let before = snapshot::snapshot(root, &excludes)?;
 //! // ... run the step ...
-//! let after = snapshot::snapshot(root, &excludes)?;
-//! let changes = snapshot::diff(&before, &after);
+//! let mut after = snapshot::snapshot(root, &excludes)?;
+//! // The diff judges mtimes as the layer records them; `after` keeps the digests it computed,
+//! // to serve as the next step's `before`.
+//! let options = layer::LayerOptions { source_date_epoch: Some(1_700_000_000) };
+//! let changes = snapshot::diff(&before, &mut after, &options)?;
 //!
 //! let file = fs_err::File::create("/var/lib/bake/blobs/tmp-layer")?;
 //! let workers = std::thread::available_parallelism()?;
 //! let compression = bake::recipe::Compression::Gzip(6);
 //! let mut blob = BlobWriter::new(file, compression, workers)?;
-//! let options = layer::LayerOptions { source_date_epoch: Some(1_700_000_000) };
 //! let summary = layer::write_layer(root, &changes, &options, &mut blob)?;
 //! let (file, blob) = blob.finish()?;
 //! file.sync_all()?;

@@ -1,5 +1,6 @@
-//! `bake build RECIPE --engine imagebuilder` and `bake export imagebuilder RECIPE DIR`: the
-//! recipe is planned here (its source AMI resolved in AWS), compiled and handed to
+//! `bake build RECIPE --engine imagebuilder`, `bake export imagebuilder RECIPE DIR` and `bake
+//! import imagebuilder IMAGE_ARN --recipe RECIPE`: the recipe is planned here (its source AMI
+//! resolved in AWS, or for an import the AMI the image was built on), compiled and handed to
 //! [`crate::imagebuilder`]; this file only turns results into output and exit statuses.
 //!
 //! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s).
@@ -36,6 +37,27 @@ pub struct ExportImageBuilderArgs {
     /// Also define an image pipeline that runs on this schedule (`cron(…)` or `rate(…)`).
     #[arg(long, value_name = "EXPRESSION")]
     pub schedule: Option<String>,
+    #[command(flatten)]
+    pub vars: VarArgs,
+}
+
+/// `bake import …`: where the image comes from.
+#[derive(Debug, clap::Subcommand)]
+pub enum ImportFrom {
+    /// An EC2 Image Builder image (`arn:aws:imagebuilder:REGION:ACCOUNT:image/…/…/N`), made
+    /// from the resources `bake export imagebuilder` wrote for the recipe.
+    Imagebuilder(ImportImageBuilderArgs),
+}
+
+/// `bake import imagebuilder IMAGE_ARN --recipe RECIPE`.
+#[derive(Debug, Args)]
+pub struct ImportImageBuilderArgs {
+    /// The Image Builder image (build version) ARN.
+    #[arg(value_name = "IMAGE_ARN")]
+    pub image_arn: String,
+    /// The recipe the image was exported from.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: PathBuf,
     #[command(flatten)]
     pub vars: VarArgs,
 }
@@ -170,39 +192,145 @@ pub fn run_build(
         };
         match engine.build(&plan, &source, &compiled, &mut reporter).await {
             Ok(output) => {
-                // The version's index, so `manifest show ami-…` finds it before any publish.
-                if let Err(e) = crate::provenance::manifest::ensure(&store, &plan.version) {
-                    tracing::warn!("failed to write the manifest: {e}");
-                }
-                match settings.output {
-                    OutputFormat::Json => print_json(&output),
-                    OutputFormat::Human => {
-                        println!("version  {}", output.version);
-                        println!("image    {}", output.image_arn);
-                        for region in &output.regions {
-                            println!("ami      {} ({})", region.image_id, region.region);
-                        }
-                        println!("source   {}", output.source_ami);
-                        if !output.started_build && !quiet {
-                            eprintln!("(built by an earlier run: nothing was started)");
-                        }
-                    }
+                show(&store, &plan, &output, settings);
+                if !output.started_build && !quiet {
+                    eprintln!("(built by an earlier run: nothing was started)");
                 }
                 ExitStatus::Success
             }
-            Err(error) => {
-                print_reports(
-                    settings,
-                    &[Report::from_error(&error).with_hint(error.hint())],
-                );
-                if error.is_interrupted() {
-                    ExitStatus::Interrupted
-                } else if error.is_recipe_failure() {
-                    ExitStatus::RecipeOrUsage
-                } else {
-                    ExitStatus::Infrastructure
-                }
+            Err(error) => failed(&error, settings),
+        }
+    })
+}
+
+/// Writes the version's manifest (its index, so `manifest show ami-…` finds it before any
+/// publish) and prints what was recorded.
+fn show(
+    store: &Store,
+    plan: &Plan,
+    output: &crate::imagebuilder::ImageBuilderOutput,
+    settings: &Settings,
+) {
+    if let Err(e) = crate::provenance::manifest::ensure(store, &plan.version) {
+        tracing::warn!("failed to write the manifest: {e}");
+    }
+    match settings.output {
+        OutputFormat::Json => print_json(output),
+        OutputFormat::Human => {
+            println!("version  {}", output.version);
+            println!("image    {}", output.image_arn);
+            for region in &output.regions {
+                println!("ami      {} ({})", region.image_id, region.region);
             }
+            println!("source   {}", output.source_ami);
+        }
+    }
+}
+
+fn failed(error: &crate::imagebuilder::EngineError, settings: &Settings) -> ExitStatus {
+    print_reports(
+        settings,
+        &[Report::from_error(error).with_hint(error.hint())],
+    );
+    if error.is_interrupted() {
+        ExitStatus::Interrupted
+    } else if error.is_recipe_failure() || error.is_usage_error() {
+        ExitStatus::RecipeOrUsage
+    } else {
+        ExitStatus::Infrastructure
+    }
+}
+
+/// `bake import imagebuilder IMAGE_ARN --recipe RECIPE`: plans the recipe on the AMI the image
+/// was built on (so the version is the one it was built as, wherever the recipe's source filter
+/// points today), checks that the image is that version's, and records it.
+pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitStatus {
+    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+        Ok(recipe) => recipe,
+        Err(status) => return status,
+    };
+    let shown = args.recipe.display().to_string();
+    let store = match Store::open(&settings.store) {
+        Ok(store) => store,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            print_reports(settings, &[Report::from_error(&e)]);
+            return ExitStatus::Infrastructure;
+        }
+    };
+    let quiet = settings.verbosity == Verbosity::Quiet;
+    let mut reporter = super::build::CliReporter { quiet };
+    rt.block_on(async {
+        let aws = Aws::load(&settings.aws).await;
+        let engine = Engine {
+            aws: &aws,
+            store: &store,
+            options: EngineOptions {
+                poll: EngineOptions::DEFAULT_POLL,
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+        };
+        let origin = match engine.image_origin(&args.image_arn).await {
+            Ok(origin) => origin,
+            Err(error) => return failed(&error, settings),
+        };
+        let crate::recipe::Base::Ami(filter) = &recipe.base else {
+            let error = crate::imagebuilder::CompileError::NotAmiBase {
+                recipe: recipe.name.clone(),
+                base: base_name(&recipe),
+            };
+            print_reports(
+                settings,
+                &[Report::from_error(&error).with_hint(error.hint())],
+            );
+            return ExitStatus::RecipeOrUsage;
+        };
+        let mut source = match crate::ami::instance::source::describe_one(
+            &aws.ec2(&origin.region),
+            &origin.region,
+            &origin.parent_image,
+        )
+        .await
+        {
+            Ok(source) => source,
+            Err(e) => {
+                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        // Planned as the build was: the filter's SSM parameter is part of the source's identity.
+        source.ssm_parameter = filter.ssm_parameter.clone();
+        let mut options = settings.plan_options();
+        options.source_ami = Some(source.clone());
+        let plan = match super::plan::plan_resolved_or_report(&recipe, &shown, &options, settings) {
+            Ok(plan) => plan,
+            Err(status) => return status,
+        };
+        let compiled = match compile_or_report(
+            &recipe,
+            &plan,
+            &source,
+            &CompileOptions::default(),
+            settings,
+        ) {
+            Ok(compiled) => compiled,
+            Err(status) => return status,
+        };
+        match engine
+            .import(&plan, &source, &compiled, &args.image_arn, &mut reporter)
+            .await
+        {
+            Ok(output) => {
+                show(&store, &plan, &output, settings);
+                ExitStatus::Success
+            }
+            Err(error) => failed(&error, settings),
         }
     })
 }

@@ -89,6 +89,10 @@ pub enum Command {
     Ami(ami::AmiArgs),
     /// Write a built image out of the store: an OCI layout directory or a docker-archive.
     Export(export::ExportArgs),
+    /// Record an image made outside bake (by a pipeline `bake export imagebuilder` defined) as
+    /// a recipe's version, so provenance and publishing cover it.
+    #[command(subcommand)]
+    Import(imagebuilder::ImportFrom),
     /// Sign and attach a built version's provenance (again): its image's, or its AMIs'.
     Attest(attest::AttestCommandArgs),
     /// Manage provenance signing keys.
@@ -153,6 +157,9 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
         Command::Export(args) => export::run(&args, settings),
+        Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
+            imagebuilder::run_import(&args, settings)
+        }
         Command::Attest(args) => attest::run(&args, settings),
         Command::Key(args) => key::run(&args, settings),
         Command::Manifest(args) => manifest::run(&args, settings),

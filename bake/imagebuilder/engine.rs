@@ -103,6 +103,46 @@ pub enum EngineError {
     Timeout { image_arn: String, waited: Duration },
     #[error("Image Builder image {image_arn} is available but names no AMI in {region}")]
     NoAmi { image_arn: String, region: String },
+    #[error(
+        "`{text}` is not an Image Builder image ARN (arn:aws:imagebuilder:REGION:ACCOUNT:image/NAME/VERSION/BUILD)"
+    )]
+    NotAnImageArn { text: String },
+    #[error(
+        "Image Builder image {image_arn} was made from image recipe `{image_recipe}`, not `{expected}`: it is not version {version} of this recipe"
+    )]
+    OtherVersion {
+        image_arn: String,
+        image_recipe: String,
+        expected: String,
+        version: String,
+    },
+}
+
+/// Where an Image Builder image came from (see [`Engine::image_origin`]).
+#[derive(Debug, Clone)]
+pub struct ImageOrigin {
+    pub region: String,
+    /// The name of the image recipe it was built from (bake's names carry the version).
+    pub image_recipe: String,
+    /// The AMI its image recipe starts from.
+    pub parent_image: String,
+    pub status: ImageStatus,
+}
+
+/// The region of an ARN (`arn:PARTITION:SERVICE:REGION:…`), if it is an Image Builder image's.
+fn arn_region(arn: &str) -> Option<&str> {
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(_), Some("imagebuilder"), Some(region), Some(_), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    (!region.is_empty() && resource.starts_with("image/")).then_some(region)
 }
 
 impl EngineError {
@@ -111,6 +151,9 @@ impl EngineError {
             EngineError::Failed { logs, .. } => Some(format!(
                 "the build's logs are in {logs}; fix the recipe and build again (a changed recipe is a new version with its own resources)"
             )),
+            EngineError::OtherVersion { .. } => Some(
+                "import the image with the recipe and the variables it was exported with (`bake export imagebuilder` names the version in every resource)".into(),
+            ),
             EngineError::Timeout { .. } => Some(
                 "the build goes on in AWS; `bake build` again follows it and records its AMIs"
                     .into(),
@@ -129,6 +172,15 @@ impl EngineError {
     /// Whether the recipe is at fault (its build failed), not the machine or AWS.
     pub fn is_recipe_failure(&self) -> bool {
         matches!(self, EngineError::Failed { .. })
+    }
+
+    /// Whether what the user named is wrong (an ARN that is not an image's, or another
+    /// version's image), not the machine or AWS.
+    pub fn is_usage_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::NotAnImageArn { .. } | EngineError::OtherVersion { .. }
+        )
     }
 }
 
@@ -398,9 +450,48 @@ impl Engine<'_> {
         let workflow_executions = self
             .follow(&client, region, &compiled.recipe, &image_arn, reporter)
             .await?;
-        let image = client
+        let regions = self
+            .record_image(
+                region,
+                plan,
+                source,
+                compiled,
+                &image_arn,
+                &workflow_executions,
+                started,
+            )
+            .await?;
+        Ok(ImageBuilderOutput {
+            name: plan.name.clone(),
+            version: plan.version.to_string(),
+            image_arn,
+            workflow_executions,
+            source_ami: source.image_id.clone(),
+            regions,
+            created,
+            started_build,
+        })
+    }
+
+    /// Writes the version's build record from the finished image `image_arn` (of `region`): its
+    /// AMI in every region of the distribution, their root snapshots, the source and the
+    /// workflow executions. Returns the regions' AMIs.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_image(
+        &self,
+        region: &str,
+        plan: &Plan,
+        source: &SourceAmi,
+        compiled: &Compiled,
+        image_arn: &str,
+        workflow_executions: &[String],
+        started: Instant,
+    ) -> Result<Vec<RegionImage>, EngineError> {
+        let image = self
+            .aws
+            .imagebuilder(region)
             .get_image()
-            .image_build_version_arn(&image_arn)
+            .image_build_version_arn(image_arn)
             .send()
             .await
             .map_err(aws("read the finished image", region))?;
@@ -415,14 +506,14 @@ impl Engine<'_> {
             })
             .unwrap_or_default();
         let mut regions = Vec::new();
-        for distribution in &distribution.distributions {
+        for distribution in &compiled.distribution_configuration.distributions {
             let region = &distribution.region;
             let image_id = amis
                 .iter()
                 .find(|(r, _)| r == region)
                 .map(|(_, id)| id.clone())
                 .ok_or_else(|| EngineError::NoAmi {
-                    image_arn: image_arn.clone(),
+                    image_arn: image_arn.to_owned(),
                     region: region.clone(),
                 })?;
             let snapshot_id = self.root_snapshot(region, &image_id).await?;
@@ -447,9 +538,9 @@ impl Engine<'_> {
             Artifact::ImageBuilderAmi {
                 ami: ImageBuilderAmi {
                     source: source.clone(),
-                    image_arn: image_arn.clone(),
+                    image_arn: image_arn.to_owned(),
                     image_name,
-                    workflow_executions: workflow_executions.clone(),
+                    workflow_executions: workflow_executions.to_vec(),
                     regions: regions.clone(),
                 },
             },
@@ -462,15 +553,100 @@ impl Engine<'_> {
             // The AMIs exist and carry the version's tags; a rebuild finds them and writes it.
             tracing::warn!("failed to write the build record: {e}");
         }
+        Ok(regions)
+    }
+
+    /// The image `image_arn` was made from: its region, its image recipe's name and its parent
+    /// AMI. What `bake import imagebuilder` plans the recipe with, so that the version it
+    /// computes is the one the image was built as, whatever the source AMI filter finds today.
+    pub async fn image_origin(&self, image_arn: &str) -> Result<ImageOrigin, EngineError> {
+        let region = arn_region(image_arn).ok_or_else(|| EngineError::NotAnImageArn {
+            text: image_arn.to_owned(),
+        })?;
+        let out = self
+            .aws
+            .imagebuilder(region)
+            .get_image()
+            .image_build_version_arn(image_arn)
+            .send()
+            .await
+            .map_err(aws(format!("read Image Builder image {image_arn}"), region))?;
+        let image = out.image();
+        let recipe = image.and_then(|i| i.image_recipe());
+        Ok(ImageOrigin {
+            region: region.to_owned(),
+            image_recipe: recipe.and_then(|r| r.name()).unwrap_or_default().to_owned(),
+            parent_image: recipe
+                .and_then(|r| r.parent_image())
+                .unwrap_or_default()
+                .to_owned(),
+            status: image
+                .and_then(|i| i.state())
+                .and_then(|s| s.status())
+                .cloned()
+                .unwrap_or(ImageStatus::Pending),
+        })
+    }
+
+    /// Records an image Image Builder made without bake (by a pipeline `bake export
+    /// imagebuilder` defined) as the version `compiled` is: it must be that version's image
+    /// (made from the image recipe named after it) and available. Nothing is created or
+    /// started.
+    pub async fn import(
+        &self,
+        plan: &Plan,
+        source: &SourceAmi,
+        compiled: &Compiled,
+        image_arn: &str,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<ImageBuilderOutput, EngineError> {
+        let started = Instant::now();
+        let origin = self.image_origin(image_arn).await?;
+        if origin.image_recipe != compiled.image_recipe.name {
+            return Err(EngineError::OtherVersion {
+                image_arn: image_arn.to_owned(),
+                image_recipe: origin.image_recipe,
+                expected: compiled.image_recipe.name.clone(),
+                version: plan.version.to_string(),
+            });
+        }
+        if origin.status != ImageStatus::Available {
+            return Err(EngineError::Ended {
+                image_arn: image_arn.to_owned(),
+                state: origin.status.as_str().to_owned(),
+            });
+        }
+        let client = self.aws.imagebuilder(&origin.region);
+        let mut workflow_executions = Vec::new();
+        let mut steps = HashMap::new();
+        self.report_steps(
+            &client,
+            image_arn,
+            &mut workflow_executions,
+            &mut steps,
+            reporter,
+        )
+        .await;
+        let regions = self
+            .record_image(
+                &origin.region,
+                plan,
+                source,
+                compiled,
+                image_arn,
+                &workflow_executions,
+                started,
+            )
+            .await?;
         Ok(ImageBuilderOutput {
             name: plan.name.clone(),
             version: plan.version.to_string(),
-            image_arn,
+            image_arn: image_arn.to_owned(),
             workflow_executions,
             source_ami: source.image_id.clone(),
             regions,
-            created,
-            started_build,
+            created: Vec::new(),
+            started_build: false,
         })
     }
 

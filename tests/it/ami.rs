@@ -28,6 +28,8 @@ use bake::aws::{Aws, Emulator};
 use bake::store::Store;
 
 use super::common::{bake, fresh_account, service};
+use super::moto_proxy::{Verdict, proxy};
+use super::standin::ThrottleProxy;
 
 /// One request as sent.
 #[derive(Debug, Clone)]
@@ -1033,7 +1035,9 @@ async fn bake_build_of_version_two_uploads_only_what_changed_since_the_kept_imag
             .unwrap_or_else(|| panic!("the store did not keep the disk image {digest}"))
     };
     let old = image_blocks(&kept(first["disk_image_digest"].as_str().unwrap()));
-    let put_before = blocks_put(&proxy, &account).await;
+    let put_before = ThrottleProxy { url: &proxy }
+        .passed(&account, "PutSnapshotBlock")
+        .await;
 
     let second = build("v2", &second);
     let upload = &second["upload"];
@@ -1057,7 +1061,13 @@ async fn bake_build_of_version_two_uploads_only_what_changed_since_the_kept_imag
     let non_zero = new.iter().filter(|b| b.is_some()).count() as u64;
     eprintln!("{differing} of {non_zero} non-zero blocks differ between the two built images");
     assert_eq!(upload["changed_blocks"], differing, "{second}");
-    assert_eq!(blocks_put(&proxy, &account).await - put_before, differing);
+    assert_eq!(
+        ThrottleProxy { url: &proxy }
+            .passed(&account, "PutSnapshotBlock")
+            .await
+            - put_before,
+        differing
+    );
     assert!(differing < non_zero, "{differing} of {non_zero}");
     let read = read_snapshot(
         &aws.ebs("us-east-1"),
@@ -1132,83 +1142,6 @@ async fn a_failing_deprecation_fails_the_region_unless_the_emulator_is_named() {
             );
         }
     }
-}
-
-/// What the test proxy does with one request.
-enum Verdict {
-    /// Pass it to moto and its answer back (through the rewrite).
-    Forward,
-    /// Never answer (the client waits until it is killed).
-    Hold,
-}
-
-type Decide = dyn Fn(&[u8]) -> Verdict + Send + Sync;
-type Rewrite = dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync;
-
-/// A pass-through to moto on a loopback port: `decide` sees each request body first, `rewrite`
-/// gets the request body and moto's whole answer and returns what the client gets. Returns
-/// the proxy's URL.
-fn proxy(upstream: &str, decide: Arc<Decide>, rewrite: Arc<Rewrite>) -> String {
-    use std::io::{BufRead, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let upstream = upstream
-        .trim_end_matches('/')
-        .trim_start_matches("http://")
-        .to_owned();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let upstream = upstream.clone();
-            let decide = decide.clone();
-            let rewrite = rewrite.clone();
-            std::thread::spawn(move || -> std::io::Result<()> {
-                let mut reader = std::io::BufReader::new(stream.try_clone()?);
-                let mut writer = stream;
-                loop {
-                    let mut head = String::new();
-                    if reader.read_line(&mut head)? == 0 {
-                        return Ok(());
-                    }
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        reader.read_line(&mut line)?;
-                        let trimmed = line.trim_end();
-                        if trimmed.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = trimmed.split_once(':') {
-                            if k.trim().eq_ignore_ascii_case("content-length") {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                            // moto answers one request per connection; the client reconnects.
-                            if k.trim().eq_ignore_ascii_case("connection") {
-                                continue;
-                            }
-                        }
-                        head.push_str(&line);
-                    }
-                    head.push_str("Connection: close\r\n\r\n");
-                    let mut body = vec![0u8; length];
-                    reader.read_exact(&mut body)?;
-                    if let Verdict::Hold = decide(&body) {
-                        let mut rest = [0u8; 1];
-                        while reader.read(&mut rest)? > 0 {}
-                        return Ok(());
-                    }
-                    let mut moto = std::net::TcpStream::connect(&upstream)?;
-                    moto.write_all(head.as_bytes())?;
-                    moto.write_all(&body)?;
-                    let mut response = Vec::new();
-                    moto.read_to_end(&mut response)?;
-                    writer.write_all(&rewrite(&body, response))?;
-                    writer.flush()?;
-                }
-            });
-        }
-    });
-    address
 }
 
 /// A proxy that holds every `RegisterImage` forever: the request never reaches moto and never
@@ -1502,15 +1435,8 @@ async fn a_stalled_block_upload_is_retried_after_its_timeout_and_the_upload_comp
         return;
     };
     let (aws, _, account) = test_aws(&proxy).await;
-    let http = reqwest::Client::new();
-    let stall = http
-        .post(format!(
-            "{proxy}/_standin/stall?action=PutSnapshotBlock&count=1&account={account}"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert!(stall.status().is_success(), "{stall:?}");
+    let standin = ThrottleProxy { url: &proxy };
+    standin.stall(&account, "PutSnapshotBlock", 1).await;
 
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
@@ -1550,15 +1476,7 @@ async fn a_stalled_block_upload_is_retried_after_its_timeout_and_the_upload_comp
         "the stalled request was not waited on for its timeout"
     );
 
-    let stats = http
-        .get(format!("{proxy}/_standin/stats?account={account}"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let stats = standin.stats(&account).await;
     let puts = &stats["actions"]["PutSnapshotBlock"];
     assert_eq!(puts["stalled"], 1, "{stats}");
     // Every block reached EBS once, the stalled one on its second attempt.
@@ -1622,7 +1540,7 @@ async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
         .load()
         .await;
     let aws = Aws::from_config(config, Some(account.clone())).with_emulator(Emulator::Moto);
-    let http = reqwest::Client::new();
+    let standin = ThrottleProxy { url: &proxy };
     // Buckets are per account, region and action: one copy per region never empties
     // CopyImage's, so the calls each region makes several of get one-token buckets.
     let limits = serde_json::json!({
@@ -1633,13 +1551,7 @@ async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
         },
         "copy_seconds": 2,
     });
-    let set = http
-        .post(format!("{proxy}/_standin/limits?account={account}"))
-        .body(limits.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(set.status().is_success(), "{set:?}");
+    standin.set_limits(&account, &limits).await;
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
@@ -1686,15 +1598,7 @@ async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
     expected.sort_unstable();
     assert_eq!(regions, expected);
 
-    let stats = http
-        .get(format!("{proxy}/_standin/stats?account={account}"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let stats = standin.stats(&account).await;
     let throttled: u64 = stats["actions"]
         .as_object()
         .unwrap()
@@ -2046,20 +1950,6 @@ fn assert_reads_back(snapshot: &BTreeMap<i32, Vec<u8>>, image: &[Option<[u8; 32]
     );
 }
 
-/// PutSnapshotBlock requests of `account` that reached moto through the proxy.
-async fn blocks_put(proxy: &str, account: &str) -> u64 {
-    let stats = reqwest::get(format!("{proxy}/_standin/stats?account={account}"))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
-    stats["actions"]["PutSnapshotBlock"]["passed"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// Writes `size` bytes of deterministic noise (no zero block) to `path`.
 fn noise(path: &Path, size: usize, seed: u64) {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -2157,7 +2047,9 @@ async fn version_two_uploads_only_its_changed_blocks_onto_version_ones_snapshot(
             .contains("no earlier version"),
         "{first}"
     );
-    let put_before = blocks_put(&proxy, &account).await;
+    let put_before = ThrottleProxy { url: &proxy }
+        .passed(&account, "PutSnapshotBlock")
+        .await;
 
     let (second, stderr) = publish_through(&proxy, &account, &store, &images[1].0, &images[1].1);
     let upload = &second["upload"];
@@ -2181,7 +2073,13 @@ async fn version_two_uploads_only_its_changed_blocks_onto_version_ones_snapshot(
     eprintln!("{differing} of {non_zero} non-zero blocks differ between the two images");
     assert_eq!(changed, differing, "{second}");
     // What reached EBS is exactly those blocks.
-    assert_eq!(blocks_put(&proxy, &account).await - put_before, differing);
+    assert_eq!(
+        ThrottleProxy { url: &proxy }
+            .passed(&account, "PutSnapshotBlock")
+            .await
+            - put_before,
+        differing
+    );
     assert!(
         differing * 5 <= non_zero,
         "{differing} of {non_zero} non-zero blocks differ: not a small part"

@@ -25,6 +25,7 @@ use bake::publish::clients;
 use serde_json::{Value, json};
 
 use super::common::{bake, fresh_account, service};
+use super::standin::ThrottleProxy;
 
 const RECIPE: &str = "gcweb";
 const HOME: &str = "us-east-1";
@@ -120,18 +121,9 @@ impl Env {
 
     /// Every request the proxy counted for this account, by action.
     async fn counted(&self) -> BTreeMap<String, u64> {
-        let text = reqwest::Client::new()
-            .get(format!(
-                "{}/_standin/stats?account={}",
-                self.proxy, self.account
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let stats: Value = serde_json::from_str(&text).unwrap();
+        let stats = ThrottleProxy { url: &self.proxy }
+            .stats(&self.account)
+            .await;
         stats["actions"]
             .as_object()
             .unwrap()
@@ -714,18 +706,11 @@ async fn a_gc_killed_between_deregistering_and_deleting_snapshots_is_finished_by
     for n in 1..=4u8 {
         v.insert(n, env.built(n, &[HOME]).await[HOME].clone());
     }
-    let client = reqwest::Client::new();
     // The next DeleteSnapshot of this account is held forever: the run stops right after its
     // first AMI was deregistered and journaled.
-    let stalled = client
-        .post(format!(
-            "{}/_standin/stall?action=DeleteSnapshot&count=1&account={}",
-            env.proxy, env.account
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert!(stalled.status().is_success());
+    ThrottleProxy { url: &env.proxy }
+        .stall(&env.account, "DeleteSnapshot", 1)
+        .await;
     let mut child = env
         .command(&["gc", env.recipe.to_str().unwrap(), "--keep", "1"])
         .stdout(std::process::Stdio::null())

@@ -777,3 +777,99 @@ fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// `bake import imagebuilder`: an image Image Builder made for the recipe's version (here by a
+/// build through another store, as an exported pipeline would make it) is recorded by a store
+/// that never saw it, after the recipe's source parameter moved on. The version is the one the
+/// image was built as (planned on the image's parent AMI), and the record and manifest name its
+/// AMI, so provenance covers it. The image of another version is refused, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_records_an_image_made_elsewhere_as_the_version_it_was_built_as() {
+    let parameter = "/ib/vendor/import";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let recipe = vendor_recipe(h.dir.path(), parameter, "");
+    let recipe = recipe.to_str().unwrap();
+    let built = h.json("builder", &["build", recipe, "--engine", "imagebuilder"]);
+    let version = built["version"].as_str().unwrap();
+    let image_arn = built["image_arn"].as_str().unwrap();
+    let ami = built["regions"][0]["image_id"].as_str().unwrap();
+
+    // The source parameter moves on: a plan today gives another version.
+    let (_, newer) = h.moto.vendor_amis().await;
+    h.moto
+        .aws
+        .ssm(REGION)
+        .put_parameter()
+        .name(parameter)
+        .value(&newer)
+        .overwrite(true)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    let planned = h.json("store", &["plan", recipe]);
+    assert_ne!(planned["version"], version, "{planned:#}");
+
+    let before = h.inventory().await;
+    let imported = h.json(
+        "store",
+        &["import", "imagebuilder", image_arn, "--recipe", recipe],
+    );
+    assert_eq!(imported["version"], version, "{imported:#}");
+    assert_eq!(imported["image_arn"], image_arn);
+    assert_eq!(imported["regions"][0]["image_id"], ami);
+    assert_eq!(imported["created"], serde_json::json!([]));
+    assert_eq!(imported["started_build"], false);
+    assert_eq!(
+        imported["workflow_executions"], built["workflow_executions"],
+        "{imported:#}"
+    );
+    assert_eq!(h.inventory().await, before, "an import creates nothing");
+    let shown = h.json("store", &["manifest", "show", ami]);
+    assert_eq!(shown["version"], version);
+    assert_eq!(shown["outputs"]["amis"][0]["image_id"], ami);
+    // Provenance covers it (`publish` plans today's version, so it waits for the next build).
+    let attested = h.json("store", &["attest", ami]);
+    assert_eq!(attested["version"], version, "{attested:#}");
+
+    // A changed recipe is another version: its image recipe is not the one the image came from.
+    let changed_dir = h.dir.path().join("changed");
+    fs_err::create_dir_all(&changed_dir).unwrap();
+    let changed = vendor_recipe(
+        &changed_dir,
+        parameter,
+        "  - shell:\n      name: one more step\n      inline: echo more >/etc/more\n",
+    );
+    let output = h
+        .bake("other")
+        .args(["import", "imagebuilder", image_arn, "--recipe"])
+        .arg(&changed)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let shown = stderr(&output);
+    assert!(
+        shown.contains("is not version") && shown.contains(image_arn),
+        "{shown}"
+    );
+    // And text that is not an image ARN is named as such.
+    let output = h
+        .bake("other")
+        .args([
+            "import",
+            "imagebuilder",
+            "ami-0123456789abcdef0",
+            "--recipe",
+            recipe,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("`ami-0123456789abcdef0` is not an Image Builder image ARN"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -10,7 +10,7 @@
 //! (see shared MOTO.md): IMDS options, volume encryption and tags are asserted on the requests.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,73 +47,22 @@ impl Captured {
     }
 }
 
-/// A minimal HTTP/1.1 proxy: reads each request (Content-Length bodies, as the SDK sends for
-/// EC2 and SSM), records it, forwards it to moto, and returns moto's answer.
+/// A pass-through to moto that records each request (form-decoded EC2 query bodies).
 fn start_proxy(upstream: &str) -> (String, Captured) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
     let captured = Captured::default();
-    let upstream = upstream.trim_end_matches('/').to_owned();
     let record = captured.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let upstream = upstream.clone();
-            let record = record.clone();
-            std::thread::spawn(move || {
-                let _ = serve(stream, &upstream, &record);
-            });
-        }
-    });
+    let address = super::moto_proxy::proxy(
+        upstream,
+        Arc::new(move |body: &[u8]| {
+            let form = url_decode_form(&String::from_utf8_lossy(body));
+            if form.contains_key("Action") {
+                record.0.lock().unwrap().push(form);
+            }
+            super::moto_proxy::Verdict::Forward
+        }),
+        Arc::new(|_: &[u8], response| response),
+    );
     (address, captured)
-}
-
-fn serve(stream: TcpStream, upstream: &str, record: &Captured) -> std::io::Result<()> {
-    let upstream = upstream
-        .strip_prefix("http://")
-        .unwrap_or(upstream)
-        .to_owned();
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    loop {
-        let mut head = String::new();
-        if reader.read_line(&mut head)? == 0 {
-            return Ok(());
-        }
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let trimmed = line.trim_end();
-            if trimmed.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = trimmed.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-                // moto answers one request per connection; bake's client reconnects.
-                if k.trim().eq_ignore_ascii_case("connection") {
-                    continue;
-                }
-            }
-            head.push_str(&line);
-        }
-        head.push_str("Connection: close\r\n\r\n");
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body)?;
-        let form = url_decode_form(&String::from_utf8_lossy(&body));
-        if form.contains_key("Action") {
-            record.0.lock().unwrap().push(form);
-        }
-        let mut moto = TcpStream::connect(&upstream)?;
-        moto.write_all(head.as_bytes())?;
-        moto.write_all(&body)?;
-        let mut response = Vec::new();
-        moto.read_to_end(&mut response)?;
-        writer.write_all(&response)?;
-        writer.flush()?;
-    }
 }
 
 fn url_decode_form(text: &str) -> BTreeMap<String, String> {

@@ -16,6 +16,7 @@ mod gc;
 mod hardening;
 mod imagebuilder;
 mod instance;
+mod moto_proxy;
 mod plan;
 mod provenance;
 mod publish;
@@ -26,4 +27,5 @@ mod rollout;
 mod runner;
 #[path = "../../bake/skip.rs"]
 mod skip;
+mod standin;
 mod verify_published;
