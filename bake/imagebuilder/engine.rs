@@ -1026,3 +1026,29 @@ fn sdk_distribution(d: &super::compile::Distribution) -> Distribution {
     }
     builder.build().expect("the region is set")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::arn_region;
+
+    #[test]
+    fn only_image_arns_give_their_region() {
+        assert_eq!(
+            arn_region("arn:aws:imagebuilder:eu-west-1:123456789012:image/app-1a2b/1.0.0/1"),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            arn_region("arn:aws-cn:imagebuilder:cn-north-1:123456789012:image/app/1.0.0/2"),
+            Some("cn-north-1")
+        );
+        for not_an_image in [
+            "ami-0123456789abcdef0",
+            "arn:aws:imagebuilder:eu-west-1:123456789012:image-recipe/app/1.0.0",
+            "arn:aws:ec2:eu-west-1:123456789012:image/ami-0123456789abcdef0",
+            "arn:aws:imagebuilder::123456789012:image/app/1.0.0/1",
+            "arn:aws:imagebuilder:eu-west-1",
+        ] {
+            assert_eq!(arn_region(not_an_image), None, "{not_an_image}");
+        }
+    }
+}
