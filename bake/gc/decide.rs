@@ -1,6 +1,7 @@
-//! The decision about one AMI, without any I/O: what names it (the scan), what the channels
-//! hold, the recipe's versions newest first, and the retention rules in; keep (with every
-//! reason) or remove (with why) out.
+//! The decision about one AMI or registry image, without any I/O: what names it (the scan),
+//! what the channels hold, the recipe's versions newest first, and the retention rules in; keep
+//! (with every reason) or remove (with why) out. AMIs and images are judged by the same rules;
+//! only what "referenced" means differs ([`Kind`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +31,29 @@ pub struct Rules {
 pub struct ChannelHold {
     pub version: String,
     pub reason: String,
+}
+
+/// What is being decided about: it says which references were looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An AMI (launch templates, Auto Scaling groups, instances, SSM parameters, channels).
+    Ami,
+    /// An image in ECR (ECS services' task definitions, channels).
+    Image,
+}
+
+impl Kind {
+    /// Why nothing keeps an artifact of this kind.
+    fn unreferenced(self) -> &'static str {
+        match self {
+            Kind::Ami => {
+                "unreferenced: no launch template, Auto Scaling group, instance, SSM parameter or channel names it"
+            }
+            Kind::Image => {
+                "unreferenced: no task definition an ECS service runs and no channel names its digest"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,9 +109,11 @@ pub fn channel_holds(
     holds
 }
 
-/// Decides about an AMI of `version`: `versions` are the recipe's, newest first; `channels`
-/// what the channels hold of this version; `in_use` what the scan found naming this AMI.
+/// Decides about an AMI or image (`kind`) of `version`: `versions` are the recipe's, newest
+/// first; `channels` what the channels hold of this version; `in_use` what the scan found
+/// naming this artifact.
 pub fn decide(
+    kind: Kind,
     version: &Version,
     versions: &[VersionInfo],
     channels: &[ChannelHold],
@@ -121,7 +147,7 @@ pub fn decide(
         return Decision::Keep(keep);
     }
     let mut why = vec![
-        "unreferenced: no launch template, Auto Scaling group, instance, SSM parameter or channel names it".to_owned(),
+        kind.unreferenced().to_owned(),
         format!("not one of the last {} versions", rules.keep),
     ];
     if let Some(older_than) = rules.older_than {
@@ -168,7 +194,7 @@ mod tests {
             older_than: None,
         };
         let decide = |n, channels: &[ChannelHold], in_use: &[String]| {
-            decide(&v(n), &versions(), channels, in_use, &rules, now)
+            decide(Kind::Ami, &v(n), &versions(), channels, in_use, &rules, now)
         };
         assert!(matches!(decide(5, &[], &[]), Decision::Keep(r) if r[0].contains("newest 1")));
         assert!(matches!(decide(4, &[], &[]), Decision::Keep(_)));
@@ -191,11 +217,11 @@ mod tests {
         };
         // Made on day 4: 6 days old, younger than 7 days.
         assert!(matches!(
-            decide(&v(4), &versions(), &[], &[], &rules, now),
+            decide(Kind::Ami, &v(4), &versions(), &[], &[], &rules, now),
             Decision::Keep(r) if r[0].contains("not older than")
         ));
         assert!(matches!(
-            decide(&v(2), &versions(), &[], &[], &rules, now),
+            decide(Kind::Ami, &v(2), &versions(), &[], &[], &rules, now),
             Decision::Remove(r) if r.iter().any(|x| x.contains("older than 7days"))
         ));
         let unknown = vec![VersionInfo {
@@ -207,8 +233,53 @@ mod tests {
             older_than: Some(Duration::from_secs(DAY)),
         };
         assert!(matches!(
-            decide(&v(1), &unknown, &[], &[], &rules, now),
+            decide(Kind::Ami, &v(1), &unknown, &[], &[], &rules, now),
             Decision::Keep(_)
+        ));
+    }
+
+    #[test]
+    fn images_are_kept_by_a_running_service_or_a_channel_and_else_removed_as_images() {
+        let now = at(10 * DAY);
+        let rules = Rules {
+            keep: 1,
+            older_than: None,
+        };
+        let service = "ECS service api (cluster prod) runs task definition arn:aws:ecs:us-east-1:123456789012:task-definition/api:3".to_owned();
+        match decide(
+            Kind::Image,
+            &v(2),
+            &versions(),
+            &[],
+            std::slice::from_ref(&service),
+            &rules,
+            now,
+        ) {
+            Decision::Keep(reasons) => assert_eq!(reasons, vec![format!("in use: {service}")]),
+            other => panic!("{other:?}"),
+        }
+        let held = channel(&[(3, 1), (4, 2)]);
+        let holds = channel_holds("prod", &held, None, now);
+        let of_3: Vec<ChannelHold> = holds.into_iter().filter(|h| v(3) == h.version).collect();
+        assert!(matches!(
+            decide(Kind::Image, &v(3), &versions(), &of_3, &[], &rules, now),
+            Decision::Keep(r) if r == vec!["channel prod: previous (the rollback target)".to_owned()]
+        ));
+        match decide(Kind::Image, &v(1), &versions(), &[], &[], &rules, now) {
+            Decision::Remove(why) => {
+                assert!(
+                    why[0].contains("no task definition an ECS service runs"),
+                    "{why:?}"
+                );
+                assert!(!why[0].contains("launch template"), "{why:?}");
+                assert_eq!(why[1], "not one of the last 1 versions");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The newest version is kept by the rule whatever kind it is.
+        assert!(matches!(
+            decide(Kind::Image, &v(5), &versions(), &[], &[], &rules, now),
+            Decision::Keep(r) if r[0].contains("newest 1")
         ));
     }
 

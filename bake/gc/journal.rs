@@ -1,6 +1,6 @@
-//! The journal of a `bake gc` run: every AMI a run is about to remove is written to the store
-//! *before* the first mutating call, and each step (deprecated, deregistered, each snapshot
-//! deleted) right after AWS answered. A run that is killed leaves the journal behind; the next
+//! The journal of a `bake gc` run: every AMI and ECR image a run is about to remove is written
+//! to the store *before* the first mutating call, and each step (deprecated, deregistered, each
+//! snapshot deleted; each tag, then the digest, of an image) right after AWS answered. A run that is killed leaves the journal behind; the next
 //! run finds it (its lock is free) and finishes what the dead one started: above all the
 //! snapshots of an AMI that was already deregistered, which no scan can find through the AMI
 //! any more.
@@ -60,18 +60,38 @@ pub enum Step {
     Done,
 }
 
-/// One AMI a run removes.
+/// What an entry removes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// An AMI and its snapshots (journals of earlier bakes name no kind: AMIs).
+    #[default]
+    Ami,
+    /// An ECR image: its tags, then its digest.
+    Image,
+}
+
+/// One AMI or ECR image a run removes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    #[serde(default)]
+    pub kind: EntryKind,
     pub recipe: String,
     pub version: String,
     pub region: String,
+    /// The AMI id, or the image's `repository@sha256:…`.
     pub image_id: String,
     /// The AMI's snapshots, as DescribeImages listed them before anything was sent.
     pub snapshots: Vec<String>,
     /// Snapshots settled: deleted, found gone, or left because another AMI still uses them.
     #[serde(default)]
     pub settled_snapshots: Vec<String>,
+    /// An image's tags, as DescribeImages listed them before anything was sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Tags settled: deleted, or found gone or moved to another image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled_tags: Vec<String>,
     pub step: Step,
 }
 
@@ -81,6 +101,15 @@ impl Entry {
         self.snapshots
             .iter()
             .filter(|s| !self.settled_snapshots.contains(s))
+            .cloned()
+            .collect()
+    }
+
+    /// An image's tags still to delete.
+    pub fn pending_tags(&self) -> Vec<String> {
+        self.tags
+            .iter()
+            .filter(|t| !self.settled_tags.contains(t))
             .cloned()
             .collect()
     }
@@ -289,12 +318,15 @@ mod tests {
 
     fn entry(image: &str) -> Entry {
         Entry {
+            kind: EntryKind::Ami,
             recipe: "web".into(),
             version: format!("sha256:{}", "a".repeat(64)),
             region: "us-east-1".into(),
             image_id: image.into(),
             snapshots: vec!["snap-1".into(), "snap-2".into()],
             settled_snapshots: Vec::new(),
+            tags: Vec::new(),
+            settled_tags: Vec::new(),
             step: Step::Planned,
         }
     }
@@ -342,5 +374,27 @@ mod tests {
             .unwrap();
         journal.finish().unwrap();
         assert_eq!(interrupted(&store).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn journals_of_earlier_bakes_read_as_amis_and_image_tags_are_tracked() {
+        let earlier = r#"{"recipe":"web","version":"v","region":"us-east-1","image_id":"ami-1",
+            "snapshots":["snap-1"],"step":"planned"}"#;
+        let entry: Entry = serde_json::from_str(earlier).unwrap();
+        assert_eq!(entry.kind, EntryKind::Ami);
+        assert!(entry.tags.is_empty());
+
+        let mut image = Entry {
+            kind: EntryKind::Image,
+            image_id: format!("web@sha256:{}", "b".repeat(64)),
+            snapshots: Vec::new(),
+            tags: vec!["v1".into(), "latest".into()],
+            ..entry
+        };
+        image.settled_tags.push("latest".into());
+        assert_eq!(image.pending_tags(), vec!["v1"]);
+        let text = serde_json::to_string(&image).unwrap();
+        assert!(text.contains(r#""kind":"image""#), "{text}");
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), image);
     }
 }

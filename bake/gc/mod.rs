@@ -1,21 +1,29 @@
-//! `bake gc`: remove a recipe's old AMIs (and their snapshots) without ever breaking a fleet.
+//! `bake gc`: remove a recipe's old AMIs (and their snapshots) and ECR images without ever
+//! breaking a fleet.
 //!
 //! ```text
 //!  interrupted gc journals ──► finish what a killed run started (snapshots of deregistered AMIs)
 //!  per recipe: build records (versions, newest first) + channel records (SSM, home region)
 //!  per region: candidates = AMIs tagged bake:recipe=NAME whose bake:version has a build record
 //!              references = scan::scan (launch templates, ASGs, instances, SSM, AWS's own API)
+//!  per publish.ecr repository: candidates = images whose digest a build record of NAME names
+//!              references = scan::services (task definitions of ECS services, every region the
+//!              recipe's repositories and task definitions are in)
 //!  decide (pure): in use? last N? channel retention? younger than --older-than? else remove
 //!  apply: journal ─► tag bake:gc-deprecated + EnableImageDeprecation ─► (after the grace period)
 //!         DeregisterImage ─► DeleteSnapshot… ─► the version's manifest records the removal
+//!         images: BatchDeleteImage of each tag (while it names the digest) ─► of the digest
+//!         ─► the version's manifest records the removal
 //! ```
 //!
 //! Nothing without bake's tags *and* a build record in this store is a candidate, and nothing of
 //! another recipe: the candidates are found by `bake:recipe`, and each needs the record of its
-//! `bake:version` with the same recipe name. Every artifact gets one line saying what was
-//! decided and why; a dry run makes the same decisions and sends only reads.
+//! `bake:version` with the same recipe name; an image needs a record of this recipe whose image
+//! digest it is ([`ecr`]). Every artifact gets one line saying what was decided and why; a dry
+//! run makes the same decisions and sends only reads.
 
 pub mod decide;
+pub mod ecr;
 pub mod journal;
 pub mod scan;
 
@@ -24,8 +32,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use self::decide::{ChannelHold, Decision, VersionInfo};
-use self::journal::{Entry, GcJournal, GcJournalError, Step};
+use self::decide::{ChannelHold, Decision, Kind, VersionInfo};
+use self::ecr::{Deleted, EcrImage};
+use self::journal::{Entry, EntryKind, GcJournal, GcJournalError, Step};
 use crate::ami::lookup::{self, ImageInfo};
 use crate::ami::{AwsCallError, TAG_RECIPE, TAG_VERSION, sdk_error_code};
 use crate::aws::Aws;
@@ -64,6 +73,13 @@ pub enum GcError {
         #[source]
         source: AwsCallError,
     },
+    #[error("failed to list the images of ECR repository `{repository}` in {region}")]
+    RegistryImages {
+        repository: String,
+        region: String,
+        #[source]
+        source: AwsCallError,
+    },
     #[error("failed to read channel `{channel}` of recipe `{recipe}`")]
     Channel {
         recipe: String,
@@ -91,7 +107,7 @@ pub enum Action {
     Keep,
     /// Not bake's to judge (no build record, no tags): never touched.
     Skip,
-    /// Deregistered (an AMI) or deleted (a snapshot).
+    /// Deregistered (an AMI) or deleted (a snapshot, an image).
     Removed,
     WouldRemove,
     /// Deprecated; deregistered by a run after the grace period.
@@ -117,9 +133,10 @@ impl Action {
 /// One artifact's line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Line {
-    /// `ami` or `snapshot`.
+    /// `ami`, `snapshot` or `image`.
     pub kind: &'static str,
     pub region: String,
+    /// The AMI or snapshot id, or the image's `repository@sha256:…`.
     pub id: String,
     pub recipe: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -168,6 +185,14 @@ impl GcReport {
     pub fn failures(&self) -> impl Iterator<Item = &Line> {
         self.artifacts.iter().filter(|l| l.action == Action::Failed)
     }
+}
+
+/// One candidate image in ECR, with the decision about it.
+struct ImageCandidate {
+    recipe: String,
+    version: Version,
+    image: EcrImage,
+    decision: Decision,
 }
 
 /// One candidate AMI, with the decision about it.
@@ -227,23 +252,28 @@ pub async fn run(
             }
         }
     }
+    let (pending_images, image_references) =
+        find_image_candidates(aws, recipes, &records, &mut report).await?;
     let mut references = BTreeMap::new();
     for (region, ids) in &by_region {
         let refs = scan::scan(aws, region, ids).await?;
         report.notes.extend(refs.notes.iter().cloned());
         references.insert(region.clone(), refs);
     }
-    let mut candidates: Vec<Candidate> = Vec::new();
-    for mut candidate in pending {
+    let rules_of = |recipe: &str| {
         let lifecycle = recipes
             .iter()
-            .find(|r| r.name == candidate.recipe)
+            .find(|r| r.name == recipe)
             .map(|r| r.lifecycle.clone())
             .unwrap_or_default();
-        let rules = decide::Rules {
+        decide::Rules {
             keep: options.keep.or(lifecycle.keep).unwrap_or(DEFAULT_KEEP),
             older_than: options.older_than.or(lifecycle.older_than),
-        };
+        }
+    };
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for mut candidate in pending {
+        let rules = rules_of(&candidate.recipe);
         let in_use = references
             .get(&candidate.region)
             .map(|r| r.of(&candidate.image.image_id).to_vec())
@@ -253,6 +283,7 @@ pub async fn run(
             .and_then(|h| h.get(&candidate.version))
             .map_or(&[][..], Vec::as_slice);
         candidate.decision = decide::decide(
+            Kind::Ami,
             &candidate.version,
             versions
                 .get(&candidate.recipe)
@@ -267,11 +298,49 @@ pub async fn run(
     candidates.sort_by(|a, b| {
         (&a.recipe, &a.region, &a.image.image_id).cmp(&(&b.recipe, &b.region, &b.image.image_id))
     });
+    let mut images: Vec<ImageCandidate> = Vec::new();
+    for mut candidate in pending_images {
+        let in_use: Vec<String> = image_references
+            .iter()
+            .flat_map(|r| {
+                r.of(
+                    &candidate.image.repository,
+                    &candidate.image.digest,
+                    &candidate.image.tags,
+                )
+            })
+            .fold(Vec::new(), |mut all, reference| {
+                if !all.contains(&reference) {
+                    all.push(reference);
+                }
+                all
+            });
+        let held = holds
+            .get(&candidate.recipe)
+            .and_then(|h| h.get(&candidate.version))
+            .map_or(&[][..], Vec::as_slice);
+        candidate.decision = decide::decide(
+            Kind::Image,
+            &candidate.version,
+            versions
+                .get(&candidate.recipe)
+                .map_or(&[][..], Vec::as_slice),
+            held,
+            &in_use,
+            &rules_of(&candidate.recipe),
+            now,
+        );
+        images.push(candidate);
+    }
+    images.sort_by(|a, b| {
+        (&a.recipe, &a.image.region, a.image.id()).cmp(&(&b.recipe, &b.image.region, b.image.id()))
+    });
     apply(
         aws,
         store,
         recipes,
         candidates,
+        images,
         options.dry_run,
         now,
         &mut report,
@@ -448,6 +517,74 @@ async fn find_candidates(
     Ok(found)
 }
 
+/// The images of the recipes' ECR repositories that gc may judge, and what ECS services run in
+/// every region those repositories and the recipes' task definitions are in (a service may
+/// pull from another region's repository, so each image is checked against all of them).
+async fn find_image_candidates(
+    aws: &Aws,
+    recipes: &[Recipe],
+    records: &[BuildRecord],
+    report: &mut GcReport,
+) -> Result<(Vec<ImageCandidate>, Vec<scan::ImageReferences>), GcError> {
+    let mut found = Vec::new();
+    let mut regions = BTreeSet::new();
+    for recipe in recipes {
+        let repositories = ecr::repositories(recipe, aws);
+        if repositories.is_empty() {
+            continue;
+        }
+        regions.extend(
+            recipe
+                .publish
+                .ecs_task_definitions
+                .iter()
+                .map(|t| t.region.clone()),
+        );
+        for (region, repository) in repositories {
+            regions.insert(region.clone());
+            let listed = ecr::images(aws, &region, &repository)
+                .await
+                .map_err(|source| GcError::RegistryImages {
+                    repository: repository.clone(),
+                    region: region.clone(),
+                    source,
+                })?;
+            let Some(images) = listed else {
+                report.notes.push(format!(
+                    "ECR repository {repository} does not exist in {region}: no images of {} to collect there",
+                    recipe.name
+                ));
+                continue;
+            };
+            let mut foreign = 0usize;
+            for image in images {
+                match ecr::version_of(records, &recipe.name, &image.digest) {
+                    Some(version) => found.push(ImageCandidate {
+                        recipe: recipe.name.clone(),
+                        version,
+                        image,
+                        decision: Decision::Keep(Vec::new()),
+                    }),
+                    None => foreign += 1,
+                }
+            }
+            if foreign > 0 {
+                report.notes.push(format!(
+                    "ECR repository {repository} in {region}: {foreign} image(s) that no build record of {} in this store names, never touched",
+                    recipe.name
+                ));
+            }
+        }
+    }
+    let mut references = Vec::new();
+    if !found.is_empty() {
+        for region in &regions {
+            references.push(scan::services(aws, region).await?);
+        }
+    }
+    Ok((found, references))
+}
+
 /// The AMI's removal as the version's manifest records it.
 fn record_removals(
     store: &Store,
@@ -572,6 +709,50 @@ async fn resume(
         for index in 0..journal.doc.entries.len() {
             let entry = journal.doc.entries[index].clone();
             if entry.step == Step::Done {
+                continue;
+            }
+            if entry.kind == EntryKind::Image {
+                let Some(image) = ecr::parse_id(&entry.region, &entry.image_id) else {
+                    continue;
+                };
+                let exists =
+                    ecr::exists(aws, &image)
+                        .await
+                        .map_err(|source| GcError::RegistryImages {
+                            repository: image.repository.clone(),
+                            region: entry.region.clone(),
+                            source,
+                        })?;
+                // Still there: decided afresh below. Gone: the killed run deleted it after its
+                // last journal write; what is left is to say so in the version's manifest.
+                if exists || dry_run {
+                    continue;
+                }
+                if let Ok(version) = entry.version.parse::<Version>() {
+                    record_removals(
+                        store,
+                        &version,
+                        vec![Removal {
+                            kind: "image".into(),
+                            id: entry.image_id.clone(),
+                            region: entry.region.clone(),
+                            at: now_rfc3339(),
+                            reason: why.clone(),
+                        }],
+                    )?;
+                }
+                report.artifacts.push(Line {
+                    kind: "image",
+                    region: entry.region.clone(),
+                    id: entry.image_id.clone(),
+                    recipe: entry.recipe.clone(),
+                    version: Some(entry.version.clone()),
+                    action: Action::Removed,
+                    reasons: vec![format!("{why}: its deletion had been sent")],
+                    error: None,
+                });
+                journal.doc.entries[index].step = Step::Done;
+                journal.save(store)?;
                 continue;
             }
             let ec2 = aws.ec2(&entry.region);
@@ -714,11 +895,13 @@ async fn deprecate(
 }
 
 /// Carries out the decisions (or, in a dry run, says what they would do).
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     aws: &Aws,
     store: &Store,
     recipes: &[Recipe],
     candidates: Vec<Candidate>,
+    images: Vec<ImageCandidate>,
     dry_run: bool,
     now: SystemTime,
     report: &mut GcReport,
@@ -775,20 +958,54 @@ async fn apply(
             }
         }
     }
-    if removing.is_empty() {
+    let mut removing_images = Vec::new();
+    for c in images {
+        match &c.decision {
+            Decision::Keep(reasons) => {
+                report
+                    .artifacts
+                    .push(image_line(&c, Action::Keep, reasons.clone(), None));
+            }
+            Decision::Remove(reasons) if dry_run => {
+                let mut reasons = reasons.clone();
+                reasons.push(tags_reason(&c.image.tags));
+                report
+                    .artifacts
+                    .push(image_line(&c, Action::WouldRemove, reasons, None));
+            }
+            Decision::Remove(_) => removing_images.push(c),
+        }
+    }
+    if removing.is_empty() && removing_images.is_empty() {
         return Ok(());
     }
+    let image_entries = removing_images.iter().map(|c| Entry {
+        kind: EntryKind::Image,
+        recipe: c.recipe.clone(),
+        version: c.version.to_string(),
+        region: c.image.region.clone(),
+        image_id: c.image.id(),
+        snapshots: Vec::new(),
+        settled_snapshots: Vec::new(),
+        tags: c.image.tags.clone(),
+        settled_tags: Vec::new(),
+        step: Step::Planned,
+    });
     let entries = removing
         .iter()
         .map(|c| Entry {
+            kind: EntryKind::Ami,
             recipe: c.recipe.clone(),
             version: c.version.to_string(),
             region: c.region.clone(),
             image_id: c.image.image_id.clone(),
             snapshots: c.image.snapshots.clone(),
             settled_snapshots: Vec::new(),
+            tags: Vec::new(),
+            settled_tags: Vec::new(),
             step: Step::Planned,
         })
+        .chain(image_entries)
         .collect();
     let journal = GcJournal::begin(store, entries)?;
     for c in &removing {
@@ -859,12 +1076,15 @@ async fn apply(
             None,
         )];
         let entry = Entry {
+            kind: EntryKind::Ami,
             recipe: c.recipe.clone(),
             version: c.version.to_string(),
             region: c.region.clone(),
             image_id: c.image.image_id.clone(),
             snapshots: c.image.snapshots.clone(),
             settled_snapshots: Vec::new(),
+            tags: Vec::new(),
+            settled_tags: Vec::new(),
             step: Step::Deregistered,
         };
         remove_snapshots(
@@ -888,8 +1108,89 @@ async fn apply(
         record_removals(store, &c.version, removals)?;
         report.artifacts.extend(lines);
     }
+    for c in &removing_images {
+        let Decision::Remove(reasons) = &c.decision else {
+            continue;
+        };
+        let line = remove_image(aws, store, &journal, c, reasons).await?;
+        report.artifacts.push(line);
+    }
     journal.finish()?;
     Ok(())
+}
+
+fn image_line(
+    c: &ImageCandidate,
+    action: Action,
+    reasons: Vec<String>,
+    error: Option<String>,
+) -> Line {
+    Line {
+        kind: "image",
+        region: c.image.region.clone(),
+        id: c.image.id(),
+        recipe: c.recipe.clone(),
+        version: Some(c.version.to_string()),
+        action,
+        reasons,
+        error,
+    }
+}
+
+/// Removes one ECR image: each tag (only while it still names the digest), then the digest,
+/// journaling each step; the version's manifest records the removal.
+async fn remove_image(
+    aws: &Aws,
+    store: &Store,
+    journal: &GcJournal,
+    c: &ImageCandidate,
+    reasons: &[String],
+) -> Result<Line, GcError> {
+    let id = c.image.id();
+    let region = c.image.region.as_str();
+    let client = aws.ecr(region);
+    let ecr = &client;
+    let failed = |error: String| image_line(c, Action::Failed, reasons.to_vec(), Some(error));
+    let outcomes = ecr::delete_tags(ecr, &c.image, &c.image.tags).await;
+    let mut failure = None;
+    for (tag, outcome) in c.image.tags.iter().zip(outcomes) {
+        match outcome {
+            Deleted::Settled => {
+                journal.update(region, &id, |e| e.settled_tags.push(tag.clone()))?;
+            }
+            Deleted::Failed(error) => failure = Some(format!("tag {tag}: {error}")),
+        }
+    }
+    if let Some(error) = failure {
+        return Ok(failed(error));
+    }
+    if let Deleted::Failed(error) = ecr::delete_digest(ecr, &c.image).await {
+        return Ok(failed(error));
+    }
+    journal.update(region, &id, |e| e.step = Step::Done)?;
+    let why = reasons.join("; ");
+    record_removals(
+        store,
+        &c.version,
+        vec![Removal {
+            kind: "image".into(),
+            id: id.clone(),
+            region: region.to_owned(),
+            at: now_rfc3339(),
+            reason: why,
+        }],
+    )?;
+    let mut reasons = reasons.to_vec();
+    reasons.push(tags_reason(&c.image.tags));
+    Ok(image_line(c, Action::Removed, reasons, None))
+}
+
+fn tags_reason(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "untagged".into()
+    } else {
+        format!("with tags {} (deleted first)", tags.join(", "))
+    }
 }
 
 fn grace_reason(started: SystemTime, grace: Duration) -> String {

@@ -12,6 +12,12 @@
 //!   says so.
 //!
 //! Any other failure stops the scan: a reference bake could not read is never taken for none.
+//!
+//! For registry images ([`services`]), in one region: every ECS service of every cluster that
+//! is not `INACTIVE`, the task definition it is set to and those of all its deployments (a
+//! rollout in progress runs two), and each container image those task definitions name, by
+//! digest (`…@sha256:…`, what bake publishes) or by tag (matched against the tags the image
+//! carries in ECR when gc judges it).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,6 +34,9 @@ const PARAMETERS_PER_REQUEST: usize = 10;
 
 /// Image ids per DescribeImageReferences request, well under its limit.
 const IMAGES_PER_REFERENCE_REQUEST: usize = 10;
+
+/// DescribeServices takes at most 10 services per request.
+const SERVICES_PER_REQUEST: usize = 10;
 
 /// DescribeImageReferences is optional to the answer (the scan is the ground truth): one retry
 /// rides out a blip without holding the run up where the API is not offered at all.
@@ -441,6 +450,168 @@ async fn image_references(
     }
 }
 
+/// What names which image in one region: the task definitions ECS services run.
+#[derive(Debug, Default)]
+pub struct ImageReferences {
+    /// Digest (`sha256:…`) → why it is in use.
+    pub by_digest: BTreeMap<String, Vec<String>>,
+    /// (repository path, tag) → why it is in use, for images a task definition names by tag.
+    pub by_tag: BTreeMap<(String, String), Vec<String>>,
+}
+
+impl ImageReferences {
+    fn add(list: &mut Vec<String>, reference: String) {
+        if !list.contains(&reference) {
+            list.push(reference);
+        }
+    }
+
+    /// Every reference to the image `digest` of `repository` carrying `tags`.
+    pub fn of(&self, repository: &str, digest: &str, tags: &[String]) -> Vec<String> {
+        let mut found = self.by_digest.get(digest).cloned().unwrap_or_default();
+        for tag in tags {
+            for reference in self
+                .by_tag
+                .get(&(repository.to_owned(), tag.clone()))
+                .into_iter()
+                .flatten()
+            {
+                Self::add(&mut found, format!("{reference} (by tag {tag})"));
+            }
+        }
+        found
+    }
+}
+
+/// What a container image string names: a digest, or a repository path and a tag.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImageName {
+    Digest(String),
+    Tag { repository: String, tag: String },
+}
+
+/// Reads a task definition's `image` (`[host/]path[:tag][@sha256:…]`); `None` for a bare
+/// repository (it means `latest`, and bake never publishes that).
+pub fn image_name(image: &str) -> Option<ImageName> {
+    if let Some((_, digest)) = image.rsplit_once('@') {
+        let hex = digest.strip_prefix("sha256:")?;
+        return (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| ImageName::Digest(digest.to_ascii_lowercase()));
+    }
+    // A first segment with a dot or a port (or `localhost`) is a registry host.
+    let path = match image.split_once('/') {
+        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
+        _ => image,
+    };
+    let (repository, tag) = path.rsplit_once(':')?;
+    (!repository.is_empty() && !tag.is_empty() && !tag.contains('/')).then(|| ImageName::Tag {
+        repository: repository.to_owned(),
+        tag: tag.to_owned(),
+    })
+}
+
+/// Scans `region` for the images ECS services run.
+pub async fn services(aws: &Aws, region: &str) -> Result<ImageReferences, ScanError> {
+    let ecs = crate::publish::clients::ecs(aws, region);
+    let mut refs = ImageReferences::default();
+    let mut clusters = Vec::new();
+    let mut token = None;
+    loop {
+        let out = sdk!(ecs.list_clusters().set_next_token(token).send().await)
+            .map_err(fail("list ECS clusters", region))?;
+        clusters.extend(out.cluster_arns().iter().cloned());
+        token = out.next_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    // Task definition ARN → its container images, read once however many services run it.
+    let mut images: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for cluster in &clusters {
+        let mut arns = Vec::new();
+        let mut token = None;
+        loop {
+            let out = sdk!(
+                ecs.list_services()
+                    .cluster(cluster)
+                    .set_next_token(token)
+                    .send()
+                    .await
+            )
+            .map_err(fail("list ECS services", region))?;
+            arns.extend(out.service_arns().iter().cloned());
+            token = out.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        let cluster_name = cluster.rsplit('/').next().unwrap_or(cluster);
+        for batch in arns.chunks(SERVICES_PER_REQUEST) {
+            let out = sdk!(
+                ecs.describe_services()
+                    .cluster(cluster)
+                    .set_services(Some(batch.to_vec()))
+                    .send()
+                    .await
+            )
+            .map_err(fail("describe ECS services", region))?;
+            for service in out.services() {
+                if service.status() == Some("INACTIVE") {
+                    continue;
+                }
+                let name = service.service_name().unwrap_or("?");
+                let mut definitions: Vec<&str> = service.task_definition().into_iter().collect();
+                for deployment in service.deployments() {
+                    if let Some(td) = deployment.task_definition()
+                        && !definitions.contains(&td)
+                    {
+                        definitions.push(td);
+                    }
+                }
+                for definition in definitions {
+                    if !images.contains_key(definition) {
+                        let out = sdk!(
+                            ecs.describe_task_definition()
+                                .task_definition(definition)
+                                .send()
+                                .await
+                        )
+                        .map_err(fail("describe ECS task definitions", region))?;
+                        let named = out
+                            .task_definition()
+                            .map(|t| {
+                                t.container_definitions()
+                                    .iter()
+                                    .filter_map(|c| c.image())
+                                    .map(str::to_owned)
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        images.insert(definition.to_owned(), named);
+                    }
+                    let reason = format!(
+                        "ECS service {name} (cluster {cluster_name}) runs task definition {definition}"
+                    );
+                    for image in &images[definition] {
+                        match image_name(image) {
+                            Some(ImageName::Digest(digest)) => ImageReferences::add(
+                                refs.by_digest.entry(digest).or_default(),
+                                reason.clone(),
+                            ),
+                            Some(ImageName::Tag { repository, tag }) => ImageReferences::add(
+                                refs.by_tag.entry((repository, tag)).or_default(),
+                                reason.clone(),
+                            ),
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(refs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,5 +622,39 @@ mod tests {
             ami_ids(r#"{"x86":"ami-0123abcd","arm":"ami-0fed"} ami-zz,ami-12ab"#).collect();
         assert_eq!(found, vec!["ami-0123abcd", "ami-0fed", "ami-12ab"]);
         assert_eq!(ami_ids("resolve:ssm:/x").count(), 0);
+    }
+
+    #[test]
+    fn task_definition_images_are_read_by_digest_or_by_tag() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            image_name(&format!(
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/api@{digest}"
+            )),
+            Some(ImageName::Digest(digest.clone()))
+        );
+        assert_eq!(
+            image_name(&format!(
+                "api:v1@{}",
+                digest.to_uppercase().replace("SHA", "sha")
+            )),
+            Some(ImageName::Digest(digest))
+        );
+        assert_eq!(
+            image_name("123456789012.dkr.ecr.us-east-1.amazonaws.com/team/api:v1"),
+            Some(ImageName::Tag {
+                repository: "team/api".into(),
+                tag: "v1".into()
+            })
+        );
+        assert_eq!(
+            image_name("localhost:5000/api:v2"),
+            Some(ImageName::Tag {
+                repository: "api".into(),
+                tag: "v2".into()
+            })
+        );
+        assert_eq!(image_name("localhost:5000/api"), None);
+        assert_eq!(image_name("api@sha256:short"), None);
     }
 }

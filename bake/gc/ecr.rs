@@ -1,0 +1,283 @@
+//! The ECR half of `bake gc`: which images of a recipe's ECR repositories are gc's to judge,
+//! and removing one (its tags first, then its digest).
+//!
+//! An image is a candidate only when its digest is the `image_digest` of one of this recipe's
+//! build records in this store: bake made exactly that manifest for exactly that version.
+//! Anything else in the repository (pushed by hand, by another tool, or a digest another
+//! recipe's record names) is never a candidate, whatever its tags say.
+//!
+//! ECR has no deprecation: the reference check ([`super::scan::services`], the channels, the
+//! retention rules) is what keeps a running service's image, and a removed image goes at once.
+
+use std::collections::BTreeSet;
+
+use aws_sdk_ecr::types::ImageIdentifier;
+
+use crate::ami::AwsCallError;
+use crate::aws::Aws;
+use crate::id::Version;
+use crate::recipe::Recipe;
+use crate::store::BuildRecord;
+
+/// BatchDeleteImage takes at most 100 image ids per request.
+const IDS_PER_DELETE: usize = 100;
+
+/// DescribeImages' largest page (fewer requests for big repositories).
+const IMAGES_PER_PAGE: i32 = 1000;
+
+/// BatchDeleteImage failure codes that mean there is nothing left to do for that id: the
+/// image (or tag) is gone, or the tag was moved to another image since it was listed, which
+/// must then keep it.
+const SETTLED_FAILURES: [&str; 2] = ["ImageNotFound", "ImageTagDoesNotMatchDigest"];
+
+/// One image in an ECR repository, as DescribeImages lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcrImage {
+    pub region: String,
+    pub repository: String,
+    /// `sha256:…`.
+    pub digest: String,
+    /// Empty for an untagged image.
+    pub tags: Vec<String>,
+}
+
+impl EcrImage {
+    /// `repository@sha256:…`: the image's id in gc's lines, journal and manifest removals.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.repository, self.digest)
+    }
+}
+
+/// The recipe's ECR repositories: (region, repository), in the region each target publishes
+/// to (the target's own, else the recipe's first AMI region, else the default region, as
+/// `bake push` resolves it).
+pub fn repositories(recipe: &Recipe, aws: &Aws) -> BTreeSet<(String, String)> {
+    let fallback = recipe
+        .outputs
+        .ami
+        .iter()
+        .flat_map(|a| a.regions.first().cloned())
+        .next()
+        .or_else(|| aws.default_region().map(str::to_owned));
+    recipe
+        .publish
+        .ecr
+        .iter()
+        .filter_map(|t| {
+            let region = t.region.clone().or_else(|| fallback.clone())?;
+            Some((region, t.repository.clone()))
+        })
+        .collect()
+}
+
+/// Every image of `repository` (tagged or not); `None` when the repository does not exist.
+pub async fn images(
+    aws: &Aws,
+    region: &str,
+    repository: &str,
+) -> Result<Option<Vec<EcrImage>>, AwsCallError> {
+    let ecr = aws.ecr(region);
+    let mut found = Vec::new();
+    let mut token = None;
+    loop {
+        let sent = ecr
+            .describe_images()
+            .repository_name(repository)
+            .max_results(IMAGES_PER_PAGE)
+            .set_next_token(token)
+            .send()
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_repository_not_found_exception()) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(AwsCallError::from_sdk(&e)),
+        };
+        for detail in out.image_details() {
+            let Some(digest) = detail.image_digest() else {
+                continue;
+            };
+            found.push(EcrImage {
+                region: region.to_owned(),
+                repository: repository.to_owned(),
+                digest: digest.to_owned(),
+                tags: detail.image_tags().to_vec(),
+            });
+        }
+        token = out.next_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(Some(found));
+        }
+    }
+}
+
+/// Whether `record` names `digest` (`sha256:…`, as ECR writes it) as its image.
+fn names(record: &BuildRecord, digest: &str) -> bool {
+    let hex = digest.strip_prefix("sha256:");
+    record
+        .image()
+        .is_some_and(|i| hex == Some(i.image_digest.hex()))
+}
+
+/// The version of `recipe` whose build record names `digest` as its image, if any.
+pub fn version_of(records: &[BuildRecord], recipe: &str, digest: &str) -> Option<Version> {
+    records
+        .iter()
+        .find(|r| r.name == recipe && names(r, digest))
+        .map(|r| r.version.clone())
+}
+
+/// What deleting one id (a tag or the digest) came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// Gone now, or already (or, for a tag, moved to another image: not this image's any more).
+    Settled,
+    Failed(String),
+}
+
+/// Deletes `ids` of the image in one or more BatchDeleteImage requests; one outcome per id, in
+/// order. A request that fails as a whole fails each of its ids.
+async fn delete(
+    ecr: &aws_sdk_ecr::Client,
+    repository: &str,
+    ids: Vec<ImageIdentifier>,
+) -> Vec<Deleted> {
+    let mut outcomes = Vec::new();
+    for batch in ids.chunks(IDS_PER_DELETE) {
+        let sent = ecr
+            .batch_delete_image()
+            .repository_name(repository)
+            .set_image_ids(Some(batch.to_vec()))
+            .send()
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_repository_not_found_exception()) =>
+            {
+                outcomes.extend(batch.iter().map(|_| Deleted::Settled));
+                continue;
+            }
+            Err(e) => {
+                let error = format!("BatchDeleteImage: {}", AwsCallError::from_sdk(&e));
+                outcomes.extend(batch.iter().map(|_| Deleted::Failed(error.clone())));
+                continue;
+            }
+        };
+        for id in batch {
+            let failure = out.failures().iter().find(|f| {
+                f.image_id().is_some_and(|failed| {
+                    failed.image_tag() == id.image_tag()
+                        && (failed.image_digest().is_none()
+                            || failed.image_digest() == id.image_digest())
+                })
+            });
+            outcomes.push(match failure {
+                None => Deleted::Settled,
+                Some(f) => {
+                    let code = f.failure_code().map_or("", |c| c.as_str());
+                    if SETTLED_FAILURES.contains(&code) {
+                        Deleted::Settled
+                    } else {
+                        Deleted::Failed(format!(
+                            "BatchDeleteImage: {code}: {}",
+                            f.failure_reason().unwrap_or("no reason given")
+                        ))
+                    }
+                }
+            });
+        }
+    }
+    outcomes
+}
+
+/// Deletes the image's `tags`, each only while it still names this digest (a tag moved to
+/// another image since it was listed stays there); one outcome per tag.
+pub async fn delete_tags(
+    ecr: &aws_sdk_ecr::Client,
+    image: &EcrImage,
+    tags: &[String],
+) -> Vec<Deleted> {
+    let ids = tags
+        .iter()
+        .map(|tag| {
+            ImageIdentifier::builder()
+                .image_digest(&image.digest)
+                .image_tag(tag)
+                .build()
+        })
+        .collect();
+    delete(ecr, &image.repository, ids).await
+}
+
+/// Deletes the image by its digest.
+pub async fn delete_digest(ecr: &aws_sdk_ecr::Client, image: &EcrImage) -> Deleted {
+    let id = ImageIdentifier::builder()
+        .image_digest(&image.digest)
+        .build();
+    delete(ecr, &image.repository, vec![id])
+        .await
+        .pop()
+        .unwrap_or(Deleted::Settled)
+}
+
+/// Whether the image is still in its repository.
+pub async fn exists(aws: &Aws, image: &EcrImage) -> Result<bool, AwsCallError> {
+    let sent = aws
+        .ecr(&image.region)
+        .describe_images()
+        .repository_name(&image.repository)
+        .image_ids(
+            ImageIdentifier::builder()
+                .image_digest(&image.digest)
+                .build(),
+        )
+        .send()
+        .await;
+    match sent {
+        Ok(out) => Ok(!out.image_details().is_empty()),
+        Err(e)
+            if e.as_service_error().is_some_and(|e| {
+                e.is_image_not_found_exception() || e.is_repository_not_found_exception()
+            }) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(AwsCallError::from_sdk(&e)),
+    }
+}
+
+/// The image an `repository@sha256:…` id names, in `region`.
+pub fn parse_id(region: &str, id: &str) -> Option<EcrImage> {
+    let (repository, digest) = id.rsplit_once('@')?;
+    Some(EcrImage {
+        region: region.to_owned(),
+        repository: repository.to_owned(),
+        digest: digest.to_owned(),
+        tags: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_id_round_trips() {
+        let image = EcrImage {
+            region: "us-east-1".into(),
+            repository: "team/api".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            tags: vec!["v1".into()],
+        };
+        let parsed = parse_id("us-east-1", &image.id()).unwrap();
+        assert_eq!(parsed.repository, "team/api");
+        assert_eq!(parsed.digest, image.digest);
+        assert!(parse_id("us-east-1", "no-digest").is_none());
+    }
+}
