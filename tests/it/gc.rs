@@ -146,6 +146,32 @@ impl Env {
                 json!({"region": region, "image_id": image, "snapshot_id": snapshot})
             })
             .collect();
+        self.put_record(
+            name,
+            n,
+            json!({"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": regions}}),
+        );
+    }
+
+    /// The store's build record of version `n`, an OCI image whose manifest has `digest`,
+    /// made on day `n`.
+    fn record_image(&self, name: &str, n: u8, digest: &str) {
+        self.put_record(
+            name,
+            n,
+            json!({"kind": "oci_image", "image": {
+                "image_digest": digest,
+                "config_digest": version(n),
+                "manifest_size": 2,
+                "layers": [],
+                "steps": [],
+                "compressor": "gzip"
+            }}),
+        );
+    }
+
+    /// The store's build record of version `n` with `artifact`, made on day `n`.
+    fn put_record(&self, name: &str, n: u8, artifact: Value) {
         let record = json!({
             "format": "bake.build-record/v2",
             "name": name,
@@ -163,7 +189,7 @@ impl Env {
             },
             "started": format!("2026-01-{:02}T00:00:00Z", n + 1),
             "duration_ms": 1,
-            "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": regions}}
+            "artifact": artifact
         });
         let record: bake::store::BuildRecord = serde_json::from_value(record).unwrap();
         bake::store::Store::open(&self.store)
@@ -857,4 +883,330 @@ fn gc_refuses_a_store_without_builds_and_bad_lifecycle_settings() {
         "{stderr}"
     );
     assert!(stderr.contains("bad.yaml:"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// ECR images
+
+const REPOSITORY: &str = "gcweb/api";
+
+fn image_recipe_text() -> String {
+    format!(
+        "bake: 1\nname: {RECIPE}\nbase: scratch\noutputs:\n  oci: {{}}\npublish:\n  ecr:\n    - repository: {REPOSITORY}\n      region: {HOME}\n  channels: [prod]\n"
+    )
+}
+
+/// An image manifest of its own for `seed`, and its digest.
+fn manifest(seed: &str) -> (String, String) {
+    let text = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": bake::id::Digest::of(seed.as_bytes()).to_string(),
+            "size": seed.len()
+        },
+        "layers": []
+    })
+    .to_string();
+    let digest = bake::id::Digest::of(text.as_bytes()).to_string();
+    (text, digest)
+}
+
+impl Env {
+    /// Puts the manifest into the test's ECR repository under each of `tags` (none: untagged),
+    /// as `bake push` leaves it; moto keeps the digest it is given (MOTO.md, gotcha 6), which
+    /// is the sha256 of the bytes, as ECR's data plane computes it.
+    async fn put_image(&self, text: &str, digest: &str, tags: &[&str]) {
+        let ecr = self.aws.ecr(HOME);
+        let put = |tag: Option<&str>| {
+            ecr.put_image()
+                .repository_name(REPOSITORY)
+                .image_manifest(text)
+                .image_manifest_media_type("application/vnd.oci.image.manifest.v1+json")
+                .image_digest(digest)
+                .set_image_tag(tag.map(str::to_owned))
+                .send()
+        };
+        if tags.is_empty() {
+            put(None).await.unwrap();
+        }
+        for tag in tags {
+            put(Some(tag)).await.unwrap();
+        }
+    }
+
+    /// Version `n` of the image recipe: its image in ECR with `tags`, and its build record.
+    async fn built_image(&self, n: u8, tags: &[&str]) -> String {
+        let (text, digest) = manifest(&format!("{RECIPE} {n}"));
+        self.put_image(&text, &digest, tags).await;
+        self.record_image(RECIPE, n, &digest);
+        digest
+    }
+
+    /// Digest → tags of every image in the test's repository, as moto holds them.
+    async fn ecr_images(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let out = self
+            .aws
+            .ecr(HOME)
+            .describe_images()
+            .repository_name(REPOSITORY)
+            .send()
+            .await
+            .unwrap();
+        out.image_details()
+            .iter()
+            .map(|d| {
+                (
+                    d.image_digest().unwrap().to_owned(),
+                    d.image_tags().iter().cloned().collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Registers a task definition whose one container runs `digest` from the test's
+    /// repository; its ARN.
+    async fn task_definition(&self, family: &str, digest: &str) -> String {
+        let image = format!(
+            "{}/{REPOSITORY}@{digest}",
+            bake::registry::ecr::registry_host(&self.account, HOME)
+        );
+        clients::ecs(&self.aws, HOME)
+            .register_task_definition()
+            .family(family)
+            .container_definitions(
+                aws_sdk_ecs::types::ContainerDefinition::builder()
+                    .name("app")
+                    .image(image)
+                    .memory(512)
+                    .essential(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .task_definition()
+            .unwrap()
+            .task_definition_arn()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// Id (`repository@digest`) → line of the report's images.
+fn image_lines(report: &Value) -> BTreeMap<String, Value> {
+    report["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "image")
+        .map(|l| (l["id"].as_str().unwrap().to_owned(), l.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_service_runs() {
+    let Some(env) = Env::new(&image_recipe_text()).await else {
+        return;
+    };
+    let ecr = env.aws.ecr(HOME);
+    ecr.create_repository()
+        .repository_name(REPOSITORY)
+        .send()
+        .await
+        .unwrap();
+    // Versions 0 to 7 of the recipe, some tagged, some untagged (as a retag leaves them).
+    let tags: [&[&str]; 8] = [
+        &[],
+        &[],
+        &["v2"],
+        &[],
+        &["v4", "stable"],
+        &[],
+        &["v6"],
+        &["v7", "latest"],
+    ];
+    let mut d = BTreeMap::new();
+    for (n, tags) in tags.iter().enumerate() {
+        d.insert(n as u8, env.built_image(n as u8, tags).await);
+    }
+    let id = |n: u8| format!("{REPOSITORY}@{}", d[&n]);
+
+    // A running service whose deployment still runs revision 1 (v2) while the service is set
+    // to revision 2 (v3): a rollout in progress runs both. moto keeps the first deployment
+    // after UpdateService (MOTO.md), which is exactly that state.
+    let ecs = clients::ecs(&env.aws, HOME);
+    ecs.create_cluster()
+        .cluster_name("gc-cluster")
+        .send()
+        .await
+        .unwrap();
+    let rev1 = env.task_definition("gc-api", &d[&2]).await;
+    let rev2 = env.task_definition("gc-api", &d[&3]).await;
+    ecs.create_service()
+        .cluster("gc-cluster")
+        .service_name("gc-api")
+        .task_definition(&rev1)
+        .desired_count(1)
+        .send()
+        .await
+        .unwrap();
+    ecs.update_service()
+        .cluster("gc-cluster")
+        .service("gc-api")
+        .task_definition(&rev2)
+        .send()
+        .await
+        .unwrap();
+    // A task definition that is registered but that no service runs does not keep v0.
+    env.task_definition("gc-unused", &d[&0]).await;
+    // v5 is prod's previous version, v6 its current one.
+    env.channel("prod", &[(5, Amis::new()), (6, Amis::new())])
+        .await;
+    // Not gc's: an image pushed by hand, and one of another recipe (its record is in the same
+    // store), both in the same repository.
+    let (hand, hand_digest) = manifest("by hand");
+    env.put_image(&hand, &hand_digest, &["manual"]).await;
+    let (theirs, theirs_digest) = manifest("other recipe");
+    env.put_image(&theirs, &theirs_digest, &[]).await;
+    env.record_image("other", 0x42, &theirs_digest);
+
+    let expected_removed: BTreeSet<String> = [0, 1, 4].map(id).into_iter().collect();
+    let expected_reasons: Vec<(u8, String)> = vec![
+        (
+            2,
+            format!("in use: ECS service gc-api (cluster gc-cluster) runs task definition {rev1}"),
+        ),
+        (
+            3,
+            format!("in use: ECS service gc-api (cluster gc-cluster) runs task definition {rev2}"),
+        ),
+        (5, "channel prod: previous".to_owned()),
+        (6, "channel prod: current".to_owned()),
+        (7, "rule: one of the last 1 versions".to_owned()),
+    ];
+    let check_lines = |report: &Value, removal: &str| {
+        let lines = image_lines(report);
+        let removed: BTreeSet<String> = lines
+            .iter()
+            .filter(|(_, l)| l["action"] == removal)
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(removed, expected_removed, "{removal}: {report:#}");
+        for (n, reason) in &expected_reasons {
+            let line = &lines[&id(*n)];
+            assert_eq!(line["action"], "keep", "{line:#}");
+            assert_eq!(line["region"], HOME);
+            assert_eq!(line["version"], version(*n));
+            assert!(
+                line["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_str().unwrap().starts_with(reason.as_str())),
+                "v{n} should be kept because {reason}: {line:#}"
+            );
+        }
+        let v4 = &lines[&id(4)];
+        assert!(
+            v4["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r.as_str().unwrap().contains("with tags v4, stable")),
+            "{v4:#}"
+        );
+        // One line per version's image; the foreign ones get none and are counted in a note.
+        assert_eq!(lines.len(), 8, "{report:#}");
+        assert!(
+            report["notes"].as_array().unwrap().iter().any(|n| {
+                let n = n.as_str().unwrap();
+                n.contains(REPOSITORY) && n.contains("2 image(s)") && n.contains("never touched")
+            }),
+            "{report:#}"
+        );
+    };
+    let everything = env.ecr_images().await;
+    assert_eq!(everything.len(), 10);
+
+    // The dry run decides everything and sends only reads.
+    let before = env.counted().await;
+    let dry = env.gc(&["--keep", "1", "--dry-run"]);
+    check_lines(&dry, "would_remove");
+    let sent = env.counted().await;
+    assert!(
+        sent.keys().any(|a| a.ends_with("DescribeServices"))
+            && sent.keys().any(|a| a.ends_with("DescribeImages")),
+        "the proxy saw bake's requests: {sent:?}"
+    );
+    assert_eq!(mutations(&sent, &before), Vec::<String>::new());
+    assert_eq!(env.ecr_images().await, everything);
+    let human = env.bake(&[
+        "gc",
+        env.recipe.to_str().unwrap(),
+        "--keep",
+        "1",
+        "--dry-run",
+    ]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success());
+    assert_eq!(text.lines().count(), 8, "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("keep")
+            && l.contains(&format!("image {}", id(2)))
+            && l.contains(&rev1)),
+        "{text}"
+    );
+
+    // The real run deletes exactly those, tags first.
+    let before = env.counted().await;
+    let real = env.gc(&["--keep", "1"]);
+    check_lines(&real, "removed");
+    let changed = mutations(&env.counted().await, &before);
+    assert!(
+        changed.iter().all(|a| a == "BatchDeleteImage") && !changed.is_empty(),
+        "{changed:?}"
+    );
+    let left = env.ecr_images().await;
+    let mut expected = everything.clone();
+    for n in [0, 1, 4] {
+        expected.remove(&d[&n]);
+    }
+    assert_eq!(left, expected);
+    assert_eq!(left[&hand_digest], BTreeSet::from(["manual".to_owned()]));
+    assert!(left.contains_key(&theirs_digest));
+    assert!(
+        env.gc_journals().is_empty(),
+        "a finished run leaves no journal"
+    );
+
+    // The removed version's manifest says what went; `manifest show` still finds it by digest.
+    let shown = env.bake(&["manifest", "show", &d[&4], "--output", "json"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["version"], version(4));
+    let removals = shown["removals"].as_array().unwrap();
+    assert_eq!(removals.len(), 1, "{shown:#}");
+    assert_eq!(removals[0]["kind"], "image");
+    assert_eq!(removals[0]["id"], id(4).as_str());
+    assert_eq!(removals[0]["region"], HOME);
+
+    // A second run deletes nothing.
+    let before = env.counted().await;
+    let again = env.gc(&["--keep", "1"]);
+    assert!(
+        with_action(&again, "image", "removed").is_empty(),
+        "{again:#}"
+    );
+    assert_eq!(image_lines(&again).len(), 5, "{again:#}");
+    assert_eq!(
+        mutations(&env.counted().await, &before),
+        Vec::<String>::new()
+    );
+    assert_eq!(env.ecr_images().await, expected);
 }
