@@ -1,6 +1,6 @@
-//! `bake gc [RECIPE…|--all DIR] [--keep N] [--older-than D] [--dry-run]`: remove old AMIs of
-//! recipes that nothing references any more, deprecating first; one line per artifact says
-//! what was decided and why ([`crate::gc`]).
+//! `bake gc [RECIPE…|--all DIR] [--keep N] [--older-than D] [--dry-run]`: remove old AMIs
+//! (deprecating first) and ECR images of recipes that nothing references any more; one line per
+//! artifact says what was decided and why ([`crate::gc`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
