@@ -159,6 +159,37 @@ pub fn decide(
     Decision::Remove(why)
 }
 
+/// The decision about an artifact several versions share (a rebuild that changed nothing in an
+/// image made the same manifest), from each version's (short name, decision), newest first: it
+/// is kept when any of them keeps it, with the reasons of each that does; it goes only when
+/// every one of them would let it go.
+pub fn shared(mut decisions: Vec<(String, Decision)>) -> Decision {
+    if decisions.len() == 1 {
+        return decisions.pop().expect("one decision").1;
+    }
+    let mut kept = Vec::new();
+    for (version, decision) in &decisions {
+        if let Decision::Keep(reasons) = decision {
+            kept.extend(reasons.iter().map(|r| format!("as version {version}: {r}")));
+        }
+    }
+    if !kept.is_empty() {
+        return Decision::Keep(kept);
+    }
+    let others: Vec<String> = decisions.iter().skip(1).map(|(v, _)| v.clone()).collect();
+    match decisions.into_iter().next() {
+        Some((_, Decision::Remove(mut why))) => {
+            why.push(format!(
+                "also the image of version(s) {}, which would go too",
+                others.join(", ")
+            ));
+            Decision::Remove(why)
+        }
+        // No version names it (never a candidate then): keep.
+        _ => Decision::Keep(vec!["no build record names it".into()]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +312,32 @@ mod tests {
             decide(Kind::Image, &v(5), &versions(), &[], &[], &rules, now),
             Decision::Keep(r) if r[0].contains("newest 1")
         ));
+    }
+
+    #[test]
+    fn an_image_several_versions_share_goes_only_when_each_of_them_would_let_it_go() {
+        let keep = Decision::Keep(vec!["rule: one of the last 1 versions (newest 1)".into()]);
+        let remove = |why: &str| Decision::Remove(vec![why.to_owned()]);
+        assert_eq!(
+            shared(vec![
+                ("05".into(), keep.clone()),
+                ("02".into(), remove("old"))
+            ]),
+            Decision::Keep(vec![
+                "as version 05: rule: one of the last 1 versions (newest 1)".into()
+            ])
+        );
+        assert_eq!(
+            shared(vec![
+                ("03".into(), remove("old")),
+                ("02".into(), remove("older"))
+            ]),
+            Decision::Remove(vec![
+                "old".into(),
+                "also the image of version(s) 02, which would go too".into()
+            ])
+        );
+        assert_eq!(shared(vec![("02".into(), remove("old"))]), remove("old"));
     }
 
     fn channel(versions: &[(u8, u64)]) -> ChannelState {

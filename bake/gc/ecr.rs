@@ -123,12 +123,14 @@ fn names(record: &BuildRecord, digest: &str) -> bool {
         .is_some_and(|i| hex == Some(i.image_digest.hex()))
 }
 
-/// The version of `recipe` whose build record names `digest` as its image, if any.
-pub fn version_of(records: &[BuildRecord], recipe: &str, digest: &str) -> Option<Version> {
+/// The versions of `recipe` whose build records name `digest` as their image (more than one
+/// when a rebuild made the same manifest).
+pub fn versions_of(records: &[BuildRecord], recipe: &str, digest: &str) -> Vec<Version> {
     records
         .iter()
-        .find(|r| r.name == recipe && names(r, digest))
+        .filter(|r| r.name == recipe && names(r, digest))
         .map(|r| r.version.clone())
+        .collect()
 }
 
 /// What deleting one id (a tag or the digest) came to.

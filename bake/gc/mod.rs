@@ -190,7 +190,11 @@ impl GcReport {
 /// One candidate image in ECR, with the decision about it.
 struct ImageCandidate {
     recipe: String,
+    /// The newest of `versions` (the one its line names).
     version: Version,
+    /// Every version of the recipe whose build record names this digest, newest first: a
+    /// rebuild that changed nothing in the image made the same manifest.
+    versions: Vec<Version>,
     image: EcrImage,
     decision: Decision,
 }
@@ -315,21 +319,29 @@ pub async fn run(
                 }
                 all
             });
-        let held = holds
-            .get(&candidate.recipe)
-            .and_then(|h| h.get(&candidate.version))
-            .map_or(&[][..], Vec::as_slice);
-        candidate.decision = decide::decide(
-            Kind::Image,
-            &candidate.version,
-            versions
-                .get(&candidate.recipe)
-                .map_or(&[][..], Vec::as_slice),
-            held,
-            &in_use,
-            &rules_of(&candidate.recipe),
-            now,
-        );
+        let decisions = candidate
+            .versions
+            .iter()
+            .map(|version| {
+                let held = holds
+                    .get(&candidate.recipe)
+                    .and_then(|h| h.get(version))
+                    .map_or(&[][..], Vec::as_slice);
+                let decision = decide::decide(
+                    Kind::Image,
+                    version,
+                    versions
+                        .get(&candidate.recipe)
+                        .map_or(&[][..], Vec::as_slice),
+                    held,
+                    &in_use,
+                    &rules_of(&candidate.recipe),
+                    now,
+                );
+                (version.short().to_owned(), decision)
+            })
+            .collect();
+        candidate.decision = decide::shared(decisions);
         images.push(candidate);
     }
     images.sort_by(|a, b| {
@@ -557,16 +569,25 @@ async fn find_image_candidates(
                 continue;
             };
             let mut foreign = 0usize;
+            let newest_first = versions_of(records, &recipe.name);
             for image in images {
-                match ecr::version_of(records, &recipe.name, &image.digest) {
-                    Some(version) => found.push(ImageCandidate {
-                        recipe: recipe.name.clone(),
-                        version,
-                        image,
-                        decision: Decision::Keep(Vec::new()),
-                    }),
-                    None => foreign += 1,
-                }
+                let named = ecr::versions_of(records, &recipe.name, &image.digest);
+                let versions: Vec<Version> = newest_first
+                    .iter()
+                    .map(|v| v.version.clone())
+                    .filter(|v| named.contains(v))
+                    .collect();
+                let Some(version) = versions.first().cloned() else {
+                    foreign += 1;
+                    continue;
+                };
+                found.push(ImageCandidate {
+                    recipe: recipe.name.clone(),
+                    version,
+                    versions,
+                    image,
+                    decision: Decision::Keep(Vec::new()),
+                });
             }
             if foreign > 0 {
                 report.notes.push(format!(
@@ -1169,17 +1190,19 @@ async fn remove_image(
     }
     journal.update(region, &id, |e| e.step = Step::Done)?;
     let why = reasons.join("; ");
-    record_removals(
-        store,
-        &c.version,
-        vec![Removal {
-            kind: "image".into(),
-            id: id.clone(),
-            region: region.to_owned(),
-            at: now_rfc3339(),
-            reason: why,
-        }],
-    )?;
+    for version in &c.versions {
+        record_removals(
+            store,
+            version,
+            vec![Removal {
+                kind: "image".into(),
+                id: id.clone(),
+                region: region.to_owned(),
+                at: now_rfc3339(),
+                reason: why.clone(),
+            }],
+        )?;
+    }
     let mut reasons = reasons.to_vec();
     reasons.push(tags_reason(&c.image.tags));
     Ok(image_line(c, Action::Removed, reasons, None))
