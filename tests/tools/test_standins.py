@@ -563,6 +563,38 @@ def test_throttle_limits_and_stalls_can_be_set_per_account(throttle, account):
     assert impatient.describe_volumes()["Volumes"] == []
 
 
+def test_throttle_stalls_requests_of_other_services_by_their_target(throttle, account):
+    import hashlib
+
+    ecr = client(throttle, "ecr", account)
+    ecr.create_repository(repositoryName="stalled")
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2}
+    config["digest"] = "sha256:" + "a" * 64
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
+            "layers": [],
+        }
+    )
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    ecr.put_image(repositoryName="stalled", imageManifest=manifest, imageDigest=digest)
+    images = {"repositoryName": "stalled", "imageIds": [{"imageDigest": digest}]}
+    target = "AmazonEC2ContainerRegistry_V20150921.BatchDeleteImage"
+    post(f"{throttle}/_standin/stall?action={target}&count=1&account={account}")
+    impatient = client(throttle, "ecr", account, read_timeout=1, connect_timeout=2)
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        impatient.batch_delete_image(**images)
+    # Held, never forwarded: the image is still there; the next request goes through.
+    details = ecr.describe_images(repositoryName="stalled")["imageDetails"]
+    assert [d["imageDigest"] for d in details] == [digest]
+    ecr.batch_delete_image(**images)
+    assert ecr.describe_images(repositoryName="stalled")["imageDetails"] == []
+    stats = get_json(f"{throttle}/_standin/stats?account={account}")["actions"][target]
+    assert stats == {"passed": 1, "throttled": 0, "limited": 0, "stalled": 1}
+
+
 def test_throttle_limits_put_snapshot_block_per_snapshot(throttle, account):
     ebs = client(throttle, "ebs", account)
     first, second = (ebs.start_snapshot(VolumeSize=1)["SnapshotId"] for _ in range(2))

@@ -41,8 +41,11 @@ Control endpoints (not AWS):
   "limited", "stalled"}}, "peak_copies": {REGION: N}}`, so a test can assert the limits were hit.
 - `POST /_standin/stall?action=PutSnapshotBlock&count=1[&account=ID]`: the next COUNT requests
   for ACTION (of that account, or of any) are held: never forwarded, never answered, until
-  `POST /_standin/release` or the proxy stops. This is how a test proves bake's per-request
-  timeout and retry.
+  `POST /_standin/release` or the proxy stops. ACTION is the name the stats count: the
+  operation for EC2 and EBS direct, the `X-Amz-Target` of other JSON services
+  (`AmazonEC2ContainerRegistry_V20150921.BatchDeleteImage`), `SERVICE:Action` of other query
+  services. This is how a test proves bake's per-request timeout and retry, or kills a run at a
+  known request.
 - `POST /_standin/limits?account=ID` with a JSON body in the `--limits` format: the limits for
   that account from now on (its buckets start full), so that tests sharing one proxy each set
   their own.
@@ -342,6 +345,11 @@ class ThrottleProxy:
             # Counted by what the request calls: query protocols' Action, JSON's target.
             action = request.form().get("Action") if request.method == "POST" else None
             name = request.headers.get("X-Amz-Target") or f"{service}:{action or request.method}"
+            stalled = self._take_stall(name, request.account)
+            if stalled is not None:
+                self._count(request.account, name, "stalled")
+                stalled.wait()  # held until released or the proxy stops
+                return None
             self._count(request.account, name, "passed")
             return standin.forward(self.upstream, request)
         try:
