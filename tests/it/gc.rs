@@ -1,12 +1,18 @@
 //! `bake gc` through the binary against moto: the reference scan in two regions, the dry run,
-//! a second run, a run killed mid-way, and AMIs that are not gc's to touch.
+//! a second run, a run killed mid-way, and AMIs that are not gc's to touch; the same for ECR
+//! images (moto's ECR API, with ECS services and task definitions naming digests).
 //!
 //! bake talks to moto through the throttle proxy of `scripts/services`
 //! (`BAKE_TEST_THROTTLE_ENDPOINT`), which counts every request per account and action: that is
 //! how "makes no mutating call" is asserted on what the binary really sent, and its `stall`
 //! control holds one DeleteSnapshot so a run can be killed between deregistering an AMI and
-//! deleting its snapshot. Setup and inspection talk to moto directly (uncounted). moto has no
-//! EnableImageDeprecation; bake is told it talks to moto (`BAKE_AWS_EMULATOR=moto`).
+//! deleting its snapshot (or one BatchDeleteImage). Setup and inspection talk to moto directly
+//! (uncounted). moto has no EnableImageDeprecation; bake is told it talks to moto
+//! (`BAKE_AWS_EMULATOR=moto`).
+//!
+//! gc only speaks ECR's API (DescribeImages, BatchDeleteImage), never the registry's `/v2/`, so
+//! the images are put into moto's ECR with PutImage from manifests whose digests the store's
+//! build records name, as `bake push` would have left them; no data plane is needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1209,4 +1215,115 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
         Vec::<String>::new()
     );
     assert_eq!(env.ecr_images().await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gc_killed_while_deleting_images_is_finished_by_the_next() {
+    let Some(env) = Env::new(&image_recipe_text()).await else {
+        return;
+    };
+    env.aws
+        .ecr(HOME)
+        .create_repository()
+        .repository_name(REPOSITORY)
+        .send()
+        .await
+        .unwrap();
+    let mut d = BTreeMap::new();
+    for (n, tags) in [
+        (1u8, &[][..]),
+        (2, &["v2"][..]),
+        (3, &[][..]),
+        (4, &["v4"][..]),
+    ] {
+        d.insert(n, env.built_image(n, tags).await);
+    }
+    // The run's first BatchDeleteImage is held forever: it is killed with every removal
+    // journaled and that request sent but not answered.
+    let target = "AmazonEC2ContainerRegistry_V20150921.BatchDeleteImage";
+    ThrottleProxy { url: &env.proxy }
+        .stall(&env.account, target, 1)
+        .await;
+    let mut child = env
+        .command(&["gc", env.recipe.to_str().unwrap(), "--keep", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env.counted().await.get(target).copied().unwrap_or(0) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "gc ended before it could be killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "gc never got stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let journals = env.gc_journals();
+    assert_eq!(journals.len(), 1);
+    let journal: Value =
+        serde_json::from_str(&fs_err::read_to_string(&journals[0]).unwrap()).unwrap();
+    let entries = journal["entries"].as_array().unwrap();
+    let journaled: BTreeSet<&str> = entries
+        .iter()
+        .map(|e| {
+            assert_eq!(e["kind"], "image", "{e:#}");
+            e["image_id"].as_str().unwrap()
+        })
+        .collect();
+    let old: BTreeSet<String> = [1, 2, 3]
+        .map(|n| format!("{REPOSITORY}@{}", d[&n]))
+        .into_iter()
+        .collect();
+    assert_eq!(journaled, old.iter().map(String::as_str).collect());
+    // AWS carried out the request the killed run sent: its image is gone, and only the
+    // journal knows gc removed it.
+    let held = entries[0]["image_id"].as_str().unwrap().to_owned();
+    let held_digest = held.rsplit_once('@').unwrap().1.to_owned();
+    env.aws
+        .ecr(HOME)
+        .batch_delete_image()
+        .repository_name(REPOSITORY)
+        .image_ids(
+            aws_sdk_ecr::types::ImageIdentifier::builder()
+                .image_digest(&held_digest)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    // The next run records that removal and finishes the others.
+    let report = env.gc(&["--keep", "1"]);
+    let lines = image_lines(&report);
+    assert_eq!(with_action(&report, "image", "removed"), old, "{report:#}");
+    assert!(
+        lines[&held]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("resuming interrupted gc"),
+        "{report:#}"
+    );
+    assert_eq!(
+        env.ecr_images().await.into_keys().collect::<Vec<_>>(),
+        vec![d[&4].clone()]
+    );
+    assert!(env.gc_journals().is_empty(), "{:?}", env.gc_journals());
+    let n = d
+        .iter()
+        .find(|(_, digest)| **digest == held_digest)
+        .unwrap()
+        .0;
+    let shown = env.bake(&["manifest", "show", &version(*n), "--output", "json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["removals"][0]["id"], held.as_str(), "{shown:#}");
+
+    let before = env.counted().await;
+    env.gc(&["--keep", "1"]);
+    assert_eq!(
+        mutations(&env.counted().await, &before),
+        Vec::<String>::new()
+    );
 }
