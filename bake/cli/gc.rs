@@ -1,8 +1,9 @@
 //! `bake gc [RECIPE…|--all DIR] [--keep N] [--older-than D] [--dry-run]`: remove old AMIs
-//! (deprecating first) and ECR images of recipes that nothing references any more; one line per
-//! artifact says what was decided and why ([`crate::gc`]).
+//! (deprecating first) and images (ECR, registries) of recipes that nothing references any
+//! more; one line per artifact says what was decided and why ([`crate::gc`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -12,6 +13,10 @@ use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::gc::{GcOptions, GcReport};
+use crate::recipe::Recipe;
+use crate::registry::auth::{ChainCredentials, Credentials};
+use crate::registry::ecr::EcrCredentials;
+use crate::registry::{Client, Reference};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
@@ -110,12 +115,15 @@ pub fn run(args: &GcArgs, settings: &Settings) -> ExitStatus {
     };
     let outcome = rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        crate::gc::run(&aws, &store, &recipes, &options).await
+        let registry = registry_client(settings, &recipes, &aws)?;
+        crate::gc::run(&aws, &registry, &store, &recipes, &options)
+            .await
+            .map_err(|e| Report::from_error(&e))
     });
     let report = match outcome {
         Ok(report) => report,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
+        Err(report) => {
+            print_reports(settings, &[report]);
             return ExitStatus::Infrastructure;
         }
     };
@@ -141,6 +149,27 @@ pub fn run(args: &GcArgs, settings: &Settings) -> ExitStatus {
         print_reports(settings, &failures);
         ExitStatus::Infrastructure
     }
+}
+
+/// The client for the recipes' registries: Docker's credentials and ECR's tokens, plain HTTP
+/// where a registry target says `insecure`, as `bake push` talks to them.
+fn registry_client(settings: &Settings, recipes: &[Recipe], aws: &Aws) -> Result<Client, Report> {
+    let sources: Vec<Arc<dyn Credentials>> = vec![
+        settings.registry.credentials(),
+        Arc::new(EcrCredentials::new(aws.clone())),
+    ];
+    let mut options = settings.registry.client_options();
+    for target in recipes
+        .iter()
+        .flat_map(|r| &r.publish.registries)
+        .filter(|t| t.insecure)
+    {
+        if let Ok(reference) = Reference::repository_only(&target.repository) {
+            options.insecure.push(reference.registry().to_owned());
+        }
+    }
+    Client::new(options, Arc::new(ChainCredentials(sources)))
+        .map_err(|e| Report::from_error(&e).with_hint(e.hint()))
 }
 
 fn print_human(report: &GcReport) {

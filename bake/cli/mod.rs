@@ -83,7 +83,7 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Remove AWS resources left by AMI builds that died (journals and tags).
     Cleanup(cleanup::CleanupArgs),
-    /// Remove old AMIs and ECR images that nothing references (explain every decision).
+    /// Remove old AMIs and images that nothing references (explain every decision).
     Gc(gc::GcArgs),
     /// AMIs from disk images: upload a raw image into an EBS snapshot, publish a recipe's AMI.
     Ami(ami::AmiArgs),

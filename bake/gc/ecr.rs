@@ -1,5 +1,6 @@
 //! The ECR half of `bake gc`: which images of a recipe's ECR repositories are gc's to judge,
-//! and removing one (its tags first, then its digest).
+//! and removing one (its tags first, then its digest); and [`RegistryImage`], an image in ECR
+//! or (through [`super::registry`]) in a registry.
 //!
 //! An image is a candidate only when its digest is the `image_digest` of one of this recipe's
 //! build records in this store: bake made exactly that manifest for exactly that version.
@@ -17,6 +18,7 @@ use crate::ami::AwsCallError;
 use crate::aws::Aws;
 use crate::id::Version;
 use crate::recipe::Recipe;
+use crate::registry::Reference;
 use crate::store::BuildRecord;
 
 /// BatchDeleteImage takes at most 100 image ids per request.
@@ -30,10 +32,13 @@ const IMAGES_PER_PAGE: i32 = 1000;
 /// must then keep it.
 const SETTLED_FAILURES: [&str; 2] = ["ImageNotFound", "ImageTagDoesNotMatchDigest"];
 
-/// One image in an ECR repository, as DescribeImages lists it.
+/// One image in an ECR repository (as DescribeImages lists it) or in a registry's repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EcrImage {
+pub struct RegistryImage {
+    /// The ECR repository's region; empty for a registry's.
     pub region: String,
+    /// `None` for ECR (the account's registry in `region`); a registry's host otherwise.
+    pub registry: Option<String>,
     pub repository: String,
     /// `sha256:…`.
     pub digest: String,
@@ -41,10 +46,14 @@ pub struct EcrImage {
     pub tags: Vec<String>,
 }
 
-impl EcrImage {
-    /// `repository@sha256:…`: the image's id in gc's lines, journal and manifest removals.
+impl RegistryImage {
+    /// `repository@sha256:…` (ECR) or `registry/repository@sha256:…`: the image's id in gc's
+    /// lines, journal and manifest removals.
     pub fn id(&self) -> String {
-        format!("{}@{}", self.repository, self.digest)
+        match &self.registry {
+            None => format!("{}@{}", self.repository, self.digest),
+            Some(host) => format!("{host}/{}@{}", self.repository, self.digest),
+        }
     }
 }
 
@@ -59,7 +68,7 @@ pub fn repositories(recipe: &Recipe, aws: &Aws) -> BTreeSet<(String, String)> {
         .flat_map(|a| a.regions.first().cloned())
         .next()
         .or_else(|| aws.default_region().map(str::to_owned));
-    recipe
+    let mut repositories: BTreeSet<(String, String)> = recipe
         .publish
         .ecr
         .iter()
@@ -67,7 +76,16 @@ pub fn repositories(recipe: &Recipe, aws: &Aws) -> BTreeSet<(String, String)> {
             let region = t.region.clone().or_else(|| fallback.clone())?;
             Some((region, t.repository.clone()))
         })
-        .collect()
+        .collect();
+    // A registry target on an ECR host is an ECR repository: its API lists and deletes there.
+    for target in &recipe.publish.registries {
+        if let Ok(reference) = Reference::repository_only(&target.repository)
+            && let Some(region) = crate::registry::ecr::ecr_region(reference.registry())
+        {
+            repositories.insert((region.to_owned(), reference.repository().to_owned()));
+        }
+    }
+    repositories
 }
 
 /// Every image of `repository` (tagged or not); `None` when the repository does not exist.
@@ -75,7 +93,7 @@ pub async fn images(
     aws: &Aws,
     region: &str,
     repository: &str,
-) -> Result<Option<Vec<EcrImage>>, AwsCallError> {
+) -> Result<Option<Vec<RegistryImage>>, AwsCallError> {
     let ecr = aws.ecr(region);
     let mut found = Vec::new();
     let mut token = None;
@@ -101,8 +119,9 @@ pub async fn images(
             let Some(digest) = detail.image_digest() else {
                 continue;
             };
-            found.push(EcrImage {
+            found.push(RegistryImage {
                 region: region.to_owned(),
+                registry: None,
                 repository: repository.to_owned(),
                 digest: digest.to_owned(),
                 tags: detail.image_tags().to_vec(),
@@ -202,7 +221,7 @@ async fn delete(
 /// another image since it was listed stays there); one outcome per tag.
 pub async fn delete_tags(
     ecr: &aws_sdk_ecr::Client,
-    image: &EcrImage,
+    image: &RegistryImage,
     tags: &[String],
 ) -> Vec<Deleted> {
     let ids = tags
@@ -218,7 +237,7 @@ pub async fn delete_tags(
 }
 
 /// Deletes the image by its digest.
-pub async fn delete_digest(ecr: &aws_sdk_ecr::Client, image: &EcrImage) -> Deleted {
+pub async fn delete_digest(ecr: &aws_sdk_ecr::Client, image: &RegistryImage) -> Deleted {
     let id = ImageIdentifier::builder()
         .image_digest(&image.digest)
         .build();
@@ -229,7 +248,7 @@ pub async fn delete_digest(ecr: &aws_sdk_ecr::Client, image: &EcrImage) -> Delet
 }
 
 /// Whether the image is still in its repository.
-pub async fn exists(aws: &Aws, image: &EcrImage) -> Result<bool, AwsCallError> {
+pub async fn exists(aws: &Aws, image: &RegistryImage) -> Result<bool, AwsCallError> {
     let sent = aws
         .ecr(&image.region)
         .describe_images()
@@ -254,11 +273,19 @@ pub async fn exists(aws: &Aws, image: &EcrImage) -> Result<bool, AwsCallError> {
     }
 }
 
-/// The image an `repository@sha256:…` id names, in `region`.
-pub fn parse_id(region: &str, id: &str) -> Option<EcrImage> {
-    let (repository, digest) = id.rsplit_once('@')?;
-    Some(EcrImage {
+/// The image an id names: `repository@sha256:…` in ECR in `region`, or, with no region,
+/// `registry/repository@sha256:…`.
+pub fn parse_id(region: &str, id: &str) -> Option<RegistryImage> {
+    let (name, digest) = id.rsplit_once('@')?;
+    let (registry, repository) = if region.is_empty() {
+        let (host, repository) = name.split_once('/')?;
+        (Some(host.to_owned()), repository)
+    } else {
+        (None, name)
+    };
+    Some(RegistryImage {
         region: region.to_owned(),
+        registry,
         repository: repository.to_owned(),
         digest: digest.to_owned(),
         tags: Vec::new(),
@@ -271,8 +298,9 @@ mod tests {
 
     #[test]
     fn an_image_id_round_trips() {
-        let image = EcrImage {
+        let image = RegistryImage {
             region: "us-east-1".into(),
+            registry: None,
             repository: "team/api".into(),
             digest: format!("sha256:{}", "ab".repeat(32)),
             tags: vec!["v1".into()],
@@ -281,5 +309,22 @@ mod tests {
         assert_eq!(parsed.repository, "team/api");
         assert_eq!(parsed.digest, image.digest);
         assert!(parse_id("us-east-1", "no-digest").is_none());
+        let elsewhere = RegistryImage {
+            region: String::new(),
+            registry: Some("127.0.0.1:5000".into()),
+            ..image
+        };
+        let parsed = parse_id("", &elsewhere.id()).unwrap();
+        assert_eq!(
+            elsewhere.id(),
+            format!("127.0.0.1:5000/team/api@{}", elsewhere.digest)
+        );
+        assert_eq!(
+            parsed,
+            RegistryImage {
+                tags: Vec::new(),
+                ..elsewhere
+            }
+        );
     }
 }

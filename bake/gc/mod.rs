@@ -1,30 +1,32 @@
-//! `bake gc`: remove a recipe's old AMIs (and their snapshots) and ECR images without ever
-//! breaking a fleet.
+//! `bake gc`: remove a recipe's old AMIs (and their snapshots) and images (ECR, registries)
+//! without ever breaking a fleet.
 //!
 //! ```text
 //!  interrupted gc journals ──► finish what a killed run started (snapshots of deregistered AMIs)
 //!  per recipe: build records (versions, newest first) + channel records (SSM, home region)
 //!  per region: candidates = AMIs tagged bake:recipe=NAME whose bake:version has a build record
 //!              references = scan::scan (launch templates, ASGs, instances, SSM, AWS's own API)
-//!  per publish.ecr repository: candidates = images whose digest a build record of NAME names
+//!  per publish.ecr repository (and publish.registries one, through the distribution API):
+//!              candidates = images whose digest a build record of NAME names
 //!              references = scan::services (task definitions of ECS services, every region the
 //!              recipe's repositories and task definitions are in)
 //!  decide (pure): in use? last N? channel retention? younger than --older-than? else remove
 //!  apply: journal ─► tag bake:gc-deprecated + EnableImageDeprecation ─► (after the grace period)
 //!         DeregisterImage ─► DeleteSnapshot… ─► the version's manifest records the removal
-//!         images: BatchDeleteImage of each tag (while it names the digest) ─► of the digest
-//!         ─► the version's manifest records the removal
+//!         images: delete each tag (while it names the digest) ─► the digest (ECR:
+//!         BatchDeleteImage; registries: DELETE …/manifests/) ─► the version's manifest records it
 //! ```
 //!
 //! Nothing without bake's tags *and* a build record in this store is a candidate, and nothing of
 //! another recipe: the candidates are found by `bake:recipe`, and each needs the record of its
 //! `bake:version` with the same recipe name; an image needs a record of this recipe whose image
-//! digest it is ([`ecr`]). Every artifact gets one line saying what was decided and why; a dry
+//! digest it is ([`ecr`], [`registry`]). Every artifact gets one line saying what was decided and why; a dry
 //! run makes the same decisions and sends only reads.
 
 pub mod decide;
 pub mod ecr;
 pub mod journal;
+pub mod registry;
 pub mod scan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,7 +35,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use self::decide::{ChannelHold, Decision, Kind, VersionInfo};
-use self::ecr::{Deleted, EcrImage};
+use self::ecr::{Deleted, RegistryImage};
 use self::journal::{Entry, EntryKind, GcJournal, GcJournalError, Step};
 use crate::ami::lookup::{self, ImageInfo};
 use crate::ami::{AwsCallError, TAG_RECIPE, TAG_VERSION, sdk_error_code};
@@ -79,6 +81,13 @@ pub enum GcError {
         region: String,
         #[source]
         source: AwsCallError,
+    },
+    #[error("failed to look for images of recipe `{recipe}` in `{repository}`")]
+    Registry {
+        recipe: String,
+        repository: String,
+        #[source]
+        source: Box<crate::registry::RegistryError>,
     },
     #[error("failed to read channel `{channel}` of recipe `{recipe}`")]
     Channel {
@@ -195,7 +204,7 @@ struct ImageCandidate {
     /// Every version of the recipe whose build record names this digest, newest first: a
     /// rebuild that changed nothing in the image made the same manifest.
     versions: Vec<Version>,
-    image: EcrImage,
+    image: RegistryImage,
     decision: Decision,
 }
 
@@ -217,9 +226,10 @@ fn parse_time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(text).ok()
 }
 
-/// Runs gc over `recipes`.
+/// Runs gc over `recipes`; `registry` talks to the registries of `publish.registries`.
 pub async fn run(
     aws: &Aws,
+    registry: &crate::registry::Client,
     store: &Store,
     recipes: &[Recipe],
     options: &GcOptions,
@@ -229,7 +239,7 @@ pub async fn run(
         dry_run: options.dry_run,
         ..GcReport::default()
     };
-    resume(aws, store, options.dry_run, &mut report).await?;
+    resume(aws, registry, store, options.dry_run, &mut report).await?;
 
     let records = all_records(store)?;
     let mut pending: Vec<Candidate> = Vec::new();
@@ -257,7 +267,7 @@ pub async fn run(
         }
     }
     let (pending_images, image_references) =
-        find_image_candidates(aws, recipes, &records, &mut report).await?;
+        find_image_candidates(aws, registry, recipes, &records, &mut report).await?;
     let mut references = BTreeMap::new();
     for (region, ids) in &by_region {
         let refs = scan::scan(aws, region, ids).await?;
@@ -349,6 +359,7 @@ pub async fn run(
     });
     apply(
         aws,
+        registry,
         store,
         recipes,
         candidates,
@@ -534,6 +545,7 @@ async fn find_candidates(
 /// pull from another region's repository, so each image is checked against all of them).
 async fn find_image_candidates(
     aws: &Aws,
+    registry: &crate::registry::Client,
     recipes: &[Recipe],
     records: &[BuildRecord],
     report: &mut GcReport,
@@ -542,8 +554,36 @@ async fn find_image_candidates(
     let mut regions = BTreeSet::new();
     for recipe in recipes {
         let repositories = ecr::repositories(recipe, aws);
-        if repositories.is_empty() {
+        let elsewhere = registry::repositories(recipe);
+        if repositories.is_empty() && elsewhere.is_empty() {
             continue;
+        }
+        let newest_first = versions_of(records, &recipe.name);
+        for repository in &elsewhere {
+            let images = registry::images(registry, repository, records, &recipe.name)
+                .await
+                .map_err(|source| GcError::Registry {
+                    recipe: recipe.name.clone(),
+                    repository: repository.name(),
+                    source: Box::new(source),
+                })?;
+            for (image, named) in images {
+                let versions: Vec<Version> = newest_first
+                    .iter()
+                    .map(|v| v.version.clone())
+                    .filter(|v| named.contains(v))
+                    .collect();
+                let Some(version) = versions.first().cloned() else {
+                    continue;
+                };
+                found.push(ImageCandidate {
+                    recipe: recipe.name.clone(),
+                    version,
+                    versions,
+                    image,
+                    decision: Decision::Keep(Vec::new()),
+                });
+            }
         }
         regions.extend(
             recipe
@@ -569,7 +609,6 @@ async fn find_image_candidates(
                 continue;
             };
             let mut foreign = 0usize;
-            let newest_first = versions_of(records, &recipe.name);
             for image in images {
                 let named = ecr::versions_of(records, &recipe.name, &image.digest);
                 let versions: Vec<Version> = newest_first
@@ -599,6 +638,13 @@ async fn find_image_candidates(
     }
     let mut references = Vec::new();
     if !found.is_empty() {
+        // Images only in registries, of a recipe with no AWS target: the default region's
+        // services are the ones bake knows of.
+        if regions.is_empty()
+            && let Some(region) = aws.default_region()
+        {
+            regions.insert(region.to_owned());
+        }
         for region in &regions {
             references.push(scan::services(aws, region).await?);
         }
@@ -719,6 +765,7 @@ async fn remove_snapshots(
 /// they had not deregistered yet are decided again by this run, from AWS as it is now.
 async fn resume(
     aws: &Aws,
+    registry: &crate::registry::Client,
     store: &Store,
     dry_run: bool,
     report: &mut GcReport,
@@ -736,14 +783,22 @@ async fn resume(
                 let Some(image) = ecr::parse_id(&entry.region, &entry.image_id) else {
                     continue;
                 };
-                let exists =
-                    ecr::exists(aws, &image)
-                        .await
-                        .map_err(|source| GcError::RegistryImages {
+                let exists = match &image.registry {
+                    None => ecr::exists(aws, &image).await.map_err(|source| {
+                        GcError::RegistryImages {
                             repository: image.repository.clone(),
                             region: entry.region.clone(),
                             source,
-                        })?;
+                        }
+                    })?,
+                    Some(host) => registry::exists(registry, &image).await.map_err(|source| {
+                        GcError::Registry {
+                            recipe: entry.recipe.clone(),
+                            repository: format!("{host}/{}", image.repository),
+                            source: Box::new(source),
+                        }
+                    })?,
+                };
                 // Still there: decided afresh below. Gone: the killed run deleted it after its
                 // last journal write; what is left is to say so in the version's manifest.
                 if exists || dry_run {
@@ -919,6 +974,7 @@ async fn deprecate(
 #[allow(clippy::too_many_arguments)]
 async fn apply(
     aws: &Aws,
+    registry: &crate::registry::Client,
     store: &Store,
     recipes: &[Recipe],
     candidates: Vec<Candidate>,
@@ -1133,7 +1189,7 @@ async fn apply(
         let Decision::Remove(reasons) = &c.decision else {
             continue;
         };
-        let line = remove_image(aws, store, &journal, c, reasons).await?;
+        let line = remove_image(aws, registry, store, &journal, c, reasons).await?;
         report.artifacts.push(line);
     }
     journal.finish()?;
@@ -1162,6 +1218,7 @@ fn image_line(
 /// journaling each step; the version's manifest records the removal.
 async fn remove_image(
     aws: &Aws,
+    registry: &crate::registry::Client,
     store: &Store,
     journal: &GcJournal,
     c: &ImageCandidate,
@@ -1170,9 +1227,11 @@ async fn remove_image(
     let id = c.image.id();
     let region = c.image.region.as_str();
     let client = aws.ecr(region);
-    let ecr = &client;
     let failed = |error: String| image_line(c, Action::Failed, reasons.to_vec(), Some(error));
-    let outcomes = ecr::delete_tags(ecr, &c.image, &c.image.tags).await;
+    let outcomes = match c.image.registry {
+        None => ecr::delete_tags(&client, &c.image, &c.image.tags).await,
+        Some(_) => registry::delete_tags(registry, &c.image, &c.image.tags).await,
+    };
     let mut failure = None;
     for (tag, outcome) in c.image.tags.iter().zip(outcomes) {
         match outcome {
@@ -1185,7 +1244,11 @@ async fn remove_image(
     if let Some(error) = failure {
         return Ok(failed(error));
     }
-    if let Deleted::Failed(error) = ecr::delete_digest(ecr, &c.image).await {
+    let deleted = match c.image.registry {
+        None => ecr::delete_digest(&client, &c.image).await,
+        Some(_) => registry::delete_digest(registry, &c.image).await,
+    };
+    if let Deleted::Failed(error) = deleted {
         return Ok(failed(error));
     }
     journal.update(region, &id, |e| e.step = Step::Done)?;

@@ -192,6 +192,7 @@ impl std::fmt::Debug for Client {
 pub(crate) enum Access {
     Pull,
     Push,
+    Delete,
 }
 
 impl Client {
@@ -892,6 +893,34 @@ impl Client {
         Ok(())
     }
 
+    /// `DELETE` a manifest by digest, or a tag (`reference`'s tag or digest): what the registry
+    /// did. Registries that keep no tag of their own (the distribution registry) answer a tag
+    /// deletion as unsupported; deleting the digest then removes its tags.
+    pub async fn delete_manifest(&self, reference: &Reference) -> Result<Deletion> {
+        let path = format!(
+            "/v2/{}/manifests/{}",
+            reference.repository(),
+            reference.reference()
+        );
+        let what = format!("delete manifest `{reference}`");
+        let response = self
+            .send(reference, Access::Delete, &what, true, |http, base| {
+                http.delete(format!("{base}{path}"))
+            })
+            .await?;
+        match response.status() {
+            StatusCode::OK | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(Deletion::Deleted),
+            StatusCode::NOT_FOUND => Ok(Deletion::NotFound),
+            // Tags: the distribution registry answers 400 (DIGEST_INVALID or UNSUPPORTED) or 405.
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST
+                if reference.digest().is_none() =>
+            {
+                Ok(Deletion::Unsupported)
+            }
+            _ => Err(status_error(reference.registry(), &what, response).await),
+        }
+    }
+
     /// The tags of `repository`, following `Link` pages.
     pub async fn list_tags(&self, repository: &Reference) -> Result<Vec<String>> {
         #[derive(Deserialize)]
@@ -1380,11 +1409,22 @@ impl Client {
     }
 }
 
-/// `repository:<name>:pull` or `…:pull,push`.
+/// What [`Client::delete_manifest`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    Deleted,
+    /// The registry has no such manifest or tag (any more).
+    NotFound,
+    /// The registry does not delete tags on their own.
+    Unsupported,
+}
+
+/// `repository:<name>:pull`, `…:pull,push` or `…:delete`.
 fn scope(repository: &str, access: Access) -> String {
     match access {
         Access::Pull => format!("repository:{repository}:pull"),
         Access::Push => format!("repository:{repository}:pull,push"),
+        Access::Delete => format!("repository:{repository}:delete"),
     }
 }
 

@@ -40,7 +40,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use auth::{Credential, Credentials};
-pub use client::{Client, ClientOptions, ClientStats, Manifest, ManifestInfo, PutManifest};
+pub use client::{
+    Client, ClientOptions, ClientStats, Deletion, Manifest, ManifestInfo, PutManifest,
+};
 pub use reference::{Reference, ReferenceError};
 
 use crate::store::StoreError;
