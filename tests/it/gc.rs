@@ -31,6 +31,7 @@ use bake::publish::clients;
 use serde_json::{Value, json};
 
 use super::common::{bake, fresh_account, service};
+use super::registry::harness;
 use super::standin::ThrottleProxy;
 
 const RECIPE: &str = "gcweb";
@@ -162,12 +163,20 @@ impl Env {
     /// The store's build record of version `n`, an OCI image whose manifest has `digest`,
     /// made on day `n`.
     fn record_image(&self, name: &str, n: u8, digest: &str) {
+        // The manifest's own config when the store holds it (an image `bake push` can push).
+        let store = bake::store::Store::open(&self.store).unwrap();
+        let config = store
+            .read_blob(digest)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .and_then(|m| m["config"]["digest"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| version(n));
         self.put_record(
             name,
             n,
             json!({"kind": "oci_image", "image": {
                 "image_digest": digest,
-                "config_digest": version(n),
+                "config_digest": config,
                 "manifest_size": 2,
                 "layers": [],
                 "steps": [],
@@ -1326,4 +1335,142 @@ async fn a_gc_killed_while_deleting_images_is_finished_by_the_next() {
         mutations(&env.counted().await, &before),
         Vec::<String>::new()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_deletes_old_images_from_a_registry_by_digest_and_keeps_what_a_service_runs() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let name = format!("gc/web-{}", fresh_account());
+    let repository = format!("{registry}/{name}");
+    let recipe = format!(
+        "bake: 1\nname: {RECIPE}\nbase: scratch\noutputs:\n  oci: {{}}\npublish:\n  registries:\n    - repository: {repository}\n  channels: [prod]\n"
+    );
+    let Some(env) = Env::new(&recipe).await else {
+        return;
+    };
+    let store = bake::store::Store::open(&env.store).unwrap();
+    // Versions 1 to 4 and another recipe's image, pushed by `bake push` (each gets its
+    // version's tag).
+    let push = |n: u8, recipe: &str| {
+        let digest = harness::make_image(&store, 7_000 + u64::from(n), &[64]);
+        env.record_image(recipe, n, &digest);
+        let out = env.bake(&["push", &version(n), "--to", &repository]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        digest
+    };
+    let d: BTreeMap<u8, String> = (1..=4u8).map(|n| (n, push(n, RECIPE))).collect();
+    let theirs = push(0x42, "other");
+    let id = |n: u8| format!("{repository}@{}", d[&n]);
+
+    // v2 runs in an ECS service; v3 is prod's current version; v4 is the newest.
+    let ecs = clients::ecs(&env.aws, HOME);
+    ecs.create_cluster()
+        .cluster_name("gc-registry")
+        .send()
+        .await
+        .unwrap();
+    let definition = clients::ecs(&env.aws, HOME)
+        .register_task_definition()
+        .family("gc-registry")
+        .container_definitions(
+            aws_sdk_ecs::types::ContainerDefinition::builder()
+                .name("app")
+                .image(id(2))
+                .memory(512)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .task_definition()
+        .unwrap()
+        .task_definition_arn()
+        .unwrap()
+        .to_owned();
+    ecs.create_service()
+        .cluster("gc-registry")
+        .service_name("web")
+        .task_definition(&definition)
+        .desired_count(1)
+        .send()
+        .await
+        .unwrap();
+    env.channel("prod", &[(3, Amis::new())]).await;
+
+    let client = bake::registry::Client::anonymous().unwrap();
+    let repo = bake::registry::Reference::repository_only(&repository).unwrap();
+    let present = |digest: String| {
+        let reference = repo.with_digest(&digest).unwrap();
+        let client = &client;
+        async move { client.head_manifest(&reference).await.unwrap().is_some() }
+    };
+    let tags = client.list_tags(&repo).await.unwrap();
+    assert_eq!(tags.len(), 5, "{tags:?}");
+
+    let check = |report: &Value, removal: &str| {
+        let lines = image_lines(report);
+        assert_eq!(lines.len(), 4, "{report:#}");
+        assert_eq!(lines[&id(1)]["action"], removal, "{report:#}");
+        assert_eq!(lines[&id(1)]["region"], "");
+        for (n, reason) in [
+            (
+                2,
+                format!(
+                    "in use: ECS service web (cluster gc-registry) runs task definition {definition}"
+                ),
+            ),
+            (3, "channel prod: current".to_owned()),
+            (4, "rule: one of the last 1 versions".to_owned()),
+        ] {
+            let line = &lines[&id(n)];
+            assert_eq!(line["action"], "keep", "{line:#}");
+            assert!(
+                line["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_str().unwrap().starts_with(&reason)),
+                "v{n}: {reason}: {line:#}"
+            );
+        }
+    };
+    let dry = env.gc(&["--keep", "1", "--dry-run"]);
+    check(&dry, "would_remove");
+    assert!(present(d[&1].clone()).await);
+    assert_eq!(client.list_tags(&repo).await.unwrap(), tags);
+
+    let real = env.gc(&["--keep", "1"]);
+    check(&real, "removed");
+    assert!(!present(d[&1].clone()).await, "v1 is gone");
+    for n in 2..=4 {
+        assert!(present(d[&n].clone()).await, "v{n}");
+    }
+    assert!(
+        present(theirs.clone()).await,
+        "another recipe's image stays"
+    );
+    let left = client.list_tags(&repo).await.unwrap();
+    assert_eq!(left.len(), 4, "{left:?}");
+    let v1_tag = version(1)["sha256:".len()..]
+        .chars()
+        .take(12)
+        .collect::<String>();
+    assert!(!left.iter().any(|t| t == &v1_tag), "{left:?}");
+    let shown = env.bake(&["manifest", "show", &version(1), "--output", "json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["removals"][0]["kind"], "image", "{shown:#}");
+    assert_eq!(shown["removals"][0]["id"], id(1).as_str());
+
+    let again = env.gc(&["--keep", "1"]);
+    assert!(
+        with_action(&again, "image", "removed").is_empty(),
+        "{again:#}"
+    );
+    assert_eq!(client.list_tags(&repo).await.unwrap(), left);
 }
