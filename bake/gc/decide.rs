@@ -31,6 +31,18 @@ pub struct Rules {
 pub struct ChannelHold {
     pub version: String,
     pub reason: String,
+    /// The images (`repository@sha256:…`) the channel's entry names: it holds those digests
+    /// whichever version a store's records say they are.
+    pub images: Vec<String>,
+}
+
+impl ChannelHold {
+    /// Whether the held entry names the image `digest`.
+    pub fn names_digest(&self, digest: &str) -> bool {
+        self.images
+            .iter()
+            .any(|image| image.rsplit_once('@').is_some_and(|(_, d)| d == digest))
+    }
 }
 
 /// What is being decided about: it says which references were looked for.
@@ -78,6 +90,7 @@ pub fn channel_holds(
     let entries: Vec<_> = state.history.iter().rev().collect();
     for (index, entry) in entries.iter().enumerate() {
         let version = entry.references.version.clone();
+        let images = entry.references.images.clone();
         let reason = match index {
             0 => Some(format!("channel {channel}: current (pinned)")),
             1 => Some(format!("channel {channel}: previous (the rollback target)")),
@@ -88,7 +101,11 @@ pub fn channel_holds(
             _ => None,
         };
         if let Some(reason) = reason {
-            holds.push(ChannelHold { version, reason });
+            holds.push(ChannelHold {
+                version,
+                reason,
+                images,
+            });
             continue;
         }
         // Superseded when the next newer entry was promoted.
@@ -99,6 +116,7 @@ pub fn channel_holds(
         {
             holds.push(ChannelHold {
                 version,
+                images,
                 reason: format!(
                     "channel {channel}: held it within the last {}",
                     humantime::format_duration(within)
@@ -351,6 +369,7 @@ mod tests {
                     promoted_at: humantime::format_rfc3339_seconds(at(day * DAY)).to_string(),
                     references: References {
                         version: v(*n).to_string(),
+                        images: vec![format!("web@sha256:{}", format!("{n:02x}").repeat(32))],
                         ..References::default()
                     },
                 })
@@ -367,6 +386,8 @@ mod tests {
         assert_eq!(held, vec![v(5).to_string(), v(4).to_string()]);
         assert!(holds[0].reason.contains("current"));
         assert!(holds[1].reason.contains("previous"));
+        assert!(holds[0].names_digest(&format!("sha256:{}", "05".repeat(32))));
+        assert!(!holds[0].names_digest(&format!("sha256:{}", "04".repeat(32))));
 
         let retention = ChannelRetention {
             keep: 3,

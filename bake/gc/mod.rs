@@ -329,21 +329,45 @@ pub async fn run(
                 }
                 all
             });
+        // A channel holds the digest its entries name, whichever version that is here.
+        let by_digest: Vec<ChannelHold> = holds
+            .get(&candidate.recipe)
+            .into_iter()
+            .flat_map(|h| h.values().flatten())
+            .filter(|h| h.names_digest(&candidate.image.digest))
+            .map(|h| {
+                let mut hold = h.clone();
+                if !candidate.versions.iter().any(|v| *v == h.version) {
+                    let named = h
+                        .version
+                        .parse::<Version>()
+                        .map_or_else(|_| h.version.clone(), |v| v.short().to_owned());
+                    hold.reason = format!("{} names its digest (as version {named})", h.reason);
+                }
+                hold
+            })
+            .collect();
         let decisions = candidate
             .versions
             .iter()
             .map(|version| {
-                let held = holds
+                let mut held: Vec<ChannelHold> = holds
                     .get(&candidate.recipe)
                     .and_then(|h| h.get(version))
-                    .map_or(&[][..], Vec::as_slice);
+                    .cloned()
+                    .unwrap_or_default();
+                for hold in &by_digest {
+                    if !held.iter().any(|h| h.reason == hold.reason) {
+                        held.push(hold.clone());
+                    }
+                }
                 let decision = decide::decide(
                     Kind::Image,
                     version,
                     versions
                         .get(&candidate.recipe)
                         .map_or(&[][..], Vec::as_slice),
-                    held,
+                    &held,
                     &in_use,
                     &rules_of(&candidate.recipe),
                     now,

@@ -363,16 +363,25 @@ impl Env {
 
     /// Writes a channel's record as `bake promote` does: `versions` oldest first.
     async fn channel(&self, channel: &str, versions: &[(u8, Amis)]) {
+        let entries: Vec<(u8, Amis, Vec<String>)> = versions
+            .iter()
+            .map(|(n, amis)| (*n, amis.clone(), Vec::new()))
+            .collect();
+        self.channel_with_images(channel, &entries).await;
+    }
+
+    /// Writes a channel's record whose entries also name images (`repository@sha256:…`).
+    async fn channel_with_images(&self, channel: &str, versions: &[(u8, Amis, Vec<String>)]) {
         let history: Vec<Value> = versions
             .iter()
             .enumerate()
-            .map(|(i, (n, amis))| {
+            .map(|(i, (n, amis, images))| {
                 json!({
                     "promoted_at": format!("2026-02-{:02}T00:00:00Z", i + 1),
                     "references": {
                         "version": version(*n),
                         "amis": amis.iter().map(|(r, (i, _))| (r.clone(), i.clone())).collect::<BTreeMap<_, _>>(),
-                        "images": [],
+                        "images": images,
                         "launch_templates": [],
                         "task_definitions": []
                     }
@@ -907,7 +916,7 @@ const REPOSITORY: &str = "gcweb/api";
 
 fn image_recipe_text() -> String {
     format!(
-        "bake: 1\nname: {RECIPE}\nbase: scratch\noutputs:\n  oci: {{}}\npublish:\n  ecr:\n    - repository: {REPOSITORY}\n      region: {HOME}\n  channels: [prod]\n"
+        "bake: 1\nname: {RECIPE}\nbase: scratch\noutputs:\n  oci: {{}}\npublish:\n  ecr:\n    - repository: {REPOSITORY}\n      region: {HOME}\n  channels: [prod, dev]\n"
     )
 }
 
@@ -1076,9 +1085,15 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
         .unwrap();
     // A task definition that is registered but that no service runs does not keep v0.
     env.task_definition("gc-unused", &d[&0]).await;
-    // v5 is prod's previous version, v6 its current one.
+    // v5 is prod's previous version, v6 its current one; dev's current entry, a version this
+    // store did not build, names v1's digest.
     env.channel("prod", &[(5, Amis::new()), (6, Amis::new())])
         .await;
+    env.channel_with_images(
+        "dev",
+        &[(0x99, Amis::new(), vec![format!("{REPOSITORY}@{}", d[&1])])],
+    )
+    .await;
     // Not gc's: an image pushed by hand, and one of another recipe (its record is in the same
     // store), both in the same repository.
     let (hand, hand_digest) = manifest("by hand");
@@ -1087,7 +1102,7 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
     env.put_image(&theirs, &theirs_digest, &[]).await;
     env.record_image("other", 0x42, &theirs_digest);
 
-    let expected_removed: BTreeSet<String> = [0, 1, 4].map(id).into_iter().collect();
+    let expected_removed: BTreeSet<String> = [0, 4].map(id).into_iter().collect();
     let expected_reasons: Vec<(u8, String)> = vec![
         (
             2,
@@ -1096,6 +1111,13 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
         (
             3,
             format!("in use: ECS service gc-api (cluster gc-cluster) runs task definition {rev2}"),
+        ),
+        (
+            1,
+            format!(
+                "channel dev: current (pinned) names its digest (as version {})",
+                short(0x99)
+            ),
         ),
         (5, "channel prod: previous".to_owned()),
         (6, "channel prod: current".to_owned()),
@@ -1185,7 +1207,7 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
     );
     let left = env.ecr_images().await;
     let mut expected = everything.clone();
-    for n in [0, 1, 4] {
+    for n in [0, 4] {
         expected.remove(&d[&n]);
     }
     assert_eq!(left, expected);
@@ -1218,7 +1240,7 @@ async fn gc_deletes_exactly_the_unreferenced_old_ecr_images_and_keeps_what_a_ser
         with_action(&again, "image", "removed").is_empty(),
         "{again:#}"
     );
-    assert_eq!(image_lines(&again).len(), 5, "{again:#}");
+    assert_eq!(image_lines(&again).len(), 6, "{again:#}");
     assert_eq!(
         mutations(&env.counted().await, &before),
         Vec::<String>::new()
