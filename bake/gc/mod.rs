@@ -20,8 +20,8 @@
 //! Nothing without bake's tags *and* a build record in this store is a candidate, and nothing of
 //! another recipe: the candidates are found by `bake:recipe`, and each needs the record of its
 //! `bake:version` with the same recipe name; an image needs a record of this recipe whose image
-//! digest it is ([`ecr`], [`registry`]). Every artifact gets one line saying what was decided and why; a dry
-//! run makes the same decisions and sends only reads.
+//! digest it is ([`ecr`], [`registry`]). Every artifact gets one line saying what was decided
+//! and why; a dry run makes the same decisions and sends only reads.
 
 pub mod decide;
 pub mod ecr;
@@ -76,7 +76,7 @@ pub enum GcError {
         source: AwsCallError,
     },
     #[error("failed to list the images of ECR repository `{repository}` in {region}")]
-    RegistryImages {
+    EcrImages {
         repository: String,
         region: String,
         #[source]
@@ -196,7 +196,7 @@ impl GcReport {
     }
 }
 
-/// One candidate image in ECR, with the decision about it.
+/// One candidate image in ECR or a registry, with the decision about it.
 struct ImageCandidate {
     recipe: String,
     /// The newest of `versions` (the one its line names).
@@ -564,9 +564,10 @@ async fn find_candidates(
     Ok(found)
 }
 
-/// The images of the recipes' ECR repositories that gc may judge, and what ECS services run in
-/// every region those repositories and the recipes' task definitions are in (a service may
-/// pull from another region's repository, so each image is checked against all of them).
+/// The images of the recipes' ECR and registry repositories that gc may judge, and what ECS
+/// services run in every region those ECR repositories and the recipes' task definitions are in
+/// (a service may pull from another region's repository, so each image is checked against all
+/// of them).
 async fn find_image_candidates(
     aws: &Aws,
     registry: &crate::registry::Client,
@@ -583,6 +584,21 @@ async fn find_image_candidates(
             continue;
         }
         let newest_first = versions_of(records, &recipe.name);
+        // The candidate for an image the records of `named` versions name, if any.
+        let candidate = |image: RegistryImage, named: Vec<Version>| {
+            let versions: Vec<Version> = newest_first
+                .iter()
+                .map(|v| v.version.clone())
+                .filter(|v| named.contains(v))
+                .collect();
+            Some(ImageCandidate {
+                recipe: recipe.name.clone(),
+                version: versions.first()?.clone(),
+                versions,
+                image,
+                decision: Decision::Keep(Vec::new()),
+            })
+        };
         for repository in &elsewhere {
             let images = registry::images(registry, repository, records, &recipe.name)
                 .await
@@ -591,23 +607,11 @@ async fn find_image_candidates(
                     repository: repository.name(),
                     source: Box::new(source),
                 })?;
-            for (image, named) in images {
-                let versions: Vec<Version> = newest_first
-                    .iter()
-                    .map(|v| v.version.clone())
-                    .filter(|v| named.contains(v))
-                    .collect();
-                let Some(version) = versions.first().cloned() else {
-                    continue;
-                };
-                found.push(ImageCandidate {
-                    recipe: recipe.name.clone(),
-                    version,
-                    versions,
-                    image,
-                    decision: Decision::Keep(Vec::new()),
-                });
-            }
+            found.extend(
+                images
+                    .into_iter()
+                    .filter_map(|(image, named)| candidate(image, named)),
+            );
         }
         regions.extend(
             recipe
@@ -620,7 +624,7 @@ async fn find_image_candidates(
             regions.insert(region.clone());
             let listed = ecr::images(aws, &region, &repository)
                 .await
-                .map_err(|source| GcError::RegistryImages {
+                .map_err(|source| GcError::EcrImages {
                     repository: repository.clone(),
                     region: region.clone(),
                     source,
@@ -635,22 +639,10 @@ async fn find_image_candidates(
             let mut foreign = 0usize;
             for image in images {
                 let named = ecr::versions_of(records, &recipe.name, &image.digest);
-                let versions: Vec<Version> = newest_first
-                    .iter()
-                    .map(|v| v.version.clone())
-                    .filter(|v| named.contains(v))
-                    .collect();
-                let Some(version) = versions.first().cloned() else {
-                    foreign += 1;
-                    continue;
-                };
-                found.push(ImageCandidate {
-                    recipe: recipe.name.clone(),
-                    version,
-                    versions,
-                    image,
-                    decision: Decision::Keep(Vec::new()),
-                });
+                match candidate(image, named) {
+                    Some(candidate) => found.push(candidate),
+                    None => foreign += 1,
+                }
             }
             if foreign > 0 {
                 report.notes.push(format!(
@@ -808,13 +800,15 @@ async fn resume(
                     continue;
                 };
                 let exists = match &image.registry {
-                    None => ecr::exists(aws, &image).await.map_err(|source| {
-                        GcError::RegistryImages {
-                            repository: image.repository.clone(),
-                            region: entry.region.clone(),
-                            source,
-                        }
-                    })?,
+                    None => {
+                        ecr::exists(aws, &image)
+                            .await
+                            .map_err(|source| GcError::EcrImages {
+                                repository: image.repository.clone(),
+                                region: entry.region.clone(),
+                                source,
+                            })?
+                    }
                     Some(host) => registry::exists(registry, &image).await.map_err(|source| {
                         GcError::Registry {
                             recipe: entry.recipe.clone(),
@@ -1238,8 +1232,8 @@ fn image_line(
     }
 }
 
-/// Removes one ECR image: each tag (only while it still names the digest), then the digest,
-/// journaling each step; the version's manifest records the removal.
+/// Removes one image (ECR's API, or a registry's): each tag (only while it still names the
+/// digest), then the digest, journaling each step; the versions' manifests record the removal.
 async fn remove_image(
     aws: &Aws,
     registry: &crate::registry::Client,
@@ -1250,11 +1244,11 @@ async fn remove_image(
 ) -> Result<Line, GcError> {
     let id = c.image.id();
     let region = c.image.region.as_str();
-    let client = aws.ecr(region);
+    let ecr = c.image.registry.is_none().then(|| aws.ecr(region));
     let failed = |error: String| image_line(c, Action::Failed, reasons.to_vec(), Some(error));
-    let outcomes = match c.image.registry {
-        None => ecr::delete_tags(&client, &c.image, &c.image.tags).await,
-        Some(_) => registry::delete_tags(registry, &c.image, &c.image.tags).await,
+    let outcomes = match &ecr {
+        Some(ecr) => ecr::delete_tags(ecr, &c.image, &c.image.tags).await,
+        None => registry::delete_tags(registry, &c.image, &c.image.tags).await,
     };
     let mut failure = None;
     for (tag, outcome) in c.image.tags.iter().zip(outcomes) {
@@ -1268,9 +1262,9 @@ async fn remove_image(
     if let Some(error) = failure {
         return Ok(failed(error));
     }
-    let deleted = match c.image.registry {
-        None => ecr::delete_digest(&client, &c.image).await,
-        Some(_) => registry::delete_digest(registry, &c.image).await,
+    let deleted = match &ecr {
+        Some(ecr) => ecr::delete_digest(ecr, &c.image).await,
+        None => registry::delete_digest(registry, &c.image).await,
     };
     if let Deleted::Failed(error) = deleted {
         return Ok(failed(error));
