@@ -9,6 +9,7 @@ mod audit;
 mod build;
 mod cleanup;
 mod export;
+mod fleet;
 mod gc;
 mod imagebuilder;
 mod key;
@@ -81,6 +82,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
     Build(build::BuildArgs),
+    /// Print the recipe graph: which recipes are built on which (a tree, JSON or Graphviz dot).
+    Graph(fleet::GraphArgs),
     /// Remove AWS resources left by AMI builds that died (journals and tags).
     Cleanup(cleanup::CleanupArgs),
     /// Remove old AMIs that nothing references (deprecate first; explain every decision).
@@ -156,6 +159,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Validate(args) => validate::run(&args, settings),
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
+        Command::Graph(args) => fleet::graph(&args, settings),
         Command::Export(args) => export::run(&args, settings),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
             imagebuilder::run_import(&args, settings)

@@ -27,6 +27,7 @@ pub mod hash;
 pub mod inputs;
 pub mod state;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -170,14 +171,36 @@ impl PlanError {
 
 /// Plans `recipe` (loaded from `shown_path`).
 pub fn plan(recipe: &Recipe, shown_path: &str, options: &PlanOptions) -> Result<Plan, PlanError> {
-    let mut stack = vec![recipe.path.clone()];
+    plan_many(&[(recipe, shown_path)], options)
+        .pop()
+        .expect("one plan per recipe")
+}
+
+/// Plans several recipes with one digest cache, each base recipe planned once: list parents
+/// before the recipes built on them and a base recipe among `recipes` is not planned again.
+/// One result per recipe, in order.
+pub fn plan_many(
+    recipes: &[(&Recipe, &str)],
+    options: &PlanOptions,
+) -> Vec<Result<Plan, PlanError>> {
     let cache = match &options.digest_cache {
         Some(file) => DigestCache::load(file),
         None => DigestCache::in_memory(),
     };
-    let planned = plan_inner(recipe, shown_path, options, &mut stack, &cache);
+    let mut planned = HashMap::new();
+    let plans = recipes
+        .iter()
+        .map(|(recipe, shown)| {
+            let mut stack = vec![recipe.path.clone()];
+            let plan = plan_inner(recipe, shown, options, &mut stack, &cache, &mut planned);
+            if let Ok(plan) = &plan {
+                planned.insert(recipe.path.clone(), plan.clone());
+            }
+            plan
+        })
+        .collect();
     cache.save();
-    planned
+    plans
 }
 
 fn plan_inner(
@@ -186,12 +209,16 @@ fn plan_inner(
     options: &PlanOptions,
     stack: &mut Vec<PathBuf>,
     cache: &DigestCache,
+    planned: &mut HashMap<PathBuf, Plan>,
 ) -> Result<Plan, PlanError> {
     let mut plan_base = |path: &Path| -> Result<Plan, PlanError> {
         if stack.iter().any(|p| p == path) {
             let mut chain: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
             chain.push(path.display().to_string());
             return Err(PlanError::Cycle { chain });
+        }
+        if let Some(plan) = planned.get(path) {
+            return Ok(plan.clone());
         }
         // A base recipe gets its defaults and the environment, not the `--var`s meant for the
         // recipe being planned.
@@ -202,12 +229,21 @@ fn plan_inner(
         };
         let base = recipe::load(path, &sources).map_err(|e| wrap(e.into()))?;
         stack.push(path.to_path_buf());
-        let planned = plan_inner(&base, &path.display().to_string(), options, stack, cache);
+        let plan = plan_inner(
+            &base,
+            &path.display().to_string(),
+            options,
+            stack,
+            cache,
+            planned,
+        );
         stack.pop();
-        planned.map_err(|e| match e {
+        let plan = plan.map_err(|e| match e {
             cycle @ PlanError::Cycle { .. } => cycle,
             other => wrap(other),
-        })
+        })?;
+        planned.insert(path.to_path_buf(), plan.clone());
+        Ok(plan)
     };
     let base = base::identity(
         recipe,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::{RecipeError, RecipeErrorKind};
 use super::model::*;
-use super::paths::resolve_within;
+use super::paths::{resolve_recipe_reference, resolve_within};
 use super::raw::*;
 use super::template::{Context, Renderer, Secrets};
 use super::vars::{self, Declaration, VarSources, span_of};
@@ -424,7 +424,19 @@ impl<'a> Validator<'a> {
             }
             RawBase::Bootstrap(b) => Base::Bootstrap(self.bootstrap(b)?),
             RawBase::Recipe(other) => {
-                let path = self.path(other, "base recipe")?;
+                let path = match resolve_recipe_reference(&self.root, &other.value, "base recipe") {
+                    Ok(path) => path,
+                    Err(kind) => {
+                        let hint = matches!(kind, RecipeErrorKind::MissingFile { .. }).then(|| {
+                            format!(
+                                "the path is relative to the recipe's directory `{}`",
+                                self.display_dir.display()
+                            )
+                        });
+                        self.error(other, kind).hint = hint;
+                        return None;
+                    }
+                };
                 Base::Recipe {
                     path,
                     relative_path: other.value.clone(),
