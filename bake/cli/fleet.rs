@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::{print_json, print_reports};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
+use crate::fleet::outdated::Reason;
 use crate::fleet::schedule::{self, Outcome};
 use crate::fleet::{Fleet, FleetError, Member};
 use crate::plan::{Plan, PlanError};
@@ -237,6 +238,164 @@ pub fn plan_all(dir: &Path, check: bool, settings: &Settings) -> ExitStatus {
     } else {
         ExitStatus::Success
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bake outdated
+
+#[derive(Debug, Args)]
+pub struct OutdatedArgs {
+    /// The directory whose recipes (searched recursively) are compared with their last build.
+    #[arg(value_name = "DIR", default_value = ".")]
+    pub dir: PathBuf,
+}
+
+/// One recipe in `bake outdated`'s report.
+#[derive(Debug, Serialize)]
+struct OutdatedLine<'a> {
+    recipe: &'a str,
+    name: &'a str,
+    /// `outdated`, `up_to_date`, `unbuilt` (no build of this recipe in the store) or `error`.
+    state: &'static str,
+    /// The version last built (the newest build record of this recipe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    built: Option<String>,
+    /// The version today's plan gives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    now: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<Reason>,
+    /// The recipes built on this one, which its rebuild rebuilds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    drags_along: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
+    let fleet = match load_or_report(&args.dir, settings) {
+        Ok(fleet) => fleet,
+        Err(status) => return status,
+    };
+    // Today's plan resolves every tag and source AMI again: what the world offers now.
+    let plans = plan_fleet(&fleet, settings);
+    let last_built = existing_store(settings)
+        .map(|store| newest_records(&store))
+        .unwrap_or_default();
+    let mut lines = Vec::with_capacity(fleet.len());
+    let mut error = None;
+    for (i, (member, plan)) in fleet.members.iter().zip(&plans).enumerate() {
+        let mut line = OutdatedLine {
+            recipe: &member.shown,
+            name: &member.recipe.name,
+            state: "unbuilt",
+            built: None,
+            now: None,
+            reasons: Vec::new(),
+            drags_along: Vec::new(),
+            error: None,
+        };
+        match plan {
+            Err(report) => {
+                line.state = "error";
+                line.error = Some(one_line(report));
+                error.get_or_insert(ExitStatus::Infrastructure);
+            }
+            Ok(plan) => {
+                line.now = Some(plan.version.to_string());
+                if let Some(record) = last_built.get(&member.recipe.name) {
+                    line.built = Some(record.version.to_string());
+                    if record.version == plan.version {
+                        line.state = "up_to_date";
+                    } else {
+                        line.state = "outdated";
+                        line.reasons =
+                            crate::fleet::outdated::reasons(&record.inputs, &plan.inputs);
+                        line.drags_along = fleet
+                            .descendants(i)
+                            .into_iter()
+                            .map(|d| fleet.members[d].shown.as_str())
+                            .collect();
+                    }
+                }
+            }
+        }
+        lines.push(line);
+    }
+    let count = |state: &str| lines.iter().filter(|l| l.state == state).count();
+    match settings.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "recipes": lines,
+            "outdated": count("outdated"),
+            "up_to_date": count("up_to_date"),
+            "unbuilt": count("unbuilt"),
+        })),
+        OutputFormat::Human => {
+            let short = |v: &Option<String>| {
+                v.as_deref()
+                    .map(|v| {
+                        v.strip_prefix("sha256:")
+                            .unwrap_or(v)
+                            .get(..12)
+                            .unwrap_or(v)
+                            .to_owned()
+                    })
+                    .unwrap_or_default()
+            };
+            for line in lines.iter().filter(|l| l.state == "outdated") {
+                println!(
+                    "{} ({}): outdated, built {} → now {}",
+                    line.recipe,
+                    line.name,
+                    short(&line.built),
+                    short(&line.now)
+                );
+                for reason in &line.reasons {
+                    println!("  {}", reason.describe());
+                }
+                if !line.drags_along.is_empty() {
+                    println!("  drags along: {}", line.drags_along.join(", "));
+                }
+            }
+            for line in lines.iter().filter(|l| l.state == "error") {
+                println!(
+                    "{} ({}): not planned: {}",
+                    line.recipe,
+                    line.name,
+                    line.error.as_deref().unwrap_or_default()
+                );
+            }
+            println!(
+                "{} outdated, {} up to date, {} never built here",
+                count("outdated"),
+                count("up_to_date"),
+                count("unbuilt")
+            );
+        }
+    }
+    match error {
+        Some(status) => status,
+        None if count("outdated") > 0 => ExitStatus::Outdated,
+        None => ExitStatus::Success,
+    }
+}
+
+/// The newest build record (by start time) of each recipe name in the store.
+fn newest_records(store: &Store) -> std::collections::HashMap<String, crate::store::BuildRecord> {
+    let mut newest: std::collections::HashMap<String, crate::store::BuildRecord> =
+        std::collections::HashMap::new();
+    for version in crate::store::record::versions(store).unwrap_or_default() {
+        let Ok(Some(record)) = crate::store::record::load(store, version.as_str()) else {
+            continue;
+        };
+        let newer = newest
+            .get(&record.name)
+            .is_none_or(|kept| record.started > kept.started);
+        if newer {
+            newest.insert(record.name.clone(), record);
+        }
+    }
+    newest
 }
 
 // ---------------------------------------------------------------------------------------------

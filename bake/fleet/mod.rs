@@ -10,6 +10,7 @@
 //!
 //! [`schedule`] builds a fleet in that order with bounded parallelism.
 
+pub mod outdated;
 pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
@@ -218,6 +219,22 @@ impl Fleet {
             .enumerate()
             .filter(move |(_, m)| m.parent == Some(i))
             .map(|(j, _)| j)
+    }
+
+    /// Every member built on member `i`, directly or further down, in fleet order.
+    pub fn descendants(&self, i: usize) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&j| {
+                let mut at = self.members[j].parent;
+                while let Some(p) = at {
+                    if p == i {
+                        return true;
+                    }
+                    at = self.members[p].parent;
+                }
+                false
+            })
+            .collect()
     }
 
     /// How deep member `i` is: 0 for a recipe that is not built on another.

@@ -437,3 +437,176 @@ fn building_a_recipe_builds_its_unbuilt_bases_first() {
     let base_layers = base["layers"].as_array().unwrap();
     assert_eq!(&child_layers[..base_layers.len()], &base_layers[..]);
 }
+
+/// `bake outdated` after the base image's tag moved in a registry: the recipe on it is outdated
+/// because of the move (both digests named), the recipe built on that one because of it, and
+/// after `build --all` nothing is.
+#[test]
+fn outdated_names_a_moved_base_image_tag_and_what_it_drags_along() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("building images") {
+        return;
+    }
+    let fleet = Fleet::new();
+    let repository = format!("{registry}/outdated-{}", fresh_account());
+    // The upstream image, outside the fleet's directory, pushed with the tag `stable`.
+    let upstream = fleet.path().join("upstream");
+    fs_err::create_dir_all(&upstream).unwrap();
+    fs_err::write(upstream.join("release.txt"), "1\n").unwrap();
+    fs_err::write(
+        upstream.join("upstream.yaml"),
+        format!(
+            "bake: 1\nname: upstream\nbase: scratch\nprovisioners:\n  - file:\n      source: release.txt\n      destination: /release.txt\noutputs:\n  oci: {{}}\npublish:\n  registries:\n    - repository: {repository}\n      tags: [stable]\n"
+        ),
+    )
+    .unwrap();
+    let publish_upstream = || {
+        let built = fleet.json(&["build", "upstream/upstream.yaml", "--no-attest"]);
+        let pushed = fleet.bake(&["push", "upstream/upstream.yaml"]);
+        assert!(pushed.status.success(), "{}", stderr(&pushed));
+        built["image_digest"].as_str().unwrap().to_owned()
+    };
+    let first = publish_upstream();
+    fleet.write(
+        "fleet/app.yaml",
+        &format!(
+            "bake: 1\nname: app\nbase:\n  image: {repository}:stable\nprovisioners:\n  - file:\n      source: app.txt\n      destination: /app.txt\noutputs:\n  oci: {{}}\n"
+        ),
+    );
+    fleet.write("fleet/app.txt", "app\n");
+    fleet.write(
+        "fleet/svc.yaml",
+        "bake: 1\nname: svc\nbase:\n  recipe: app.yaml\noutputs:\n  oci: {}\n",
+    );
+    fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    let report = fleet.json(&["outdated", "fleet"]);
+    assert_eq!(report["outdated"], 0, "{report:#}");
+    assert_eq!(report["up_to_date"], 2, "{report:#}");
+
+    fleet.write("upstream/release.txt", "2\n");
+    let second = publish_upstream();
+    assert_ne!(first, second);
+    let output = fleet.bake(&["outdated", "fleet", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let app = &report["recipes"][0];
+    assert_eq!(app["recipe"], "fleet/app.yaml");
+    assert_eq!(app["state"], "outdated");
+    assert_eq!(
+        app["reasons"],
+        serde_json::json!([{"kind": "base_image_moved", "repository": repository, "built": first, "now": second}])
+    );
+    assert_eq!(app["drags_along"], serde_json::json!(["fleet/svc.yaml"]));
+    let svc = &report["recipes"][1];
+    assert_eq!(svc["state"], "outdated");
+    assert_eq!(svc["reasons"][0]["kind"], "base_recipe_changed");
+    assert_eq!(svc["reasons"][0]["now"], app["now"]);
+    let text = stdout(&fleet.bake(&["outdated", "fleet"]));
+    assert!(
+        text.contains(&format!(
+            "base image {repository} moved: {} → {}",
+            &first[7..19],
+            &second[7..19]
+        )),
+        "{text}"
+    );
+    assert!(text.contains("drags along: fleet/svc.yaml"), "{text}");
+
+    let rebuilt = fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    assert_eq!(rebuilt["built"], 2, "{rebuilt:#}");
+    let output = fleet.bake(&["outdated", "fleet"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output).contains("0 outdated, 2 up to date"));
+}
+
+/// `bake outdated` when a newer image matches a recipe's source AMI filter in moto. The last
+/// build's record is written from the plan (an instance build needs a builder; what matters
+/// here is the inputs it pinned).
+#[tokio::test(flavor = "multi_thread")]
+async fn outdated_names_a_superseded_source_ami() {
+    let Some(moto) = super::instance::moto().await else {
+        return;
+    };
+    let (_, newest) = moto.vendor_amis().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    fs_err::create_dir_all(dir.path().join("recipes")).unwrap();
+    fs_err::write(
+        dir.path().join("recipes/node.yaml"),
+        "bake: 1\nname: node\nbase:\n  ami:\n    owners: [self]\n    name: \"vendor-linux-*-x86_64\"\n    virtualization_type: paravirtual\n    root_device_type: standard\nprovisioners:\n  - shell:\n      inline: \"true\"\noutputs:\n  ami:\n    strategy: instance\n    regions: [us-east-1]\n    instance:\n      ssh_username: admin\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        moto.bake(&store)
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let planned = run(&["plan", "recipes/node.yaml", "--output", "json"]);
+    assert!(planned.status.success(), "{}", stderr(&planned));
+    let plan: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    assert_eq!(plan["inputs"]["base"]["image_id"], newest.as_str());
+    let record = serde_json::json!({
+        "format": "bake.build-record/v2",
+        "name": "node",
+        "version": plan["version"],
+        "recipe": "recipes/node.yaml",
+        "bake_version": "0.1.0",
+        "inputs": plan["inputs"],
+        "started": "2026-12-01T00:00:00Z",
+        "duration_ms": 1,
+        "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": []}}
+    });
+    let record: bake::store::BuildRecord = serde_json::from_value(record).unwrap();
+    bake::store::Store::open(&store)
+        .unwrap()
+        .put_record(&record)
+        .unwrap();
+    let output = run(&["outdated", "recipes"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+
+    // A newer vendor release (moto dates images to the second).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let instance = moto
+        .ec2
+        .run_instances()
+        .image_id("ami-12345678")
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+    let newer = moto
+        .ec2
+        .create_image()
+        .instance_id(instance.instances()[0].instance_id().unwrap())
+        .name("vendor-linux-2026.9-x86_64")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    let output = run(&["outdated", "recipes", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let node = &report["recipes"][0];
+    assert_eq!(node["state"], "outdated", "{report:#}");
+    assert_eq!(
+        node["reasons"][0]["kind"], "source_ami_superseded",
+        "{report:#}"
+    );
+    assert_eq!(node["reasons"][0]["region"], "us-east-1");
+    assert_eq!(node["reasons"][0]["built"], newest.as_str());
+    assert_eq!(node["reasons"][0]["now"], newer.as_str());
+    assert_eq!(node["reasons"][0]["now_name"], "vendor-linux-2026.9-x86_64");
+}
