@@ -803,11 +803,13 @@ impl Builder<'_> {
                 )
             }
             Base::Bootstrap(bootstrap) => {
-                let arch = match identity {
-                    crate::plan::BaseIdentity::Bootstrap { architecture, .. } => {
-                        architecture.clone()
-                    }
-                    _ => "amd64".to_owned(),
+                let (arch, pinned) = match identity {
+                    crate::plan::BaseIdentity::Bootstrap {
+                        architecture,
+                        archives,
+                        ..
+                    } => (architecture.clone(), archives.clone()),
+                    _ => ("amd64".to_owned(), Vec::new()),
                 };
                 let created_by = format!(
                     "bake: mmdebstrap --variant={} {} ({} packages)",
@@ -822,7 +824,7 @@ impl Builder<'_> {
                     recipe.build.compression,
                     reporter,
                     |tar: &Path| {
-                        bases::bootstrap(bootstrap, &arch, sde, tar)
+                        bases::bootstrap(bootstrap, &pinned, &arch, sde, tar)
                             .map(|()| tar.to_path_buf())
                             .map_err(base_error)
                     },

@@ -310,8 +310,20 @@ fn print_human(plan: &Plan, states: &[EffectState]) {
     println!("version  {}", plan.version);
     println!();
     println!("inputs:");
-    let base = serde_json::to_value(&plan.inputs.base).expect("base identities serialize");
+    let mut base = serde_json::to_value(&plan.inputs.base).expect("base identities serialize");
+    let archives = base
+        .as_object_mut()
+        .and_then(|b| b.remove("archives"))
+        .unwrap_or_default();
     println!("  base       {}", compact(&base));
+    for archive in archives.as_array().into_iter().flatten() {
+        println!(
+            "  archive    {} {}  {}",
+            scalar(&archive["mirror"]),
+            scalar(&archive["suite"]),
+            scalar(&archive["release"])
+        );
+    }
     let vars = &plan.inputs.recipe.variables;
     if !vars.is_empty() {
         let shown: Vec<String> = vars

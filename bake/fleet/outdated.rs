@@ -19,6 +19,14 @@ pub enum Reason {
         built: String,
         now: String,
     },
+    /// A package archive the bootstrap reads has a new Release (a point release, a security
+    /// update).
+    ArchiveMoved {
+        mirror: String,
+        suite: String,
+        built: String,
+        now: String,
+    },
     /// A newer image matches the source AMI filter.
     SourceAmiSuperseded {
         region: String,
@@ -75,6 +83,16 @@ impl Reason {
                 };
                 format!("source AMI superseded in {region}: {built} → {now}{detail}")
             }
+            Reason::ArchiveMoved {
+                mirror,
+                suite,
+                built,
+                now,
+            } => format!(
+                "package archive {mirror} {suite} has a new Release: {} → {}",
+                short(built),
+                short(now)
+            ),
             Reason::BaseRecipeChanged { name, built, now } => format!(
                 "base recipe {name} has a new version: {} → {}",
                 short(built),
@@ -93,6 +111,7 @@ impl Reason {
         matches!(
             self,
             Reason::BaseImageMoved { .. }
+                | Reason::ArchiveMoved { .. }
                 | Reason::SourceAmiSuperseded { .. }
                 | Reason::BaseRecipeChanged { .. }
         )
@@ -108,7 +127,7 @@ fn short(digest: &str) -> &str {
 pub fn reasons(built: &PlanInputs, now: &PlanInputs) -> Vec<Reason> {
     let mut reasons = Vec::new();
     if built.base != now.base {
-        reasons.push(base_reason(&built.base, &now.base));
+        reasons.extend(base_reasons(&built.base, &now.base));
     }
     let mut paths: Vec<String> = Vec::new();
     for file in &now.files {
@@ -159,6 +178,40 @@ pub fn reasons(built: &PlanInputs, now: &PlanInputs) -> Vec<Reason> {
         reasons.push(Reason::SettingsChanged { parts });
     }
     reasons
+}
+
+fn base_reasons(built: &BaseIdentity, now: &BaseIdentity) -> Vec<Reason> {
+    // The same bootstrap configuration on archives that moved: one reason per archive.
+    if let (
+        BaseIdentity::Bootstrap { archives: a1, .. },
+        BaseIdentity::Bootstrap { archives: a2, .. },
+    ) = (built, now)
+    {
+        let mut same_configuration = built.clone();
+        if let BaseIdentity::Bootstrap { archives, .. } = &mut same_configuration {
+            archives.clone_from(a2);
+        }
+        if same_configuration == *now {
+            let moved: Vec<Reason> = a2
+                .iter()
+                .filter_map(|pin| {
+                    let old = a1
+                        .iter()
+                        .find(|o| o.mirror == pin.mirror && o.suite == pin.suite)?;
+                    (old.release != pin.release).then(|| Reason::ArchiveMoved {
+                        mirror: pin.mirror.clone(),
+                        suite: pin.suite.clone(),
+                        built: old.release.to_string(),
+                        now: pin.release.to_string(),
+                    })
+                })
+                .collect();
+            if !moved.is_empty() {
+                return moved;
+            }
+        }
+    }
+    vec![base_reason(built, now)]
 }
 
 fn base_reason(built: &BaseIdentity, now: &BaseIdentity) -> Reason {
@@ -291,6 +344,46 @@ mod tests {
             found[0].describe(),
             "base image r/app moved: aaaaaaaaaaaa → bbbbbbbbbbbb"
         );
+    }
+
+    #[test]
+    fn a_moved_archive_is_named_and_a_changed_package_list_is_a_base_change() {
+        let bootstrap = |updates: char, packages: &[&str]| BaseIdentity::Bootstrap {
+            distro: "debian".into(),
+            suite: "bookworm".into(),
+            variant: "minbase".into(),
+            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+            mirror: "http://deb.debian.org/debian".into(),
+            components: vec!["main".into()],
+            architecture: "amd64".into(),
+            archives: vec![
+                crate::plan::archive::PinnedArchive {
+                    mirror: "http://deb.debian.org/debian".into(),
+                    suite: "bookworm".into(),
+                    release: digest('a'),
+                },
+                crate::plan::archive::PinnedArchive {
+                    mirror: "http://deb.debian.org/debian".into(),
+                    suite: "bookworm-updates".into(),
+                    release: digest(updates),
+                },
+            ],
+        };
+        let found = reasons(
+            &inputs(bootstrap('b', &["curl"])),
+            &inputs(bootstrap('c', &["curl"])),
+        );
+        assert_eq!(
+            found.iter().map(Reason::describe).collect::<Vec<_>>(),
+            [
+                "package archive http://deb.debian.org/debian bookworm-updates has a new Release: bbbbbbbbbbbb → cccccccccccc"
+            ]
+        );
+        let found = reasons(
+            &inputs(bootstrap('b', &["curl"])),
+            &inputs(bootstrap('c', &["curl", "nginx"])),
+        );
+        assert!(matches!(found[0], Reason::BaseChanged { .. }), "{found:?}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! never reach an artifact anyway. They enter as `"***"`, so declaring a variable sensitive is
 //! itself part of the version.
 
+pub mod archive;
 pub mod base;
 mod effects;
 pub mod hash;
@@ -84,6 +85,8 @@ pub struct PlanOptions {
     pub digest_cache: Option<PathBuf>,
     /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
     pub image_resolver: Option<base::SharedResolver>,
+    /// Pins bootstrap bases' archives; without one, a bootstrap base cannot be planned.
+    pub archive_resolver: Option<archive::SharedArchiveResolver>,
     /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
     /// planning; `None` leaves such a recipe unplannable.
     pub source_ami: Option<crate::ami::instance::SourceAmi>,
@@ -115,6 +118,15 @@ pub enum PlanError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("failed to pin the package archive {mirror} {suite}")]
+    ArchiveResolve {
+        mirror: String,
+        suite: String,
+        #[source]
+        source: archive::ArchiveError,
+    },
+    #[error("recipe `{recipe}` bootstraps from package archives, which bake has not pinned")]
+    UnpinnedArchives { recipe: String },
     #[error("recipe `{recipe}` starts from a source AMI, which bake has not resolved")]
     UnresolvedAmi { recipe: String },
     #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
@@ -146,6 +158,9 @@ impl PlanError {
             PlanError::Cycle { .. } => {
                 Some("a recipe cannot build on itself, directly or through others".into())
             }
+            PlanError::ArchiveResolve { .. } => Some(
+                "a plan pins each archive by its InRelease (or Release) file: check the mirror URL, the suite and network access to the mirror".into(),
+            ),
             _ => None,
         }
     }
@@ -163,7 +178,10 @@ impl PlanError {
             PlanError::ImageResolve { source, .. } => source
                 .downcast_ref::<crate::registry::RegistryError>()
                 .is_some_and(crate::registry::RegistryError::is_user_error),
-            PlanError::Hash(_) | PlanError::Io { .. } => false,
+            PlanError::Hash(_)
+            | PlanError::Io { .. }
+            | PlanError::ArchiveResolve { .. }
+            | PlanError::UnpinnedArchives { .. } => false,
             PlanError::BaseRecipe { source, .. } => source.is_user_error(),
         }
     }
@@ -250,6 +268,7 @@ fn plan_inner(
         &mut plan_base,
         cache,
         options.image_resolver.as_deref(),
+        options.archive_resolver.as_deref(),
         options.source_ami.as_ref(),
     )?;
     let files = file_inputs(recipe, cache)?;
@@ -344,6 +363,12 @@ fn file_inputs(recipe: &Recipe, cache: &DigestCache) -> Result<Vec<FileInput>, P
             }
             Step::Hardening(_) => {}
         }
+    }
+    // The keyring the archives are checked with is an input like a script.
+    if let recipe::Base::Bootstrap(bootstrap) = &recipe.base
+        && let Some(keyring) = &bootstrap.keyring_path
+    {
+        files.extend(tree_inputs(&recipe.root, keyring, cache).map_err(PlanError::Hash)?);
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);

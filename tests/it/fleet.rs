@@ -610,3 +610,113 @@ async fn outdated_names_a_superseded_source_ami() {
     assert_eq!(node["reasons"][0]["now"], newer.as_str());
     assert_eq!(node["reasons"][0]["now_name"], "vendor-linux-2026.9-x86_64");
 }
+
+/// A bootstrap recipe on a local `file://` archive: the plan pins the suite's InRelease, so a
+/// re-signed archive (a package update) is a new version, and `outdated` names the recipe, the
+/// archive and the recipe built on it. (The last build's records are written from the plans:
+/// this test is about pinning, the bootstrap tests build from Debian's mirror.)
+#[test]
+fn a_moved_package_archive_is_a_new_version_and_outdated_names_it() {
+    let fleet = Fleet::new();
+    let archive = fleet.path().join("archive");
+    let release = archive.join("dists/stable/InRelease");
+    fs_err::create_dir_all(release.parent().unwrap()).unwrap();
+    fs_err::write(
+        &release,
+        "Suite: stable\nDate: Mon, 07 Dec 2026 00:00:00 UTC\n",
+    )
+    .unwrap();
+    fleet.write(
+        "fleet/base.yaml",
+        &format!(
+            "bake: 1\nname: base\nbase:\n  bootstrap:\n    suite: stable\n    mirror: file://{}\noutputs:\n  oci: {{}}\n",
+            archive.display()
+        ),
+    );
+    fleet.write(
+        "fleet/app.yaml",
+        "bake: 1\nname: app\nbase:\n  recipe: base.yaml\noutputs:\n  oci: {}\n",
+    );
+    let planned = fleet.json(&["plan", "--all", "fleet"]);
+    let store = bake::store::Store::open(&fleet.path().join("store")).unwrap();
+    for (recipe, name) in [("fleet/base.yaml", "base"), ("fleet/app.yaml", "app")] {
+        let plan = fleet.json(&["plan", recipe]);
+        assert_eq!(
+            planned["recipes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["recipe"] == recipe)
+                .unwrap()["version"],
+            plan["version"]
+        );
+        let record = serde_json::json!({
+            "format": "bake.build-record/v2",
+            "name": name,
+            "version": plan["version"],
+            "recipe": recipe,
+            "bake_version": "0.1.0",
+            "inputs": plan["inputs"],
+            "started": "2026-12-01T00:00:00Z",
+            "duration_ms": 1,
+            "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": []}}
+        });
+        store
+            .put_record(&serde_json::from_value(record).unwrap())
+            .unwrap();
+    }
+    let base_plan = fleet.json(&["plan", "fleet/base.yaml"]);
+    let pinned = base_plan["inputs"]["base"]["archives"][0]["release"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        pinned,
+        format!("sha256:{}", sha256_hex(&fs_err::read(&release).unwrap()))
+    );
+    assert_eq!(fleet.bake(&["outdated", "fleet"]).status.code(), Some(0));
+
+    // A package update: the archive's InRelease is written (and signed) again.
+    fs_err::write(
+        &release,
+        "Suite: stable\nDate: Tue, 08 Dec 2026 00:00:00 UTC\n",
+    )
+    .unwrap();
+    let moved = fleet.json(&["plan", "fleet/base.yaml"]);
+    assert_ne!(moved["version"], base_plan["version"]);
+    let output = fleet.bake(&["outdated", "fleet", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let base = &report["recipes"][0];
+    assert_eq!(base["recipe"], "fleet/base.yaml");
+    assert_eq!(
+        base["reasons"],
+        serde_json::json!([{
+            "kind": "archive_moved",
+            "mirror": format!("file://{}", archive.display()),
+            "suite": "stable",
+            "built": pinned,
+            "now": moved["inputs"]["base"]["archives"][0]["release"],
+        }])
+    );
+    assert_eq!(base["drags_along"], serde_json::json!(["fleet/app.yaml"]));
+    assert_eq!(
+        report["recipes"][1]["reasons"][0]["kind"],
+        "base_recipe_changed"
+    );
+
+    // An archive that cannot be read is an error naming it, not an unpinned plan.
+    fs_err::remove_file(&release).unwrap();
+    let output = fleet.bake(&["plan", "fleet/base.yaml"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("failed to pin the package archive file://"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
