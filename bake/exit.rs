@@ -10,6 +10,8 @@ use std::process::ExitCode;
 pub enum ExitStatus {
     /// Everything asked for was done.
     Success,
+    /// `bake outdated`: some recipe's version today is not the one last built.
+    Outdated,
     /// The recipe, a variable or the command line is wrong; retrying will not help.
     RecipeOrUsage,
     /// Something outside bake failed (filesystem, network, AWS, a registry, a runner).
@@ -28,6 +30,7 @@ impl ExitStatus {
     pub const fn code(self) -> u8 {
         match self {
             ExitStatus::Success => 0,
+            ExitStatus::Outdated => 1,
             ExitStatus::RecipeOrUsage => 2,
             ExitStatus::Infrastructure => 3,
             ExitStatus::PartialPublish => 4,
@@ -51,6 +54,7 @@ mod tests {
     fn codes_are_the_documented_ones() {
         let codes: Vec<u8> = [
             ExitStatus::Success,
+            ExitStatus::Outdated,
             ExitStatus::RecipeOrUsage,
             ExitStatus::Infrastructure,
             ExitStatus::PartialPublish,
@@ -60,6 +64,6 @@ mod tests {
         .iter()
         .map(|s| s.code())
         .collect();
-        assert_eq!(codes, [0, 2, 3, 4, 130, 5]);
+        assert_eq!(codes, [0, 1, 2, 3, 4, 130, 5]);
     }
 }

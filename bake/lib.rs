@@ -28,6 +28,7 @@ pub mod build;
 pub mod cli;
 pub mod diagnostic;
 pub mod exit;
+pub mod fleet;
 pub mod gc;
 pub mod id;
 pub mod imagebuilder;

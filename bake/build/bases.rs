@@ -8,6 +8,7 @@ use std::process::Command;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 
 use crate::artifact::oci::LayerRef;
+use crate::plan::archive::{ArchiveMoved, PinnedArchive, check_bootstrapped};
 use crate::recipe::{Bootstrap, Distro};
 
 /// A base, ready to unpack.
@@ -44,6 +45,8 @@ pub enum BaseError {
     },
     #[error("OCI layout `{}` is invalid: {reason}", path.display())]
     BadLayout { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ArchiveMoved(Box<ArchiveMoved>),
 }
 
 impl BaseError {
@@ -51,6 +54,7 @@ impl BaseError {
         match self {
             BaseError::NoMmdebstrap { .. } => Some("install it with `apt-get install mmdebstrap` (Debian and Ubuntu)".into()),
             BaseError::Bootstrap { .. } => Some("check the suite, packages and mirror; mmdebstrap needs network access to the mirror".into()),
+            BaseError::ArchiveMoved(_) => Some("plan and build again: the new plan pins the archive's new state (a new version)".into()),
             _ => None,
         }
     }
@@ -60,9 +64,12 @@ impl BaseError {
 const ERROR_TAIL_LINES: usize = 20;
 
 /// Bootstraps `bootstrap` for `architecture` (`amd64`, `arm64`) into the tarball `out` with
-/// mmdebstrap, reproducibly: `SOURCE_DATE_EPOCH` fixes every timestamp mmdebstrap writes.
+/// mmdebstrap, reproducibly: `SOURCE_DATE_EPOCH` fixes every timestamp mmdebstrap writes. The
+/// Release files apt read are checked against `pinned` (the plan's): a root made from another
+/// state of an archive is an error naming it.
 pub fn bootstrap(
     bootstrap: &Bootstrap,
+    pinned: &[PinnedArchive],
     architecture: &str,
     source_date_epoch: u64,
     out: &Path,
@@ -80,13 +87,34 @@ pub fn bootstrap(
     if !bootstrap.packages.is_empty() {
         command.arg(format!("--include={}", bootstrap.packages.join(",")));
     }
-    if bootstrap.distro == Distro::Ubuntu {
+    if let Some(keyring) = &bootstrap.keyring_path {
+        command.arg(format!("--keyring={}", keyring.display()));
+    } else if bootstrap.distro == Distro::Ubuntu {
         command.arg("--keyring=/usr/share/keyrings/ubuntu-archive-keyring.gpg");
     }
+    // apt's lists, copied out before mmdebstrap removes them, say which Release files it read.
+    let lists = out.with_extension("apt-lists");
+    std::fs::create_dir_all(&lists).map_err(|source| BaseError::Layout {
+        path: lists.clone(),
+        source,
+    })?;
     command
+        .arg(format!(
+            "--customize-hook=sync-out /var/lib/apt/lists {}",
+            lists.display()
+        ))
         .arg(&bootstrap.suite)
         .arg(out)
-        .arg(&bootstrap.mirror)
+        .arg(&bootstrap.mirror);
+    for extra in &bootstrap.suites {
+        command.arg(format!(
+            "deb {} {} {}",
+            extra.mirror,
+            extra.suite,
+            bootstrap.components.join(" ")
+        ));
+    }
+    command
         .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8");
     let output = command.output().map_err(BaseError::Spawn)?;
@@ -100,7 +128,9 @@ pub fn bootstrap(
             tail,
         });
     }
-    Ok(())
+    let checked = check_bootstrapped(&lists, pinned);
+    let _ = std::fs::remove_dir_all(&lists);
+    checked.map_err(BaseError::ArchiveMoved)
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -28,8 +28,8 @@ use super::snapshot::{Changes, EntryKind, Excludes, Snapshot, SnapshotError, dif
 use super::unpack::{UnpackError, unpack_layer};
 use crate::artifact::oci::{self, HistoryEntry, ImageBlobs, ImageSettings, LayerRef};
 use crate::id::{Digest, Version};
-use crate::plan::Plan;
 use crate::plan::hash::canonical_digest;
+use crate::plan::{BaseIdentity, Plan};
 use crate::recipe::template::{Context, Renderer, Secrets};
 use crate::recipe::{Base, Compression, Recipe, RecipeError, Script, Step, Test};
 use crate::store::{
@@ -121,6 +121,18 @@ pub enum BuildError {
     UnsupportedBase(String),
     #[error("base image `{reference}` ({digest}) is not in the store")]
     BaseNotPulled { reference: String, digest: String },
+    #[error("base recipe `{path}` ({name} {version}) is not built in this store")]
+    BaseNotBuilt {
+        path: String,
+        name: String,
+        version: String,
+    },
+    #[error("base recipe `{path}` ({name} {version}) made no OCI image to start from")]
+    BaseWithoutImage {
+        path: String,
+        name: String,
+        version: String,
+    },
     #[error("failed to unpack layer {digest}")]
     Unpack {
         digest: String,
@@ -198,6 +210,7 @@ impl BuildError {
                 | BuildError::Render(_)
                 | BuildError::NoOciOutput
                 | BuildError::UnsupportedBase(_)
+                | BuildError::BaseWithoutImage { .. }
                 | BuildError::EngineUnsupported(_)
                 | BuildError::Audit(crate::audit::AuditError::Gate(_))
         )
@@ -215,6 +228,12 @@ impl BuildError {
             BuildError::UnsupportedBase(_) => {
                 Some("use an image, bootstrap, rootfs or OCI layout base".into())
             }
+            BuildError::BaseNotBuilt { path, .. } => Some(format!(
+                "`bake build` builds base recipes first; build `{path}` (or every recipe with `bake build --all`)"
+            )),
+            BuildError::BaseWithoutImage { .. } => Some(
+                "a base recipe needs `outputs.oci`: its image is the root the recipes built on it start from".into(),
+            ),
             BuildError::BaseNotPulled { .. } => {
                 Some("`bake build` pulls registry bases before building; pull it with `bake build`, or check registry access".into())
             }
@@ -695,11 +714,18 @@ impl Builder<'_> {
         );
         match &recipe.base {
             Base::Scratch => Ok(BaseLayers::default()),
-            Base::OciLayout { .. } | Base::Image { .. } => {
-                let digest = identity
-                    .digest()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
+            Base::OciLayout { .. } | Base::Image { .. } | Base::Recipe { .. } => {
+                let digest = match (&recipe.base, identity) {
+                    // The parent's image, which its build left in the store.
+                    (
+                        Base::Recipe { relative_path, .. },
+                        BaseIdentity::Recipe { name, version },
+                    ) => parent_image(self.store, relative_path, name, version)?,
+                    _ => identity
+                        .digest()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                };
                 let digest = digest.as_str();
                 // A registry base was pulled into the store (which is an OCI layout) before
                 // the build: `bake build` pulls it, and the plan pinned its digest.
@@ -714,6 +740,7 @@ impl Builder<'_> {
                         }
                         self.store.root().to_path_buf()
                     }
+                    Base::Recipe { .. } => self.store.root().to_path_buf(),
                     _ => unreachable!("matched above"),
                 };
                 let path = &path;
@@ -721,7 +748,9 @@ impl Builder<'_> {
                     .outputs
                     .oci
                     .as_ref()
-                    .map_or("amd64", |o| o.architecture.oci());
+                    .map(|o| o.architecture)
+                    .or_else(|| recipe.outputs.ami.as_ref().map(|a| a.architecture))
+                    .map_or("amd64", |a| a.oci());
                 let (manifest, config) =
                     bases::layout_image(path, digest, architecture).map_err(base_error)?;
                 let mut layers = Vec::new();
@@ -774,11 +803,13 @@ impl Builder<'_> {
                 )
             }
             Base::Bootstrap(bootstrap) => {
-                let arch = match identity {
-                    crate::plan::BaseIdentity::Bootstrap { architecture, .. } => {
-                        architecture.clone()
-                    }
-                    _ => "amd64".to_owned(),
+                let (arch, pinned) = match identity {
+                    crate::plan::BaseIdentity::Bootstrap {
+                        architecture,
+                        archives,
+                        ..
+                    } => (architecture.clone(), archives.clone()),
+                    _ => ("amd64".to_owned(), Vec::new()),
                 };
                 let created_by = format!(
                     "bake: mmdebstrap --variant={} {} ({} packages)",
@@ -793,15 +824,12 @@ impl Builder<'_> {
                     recipe.build.compression,
                     reporter,
                     |tar: &Path| {
-                        bases::bootstrap(bootstrap, &arch, sde, tar)
+                        bases::bootstrap(bootstrap, &pinned, &arch, sde, tar)
                             .map(|()| tar.to_path_buf())
                             .map_err(base_error)
                     },
                 )
             }
-            Base::Recipe { relative_path, .. } => Err(BuildError::UnsupportedBase(format!(
-                "recipe {relative_path}"
-            ))),
             Base::Ami(_) => Err(BuildError::UnsupportedBase("source AMI".into())),
         }
     }
@@ -1740,6 +1768,30 @@ fn oci_layer_media_type(media_type: &str) -> String {
         }
         other => other.to_owned(),
     }
+}
+
+/// The manifest digest of the image the base recipe at `path` built as `version`.
+fn parent_image(
+    store: &Store,
+    path: &str,
+    name: &str,
+    version: &Version,
+) -> Result<String, BuildError> {
+    let record = store
+        .record(version.as_str())?
+        .ok_or_else(|| BuildError::BaseNotBuilt {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            version: version.short().to_owned(),
+        })?;
+    record
+        .image()
+        .map(|image| image.image_digest.to_string())
+        .ok_or_else(|| BuildError::BaseWithoutImage {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            version: version.short().to_owned(),
+        })
 }
 
 #[cfg(test)]

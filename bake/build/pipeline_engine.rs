@@ -395,15 +395,18 @@ impl Builder<'_> {
         let tarball = match &recipe.base {
             Base::Rootfs { path, .. } => path.clone(),
             Base::Bootstrap(bootstrap) => {
-                let arch = match identity {
-                    crate::plan::BaseIdentity::Bootstrap { architecture, .. } => {
-                        architecture.clone()
-                    }
-                    _ => "amd64".to_owned(),
+                let (arch, pinned) = match identity {
+                    crate::plan::BaseIdentity::Bootstrap {
+                        architecture,
+                        archives,
+                        ..
+                    } => (architecture.clone(), archives.clone()),
+                    _ => ("amd64".to_owned(), Vec::new()),
                 };
                 let tar = work.path().join("base.tar");
                 crate::build::bases::bootstrap(
                     bootstrap,
+                    &pinned,
                     &arch,
                     self.options.source_date_epoch,
                     &tar,

@@ -23,8 +23,21 @@ use crate::store::Store;
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The recipe file.
-    #[arg(value_name = "RECIPE")]
-    pub recipe: PathBuf,
+    #[arg(value_name = "RECIPE", required_unless_present = "all")]
+    pub recipe: Option<PathBuf>,
+    /// Build every recipe under DIR (default: the current directory), each after the recipe it
+    /// is built on, independent ones at once; versions in the store are not built again.
+    #[arg(
+        long,
+        value_name = "DIR",
+        num_args = 0..=1,
+        default_missing_value = ".",
+        conflicts_with_all = ["recipe", "vars", "var_files"]
+    )]
+    pub all: Option<PathBuf>,
+    /// With `--all`: how many recipes build at once (default: the number of CPUs).
+    #[arg(long, value_name = "N", requires = "all", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
     #[command(flatten)]
     pub vars: VarArgs,
     #[command(flatten)]
@@ -68,11 +81,30 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
         boot_accelerator: args.boot_accelerator.or(settings.boot_accelerator),
         ..settings.clone()
     };
-    let shown = args.recipe.display().to_string();
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let child = super::fleet::ChildBuild {
+        settings,
+        build_args: super::fleet::repeated_build_args(args),
+    };
+    let path = match (&args.all, &args.recipe) {
+        (Some(dir), _) => {
+            let jobs = args.jobs.map_or_else(
+                || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+                |n| n as usize,
+            );
+            return super::fleet::build_all(dir, jobs, &child, &cancel_on_signals());
+        }
+        (None, Some(path)) => path,
+        (None, None) => unreachable!("clap requires RECIPE without --all"),
+    };
+    let shown = path.display().to_string();
+    let recipe = match super::plan::load_or_report(path, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
+    // The recipes it is built on first (each in its own `bake build`), unless in the store.
+    if let Err(status) = super::fleet::build_bases_of(&recipe, &child, &cancel_on_signals()) {
+        return status;
+    }
     if args.engine == EngineArg::Imagebuilder {
         return super::imagebuilder::run_build(&recipe, &shown, settings, cancel_on_signals());
     }

@@ -9,6 +9,7 @@ mod audit;
 mod build;
 mod cleanup;
 mod export;
+mod fleet;
 mod gc;
 mod imagebuilder;
 mod key;
@@ -81,6 +82,11 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Build a recipe's OCI image into the local store (nothing runs if its version is there).
     Build(build::BuildArgs),
+    /// Print the recipe graph: which recipes are built on which (a tree, JSON or Graphviz dot).
+    Graph(fleet::GraphArgs),
+    /// List the recipes whose version today is not the one last built, and why (a moved base
+    /// image tag, a newer source AMI, changed files); exit 1 when there are any.
+    Outdated(fleet::OutdatedArgs),
     /// Remove AWS resources left by AMI builds that died (journals and tags).
     Cleanup(cleanup::CleanupArgs),
     /// Remove old AMIs and images that nothing references (explain every decision).
@@ -156,6 +162,8 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Validate(args) => validate::run(&args, settings),
         Command::Plan(args) => plan::run(&args, settings),
         Command::Build(args) => build::run(&args, settings),
+        Command::Graph(args) => fleet::graph(&args, settings),
+        Command::Outdated(args) => fleet::outdated(&args, settings),
         Command::Export(args) => export::run(&args, settings),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
             imagebuilder::run_import(&args, settings)

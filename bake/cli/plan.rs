@@ -21,8 +21,18 @@ use crate::settings::{OutputFormat, Settings};
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// The recipe file.
-    #[arg(value_name = "RECIPE")]
-    pub recipe: PathBuf,
+    #[arg(value_name = "RECIPE", required_unless_present = "all")]
+    pub recipe: Option<PathBuf>,
+    /// Plan every recipe under DIR (default: the current directory): each one's version and
+    /// whether it is built (store) or, with `--check`, published (registries, AWS), or new.
+    #[arg(
+        long,
+        value_name = "DIR",
+        num_args = 0..=1,
+        default_missing_value = ".",
+        conflicts_with_all = ["recipe", "publish", "vars", "var_files"]
+    )]
+    pub all: Option<PathBuf>,
     /// Also show each publishing pointer's current and wanted value for the built version
     /// (asks AWS and the registries; changes nothing): `bake publish --dry-run`'s report.
     #[arg(long)]
@@ -36,8 +46,13 @@ pub struct PlanArgs {
 }
 
 pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
-    let shown = args.recipe.display().to_string();
-    let recipe = match load_or_report(&args.recipe, &args.vars, settings) {
+    let path = match (&args.all, &args.recipe) {
+        (Some(dir), _) => return super::fleet::plan_all(dir, args.check, settings),
+        (None, Some(path)) => path,
+        (None, None) => unreachable!("clap requires RECIPE without --all"),
+    };
+    let shown = path.display().to_string();
+    let recipe = match load_or_report(path, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
@@ -51,7 +66,7 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
     match planned {
         Ok((plan, states)) if args.publish => {
             let publish = super::publish::PublishArgs {
-                recipe: args.recipe.clone(),
+                recipe: path.clone(),
                 inputs: None,
                 dry_run: true,
                 set_default: false,
@@ -180,6 +195,27 @@ pub fn plan_reports(error: &PlanError) -> Vec<Report> {
     }
 }
 
+/// Where the planned version already is, asking the registries and AWS: one line per image in
+/// a registry or AMI in a region (`bake plan --all --check`).
+pub(super) fn published(
+    recipe: &crate::recipe::Recipe,
+    plan: &Plan,
+    settings: &Settings,
+) -> Vec<String> {
+    plan.effects
+        .iter()
+        .zip(effect_states(recipe, plan, true, settings))
+        .filter_map(|(effect, state)| match state {
+            EffectState::InRegistry { .. } | EffectState::AmiExists { .. } => Some(format!(
+                "{} ({})",
+                effect.describe(),
+                state.label().unwrap_or_default()
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether a run would do each effect: the store is asked; registries and AWS with `remote`.
 fn effect_states(
     recipe: &crate::recipe::Recipe,
@@ -274,8 +310,20 @@ fn print_human(plan: &Plan, states: &[EffectState]) {
     println!("version  {}", plan.version);
     println!();
     println!("inputs:");
-    let base = serde_json::to_value(&plan.inputs.base).expect("base identities serialize");
+    let mut base = serde_json::to_value(&plan.inputs.base).expect("base identities serialize");
+    let archives = base
+        .as_object_mut()
+        .and_then(|b| b.remove("archives"))
+        .unwrap_or_default();
     println!("  base       {}", compact(&base));
+    for archive in archives.as_array().into_iter().flatten() {
+        println!(
+            "  archive    {} {}  {}",
+            scalar(&archive["mirror"]),
+            scalar(&archive["suite"]),
+            scalar(&archive["release"])
+        );
+    }
     let vars = &plan.inputs.recipe.variables;
     if !vars.is_empty() {
         let shown: Vec<String> = vars

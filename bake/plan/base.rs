@@ -28,6 +28,7 @@ pub fn identity(
     plan_recipe: &mut dyn FnMut(&Path) -> Result<super::Plan, PlanError>,
     cache: &super::hash::DigestCache,
     resolver: Option<&dyn ImageResolver>,
+    archives: Option<&dyn super::archive::ArchiveResolver>,
     source_ami: Option<&crate::ami::instance::SourceAmi>,
 ) -> Result<BaseIdentity, PlanError> {
     let digest = |text: String| -> Result<crate::id::Digest, PlanError> {
@@ -92,6 +93,28 @@ pub fn identity(
                 .map(|o| o.architecture)
                 .or_else(|| recipe.outputs.ami.as_ref().map(|a| a.architecture))
                 .map_or("amd64", |a| a.oci());
+            let resolver = archives.ok_or_else(|| PlanError::UnpinnedArchives {
+                recipe: recipe.name.clone(),
+            })?;
+            let archives = bootstrap
+                .archives()
+                .into_iter()
+                .map(|archive| {
+                    let release =
+                        resolver
+                            .release(&archive)
+                            .map_err(|source| PlanError::ArchiveResolve {
+                                mirror: archive.mirror.clone(),
+                                suite: archive.suite.clone(),
+                                source,
+                            })?;
+                    Ok(super::archive::PinnedArchive {
+                        mirror: archive.mirror,
+                        suite: archive.suite,
+                        release,
+                    })
+                })
+                .collect::<Result<Vec<_>, PlanError>>()?;
             BaseIdentity::Bootstrap {
                 distro: serde_json::to_value(bootstrap.distro)
                     .ok()
@@ -103,6 +126,7 @@ pub fn identity(
                 mirror: bootstrap.mirror.clone(),
                 components: bootstrap.components.clone(),
                 architecture: arch.to_owned(),
+                archives,
             }
         }
         Base::Recipe { path, .. } => {

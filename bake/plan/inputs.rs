@@ -73,6 +73,10 @@ pub enum BaseIdentity {
         mirror: String,
         components: Vec<String>,
         architecture: String,
+        /// Each suite apt reads, pinned by its signed Release file: a moved archive is a new
+        /// version.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        archives: Vec<super::archive::PinnedArchive>,
     },
     /// Another recipe, by its version.
     Recipe {

@@ -21,12 +21,14 @@
 //! never reach an artifact anyway. They enter as `"***"`, so declaring a variable sensitive is
 //! itself part of the version.
 
+pub mod archive;
 pub mod base;
 mod effects;
 pub mod hash;
 pub mod inputs;
 pub mod state;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -83,6 +85,8 @@ pub struct PlanOptions {
     pub digest_cache: Option<PathBuf>,
     /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
     pub image_resolver: Option<base::SharedResolver>,
+    /// Pins bootstrap bases' archives; without one, a bootstrap base cannot be planned.
+    pub archive_resolver: Option<archive::SharedArchiveResolver>,
     /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
     /// planning; `None` leaves such a recipe unplannable.
     pub source_ami: Option<crate::ami::instance::SourceAmi>,
@@ -114,6 +118,15 @@ pub enum PlanError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("failed to pin the package archive {mirror} {suite}")]
+    ArchiveResolve {
+        mirror: String,
+        suite: String,
+        #[source]
+        source: archive::ArchiveError,
+    },
+    #[error("recipe `{recipe}` bootstraps from package archives, which bake has not pinned")]
+    UnpinnedArchives { recipe: String },
     #[error("recipe `{recipe}` starts from a source AMI, which bake has not resolved")]
     UnresolvedAmi { recipe: String },
     #[error("OCI layout `{}` cannot be a base: {reason}", path.display())]
@@ -145,6 +158,9 @@ impl PlanError {
             PlanError::Cycle { .. } => {
                 Some("a recipe cannot build on itself, directly or through others".into())
             }
+            PlanError::ArchiveResolve { .. } => Some(
+                "a plan pins each archive by its InRelease (or Release) file: check the mirror URL, the suite and network access to the mirror".into(),
+            ),
             _ => None,
         }
     }
@@ -162,7 +178,10 @@ impl PlanError {
             PlanError::ImageResolve { source, .. } => source
                 .downcast_ref::<crate::registry::RegistryError>()
                 .is_some_and(crate::registry::RegistryError::is_user_error),
-            PlanError::Hash(_) | PlanError::Io { .. } => false,
+            PlanError::Hash(_)
+            | PlanError::Io { .. }
+            | PlanError::ArchiveResolve { .. }
+            | PlanError::UnpinnedArchives { .. } => false,
             PlanError::BaseRecipe { source, .. } => source.is_user_error(),
         }
     }
@@ -170,14 +189,36 @@ impl PlanError {
 
 /// Plans `recipe` (loaded from `shown_path`).
 pub fn plan(recipe: &Recipe, shown_path: &str, options: &PlanOptions) -> Result<Plan, PlanError> {
-    let mut stack = vec![recipe.path.clone()];
+    plan_many(&[(recipe, shown_path)], options)
+        .pop()
+        .expect("one plan per recipe")
+}
+
+/// Plans several recipes with one digest cache, each base recipe planned once: list parents
+/// before the recipes built on them and a base recipe among `recipes` is not planned again.
+/// One result per recipe, in order.
+pub fn plan_many(
+    recipes: &[(&Recipe, &str)],
+    options: &PlanOptions,
+) -> Vec<Result<Plan, PlanError>> {
     let cache = match &options.digest_cache {
         Some(file) => DigestCache::load(file),
         None => DigestCache::in_memory(),
     };
-    let planned = plan_inner(recipe, shown_path, options, &mut stack, &cache);
+    let mut planned = HashMap::new();
+    let plans = recipes
+        .iter()
+        .map(|(recipe, shown)| {
+            let mut stack = vec![recipe.path.clone()];
+            let plan = plan_inner(recipe, shown, options, &mut stack, &cache, &mut planned);
+            if let Ok(plan) = &plan {
+                planned.insert(recipe.path.clone(), plan.clone());
+            }
+            plan
+        })
+        .collect();
     cache.save();
-    planned
+    plans
 }
 
 fn plan_inner(
@@ -186,12 +227,16 @@ fn plan_inner(
     options: &PlanOptions,
     stack: &mut Vec<PathBuf>,
     cache: &DigestCache,
+    planned: &mut HashMap<PathBuf, Plan>,
 ) -> Result<Plan, PlanError> {
     let mut plan_base = |path: &Path| -> Result<Plan, PlanError> {
         if stack.iter().any(|p| p == path) {
             let mut chain: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
             chain.push(path.display().to_string());
             return Err(PlanError::Cycle { chain });
+        }
+        if let Some(plan) = planned.get(path) {
+            return Ok(plan.clone());
         }
         // A base recipe gets its defaults and the environment, not the `--var`s meant for the
         // recipe being planned.
@@ -202,18 +247,28 @@ fn plan_inner(
         };
         let base = recipe::load(path, &sources).map_err(|e| wrap(e.into()))?;
         stack.push(path.to_path_buf());
-        let planned = plan_inner(&base, &path.display().to_string(), options, stack, cache);
+        let plan = plan_inner(
+            &base,
+            &path.display().to_string(),
+            options,
+            stack,
+            cache,
+            planned,
+        );
         stack.pop();
-        planned.map_err(|e| match e {
+        let plan = plan.map_err(|e| match e {
             cycle @ PlanError::Cycle { .. } => cycle,
             other => wrap(other),
-        })
+        })?;
+        planned.insert(path.to_path_buf(), plan.clone());
+        Ok(plan)
     };
     let base = base::identity(
         recipe,
         &mut plan_base,
         cache,
         options.image_resolver.as_deref(),
+        options.archive_resolver.as_deref(),
         options.source_ami.as_ref(),
     )?;
     let files = file_inputs(recipe, cache)?;
@@ -308,6 +363,12 @@ fn file_inputs(recipe: &Recipe, cache: &DigestCache) -> Result<Vec<FileInput>, P
             }
             Step::Hardening(_) => {}
         }
+    }
+    // The keyring the archives are checked with is an input like a script.
+    if let recipe::Base::Bootstrap(bootstrap) = &recipe.base
+        && let Some(keyring) = &bootstrap.keyring_path
+    {
+        files.extend(tree_inputs(&recipe.root, keyring, cache).map_err(PlanError::Hash)?);
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);

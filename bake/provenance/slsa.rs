@@ -185,6 +185,16 @@ pub fn resolved_dependencies(record: &BuildFacts) -> Vec<Value> {
             "annotations": annotations,
         }));
     }
+    // Each package archive the bootstrap read, by the Release file the plan pinned.
+    if let BaseIdentity::Bootstrap { archives, .. } = base {
+        for archive in archives {
+            deps.push(json!({
+                "uri": format!("{}/dists/{}/InRelease", archive.mirror.trim_end_matches('/'), archive.suite),
+                "name": format!("archive {}", archive.suite),
+                "digest": sha256_set(&archive.release.to_string()),
+            }));
+        }
+    }
     for file in &inputs.files {
         let mut dep = json!({"uri": format!("file:{}", file.path), "name": file.path});
         let value = serde_json::to_value(file).expect("file inputs serialize");
@@ -324,7 +334,9 @@ mod tests {
                 "format": "bake.version/v1",
                 "base": {"kind": "bootstrap", "distro": "debian", "suite": "bookworm", "variant": "minbase",
                          "packages": [], "mirror": "http://deb.debian.org/debian", "components": ["main"],
-                         "architecture": "amd64"},
+                         "architecture": "amd64",
+                         "archives": [{"mirror": "http://deb.debian.org/debian", "suite": "bookworm",
+                                       "release": format!("sha256:{}", "5".repeat(64))}]},
                 "files": [
                     {"path": "app/bin", "type": "file", "mode": "0755", "digest": format!("sha256:{}", "2".repeat(64))},
                     {"path": "app", "type": "directory", "mode": "0755"}
@@ -370,13 +382,18 @@ mod tests {
         let deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
             .as_array()
             .unwrap();
-        assert_eq!(deps.len(), 4, "recipe, base, two files");
+        assert_eq!(deps.len(), 5, "recipe, base, its archive, two files");
         assert!(
             deps.iter()
                 .all(|d| d["digest"]["sha256"].as_str().unwrap().len() == 64)
         );
         assert_eq!(deps[1]["uri"], "mmdebstrap:debian/bookworm?variant=minbase");
-        assert_eq!(deps[2]["digest"]["sha256"], "2".repeat(64));
+        assert_eq!(
+            deps[2]["uri"],
+            "http://deb.debian.org/debian/dists/bookworm/InRelease"
+        );
+        assert_eq!(deps[2]["digest"]["sha256"], "5".repeat(64));
+        assert_eq!(deps[3]["digest"]["sha256"], "2".repeat(64));
         let summary = ProvenanceSummary::of(&statement);
         assert_eq!(summary.subjects, [subject]);
         assert_eq!(summary.version.as_deref(), Some(record.version.as_str()));

@@ -295,6 +295,34 @@ pub struct Bootstrap {
     pub packages: Vec<String>,
     pub mirror: String,
     pub components: Vec<String>,
+    /// Further suites apt reads besides `suite` (updates, security), each with its archive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub suites: Vec<ArchiveSuite>,
+    /// The OpenPGP keyring the archives are signed with, as written (else the distribution's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<String>,
+    /// The keyring file, resolved inside the recipe's directory.
+    #[serde(skip)]
+    pub keyring_path: Option<PathBuf>,
+}
+
+/// One suite of one archive: what apt reads, and what a plan pins by its Release file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArchiveSuite {
+    pub mirror: String,
+    pub suite: String,
+}
+
+impl Bootstrap {
+    /// Every suite apt reads: the main one first, then `suites`.
+    pub fn archives(&self) -> Vec<ArchiveSuite> {
+        std::iter::once(ArchiveSuite {
+            mirror: self.mirror.clone(),
+            suite: self.suite.clone(),
+        })
+        .chain(self.suites.iter().cloned())
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

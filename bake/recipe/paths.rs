@@ -68,6 +68,41 @@ pub fn resolve_within(
     Ok(canonical)
 }
 
+/// Resolves the path of a base recipe (as written) against `root`. Unlike [`resolve_within`] it
+/// may lead out of the recipe's directory (`../base.yaml`): a base recipe is not read into the
+/// build, it is planned and built from its own directory and enters this recipe's version only
+/// as its version, so recipes of a fleet can share one base from a directory above them.
+pub fn resolve_recipe_reference(
+    root: &Path,
+    relative: &str,
+    what: &'static str,
+) -> Result<PathBuf, RecipeErrorKind> {
+    if relative.is_empty() || Path::new(relative).is_absolute() {
+        return Err(RecipeErrorKind::Invalid {
+            what,
+            value: relative.to_owned(),
+            reason: "write the path relative to this recipe's directory".into(),
+        });
+    }
+    match fs_err::canonicalize(root.join(relative)) {
+        Ok(path) if path.is_file() => Ok(path),
+        Ok(_) => Err(RecipeErrorKind::Invalid {
+            what,
+            value: relative.to_owned(),
+            reason: "it is not a file".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(RecipeErrorKind::MissingFile {
+            what,
+            path: relative.to_owned(),
+        }),
+        Err(source) => Err(RecipeErrorKind::Io {
+            what,
+            path: relative.to_owned(),
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

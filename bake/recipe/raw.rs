@@ -150,6 +150,10 @@ pub struct RawBootstrap {
     pub packages: Vec<S<String>>,
     pub mirror: Option<S<String>>,
     pub components: Option<Vec<S<String>>>,
+    /// `SUITE` (from `mirror`) or `URL SUITE`, as in a sources.list line.
+    #[serde(default)]
+    pub suites: Vec<S<String>>,
+    pub keyring: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

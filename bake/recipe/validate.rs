@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::{RecipeError, RecipeErrorKind};
 use super::model::*;
-use super::paths::resolve_within;
+use super::paths::{resolve_recipe_reference, resolve_within};
 use super::raw::*;
 use super::template::{Context, Renderer, Secrets};
 use super::vars::{self, Declaration, VarSources, span_of};
@@ -424,7 +424,19 @@ impl<'a> Validator<'a> {
             }
             RawBase::Bootstrap(b) => Base::Bootstrap(self.bootstrap(b)?),
             RawBase::Recipe(other) => {
-                let path = self.path(other, "base recipe")?;
+                let path = match resolve_recipe_reference(&self.root, &other.value, "base recipe") {
+                    Ok(path) => path,
+                    Err(kind) => {
+                        let hint = matches!(kind, RecipeErrorKind::MissingFile { .. }).then(|| {
+                            format!(
+                                "the path is relative to the recipe's directory `{}`",
+                                self.display_dir.display()
+                            )
+                        });
+                        self.error(other, kind).hint = hint;
+                        return None;
+                    }
+                };
                 Base::Recipe {
                     path,
                     relative_path: other.value.clone(),
@@ -518,6 +530,50 @@ impl<'a> Validator<'a> {
             Some(c) => c.iter().map(|c| c.value.clone()).collect(),
             None => vec!["main".to_owned()],
         };
+        let mut suites: Vec<ArchiveSuite> = Vec::new();
+        for extra in &b.suites {
+            let words: Vec<&str> = extra.value.split_whitespace().collect();
+            let (url, suite) = match words.as_slice() {
+                [suite] => (mirror.as_str(), *suite),
+                [url, suite] => (*url, *suite),
+                _ => ("", ""),
+            };
+            let url_ok = url.starts_with("http://")
+                || url.starts_with("https://")
+                || url.starts_with("file://");
+            if !url_ok || !is_simple_name(suite, 64) {
+                self.invalid(
+                    extra,
+                    "suite",
+                    &extra.value,
+                    "write `SUITE` (read from `mirror`) or `URL SUITE`, such as `bookworm-updates` or `http://deb.debian.org/debian-security bookworm-security`",
+                );
+                ok = false;
+                continue;
+            }
+            let archive = ArchiveSuite {
+                mirror: url.trim_end_matches('/').to_owned(),
+                suite: suite.to_owned(),
+            };
+            if (archive.mirror == mirror.trim_end_matches('/') && archive.suite == b.suite.value)
+                || suites.contains(&archive)
+            {
+                self.invalid(extra, "suite", &extra.value, "it is listed twice");
+                ok = false;
+                continue;
+            }
+            suites.push(archive);
+        }
+        let (keyring, keyring_path) = match &b.keyring {
+            Some(k) => match self.path(k, "archive keyring") {
+                Some(path) => (Some(k.value.clone()), Some(path)),
+                None => {
+                    ok = false;
+                    (None, None)
+                }
+            },
+            None => (None, None),
+        };
         ok.then(|| Bootstrap {
             distro,
             suite: b.suite.value.clone(),
@@ -525,6 +581,9 @@ impl<'a> Validator<'a> {
             packages: packages.into_iter().collect(),
             mirror,
             components,
+            suites,
+            keyring,
+            keyring_path,
         })
     }
 

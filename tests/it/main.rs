@@ -12,6 +12,7 @@ mod cli;
 mod common;
 mod disk;
 mod docker_runner;
+mod fleet;
 mod gc;
 mod hardening;
 mod imagebuilder;

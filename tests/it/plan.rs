@@ -140,6 +140,19 @@ fn recipe_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Every archive at one fixed state: these tests are about the recipe's text, offline.
+#[derive(Debug)]
+struct FixedArchives;
+
+impl bake::plan::archive::ArchiveResolver for FixedArchives {
+    fn release(
+        &self,
+        _: &bake::recipe::ArchiveSuite,
+    ) -> Result<bake::id::Digest, bake::plan::archive::ArchiveError> {
+        Ok(bake::id::Digest::of(b"Suite: fixed\n"))
+    }
+}
+
 fn version_of(dir: &Path, yaml: &str, sources: &VarSources) -> String {
     let path = dir.join("recipe.yaml");
     fs_err::write(&path, yaml).unwrap();
@@ -147,7 +160,11 @@ fn version_of(dir: &Path, yaml: &str, sources: &VarSources) -> String {
         let reports: String = e.0.iter().map(|e| e.report().render(false)).collect();
         panic!("recipe failed to load:\n{reports}\n{yaml}")
     });
-    plan(&recipe, "recipe.yaml", &PlanOptions::default())
+    let options = PlanOptions {
+        archive_resolver: Some(std::sync::Arc::new(FixedArchives)),
+        ..PlanOptions::default()
+    };
+    plan(&recipe, "recipe.yaml", &options)
         .unwrap()
         .version
         .to_string()
