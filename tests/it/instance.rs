@@ -290,6 +290,8 @@ fn base_root() -> Result<PathBuf, String> {
 pub(super) struct Sshd {
     child: Child,
     pub(super) port: u16,
+    /// The cached base root (the overlay's lower layer).
+    base: PathBuf,
     upper: PathBuf,
     keys: PathBuf,
     _dir: tempfile::TempDir,
@@ -360,6 +362,7 @@ exec chroot "$MERGED" /usr/sbin/sshd -D -e -p "$PORT" -o ListenAddress=127.0.0.1
         let sshd = Sshd {
             child,
             port,
+            base,
             upper,
             keys,
             _dir: dir,
@@ -1375,4 +1378,264 @@ async fn the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees() {
     );
     // The staging directory is gone.
     assert!(!sshd.upper.join(staged.trim_start_matches('/')).exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// the compliance gate on the builder
+
+/// The `audit:` section of the gate tests: SSG's Debian 12 content (vendored), CIS level 1.
+fn audit_section(thresholds: &str) -> String {
+    format!(
+        "audit:\n  datastream: {}\n  profile: cis_level1_server\n{thresholds}",
+        super::hardening::datastream().display()
+    )
+}
+
+impl RecipeDir {
+    fn with_audit(self, audit: &str) -> RecipeDir {
+        let path = self.path();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(audit);
+        std::fs::write(&path, text).unwrap();
+        self
+    }
+}
+
+/// Every path under the builder's writable layer that looks like part of the scan: its
+/// directory, the bundle, the scanner, its libraries, the data stream or the results.
+fn scan_traces(sshd: &Sshd) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(&sshd.upper)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.path().to_path_buf())
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.starts_with("bake-audit")
+                || name.starts_with("oscap")
+                || name.starts_with("libopenscap")
+                || name.starts_with("ld-linux")
+                || name.contains("datastream")
+                || name.contains("results-arf")
+                || name.starts_with("ssg-")
+        })
+        .collect()
+}
+
+/// The build record of `version` in `store`.
+fn build_record(store: &Path, version: &str) -> serde_json::Value {
+    let hex = version.trim_start_matches("sha256:");
+    let text = std::fs::read_to_string(store.join("records").join(format!("{hex}.json")))
+        .unwrap_or_else(|e| panic!("no record for {version}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn can_scan() -> bool {
+    super::skip::tool("oscap")
+}
+
+/// The gate of an instance build runs on the builder with this host's scanner uploaded (the
+/// builder has no OpenSCAP), is recorded like the snapshot gate's, and leaves nothing of the
+/// scan in the builder's root, which is what the image is made of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_runs_on_the_builder_with_an_uploaded_scanner_and_leaves_no_trace() {
+    if !can_scan() {
+        return;
+    }
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    // The builder cannot scan itself: no OpenSCAP in its root.
+    for path in ["usr/bin/oscap", "usr/share/openscap"] {
+        assert!(!sshd.base.join(path).exists(), "the builder has {path}");
+    }
+    moto.vendor_amis().await;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      name: harden a little\n      inline: chmod 0600 /etc/crontab 2>/dev/null || true",
+        "  - command:\n      name: passwd is there\n      run: test -f /etc/passwd",
+        &instance_settings(sshd.port, ""),
+        VENDOR_BASE,
+    )
+    .with_audit(&audit_section(
+        "  min_pass_ratio: 80\n  exceptions:\n    - rule: partition_for_tmp\n      reason: the builder's /tmp is a directory of its root; the instance mounts a tmpfs at boot\n",
+    ));
+    let mut child = moto
+        .bake(&recipe.store)
+        .args(["--output", "json", "build"])
+        .arg(recipe.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    authorize_when_imported(&moto, &sshd, &mut child);
+    let output = finish(child);
+    let err = stderr(&output);
+    assert!(
+        output.status.success(),
+        "bake build failed:\n{err}\nsshd:\n{}",
+        sshd.log()
+    );
+    let built: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let version = built["version"].as_str().unwrap().to_owned();
+
+    // The gate ran on the builder, after the tests and before the builder was stopped.
+    let scanning = err.find("audit: scanning builder i-").expect(&err);
+    let tested = err.find("passwd is there").expect(&err);
+    let stopping = err.find("stopping i-").expect(&err);
+    assert!(tested < scanning && scanning < stopping, "{err}");
+    assert!(err.contains("% of "), "{err}");
+
+    // The record has the snapshot gate's shape: counts, score, exceptions, and every rule
+    // that did not apply with the platform that kept it out.
+    let record = build_record(&recipe.store, &version);
+    let audit = &record["audit"];
+    assert_eq!(audit["scanner"], "openscap");
+    assert!(
+        audit["scanner_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("1.3."),
+        "{audit:#}"
+    );
+    assert_eq!(
+        audit["profile"],
+        "xccdf_org.ssgproject.content_profile_cis_level1_server"
+    );
+    assert_eq!(audit["target"], "machine");
+    let expected_digest = {
+        use sha2::Digest;
+        let bytes = std::fs::read(super::hardening::datastream()).unwrap();
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+    };
+    assert_eq!(audit["datastream_digest"], expected_digest.as_str());
+    let passed = audit["passed"].as_u64().unwrap();
+    let failed = audit["failed"].as_u64().unwrap();
+    eprintln!(
+        "gate on the builder: {passed} pass, {failed} fail, score {}, {} not applicable, failing: {}",
+        audit["score_centi"],
+        audit["not_applicable"].as_array().map_or(0, Vec::len),
+        audit["failing"]
+    );
+    assert!(passed > 50, "{audit:#}");
+    assert!(failed > 0, "a minbase root fails some CIS rules: {audit:#}");
+    assert_eq!(
+        audit["score_centi"].as_u64().unwrap(),
+        passed * 10_000 / (passed + failed)
+    );
+    assert_eq!(audit["min_pass_ratio_centi"], 8000);
+    assert!(
+        audit["problems"].as_array().unwrap().is_empty(),
+        "{audit:#}"
+    );
+    let excepted = audit["excepted"].as_array().unwrap();
+    assert_eq!(excepted.len(), 1, "{audit:#}");
+    assert_eq!(excepted[0]["id"], "partition_for_tmp");
+    let not_applicable = audit["not_applicable"].as_array().unwrap();
+    assert!(!not_applicable.is_empty(), "{audit:#}");
+    assert!(
+        not_applicable
+            .iter()
+            .all(|r| !r["reason"].as_str().unwrap().is_empty()),
+        "{not_applicable:#?}"
+    );
+    assert!(
+        not_applicable
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().contains("platform `")),
+        "{not_applicable:#?}"
+    );
+    // The support check read the builder's own dpkg database (bookworm: nothing ended).
+    assert_eq!(audit["unsupported_packages"], serde_json::json!([]));
+
+    // Nothing of the scan is left in the root the image is made of.
+    let traces = scan_traces(&sshd);
+    assert!(traces.is_empty(), "{traces:#?}");
+    let leftover_tmp: Vec<_> = std::fs::read_dir(sshd.upper.join("tmp"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftover_tmp.is_empty(), "{leftover_tmp:?}");
+    assert_clean(&moto).await;
+
+    // `bake audit` cannot scan a root that is inside an AMI: it shows the recorded result.
+    let shown = moto
+        .bake(&recipe.store)
+        .args(["--output", "json", "audit", &version])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stderr(&shown).contains("the result its gate recorded on the builder"),
+        "{}",
+        stderr(&shown)
+    );
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(shown["recorded"], true);
+    assert_eq!(shown["image_id"], built["image_id"]);
+    assert_eq!(shown["passed"], audit["passed"]);
+    assert_eq!(shown["failed"], audit["failed"]);
+    assert_eq!(shown["score_centi"], audit["score_centi"]);
+}
+
+/// A provisioner that breaks a rule fails the gate on the builder: the build fails naming
+/// the rule, no image is made, the scan is gone from the builder, and every temporary AWS
+/// resource is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gate_on_the_builder_fails_the_build_naming_the_rules() {
+    if !can_scan() {
+        return;
+    }
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    moto.vendor_amis().await;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      name: loosen passwd\n      inline: chmod 0666 /etc/passwd",
+        "  []",
+        &instance_settings(sshd.port, ""),
+        VENDOR_BASE,
+    )
+    .with_audit(&audit_section("  min_pass_ratio: 100\n"));
+    let mut child = moto
+        .bake(&recipe.store)
+        .arg("build")
+        .arg(recipe.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    authorize_when_imported(&moto, &sshd, &mut child);
+    let output = finish(child);
+    let err = stderr(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{err}\nsshd:\n{}",
+        sshd.log()
+    );
+    assert!(
+        err.contains("error: the image fails the compliance gate: "),
+        "{err}"
+    );
+    assert!(err.contains("below the minimum of 100.00%"), "{err}");
+    assert!(err.contains("failing rules:"), "{err}");
+    assert!(err.contains("\n  file_permissions_etc_passwd ("), "{err}");
+    assert!(err.contains("hint: fix the image"), "{err}");
+    assert!(moto.captured.actions("StopInstances").is_empty());
+    assert!(moto.captured.actions("CreateImage").is_empty());
+    assert_eq!(moto.captured.actions("TerminateInstances").len(), 1);
+    let traces = scan_traces(&sshd);
+    assert!(traces.is_empty(), "{traces:#?}");
+    assert_clean(&moto).await;
+    assert!(
+        !recipe.store.join("records").exists()
+            || std::fs::read_dir(recipe.store.join("records"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a failed build has no record"
+    );
 }
