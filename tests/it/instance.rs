@@ -1639,3 +1639,80 @@ async fn a_failing_gate_on_the_builder_fails_the_build_naming_the_rules() {
         "a failed build has no record"
     );
 }
+
+/// The bundle uploaded to builders is this host's whole scanner: `oscap`, its loader, every
+/// library it and its SCE plugin load, and OpenSCAP's data. Unpacked elsewhere it runs
+/// through its own loader with its own libraries only, and it is cached by content.
+#[test]
+fn the_scanner_bundle_runs_through_its_own_loader_and_is_cached() {
+    if !can_scan() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let bundle = bake::audit::remote::Bundle::prepare(cache.path()).unwrap();
+    assert!(bundle.digest.starts_with("sha256:"));
+    assert!(bundle.loader.starts_with("ld-linux"), "{}", bundle.loader);
+    let again = bake::audit::remote::Bundle::prepare(cache.path()).unwrap();
+    assert_eq!(again.digest, bundle.digest);
+    assert_eq!(again.archive, bundle.archive);
+    let archives = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(archives, 1, "one archive, no temporary file left");
+
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(&bundle.archive)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = dir.path();
+    for path in [
+        "bin/oscap".to_owned(),
+        format!("lib/{}", bundle.loader),
+        "lib/libopenscap.so.25".into(),
+        "lib/libopenscap_sce.so.25".into(),
+        "lib/libc.so.6".into(),
+        "lib/libxml2.so.2".into(),
+        "share/openscap/schemas".into(),
+        "share/openscap/xsl".into(),
+    ] {
+        assert!(root.join(&path).exists(), "the bundle lacks {path}");
+    }
+    let probes: Vec<_> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("probe_"))
+        .collect();
+    assert!(probes.is_empty(), "oscap 1.3 has in-process probes");
+
+    // Run with an empty environment through the bundled loader; every object it maps comes
+    // from the bundle (`LD_DEBUG=libs` names each file the loader opens).
+    let lib = root.join("lib");
+    let output = Command::new(lib.join(&bundle.loader))
+        .arg("--library-path")
+        .arg(&lib)
+        .arg(root.join("bin/oscap"))
+        .arg("--version")
+        .env_clear()
+        .env("LD_DEBUG", "libs")
+        .env("OSCAP_SCHEMA_PATH", root.join("share/openscap/schemas"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("1.3."), "{}", stdout(&output));
+    let opened: Vec<String> = stderr(&output)
+        .lines()
+        .filter_map(|l| l.split("calling init: ").nth(1))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    assert!(!opened.is_empty(), "{}", stderr(&output));
+    let lib_text = lib.to_string_lossy().into_owned();
+    for path in &opened {
+        assert!(
+            path.starts_with(&lib_text),
+            "{path} was loaded from outside the bundle"
+        );
+    }
+}
