@@ -1716,3 +1716,121 @@ fn the_scanner_bundle_runs_through_its_own_loader_and_is_cached() {
         );
     }
 }
+
+/// The uploaded scanner is this host's binary: a builder of another architecture is refused
+/// before anything is created in AWS. moto stores no architecture of its own choosing for the
+/// AMIs a test makes (always `x86_64`), so the proxy in front of it answers DescribeImages
+/// with the other architecture, and the recipe takes its source from an SSM parameter (a
+/// DescribeImages filter on the architecture would be moto's to apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_of_another_architecture_is_refused_before_anything_is_created() {
+    if !can_scan() {
+        return;
+    }
+    let Some(mut moto) = moto().await else { return };
+    let (host, other) = match bake::audit::remote::host_architecture() {
+        "arm64" => ("arm64", "x86_64"),
+        _ => ("x86_64", "arm64"),
+    };
+    let (_, vendor) = moto.vendor_amis().await;
+    let described = moto
+        .ec2
+        .describe_images()
+        .image_ids(&vendor)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.images()[0].architecture().map(|a| a.as_str()),
+        Some(host),
+        "moto's AMIs are the host's architecture"
+    );
+    moto.aws
+        .ssm(REGION)
+        .put_parameter()
+        .name("/vendor/other")
+        .value(&vendor)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    let endpoint = service("BAKE_TEST_MOTO_ENDPOINT").unwrap();
+    let captured = Captured::default();
+    let record = captured.clone();
+    let (from, to) = (
+        format!("<architecture>{host}</architecture>"),
+        format!("<architecture>{other}</architecture>"),
+    );
+    moto.proxy = super::moto_proxy::proxy(
+        &endpoint,
+        Arc::new(move |body: &[u8]| {
+            let form = url_decode_form(&String::from_utf8_lossy(body));
+            if form.contains_key("Action") {
+                record.0.lock().unwrap().push(form);
+            }
+            super::moto_proxy::Verdict::Forward
+        }),
+        Arc::new(move |request: &[u8], response: Vec<u8>| {
+            if String::from_utf8_lossy(request).contains("Action=DescribeImages") {
+                replace_in_body(&response, &from, &to)
+            } else {
+                response
+            }
+        }),
+    );
+    moto.captured = captured;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      inline: \"true\"",
+        "  []",
+        &instance_settings(22, ""),
+        &format!("  ami:\n    ssm_parameter: /vendor/other\n    architecture: {other}"),
+    )
+    .with_audit(&audit_section("  min_pass_ratio: 80\n"));
+    let before = moto.leftovers().await;
+    let output = moto
+        .bake(&recipe.store)
+        .arg("build")
+        .arg(recipe.path())
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the compliance gate cannot run on an {other} builder from this {host} machine"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("hint: run `bake build` on an {other} machine")),
+        "{err}"
+    );
+    assert!(!moto.captured.actions("DescribeImages").is_empty());
+    for action in ["ImportKeyPair", "CreateSecurityGroup", "RunInstances"] {
+        assert!(
+            moto.captured.actions(action).is_empty(),
+            "{action} was called"
+        );
+    }
+    assert_eq!(moto.leftovers().await, before);
+}
+
+/// `response` (a whole HTTP/1.1 answer) with `from` replaced by `to` in its body and its
+/// `Content-Length` set to match.
+fn replace_in_body(response: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return response.to_vec();
+    };
+    let body = body.replace(from, to);
+    let head: Vec<String> = head
+        .split("\r\n")
+        .map(|line| match line.split_once(':') {
+            Some((name, _)) if name.eq_ignore_ascii_case("content-length") => {
+                format!("{name}: {}", body.len())
+            }
+            _ => line.to_owned(),
+        })
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+}
