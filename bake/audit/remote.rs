@@ -271,12 +271,11 @@ fn collect(oscap: &Path) -> Result<(Vec<Entry>, String), AuditError> {
     Ok((entries, loader_name))
 }
 
-/// The shared objects `ldd` resolves for `objects` (name as the dependent asks for it → file),
-/// and the dynamic loader.
-#[allow(clippy::type_complexity)]
-fn shared_objects(
-    objects: &[PathBuf],
-) -> Result<(Vec<(String, PathBuf)>, Option<PathBuf>), AuditError> {
+/// Shared objects by the name their dependents ask for (`libc.so.6`) and the file it resolves to.
+type Libraries = Vec<(String, PathBuf)>;
+
+/// The shared objects `ldd` resolves for `objects`, and the dynamic loader.
+fn shared_objects(objects: &[PathBuf]) -> Result<(Libraries, Option<PathBuf>), AuditError> {
     let output = Command::new("ldd")
         .args(objects)
         .env("LC_ALL", "C")
@@ -299,9 +298,8 @@ fn shared_objects(
     parse_ldd(&String::from_utf8_lossy(&output.stdout))
 }
 
-#[allow(clippy::type_complexity)]
-fn parse_ldd(text: &str) -> Result<(Vec<(String, PathBuf)>, Option<PathBuf>), AuditError> {
-    let mut libraries: Vec<(String, PathBuf)> = Vec::new();
+fn parse_ldd(text: &str) -> Result<(Libraries, Option<PathBuf>), AuditError> {
+    let mut libraries = Libraries::new();
     let mut loader = None;
     for line in text.lines() {
         // `ldd A B` heads each object's list with `A:`.

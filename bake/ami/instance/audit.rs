@@ -27,6 +27,14 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 const DEBIAN_VERSION: &str = "/etc/debian_version";
 
+/// What comes back from the builder.
+struct Downloaded {
+    arf: Vec<u8>,
+    /// `/var/lib/dpkg/status`, when the builder has one and the support check is on.
+    dpkg_status: Option<Vec<u8>>,
+    debian_version: Option<Vec<u8>>,
+}
+
 /// Everything the gate needs on this side.
 pub(super) struct Gate<'a> {
     pub prepared: &'a Prepared,
@@ -57,7 +65,7 @@ impl Gate<'_> {
         // Removed before anything else happens to the builder: the image must not carry the
         // scanner, the data stream or the results.
         let removed = self.remove(session, &dir).await;
-        let (arf, status, debian_version) = match (scanned, removed) {
+        let downloaded = match (scanned, removed) {
             (Ok(found), Ok(())) => found,
             (Err(e), Ok(())) => return Err(e),
             (Err(e), Err(also)) => {
@@ -67,11 +75,14 @@ impl Gate<'_> {
             (Ok(_), Err(e)) => return Err(e),
         };
         let shown = PathBuf::from(format!("{}:/", self.instance_id));
-        let arf = String::from_utf8_lossy(&arf);
+        let arf = String::from_utf8_lossy(&downloaded.arf);
         let scan = self.prepared.read(&arf, &self.audit.profile, &shown)?;
         let unsupported = if self.audit.support_status {
-            let root =
-                remote::support_root(&self.work, status.as_deref(), debian_version.as_deref())?;
+            let root = remote::support_root(
+                &self.work,
+                downloaded.dpkg_status.as_deref(),
+                downloaded.debian_version.as_deref(),
+            )?;
             crate::audit::support::ended(root.path(), &self.work)?
         } else {
             Vec::new()
@@ -94,13 +105,12 @@ impl Gate<'_> {
 
     /// Uploads, scans, downloads: the ARF text, the dpkg status database and the Debian
     /// version (when the builder has them).
-    #[allow(clippy::type_complexity)]
     async fn scan(
         &self,
         session: &Session,
         dir: &str,
         cancel: &(dyn Fn() -> bool + Sync),
-    ) -> Result<(Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>), InstanceError> {
+    ) -> Result<Downloaded, InstanceError> {
         session
             .upload_file(
                 &self.prepared.bundle.archive,
@@ -151,7 +161,7 @@ impl Gate<'_> {
                 path: PathBuf::from(format!("{}:{results}", self.instance_id)),
                 reason: "the scanner wrote no results".into(),
             })?;
-        let (status, debian_version) = if self.audit.support_status {
+        let (dpkg_status, debian_version) = if self.audit.support_status {
             (
                 session.read_file(DPKG_STATUS).await.map_err(ssh_error)?,
                 session.read_file(DEBIAN_VERSION).await.map_err(ssh_error)?,
@@ -159,7 +169,11 @@ impl Gate<'_> {
         } else {
             (None, None)
         };
-        Ok((arf, status, debian_version))
+        Ok(Downloaded {
+            arf,
+            dpkg_status,
+            debian_version,
+        })
     }
 
     async fn remove(&self, session: &Session, dir: &str) -> Result<(), InstanceError> {
