@@ -1698,10 +1698,17 @@ fn the_scanner_bundle_runs_through_its_own_loader_and_is_cached() {
         .env_clear()
         .env("LD_DEBUG", "libs")
         .env("OSCAP_SCHEMA_PATH", root.join("share/openscap/schemas"))
+        .env("OSCAP_CHECK_ENGINE_PLUGIN_DIR", &lib)
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("1.3."), "{}", stdout(&output));
+    // The SCE plugin (dlopen'ed) is the bundle's too.
+    assert!(
+        stdout(&output).contains("SCE Version: 1.0 (from libopenscap_sce.so.25)"),
+        "{}",
+        stdout(&output)
+    );
     let opened: Vec<String> = stderr(&output)
         .lines()
         .filter_map(|l| l.split("calling init: ").nth(1))
