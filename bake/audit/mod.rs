@@ -14,6 +14,7 @@
 
 pub mod content;
 pub mod oscap;
+pub mod remote;
 pub mod support;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,12 @@ pub enum AuditError {
     },
     #[error("{}", gate_message(.0))]
     Gate(Box<AuditRecord>),
+    #[error(
+        "the compliance gate cannot run on an {builder} builder from this {host} machine: bake uploads this machine's `oscap` to the builder"
+    )]
+    Architecture { host: String, builder: String },
+    #[error("failed to bundle this machine's `oscap` for the builder: {reason}")]
+    Bundle { reason: String },
 }
 
 impl AuditError {
@@ -90,9 +97,13 @@ impl AuditError {
             AuditError::Missing { program: "oscap" } => {
                 Some("install it with `apt-get install openscap-scanner`".into())
             }
-            AuditError::Missing { .. } => {
-                Some("install it with `apt-get install debian-security-support`".into())
+            AuditError::Missing {
+                program: "check-support-status",
+            } => Some("install it with `apt-get install debian-security-support`".into()),
+            AuditError::Missing { program: "ldd" } => {
+                Some("install it with `apt-get install libc-bin`".into())
             }
+            AuditError::Missing { .. } => None,
             AuditError::Version { .. } => {
                 Some("install Debian 12's `openscap-scanner` (1.3.7)".into())
             }
@@ -106,6 +117,12 @@ impl AuditError {
             )),
             AuditError::NothingEvaluated { .. } => {
                 Some("check the profile id and that the data stream is for this distribution".into())
+            }
+            AuditError::Architecture { builder, .. } => Some(format!(
+                "run `bake build` on an {builder} machine with openscap-scanner, or build this AMI with `strategy: snapshot`"
+            )),
+            AuditError::Bundle { .. } => {
+                Some("reinstall `openscap-scanner` (and `openscap-common` for the schemas)".into())
             }
             AuditError::Gate(_) => Some(
                 "fix the image (a hardening step), or add the rule to `audit.exceptions` with a reason"

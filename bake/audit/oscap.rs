@@ -379,12 +379,54 @@ pub fn scan(
         path: results.clone(),
         reason: e.to_string(),
     })?;
-    let mut rules = parse_results(&arf).map_err(|reason| AuditError::Results {
-        path: results.clone(),
-        reason,
-    })?;
+    read_arf(
+        &arf,
+        &applicability,
+        profile,
+        &Scanned {
+            results: &results,
+            root: &root,
+            checks_ran_on: ChecksRanOn::Host,
+        },
+    )
+}
+
+/// Where the scanner's script-checked (SCE) rules ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksRanOn {
+    /// The build host (an offline scan of a root directory): their results say nothing about
+    /// the image and become [`Outcome::HostOnly`].
+    Host,
+    /// The scanned machine itself (a live scan on a builder): their results count.
+    Target,
+}
+
+/// What an ARF document is the result of, for its errors and its script-checked rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Scanned<'a> {
+    /// Where the results were read from.
+    pub results: &'a Path,
+    /// The scanned root, as errors show it.
+    pub root: &'a Path,
+    pub checks_ran_on: ChecksRanOn,
+}
+
+/// The scan an ARF results document records: every selected rule's result, each
+/// not-applicable one with the platform that kept it out (from the same document's CPE OVAL
+/// verdicts). Offline and live scans are read by this one function, so their records agree.
+pub fn read_arf(
+    arf: &str,
+    applicability: &Content,
+    profile: &str,
+    scanned: &Scanned<'_>,
+) -> Result<Scan, AuditError> {
+    let mut rules =
+        parse_results(arf, scanned.checks_ran_on).map_err(|reason| AuditError::Results {
+            path: scanned.results.to_path_buf(),
+            reason,
+        })?;
     // The CPE OVAL verdicts of this very scan say which platform kept a rule out.
-    let facts = content::facts(&arf);
+    let facts = content::facts(arf);
     for rule in &mut rules {
         if rule.result == Outcome::NotApplicable {
             rule.reason = Some(applicability.why_not_applicable(&rule.id, &facts));
@@ -401,14 +443,14 @@ pub fn scan(
     {
         return Err(AuditError::NothingEvaluated {
             profile: profile.to_owned(),
-            root,
+            root: scanned.root.to_path_buf(),
         });
     }
     Ok(scan)
 }
 
 /// The selected rules of an XCCDF 1.2 results document (`notselected` ones are left out).
-pub fn parse_results(xml: &str) -> Result<Vec<RuleResult>, String> {
+pub fn parse_results(xml: &str, checks_ran_on: ChecksRanOn) -> Result<Vec<RuleResult>, String> {
     let mut rules = Vec::new();
     let mut rest = xml;
     while let Some(start) = find_tag(rest, "rule-result") {
@@ -424,7 +466,8 @@ pub fn parse_results(xml: &str) -> Result<Vec<RuleResult>, String> {
         let result_text = element_text(body, "result").ok_or("a rule-result has no result")?;
         let result = Outcome::parse(result_text)
             .ok_or_else(|| format!("rule `{idref}` has the unknown result `{result_text}`"))?;
-        let host_only = check_system(body) == Some(SCE_SYSTEM);
+        let host_only =
+            checks_ran_on == ChecksRanOn::Host && check_system(body) == Some(SCE_SYSTEM);
         let result = match result {
             Outcome::Pass | Outcome::Fail if host_only => Outcome::HostOnly,
             other => other,
@@ -503,7 +546,7 @@ mod tests {
 
     #[test]
     fn results_are_read_per_rule_and_host_checks_set_apart() {
-        let rules = parse_results(RESULTS).unwrap();
+        let rules = parse_results(RESULTS, ChecksRanOn::Host).unwrap();
         let got: Vec<(&str, &str, Outcome)> = rules
             .iter()
             .map(|r| (r.id.as_str(), r.severity.as_str(), r.result))
@@ -516,17 +559,32 @@ mod tests {
                 ("set_nftables_base_chain", "medium", Outcome::HostOnly),
             ]
         );
+        // On a live machine the script ran on the image itself: its verdict counts.
+        let live = parse_results(RESULTS, ChecksRanOn::Target).unwrap();
+        assert_eq!(live[2].result, Outcome::Fail);
     }
 
     #[test]
     fn broken_results_are_an_error() {
         assert!(
-            parse_results("<rule-result idref=\"x\"><result>maybe</result></rule-result>").is_err()
+            parse_results(
+                "<rule-result idref=\"x\"><result>maybe</result></rule-result>",
+                ChecksRanOn::Host
+            )
+            .is_err()
         );
         assert!(
-            parse_results("<rule-result severity=\"low\"><result>pass</result></rule-result>")
-                .is_err()
+            parse_results(
+                "<rule-result severity=\"low\"><result>pass</result></rule-result>",
+                ChecksRanOn::Host
+            )
+            .is_err()
         );
-        assert_eq!(parse_results("<TestResult/>").unwrap().len(), 0);
+        assert_eq!(
+            parse_results("<TestResult/>", ChecksRanOn::Host)
+                .unwrap()
+                .len(),
+            0
+        );
     }
 }

@@ -4,6 +4,10 @@
 //! given, the one a version was built from, or `--recipe` for a root directory), so the numbers
 //! are the build gate's for the same root; `--datastream`, `--profile` and `--target` override
 //! them, and are all a root without a recipe needs.
+//!
+//! A version built with `strategy: instance` has its root inside its AMI, never on this
+//! machine: its gate ran on the builder, so `bake audit` shows the result recorded there
+//! instead of scanning again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,8 +19,8 @@ use crate::audit::{AuditDirs, AuditError, AuditRecord, Scan};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::recipe::{Audit, AuditTarget, Recipe, Scanner};
-use crate::settings::{OutputFormat, Settings};
-use crate::store::Store;
+use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::store::{Artifact, BuildRecord, InstanceAmi, Store};
 
 /// The profile `bake audit` scans with when neither a recipe nor `--profile` names one.
 const DEFAULT_PROFILE: &str = "cis_level1_server";
@@ -71,6 +75,11 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
             Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
         }
     };
+    if let Some(record) = &record
+        && let Artifact::InstanceAmi { ami } = &record.artifact
+    {
+        return recorded(args, settings, record, ami);
+    }
     // The recipe whose gate this is.
     let recipe_file: Option<PathBuf> = match (&args.recipe, &record) {
         (Some(file), _) => Some(file.clone()),
@@ -148,6 +157,101 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
         ExitStatus::Success
     } else {
         let error = AuditError::Gate(Box::new(audit_record));
+        print_reports(
+            settings,
+            &[Report::from_error(&error).with_hint(error.hint())],
+        );
+        ExitStatus::RecipeOrUsage
+    }
+}
+
+/// `bake audit` of an instance-built version: the gate's result as recorded on the builder.
+fn recorded(
+    args: &AuditArgs,
+    settings: &Settings,
+    record: &BuildRecord,
+    ami: &InstanceAmi,
+) -> ExitStatus {
+    let image = ami
+        .regions
+        .first()
+        .map_or_else(|| ami.image_name.clone(), |r| r.image_id.clone());
+    let Some(gate) = &record.audit else {
+        print_reports(
+            settings,
+            &[Report::new(format!(
+                "version {} of `{}` was built on a builder instance without a compliance gate, and its root is in AMI {image}: bake cannot scan it here",
+                record.version, record.name
+            ))
+            .with_hint(Some(
+                "add `audit:` to the recipe and build a new version: the gate then runs on the builder".into(),
+            ))],
+        );
+        return ExitStatus::RecipeOrUsage;
+    };
+    if settings.verbosity > Verbosity::Quiet {
+        eprintln!(
+            "version {} was built on a builder instance; its root is in AMI {image}, so this is the result its gate recorded on the builder (not a new scan)",
+            record.version
+        );
+        if args.datastream.is_some() || args.profile.is_some() || args.target.is_some() {
+            eprintln!(
+                "--datastream, --profile and --target do not apply: nothing is scanned again"
+            );
+        }
+    }
+    match settings.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "recorded": true,
+            "image_id": image,
+            "scanner": gate.scanner,
+            "scanner_version": gate.scanner_version,
+            "profile": gate.profile,
+            "datastream_digest": gate.datastream_digest,
+            "target": gate.target,
+            "passed": gate.passed,
+            "failed": gate.failed,
+            "score_centi": gate.score_centi,
+            "gate": gate,
+        })),
+        OutputFormat::Human => {
+            for rule in &gate.failing {
+                println!("{:<14} {:<8} {}", "fail", rule.severity, rule.id);
+            }
+            for rule in &gate.excepted {
+                println!(
+                    "{:<14} {:<8} {} ({})",
+                    "fail", "excepted", rule.id, rule.reason
+                );
+            }
+            for rule in &gate.undecided {
+                println!(
+                    "{:<14} {:<8} {}",
+                    rule.result.name(),
+                    rule.severity,
+                    rule.id
+                );
+            }
+            for rule in &gate.not_applicable {
+                println!(
+                    "{:<14} {:<8} {} ({})",
+                    "notapplicable", "", rule.id, rule.reason
+                );
+            }
+            println!(
+                "{}: {:.2}% pass ({} pass, {} fail, {} excepted; recorded on the builder)",
+                gate.profile,
+                gate.score_centi as f64 / 100.0,
+                gate.passed,
+                gate.failed,
+                gate.excepted.len(),
+            );
+        }
+    }
+    if gate.problems.is_empty() {
+        ExitStatus::Success
+    } else {
+        let error = AuditError::Gate(Box::new(gate.clone()));
         print_reports(
             settings,
             &[Report::from_error(&error).with_hint(error.hint())],

@@ -1156,25 +1156,10 @@ impl<'a> Validator<'a> {
     fn audit(&mut self, a: &S<RawAudit>, outputs: &Outputs) -> Option<Audit> {
         let raw = &a.value;
         let mut ok = true;
-        if outputs
+        let on_builder = outputs
             .ami
             .as_ref()
-            .is_some_and(|ami| ami.strategy == AmiStrategy::Instance)
-        {
-            // The gate scans the provisioned root on the build host, offline; an instance build
-            // has its root on the builder. Refused rather than skipped: a gate that silently
-            // does not run is worse than none.
-            self.error(
-                a,
-                RecipeErrorKind::Conflict(
-                    "the compliance gate (`audit:`) cannot run on a builder instance: it scans the provisioned root on the build host, and `strategy: instance` provisions it on the builder".into(),
-                ),
-            )
-            .hint = Some(
-                "build the AMI with `strategy: snapshot` from a bootstrap or image base to gate it, or remove `audit:`".into(),
-            );
-            ok = false;
-        }
+            .is_some_and(|ami| ami.strategy == AmiStrategy::Instance);
         if let Some(scanner) = &raw.scanner
             && scanner.value != "openscap"
         {
@@ -1227,6 +1212,20 @@ impl<'a> Validator<'a> {
             None if outputs.ami.is_some() => AuditTarget::Machine,
             None => AuditTarget::Container,
             Some("machine") => AuditTarget::Machine,
+            Some("container") if on_builder => {
+                // An instance build's gate scans the running builder, which is a machine:
+                // nothing would make its content treat it as a container.
+                let at = raw.target.as_ref().expect("matched Some");
+                self.error(
+                    at,
+                    RecipeErrorKind::Conflict(
+                        "`target: container` cannot apply to `strategy: instance`: the gate scans the running builder, a machine".into(),
+                    ),
+                )
+                .hint = Some("remove `target` (an AMI is scanned as a `machine`)".into());
+                ok = false;
+                AuditTarget::Machine
+            }
             Some("container") => AuditTarget::Container,
             Some(other) => {
                 let at = raw.target.as_ref().expect("matched Some");

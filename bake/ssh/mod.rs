@@ -569,6 +569,78 @@ impl Session {
             .map_err(err(format!("setting the mode of `{path}`")))
     }
 
+    /// Makes a fresh private directory `/tmp/{prefix}-RANDOM` (as the SSH user) and returns
+    /// its path; creation fails rather than reuse an existing one.
+    pub async fn create_private_dir(&self, prefix: &str) -> Result<String, SshError> {
+        let dir = format!("/tmp/{prefix}-{}", random_hex(8));
+        let sftp = self.sftp().await?;
+        let result = async {
+            sftp.create_dir(dir.clone())
+                .await
+                .map_err(|source| SshError::Sftp {
+                    target: self.shown(),
+                    what: format!("creating `{dir}`"),
+                    source: Box::new(source),
+                })?;
+            let mut attrs = russh_sftp::protocol::FileAttributes::empty();
+            attrs.permissions = Some(0o700);
+            sftp.set_metadata(dir.clone(), attrs)
+                .await
+                .map_err(|source| SshError::Sftp {
+                    target: self.shown(),
+                    what: format!("setting the mode of `{dir}`"),
+                    source: Box::new(source),
+                })
+        }
+        .await;
+        let _ = sftp.close().await;
+        result.map(|()| dir)
+    }
+
+    /// Uploads the local file `local` to `remote` with `mode`.
+    pub async fn upload_file(&self, local: &Path, remote: &str, mode: u32) -> Result<(), SshError> {
+        let bytes = fs_err::read(local).map_err(|source| SshError::Local {
+            path: local.to_path_buf(),
+            source,
+        })?;
+        self.write_file(remote, &bytes, mode).await
+    }
+
+    /// Reads the remote file `path` (as the SSH user); `None` when it does not exist.
+    pub async fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, SshError> {
+        use tokio::io::AsyncReadExt;
+        let sftp = self.sftp().await?;
+        let result = async {
+            let mut file = match sftp.open(path).await {
+                Ok(file) => file,
+                Err(russh_sftp::client::error::Error::Status(status))
+                    if status.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
+                {
+                    return Ok(None);
+                }
+                Err(source) => {
+                    return Err(SshError::Sftp {
+                        target: self.shown(),
+                        what: format!("opening `{path}`"),
+                        source: Box::new(source),
+                    });
+                }
+            };
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)
+                .await
+                .map_err(|e| SshError::Sftp {
+                    target: self.shown(),
+                    what: format!("reading `{path}`"),
+                    source: Box::new(russh_sftp::client::error::Error::IO(e.to_string())),
+                })?;
+            Ok(Some(bytes))
+        }
+        .await;
+        let _ = sftp.close().await;
+        result
+    }
+
     /// Uploads `local` (a file or a directory tree) into a fresh staging directory under
     /// `/tmp` and returns the staged path.
     pub async fn upload_staged(&self, local: &Path) -> Result<String, SshError> {

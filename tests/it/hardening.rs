@@ -20,7 +20,8 @@ fn can_run() -> bool {
     super::skip::root("provisioning a root to scan") && super::skip::tool("oscap")
 }
 
-fn datastream() -> PathBuf {
+/// SSG's Debian 12 data stream, vendored under `recipes/scap/` with its licence.
+pub(super) fn datastream() -> PathBuf {
     repo_root().join("recipes/scap/ssg-debian12-ds-0.1.82-1.xml.xz")
 }
 

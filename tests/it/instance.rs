@@ -290,6 +290,8 @@ fn base_root() -> Result<PathBuf, String> {
 pub(super) struct Sshd {
     child: Child,
     pub(super) port: u16,
+    /// The cached base root (the overlay's lower layer).
+    base: PathBuf,
     upper: PathBuf,
     keys: PathBuf,
     _dir: tempfile::TempDir,
@@ -360,6 +362,7 @@ exec chroot "$MERGED" /usr/sbin/sshd -D -e -p "$PORT" -o ListenAddress=127.0.0.1
         let sshd = Sshd {
             child,
             port,
+            base,
             upper,
             keys,
             _dir: dir,
@@ -1375,4 +1378,466 @@ async fn the_ssh_client_pins_host_keys_runs_scripts_and_uploads_trees() {
     );
     // The staging directory is gone.
     assert!(!sshd.upper.join(staged.trim_start_matches('/')).exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// the compliance gate on the builder
+
+/// The `audit:` section of the gate tests: SSG's Debian 12 content (vendored), CIS level 1.
+fn audit_section(thresholds: &str) -> String {
+    format!(
+        "audit:\n  datastream: {}\n  profile: cis_level1_server\n{thresholds}",
+        super::hardening::datastream().display()
+    )
+}
+
+impl RecipeDir {
+    fn with_audit(self, audit: &str) -> RecipeDir {
+        let path = self.path();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(audit);
+        std::fs::write(&path, text).unwrap();
+        self
+    }
+}
+
+/// Every path under the builder's writable layer that looks like part of the scan: its
+/// directory, the bundle, the scanner, its libraries, the data stream or the results.
+fn scan_traces(sshd: &Sshd) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(&sshd.upper)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.path().to_path_buf())
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.starts_with("bake-audit")
+                || name.starts_with("oscap")
+                || name.starts_with("libopenscap")
+                || name.starts_with("ld-linux")
+                || name.contains("datastream")
+                || name.contains("results-arf")
+                || name.starts_with("ssg-")
+        })
+        .collect()
+}
+
+/// The build record of `version` in `store`.
+fn build_record(store: &Path, version: &str) -> serde_json::Value {
+    let hex = version.trim_start_matches("sha256:");
+    let text = std::fs::read_to_string(store.join("records").join(format!("{hex}.json")))
+        .unwrap_or_else(|e| panic!("no record for {version}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn can_scan() -> bool {
+    super::skip::tool("oscap")
+}
+
+/// The gate of an instance build runs on the builder with this host's scanner uploaded (the
+/// builder has no OpenSCAP), is recorded like the snapshot gate's, and leaves nothing of the
+/// scan in the builder's root, which is what the image is made of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_runs_on_the_builder_with_an_uploaded_scanner_and_leaves_no_trace() {
+    if !can_scan() {
+        return;
+    }
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    // The builder cannot scan itself: no OpenSCAP in its root.
+    for path in ["usr/bin/oscap", "usr/share/openscap"] {
+        assert!(!sshd.base.join(path).exists(), "the builder has {path}");
+    }
+    moto.vendor_amis().await;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      name: harden a little\n      inline: chmod 0600 /etc/crontab 2>/dev/null || true",
+        "  - command:\n      name: passwd is there\n      run: test -f /etc/passwd",
+        &instance_settings(sshd.port, ""),
+        VENDOR_BASE,
+    )
+    .with_audit(&audit_section(
+        "  min_pass_ratio: 80\n  exceptions:\n    - rule: partition_for_tmp\n      reason: the builder's /tmp is a directory of its root; the instance mounts a tmpfs at boot\n",
+    ));
+    let mut child = moto
+        .bake(&recipe.store)
+        .args(["--output", "json", "build"])
+        .arg(recipe.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    authorize_when_imported(&moto, &sshd, &mut child);
+    let output = finish(child);
+    let err = stderr(&output);
+    assert!(
+        output.status.success(),
+        "bake build failed:\n{err}\nsshd:\n{}",
+        sshd.log()
+    );
+    let built: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let version = built["version"].as_str().unwrap().to_owned();
+
+    // The gate ran on the builder, after the tests and before the builder was stopped.
+    let scanning = err.find("audit: scanning builder i-").expect(&err);
+    let tested = err.find("passwd is there").expect(&err);
+    let stopping = err.find("stopping i-").expect(&err);
+    assert!(tested < scanning && scanning < stopping, "{err}");
+    assert!(err.contains("% of "), "{err}");
+
+    // The record has the snapshot gate's shape: counts, score, exceptions, and every rule
+    // that did not apply with the platform that kept it out.
+    let record = build_record(&recipe.store, &version);
+    let audit = &record["audit"];
+    assert_eq!(audit["scanner"], "openscap");
+    assert!(
+        audit["scanner_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("1.3."),
+        "{audit:#}"
+    );
+    assert_eq!(
+        audit["profile"],
+        "xccdf_org.ssgproject.content_profile_cis_level1_server"
+    );
+    assert_eq!(audit["target"], "machine");
+    let expected_digest = {
+        use sha2::Digest;
+        let bytes = std::fs::read(super::hardening::datastream()).unwrap();
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+    };
+    assert_eq!(audit["datastream_digest"], expected_digest.as_str());
+    let passed = audit["passed"].as_u64().unwrap();
+    let failed = audit["failed"].as_u64().unwrap();
+    eprintln!(
+        "gate on the builder: {passed} pass, {failed} fail, score {}, {} not applicable, failing: {}",
+        audit["score_centi"],
+        audit["not_applicable"].as_array().map_or(0, Vec::len),
+        audit["failing"]
+    );
+    assert!(passed > 50, "{audit:#}");
+    assert!(failed > 0, "a minbase root fails some CIS rules: {audit:#}");
+    assert_eq!(
+        audit["score_centi"].as_u64().unwrap(),
+        passed * 10_000 / (passed + failed)
+    );
+    assert_eq!(audit["min_pass_ratio_centi"], 8000);
+    assert!(
+        audit["problems"].as_array().unwrap().is_empty(),
+        "{audit:#}"
+    );
+    let excepted = audit["excepted"].as_array().unwrap();
+    assert_eq!(excepted.len(), 1, "{audit:#}");
+    assert_eq!(excepted[0]["id"], "partition_for_tmp");
+    let not_applicable = audit["not_applicable"].as_array().unwrap();
+    assert!(!not_applicable.is_empty(), "{audit:#}");
+    assert!(
+        not_applicable
+            .iter()
+            .all(|r| !r["reason"].as_str().unwrap().is_empty()),
+        "{not_applicable:#?}"
+    );
+    assert!(
+        not_applicable
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().contains("platform `")),
+        "{not_applicable:#?}"
+    );
+    // The support check read the builder's own dpkg database (bookworm: nothing ended).
+    assert_eq!(audit["unsupported_packages"], serde_json::json!([]));
+
+    // Nothing of the scan is left in the root the image is made of.
+    let traces = scan_traces(&sshd);
+    assert!(traces.is_empty(), "{traces:#?}");
+    let leftover_tmp: Vec<_> = std::fs::read_dir(sshd.upper.join("tmp"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftover_tmp.is_empty(), "{leftover_tmp:?}");
+    assert_clean(&moto).await;
+
+    // `bake audit` cannot scan a root that is inside an AMI: it shows the recorded result.
+    let shown = moto
+        .bake(&recipe.store)
+        .args(["--output", "json", "audit", &version])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stderr(&shown).contains("the result its gate recorded on the builder"),
+        "{}",
+        stderr(&shown)
+    );
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(shown["recorded"], true);
+    assert_eq!(shown["image_id"], built["image_id"]);
+    assert_eq!(shown["passed"], audit["passed"]);
+    assert_eq!(shown["failed"], audit["failed"]);
+    assert_eq!(shown["score_centi"], audit["score_centi"]);
+}
+
+/// A provisioner that breaks a rule fails the gate on the builder: the build fails naming
+/// the rule, no image is made, the scan is gone from the builder, and every temporary AWS
+/// resource is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gate_on_the_builder_fails_the_build_naming_the_rules() {
+    if !can_scan() {
+        return;
+    }
+    let Some(moto) = moto().await else { return };
+    let Some(sshd) = Sshd::start() else {
+        return;
+    };
+    moto.vendor_amis().await;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      name: loosen passwd\n      inline: chmod 0666 /etc/passwd",
+        "  []",
+        &instance_settings(sshd.port, ""),
+        VENDOR_BASE,
+    )
+    .with_audit(&audit_section("  min_pass_ratio: 100\n"));
+    let mut child = moto
+        .bake(&recipe.store)
+        .arg("build")
+        .arg(recipe.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    authorize_when_imported(&moto, &sshd, &mut child);
+    let output = finish(child);
+    let err = stderr(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{err}\nsshd:\n{}",
+        sshd.log()
+    );
+    assert!(
+        err.contains("error: the image fails the compliance gate: "),
+        "{err}"
+    );
+    assert!(err.contains("below the minimum of 100.00%"), "{err}");
+    assert!(err.contains("failing rules:"), "{err}");
+    assert!(err.contains("\n  file_permissions_etc_passwd ("), "{err}");
+    assert!(err.contains("hint: fix the image"), "{err}");
+    assert!(moto.captured.actions("StopInstances").is_empty());
+    assert!(moto.captured.actions("CreateImage").is_empty());
+    assert_eq!(moto.captured.actions("TerminateInstances").len(), 1);
+    let traces = scan_traces(&sshd);
+    assert!(traces.is_empty(), "{traces:#?}");
+    assert_clean(&moto).await;
+    assert!(
+        !recipe.store.join("records").exists()
+            || std::fs::read_dir(recipe.store.join("records"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a failed build has no record"
+    );
+}
+
+/// The bundle uploaded to builders is this host's whole scanner: `oscap`, its loader, every
+/// library it and its SCE plugin load, and OpenSCAP's data. Unpacked elsewhere it runs
+/// through its own loader with its own libraries only, and it is cached by content.
+#[test]
+fn the_scanner_bundle_runs_through_its_own_loader_and_is_cached() {
+    if !can_scan() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let bundle = bake::audit::remote::Bundle::prepare(cache.path()).unwrap();
+    assert!(bundle.digest.starts_with("sha256:"));
+    assert!(bundle.loader.starts_with("ld-linux"), "{}", bundle.loader);
+    let again = bake::audit::remote::Bundle::prepare(cache.path()).unwrap();
+    assert_eq!(again.digest, bundle.digest);
+    assert_eq!(again.archive, bundle.archive);
+    let archives = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(archives, 1, "one archive, no temporary file left");
+
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(&bundle.archive)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = dir.path();
+    for path in [
+        "bin/oscap".to_owned(),
+        format!("lib/{}", bundle.loader),
+        "lib/libopenscap.so.25".into(),
+        "lib/libopenscap_sce.so.25".into(),
+        "lib/libc.so.6".into(),
+        "lib/libxml2.so.2".into(),
+        "share/openscap/schemas".into(),
+        "share/openscap/xsl".into(),
+    ] {
+        assert!(root.join(&path).exists(), "the bundle lacks {path}");
+    }
+    let probes: Vec<_> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("probe_"))
+        .collect();
+    assert!(probes.is_empty(), "oscap 1.3 has in-process probes");
+
+    // Run with an empty environment through the bundled loader; every object it maps comes
+    // from the bundle (`LD_DEBUG=libs` names each file the loader opens).
+    let lib = root.join("lib");
+    let output = Command::new(lib.join(&bundle.loader))
+        .arg("--library-path")
+        .arg(&lib)
+        .arg(root.join("bin/oscap"))
+        .arg("--version")
+        .env_clear()
+        .env("LD_DEBUG", "libs")
+        .env("OSCAP_SCHEMA_PATH", root.join("share/openscap/schemas"))
+        .env("OSCAP_CHECK_ENGINE_PLUGIN_DIR", &lib)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("1.3."), "{}", stdout(&output));
+    // The SCE plugin (dlopen'ed) is the bundle's too.
+    assert!(
+        stdout(&output).contains("SCE Version: 1.0 (from libopenscap_sce.so.25)"),
+        "{}",
+        stdout(&output)
+    );
+    let opened: Vec<String> = stderr(&output)
+        .lines()
+        .filter_map(|l| l.split("calling init: ").nth(1))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    assert!(!opened.is_empty(), "{}", stderr(&output));
+    let lib_text = lib.to_string_lossy().into_owned();
+    for path in &opened {
+        assert!(
+            path.starts_with(&lib_text),
+            "{path} was loaded from outside the bundle"
+        );
+    }
+}
+
+/// The uploaded scanner is this host's binary: a builder of another architecture is refused
+/// before anything is created in AWS. moto stores no architecture of its own choosing for the
+/// AMIs a test makes (always `x86_64`), so the proxy in front of it answers DescribeImages
+/// with the other architecture, and the recipe takes its source from an SSM parameter (a
+/// DescribeImages filter on the architecture would be moto's to apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_of_another_architecture_is_refused_before_anything_is_created() {
+    if !can_scan() {
+        return;
+    }
+    let Some(mut moto) = moto().await else { return };
+    let (host, other) = match bake::audit::remote::host_architecture() {
+        "arm64" => ("arm64", "x86_64"),
+        _ => ("x86_64", "arm64"),
+    };
+    let (_, vendor) = moto.vendor_amis().await;
+    let described = moto
+        .ec2
+        .describe_images()
+        .image_ids(&vendor)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.images()[0].architecture().map(|a| a.as_str()),
+        Some(host),
+        "moto's AMIs are the host's architecture"
+    );
+    moto.aws
+        .ssm(REGION)
+        .put_parameter()
+        .name("/vendor/other")
+        .value(&vendor)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    let endpoint = service("BAKE_TEST_MOTO_ENDPOINT").unwrap();
+    let captured = Captured::default();
+    let record = captured.clone();
+    let (from, to) = (
+        format!("<architecture>{host}</architecture>"),
+        format!("<architecture>{other}</architecture>"),
+    );
+    moto.proxy = super::moto_proxy::proxy(
+        &endpoint,
+        Arc::new(move |body: &[u8]| {
+            let form = url_decode_form(&String::from_utf8_lossy(body));
+            if form.contains_key("Action") {
+                record.0.lock().unwrap().push(form);
+            }
+            super::moto_proxy::Verdict::Forward
+        }),
+        Arc::new(move |request: &[u8], response: Vec<u8>| {
+            if String::from_utf8_lossy(request).contains("Action=DescribeImages") {
+                replace_in_body(&response, &from, &to)
+            } else {
+                response
+            }
+        }),
+    );
+    moto.captured = captured;
+    let recipe = RecipeDir::new(
+        "  - shell:\n      inline: \"true\"",
+        "  []",
+        &instance_settings(22, ""),
+        &format!("  ami:\n    ssm_parameter: /vendor/other\n    architecture: {other}"),
+    )
+    .with_audit(&audit_section("  min_pass_ratio: 80\n"));
+    let before = moto.leftovers().await;
+    let output = moto
+        .bake(&recipe.store)
+        .arg("build")
+        .arg(recipe.path())
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the compliance gate cannot run on an {other} builder from this {host} machine"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("hint: run `bake build` on an {other} machine")),
+        "{err}"
+    );
+    assert!(!moto.captured.actions("DescribeImages").is_empty());
+    for action in ["ImportKeyPair", "CreateSecurityGroup", "RunInstances"] {
+        assert!(
+            moto.captured.actions(action).is_empty(),
+            "{action} was called"
+        );
+    }
+    assert_eq!(moto.leftovers().await, before);
+}
+
+/// `response` (a whole HTTP/1.1 answer) with `from` replaced by `to` in its body and its
+/// `Content-Length` set to match.
+fn replace_in_body(response: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return response.to_vec();
+    };
+    let body = body.replace(from, to);
+    let head: Vec<String> = head
+        .split("\r\n")
+        .map(|line| match line.split_once(':') {
+            Some((name, _)) if name.eq_ignore_ascii_case("content-length") => {
+                format!("{name}: {}", body.len())
+            }
+            _ => line.to_owned(),
+        })
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
 }

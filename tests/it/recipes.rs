@@ -130,3 +130,32 @@ audit:
     assert_eq!(audit.exceptions["partition_for_tmp"], "mounted at boot");
     assert!(audit.support_status);
 }
+
+#[test]
+fn an_instance_built_ami_takes_a_gate_scanned_as_a_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(dir.path().join("ds.xml"), "<placeholder/>").unwrap();
+    let path = dir.path().join("vendor.yaml");
+    fs_err::write(
+        &path,
+        "bake: 1
+name: vendor
+base:
+  ami:
+    ssm_parameter: /aws/service/debian/release/bookworm/latest/amd64
+outputs:
+  ami:
+    strategy: instance
+    regions: [us-east-1]
+audit:
+  datastream: ds.xml
+  profile: cis_level1_server
+  min_pass_ratio: 90
+",
+    )
+    .unwrap();
+    let recipe = bake::recipe::load(&path, &bake::recipe::VarSources::default()).unwrap();
+    let audit = recipe.audit.as_ref().expect("the gate is kept");
+    assert_eq!(audit.target, bake::recipe::AuditTarget::Machine);
+    assert_eq!(audit.min_pass_ratio_centi, Some(9000));
+}

@@ -12,8 +12,10 @@
 //!   ▼
 //! wait running ─► wait for SSH (bounded; the timeout shows the console) ─► host key pinned
 //!   ▼
-//! provisioners + hardening + tests over SSH ─► stop ─► CreateImage (tags on AMI and
-//! snapshots, `bake:state=building`) ─► wait available (consecutive successes) ─► `available`
+//! provisioners + hardening + tests over SSH ─► compliance gate on the builder (`audit:`;
+//! this host's oscap and the data stream uploaded, removed again) ─► stop ─► CreateImage
+//! (tags on AMI and snapshots, `bake:state=building`) ─► wait available (consecutive
+//! successes) ─► `available`
 //!   ▼
 //! cleanup, always (success, error, Ctrl-C): terminate + wait, key pair, security group, and
 //! a half-made AMI with its snapshots; failures reported next to the original error
@@ -26,6 +28,7 @@
 //! (and `bake:run`) tag value. After a SIGKILL, `bake cleanup` ([`crate::ami::cleanup`]) finds
 //! the same resources from the journal and the tags.
 
+mod audit;
 pub mod cleanup;
 mod provision;
 pub mod source;
@@ -123,6 +126,9 @@ pub struct AmiBuildOutput {
     pub cached: bool,
     /// Every region's AMI, the build region first.
     pub regions: Vec<RegionImage>,
+    /// The compliance gate's result on the builder (kept in the build record, not printed).
+    #[serde(skip)]
+    pub audit: Option<crate::audit::AuditRecord>,
 }
 
 /// An AWS error's code and message, as the cause of a bake error.
@@ -235,6 +241,16 @@ pub enum InstanceError {
     Interrupted,
     #[error("AMI {image_id} was made, but the builder's temporary resources were not all removed")]
     CleanupAfterSuccess { image_id: String },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(
+        "the compliance scan's directory `{dir}` could not be removed from builder {instance}, so no image is made from it: {reason}"
+    )]
+    ScanNotRemoved {
+        dir: String,
+        instance: String,
+        reason: String,
+    },
 }
 
 fn show_lines(lines: &[String]) -> String {
@@ -267,6 +283,7 @@ impl InstanceError {
             InstanceError::CleanupAfterSuccess { .. } => {
                 Some("run `bake cleanup` to retry the removal".into())
             }
+            InstanceError::Audit(e) => e.hint(),
             _ => None,
         }
     }
@@ -290,6 +307,14 @@ impl InstanceError {
             | InstanceError::UnknownProfile(_)
             | InstanceError::StepFailed { .. }
             | InstanceError::Test { .. } => true,
+            InstanceError::Audit(e) => matches!(
+                e,
+                crate::audit::AuditError::Gate(_)
+                    | crate::audit::AuditError::NoProfile { .. }
+                    | crate::audit::AuditError::NothingEvaluated { .. }
+                    | crate::audit::AuditError::Architecture { .. }
+                    | crate::audit::AuditError::Datastream { .. }
+            ),
             _ => false,
         }
     }
@@ -386,28 +411,30 @@ impl InstanceBuilder<'_> {
             let network = self.network(settings, &region).await?;
             let cidr = self.caller_cidr(settings).await?;
             let rendered = render(recipe, plan, ami, settings, &region)?;
-            Ok(Ok((source, network, cidr, rendered, spec)))
+            let gate = self.prepare_gate(recipe, &source, reporter).await?;
+            Ok(Ok((source, network, cidr, rendered, spec, gate)))
         };
-        let (source, network, cidr, rendered, spec) = match preflight.await.map_err(not_created)? {
-            Ok(ready) => ready,
-            Err((mut existing, spec)) => {
-                reporter.message(&format!(
-                    "AMI {} already has version {}: no builder needed",
-                    existing.image_id, plan.version
-                ));
-                // Distribution looks before it acts: a finished one makes no mutating call.
-                existing.regions = self
-                    .distribute(None, &spec, &existing, false)
-                    .await
-                    .map_err(not_created)?;
-                // A store that never saw this version (another machine built it) gets its
-                // record, so publish, attest and the manifest find the AMI here too.
-                if matches!(self.store.record(&plan.version), Ok(None)) {
-                    self.write_record(plan, source, &existing, started);
+        let (source, network, cidr, rendered, spec, gate) =
+            match preflight.await.map_err(not_created)? {
+                Ok(ready) => ready,
+                Err((mut existing, spec)) => {
+                    reporter.message(&format!(
+                        "AMI {} already has version {}: no builder needed",
+                        existing.image_id, plan.version
+                    ));
+                    // Distribution looks before it acts: a finished one makes no mutating call.
+                    existing.regions = self
+                        .distribute(None, &spec, &existing, false)
+                        .await
+                        .map_err(not_created)?;
+                    // A store that never saw this version (another machine built it) gets its
+                    // record, so publish, attest and the manifest find the AMI here too.
+                    if matches!(self.store.record(&plan.version), Ok(None)) {
+                        self.write_record(plan, source, &existing, started);
+                    }
+                    return Ok(existing);
                 }
-                return Ok(existing);
-            }
-        };
+            };
         self.check_cancel().map_err(not_created)?;
 
         let journal = Journal::begin(self.store, &recipe.name, &plan.version)
@@ -429,6 +456,7 @@ impl InstanceBuilder<'_> {
             network: &network,
             cidr: &cidr,
             rendered: &rendered,
+            gate: gate.as_ref(),
         };
         let result = self.run(&ctx, &journal, &mut created, reporter).await;
 
@@ -505,6 +533,43 @@ impl InstanceBuilder<'_> {
         }
     }
 
+    /// The compliance gate's scanner and data stream, checked and cached on this host before
+    /// anything is created: a builder of another architecture, a missing `oscap` or a profile
+    /// the data stream lacks fails here, not after a builder was launched.
+    async fn prepare_gate(
+        &self,
+        recipe: &Recipe,
+        source: &SourceAmi,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<Option<crate::audit::remote::Prepared>, InstanceError> {
+        let Some(audit) = recipe.audit.clone() else {
+            return Ok(None);
+        };
+        let builder = source
+            .architecture
+            .clone()
+            .or_else(|| match &recipe.base {
+                crate::recipe::Base::Ami(filter) => Some(filter.architecture.ec2().to_owned()),
+                _ => None,
+            })
+            .unwrap_or_else(|| crate::audit::remote::host_architecture().to_owned());
+        crate::audit::remote::check_architecture(&builder)?;
+        reporter.message("audit: preparing the scanner and data stream for the builder");
+        let dirs = crate::audit::AuditDirs {
+            cache: self.store.root().join("cache").join("scap"),
+            work: self.store.root().join("work"),
+        };
+        // Hashing and packing some hundred megabytes (cached after the first build).
+        let prepared =
+            tokio::task::spawn_blocking(move || crate::audit::remote::Prepared::new(&audit, &dirs))
+                .await
+                .map_err(|e| InstanceError::Io {
+                    path: self.store.root().join("cache").join("scap"),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+        Ok(Some(prepared))
+    }
+
     /// Keeps the build in the store's record of the version (a failure to write it is only
     /// logged: the AMI exists, and a rebuild finds it by its tag and writes the record).
     fn write_record(
@@ -529,6 +594,7 @@ impl InstanceBuilder<'_> {
                 },
             },
         );
+        record.audit = output.audit.clone();
         record.started =
             humantime::format_rfc3339_seconds(std::time::SystemTime::now() - started.elapsed())
                 .to_string();
@@ -581,6 +647,7 @@ impl InstanceBuilder<'_> {
             host_key: None,
             cached: true,
             regions: Vec::new(),
+            audit: None,
         }))
     }
 
@@ -871,6 +938,20 @@ impl InstanceBuilder<'_> {
             .provision(&mut session, ctx.recipe, reporter)
             .await?;
         provisioning.tests(&session, ctx.recipe, reporter).await?;
+        self.check_cancel()?;
+        let audit = match (&ctx.recipe.audit, ctx.gate) {
+            (Some(audit), Some(prepared)) => Some(
+                audit::Gate {
+                    prepared,
+                    audit,
+                    work: self.store.root().join("work"),
+                    instance_id: &instance_id,
+                }
+                .run(&session, &cancel, reporter)
+                .await?,
+            ),
+            _ => None,
+        };
         drop(session);
         self.check_cancel()?;
 
@@ -951,6 +1032,7 @@ impl InstanceBuilder<'_> {
             host_key: Some(fingerprint),
             cached: false,
             regions: Vec::new(),
+            audit,
         })
     }
 
@@ -1378,6 +1460,8 @@ struct BuildCtx<'a> {
     network: &'a Network,
     cidr: &'a str,
     rendered: &'a Rendered,
+    /// The compliance gate, prepared on this host, when the recipe has `audit:`.
+    gate: Option<&'a crate::audit::remote::Prepared>,
 }
 
 impl BuildCtx<'_> {
