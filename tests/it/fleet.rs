@@ -720,3 +720,232 @@ fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// bookworm's minbase packages, fetched once from Debian's mirror (mmdebstrap keeps the .debs it
+/// installed) and cached in the target directory.
+fn minbase_debs() -> PathBuf {
+    static DEBS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEBS.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fleet-bookworm-minbase-debs");
+        if dir.join(".complete").is_file() {
+            return dir;
+        }
+        let partial = dir.with_extension("partial");
+        let _ = fs_err::remove_dir_all(&partial);
+        fs_err::create_dir_all(&partial).unwrap();
+        let status = Command::new("mmdebstrap")
+            .args([
+                "--variant=minbase",
+                "--format=null",
+                "--quiet",
+                "--skip=essential/unlink",
+            ])
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {}",
+                partial.display()
+            ))
+            .args(["bookworm", "/dev/null"])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mmdebstrap could not fetch the minbase packages"
+        );
+        fs_err::write(partial.join(".complete"), "").unwrap();
+        let _ = fs_err::remove_dir_all(&dir);
+        fs_err::rename(&partial, &dir).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// A signed Debian archive on disk (suite `stable`, component `main`): the minbase packages plus
+/// `bake-canary`, whose version the tests bump, indexed with apt-ftparchive and signed with a
+/// key made for the test.
+struct LocalArchive {
+    dir: PathBuf,
+    gnupg: tempfile::TempDir,
+}
+
+impl LocalArchive {
+    fn new(dir: &Path) -> LocalArchive {
+        let pool = dir.join("pool");
+        fs_err::create_dir_all(&pool).unwrap();
+        for entry in fs_err::read_dir(minbase_debs()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "deb") {
+                fs_err::copy(&path, pool.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let gnupg = tempfile::tempdir().unwrap();
+        run(Command::new("gpg")
+            .env("GNUPGHOME", gnupg.path())
+            .args(["--batch", "--quiet", "--passphrase", ""])
+            .args([
+                "--quick-gen-key",
+                "bake test archive <archive@bake.invalid>",
+            ])
+            .args(["ed25519", "sign", "never"]));
+        LocalArchive {
+            dir: dir.to_path_buf(),
+            gnupg,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.dir.display())
+    }
+
+    fn export_keyring(&self, to: &Path) {
+        let output = Command::new("gpg")
+            .env("GNUPGHOME", self.gnupg.path())
+            .args(["--batch", "--export"])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        fs_err::write(to, output.stdout).unwrap();
+    }
+
+    /// `bake-canary` at `version` (the only one), then the indices, Release and InRelease anew.
+    fn publish(&self, version: &str) {
+        let pool = self.dir.join("pool");
+        for entry in fs_err::read_dir(&pool).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("bake-canary_")
+            {
+                fs_err::remove_file(path).unwrap();
+            }
+        }
+        let package = tempfile::tempdir().unwrap();
+        fs_err::create_dir_all(package.path().join("DEBIAN")).unwrap();
+        fs_err::create_dir_all(package.path().join("usr/share/bake-canary")).unwrap();
+        fs_err::write(
+            package.path().join("usr/share/bake-canary/version"),
+            version,
+        )
+        .unwrap();
+        fs_err::write(
+            package.path().join("DEBIAN/control"),
+            format!("Package: bake-canary\nVersion: {version}\nArchitecture: all\nMaintainer: bake tests <tests@bake.invalid>\nPriority: optional\nDescription: the package the fleet tests bump\n"),
+        )
+        .unwrap();
+        run(Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group"])
+            .arg(package.path())
+            .arg(pool.join(format!("bake-canary_{version}_all.deb"))));
+        let dists = self.dir.join("dists/stable");
+        let index = dists.join("main/binary-amd64");
+        fs_err::create_dir_all(&index).unwrap();
+        let packages = Command::new("apt-ftparchive")
+            .args(["packages", "pool"])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(packages.status.success());
+        fs_err::write(index.join("Packages"), packages.stdout).unwrap();
+        let release = Command::new("apt-ftparchive")
+            .args([
+                "-o",
+                "APT::FTPArchive::Release::Suite=stable",
+                "-o",
+                "APT::FTPArchive::Release::Codename=stable",
+                "-o",
+                "APT::FTPArchive::Release::Components=main",
+                "-o",
+                "APT::FTPArchive::Release::Architectures=amd64",
+                "release",
+                "dists/stable",
+            ])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(release.status.success());
+        fs_err::write(dists.join("Release"), release.stdout).unwrap();
+        run(Command::new("gpg")
+            .env("GNUPGHOME", self.gnupg.path())
+            .args(["--batch", "--yes", "--clearsign", "-o"])
+            .arg(dists.join("InRelease"))
+            .arg(dists.join("Release")));
+    }
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The local-archive case end to end: a bootstrap recipe on a signed `file://` archive
+/// and a recipe built on it; a package update (re-indexed, re-signed) is a new version,
+/// `outdated` names the recipe, the archive, the package and the recipe it drags along, and
+/// after `build --all` nothing is outdated.
+#[test]
+fn an_updated_package_in_a_local_archive_is_named_by_outdated_until_build_all() {
+    if !super::skip::root("bootstrapping with mmdebstrap")
+        || !super::skip::tool("apt-ftparchive")
+        || !super::skip::tool("gpg")
+    {
+        return;
+    }
+    let fleet = Fleet::new();
+    let archive = LocalArchive::new(&fleet.path().join("archive"));
+    archive.publish("1.0");
+    fs_err::create_dir_all(fleet.path().join("fleet")).unwrap();
+    archive.export_keyring(&fleet.path().join("fleet/archive-keyring.gpg"));
+    fleet.write(
+        "fleet/base.yaml",
+        &format!(
+            "bake: 1\nname: base\nbase:\n  bootstrap:\n    suite: stable\n    mirror: {}\n    keyring: archive-keyring.gpg\n    packages: [bake-canary]\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+            archive.url()
+        ),
+    );
+    fleet.write(
+        "fleet/app.yaml",
+        "bake: 1\nname: app\nbase:\n  recipe: base.yaml\nprovisioners:\n  - shell:\n      inline: cat /usr/share/bake-canary/version > /canary-seen\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+    );
+    let first = fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    assert_eq!(first["built"], 2, "{first:#}");
+    let output = fleet.bake(&["outdated", "fleet"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+
+    archive.publish("1.1");
+    let output = fleet.bake(&["outdated", "fleet", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let base = &report["recipes"][0];
+    assert_eq!(base["recipe"], "fleet/base.yaml");
+    assert_eq!(base["state"], "outdated");
+    assert_eq!(base["reasons"][0]["kind"], "archive_moved", "{report:#}");
+    assert_eq!(base["reasons"][0]["suite"], "stable");
+    assert_eq!(
+        base["packages"],
+        serde_json::json!([{"name": "bake-canary", "built": "1.0", "now": "1.1", "suite": "stable", "security": false}]),
+        "{report:#}"
+    );
+    assert_eq!(base["drags_along"], serde_json::json!(["fleet/app.yaml"]));
+    assert_eq!(report["recipes"][1]["state"], "outdated");
+    let text = stdout(&fleet.bake(&["outdated", "fleet"]));
+    assert!(
+        text.contains("package bake-canary 1.0 → 1.1 (stable)"),
+        "{text}"
+    );
+
+    let second = fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    assert_eq!(second["built"], 2, "{second:#}");
+    let output = fleet.bake(&["outdated", "fleet"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output).contains("0 outdated, 2 up to date"));
+}
