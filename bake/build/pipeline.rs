@@ -1714,7 +1714,7 @@ fn step_files<'f>(
         .collect()
 }
 
-fn describe_compression(compression: Compression) -> String {
+pub fn describe_compression(compression: Compression) -> String {
     match compression {
         Compression::Gzip(level) => format!("gzip/level{level}"),
         Compression::Zstd(level) => format!("zstd/level{level}"),

@@ -949,3 +949,139 @@ fn an_updated_package_in_a_local_archive_is_named_by_outdated_until_build_all() 
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     assert!(stdout(&output).contains("0 outdated, 2 up to date"));
 }
+
+/// A shared cache for ephemeral CI runners: a fresh store asks the recipe's registry for the
+/// planned version before building, takes the pushed image (its tag names the version and its
+/// manifest says so) and runs nothing.
+#[test]
+fn a_fresh_store_takes_a_pushed_version_from_the_registry_and_runs_nothing() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("running shell steps in the namespace runner") {
+        return;
+    }
+    let fleet = Fleet::new();
+    busybox_rootfs(fleet.path());
+    let repository = format!("{registry}/shared-cache-{}", fresh_account());
+    fleet.write(
+        "app.yaml",
+        &format!(
+            "bake: 1\nname: app\nbase:\n  rootfs: rootfs.tar\nprovisioners:\n  - shell:\n      inline: echo built > /built\noutputs:\n  oci:\n    cmd: [/bin/sh]\npublish:\n  registries:\n    - repository: {repository}\n      tags: [latest]\n"
+        ),
+    );
+    let built = fleet.json(&["build", "app.yaml", "--no-attest"]);
+    let pushed = fleet.bake(&["push", "app.yaml"]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let version = built["version"].as_str().unwrap();
+    let digest = built["image_digest"].as_str().unwrap();
+
+    // Another runner: an empty store.
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "app.yaml",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fetched: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(fetched["version"], version);
+    assert_eq!(fetched["image_digest"], digest);
+    assert_eq!(fetched["cached"], true);
+    assert_eq!(
+        fetched["fetched_from"],
+        format!("{repository}:{}", &version[7..19])
+    );
+    let log = stderr(&output);
+    assert!(log.contains("fetched, nothing is built"), "{log}");
+    assert!(!log.contains("==> shell #1"), "a step ran: {log}");
+    // The store has the image and its record: exporting it needs nothing else.
+    let exported = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "export",
+        version,
+        "--oci-layout",
+        fleet.path().join("layout").to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let record: Value = serde_json::from_slice(
+        &fs_err::read(
+            fleet
+                .path()
+                .join("fresh-store/records")
+                .join(format!("{}.json", &version[7..])),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["fetched_from"], fetched["fetched_from"]);
+    assert_eq!(record["inputs"]["base"]["kind"], "rootfs");
+
+    // A tag is not proof: the version's tag moved to another version's image (same
+    // repository), so a fresh store builds the version itself.
+    fleet.write(
+        "app.yaml",
+        &fs_err::read_to_string(fleet.path().join("app.yaml"))
+            .unwrap()
+            .replace("echo built", "echo rebuilt"),
+    );
+    let other = fleet.json(&["build", "app.yaml", "--no-attest"]);
+    let pushed = fleet.bake(&["push", "app.yaml"]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = bake::registry::Client::new(
+            bake::registry::ClientOptions::default(),
+            std::sync::Arc::new(bake::registry::auth::ChainCredentials(Vec::new())),
+        )
+        .unwrap();
+        let repo = bake::registry::Reference::repository_only(&repository).unwrap();
+        let manifest = client
+            .get_manifest(
+                &repo
+                    .with_digest(other["image_digest"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        client
+            .put_manifest(
+                &repo,
+                &version[7..19],
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.bytes,
+            )
+            .await
+            .unwrap();
+    });
+    fleet.write(
+        "app.yaml",
+        &fs_err::read_to_string(fleet.path().join("app.yaml"))
+            .unwrap()
+            .replace("echo rebuilt", "echo built"),
+    );
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("third-store").to_str().unwrap(),
+        "build",
+        "app.yaml",
+        "--output",
+        "json",
+        "--no-attest",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rebuilt: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rebuilt["version"], version);
+    assert_eq!(
+        rebuilt["image_digest"], digest,
+        "built here, the same bytes"
+    );
+    assert!(rebuilt.get("fetched_from").is_none(), "{rebuilt:#}");
+    let log = stderr(&output);
+    assert!(log.contains("is not version"), "{log}");
+    assert!(log.contains("==> shell #1"), "nothing ran: {log}");
+}
