@@ -279,7 +279,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
 /// Asks the recipe's push targets (registries and ECR repositories) for the planned version;
 /// when one has it, pulls it into the store with a build record saying where it came from and
 /// returns that reference. Any failure is logged and the version is built here instead.
-fn fetch_published(
+pub(super) fn fetch_published(
     recipe: &recipe::Recipe,
     plan: &crate::plan::Plan,
     store: &Store,

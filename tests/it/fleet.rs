@@ -315,6 +315,27 @@ fn build_all_builds_in_order_and_rebuilds_exactly_what_a_changed_base_drags_alon
     let fourth = fleet.json(&["build", "--all", "--no-attest"]);
     assert_eq!(results(&fourth), all("cached", &everything), "{fourth:#}");
 
+    // Another CI runner, with an empty store: the AMI of node's version is in AWS, so no disk
+    // image is made and nothing is uploaded (its base recipes are built first, being local).
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "services/node.yaml",
+        "--no-attest",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let node: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(node["version"], version(&fourth, "services/node.yaml"));
+    assert_eq!(node["cached"], true, "{node:#}");
+    assert!(
+        !stderr(&output).contains("making the disk image"),
+        "{}",
+        stderr(&output)
+    );
+
     // `plan --all` agrees: everything built.
     let planned = fleet.json(&["plan", "--all"]);
     let states: Vec<&str> = planned["recipes"]
