@@ -209,7 +209,17 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     let mut reporter = CliReporter {
         quiet: settings.verbosity == Verbosity::Quiet,
     };
-    match builder.build(&recipe, &plan, &mut reporter) {
+    let shares_layers = recipe.build.cache.is_some()
+        && fetched.is_none()
+        && !crate::build::pipeline::is_built(&store, &plan.version);
+    if shares_layers {
+        layer_cache(&recipe, &plan, &store, settings, Direction::Import);
+    }
+    let built = builder.build(&recipe, &plan, &mut reporter);
+    if shares_layers && built.is_ok() {
+        layer_cache(&recipe, &plan, &store, settings, Direction::Export);
+    }
+    match built {
         Ok(output) => {
             // Provenance, SBOMs and the manifest (kept when the version is already attested).
             // A fetched version's provenance is the one its builder pushed beside it: this
@@ -375,6 +385,66 @@ pub(super) fn fetch_published(
             tracing::warn!("the fetched version could not be recorded ({e}): building it here");
             None
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Import,
+    Export,
+}
+
+/// Takes the build's step layers from (or sends them to) the recipe's `build.cache` registry.
+/// A cache that cannot be reached is a warning: the build runs (or ends) as without it.
+fn layer_cache(
+    recipe: &recipe::Recipe,
+    plan: &crate::plan::Plan,
+    store: &Store,
+    settings: &Settings,
+    direction: Direction,
+) {
+    use crate::build::remote_cache;
+    let Some(repository) = &recipe.build.cache else {
+        return;
+    };
+    let moved = super::runtime()
+        .map_err(|e| crate::registry::RegistryError::Io {
+            path: "<tokio runtime>".into(),
+            source: e,
+        })
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let repository = crate::registry::Reference::repository_only(repository)?;
+                let credentials = settings
+                    .registry
+                    .credentials_for(repository.registry())
+                    .await;
+                let client =
+                    crate::registry::Client::new(settings.registry.client_options(), credentials)?;
+                match direction {
+                    Direction::Import => {
+                        remote_cache::import(&client, &repository, store, recipe, plan).await
+                    }
+                    Direction::Export => {
+                        remote_cache::export(&client, &repository, store, recipe, plan).await
+                    }
+                }
+            })
+        });
+    match (moved, direction) {
+        (Ok(moved), Direction::Import) if settings.verbosity > Verbosity::Quiet => eprintln!(
+            "==> layer cache {repository}: {} step(s) taken, {} already here",
+            moved.entries, moved.present
+        ),
+        (Ok(moved), Direction::Export) if settings.verbosity > Verbosity::Quiet => eprintln!(
+            "==> layer cache {repository}: {} step(s) sent, {} already there",
+            moved.entries, moved.present
+        ),
+        (Ok(_), _) => {}
+        (Err(e), _) => tracing::warn!(
+            "the layer cache {repository} was not used: {}",
+            crate::diagnostic::error_chain(&e)
+        ),
     }
 }
 

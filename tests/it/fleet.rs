@@ -1106,3 +1106,61 @@ fn a_fresh_store_takes_a_pushed_version_from_the_registry_and_runs_nothing() {
     assert!(log.contains("is not version"), "{log}");
     assert!(log.contains("==> shell #1"), "nothing ran: {log}");
 }
+
+/// The layer cache in a registry (`build.cache`): a fresh store whose recipe changed only in its
+/// last step takes the base and the first step from the registry and runs only the last step,
+/// and the image is the one a warm store builds.
+#[test]
+fn with_a_registry_layer_cache_a_fresh_store_reruns_only_the_changed_last_step() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("running shell steps in the namespace runner") {
+        return;
+    }
+    let fleet = Fleet::new();
+    busybox_rootfs(fleet.path());
+    let cache = format!("{registry}/layer-cache-{}", fresh_account());
+    let recipe = |last: &str| {
+        format!(
+            "bake: 1\nname: cached\nbase:\n  rootfs: rootfs.tar\nbuild:\n  cache: {cache}\nprovisioners:\n  - shell:\n      inline: echo first > /first\n  - shell:\n      inline: echo {last} > /last\noutputs:\n  oci:\n    cmd: [/bin/sh]\n"
+        )
+    };
+    fleet.write("cached.yaml", &recipe("one"));
+    let warm = fleet.bake(&["build", "cached.yaml", "--no-attest"]);
+    assert!(warm.status.success(), "{}", stderr(&warm));
+    assert!(
+        stderr(&warm).contains("3 step(s) sent"),
+        "{}",
+        stderr(&warm)
+    );
+
+    fleet.write("cached.yaml", &recipe("two"));
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "cached.yaml",
+        "--no-attest",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = stderr(&output);
+    assert!(log.contains("2 step(s) taken"), "{log}");
+    assert!(
+        !log.contains("preparing base"),
+        "the base was made again: {log}"
+    );
+    let fresh: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let cached: Vec<bool> = fresh["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, [true, false], "{fresh:#}");
+    // The same image as a build in the warm store.
+    let warm = fleet.json(&["build", "cached.yaml", "--no-attest"]);
+    assert_eq!(warm["image_digest"], fresh["image_digest"]);
+}
