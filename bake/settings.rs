@@ -65,10 +65,8 @@ impl Settings {
             image_resolver: Some(std::sync::Arc::new(crate::registry::RegistryResolver::new(
                 self.registry.clone(),
             ))),
-            archive_resolver: Some(std::sync::Arc::new(
-                crate::plan::archive::ArchiveFetcher::new(),
-            )),
             source_ami: None,
+            ..crate::plan::PlanOptions::default()
         }
     }
 

@@ -14,6 +14,7 @@ BAKE_VENV_MARKER=.bake-setup-complete
 # shellcheck disable=SC2034 # used by scripts/setup
 BAKE_APT_PACKAGES=(
 	apache2-utils   # htpasswd, for the registry with basic auth
+	apt-utils       # apt-ftparchive: the local package archive of the fleet tests
 	busybox-static  # a static root filesystem for the namespace runner's tests
 	ca-certificates
 	curl            # readiness checks in scripts/services
@@ -23,6 +24,7 @@ BAKE_APT_PACKAGES=(
 	dosfstools      # mkfs.vfat: the EFI system partition of AMI disk images
 	e2fsprogs       # mkfs.ext4 -d: the root filesystem of AMI disk images
 	fdisk           # sfdisk, to inspect disk images in tests
+	gpg             # signs the fleet tests' local package archive
 	mmdebstrap
 	mtools          # writing the EFI system partition without mounting it
 	openscap-scanner # oscap, the compliance gate's scanner
@@ -35,6 +37,7 @@ BAKE_APT_PACKAGES=(
 	skopeo
 	systemd-boot-efi # the UEFI boot loader of AMI disk images
 	umoci
+	xz-utils        # xz: bake outdated reads Packages.xz indices
 	zstd            # an independent decoder for zstd layers (zstd -t)
 )
 

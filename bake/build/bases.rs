@@ -60,6 +60,9 @@ impl BaseError {
     }
 }
 
+/// mmdebstrap's hooks that make `file://` mirrors reachable from the chroot.
+const FILE_MIRROR_HOOKS: &str = "/usr/share/mmdebstrap/hooks/file-mirror-automount";
+
 /// The last lines of a failing tool's output worth showing.
 const ERROR_TAIL_LINES: usize = 20;
 
@@ -91,6 +94,15 @@ pub fn bootstrap(
         command.arg(format!("--keyring={}", keyring.display()));
     } else if bootstrap.distro == Distro::Ubuntu {
         command.arg("--keyring=/usr/share/keyrings/ubuntu-archive-keyring.gpg");
+    }
+    // A `file://` archive is outside the chroot apt runs in: mmdebstrap's own hook bind-mounts
+    // (or copies) it in.
+    if bootstrap
+        .archives()
+        .iter()
+        .any(|a| a.mirror.starts_with("file://"))
+    {
+        command.arg(format!("--hook-dir={FILE_MIRROR_HOOKS}"));
     }
     // apt's lists, copied out before mmdebstrap removes them, say which Release files it read.
     let lists = out.with_extension("apt-lists");

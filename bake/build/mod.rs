@@ -50,6 +50,7 @@ pub mod engine;
 pub mod hardening;
 pub mod layer;
 pub mod pipeline;
+pub mod remote_cache;
 pub mod runner;
 pub mod snapshot;
 #[cfg(test)]

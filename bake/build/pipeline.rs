@@ -258,9 +258,40 @@ pub struct Builder<'a> {
 
 /// A layer cache entry: the result of one step given everything before it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CachedStep {
-    layer: Option<LayerRef>,
-    history: HistoryEntry,
+pub(crate) struct CachedStep {
+    pub(crate) layer: Option<LayerRef>,
+    pub(crate) history: HistoryEntry,
+}
+
+/// Every layer-cache entry a build of `recipe` as `plan` looks up, in order: the base's (for
+/// a base bake turns into a layer itself) and each step's, as (cache kind, key). The keys
+/// depend only on the plan, so they are known before anything runs.
+pub(crate) fn cache_keys(recipe: &Recipe, plan: &Plan) -> Vec<(&'static str, String)> {
+    let sde = plan.source_date_epoch();
+    let mut key = base_key(plan, recipe.build.compression, sde);
+    let mut keys = Vec::new();
+    if matches!(recipe.base, Base::Rootfs { .. } | Base::Bootstrap(_)) {
+        keys.push(("bases", key.clone()));
+    }
+    if recipe.build.squash {
+        return keys;
+    }
+    for provisioner in &recipe.provisioners {
+        key = step_key(&key, plan, provisioner);
+        keys.push(("steps", key.clone()));
+    }
+    keys
+}
+
+/// The key of `provisioner`'s cache entry after the entry keyed `parent`.
+fn step_key(parent: &str, plan: &Plan, provisioner: &crate::recipe::Provisioner) -> String {
+    let step_json = serde_json::to_value(provisioner).expect("steps serialize");
+    canonical_digest(&json!({
+        "parent": parent,
+        "step": step_json,
+        "variables": plan.inputs.recipe.variables,
+        "files": step_files(&plan.inputs.files, provisioner),
+    }))
 }
 
 impl Builder<'_> {
@@ -1559,13 +1590,7 @@ impl<'a> StepChain<'a> {
         &mut self,
         provisioner: &crate::recipe::Provisioner,
     ) -> Result<Option<CachedStep>, StoreError> {
-        let step_json = serde_json::to_value(provisioner).expect("steps serialize");
-        self.key = canonical_digest(&json!({
-            "parent": self.key,
-            "step": step_json,
-            "variables": self.plan.inputs.recipe.variables,
-            "files": step_files(&self.plan.inputs.files, provisioner),
-        }));
+        self.key = step_key(&self.key, self.plan, provisioner);
         if !self.caching {
             return Ok(None);
         }
@@ -1714,7 +1739,7 @@ fn step_files<'f>(
         .collect()
 }
 
-fn describe_compression(compression: Compression) -> String {
+pub fn describe_compression(compression: Compression) -> String {
     match compression {
         Compression::Gzip(level) => format!("gzip/level{level}"),
         Compression::Zstd(level) => format!("zstd/level{level}"),

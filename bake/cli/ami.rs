@@ -535,6 +535,10 @@ pub fn run_snapshot_build(
     // The image build's gate result, for the disk image of the same root.
     let mut image_audit = None;
     let wants_image = recipe.outputs.oci.is_some();
+    // An image another run pushed is fetched rather than built (`bake build`'s shared cache).
+    if wants_image && !crate::build::pipeline::is_built(&store, &plan.version) {
+        super::build::fetch_published(recipe, &plan, &store, settings);
+    }
     if existing.is_none() || wants_image {
         let runner = match NamespaceRunner::new() {
             Ok(runner) => runner,

@@ -164,6 +164,12 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             };
         }
     }
+    // A version another run pushed is taken from the registry rather than built again.
+    let fetched = if crate::build::pipeline::is_built(&store, &plan.version) {
+        None
+    } else {
+        fetch_published(&recipe, &plan, &store, settings)
+    };
     let cancel = cancel_on_signals();
     let docker = match args.runner {
         Some(choice) => choice == RunnerArg::Docker,
@@ -203,10 +209,22 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
     let mut reporter = CliReporter {
         quiet: settings.verbosity == Verbosity::Quiet,
     };
-    match builder.build(&recipe, &plan, &mut reporter) {
+    let shares_layers = recipe.build.cache.is_some()
+        && fetched.is_none()
+        && !crate::build::pipeline::is_built(&store, &plan.version);
+    if shares_layers {
+        layer_cache(&recipe, &plan, &store, settings, Direction::Import);
+    }
+    let built = builder.build(&recipe, &plan, &mut reporter);
+    if shares_layers && built.is_ok() {
+        layer_cache(&recipe, &plan, &store, settings, Direction::Export);
+    }
+    match built {
         Ok(output) => {
             // Provenance, SBOMs and the manifest (kept when the version is already attested).
-            let attested = if args.attest.no_attest {
+            // A fetched version's provenance is the one its builder pushed beside it: this
+            // machine built nothing, so it signs nothing.
+            let attested = if args.attest.no_attest || fetched.is_some() {
                 None
             } else {
                 let options = args.attest.with_recipe(&recipe.provenance);
@@ -221,6 +239,9 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             match settings.output {
                 OutputFormat::Json => {
                     let mut value = serde_json::to_value(&output).expect("outputs serialize");
+                    if let Some(reference) = &fetched {
+                        value["fetched_from"] = serde_json::json!(reference);
+                    }
                     if let Some(a) = &attested {
                         value["provenance"] = serde_json::json!(a.provenance.envelope_digest);
                         value["sboms"] = serde_json::json!(
@@ -238,6 +259,9 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
                         for sbom in &a.sboms {
                             println!("sbom     {} ({})", sbom.digest, sbom.format);
                         }
+                    }
+                    if let Some(reference) = &fetched {
+                        println!("fetched  {reference}");
                     }
                     if output.cached && settings.verbosity > Verbosity::Quiet {
                         eprintln!("(already built: nothing ran)");
@@ -259,6 +283,168 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
                 ExitStatus::Infrastructure
             }
         }
+    }
+}
+
+/// Asks the recipe's push targets (registries and ECR repositories) for the planned version;
+/// when one has it, pulls it into the store with a build record saying where it came from and
+/// returns that reference. Any failure is logged and the version is built here instead.
+pub(super) fn fetch_published(
+    recipe: &recipe::Recipe,
+    plan: &crate::plan::Plan,
+    store: &Store,
+    settings: &Settings,
+) -> Option<String> {
+    use crate::registry::fetch;
+    use crate::registry::{
+        Reference, auth::ChainCredentials, auth::Credentials, ecr::EcrCredentials,
+    };
+    let oci = recipe.outputs.oci.as_ref()?;
+    if recipe.publish.registries.is_empty() && recipe.publish.ecr.is_empty() {
+        return None;
+    }
+    let runtime = super::runtime()
+        .map_err(|e| tracing::warn!("the registries were not asked for the version: {e}"))
+        .ok()?;
+    let found = runtime.block_on(async {
+        let mut repositories: Vec<Reference> = recipe
+            .publish
+            .registries
+            .iter()
+            .filter_map(|r| Reference::repository_only(&r.repository).ok())
+            .collect();
+        let mut credentials: Vec<Arc<dyn Credentials>> = vec![settings.registry.credentials()];
+        if !recipe.publish.ecr.is_empty() {
+            let aws = crate::aws::Aws::load(&settings.aws).await;
+            for target in &recipe.publish.ecr {
+                let Some(region) = target
+                    .region
+                    .clone()
+                    .or_else(|| aws.default_region().map(str::to_owned))
+                else {
+                    continue;
+                };
+                let described = aws
+                    .ecr(&region)
+                    .describe_repositories()
+                    .repository_names(&target.repository)
+                    .send()
+                    .await;
+                match described {
+                    Ok(found) => repositories.extend(
+                        found
+                            .repositories()
+                            .iter()
+                            .filter_map(|r| r.repository_uri())
+                            .filter_map(|uri| Reference::repository_only(uri).ok()),
+                    ),
+                    // No repository yet: nothing was pushed there.
+                    Err(e) => tracing::debug!("ECR {region}/{}: {e}", target.repository),
+                }
+            }
+            credentials.push(Arc::new(EcrCredentials::new(aws)));
+        }
+        let mut options = settings.registry.client_options();
+        options.insecure.extend(
+            recipe
+                .publish
+                .registries
+                .iter()
+                .filter(|r| r.insecure)
+                .filter_map(|r| r.repository.split_once('/').map(|(h, _)| h.to_owned())),
+        );
+        let client =
+            crate::registry::Client::new(options, Arc::new(ChainCredentials(credentials)))?;
+        fetch::find_version(&client, store, &repositories, plan, oci.architecture.oci()).await
+    });
+    let fetched = match found {
+        Ok(Some(fetched)) => fetched,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(
+                "the push targets were not asked for the version ({e}): building it here"
+            );
+            return None;
+        }
+    };
+    let compressor = crate::build::pipeline::describe_compression(recipe.build.compression);
+    let written = fetch::record_fetched(store, plan, &fetched, compressor)
+        .and_then(|record| store.put_record(&record));
+    match written {
+        Ok(()) => {
+            if settings.verbosity > Verbosity::Quiet {
+                eprintln!(
+                    "==> {} is in {}: fetched, nothing is built",
+                    plan.version_short(),
+                    fetched.reference
+                );
+            }
+            Some(fetched.reference)
+        }
+        Err(e) => {
+            tracing::warn!("the fetched version could not be recorded ({e}): building it here");
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Import,
+    Export,
+}
+
+/// Takes the build's step layers from (or sends them to) the recipe's `build.cache` registry.
+/// A cache that cannot be reached is a warning: the build runs (or ends) as without it.
+fn layer_cache(
+    recipe: &recipe::Recipe,
+    plan: &crate::plan::Plan,
+    store: &Store,
+    settings: &Settings,
+    direction: Direction,
+) {
+    use crate::build::remote_cache;
+    let Some(repository) = &recipe.build.cache else {
+        return;
+    };
+    let moved = super::runtime()
+        .map_err(|e| crate::registry::RegistryError::Io {
+            path: "<tokio runtime>".into(),
+            source: e,
+        })
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let repository = crate::registry::Reference::repository_only(repository)?;
+                let credentials = settings
+                    .registry
+                    .credentials_for(repository.registry())
+                    .await;
+                let client =
+                    crate::registry::Client::new(settings.registry.client_options(), credentials)?;
+                match direction {
+                    Direction::Import => {
+                        remote_cache::import(&client, &repository, store, recipe, plan).await
+                    }
+                    Direction::Export => {
+                        remote_cache::export(&client, &repository, store, recipe, plan).await
+                    }
+                }
+            })
+        });
+    match (moved, direction) {
+        (Ok(moved), Direction::Import) if settings.verbosity > Verbosity::Quiet => eprintln!(
+            "==> layer cache {repository}: {} step(s) taken, {} already here",
+            moved.entries, moved.present
+        ),
+        (Ok(moved), Direction::Export) if settings.verbosity > Verbosity::Quiet => eprintln!(
+            "==> layer cache {repository}: {} step(s) sent, {} already there",
+            moved.entries, moved.present
+        ),
+        (Ok(_), _) => {}
+        (Err(e), _) => tracing::warn!(
+            "the layer cache {repository} was not used: {}",
+            crate::diagnostic::error_chain(&e)
+        ),
     }
 }
 

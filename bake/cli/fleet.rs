@@ -265,6 +265,10 @@ struct OutdatedLine<'a> {
     now: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     reasons: Vec<Reason>,
+    /// When an archive moved: the installed packages (of the last build's image) it now has
+    /// newer versions of.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    packages: Vec<crate::fleet::packages::PackageChange>,
     /// The recipes built on this one, which its rebuild rebuilds.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     drags_along: Vec<&'a str>,
@@ -279,9 +283,8 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
     };
     // Today's plan resolves every tag and source AMI again: what the world offers now.
     let plans = plan_fleet(&fleet, settings);
-    let last_built = existing_store(settings)
-        .map(|store| newest_records(&store))
-        .unwrap_or_default();
+    let store = existing_store(settings);
+    let last_built = store.as_ref().map(newest_records).unwrap_or_default();
     let mut lines = Vec::with_capacity(fleet.len());
     let mut error = None;
     for (i, (member, plan)) in fleet.members.iter().zip(&plans).enumerate() {
@@ -292,6 +295,7 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
             built: None,
             now: None,
             reasons: Vec::new(),
+            packages: Vec::new(),
             drags_along: Vec::new(),
             error: None,
         };
@@ -311,6 +315,14 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
                         line.state = "outdated";
                         line.reasons =
                             crate::fleet::outdated::reasons(&record.inputs, &plan.inputs);
+                        if line
+                            .reasons
+                            .iter()
+                            .any(|r| matches!(r, Reason::ArchiveMoved { .. }))
+                            && let Some(store) = &store
+                        {
+                            line.packages = changed_packages(store, record, plan);
+                        }
                         line.drags_along = fleet
                             .descendants(i)
                             .into_iter()
@@ -353,6 +365,13 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
                 for reason in &line.reasons {
                     println!("  {}", reason.describe());
                 }
+                for p in &line.packages {
+                    let security = if p.security { ", security" } else { "" };
+                    println!(
+                        "  package {} {} → {} ({}{security})",
+                        p.name, p.built, p.now, p.suite
+                    );
+                }
                 if !line.drags_along.is_empty() {
                     println!("  drags along: {}", line.drags_along.join(", "));
                 }
@@ -378,6 +397,45 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
         None if count("outdated") > 0 => ExitStatus::Outdated,
         None => ExitStatus::Success,
     }
+}
+
+/// The installed packages of `record`'s image that the archives `plan` pinned now have newer
+/// versions of (nothing when the image is not in the store or an index cannot be read, which
+/// is logged).
+fn changed_packages(
+    store: &Store,
+    record: &crate::store::BuildRecord,
+    plan: &Plan,
+) -> Vec<crate::fleet::packages::PackageChange> {
+    use crate::fleet::packages;
+    let crate::plan::BaseIdentity::Bootstrap {
+        archives,
+        components,
+        architecture,
+        ..
+    } = &plan.inputs.base
+    else {
+        return Vec::new();
+    };
+    let Some(installed) = packages::installed(store, record) else {
+        return Vec::new();
+    };
+    let mut suites = Vec::new();
+    for pin in archives {
+        let suite = crate::recipe::ArchiveSuite {
+            mirror: pin.mirror.clone(),
+            suite: pin.suite.clone(),
+        };
+        match packages::archive_versions(&suite, components, architecture) {
+            Ok(versions) => suites.push((suite, versions)),
+            Err(e) => tracing::warn!(
+                "the packages of {} {} were not compared: {e}",
+                pin.mirror,
+                pin.suite
+            ),
+        }
+    }
+    packages::changes(&installed, &suites)
 }
 
 /// The newest build record (by start time) of each recipe name in the store.

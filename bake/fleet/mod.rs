@@ -11,6 +11,7 @@
 //! [`schedule`] builds a fleet in that order with bounded parallelism.
 
 pub mod outdated;
+pub mod packages;
 pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};

@@ -75,7 +75,7 @@ impl Plan {
 }
 
 /// Settings a plan needs from outside the recipe.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PlanOptions {
     /// The AWS default region, for targets that do not name one.
     pub aws_region: Option<String>,
@@ -85,11 +85,25 @@ pub struct PlanOptions {
     pub digest_cache: Option<PathBuf>,
     /// Resolves image base tags to digests (a registry); `None`: image bases must be pinned.
     pub image_resolver: Option<base::SharedResolver>,
-    /// Pins bootstrap bases' archives; without one, a bootstrap base cannot be planned.
+    /// Pins bootstrap bases' archives (by default, reading them: a bootstrap reads its mirror
+    /// anyway); `None`: a bootstrap base cannot be planned.
     pub archive_resolver: Option<archive::SharedArchiveResolver>,
     /// The source AMI an `ami` base resolved to (in the build region), looked up in AWS before
     /// planning; `None` leaves such a recipe unplannable.
     pub source_ami: Option<crate::ami::instance::SourceAmi>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            aws_region: None,
+            source_date_epoch: None,
+            digest_cache: None,
+            image_resolver: None,
+            archive_resolver: Some(std::sync::Arc::new(archive::ArchiveFetcher::new())),
+            source_ami: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -377,6 +377,11 @@ pub struct BuildSettings {
     /// runners give the same image, byte for byte.
     #[serde(skip)]
     pub runner: RunnerKind,
+    /// A registry repository (`registry/name`) step layers are shared through, keyed by
+    /// everything before each step (BuildKit's registry cache). Not part of the version: where
+    /// layers are cached does not change them.
+    #[serde(skip)]
+    pub cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

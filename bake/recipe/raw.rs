@@ -185,6 +185,7 @@ pub struct RawBuild {
     #[serde(default)]
     pub squash: bool,
     pub runner: Option<S<String>>,
+    pub cache: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -716,11 +716,29 @@ impl<'a> Validator<'a> {
                 RunnerKind::Chroot
             }
         };
+        let cache =
+            b.cache.as_ref().and_then(|c| {
+                match crate::registry::Reference::repository_only(&c.value) {
+                    Ok(_) => Some(c.value.clone()),
+                    Err(e) => {
+                        self.invalid(
+                        c,
+                        "layer cache repository",
+                        &c.value,
+                        format!(
+                            "{e}; write `registry/name`, such as `registry.example.com/bake-cache`"
+                        ),
+                    );
+                        None
+                    }
+                }
+            });
         BuildSettings {
             source_date_epoch,
             compression,
             squash: b.squash,
             runner,
+            cache,
         }
     }
 

@@ -32,6 +32,7 @@
 pub mod auth;
 pub mod client;
 pub mod ecr;
+pub mod fetch;
 pub mod pull;
 pub mod push;
 pub mod reference;

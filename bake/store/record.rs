@@ -54,6 +54,10 @@ pub struct BuildRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditRecord>,
     pub artifact: Artifact,
+    /// Where the version was taken from instead of being built here (`registry/repo:tag`):
+    /// a CI runner with an empty store fetched what another run had pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_from: Option<String>,
 }
 
 /// What a build made.
@@ -160,6 +164,7 @@ impl BuildRecord {
             duration_ms: 0,
             audit: None,
             artifact,
+            fetched_from: None,
         }
     }
 
@@ -382,6 +387,7 @@ impl From<OciRecordV1> for BuildRecord {
             started: old.started,
             duration_ms: old.duration_ms,
             audit: old.audit,
+            fetched_from: None,
             artifact: Artifact::OciImage {
                 image: OciImage {
                     image_digest: old.output.image_digest,
@@ -431,6 +437,7 @@ impl From<SnapshotRecordV1> for BuildRecord {
             started: String::new(),
             duration_ms: old.duration_ms,
             audit: old.audit,
+            fetched_from: None,
             artifact: Artifact::DiskAmi {
                 ami: DiskAmi {
                     disk_image_digest: old.ami.disk_image_digest,
@@ -475,6 +482,7 @@ impl From<InstanceRecordV1> for BuildRecord {
             started: String::new(),
             duration_ms: old.duration_ms,
             audit: None,
+            fetched_from: None,
             artifact: Artifact::InstanceAmi {
                 ami: InstanceAmi {
                     source: old.source,

@@ -315,6 +315,27 @@ fn build_all_builds_in_order_and_rebuilds_exactly_what_a_changed_base_drags_alon
     let fourth = fleet.json(&["build", "--all", "--no-attest"]);
     assert_eq!(results(&fourth), all("cached", &everything), "{fourth:#}");
 
+    // Another CI runner, with an empty store: the AMI of node's version is in AWS, so no disk
+    // image is made and nothing is uploaded (its base recipes are built first, being local).
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "services/node.yaml",
+        "--no-attest",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let node: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(node["version"], version(&fourth, "services/node.yaml"));
+    assert_eq!(node["cached"], true, "{node:#}");
+    assert!(
+        !stderr(&output).contains("making the disk image"),
+        "{}",
+        stderr(&output)
+    );
+
     // `plan --all` agrees: everything built.
     let planned = fleet.json(&["plan", "--all"]);
     let states: Vec<&str> = planned["recipes"]
@@ -719,4 +740,427 @@ fn a_moved_package_archive_is_a_new_version_and_outdated_names_it() {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// bookworm's minbase packages, fetched once from Debian's mirror (mmdebstrap keeps the .debs it
+/// installed) and cached in the target directory.
+fn minbase_debs() -> PathBuf {
+    static DEBS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEBS.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fleet-bookworm-minbase-debs");
+        if dir.join(".complete").is_file() {
+            return dir;
+        }
+        let partial = dir.with_extension("partial");
+        let _ = fs_err::remove_dir_all(&partial);
+        fs_err::create_dir_all(&partial).unwrap();
+        let status = Command::new("mmdebstrap")
+            .args([
+                "--variant=minbase",
+                "--format=null",
+                "--quiet",
+                "--skip=essential/unlink",
+            ])
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {}",
+                partial.display()
+            ))
+            .args(["bookworm", "/dev/null"])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mmdebstrap could not fetch the minbase packages"
+        );
+        fs_err::write(partial.join(".complete"), "").unwrap();
+        let _ = fs_err::remove_dir_all(&dir);
+        fs_err::rename(&partial, &dir).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// A signed Debian archive on disk (suite `stable`, component `main`): the minbase packages plus
+/// `bake-canary`, whose version the tests bump, indexed with apt-ftparchive and signed with a
+/// key made for the test.
+struct LocalArchive {
+    dir: PathBuf,
+    gnupg: tempfile::TempDir,
+}
+
+impl LocalArchive {
+    fn new(dir: &Path) -> LocalArchive {
+        let pool = dir.join("pool");
+        fs_err::create_dir_all(&pool).unwrap();
+        for entry in fs_err::read_dir(minbase_debs()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "deb") {
+                fs_err::copy(&path, pool.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let gnupg = tempfile::tempdir().unwrap();
+        run(Command::new("gpg")
+            .env("GNUPGHOME", gnupg.path())
+            .args(["--batch", "--quiet", "--passphrase", ""])
+            .args([
+                "--quick-gen-key",
+                "bake test archive <archive@bake.invalid>",
+            ])
+            .args(["ed25519", "sign", "never"]));
+        LocalArchive {
+            dir: dir.to_path_buf(),
+            gnupg,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.dir.display())
+    }
+
+    fn export_keyring(&self, to: &Path) {
+        let output = Command::new("gpg")
+            .env("GNUPGHOME", self.gnupg.path())
+            .args(["--batch", "--export"])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        fs_err::write(to, output.stdout).unwrap();
+    }
+
+    /// `bake-canary` at `version` (the only one), then the indices, Release and InRelease anew.
+    fn publish(&self, version: &str) {
+        let pool = self.dir.join("pool");
+        for entry in fs_err::read_dir(&pool).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("bake-canary_")
+            {
+                fs_err::remove_file(path).unwrap();
+            }
+        }
+        let package = tempfile::tempdir().unwrap();
+        fs_err::create_dir_all(package.path().join("DEBIAN")).unwrap();
+        fs_err::create_dir_all(package.path().join("usr/share/bake-canary")).unwrap();
+        fs_err::write(
+            package.path().join("usr/share/bake-canary/version"),
+            version,
+        )
+        .unwrap();
+        fs_err::write(
+            package.path().join("DEBIAN/control"),
+            format!("Package: bake-canary\nVersion: {version}\nArchitecture: all\nMaintainer: bake tests <tests@bake.invalid>\nPriority: optional\nDescription: the package the fleet tests bump\n"),
+        )
+        .unwrap();
+        run(Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group"])
+            .arg(package.path())
+            .arg(pool.join(format!("bake-canary_{version}_all.deb"))));
+        let dists = self.dir.join("dists/stable");
+        let index = dists.join("main/binary-amd64");
+        fs_err::create_dir_all(&index).unwrap();
+        let packages = Command::new("apt-ftparchive")
+            .args(["packages", "pool"])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(packages.status.success());
+        fs_err::write(index.join("Packages"), packages.stdout).unwrap();
+        let release = Command::new("apt-ftparchive")
+            .args([
+                "-o",
+                "APT::FTPArchive::Release::Suite=stable",
+                "-o",
+                "APT::FTPArchive::Release::Codename=stable",
+                "-o",
+                "APT::FTPArchive::Release::Components=main",
+                "-o",
+                "APT::FTPArchive::Release::Architectures=amd64",
+                "release",
+                "dists/stable",
+            ])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(release.status.success());
+        fs_err::write(dists.join("Release"), release.stdout).unwrap();
+        run(Command::new("gpg")
+            .env("GNUPGHOME", self.gnupg.path())
+            .args(["--batch", "--yes", "--clearsign", "-o"])
+            .arg(dists.join("InRelease"))
+            .arg(dists.join("Release")));
+    }
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The local-archive case end to end: a bootstrap recipe on a signed `file://` archive
+/// and a recipe built on it; a package update (re-indexed, re-signed) is a new version,
+/// `outdated` names the recipe, the archive, the package and the recipe it drags along, and
+/// after `build --all` nothing is outdated.
+#[test]
+fn an_updated_package_in_a_local_archive_is_named_by_outdated_until_build_all() {
+    if !super::skip::root("bootstrapping with mmdebstrap")
+        || !super::skip::tool("apt-ftparchive")
+        || !super::skip::tool("gpg")
+    {
+        return;
+    }
+    let fleet = Fleet::new();
+    let archive = LocalArchive::new(&fleet.path().join("archive"));
+    archive.publish("1.0");
+    fs_err::create_dir_all(fleet.path().join("fleet")).unwrap();
+    archive.export_keyring(&fleet.path().join("fleet/archive-keyring.gpg"));
+    fleet.write(
+        "fleet/base.yaml",
+        &format!(
+            "bake: 1\nname: base\nbase:\n  bootstrap:\n    suite: stable\n    mirror: {}\n    keyring: archive-keyring.gpg\n    packages: [bake-canary]\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+            archive.url()
+        ),
+    );
+    fleet.write(
+        "fleet/app.yaml",
+        "bake: 1\nname: app\nbase:\n  recipe: base.yaml\nprovisioners:\n  - shell:\n      inline: cat /usr/share/bake-canary/version > /canary-seen\noutputs:\n  oci:\n    cmd: [/bin/sh]\n",
+    );
+    let first = fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    assert_eq!(first["built"], 2, "{first:#}");
+    let output = fleet.bake(&["outdated", "fleet"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+
+    archive.publish("1.1");
+    let output = fleet.bake(&["outdated", "fleet", "--output", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let base = &report["recipes"][0];
+    assert_eq!(base["recipe"], "fleet/base.yaml");
+    assert_eq!(base["state"], "outdated");
+    assert_eq!(base["reasons"][0]["kind"], "archive_moved", "{report:#}");
+    assert_eq!(base["reasons"][0]["suite"], "stable");
+    assert_eq!(
+        base["packages"],
+        serde_json::json!([{"name": "bake-canary", "built": "1.0", "now": "1.1", "suite": "stable", "security": false}]),
+        "{report:#}"
+    );
+    assert_eq!(base["drags_along"], serde_json::json!(["fleet/app.yaml"]));
+    assert_eq!(report["recipes"][1]["state"], "outdated");
+    let text = stdout(&fleet.bake(&["outdated", "fleet"]));
+    assert!(
+        text.contains("package bake-canary 1.0 → 1.1 (stable)"),
+        "{text}"
+    );
+
+    let second = fleet.json(&["build", "--all", "fleet", "--no-attest"]);
+    assert_eq!(second["built"], 2, "{second:#}");
+    let output = fleet.bake(&["outdated", "fleet"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output).contains("0 outdated, 2 up to date"));
+}
+
+/// A shared cache for ephemeral CI runners: a fresh store asks the recipe's registry for the
+/// planned version before building, takes the pushed image (its tag names the version and its
+/// manifest says so) and runs nothing.
+#[test]
+fn a_fresh_store_takes_a_pushed_version_from_the_registry_and_runs_nothing() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("running shell steps in the namespace runner") {
+        return;
+    }
+    let fleet = Fleet::new();
+    busybox_rootfs(fleet.path());
+    let repository = format!("{registry}/shared-cache-{}", fresh_account());
+    fleet.write(
+        "app.yaml",
+        &format!(
+            "bake: 1\nname: app\nbase:\n  rootfs: rootfs.tar\nprovisioners:\n  - shell:\n      inline: echo built > /built\noutputs:\n  oci:\n    cmd: [/bin/sh]\npublish:\n  registries:\n    - repository: {repository}\n      tags: [latest]\n"
+        ),
+    );
+    let built = fleet.json(&["build", "app.yaml", "--no-attest"]);
+    let pushed = fleet.bake(&["push", "app.yaml"]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let version = built["version"].as_str().unwrap();
+    let digest = built["image_digest"].as_str().unwrap();
+
+    // Another runner: an empty store.
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "app.yaml",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fetched: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(fetched["version"], version);
+    assert_eq!(fetched["image_digest"], digest);
+    assert_eq!(fetched["cached"], true);
+    assert_eq!(
+        fetched["fetched_from"],
+        format!("{repository}:{}", &version[7..19])
+    );
+    let log = stderr(&output);
+    assert!(log.contains("fetched, nothing is built"), "{log}");
+    assert!(!log.contains("==> shell #1"), "a step ran: {log}");
+    // The store has the image and its record: exporting it needs nothing else.
+    let exported = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "export",
+        version,
+        "--oci-layout",
+        fleet.path().join("layout").to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let record: Value = serde_json::from_slice(
+        &fs_err::read(
+            fleet
+                .path()
+                .join("fresh-store/records")
+                .join(format!("{}.json", &version[7..])),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["fetched_from"], fetched["fetched_from"]);
+    assert_eq!(record["inputs"]["base"]["kind"], "rootfs");
+
+    // A tag is not proof: the version's tag moved to another version's image (same
+    // repository), so a fresh store builds the version itself.
+    fleet.write(
+        "app.yaml",
+        &fs_err::read_to_string(fleet.path().join("app.yaml"))
+            .unwrap()
+            .replace("echo built", "echo rebuilt"),
+    );
+    let other = fleet.json(&["build", "app.yaml", "--no-attest"]);
+    let pushed = fleet.bake(&["push", "app.yaml"]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = bake::registry::Client::new(
+            bake::registry::ClientOptions::default(),
+            std::sync::Arc::new(bake::registry::auth::ChainCredentials(Vec::new())),
+        )
+        .unwrap();
+        let repo = bake::registry::Reference::repository_only(&repository).unwrap();
+        let manifest = client
+            .get_manifest(
+                &repo
+                    .with_digest(other["image_digest"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        client
+            .put_manifest(
+                &repo,
+                &version[7..19],
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.bytes,
+            )
+            .await
+            .unwrap();
+    });
+    fleet.write(
+        "app.yaml",
+        &fs_err::read_to_string(fleet.path().join("app.yaml"))
+            .unwrap()
+            .replace("echo rebuilt", "echo built"),
+    );
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("third-store").to_str().unwrap(),
+        "build",
+        "app.yaml",
+        "--output",
+        "json",
+        "--no-attest",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rebuilt: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rebuilt["version"], version);
+    assert_eq!(
+        rebuilt["image_digest"], digest,
+        "built here, the same bytes"
+    );
+    assert!(rebuilt.get("fetched_from").is_none(), "{rebuilt:#}");
+    let log = stderr(&output);
+    assert!(log.contains("is not version"), "{log}");
+    assert!(log.contains("==> shell #1"), "nothing ran: {log}");
+}
+
+/// The layer cache in a registry (`build.cache`): a fresh store whose recipe changed only in its
+/// last step takes the base and the first step from the registry and runs only the last step,
+/// and the image is the one a warm store builds.
+#[test]
+fn with_a_registry_layer_cache_a_fresh_store_reruns_only_the_changed_last_step() {
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    if !super::skip::root("running shell steps in the namespace runner") {
+        return;
+    }
+    let fleet = Fleet::new();
+    busybox_rootfs(fleet.path());
+    let cache = format!("{registry}/layer-cache-{}", fresh_account());
+    let recipe = |last: &str| {
+        format!(
+            "bake: 1\nname: cached\nbase:\n  rootfs: rootfs.tar\nbuild:\n  cache: {cache}\nprovisioners:\n  - shell:\n      inline: echo first > /first\n  - shell:\n      inline: echo {last} > /last\noutputs:\n  oci:\n    cmd: [/bin/sh]\n"
+        )
+    };
+    fleet.write("cached.yaml", &recipe("one"));
+    let warm = fleet.bake(&["build", "cached.yaml", "--no-attest"]);
+    assert!(warm.status.success(), "{}", stderr(&warm));
+    assert!(
+        stderr(&warm).contains("3 step(s) sent"),
+        "{}",
+        stderr(&warm)
+    );
+
+    fleet.write("cached.yaml", &recipe("two"));
+    let output = fleet.bake(&[
+        "--store",
+        fleet.path().join("fresh-store").to_str().unwrap(),
+        "build",
+        "cached.yaml",
+        "--no-attest",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = stderr(&output);
+    assert!(log.contains("2 step(s) taken"), "{log}");
+    assert!(
+        !log.contains("preparing base"),
+        "the base was made again: {log}"
+    );
+    let fresh: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let cached: Vec<bool> = fresh["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, [true, false], "{fresh:#}");
+    // The same image as a build in the warm store.
+    let warm = fleet.json(&["build", "cached.yaml", "--no-attest"]);
+    assert_eq!(warm["image_digest"], fresh["image_digest"]);
 }
