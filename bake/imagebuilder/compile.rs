@@ -329,7 +329,13 @@ impl Compiled {
 /// The name of the resources of `recipe` at `version`: `NAME-SHORT`, in Image Builder's
 /// alphabet (bake allows `.` in recipe names, Image Builder does not).
 pub fn resource_name(recipe: &str, plan: &Plan) -> String {
-    format!("{}-{}", recipe.replace('.', "-"), plan.version_short())
+    version_resource_name(recipe, &plan.version)
+}
+
+/// [`resource_name`] of `recipe` at `version`: also the image recipe's (and so its images')
+/// name, which is how `bake cleanup` finds a version's images.
+pub fn version_resource_name(recipe: &str, version: &crate::id::Version) -> String {
+    format!("{}-{}", recipe.replace('.', "-"), version.short())
 }
 
 /// The tags every resource of a version carries.

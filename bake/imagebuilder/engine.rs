@@ -9,8 +9,9 @@
 //!   its state and of a workflow step (`build-image: ApplyBuildComponents running`) is
 //!   reported.
 //! - **Failure** reports Image Builder's reason and where the logs are (CloudWatch Logs group
-//!   `/aws/imagebuilder/<recipe name>`). Nothing is deleted: the resources are the version's,
-//!   and a fixed recipe is a new version with new resources.
+//!   `/aws/imagebuilder/<recipe name>`). Nothing is deleted (a retry of the version reuses
+//!   the resources); the run's journal stays, so `bake cleanup` can remove them while the
+//!   version has no build ([`super::cleanup`]).
 //! - **Ctrl-C** (the cancel flag) cancels the build (`CancelImageCreation`) and waits until
 //!   Image Builder says it is cancelled (or past the point where it can be).
 //! - Everything bake creates carries `bake:recipe` and `bake:version`; the output AMIs too (in
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::compile::Compiled;
 use crate::ami::RegionImage;
 use crate::ami::instance::SourceAmi;
+use crate::ami::journal::{Journal, ResourceKind};
 use crate::aws::Aws;
 use crate::build::pipeline::BuildReporter;
 use crate::plan::Plan;
@@ -101,6 +103,11 @@ pub enum EngineError {
     Ended { image_arn: String, state: String },
     #[error("Image Builder image {image_arn} did not finish within {}", humantime::format_duration(*waited))]
     Timeout { image_arn: String, waited: Duration },
+    #[error("failed to keep the run's journal")]
+    Journal {
+        #[source]
+        source: crate::ami::journal::JournalError,
+    },
     #[error("Image Builder image {image_arn} is available but names no AMI in {region}")]
     NoAmi { image_arn: String, region: String },
     #[error(
@@ -217,6 +224,11 @@ pub struct Engine<'a> {
 
 impl Engine<'_> {
     /// Builds `compiled` (from `plan`, on `source`) and writes the version's build record.
+    ///
+    /// The run keeps a journal of what it creates (in the store, as AMI builds do). Once the
+    /// build record is written the journal goes: the resources are the recorded version's. A
+    /// run that fails, is cancelled or is killed leaves it, and `bake cleanup` removes what it
+    /// names unless the version got built meanwhile ([`super::cleanup`]).
     pub async fn build(
         &self,
         plan: &Plan,
@@ -224,6 +236,38 @@ impl Engine<'_> {
         compiled: &Compiled,
         reporter: &mut dyn BuildReporter,
     ) -> Result<ImageBuilderOutput, EngineError> {
+        let journal = Journal::begin(self.store, &plan.name, compiled.version.as_str())
+            .map_err(|source| EngineError::Journal { source })?;
+        let result = self
+            .build_journaled(plan, source, compiled, &journal, reporter)
+            .await;
+        // Nothing created: nothing for cleanup, whatever the outcome.
+        if (result.is_ok() || journal.live().is_empty())
+            && let Err(e) = journal.finish()
+        {
+            tracing::warn!("failed to delete the run's journal: {e}");
+        }
+        result
+    }
+
+    async fn build_journaled(
+        &self,
+        plan: &Plan,
+        source: &SourceAmi,
+        compiled: &Compiled,
+        journal: &Journal,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<ImageBuilderOutput, EngineError> {
+        let journaled = |kind: ResourceKind, name: &str| {
+            journal
+                .creating(kind, &compiled.region, name)
+                .map_err(|source| EngineError::Journal { source })
+        };
+        let settled = |entry, arn: &str| {
+            journal
+                .created(entry, arn)
+                .map_err(|source| EngineError::Journal { source })
+        };
         let started = Instant::now();
         let region = compiled.region.as_str();
         let client = self.aws.imagebuilder(region);
@@ -238,6 +282,7 @@ impl Engine<'_> {
             {
                 Some(arn) => arn,
                 None => {
+                    let entry = journaled(ResourceKind::ImageBuilderComponent, &component.name)?;
                     let arn = client
                         .create_component()
                         .name(&component.name)
@@ -259,6 +304,7 @@ impl Engine<'_> {
                         .component_build_version_arn()
                         .unwrap_or_default()
                         .to_owned();
+                    settled(entry, &arn)?;
                     reporter.message(&format!("created component {arn}"));
                     created.push(arn.clone());
                     arn
@@ -274,6 +320,7 @@ impl Engine<'_> {
         {
             Some(arn) => arn,
             None => {
+                let entry = journaled(ResourceKind::ImageBuilderImageRecipe, &recipe.name)?;
                 let mut request = client
                     .create_image_recipe()
                     .name(&recipe.name)
@@ -321,6 +368,7 @@ impl Engine<'_> {
                     .image_recipe_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("created image recipe {arn}"));
                 created.push(arn.clone());
                 arn
@@ -334,6 +382,7 @@ impl Engine<'_> {
         {
             Some(arn) => arn,
             None => {
+                let entry = journaled(ResourceKind::ImageBuilderInfrastructure, &infra.name)?;
                 let arn = client
                     .create_infrastructure_configuration()
                     .name(&infra.name)
@@ -365,6 +414,7 @@ impl Engine<'_> {
                     .infrastructure_configuration_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("created infrastructure configuration {arn}"));
                 created.push(arn.clone());
                 arn
@@ -378,6 +428,7 @@ impl Engine<'_> {
         {
             Some(arn) => arn,
             None => {
+                let entry = journaled(ResourceKind::ImageBuilderDistribution, &distribution.name)?;
                 let mut request = client
                     .create_distribution_configuration()
                     .name(&distribution.name)
@@ -400,6 +451,7 @@ impl Engine<'_> {
                     .distribution_configuration_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("created distribution configuration {arn}"));
                 created.push(arn.clone());
                 arn
@@ -424,6 +476,7 @@ impl Engine<'_> {
             None => {
                 // Failed or cancelled attempts count, so a rebuild after one gets a fresh token.
                 let attempt = builds.len() + 1;
+                let entry = journaled(ResourceKind::ImageBuilderImage, &recipe.name)?;
                 let arn = client
                     .create_image()
                     .image_recipe_arn(&recipe_arn)
@@ -442,6 +495,7 @@ impl Engine<'_> {
                     .image_build_version_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("started Image Builder image {arn}"));
                 (arn, true)
             }
@@ -963,7 +1017,8 @@ impl Engine<'_> {
     }
 }
 
-fn in_progress(status: &ImageStatus) -> bool {
+/// Whether a build in this state is still going (it may yet succeed, or be cancelled).
+pub(crate) fn in_progress(status: &ImageStatus) -> bool {
     matches!(
         status,
         ImageStatus::Pending

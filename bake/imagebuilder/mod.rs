@@ -16,6 +16,7 @@
 //! so a version maps to one set of immutable resources: a second build of it finds them (and
 //! its image) and creates nothing.
 
+pub mod cleanup;
 pub mod compile;
 pub mod engine;
 

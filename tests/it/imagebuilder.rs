@@ -873,3 +873,361 @@ async fn import_records_an_image_made_elsewhere_as_the_version_it_was_built_as()
         stderr(&output)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// bake cleanup
+
+impl Harness {
+    /// Every Image Builder resource of this account: `KIND NAME` for the components, recipes
+    /// and configurations, `image ARN STATUS` for each build.
+    async fn everything(&self) -> std::collections::BTreeSet<String> {
+        use aws_sdk_imagebuilder::types::Ownership;
+        let client = self.imagebuilder().await;
+        let mut all = std::collections::BTreeSet::new();
+        for c in client
+            .list_components()
+            .owner(Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .component_version_list()
+        {
+            all.insert(format!("component {}", c.name().unwrap()));
+        }
+        for r in client
+            .list_image_recipes()
+            .owner(Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .image_recipe_summary_list()
+        {
+            all.insert(format!("image-recipe {}", r.name().unwrap()));
+        }
+        for r in client
+            .list_infrastructure_configurations()
+            .send()
+            .await
+            .unwrap()
+            .infrastructure_configuration_summary_list()
+        {
+            all.insert(format!("infrastructure {}", r.name().unwrap()));
+        }
+        for r in client
+            .list_distribution_configurations()
+            .send()
+            .await
+            .unwrap()
+            .distribution_configuration_summary_list()
+        {
+            all.insert(format!("distribution {}", r.name().unwrap()));
+        }
+        for arn in self.inventory().await.1 {
+            let image = client
+                .get_image()
+                .image_build_version_arn(&arn)
+                .send()
+                .await
+                .unwrap();
+            let status = image.image().unwrap().state().unwrap().status().unwrap();
+            all.insert(format!("image {arn} {}", status.as_str()));
+        }
+        all
+    }
+
+    /// Runs `bake ARGS` with `store`, returning the output (not asserting success).
+    fn run(&self, store: &str, args: &[&str]) -> std::process::Output {
+        self.bake(store).args(args).output().unwrap()
+    }
+}
+
+/// A recipe variant in its own directory: another version of the example.
+fn variant(h: &Harness, parameter: &str, name: &str, step: &str, edit: &str) -> String {
+    let dir = h.dir.path().join(name);
+    fs_err::create_dir_all(&dir).unwrap();
+    let path = vendor_recipe(&dir, parameter, step);
+    if !edit.is_empty() {
+        let text = fs_err::read_to_string(&path).unwrap();
+        let edited = text.replace(
+            "      ssh_username: admin\n",
+            &format!("      ssh_username: admin\n{edit}"),
+        );
+        assert_ne!(
+            text, edited,
+            "recipes/vendor-hardened.yaml changed: update this test"
+        );
+        fs_err::write(&path, edited).unwrap();
+    }
+    path.to_str().unwrap().to_owned()
+}
+
+fn lines_with<'a>(report: &'a str, words: &[&str]) -> Vec<&'a str> {
+    report
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .collect()
+}
+
+/// `bake cleanup` removes what Image Builder runs left without a build (a failed image and its
+/// version's resources; what a run created before failing without an image), reports them with
+/// the EC2 resources' report lines (`would remove` on a dry run), and never touches a built
+/// version's resources, a version still building (a killed run's build goes on in AWS), an
+/// untagged resource, or, without `--older-than`, a version this store has no journal for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_what_failed_and_killed_image_builder_runs_left_and_nothing_built() {
+    let parameter = "/ib/vendor/cleanup";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let new = |before: &std::collections::BTreeSet<String>,
+               after: &std::collections::BTreeSet<String>| {
+        after
+            .difference(before)
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    // A resource bake did not make (no bake tags), named like bake's.
+    let client = h.imagebuilder().await;
+    client
+        .create_component()
+        .name("vendor-hardened-0123456789ab-1")
+        .semantic_version("1.0.0")
+        .platform(aws_sdk_imagebuilder::types::Platform::Linux)
+        .data("name: team\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps: []\n")
+        .client_token("team-component")
+        .send()
+        .await
+        .unwrap();
+    let untagged = h.everything().await;
+
+    // a: built, recorded.
+    let built_recipe = variant(&h, parameter, "built", "", "");
+    let built_version = h.json(
+        "store",
+        &["build", &built_recipe, "--engine", "imagebuilder"],
+    )["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let after_built = h.everything().await;
+    let built = new(&untagged, &after_built);
+    assert_eq!(built.len(), 7, "{built:#?}"); // 3 components, recipe, 2 configurations, image
+
+    // b: its image failed.
+    let failed_recipe = variant(
+        &h,
+        parameter,
+        "failed",
+        "  - shell:\n      name: breaks\n      inline: echo BAKE_STANDIN_FAIL_BUILD; exit 1\n",
+        "",
+    );
+    let output = h.run(
+        "store",
+        &["build", &failed_recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let after_failed = h.everything().await;
+    let failed = new(&after_built, &after_failed);
+    assert_eq!(failed.len(), 8, "{failed:#?}");
+    assert!(failed.iter().any(|r| r.ends_with(" FAILED")), "{failed:#?}");
+
+    // c: failed before its image existed (its instance profile does not exist).
+    let early_recipe = variant(
+        &h,
+        parameter,
+        "early",
+        "",
+        "      iam_instance_profile: no-such-profile\n",
+    );
+    let output = h.run(
+        "store",
+        &["build", &early_recipe, "--engine", "imagebuilder"],
+    );
+    assert!(!output.status.success(), "{}", stderr(&output));
+    let after_early = h.everything().await;
+    let early = new(&after_failed, &after_early);
+    assert_eq!(early.len(), 4, "components and recipe only: {early:#?}");
+
+    // d: killed while its image builds; the build goes on in Image Builder.
+    let killed_recipe = variant(
+        &h,
+        parameter,
+        "killed",
+        "  - shell:\n      name: slow\n      inline: echo killed\n",
+        "",
+    );
+    let mut child = h
+        .bake("store")
+        .args(["build", &killed_recipe, "--engine", "imagebuilder"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let building = line.contains("image BUILDING");
+        seen.push(line);
+        if building {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    assert!(seen.last().unwrap().contains("image BUILDING"), "{seen:#?}");
+    let after_killed = h.everything().await;
+    let killed: std::collections::BTreeSet<String> = new(&after_early, &after_killed)
+        .into_iter()
+        .filter(|r| !r.starts_with("image "))
+        .collect();
+    assert_eq!(killed.len(), 7, "{killed:#?}");
+
+    // e: another machine's failed build: tagged, no journal in this store.
+    let elsewhere_recipe = variant(
+        &h,
+        parameter,
+        "elsewhere",
+        "  - shell:\n      name: breaks too\n      inline: echo BAKE_STANDIN_FAIL_BUILD; exit 2\n",
+        "",
+    );
+    let output = h.run(
+        "other",
+        &["build", &elsewhere_recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let before = h.everything().await;
+    let name_of = |resource: &str| resource.split(' ').nth(1).unwrap().to_owned();
+    let elsewhere: Vec<String> = new(&after_killed, &before)
+        .into_iter()
+        .filter(|r| !r.starts_with("image ") || r.ends_with(" FAILED"))
+        .filter(|r| !killed.contains(r))
+        .collect();
+    assert_eq!(elsewhere.len(), 8, "{elsewhere:#?}");
+
+    // A dry run lists and removes nothing.
+    let dry = h.run("store", &["cleanup", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let report = stdout(&dry);
+    // b: 4 components, the recipe, both configurations and the image; c: 3 components and the
+    // recipe.
+    assert_eq!(
+        report.matches("would remove  Image Builder").count(),
+        12,
+        "{report}"
+    );
+    for resource in failed.iter().chain(&early) {
+        let name = name_of(resource);
+        let name = name.rsplit('/').nth(2).map_or(name.as_str(), |n| n);
+        assert!(
+            !lines_with(&report, &["would remove", name]).is_empty(),
+            "{name}: {report}"
+        );
+    }
+    // d is kept: still building (or built by now).
+    assert!(
+        lines_with(&report, &["kept  Image Builder", "run-"])
+            .iter()
+            .all(|l| l.contains("is being built") || l.contains("is built")),
+        "{report}"
+    );
+    assert_eq!(report.matches("kept  Image Builder").count(), 8, "{report}");
+    // e: skipped, with the way to remove it.
+    assert_eq!(
+        lines_with(&report, &["skipped  Image Builder", "pass --older-than"]).len(),
+        8,
+        "{report}"
+    );
+    // a, and the untagged component, are not even mentioned.
+    for resource in built.iter().chain(&untagged) {
+        let name = name_of(resource);
+        assert!(!report.contains(&name), "{name}: {report}");
+    }
+    assert_eq!(h.everything().await, before, "a dry run removes nothing");
+
+    // The cleanup removes b and c, and leaves the rest.
+    let cleaned = h.run("store", &["cleanup"]);
+    assert!(cleaned.status.success(), "{}", stderr(&cleaned));
+    let report = stdout(&cleaned);
+    assert_eq!(
+        report.matches("removed  Image Builder").count(),
+        12,
+        "{report}"
+    );
+    // The image went before the recipe, the recipe before its components.
+    let first = |what: &str| {
+        report
+            .find(&format!("removed  Image Builder {what}"))
+            .unwrap()
+    };
+    assert!(first("image arn:") < first("image recipe"), "{report}");
+    assert!(first("image recipe") < first("component"), "{report}");
+    let after = h.everything().await;
+    let expected: std::collections::BTreeSet<String> = before
+        .iter()
+        .filter(|r| !failed.contains(*r) && !early.contains(*r))
+        .cloned()
+        .collect();
+    // d's image may have finished meanwhile: compare without images' states.
+    let strip = |set: &std::collections::BTreeSet<String>| {
+        set.iter()
+            .map(|r| r.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    assert_eq!(strip(&after), strip(&expected), "{report}");
+    // The record of a still answers.
+    let shown = h.json("store", &["manifest", "show", &built_version]);
+    assert_eq!(shown["version"], built_version.as_str(), "{shown:#}");
+
+    // Once d's build is over, a is built and d too: a cleanup with --older-than removes e (old
+    // enough now), and nothing else.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h
+        .everything()
+        .await
+        .iter()
+        .any(|r| r.starts_with("image ") && !r.ends_with(" AVAILABLE") && !r.ends_with(" FAILED"))
+    {
+        assert!(Instant::now() < deadline, "d's build did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let swept = h.run("store", &["cleanup", "--older-than", "1s"]);
+    assert!(swept.status.success(), "{}", stderr(&swept));
+    let report = stdout(&swept);
+    assert_eq!(
+        report.matches("removed  Image Builder").count(),
+        8,
+        "{report}"
+    );
+    for resource in &elsewhere {
+        let name = name_of(resource);
+        let name = name.rsplit('/').nth(2).map_or(name.as_str(), |n| n);
+        assert!(
+            !lines_with(&report, &["removed", name, "never built"]).is_empty(),
+            "{name}: {report}"
+        );
+    }
+    let left = h.everything().await;
+    assert!(
+        strip(&left).is_superset(&strip(&built)) && left.is_superset(&untagged),
+        "{left:#?}"
+    );
+    for resource in &killed {
+        assert!(left.contains(resource), "{resource}: {left:#?}");
+    }
+    assert!(
+        !left.iter().any(|r| elsewhere.contains(r)),
+        "{left:#?}\n{report}"
+    );
+    // Nothing is left to clean up: d's journal let go of what is now its version's.
+    let again = h.run("store", &["cleanup"]);
+    assert!(
+        stdout(&again).contains("nothing to clean up"),
+        "{}",
+        stdout(&again)
+    );
+}
