@@ -62,13 +62,23 @@ pub struct ImportImageBuilderArgs {
     pub vars: VarArgs,
 }
 
-/// Plans `recipe` with its source AMI resolved; the error is printed already.
+/// Plans `recipe`: with its source AMI resolved (an AMI recipe), or as any build plans it (a
+/// container recipe, whose `image` base the plan pins); the error is printed already.
 async fn plan(
     aws: &Aws,
     recipe: &Recipe,
     shown: &str,
     settings: &Settings,
-) -> Result<(Plan, SourceAmi), ExitStatus> {
+) -> Result<(Plan, Option<SourceAmi>), ExitStatus> {
+    if recipe.outputs.oci.is_some() {
+        let plan = super::plan::plan_resolved_or_report(
+            recipe,
+            shown,
+            &settings.plan_options(),
+            settings,
+        )?;
+        return Ok((plan, None));
+    }
     let source = match super::ami_instance::resolve_source(aws, recipe).await {
         Ok(Some(source)) => source,
         Ok(None) => {
@@ -94,7 +104,7 @@ async fn plan(
     let mut options = settings.plan_options();
     options.source_ami = Some(source.clone());
     let plan = super::plan::plan_resolved_or_report(recipe, shown, &options, settings)?;
-    Ok((plan, source))
+    Ok((plan, Some(source)))
 }
 
 fn base_name(recipe: &Recipe) -> &'static str {
@@ -112,11 +122,15 @@ fn base_name(recipe: &Recipe) -> &'static str {
 fn compile_or_report(
     recipe: &Recipe,
     plan: &Plan,
-    source: &SourceAmi,
+    source: Option<&SourceAmi>,
     options: &CompileOptions,
     settings: &Settings,
 ) -> Result<Compiled, ExitStatus> {
-    compile(recipe, plan, source, options).map_err(|e| {
+    match source {
+        Some(source) => compile(recipe, plan, source, options),
+        None => crate::imagebuilder::compile::compile_container(recipe, plan, options),
+    }
+    .map_err(|e| {
         print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
         if e.is_user_error() {
             ExitStatus::RecipeOrUsage
@@ -175,11 +189,14 @@ pub fn run_build(
             Ok(planned) => planned,
             Err(status) => return status,
         };
-        let compiled =
-            match compile_or_report(recipe, &plan, &source, &CompileOptions::default(), settings) {
-                Ok(compiled) => compiled,
-                Err(status) => return status,
-            };
+        let options = CompileOptions {
+            region: aws.default_region().map(str::to_owned),
+            ..CompileOptions::default()
+        };
+        let compiled = match compile_or_report(recipe, &plan, source.as_ref(), &options, settings) {
+            Ok(compiled) => compiled,
+            Err(status) => return status,
+        };
         if !quiet {
             for note in &compiled.not_compiled {
                 eprintln!("warning: not run on Image Builder: {note}");
@@ -188,9 +205,13 @@ pub fn run_build(
         let engine = Engine {
             aws: &aws,
             store: &store,
+            registry: registry_client(&aws, settings),
             options: EngineOptions { poll, cancel },
         };
-        match engine.build(&plan, &source, &compiled, &mut reporter).await {
+        match engine
+            .build(&plan, source.as_ref(), &compiled, &mut reporter)
+            .await
+        {
             Ok(output) => {
                 show(&store, &plan, &output, settings);
                 if !output.started_build && !quiet {
@@ -201,6 +222,25 @@ pub fn run_build(
             Err(error) => failed(&error, settings),
         }
     })
+}
+
+/// The registry client that reads a container build's digest: the configured registries
+/// (`BAKE_REGISTRY_ENDPOINTS` and the others) with Docker's credentials and ECR's tokens.
+fn registry_client(aws: &Aws, settings: &Settings) -> Option<crate::registry::Client> {
+    let sources: Vec<Arc<dyn crate::registry::auth::Credentials>> = vec![
+        settings.registry.credentials(),
+        Arc::new(crate::registry::ecr::EcrCredentials::new(aws.clone())),
+    ];
+    match crate::registry::Client::new(
+        settings.registry.client_options(),
+        Arc::new(crate::registry::auth::ChainCredentials(sources)),
+    ) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!("no registry client for container builds: {e}");
+            None
+        }
+    }
 }
 
 /// Writes the version's manifest (its index, so `manifest show ami-…` finds it before any
@@ -221,6 +261,9 @@ fn show(
             println!("image    {}", output.image_arn);
             for region in &output.regions {
                 println!("ami      {} ({})", region.image_id, region.region);
+            }
+            if let Some(reference) = &output.image_reference {
+                println!("oci      {reference}");
             }
             println!("source   {}", output.source_ami);
         }
@@ -271,6 +314,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         let engine = Engine {
             aws: &aws,
             store: &store,
+            registry: None,
             options: EngineOptions {
                 poll: EngineOptions::DEFAULT_POLL,
                 cancel: Arc::new(AtomicBool::new(false)),
@@ -315,7 +359,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         let compiled = match compile_or_report(
             &recipe,
             &plan,
-            &source,
+            Some(&source),
             &CompileOptions::default(),
             settings,
         ) {
@@ -351,17 +395,21 @@ pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitSta
     };
     let planned = rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        plan(&aws, &recipe, &shown, settings).await
+        let region = aws.default_region().map(str::to_owned);
+        plan(&aws, &recipe, &shown, settings)
+            .await
+            .map(|(plan, source)| (plan, source, region))
     });
-    let (plan, source) = match planned {
+    let (plan, source, region) = match planned {
         Ok(planned) => planned,
         Err(status) => return status,
     };
     let options = CompileOptions {
         publish: true,
         schedule: args.schedule.clone(),
+        region,
     };
-    let compiled = match compile_or_report(&recipe, &plan, &source, &options, settings) {
+    let compiled = match compile_or_report(&recipe, &plan, source.as_ref(), &options, settings) {
         Ok(compiled) => compiled,
         Err(status) => return status,
     };
@@ -427,16 +475,32 @@ pub fn api_plan(compiled: &Compiled) -> Value {
             "document": format!("components/{}.yaml", component.name),
         }));
     }
-    let recipe = &compiled.image_recipe;
-    let mut input = serde_json::to_value(recipe).expect("recipes serialize");
-    input["components"] = recipe
-        .components
+    let (operation, member, what, mut input, components) =
+        match (&compiled.image_recipe, &compiled.container_recipe) {
+            (Some(recipe), _) => (
+                "CreateImageRecipe",
+                "imageRecipeArn",
+                "image recipe",
+                serde_json::to_value(recipe).expect("recipes serialize"),
+                &recipe.components,
+            ),
+            (None, Some(recipe)) => (
+                "CreateContainerRecipe",
+                "containerRecipeArn",
+                "container recipe",
+                serde_json::to_value(recipe).expect("recipes serialize"),
+                &recipe.components,
+            ),
+            (None, None) => unreachable!("a compiled recipe has an image or a container recipe"),
+        };
+    let recipe_name = compiled.recipe_name();
+    input["components"] = components
         .iter()
         .map(|name| json!({"componentArn": format!("${{CreateComponent:{name}}}")}))
         .collect();
     calls.push(json!({
-        "operation": "CreateImageRecipe",
-        "input": with_token(input, &format!("image recipe {}", recipe.name)),
+        "operation": operation,
+        "input": with_token(input, &format!("{what} {recipe_name}")),
     }));
     let infra = &compiled.infrastructure_configuration;
     calls.push(json!({
@@ -455,7 +519,7 @@ pub fn api_plan(compiled: &Compiled) -> Value {
         ),
     }));
     let references = json!({
-        "imageRecipeArn": format!("${{CreateImageRecipe:{}}}", recipe.name),
+        member: format!("${{{operation}:{recipe_name}}}"),
         "infrastructureConfigurationArn":
             format!("${{CreateInfrastructureConfiguration:{}}}", infra.name),
         "distributionConfigurationArn":
@@ -473,7 +537,7 @@ pub fn api_plan(compiled: &Compiled) -> Value {
         None => {
             let mut input = json!({
                 "imageTestsConfiguration": {"imageTestsEnabled": compiled.has_tests()},
-                "tags": recipe.tags,
+                "tags": compiled.tags(),
             });
             merge(&mut input, &references);
             calls.push(json!({

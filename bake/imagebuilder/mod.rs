@@ -9,7 +9,8 @@
 //!                       ▼
 //!                    engine: look up, create what is missing (tagged, idempotency tokens from
 //!                    the version) ─► CreateImage ─► wait (states, workflow steps; Ctrl-C
-//!                    cancels) ─► build record + manifest from the image's AMIs
+//!                    cancels) ─► build record + manifest from the image's AMIs, or for a
+//!                    container recipe from the digest of the image it pushed to ECR
 //! ```
 //!
 //! Resource names and semantic versions derive from bake's version ([`compile::resource_name`]),

@@ -1231,3 +1231,334 @@ async fn cleanup_removes_what_failed_and_killed_image_builder_runs_left_and_noth
         stdout(&again)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Container recipes
+
+/// A recipe with `outputs.oci` and `--engine imagebuilder`: Image Builder's container recipe on
+/// the recipe's `image` base (pinned by digest), pushed to the recipe's ECR repository (the
+/// stand-in pushes to the harness registry, standing in for the account's ECR registry, and
+/// names the ECR host as AWS does). The build record names the digest the registry has; a
+/// second build creates nothing; `publish` pins an ECS task definition to that digest, and
+/// `manifest show` finds the version from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_recipe_builds_on_image_builder_and_publishes_its_ecr_digest() {
+    let parameter = "/ib/vendor/container";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let account = h.moto.account.clone();
+    // The base image, in the harness registry.
+    let base_store_dir = tempfile::tempdir().unwrap();
+    let base_store = bake::store::Store::open(base_store_dir.path()).unwrap();
+    let base_digest = super::registry::harness::make_image(&base_store, 22, &[2_000]);
+    let base_name = format!("it/ib-base-{account}");
+    let client = bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        std::sync::Arc::new(bake::registry::auth::StaticCredentials::default()),
+    )
+    .unwrap();
+    let pushed = bake::registry::push::push_image(
+        &client,
+        &base_store,
+        &base_digest,
+        &[bake::registry::push::PushTarget {
+            repository: bake::registry::Reference::repository_only(&format!(
+                "{registry}/{base_name}"
+            ))
+            .unwrap(),
+            tags: vec!["v1".into()],
+        }],
+        &bake::registry::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(pushed.failed.is_empty(), "{:?}", pushed.failed);
+
+    let dir = h.dir.path().join("web");
+    fs_err::create_dir_all(&dir).unwrap();
+    fs_err::write(dir.join("release.txt"), "one\n").unwrap();
+    fs_err::write(
+        dir.join("task.json"),
+        r#"{
+  "family": "ib-web",
+  "cpu": "256",
+  "memory": "512",
+  "networkMode": "awsvpc",
+  "requiresCompatibilities": ["FARGATE"],
+  "containerDefinitions": [
+    {"name": "app", "image": "placeholder", "memory": 512, "essential": true}
+  ]
+}"#,
+    )
+    .unwrap();
+    let repository = format!("ib/web-{account}");
+    let recipe = dir.join("web.yaml");
+    fs_err::write(
+        &recipe,
+        format!(
+            r#"bake: 1
+name: ib-web
+base:
+  image: {registry}/{base_name}:v1
+provisioners:
+  - file:
+      name: release
+      source: release.txt
+      destination: /app/release.txt
+  - shell:
+      name: greeting
+      inline: echo hello >/app/hello
+tests:
+  - command:
+      name: the release is there
+      run: cat /app/release.txt
+      stdout_contains: one
+outputs:
+  oci:
+    cmd: ["/app/run"]
+    env:
+      MODE: prod
+publish:
+  ecr:
+    - repository: {repository}
+      region: us-east-1
+      tags: [stable]
+  ecs_task_definitions:
+    - family: ib-web
+      container: app
+      region: us-east-1
+      template: task.json
+"#
+        ),
+    )
+    .unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let host = bake::registry::ecr::registry_host(&account, REGION);
+    let ecr = format!("{host}/{repository}");
+    let build = |store: &str| {
+        let output = h
+            .bake(store)
+            .env(
+                "BAKE_REGISTRY_ENDPOINTS",
+                format!("{host}=http://{registry}"),
+            )
+            .args([
+                "--output",
+                "json",
+                "build",
+                recipe,
+                "--engine",
+                "imagebuilder",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}\n{}",
+            stderr(&output),
+            stdout(&output)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+
+    let built = build("store");
+    assert_eq!(built["started_build"], true, "{built:#}");
+    // Two build components, the test component, the container recipe, both configurations.
+    assert_eq!(built["created"].as_array().unwrap().len(), 6, "{built:#}");
+    assert!(
+        built["created"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().contains(":container-recipe/")),
+        "{built:#}"
+    );
+    let digest = built["image_digest"].as_str().unwrap().to_owned();
+    assert_eq!(built["image_reference"], format!("{ecr}@{digest}").as_str());
+    assert_eq!(built["regions"], serde_json::json!([]));
+
+    // The image really is in the registry that stands in for ECR, under that digest.
+    let in_registry = client
+        .head_manifest(&format!("{registry}/{repository}@{digest}").parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the image is in the registry");
+    assert_eq!(in_registry.digest, digest);
+    let tagged = client
+        .head_manifest(&format!("{registry}/{repository}:stable").parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the target's tag is in the registry");
+    assert_eq!(tagged.digest, digest);
+
+    // The container recipe starts from the base pinned by digest, and its Dockerfile carries
+    // the recipe's image settings.
+    let ib = h.imagebuilder().await;
+    let arn = built["created"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .find(|a| a.contains(":container-recipe/"))
+        .unwrap()
+        .to_owned();
+    let container = ib
+        .get_container_recipe()
+        .container_recipe_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    let container = container.container_recipe().unwrap();
+    assert_eq!(
+        container.parent_image(),
+        Some(format!("{registry}/{base_name}@{base_digest}").as_str())
+    );
+    let dockerfile = container.dockerfile_template_data().unwrap();
+    assert!(
+        dockerfile.starts_with("FROM {{{ imagebuilder:parentImage }}}\n")
+            && dockerfile.contains("{{{ imagebuilder:components }}}")
+            && dockerfile.contains("ENV MODE=\"prod\"")
+            && dockerfile.contains("CMD [\"/app/run\"]"),
+        "{dockerfile}"
+    );
+    assert_eq!(
+        container.target_repository().unwrap().repository_name(),
+        repository
+    );
+
+    // The record: manifest show finds the version from the digest and the reference.
+    let version = built["version"].as_str().unwrap().to_owned();
+    let shown = h.json("store", &["manifest", "show", &digest]);
+    assert_eq!(shown["version"], version.as_str(), "{shown:#}");
+    assert_eq!(
+        shown["outputs"]["remote_image"]["reference"],
+        format!("{ecr}@{digest}").as_str()
+    );
+    let shown = h.json("store", &["manifest", "show", &format!("{ecr}@{digest}")]);
+    assert_eq!(shown["version"], version.as_str());
+
+    // A second build, from another store, creates nothing and records the same digest.
+    let before = h.everything().await;
+    let again = build("other-store");
+    assert_eq!(again["created"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again["started_build"], false);
+    assert_eq!(again["image_digest"], digest.as_str());
+    assert_eq!(h.everything().await, before);
+
+    // publish pins the task definition to the digest in ECR.
+    let output = h
+        .bake("store")
+        .env(
+            "BAKE_REGISTRY_ENDPOINTS",
+            format!("{host}=http://{registry}"),
+        )
+        .args(["--output", "json", "publish", recipe])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stderr(&output),
+        stdout(&output)
+    );
+    let published: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(published["version"], version.as_str(), "{published:#}");
+    let ecs = bake::publish::clients::ecs(&h.moto.aws, REGION);
+    let task = ecs
+        .describe_task_definition()
+        .task_definition("ib-web")
+        .send()
+        .await
+        .unwrap();
+    let image = task.task_definition().unwrap().container_definitions()[0]
+        .image()
+        .unwrap()
+        .to_owned();
+    assert_eq!(image, format!("{ecr}@{digest}"), "{published:#}");
+}
+
+/// Container recipes Image Builder cannot build are refused before anything is created, each
+/// with the way out: not on a registry image, and without an ECR repository to push to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_recipes_without_a_registry_base_or_an_ecr_target_are_refused() {
+    let parameter = "/ib/vendor/container-refused";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let dir = h.dir.path().join("refused");
+    fs_err::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch.yaml");
+    fs_err::write(
+        &scratch,
+        "bake: 1\nname: ib-scratch\nbase: scratch\noutputs:\n  oci:\n    cmd: [/run]\npublish:\n  ecr:\n    - repository: ib/scratch\n",
+    )
+    .unwrap();
+    // A base that exists, and no ECR target.
+    let base_store_dir = tempfile::tempdir().unwrap();
+    let base_store = bake::store::Store::open(base_store_dir.path()).unwrap();
+    let base_digest = super::registry::harness::make_image(&base_store, 23, &[1_000]);
+    let base_name = format!("it/ib-refused-{}", h.moto.account);
+    let client = bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        std::sync::Arc::new(bake::registry::auth::StaticCredentials::default()),
+    )
+    .unwrap();
+    let pushed = bake::registry::push::push_image(
+        &client,
+        &base_store,
+        &base_digest,
+        &[bake::registry::push::PushTarget {
+            repository: bake::registry::Reference::repository_only(&format!(
+                "{registry}/{base_name}"
+            ))
+            .unwrap(),
+            tags: vec!["v1".into()],
+        }],
+        &bake::registry::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(pushed.failed.is_empty(), "{:?}", pushed.failed);
+    let no_ecr = dir.join("no-ecr.yaml");
+    fs_err::write(
+        &no_ecr,
+        format!(
+            "bake: 1\nname: ib-no-ecr\nbase:\n  image: {registry}/{base_name}:v1\noutputs:\n  oci:\n    cmd: [/run]\n"
+        ),
+    )
+    .unwrap();
+    for (recipe, message, hint) in [
+        (
+            &scratch,
+            "recipe `ib-scratch` starts from `base: scratch`, and Image Builder builds containers on a registry image",
+            "hint: give the recipe an `image` base",
+        ),
+        (
+            &no_ecr,
+            "recipe `ib-no-ecr` has `outputs.oci` and no `publish.ecr` repository",
+            "hint: add the repository under `publish.ecr`",
+        ),
+    ] {
+        let output = h
+            .bake("store")
+            .args([
+                "build",
+                recipe.to_str().unwrap(),
+                "--engine",
+                "imagebuilder",
+            ])
+            .output()
+            .unwrap();
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{err}");
+        assert!(err.contains(message) && err.contains(hint), "{err}");
+    }
+    assert_eq!(h.everything().await, Default::default());
+}

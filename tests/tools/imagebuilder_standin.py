@@ -35,9 +35,16 @@ Modelled:
   version naming the AMI (the default version when `setDefaultVersion`), and
   `ssmParameterConfigurations` get the AMI id (PutParameter, overwrite). `GetImage` shows
   `outputResources.amis`.
-- Container recipes: on DISTRIBUTING an OCI manifest (an empty config, no layers) is pushed to
-  `--registry HOST:PORT` as `REPOSITORY:VERSION-BUILD`; `outputResources.containers` names it.
-  Without `--registry`, a container build fails with that reason.
+- Container recipes: on DISTRIBUTING an OCI manifest (no layers; a config whose labels name the
+  parent image and the build) is pushed to `--registry HOST:PORT`, which stands in for the
+  account's ECR registry, as `REPOSITORY:VERSION-BUILD` and as each `containerTags` entry of the
+  build region's `containerDistributionConfiguration`; `outputResources.containers` names them
+  as AWS does, on the ECR host (`ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPOSITORY:TAG`), so a
+  client maps that host to `--registry` (bake: `BAKE_REGISTRY_ENDPOINTS`). Without
+  `--registry`, a container build fails with that reason. Not modelled for containers: the
+  Dockerfile template (stored, never built), distribution to other regions or to a
+  distribution's own `targetRepository` (only the recipe's repository receives the image), and
+  moto's ECR (the repository need not exist there; moto's ECR has no registry API).
 - Failing builds, on purpose: a component whose document contains `BAKE_STANDIN_FAIL_BUILD` fails
   the build in BUILDING, `BAKE_STANDIN_FAIL_TEST` in TESTING: state `FAILED`, `imageStatus.reason`
   naming the component, the workflow step `FAILED`. A moto error while distributing fails it too.
@@ -1403,13 +1410,22 @@ class ImageBuilder:
         if not self.registry:
             raise OSError("no registry to push to: start the stand-in with --registry HOST:PORT")
         repository = recipe["targetRepository"]["repositoryName"]
-        tag = f"{recipe['version']}-{build.arn.rsplit('/', 1)[1]}"
+        tags = [f"{recipe['version']}-{build.arn.rsplit('/', 1)[1]}"]
+        for distribution in self._distributions(build):
+            if distribution["region"] == build.region:
+                settings = distribution.get("containerDistributionConfiguration") or {}
+                tags.extend(t for t in settings.get("containerTags") or [] if t not in tags)
         config = json.dumps(
             {
                 "architecture": "amd64",
                 "os": "linux",
                 "rootfs": {"type": "layers", "diff_ids": []},
-                "config": {},
+                "config": {
+                    "Labels": {
+                        "org.opencontainers.image.base.name": recipe.get("parentImage", ""),
+                        "dev.bake.standin.image": build.arn,
+                    }
+                },
             },
             sort_keys=True,
         ).encode()
@@ -1441,17 +1457,21 @@ class ImageBuilder:
             },
             sort_keys=True,
         ).encode()
-        put = urllib.request.Request(
-            f"{base}/manifests/{tag}",
-            method="PUT",
-            data=manifest,
-            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
-        )
-        urllib.request.urlopen(put, timeout=30).close()
-        uri = f"{self.registry}/{repository}:{tag}"
+        for tag in tags:
+            put = urllib.request.Request(
+                f"{base}/manifests/{tag}",
+                method="PUT",
+                data=manifest,
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            )
+            urllib.request.urlopen(put, timeout=30).close()
+        host = f"{build.account}.dkr.ecr.{build.region}.amazonaws.com"
         with self.lock:
             build.image["outputResources"]["containers"] = [
-                {"region": build.region, "imageUris": [uri]}
+                {
+                    "region": build.region,
+                    "imageUris": [f"{host}/{repository}:{tag}" for tag in tags],
+                }
             ]
 
 

@@ -1464,13 +1464,63 @@ def test_a_container_build_pushes_a_manifest_to_the_registry(imagebuilder, regis
     image = ib.get_image(imageBuildVersionArn=arn)["image"]
     assert image["state"]["status"] == "AVAILABLE", image["state"]
     uri = image["outputResources"]["containers"][0]["imageUris"][0]
-    assert uri == f"{registry}/{repository}:1.0.0-1"
+    # The ECR host, as AWS names it; the bytes are in the registry standing in for it.
+    assert uri == f"{account}.dkr.ecr.us-east-1.amazonaws.com/{repository}:1.0.0-1"
     request = urllib.request.Request(
         f"http://{registry}/v2/{repository}/manifests/1.0.0-1",
         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
     )
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert json.load(answer)["schemaVersion"] == 2
+
+
+def test_a_container_build_pushes_its_distributions_container_tags(imagebuilder, registry, account):
+    repository = f"standins/tagged-{account}"
+    target = {"service": "ECR", "repositoryName": repository}
+    ib, component, _, infrastructure, distribution = builder_setup(
+        imagebuilder,
+        account,
+        distributions=[
+            {
+                "region": "us-east-1",
+                "containerDistributionConfiguration": {
+                    "containerTags": ["stable", "v1"],
+                    "targetRepository": target,
+                },
+            }
+        ],
+    )
+    recipe = ib.create_container_recipe(
+        containerType="DOCKER",
+        name="tagged-container",
+        semanticVersion="1.0.0",
+        parentImage="debian:bookworm",
+        components=[{"componentArn": component}],
+        dockerfileTemplateData=DOCKERFILE,
+        targetRepository=target,
+    )["containerRecipeArn"]
+    arn = ib.create_image(
+        containerRecipeArn=recipe,
+        infrastructureConfigurationArn=infrastructure,
+        distributionConfigurationArn=distribution,
+    )["imageBuildVersionArn"]
+    wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"))
+    image = ib.get_image(imageBuildVersionArn=arn)["image"]
+    assert image["state"]["status"] == "AVAILABLE", image["state"]
+    host = f"{account}.dkr.ecr.us-east-1.amazonaws.com"
+    assert image["outputResources"]["containers"][0]["imageUris"] == [
+        f"{host}/{repository}:{tag}" for tag in ("1.0.0-1", "stable", "v1")
+    ]
+    digests = set()
+    for tag in ("1.0.0-1", "stable", "v1"):
+        request = urllib.request.Request(
+            f"http://{registry}/v2/{repository}/manifests/{tag}",
+            method="HEAD",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            digests.add(answer.headers["Docker-Content-Digest"])
+    assert len(digests) == 1, digests
 
 
 def test_imagebuilder_forwards_everything_else_to_moto(imagebuilder, account):
