@@ -326,6 +326,10 @@ async fn sweep(
     Ok(outcome)
 }
 
+/// How long one Image Builder call of the cleanup's tag sweep may take: a listing page answers
+/// in well under a second; an endpoint that holds the call is given up on, with a warning.
+const IMAGE_BUILDER_SWEEP_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The tag pass over Image Builder: versions of recipes that carry bake's tags, have no build
 /// (no record here, no available or running image) and no journal in this store (the journal
 /// pass judged those). Removed only with `--older-than`, when all of the version's resources
@@ -347,7 +351,21 @@ async fn sweep_image_builder(
         })
         .unwrap_or_default();
     for region in regions {
+        // A janitor's look, not a build's: an endpoint without Image Builder (an emulator, a
+        // proxy that never answers) must not hold up the EC2 cleanup, so one try, bounded.
         let client = aws.imagebuilder(region);
+        let client = aws_sdk_imagebuilder::Client::from_conf(
+            client
+                .config()
+                .to_builder()
+                .retry_config(aws_config::retry::RetryConfig::disabled())
+                .timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(IMAGE_BUILDER_SWEEP_TIMEOUT)
+                        .build(),
+                )
+                .build(),
+        );
         let found = match imagebuilder_cleanup::find_tagged(&client, region).await {
             Ok(found) => found,
             Err(reason) => {

@@ -42,6 +42,8 @@ pub enum Keep {
     Built { image_arn: String },
     /// The version has an image in progress.
     Building { image_arn: String, status: String },
+    /// The `bake:version` tag is not a version bake wrote: not bake's to judge.
+    Foreign,
 }
 
 impl Keep {
@@ -57,6 +59,7 @@ impl Keep {
             Keep::Building { image_arn, status } => format!(
                 "version {version} is being built ({image_arn} is {status}); `bake build` follows it"
             ),
+            Keep::Foreign => format!("`{version}` is not a version bake wrote"),
         }
     }
 
@@ -178,10 +181,7 @@ pub async fn keep(
         return Ok(Some(Keep::Recorded));
     }
     let Ok(parsed) = Version::from_str(version) else {
-        // Not a version bake wrote: nothing of it is bake's to judge.
-        return Ok(Some(Keep::Built {
-            image_arn: "(unreadable version tag)".into(),
-        }));
+        return Ok(Some(Keep::Foreign));
     };
     let builds = image_builds(client, &version_resource_name(recipe, &parsed)).await?;
     if let Some((arn, _)) = builds.iter().find(|(_, s)| *s == ImageStatus::Available) {
