@@ -3,7 +3,8 @@
 //! resolved in AWS, or for an import the AMI the image was built on), compiled and handed to
 //! [`crate::imagebuilder`]; this file only turns results into output and exit statuses.
 //!
-//! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s).
+//! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s);
+//! `BAKE_IMAGEBUILDER_BUCKET`, the bucket of files too large for a component document.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,8 +190,16 @@ pub fn run_build(
             Ok(planned) => planned,
             Err(status) => return status,
         };
+        let file_bucket = match file_bucket(&aws, recipe).await {
+            Ok(bucket) => bucket,
+            Err(report) => {
+                print_reports(settings, &[report]);
+                return ExitStatus::Infrastructure;
+            }
+        };
         let options = CompileOptions {
             region: aws.default_region().map(str::to_owned),
+            file_bucket,
             ..CompileOptions::default()
         };
         let compiled = match compile_or_report(recipe, &plan, source.as_ref(), &options, settings) {
@@ -222,6 +231,57 @@ pub fn run_build(
             Err(error) => failed(&error, settings),
         }
     })
+}
+
+/// The bucket that delivers a recipe's large files to Image Builder: `BAKE_IMAGEBUILDER_BUCKET`,
+/// else `bake-imagebuilder-files-ACCOUNT-REGION` (bucket names are global: the account and
+/// region keep bake's apart). None for a recipe without `file` provisioners (no lookup).
+async fn file_bucket(aws: &Aws, recipe: &Recipe) -> Result<Option<String>, Report> {
+    if !recipe
+        .provisioners
+        .iter()
+        .any(|p| matches!(p.step, crate::recipe::Step::File(_)))
+    {
+        return Ok(None);
+    }
+    if let Ok(bucket) = std::env::var("BAKE_IMAGEBUILDER_BUCKET")
+        && !bucket.is_empty()
+    {
+        return Ok(Some(bucket));
+    }
+    let region = aws
+        .default_region()
+        .or_else(|| {
+            recipe
+                .outputs
+                .ami
+                .as_ref()
+                .and_then(|a| a.regions.first().map(String::as_str))
+        })
+        .unwrap_or("us-east-1")
+        .to_owned();
+    let build_region = recipe
+        .outputs
+        .ami
+        .as_ref()
+        .and_then(|a| a.regions.first().cloned())
+        .or_else(|| recipe.publish.ecr.first().and_then(|t| t.region.clone()))
+        .unwrap_or_else(|| region.clone());
+    let identity = aws
+        .sts(&region)
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(|e| {
+            Report::new(format!(
+                "failed to read the AWS account (for the bucket of the recipe's files): {}",
+                aws_sdk_sts::error::DisplayErrorContext(&e)
+            ))
+        })?;
+    let account = identity.account().unwrap_or_default();
+    Ok(Some(format!(
+        "bake-imagebuilder-files-{account}-{build_region}"
+    )))
 }
 
 /// The registry client that reads a container build's digest: the configured registries
@@ -408,6 +468,8 @@ pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitSta
         publish: true,
         schedule: args.schedule.clone(),
         region,
+        // Exports upload nothing: every file is written into its document.
+        file_bucket: None,
     };
     let compiled = match compile_or_report(&recipe, &plan, source.as_ref(), &options, settings) {
         Ok(compiled) => compiled,

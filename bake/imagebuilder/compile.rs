@@ -79,6 +79,53 @@ pub struct CompileOptions {
     pub schedule: Option<String>,
     /// The default region: where a container recipe whose ECR target names no region builds.
     pub region: Option<String>,
+    /// The S3 bucket that delivers files too large to write into a component document
+    /// ([`INLINE_FILE_LIMIT`]); without one they are written in, up to the document limit.
+    pub file_bucket: Option<String>,
+}
+
+/// A `file` provisioner's single file larger than this, written into a document (after
+/// compression and base64), goes through [`CompileOptions::file_bucket`] instead: it leaves a
+/// quarter of the 16,000-character document for the step around it.
+pub const INLINE_FILE_LIMIT: usize = 12_000;
+
+/// A file delivered through S3: uploaded by the engine before the components are created,
+/// fetched by the component's `S3Download` step, checked against its digest and installed by
+/// the bash step after it. Keys are content-addressed (`bake/files/SHA256`), so the same bytes
+/// are one object whatever the version, and an object never changes once written.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveredFile {
+    pub bucket: String,
+    pub key: String,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+    pub size: u64,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+impl DeliveredFile {
+    fn new(bucket: &str, bytes: Vec<u8>) -> DeliveredFile {
+        let sha256 = crate::id::Digest::of(&bytes).hex().to_owned();
+        DeliveredFile {
+            bucket: bucket.to_owned(),
+            key: format!("bake/files/{sha256}"),
+            sha256,
+            size: bytes.len() as u64,
+            bytes,
+        }
+    }
+
+    /// `s3://BUCKET/KEY`.
+    pub fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+
+    /// Where the build instance keeps it between download and install.
+    fn staging_path(&self) -> String {
+        format!("/tmp/bake-files/{}", self.sha256)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +224,9 @@ pub struct Compiled {
     /// For `outputs.oci`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_recipe: Option<ContainerRecipe>,
+    /// Files the components fetch from S3 (uploaded before the components are created).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<DeliveredFile>,
     pub infrastructure_configuration: InfrastructureConfiguration,
     pub distribution_configuration: DistributionConfiguration,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -460,7 +510,15 @@ pub fn compile(
     };
     let mut not_compiled = Vec::new();
 
-    let components = components(&text, &name, &tags, &mut not_compiled)?;
+    let mut files = Vec::new();
+    let components = components(
+        &text,
+        &name,
+        &tags,
+        options.file_bucket.as_deref(),
+        &mut files,
+        &mut not_compiled,
+    )?;
     if ami.deprecate_after.is_some() {
         not_compiled.push(
             "deprecate_after: Image Builder deprecates through lifecycle policies, which bake does not create".into(),
@@ -623,6 +681,7 @@ pub fn compile(
         components,
         image_recipe: Some(image_recipe),
         container_recipe: None,
+        files,
         infrastructure_configuration,
         distribution_configuration,
         image_pipeline,
@@ -637,6 +696,8 @@ fn components(
     text: &Texts,
     name: &str,
     tags: &BTreeMap<String, String>,
+    bucket: Option<&str>,
+    files: &mut Vec<DeliveredFile>,
     not_compiled: &mut Vec<String>,
 ) -> Result<Vec<Component>, CompileError> {
     let recipe = text.recipe;
@@ -644,9 +705,10 @@ fn components(
     for (index, provisioner) in recipe.provisioners.iter().enumerate() {
         let step_name = step_name(index + 1, &provisioner.name);
         let what = format!("provisioner `{}`", provisioner.name);
+        let delivered = files.len();
         let (commands, timeout) = match &provisioner.step {
             Step::Shell(shell) => (shell_commands(text, shell, &what)?, shell.timeout.as_secs()),
-            Step::File(file) => (file_commands(text, file, &what)?, 0),
+            Step::File(file) => (file_commands(text, file, &what, bucket, files)?, 0),
             Step::Hardening(hardening) => {
                 let flavour = crate::plan::hardening_flavour(recipe, hardening);
                 let script = crate::build::hardening::script(
@@ -670,7 +732,13 @@ fn components(
             schema_version: "1.0",
             phases: vec![Phase {
                 name: "build",
-                steps: vec![DocStep::bash(step_name, commands, timeout)],
+                steps: match files.last().filter(|_| files.len() > delivered) {
+                    Some(file) => vec![
+                        DocStep::s3_download(format!("{step_name}Fetch"), file),
+                        DocStep::bash(step_name, commands, timeout),
+                    ],
+                    None => vec![DocStep::bash(step_name, commands, timeout)],
+                },
             }],
         };
         components.push(Component {
@@ -845,7 +913,15 @@ pub fn compile_container(
         plan,
     };
     let mut not_compiled = Vec::new();
-    let components = components(&text, &name, &tags, &mut not_compiled)?;
+    let mut files = Vec::new();
+    let components = components(
+        &text,
+        &name,
+        &tags,
+        options.file_bucket.as_deref(),
+        &mut files,
+        &mut not_compiled,
+    )?;
     if recipe.publish.ecr.len() > 1 {
         not_compiled.push(format!(
             "publish.ecr beyond `{}`: Image Builder pushes to the container recipe's one repository (`bake push` of a local build reaches the others)",
@@ -923,6 +999,7 @@ pub fn compile_container(
         components,
         image_recipe: None,
         container_recipe: Some(container_recipe),
+        files,
         infrastructure_configuration,
         distribution_configuration,
         image_pipeline,
@@ -1103,7 +1180,13 @@ fn read_text(path: &Path) -> Result<String, CompileError> {
 /// destination ending in `/` (or an existing directory) receives the source under its own name;
 /// a directory's contents merge into the destination; files keep their modes unless the step
 /// sets one; everything is owned by the step's owner (root by default).
-fn file_commands(text: &Texts<'_>, file: &FileStep, what: &str) -> Result<String, CompileError> {
+fn file_commands(
+    text: &Texts<'_>,
+    file: &FileStep,
+    what: &str,
+    bucket: Option<&str>,
+    files: &mut Vec<DeliveredFile>,
+) -> Result<String, CompileError> {
     use std::os::unix::fs::PermissionsExt;
     let destination = text.render(&file.destination, what)?;
     let templates: BTreeMap<&Path, &Template> = file
@@ -1136,7 +1219,19 @@ fn file_commands(text: &Texts<'_>, file: &FileStep, what: &str) -> Result<String
         };
         let mode = file.mode.unwrap_or(meta.permissions().mode() & 0o7777);
         commands.push_str("mkdir -p \"$(dirname \"$dest\")\"\n");
-        commands.push_str(&write_bytes(&bytes, "\"$dest\""));
+        let written = write_bytes(&bytes, "\"$dest\"");
+        match bucket.filter(|_| written.len() > INLINE_FILE_LIMIT) {
+            Some(bucket) => {
+                let delivered = DeliveredFile::new(bucket, bytes);
+                let staged = quote(&delivered.staging_path());
+                commands.push_str(&format!(
+                    "printf '%s  %s\\n' {} {staged} | sha256sum -c --status -\ncat {staged} >\"$dest\"\nrm -f {staged}\n",
+                    delivered.sha256,
+                ));
+                files.push(delivered);
+            }
+            None => commands.push_str(&written),
+        }
         commands.push_str(&format!(
             "chmod {mode:04o} \"$dest\"\nchown {owner} \"$dest\"\n"
         ));
@@ -1248,12 +1343,28 @@ struct DocStep {
     #[serde(skip_serializing_if = "Option::is_none")]
     timeout_seconds: Option<u64>,
     on_failure: &'static str,
-    inputs: BashInputs,
+    inputs: StepInputs,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum StepInputs {
+    Bash(BashInputs),
+    /// `S3Download`: a list of objects to fetch.
+    S3Download(Vec<S3DownloadInput>),
 }
 
 #[derive(Serialize)]
 struct BashInputs {
     commands: Vec<serde_saphyr::LitString>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct S3DownloadInput {
+    source: String,
+    destination: String,
+    overwrite: bool,
 }
 
 impl DocStep {
@@ -1263,9 +1374,25 @@ impl DocStep {
             action: "ExecuteBash",
             timeout_seconds: (timeout_secs > 0).then_some(timeout_secs),
             on_failure: "Abort",
-            inputs: BashInputs {
+            inputs: StepInputs::Bash(BashInputs {
                 commands: vec![serde_saphyr::LitString(commands)],
-            },
+            }),
+        }
+    }
+
+    /// Fetches `file` from its bucket to its staging path (the bash step that follows checks
+    /// its digest and installs it).
+    fn s3_download(name: String, file: &DeliveredFile) -> DocStep {
+        DocStep {
+            name,
+            action: "S3Download",
+            timeout_seconds: None,
+            on_failure: "Abort",
+            inputs: StepInputs::S3Download(vec![S3DownloadInput {
+                source: file.uri(),
+                destination: file.staging_path(),
+                overwrite: true,
+            }]),
         }
     }
 }
@@ -1485,6 +1612,7 @@ mod tests {
                 publish: true,
                 schedule: Some("rate(7 days)".into()),
                 region: None,
+                file_bucket: None,
             },
         )
         .unwrap();

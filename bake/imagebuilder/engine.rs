@@ -33,6 +33,11 @@ use aws_sdk_imagebuilder::types::{
 };
 use serde::{Deserialize, Serialize};
 
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, CreateBucketConfiguration, PublicAccessBlockConfiguration, Tag,
+    Tagging,
+};
+
 use super::compile::Compiled;
 use crate::ami::RegionImage;
 use crate::ami::instance::SourceAmi;
@@ -46,6 +51,9 @@ use crate::store::{Artifact, BuildRecord, ImageBuilderAmi, ImageBuilderContainer
 /// Image Builder's own default timeout for a build's tests is 12 hours, and builds of large
 /// images with many components take several.
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// The tag on the S3 bucket bake creates for component files (its value says what for).
+pub const TAG_BUCKET: &str = "bake:bucket";
 
 /// How long a cancelled build may take to reach `CANCELLED` before bake stops waiting.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -86,6 +94,9 @@ pub struct ImageBuilderOutput {
     pub image_reference: Option<String>,
     /// ARNs of the Image Builder resources this run created (empty when it reused them all).
     pub created: Vec<String>,
+    /// `s3://` URIs of the files this run uploaded for its components (empty when the bucket
+    /// had them all).
+    pub uploaded: Vec<String>,
     /// Whether this run started the build (false: an earlier run's image was found).
     pub started_build: bool,
 }
@@ -293,6 +304,7 @@ impl Engine<'_> {
         let client = self.aws.imagebuilder(region);
         let version = compiled.version.as_str();
         let mut created = Vec::new();
+        let uploaded = self.deliver_files(compiled, reporter).await?;
 
         let mut component_arns = HashMap::new();
         for component in &compiled.components {
@@ -618,6 +630,7 @@ impl Engine<'_> {
                 .as_ref()
                 .map(|c| format!("{}@{}", c.repository, c.image_digest)),
             created,
+            uploaded,
             started_build,
         })
     }
@@ -883,8 +896,106 @@ impl Engine<'_> {
             image_digest: None,
             image_reference: None,
             created: Vec::new(),
+            uploaded: Vec::new(),
             started_build: false,
         })
+    }
+
+    /// Puts the files the components fetch into their bucket: the bucket is created (private,
+    /// tagged as bake's) when missing, and an object already there is not sent again (keys are
+    /// content digests). Returns the URIs uploaded.
+    async fn deliver_files(
+        &self,
+        compiled: &Compiled,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<Vec<String>, EngineError> {
+        let Some(first) = compiled.files.first() else {
+            return Ok(Vec::new());
+        };
+        let region = compiled.region.as_str();
+        let s3 = self.aws.s3(region);
+        let bucket = first.bucket.as_str();
+        match s3.head_bucket().bucket(bucket).send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                let mut request = s3.create_bucket().bucket(bucket);
+                // us-east-1 is S3's default location and refuses to be named as a constraint.
+                if region != "us-east-1" {
+                    request = request.create_bucket_configuration(
+                        CreateBucketConfiguration::builder()
+                            .location_constraint(BucketLocationConstraint::from(region))
+                            .build(),
+                    );
+                }
+                request
+                    .send()
+                    .await
+                    .map_err(aws(format!("create S3 bucket `{bucket}`"), region))?;
+                s3.put_public_access_block()
+                    .bucket(bucket)
+                    .public_access_block_configuration(
+                        PublicAccessBlockConfiguration::builder()
+                            .block_public_acls(true)
+                            .ignore_public_acls(true)
+                            .block_public_policy(true)
+                            .restrict_public_buckets(true)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(aws(format!("make S3 bucket `{bucket}` private"), region))?;
+                s3.put_bucket_tagging()
+                    .bucket(bucket)
+                    .tagging(
+                        Tagging::builder()
+                            .tag_set(
+                                Tag::builder()
+                                    .key(TAG_BUCKET)
+                                    .value("imagebuilder-files")
+                                    .build()
+                                    .expect("key and value are set"),
+                            )
+                            .build()
+                            .expect("the tag set is set"),
+                    )
+                    .send()
+                    .await
+                    .map_err(aws(format!("tag S3 bucket `{bucket}`"), region))?;
+                reporter.message(&format!("created S3 bucket {bucket}"));
+            }
+            Err(e) => return Err(aws(format!("look for S3 bucket `{bucket}`"), region)(e)),
+        }
+        let mut uploaded = Vec::new();
+        for file in &compiled.files {
+            match s3
+                .head_object()
+                .bucket(&file.bucket)
+                .key(&file.key)
+                .send()
+                .await
+            {
+                Ok(_) => continue,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {}
+                Err(e) => {
+                    return Err(aws(format!("look for {}", file.uri()), region)(e));
+                }
+            }
+            let checksum = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                hex::decode(&file.sha256).expect("the digest is hex"),
+            );
+            s3.put_object()
+                .bucket(&file.bucket)
+                .key(&file.key)
+                .body(aws_sdk_s3::primitives::ByteStream::from(file.bytes.clone()))
+                .checksum_sha256(checksum)
+                .send()
+                .await
+                .map_err(aws(format!("upload {}", file.uri()), region))?;
+            reporter.message(&format!("uploaded {} ({} bytes)", file.uri(), file.size));
+            uploaded.push(file.uri());
+        }
+        Ok(uploaded)
     }
 
     async fn find_component(

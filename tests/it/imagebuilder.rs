@@ -1562,3 +1562,107 @@ async fn container_recipes_without_a_registry_base_or_an_ecr_target_are_refused(
     }
     assert_eq!(h.everything().await, Default::default());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files delivered through S3
+
+/// A `file` provisioner whose file is too large for a component document goes through S3: the
+/// run creates bake's bucket, uploads the file under its digest, and the component fetches it
+/// (`S3Download`), checks the digest and installs it with its mode. A second build uploads
+/// nothing; a small file stays in its document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_too_large_for_a_component_is_delivered_through_s3() {
+    let parameter = "/ib/vendor/s3files";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let big: Vec<u8> = super::registry::harness::noise(22, 40_000);
+    let recipe = variant(
+        &h,
+        parameter,
+        "s3files",
+        "  - file:\n      name: big blob\n      source: big.bin\n      destination: /opt/big.bin\n      mode: \"0600\"\n",
+        "",
+    );
+    fs_err::write(h.dir.path().join("s3files/big.bin"), &big).unwrap();
+
+    let built = h.json("store", &["build", &recipe, "--engine", "imagebuilder"]);
+    let uploaded = built["uploaded"].as_array().unwrap();
+    assert_eq!(uploaded.len(), 1, "{built:#}");
+    let uri = uploaded[0].as_str().unwrap().to_owned();
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&big));
+    let (bucket, key) = uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap();
+    assert_eq!(key, format!("bake/files/{digest}"));
+    assert!(bucket.starts_with("bake-imagebuilder-files-"), "{bucket}");
+
+    // The object holds the file's bytes; the bucket is private and says it is bake's.
+    let s3 = h.moto.aws.s3(REGION);
+    let object = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let body = object.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.as_ref(), big.as_slice());
+    let tags = s3.get_bucket_tagging().bucket(bucket).send().await.unwrap();
+    assert!(
+        tags.tag_set()
+            .iter()
+            .any(|t| t.key() == bake::imagebuilder::engine::TAG_BUCKET),
+        "{tags:?}"
+    );
+
+    // The big file's component fetches it and checks it; the small one is written in.
+    let ib = h.imagebuilder().await;
+    let mut documents = Vec::new();
+    for arn in built["created"].as_array().unwrap() {
+        let arn = arn.as_str().unwrap();
+        if !arn.contains(":component/") {
+            continue;
+        }
+        let component = ib
+            .get_component()
+            .component_build_version_arn(arn)
+            .send()
+            .await
+            .unwrap();
+        documents.push(component.component().unwrap().data().unwrap().to_owned());
+    }
+    let fetching: Vec<&String> = documents
+        .iter()
+        .filter(|d| d.contains("action: S3Download"))
+        .collect();
+    assert_eq!(fetching.len(), 1, "{documents:#?}");
+    let document = fetching[0];
+    let parsed: Value = serde_saphyr::from_str(document).unwrap();
+    let steps = &parsed["phases"][0]["steps"];
+    assert_eq!(steps[0]["action"], "S3Download", "{document}");
+    assert_eq!(steps[0]["inputs"][0]["source"], uri.as_str(), "{document}");
+    assert_eq!(steps[1]["action"], "ExecuteBash", "{document}");
+    assert!(
+        document.contains("sha256sum -c")
+            && document.contains(&digest)
+            && document.contains("chmod 0600"),
+        "{document}"
+    );
+    assert!(document.len() < 2_000, "{document}");
+    assert!(
+        documents
+            .iter()
+            .any(|d| d.contains("50-bake-hardening.conf") && d.contains("cat >")),
+        "the sshd settings file stays in its document: {documents:#?}"
+    );
+
+    // A second build, from another store, uploads and creates nothing.
+    let again = h.json(
+        "other-store",
+        &["build", &recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(again["uploaded"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again["created"], serde_json::json!([]), "{again:#}");
+}

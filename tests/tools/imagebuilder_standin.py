@@ -45,6 +45,8 @@ Modelled:
   Dockerfile template (stored, never built), distribution to other regions or to a
   distribution's own `targetRepository` (only the recipe's repository receives the image), and
   moto's ECR (the repository need not exist there; moto's ECR has no registry API).
+- `S3Download` steps of build components: the build fails in BUILDING, naming the step and the
+  URI, when a source object is not in moto's S3 (downloaded bytes are not checked: nothing runs).
 - Failing builds, on purpose: a component whose document contains `BAKE_STANDIN_FAIL_BUILD` fails
   the build in BUILDING, `BAKE_STANDIN_FAIL_TEST` in TESTING: state `FAILED`, `imageStatus.reason`
   naming the component, the workflow step `FAILED`. A moto error while distributing fails it too.
@@ -1221,6 +1223,10 @@ class ImageBuilder:
             if failing:
                 self._fail(build, self._failure(build, failing, "build"), "ApplyBuildComponents")
                 return
+            missing = self._missing_download(build)
+            if missing:
+                self._fail(build, missing, "ApplyBuildComponents")
+                return
         if state == "TESTING":
             failing = self._marked(build, FAIL_TEST_MARKER)
             if failing:
@@ -1250,6 +1256,34 @@ class ImageBuilder:
                 self._fail(build, f"Integration failed: {error}")
             return
         self._enter(build, following)
+
+    def _missing_download(self, build: Build) -> str | None:
+        """The failure of an `S3Download` step whose object is not in moto's S3, as AWSTOE's
+        download fails on the build instance; None when every source is there."""
+        for component in build.components:
+            try:
+                document = yaml.safe_load(component.get("data") or "") or {}
+            except yaml.YAMLError:
+                continue
+            for phase in document.get("phases") or []:
+                if phase.get("name") != "build":
+                    continue
+                for step in phase.get("steps") or []:
+                    if step.get("action") != "S3Download":
+                        continue
+                    for entry in step.get("inputs") or []:
+                        found = re.fullmatch(r"s3://([^/]+)/(.+)", str(entry.get("source")))
+                        try:
+                            if not found:
+                                raise ValueError("not an S3 URI")
+                            s3 = self.moto.client("s3", build.region, build.account)
+                            s3.head_object(Bucket=found.group(1), Key=found.group(2))
+                        except (botocore.exceptions.ClientError, ValueError) as error:
+                            return (
+                                f"Step '{step.get('name')}' of component '{component['arn']}' "
+                                f"failed: cannot download {entry.get('source')}: {error}"
+                            )
+        return None
 
     def _marked(self, build: Build, marker: str) -> dict | None:
         for component in build.components:

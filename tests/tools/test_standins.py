@@ -1523,6 +1523,52 @@ def test_a_container_build_pushes_its_distributions_container_tags(imagebuilder,
     assert len(digests) == 1, digests
 
 
+DOWNLOADING = """\
+name: fetch
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Fetch
+        action: S3Download
+        inputs:
+          - source: s3://{bucket}/files/blob
+            destination: /tmp/blob
+"""
+
+
+def test_a_build_fails_when_a_components_s3_download_is_missing(imagebuilder, account):
+    ib, _, _, infrastructure, _ = builder_setup(imagebuilder, account)
+    ec2 = client(imagebuilder, "ec2", account)
+    base = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    bucket = f"standin-files-{account}"
+    fetch = ib.create_component(
+        name="fetch",
+        semanticVersion="1.0.0",
+        platform="Linux",
+        data=DOWNLOADING.format(bucket=bucket),
+    )["componentBuildVersionArn"]
+    recipe = ib.create_image_recipe(
+        name="fetching", semanticVersion="1.0.0", parentImage=base,
+        components=[{"componentArn": fetch}],
+    )["imageRecipeArn"]
+
+    def build() -> dict:
+        arn = ib.create_image(
+            imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure
+        )["imageBuildVersionArn"]
+        wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"))
+        return ib.get_image(imageBuildVersionArn=arn)["image"]["state"]
+
+    state = build()
+    assert state["status"] == "FAILED"
+    assert f"cannot download s3://{bucket}/files/blob" in state["reason"], state
+    s3 = client(imagebuilder, "s3", account)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="files/blob", Body=b"blob")
+    assert build()["status"] == "AVAILABLE"
+
+
 def test_imagebuilder_forwards_everything_else_to_moto(imagebuilder, account):
     ssm = client(imagebuilder, "ssm", account)
     ssm.put_parameter(Name="/x", Value="y", Type="String")
