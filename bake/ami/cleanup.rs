@@ -67,7 +67,20 @@ pub enum CleanupError {
 /// reached the journal is found by the run's tag (with the journaled name, for images). An
 /// emulator that drops the tags given at registration (moto) leaves such an image unfound:
 /// left behind, rather than guessed at.
-async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec<Removal> {
+async fn remove(aws: &Aws, run: &str, resource: &Resource, dry_run: bool) -> Vec<Removal> {
+    if resource.kind.is_image_builder() {
+        return crate::imagebuilder::cleanup::remove(
+            &aws.imagebuilder(&resource.region),
+            &resource.region,
+            Some(run),
+            resource.kind,
+            resource.id.as_deref(),
+            &resource.token,
+            dry_run,
+        )
+        .await;
+    }
+    let ec2 = &aws.ec2(&resource.region);
     let removal = |id: &str, kind, action, error: Option<String>| Removal {
         region: resource.region.clone(),
         kind,
@@ -211,6 +224,13 @@ async fn remove(ec2: &Ec2, run: &str, resource: &Resource, dry_run: bool) -> Vec
         ResourceKind::Instance | ResourceKind::KeyPair | ResourceKind::SecurityGroup => {
             super::instance::cleanup::remove_journaled(ec2, resource, run, dry_run).await
         }
+        // Handled above.
+        ResourceKind::ImageBuilderComponent
+        | ResourceKind::ImageBuilderImageRecipe
+        | ResourceKind::ImageBuilderContainerRecipe
+        | ResourceKind::ImageBuilderInfrastructure
+        | ResourceKind::ImageBuilderDistribution
+        | ResourceKind::ImageBuilderImage => Vec::new(),
     }
 }
 
@@ -263,8 +283,7 @@ pub async fn rollback(aws: &Aws, journal: Journal) -> Vec<Removal> {
     let mut removals = Vec::new();
     let mut all_gone = true;
     for (entry, resource) in journal.live() {
-        let ec2 = aws.ec2(&resource.region);
-        let outcome = remove(&ec2, &doc.run, &resource, false).await;
+        let outcome = remove(aws, &doc.run, &resource, false).await;
         if outcome.iter().any(Removal::failed) {
             all_gone = false;
         } else if let Err(e) = journal.removed(entry) {
@@ -337,14 +356,79 @@ pub async fn cleanup(
         let run = abandoned.doc.run.clone();
         dead_runs.push(run.clone());
         let mut all_gone = true;
-        // Newest first: images before the snapshots they were made from.
+        // An Image Builder run's resources are its version's: they stay while the version is
+        // recorded, built or being built (see `crate::imagebuilder::cleanup`).
+        let image_builder = match abandoned
+            .doc
+            .resources
+            .iter()
+            .find(|r| r.kind.is_image_builder() && r.status != ResourceStatus::Removed)
+        {
+            Some(resource) => Some(
+                crate::imagebuilder::cleanup::keep(
+                    &aws.imagebuilder(&resource.region),
+                    store,
+                    &abandoned.doc.recipe,
+                    &abandoned.doc.version,
+                )
+                .await,
+            ),
+            None => None,
+        };
+        // Newest first: images before the snapshots they were made from (and Image Builder
+        // images before the recipe and components they were made from).
         for index in (0..abandoned.doc.resources.len()).rev() {
             let resource = abandoned.doc.resources[index].clone();
             if resource.status == ResourceStatus::Removed {
                 continue;
             }
-            let ec2 = aws.ec2(&resource.region);
-            let outcome = remove(&ec2, &run, &resource, options.dry_run).await;
+            if resource.kind.is_image_builder() {
+                let id = resource
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| resource.token.clone());
+                match &image_builder {
+                    Some(Err(reason)) => {
+                        all_gone = false;
+                        report.removals.push(Removal {
+                            region: resource.region.clone(),
+                            kind: resource.kind,
+                            id,
+                            action: Action::Failed,
+                            error: Some(format!(
+                                "could not tell whether version {} is built: {reason}",
+                                abandoned.doc.version
+                            )),
+                            reason: None,
+                            run: Some(run.clone()),
+                        });
+                        continue;
+                    }
+                    Some(Ok(Some(keep))) => {
+                        report.removals.push(Removal {
+                            region: resource.region.clone(),
+                            kind: resource.kind,
+                            id,
+                            action: Action::Kept,
+                            error: None,
+                            reason: Some(keep.reason(&abandoned.doc.version)),
+                            run: Some(run.clone()),
+                        });
+                        if !keep.settled() {
+                            all_gone = false;
+                        } else if !options.dry_run {
+                            // The version's now, not the run's: the journal lets go of it.
+                            abandoned.doc.resources[index].status = ResourceStatus::Removed;
+                            if let Some(store) = store {
+                                abandoned.save(store)?;
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Ok(None)) | None => {}
+                }
+            }
+            let outcome = remove(aws, &run, &resource, options.dry_run).await;
             if outcome.iter().any(Removal::failed) {
                 all_gone = false;
             } else if !options.dry_run {

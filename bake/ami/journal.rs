@@ -58,6 +58,18 @@ pub enum ResourceKind {
     KeyPair,
     /// A security group.
     SecurityGroup,
+    /// An EC2 Image Builder component build version (id = its ARN; token = its name).
+    ImageBuilderComponent,
+    /// An Image Builder image recipe (id = ARN; token = name).
+    ImageBuilderImageRecipe,
+    /// An Image Builder container recipe (id = ARN; token = name).
+    ImageBuilderContainerRecipe,
+    /// An Image Builder infrastructure configuration (id = ARN; token = name).
+    ImageBuilderInfrastructure,
+    /// An Image Builder distribution configuration (id = ARN; token = name).
+    ImageBuilderDistribution,
+    /// An Image Builder image build (id = its build version ARN; token = its recipe's name).
+    ImageBuilderImage,
 }
 
 impl ResourceKind {
@@ -68,7 +80,28 @@ impl ResourceKind {
             ResourceKind::Instance => "instance",
             ResourceKind::KeyPair => "key pair",
             ResourceKind::SecurityGroup => "security group",
+            ResourceKind::ImageBuilderComponent => "Image Builder component",
+            ResourceKind::ImageBuilderImageRecipe => "Image Builder image recipe",
+            ResourceKind::ImageBuilderContainerRecipe => "Image Builder container recipe",
+            ResourceKind::ImageBuilderInfrastructure => {
+                "Image Builder infrastructure configuration"
+            }
+            ResourceKind::ImageBuilderDistribution => "Image Builder distribution configuration",
+            ResourceKind::ImageBuilderImage => "Image Builder image",
         }
+    }
+
+    /// Whether Image Builder owns it ([`crate::imagebuilder::cleanup`] removes it).
+    pub fn is_image_builder(self) -> bool {
+        matches!(
+            self,
+            ResourceKind::ImageBuilderComponent
+                | ResourceKind::ImageBuilderImageRecipe
+                | ResourceKind::ImageBuilderContainerRecipe
+                | ResourceKind::ImageBuilderInfrastructure
+                | ResourceKind::ImageBuilderDistribution
+                | ResourceKind::ImageBuilderImage
+        )
     }
 }
 

@@ -259,6 +259,22 @@ impl Aws {
     pub fn ecr(&self, region: &str) -> aws_sdk_ecr::Client {
         service_client!(self, aws_sdk_ecr, region)
     }
+
+    /// An S3 client for `region` (files Image Builder components fetch). With an endpoint
+    /// override (an emulator on `127.0.0.1` or `localhost`) requests are path-style: a
+    /// virtual-hosted bucket name would have to resolve as a subdomain of the override.
+    pub fn s3(&self, region: &str) -> aws_sdk_s3::Client {
+        let mut builder = aws_sdk_s3::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .force_path_style(self.config.endpoint_url().is_some());
+        if let Some(account) = &self.emulator_account {
+            builder = builder.interceptor(EmulatorAccount(account.clone()));
+        }
+        for interceptor in &self.interceptors {
+            builder.push_interceptor(interceptor.clone());
+        }
+        aws_sdk_s3::Client::from_conf(builder.build())
+    }
 }
 
 /// Adds the emulator's account header to every request.

@@ -9,6 +9,10 @@
 //!   `building` AMIs carrying `bake:build-id`. Those of runs this store has no journal for
 //!   (another machine's) are removed only with `--older-than`.
 //!
+//! - Image Builder ([`crate::imagebuilder::cleanup`]): what `--engine imagebuilder` runs left
+//!   without a build, by journal or, with `--older-than`, by bake's version tags; never a
+//!   version that has a build record, an available image or a build in progress.
+//!
 //! Resources without bake's tags are never touched.
 //!
 //! `--docker` sweeps the Docker Engine instead ([`crate::build::engine::sweep`]): containers,
@@ -28,6 +32,7 @@ use crate::ami::instance::now_secs;
 use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
+use crate::imagebuilder::cleanup::{self as imagebuilder_cleanup, Tagged};
 use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 
@@ -61,6 +66,22 @@ struct Skipped {
     resources: Vec<Found>,
 }
 
+/// Image Builder resources of a version no journal of this store names, left alone.
+#[derive(Debug, Serialize)]
+struct SkippedVersion {
+    recipe: String,
+    version: String,
+    reason: String,
+    resources: Vec<Tagged>,
+}
+
+/// A region whose Image Builder resources could not be listed.
+#[derive(Debug, Serialize)]
+struct Unlisted {
+    region: String,
+    reason: String,
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Outcome {
     dry_run: bool,
@@ -68,6 +89,11 @@ struct Outcome {
     journals: CleanupReport,
     /// Tagged resources of runs this store has no journal for.
     skipped_tagged: Vec<Skipped>,
+    /// Tagged Image Builder resources of unbuilt versions this store has no journal for.
+    skipped_image_builder: Vec<SkippedVersion>,
+    /// Regions whose Image Builder resources could not be listed (no Image Builder there, or
+    /// no permission): a warning, not a failure, as most stores never used Image Builder.
+    image_builder_unlisted: Vec<Unlisted>,
 }
 
 pub fn run(args: &CleanupArgs, settings: &Settings) -> ExitStatus {
@@ -296,7 +322,113 @@ async fn sweep(
             });
         }
     }
+    sweep_image_builder(args, &aws, store, &regions, cutoff, &mut outcome).await;
     Ok(outcome)
+}
+
+/// How long one Image Builder call of the cleanup's tag sweep may take: a listing page answers
+/// in well under a second; an endpoint that holds the call is given up on, with a warning.
+const IMAGE_BUILDER_SWEEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The tag pass over Image Builder: versions of recipes that carry bake's tags, have no build
+/// (no record here, no available or running image) and no journal in this store (the journal
+/// pass judged those). Removed only with `--older-than`, when all of the version's resources
+/// are older: without a journal, a young one may be a live run's on another machine.
+async fn sweep_image_builder(
+    args: &CleanupArgs,
+    aws: &Aws,
+    store: Option<&Store>,
+    regions: &BTreeSet<String>,
+    cutoff: Option<u64>,
+    outcome: &mut Outcome,
+) {
+    let journaled: BTreeSet<String> = store
+        .map(|store| {
+            crate::ami::journal::list(store)
+                .into_iter()
+                .map(|doc| doc.version)
+                .collect()
+        })
+        .unwrap_or_default();
+    for region in regions {
+        // A janitor's look, not a build's: an endpoint without Image Builder (an emulator, a
+        // proxy that never answers) must not hold up the EC2 cleanup, so one try, bounded.
+        let client = aws.imagebuilder(region);
+        let client = aws_sdk_imagebuilder::Client::from_conf(
+            client
+                .config()
+                .to_builder()
+                .retry_config(aws_config::retry::RetryConfig::disabled())
+                .timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(IMAGE_BUILDER_SWEEP_TIMEOUT)
+                        .build(),
+                )
+                .build(),
+        );
+        let found = match imagebuilder_cleanup::find_tagged(&client, region).await {
+            Ok(found) => found,
+            Err(reason) => {
+                eprintln!(
+                    "warning: could not list Image Builder resources in {region}, left them as they are: {reason}"
+                );
+                outcome.image_builder_unlisted.push(Unlisted {
+                    region: region.clone(),
+                    reason,
+                });
+                continue;
+            }
+        };
+        for ((recipe, version), resources) in found {
+            if journaled.contains(&version) {
+                continue;
+            }
+            match imagebuilder_cleanup::keep(&client, store, &recipe, &version).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(reason) => {
+                    outcome.skipped_image_builder.push(SkippedVersion {
+                        recipe,
+                        version,
+                        reason: format!("could not tell whether it is built: {reason}"),
+                        resources,
+                    });
+                    continue;
+                }
+            }
+            let old_enough =
+                cutoff.is_some_and(|c| resources.iter().all(|r| r.created.is_some_and(|t| t <= c)));
+            if !old_enough {
+                outcome.skipped_image_builder.push(SkippedVersion {
+                    recipe,
+                    version,
+                    reason: match cutoff {
+                        None => "no journal in this store for this version; pass --older-than to remove it".into(),
+                        Some(_) => "newer than --older-than".into(),
+                    },
+                    resources,
+                });
+                continue;
+            }
+            // Images first, components last (`find_tagged` sorted them so).
+            for resource in &resources {
+                let mut removals = imagebuilder_cleanup::remove(
+                    &client,
+                    region,
+                    None,
+                    resource.kind,
+                    Some(&resource.arn),
+                    &resource.arn,
+                    args.dry_run,
+                )
+                .await;
+                for r in &mut removals {
+                    r.reason = Some(format!("version {version} of {recipe}, never built"));
+                }
+                outcome.journals.removals.extend(removals);
+            }
+        }
+    }
 }
 
 fn removal(found: &Found, action: Action, error: Option<String>) -> Removal {
@@ -323,11 +455,14 @@ fn print_human(outcome: &Outcome) {
         };
         printed = true;
         println!(
-            "{verb}  {} {}  {}  run {}{}",
+            "{verb}  {} {}  {}{}{}",
             r.kind.label(),
             r.id,
             r.region,
-            r.run.as_deref().unwrap_or("?"),
+            r.run
+                .as_deref()
+                .map(|run| format!("  run {run}"))
+                .unwrap_or_default(),
             r.reason
                 .as_deref()
                 .map(|why| format!(": {why}"))
@@ -351,6 +486,19 @@ fn print_human(outcome: &Outcome) {
                 r.id,
                 r.region,
                 s.run,
+                s.reason
+            );
+        }
+    }
+    for s in &outcome.skipped_image_builder {
+        for r in &s.resources {
+            printed = true;
+            println!(
+                "skipped  {} {}  {}  version {}: {}",
+                r.kind.label(),
+                r.arn,
+                r.region,
+                s.version,
                 s.reason
             );
         }

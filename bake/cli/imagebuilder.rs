@@ -3,7 +3,8 @@
 //! resolved in AWS, or for an import the AMI the image was built on), compiled and handed to
 //! [`crate::imagebuilder`]; this file only turns results into output and exit statuses.
 //!
-//! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s).
+//! Environment: `BAKE_AWS_POLL_INTERVAL`, the pause between polls of a build (default 15s);
+//! `BAKE_IMAGEBUILDER_BUCKET`, the bucket of files too large for a component document.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,13 +63,23 @@ pub struct ImportImageBuilderArgs {
     pub vars: VarArgs,
 }
 
-/// Plans `recipe` with its source AMI resolved; the error is printed already.
+/// Plans `recipe`: with its source AMI resolved (an AMI recipe), or as any build plans it (a
+/// container recipe, whose `image` base the plan pins); the error is printed already.
 async fn plan(
     aws: &Aws,
     recipe: &Recipe,
     shown: &str,
     settings: &Settings,
-) -> Result<(Plan, SourceAmi), ExitStatus> {
+) -> Result<(Plan, Option<SourceAmi>), ExitStatus> {
+    if recipe.outputs.oci.is_some() {
+        let plan = super::plan::plan_resolved_or_report(
+            recipe,
+            shown,
+            &settings.plan_options(),
+            settings,
+        )?;
+        return Ok((plan, None));
+    }
     let source = match super::ami_instance::resolve_source(aws, recipe).await {
         Ok(Some(source)) => source,
         Ok(None) => {
@@ -94,7 +105,7 @@ async fn plan(
     let mut options = settings.plan_options();
     options.source_ami = Some(source.clone());
     let plan = super::plan::plan_resolved_or_report(recipe, shown, &options, settings)?;
-    Ok((plan, source))
+    Ok((plan, Some(source)))
 }
 
 fn base_name(recipe: &Recipe) -> &'static str {
@@ -112,11 +123,15 @@ fn base_name(recipe: &Recipe) -> &'static str {
 fn compile_or_report(
     recipe: &Recipe,
     plan: &Plan,
-    source: &SourceAmi,
+    source: Option<&SourceAmi>,
     options: &CompileOptions,
     settings: &Settings,
 ) -> Result<Compiled, ExitStatus> {
-    compile(recipe, plan, source, options).map_err(|e| {
+    match source {
+        Some(source) => compile(recipe, plan, source, options),
+        None => crate::imagebuilder::compile::compile_container(recipe, plan, options),
+    }
+    .map_err(|e| {
         print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
         if e.is_user_error() {
             ExitStatus::RecipeOrUsage
@@ -175,11 +190,22 @@ pub fn run_build(
             Ok(planned) => planned,
             Err(status) => return status,
         };
-        let compiled =
-            match compile_or_report(recipe, &plan, &source, &CompileOptions::default(), settings) {
-                Ok(compiled) => compiled,
-                Err(status) => return status,
-            };
+        let file_bucket = match file_bucket(&aws, recipe).await {
+            Ok(bucket) => bucket,
+            Err(report) => {
+                print_reports(settings, &[report]);
+                return ExitStatus::Infrastructure;
+            }
+        };
+        let options = CompileOptions {
+            region: aws.default_region().map(str::to_owned),
+            file_bucket,
+            ..CompileOptions::default()
+        };
+        let compiled = match compile_or_report(recipe, &plan, source.as_ref(), &options, settings) {
+            Ok(compiled) => compiled,
+            Err(status) => return status,
+        };
         if !quiet {
             for note in &compiled.not_compiled {
                 eprintln!("warning: not run on Image Builder: {note}");
@@ -188,9 +214,13 @@ pub fn run_build(
         let engine = Engine {
             aws: &aws,
             store: &store,
+            registry: registry_client(&aws, settings),
             options: EngineOptions { poll, cancel },
         };
-        match engine.build(&plan, &source, &compiled, &mut reporter).await {
+        match engine
+            .build(&plan, source.as_ref(), &compiled, &mut reporter)
+            .await
+        {
             Ok(output) => {
                 show(&store, &plan, &output, settings);
                 if !output.started_build && !quiet {
@@ -201,6 +231,76 @@ pub fn run_build(
             Err(error) => failed(&error, settings),
         }
     })
+}
+
+/// The bucket that delivers a recipe's large files to Image Builder: `BAKE_IMAGEBUILDER_BUCKET`,
+/// else `bake-imagebuilder-files-ACCOUNT-REGION` (bucket names are global: the account and
+/// region keep bake's apart). None for a recipe without `file` provisioners (no lookup).
+async fn file_bucket(aws: &Aws, recipe: &Recipe) -> Result<Option<String>, Report> {
+    if !recipe
+        .provisioners
+        .iter()
+        .any(|p| matches!(p.step, crate::recipe::Step::File(_)))
+    {
+        return Ok(None);
+    }
+    if let Ok(bucket) = std::env::var("BAKE_IMAGEBUILDER_BUCKET")
+        && !bucket.is_empty()
+    {
+        return Ok(Some(bucket));
+    }
+    let region = aws
+        .default_region()
+        .or_else(|| {
+            recipe
+                .outputs
+                .ami
+                .as_ref()
+                .and_then(|a| a.regions.first().map(String::as_str))
+        })
+        .unwrap_or("us-east-1")
+        .to_owned();
+    let build_region = recipe
+        .outputs
+        .ami
+        .as_ref()
+        .and_then(|a| a.regions.first().cloned())
+        .or_else(|| recipe.publish.ecr.first().and_then(|t| t.region.clone()))
+        .unwrap_or_else(|| region.clone());
+    let identity = aws
+        .sts(&region)
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(|e| {
+            Report::new(format!(
+                "failed to read the AWS account (for the bucket of the recipe's files): {}",
+                aws_sdk_sts::error::DisplayErrorContext(&e)
+            ))
+        })?;
+    let account = identity.account().unwrap_or_default();
+    Ok(Some(format!(
+        "bake-imagebuilder-files-{account}-{build_region}"
+    )))
+}
+
+/// The registry client that reads a container build's digest: the configured registries
+/// (`BAKE_REGISTRY_ENDPOINTS` and the others) with Docker's credentials and ECR's tokens.
+fn registry_client(aws: &Aws, settings: &Settings) -> Option<crate::registry::Client> {
+    let sources: Vec<Arc<dyn crate::registry::auth::Credentials>> = vec![
+        settings.registry.credentials(),
+        Arc::new(crate::registry::ecr::EcrCredentials::new(aws.clone())),
+    ];
+    match crate::registry::Client::new(
+        settings.registry.client_options(),
+        Arc::new(crate::registry::auth::ChainCredentials(sources)),
+    ) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!("no registry client for container builds: {e}");
+            None
+        }
+    }
 }
 
 /// Writes the version's manifest (its index, so `manifest show ami-…` finds it before any
@@ -221,6 +321,9 @@ fn show(
             println!("image    {}", output.image_arn);
             for region in &output.regions {
                 println!("ami      {} ({})", region.image_id, region.region);
+            }
+            if let Some(reference) = &output.image_reference {
+                println!("oci      {reference}");
             }
             println!("source   {}", output.source_ami);
         }
@@ -271,6 +374,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         let engine = Engine {
             aws: &aws,
             store: &store,
+            registry: None,
             options: EngineOptions {
                 poll: EngineOptions::DEFAULT_POLL,
                 cancel: Arc::new(AtomicBool::new(false)),
@@ -315,7 +419,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         let compiled = match compile_or_report(
             &recipe,
             &plan,
-            &source,
+            Some(&source),
             &CompileOptions::default(),
             settings,
         ) {
@@ -351,17 +455,23 @@ pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitSta
     };
     let planned = rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        plan(&aws, &recipe, &shown, settings).await
+        let region = aws.default_region().map(str::to_owned);
+        plan(&aws, &recipe, &shown, settings)
+            .await
+            .map(|(plan, source)| (plan, source, region))
     });
-    let (plan, source) = match planned {
+    let (plan, source, region) = match planned {
         Ok(planned) => planned,
         Err(status) => return status,
     };
     let options = CompileOptions {
         publish: true,
         schedule: args.schedule.clone(),
+        region,
+        // Exports upload nothing: every file is written into its document.
+        file_bucket: None,
     };
-    let compiled = match compile_or_report(&recipe, &plan, &source, &options, settings) {
+    let compiled = match compile_or_report(&recipe, &plan, source.as_ref(), &options, settings) {
         Ok(compiled) => compiled,
         Err(status) => return status,
     };
@@ -427,16 +537,32 @@ pub fn api_plan(compiled: &Compiled) -> Value {
             "document": format!("components/{}.yaml", component.name),
         }));
     }
-    let recipe = &compiled.image_recipe;
-    let mut input = serde_json::to_value(recipe).expect("recipes serialize");
-    input["components"] = recipe
-        .components
+    let (operation, member, what, mut input, components) =
+        match (&compiled.image_recipe, &compiled.container_recipe) {
+            (Some(recipe), _) => (
+                "CreateImageRecipe",
+                "imageRecipeArn",
+                "image recipe",
+                serde_json::to_value(recipe).expect("recipes serialize"),
+                &recipe.components,
+            ),
+            (None, Some(recipe)) => (
+                "CreateContainerRecipe",
+                "containerRecipeArn",
+                "container recipe",
+                serde_json::to_value(recipe).expect("recipes serialize"),
+                &recipe.components,
+            ),
+            (None, None) => unreachable!("a compiled recipe has an image or a container recipe"),
+        };
+    let recipe_name = compiled.recipe_name();
+    input["components"] = components
         .iter()
         .map(|name| json!({"componentArn": format!("${{CreateComponent:{name}}}")}))
         .collect();
     calls.push(json!({
-        "operation": "CreateImageRecipe",
-        "input": with_token(input, &format!("image recipe {}", recipe.name)),
+        "operation": operation,
+        "input": with_token(input, &format!("{what} {recipe_name}")),
     }));
     let infra = &compiled.infrastructure_configuration;
     calls.push(json!({
@@ -455,7 +581,7 @@ pub fn api_plan(compiled: &Compiled) -> Value {
         ),
     }));
     let references = json!({
-        "imageRecipeArn": format!("${{CreateImageRecipe:{}}}", recipe.name),
+        member: format!("${{{operation}:{recipe_name}}}"),
         "infrastructureConfigurationArn":
             format!("${{CreateInfrastructureConfiguration:{}}}", infra.name),
         "distributionConfigurationArn":
@@ -473,7 +599,7 @@ pub fn api_plan(compiled: &Compiled) -> Value {
         None => {
             let mut input = json!({
                 "imageTestsConfiguration": {"imageTestsEnabled": compiled.has_tests()},
-                "tags": recipe.tags,
+                "tags": compiled.tags(),
             });
             merge(&mut input, &references);
             calls.push(json!({

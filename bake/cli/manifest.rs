@@ -79,6 +79,9 @@ pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
             if let Some(oci) = &found.outputs.oci {
                 println!("image        {}", oci.manifest_digest);
             }
+            if let Some(remote) = &found.outputs.remote_image {
+                println!("image        {} ({})", remote.reference, remote.image_arn);
+            }
             for ami in &found.outputs.amis {
                 println!("ami          {} ({})", ami.image_id, ami.region);
             }

@@ -8,7 +8,9 @@
 //! - one **test component** whose `test` phase runs the recipe's `command` tests (exit code and
 //!   expected output) on an instance launched from the new AMI, before it is distributed;
 //! - an **image recipe** on the source AMI the plan pinned, with the recipe's root volume
-//!   (size, type, encryption);
+//!   (size, type, encryption); or, for `outputs.oci` ([`compile_container`]), a **container
+//!   recipe** on the `image` base the plan pinned, with a Dockerfile template carrying the
+//!   image settings, pushing to the first `publish.ecr` repository;
 //! - an **infrastructure configuration**: instance type, subnet, instance profile, IMDSv2
 //!   required with a hop limit of 1, the instance terminated on failure;
 //! - a **distribution configuration**: every region of the recipe, with its AMI name,
@@ -75,6 +77,55 @@ pub struct CompileOptions {
     pub publish: bool,
     /// A schedule (`cron(…)` or `rate(…)`) for an image pipeline; no pipeline without one.
     pub schedule: Option<String>,
+    /// The default region: where a container recipe whose ECR target names no region builds.
+    pub region: Option<String>,
+    /// The S3 bucket that delivers files too large to write into a component document
+    /// ([`INLINE_FILE_LIMIT`]); without one they are written in, up to the document limit.
+    pub file_bucket: Option<String>,
+}
+
+/// A `file` provisioner's single file larger than this, written into a document (after
+/// compression and base64), goes through [`CompileOptions::file_bucket`] instead: it leaves a
+/// quarter of the 16,000-character document for the step around it.
+pub const INLINE_FILE_LIMIT: usize = 12_000;
+
+/// A file delivered through S3: uploaded by the engine before the components are created,
+/// fetched by the component's `S3Download` step, checked against its digest and installed by
+/// the bash step after it. Keys are content-addressed (`bake/files/SHA256`), so the same bytes
+/// are one object whatever the version, and an object never changes once written.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveredFile {
+    pub bucket: String,
+    pub key: String,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+    pub size: u64,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+impl DeliveredFile {
+    fn new(bucket: &str, bytes: Vec<u8>) -> DeliveredFile {
+        let sha256 = crate::id::Digest::of(&bytes).hex().to_owned();
+        DeliveredFile {
+            bucket: bucket.to_owned(),
+            key: format!("bake/files/{sha256}"),
+            sha256,
+            size: bytes.len() as u64,
+            bytes,
+        }
+    }
+
+    /// `s3://BUCKET/KEY`.
+    pub fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+
+    /// Where the build instance keeps it between download and install.
+    fn staging_path(&self) -> String {
+        format!("/tmp/bake-files/{}", self.sha256)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,9 +133,19 @@ pub enum CompileError {
     #[error("recipe `{recipe}` has no `outputs.ami`: Image Builder builds AMIs from it")]
     NoAmi { recipe: String },
     #[error(
-        "recipe `{recipe}` has `outputs.oci`: bake does not compile container recipes for Image Builder"
+        "recipe `{recipe}` has both `outputs.oci` and `outputs.ami`: an Image Builder build makes one or the other"
     )]
-    Container { recipe: String },
+    AmiAndOci { recipe: String },
+    #[error(
+        "recipe `{recipe}` has `outputs.oci` and no `publish.ecr` repository: Image Builder pushes container images to ECR"
+    )]
+    NoEcrTarget { recipe: String },
+    #[error(
+        "recipe `{recipe}` starts from `base: {base}`, and Image Builder builds containers on a registry image"
+    )]
+    NotImageBase { recipe: String, base: &'static str },
+    #[error("no region for the ECR repository `{repository}` of recipe `{recipe}`")]
+    NoRegion { recipe: String, repository: String },
     #[error("recipe `{recipe}` starts from `base: {base}`, and Image Builder builds on an AMI")]
     NotAmiBase { recipe: String, base: &'static str },
     #[error(
@@ -125,9 +186,18 @@ impl CompileError {
             CompileError::TooLarge { .. } => Some(
                 "split the step, or install large files from a package or an S3 object the step downloads".into(),
             ),
-            CompileError::Container { .. } => {
-                Some("build OCI images locally (`bake build` without `--engine`)".into())
-            }
+            CompileError::AmiAndOci { .. } => Some(
+                "build the AMI and the container image from two recipes, or build locally (`bake build` without `--engine`)".into(),
+            ),
+            CompileError::NoEcrTarget { .. } => Some(
+                "add the repository under `publish.ecr` (Image Builder's container recipe pushes to it)".into(),
+            ),
+            CompileError::NotImageBase { .. } => Some(
+                "give the recipe an `image` base (`base: {image: REGISTRY/NAME:TAG}`), or build it locally without `--engine imagebuilder`".into(),
+            ),
+            CompileError::NoRegion { .. } => Some(
+                "give the ECR target a `region`, or set a default region (`--region`, `AWS_REGION`)".into(),
+            ),
             _ => None,
         }
     }
@@ -148,7 +218,15 @@ pub struct Compiled {
     /// Where the image is built (the recipe's first region).
     pub region: String,
     pub components: Vec<Component>,
-    pub image_recipe: ImageRecipe,
+    /// For `outputs.ami`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_recipe: Option<ImageRecipe>,
+    /// For `outputs.oci`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_recipe: Option<ContainerRecipe>,
+    /// Files the components fetch from S3 (uploaded before the components are created).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<DeliveredFile>,
     pub infrastructure_configuration: InfrastructureConfiguration,
     pub distribution_configuration: DistributionConfiguration,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,6 +268,41 @@ pub struct ImageRecipe {
     pub components: Vec<String>,
     pub block_device_mappings: Vec<BlockDeviceMapping>,
     pub tags: BTreeMap<String, String>,
+}
+
+/// A container recipe: the components run in a Docker build on the parent image, and the
+/// image is pushed to the target ECR repository.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRecipe {
+    pub container_type: String,
+    pub name: String,
+    pub semantic_version: String,
+    pub description: String,
+    /// The recipe's `image` base, pinned by the digest the plan resolved.
+    pub parent_image: String,
+    /// Component names, in build order (their ARNs are known once they exist).
+    pub components: Vec<String>,
+    pub dockerfile_template_data: String,
+    pub target_repository: TargetRepository,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRepository {
+    pub service: String,
+    pub repository_name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerDistribution {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub container_tags: Vec<String>,
+    pub target_repository: TargetRepository,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,7 +359,10 @@ pub struct DistributionConfiguration {
 #[serde(rename_all = "camelCase")]
 pub struct Distribution {
     pub region: String,
-    pub ami_distribution_configuration: AmiDistribution,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ami_distribution_configuration: Option<AmiDistribution>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_distribution_configuration: Option<ContainerDistribution>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub launch_template_configurations: Vec<LaunchTemplateConfiguration>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -318,6 +434,20 @@ pub struct ImageTestsConfiguration {
 }
 
 impl Compiled {
+    /// The image or container recipe's name (also its images' name).
+    pub fn recipe_name(&self) -> &str {
+        match (&self.image_recipe, &self.container_recipe) {
+            (Some(recipe), _) => &recipe.name,
+            (None, Some(recipe)) => &recipe.name,
+            (None, None) => "",
+        }
+    }
+
+    /// The version's tags (every resource carries them).
+    pub fn tags(&self) -> &BTreeMap<String, String> {
+        &self.infrastructure_configuration.tags
+    }
+
     /// Whether the image has tests to run (a test component).
     pub fn has_tests(&self) -> bool {
         self.components
@@ -329,7 +459,13 @@ impl Compiled {
 /// The name of the resources of `recipe` at `version`: `NAME-SHORT`, in Image Builder's
 /// alphabet (bake allows `.` in recipe names, Image Builder does not).
 pub fn resource_name(recipe: &str, plan: &Plan) -> String {
-    format!("{}-{}", recipe.replace('.', "-"), plan.version_short())
+    version_resource_name(recipe, &plan.version)
+}
+
+/// [`resource_name`] of `recipe` at `version`: also the image recipe's (and so its images')
+/// name, which is how `bake cleanup` finds a version's images.
+pub fn version_resource_name(recipe: &str, version: &crate::id::Version) -> String {
+    format!("{}-{}", recipe.replace('.', "-"), version.short())
 }
 
 /// The tags every resource of a version carries.
@@ -348,9 +484,7 @@ pub fn compile(
     options: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
     if recipe.outputs.oci.is_some() {
-        return Err(CompileError::Container {
-            recipe: recipe.name.clone(),
-        });
+        return compile_container(recipe, plan, options);
     }
     let ami = recipe
         .outputs
@@ -376,118 +510,19 @@ pub fn compile(
     };
     let mut not_compiled = Vec::new();
 
-    let mut components = Vec::new();
-    for (index, provisioner) in recipe.provisioners.iter().enumerate() {
-        let step_name = step_name(index + 1, &provisioner.name);
-        let what = format!("provisioner `{}`", provisioner.name);
-        let (commands, timeout) = match &provisioner.step {
-            Step::Shell(shell) => (
-                shell_commands(&text, shell, &what)?,
-                shell.timeout.as_secs(),
-            ),
-            Step::File(file) => (file_commands(&text, file, &what)?, 0),
-            Step::Hardening(hardening) => {
-                let flavour = crate::plan::hardening_flavour(recipe, hardening);
-                let script = crate::build::hardening::script(
-                    &hardening.profile,
-                    flavour,
-                    &hardening.exclude,
-                )
-                .ok_or_else(|| CompileError::UnknownProfile {
-                    profile: hardening.profile.clone(),
-                })?;
-                (
-                    run_script(&script, &BTreeMap::new(), None, None),
-                    HARDENING_TIMEOUT_SECS,
-                )
-            }
-        };
-        let component = format!("{name}-{}", index + 1);
-        let document = Document {
-            name: component.clone(),
-            description: format!("{}: {}", recipe.name, provisioner.name),
-            schema_version: "1.0",
-            phases: vec![Phase {
-                name: "build",
-                steps: vec![DocStep::bash(step_name, commands, timeout)],
-            }],
-        };
-        components.push(Component {
-            name: component.clone(),
-            semantic_version: SEMANTIC_VERSION.into(),
-            description: document.description.clone(),
-            platform: "Linux".into(),
-            data: document.to_yaml()?,
-            tags: tags.clone(),
-            kind: ComponentKind::Build,
-        });
-    }
-
-    let mut test_steps = Vec::new();
-    for test in &recipe.tests {
-        match test {
-            Test::Command {
-                name: test_name,
-                run,
-                exit_code,
-                stdout_contains,
-                user,
-                timeout,
-                ..
-            } => {
-                let what = format!("test `{test_name}`");
-                let script = text.render(run, &what)?;
-                let expected = stdout_contains
-                    .as_ref()
-                    .map(|t| text.render(t, &what))
-                    .transpose()?;
-                test_steps.push(DocStep::bash(
-                    step_name(test_steps.len() + 1, test_name),
-                    test_commands(&script, *exit_code, expected.as_deref(), user.as_deref()),
-                    timeout.as_secs(),
-                ));
-            }
-            Test::Boot { marker, .. } => not_compiled.push(format!(
-                "boot test (marker `{marker}`): Image Builder's test stage launches the new AMI, but bake cannot read its console there"
-            )),
-        }
-    }
-    if recipe.audit.is_some() {
-        not_compiled.push("audit: the compliance gate scans a local root only".into());
-    }
+    let mut files = Vec::new();
+    let components = components(
+        &text,
+        &name,
+        &tags,
+        options.file_bucket.as_deref(),
+        &mut files,
+        &mut not_compiled,
+    )?;
     if ami.deprecate_after.is_some() {
         not_compiled.push(
             "deprecate_after: Image Builder deprecates through lifecycle policies, which bake does not create".into(),
         );
-    }
-    if !test_steps.is_empty() {
-        let component = format!("{name}-tests");
-        let document = Document {
-            name: component.clone(),
-            description: format!("{}: tests", recipe.name),
-            schema_version: "1.0",
-            phases: vec![Phase {
-                name: "test",
-                steps: test_steps,
-            }],
-        };
-        components.push(Component {
-            name: component,
-            semantic_version: SEMANTIC_VERSION.into(),
-            description: document.description.clone(),
-            platform: "Linux".into(),
-            data: document.to_yaml()?,
-            tags: tags.clone(),
-            kind: ComponentKind::Test,
-        });
-    }
-    for component in &components {
-        if component.data.len() > COMPONENT_DATA_LIMIT {
-            return Err(CompileError::TooLarge {
-                component: component.name.clone(),
-                size: component.data.len(),
-            });
-        }
     }
 
     let region = ami.regions[0].clone();
@@ -568,7 +603,7 @@ pub fn compile(
             && permission.organizational_unit_arns.is_empty());
         let mut distribution = Distribution {
             region: region.clone(),
-            ami_distribution_configuration: AmiDistribution {
+            ami_distribution_configuration: Some(AmiDistribution {
                 name: both(&ami.name, "the AMI name")?,
                 description: ami
                     .description
@@ -583,7 +618,8 @@ pub fn compile(
                     .filter(|_| ami.encrypted)
                     .cloned(),
                 launch_permission: shared.then_some(permission),
-            },
+            }),
+            container_distribution_configuration: None,
             launch_template_configurations: Vec::new(),
             ssm_parameter_configurations: Vec::new(),
         };
@@ -643,7 +679,327 @@ pub fn compile(
         version: plan.version.to_string(),
         region,
         components,
-        image_recipe,
+        image_recipe: Some(image_recipe),
+        container_recipe: None,
+        files,
+        infrastructure_configuration,
+        distribution_configuration,
+        image_pipeline,
+        not_compiled,
+    })
+}
+
+/// The build components (one per provisioner) and the test component (the `command` tests) of
+/// the recipe `text` renders, named `NAME-N` and `NAME-tests`; what Image Builder cannot run
+/// goes to `not_compiled`. Image and container recipes use the same.
+fn components(
+    text: &Texts,
+    name: &str,
+    tags: &BTreeMap<String, String>,
+    bucket: Option<&str>,
+    files: &mut Vec<DeliveredFile>,
+    not_compiled: &mut Vec<String>,
+) -> Result<Vec<Component>, CompileError> {
+    let recipe = text.recipe;
+    let mut components = Vec::new();
+    for (index, provisioner) in recipe.provisioners.iter().enumerate() {
+        let step_name = step_name(index + 1, &provisioner.name);
+        let what = format!("provisioner `{}`", provisioner.name);
+        let delivered = files.len();
+        let (commands, timeout) = match &provisioner.step {
+            Step::Shell(shell) => (shell_commands(text, shell, &what)?, shell.timeout.as_secs()),
+            Step::File(file) => (file_commands(text, file, &what, bucket, files)?, 0),
+            Step::Hardening(hardening) => {
+                let flavour = crate::plan::hardening_flavour(recipe, hardening);
+                let script = crate::build::hardening::script(
+                    &hardening.profile,
+                    flavour,
+                    &hardening.exclude,
+                )
+                .ok_or_else(|| CompileError::UnknownProfile {
+                    profile: hardening.profile.clone(),
+                })?;
+                (
+                    run_script(&script, &BTreeMap::new(), None, None),
+                    HARDENING_TIMEOUT_SECS,
+                )
+            }
+        };
+        let component = format!("{name}-{}", index + 1);
+        let document = Document {
+            name: component.clone(),
+            description: format!("{}: {}", recipe.name, provisioner.name),
+            schema_version: "1.0",
+            phases: vec![Phase {
+                name: "build",
+                steps: match files.last().filter(|_| files.len() > delivered) {
+                    Some(file) => vec![
+                        DocStep::s3_download(format!("{step_name}Fetch"), file),
+                        DocStep::bash(step_name, commands, timeout),
+                    ],
+                    None => vec![DocStep::bash(step_name, commands, timeout)],
+                },
+            }],
+        };
+        components.push(Component {
+            name: component.clone(),
+            semantic_version: SEMANTIC_VERSION.into(),
+            description: document.description.clone(),
+            platform: "Linux".into(),
+            data: document.to_yaml()?,
+            tags: tags.clone(),
+            kind: ComponentKind::Build,
+        });
+    }
+
+    let mut test_steps = Vec::new();
+    for test in &recipe.tests {
+        match test {
+            Test::Command {
+                name: test_name,
+                run,
+                exit_code,
+                stdout_contains,
+                user,
+                timeout,
+                ..
+            } => {
+                let what = format!("test `{test_name}`");
+                let script = text.render(run, &what)?;
+                let expected = stdout_contains
+                    .as_ref()
+                    .map(|t| text.render(t, &what))
+                    .transpose()?;
+                test_steps.push(DocStep::bash(
+                    step_name(test_steps.len() + 1, test_name),
+                    test_commands(&script, *exit_code, expected.as_deref(), user.as_deref()),
+                    timeout.as_secs(),
+                ));
+            }
+            Test::Boot { marker, .. } => not_compiled.push(format!(
+                "boot test (marker `{marker}`): Image Builder's test stage launches the new AMI, but bake cannot read its console there"
+            )),
+        }
+    }
+    if recipe.audit.is_some() {
+        not_compiled.push("audit: the compliance gate scans a local root only".into());
+    }
+    if !test_steps.is_empty() {
+        let component = format!("{name}-tests");
+        let document = Document {
+            name: component.clone(),
+            description: format!("{}: tests", recipe.name),
+            schema_version: "1.0",
+            phases: vec![Phase {
+                name: "test",
+                steps: test_steps,
+            }],
+        };
+        components.push(Component {
+            name: component,
+            semantic_version: SEMANTIC_VERSION.into(),
+            description: document.description.clone(),
+            platform: "Linux".into(),
+            data: document.to_yaml()?,
+            tags: tags.clone(),
+            kind: ComponentKind::Test,
+        });
+    }
+    for component in &components {
+        if component.data.len() > COMPONENT_DATA_LIMIT {
+            return Err(CompileError::TooLarge {
+                component: component.name.clone(),
+                size: component.data.len(),
+            });
+        }
+    }
+    Ok(components)
+}
+
+/// The Dockerfile template of a container recipe: Image Builder's parent image, environment and
+/// components placeholders, then the image settings of `outputs.oci`.
+fn dockerfile(text: &Texts, oci: &crate::recipe::OciOutput) -> Result<String, CompileError> {
+    let json = |value: &str| serde_json::to_string(value).expect("strings serialize");
+    let mut lines = vec![
+        "FROM {{{ imagebuilder:parentImage }}}".to_owned(),
+        "{{{ imagebuilder:environments }}}".to_owned(),
+        "{{{ imagebuilder:components }}}".to_owned(),
+    ];
+    for (key, value) in &oci.env {
+        let value = text.render(value, &format!("environment variable `{key}`"))?;
+        lines.push(format!("ENV {key}={}", json(&value)));
+    }
+    for (key, value) in &oci.labels {
+        let value = text.render(value, &format!("label `{key}`"))?;
+        lines.push(format!("LABEL {}={}", json(key), json(&value)));
+    }
+    for port in &oci.ports {
+        lines.push(format!("EXPOSE {port}"));
+    }
+    if let Some(signal) = &oci.stop_signal {
+        lines.push(format!("STOPSIGNAL {signal}"));
+    }
+    if let Some(workdir) = &oci.workdir {
+        lines.push(format!("WORKDIR {workdir}"));
+    }
+    if let Some(user) = &oci.user {
+        lines.push(format!("USER {user}"));
+    }
+    for (instruction, words) in [("ENTRYPOINT", &oci.entrypoint), ("CMD", &oci.cmd)] {
+        if let Some(words) = words {
+            let rendered = words
+                .iter()
+                .map(|w| text.render(w, &format!("`{}`", instruction.to_ascii_lowercase())))
+                .collect::<Result<Vec<_>, _>>()?;
+            lines.push(format!(
+                "{instruction} {}",
+                serde_json::to_string(&rendered).expect("strings serialize")
+            ));
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    Ok(out)
+}
+
+/// Compiles a recipe with `outputs.oci`: a container recipe on its `image` base (pinned by the
+/// plan's digest) that pushes to its first `publish.ecr` repository, the same components as an
+/// image recipe, a distribution that names the repository and the target's tags, and the
+/// infrastructure configuration (Image Builder's defaults: `outputs.ami.instance` does not
+/// apply).
+pub fn compile_container(
+    recipe: &Recipe,
+    plan: &Plan,
+    options: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    let oci = recipe
+        .outputs
+        .oci
+        .as_ref()
+        .expect("compile_container is for recipes with outputs.oci");
+    if recipe.outputs.ami.is_some() {
+        return Err(CompileError::AmiAndOci {
+            recipe: recipe.name.clone(),
+        });
+    }
+    let crate::plan::BaseIdentity::Image { repository, digest } = &plan.inputs.base else {
+        return Err(CompileError::NotImageBase {
+            recipe: recipe.name.clone(),
+            base: base_kind(&recipe.base),
+        });
+    };
+    let target = recipe
+        .publish
+        .ecr
+        .first()
+        .ok_or_else(|| CompileError::NoEcrTarget {
+            recipe: recipe.name.clone(),
+        })?;
+    let region = target
+        .region
+        .clone()
+        .or_else(|| options.region.clone())
+        .ok_or_else(|| CompileError::NoRegion {
+            recipe: recipe.name.clone(),
+            repository: target.repository.clone(),
+        })?;
+    let name = resource_name(&recipe.name, plan);
+    let tags = version_tags(recipe, plan);
+    let description = format!("bake recipe {} at {}", recipe.name, plan.version);
+    let renderer = Renderer::default();
+    let text = Texts {
+        recipe,
+        renderer: &renderer,
+        plan,
+    };
+    let mut not_compiled = Vec::new();
+    let mut files = Vec::new();
+    let components = components(
+        &text,
+        &name,
+        &tags,
+        options.file_bucket.as_deref(),
+        &mut files,
+        &mut not_compiled,
+    )?;
+    if recipe.publish.ecr.len() > 1 {
+        not_compiled.push(format!(
+            "publish.ecr beyond `{}`: Image Builder pushes to the container recipe's one repository (`bake push` of a local build reaches the others)",
+            target.repository
+        ));
+    }
+    let target_repository = TargetRepository {
+        service: "ECR".into(),
+        repository_name: target.repository.clone(),
+    };
+    let container_tags = target
+        .tags
+        .iter()
+        .map(|t| text.render(t, &format!("tag of ECR repository `{}`", target.repository)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let container_recipe = ContainerRecipe {
+        container_type: "DOCKER".into(),
+        name: name.clone(),
+        semantic_version: SEMANTIC_VERSION.into(),
+        description: description.clone(),
+        parent_image: format!("{repository}@{digest}"),
+        components: components.iter().map(|c| c.name.clone()).collect(),
+        dockerfile_template_data: dockerfile(&text, oci)?,
+        target_repository: target_repository.clone(),
+        tags: tags.clone(),
+    };
+    let infrastructure_configuration = InfrastructureConfiguration {
+        name: name.clone(),
+        description: description.clone(),
+        instance_types: vec![DEFAULT_INSTANCE_TYPE.into()],
+        instance_profile_name: DEFAULT_INSTANCE_PROFILE.into(),
+        subnet_id: None,
+        terminate_instance_on_failure: true,
+        instance_metadata_options: InstanceMetadataOptions {
+            http_tokens: "required".into(),
+            http_put_response_hop_limit: 1,
+        },
+        resource_tags: tags.clone(),
+        tags: tags.clone(),
+    };
+    let distribution_configuration = DistributionConfiguration {
+        name: name.clone(),
+        description: description.clone(),
+        distributions: vec![Distribution {
+            region: region.clone(),
+            ami_distribution_configuration: None,
+            container_distribution_configuration: Some(ContainerDistribution {
+                description: Some(description.clone()),
+                container_tags,
+                target_repository,
+            }),
+            launch_template_configurations: Vec::new(),
+            ssm_parameter_configurations: Vec::new(),
+        }],
+        tags: tags.clone(),
+    };
+    let has_tests = components.iter().any(|c| c.kind == ComponentKind::Test);
+    let image_pipeline = options.schedule.as_ref().map(|schedule| ImagePipeline {
+        name: recipe.name.replace('.', "-"),
+        description: format!("bake recipe {}", recipe.name),
+        schedule: Schedule {
+            schedule_expression: schedule.clone(),
+            pipeline_execution_start_condition: "EXPRESSION_MATCH_ONLY".into(),
+        },
+        image_tests_configuration: ImageTestsConfiguration {
+            image_tests_enabled: has_tests,
+        },
+        status: "ENABLED".into(),
+        tags: tags.clone(),
+    });
+    Ok(Compiled {
+        recipe: recipe.name.clone(),
+        version: plan.version.to_string(),
+        region,
+        components,
+        image_recipe: None,
+        container_recipe: Some(container_recipe),
+        files,
         infrastructure_configuration,
         distribution_configuration,
         image_pipeline,
@@ -824,7 +1180,13 @@ fn read_text(path: &Path) -> Result<String, CompileError> {
 /// destination ending in `/` (or an existing directory) receives the source under its own name;
 /// a directory's contents merge into the destination; files keep their modes unless the step
 /// sets one; everything is owned by the step's owner (root by default).
-fn file_commands(text: &Texts<'_>, file: &FileStep, what: &str) -> Result<String, CompileError> {
+fn file_commands(
+    text: &Texts<'_>,
+    file: &FileStep,
+    what: &str,
+    bucket: Option<&str>,
+    files: &mut Vec<DeliveredFile>,
+) -> Result<String, CompileError> {
     use std::os::unix::fs::PermissionsExt;
     let destination = text.render(&file.destination, what)?;
     let templates: BTreeMap<&Path, &Template> = file
@@ -857,7 +1219,19 @@ fn file_commands(text: &Texts<'_>, file: &FileStep, what: &str) -> Result<String
         };
         let mode = file.mode.unwrap_or(meta.permissions().mode() & 0o7777);
         commands.push_str("mkdir -p \"$(dirname \"$dest\")\"\n");
-        commands.push_str(&write_bytes(&bytes, "\"$dest\""));
+        let written = write_bytes(&bytes, "\"$dest\"");
+        match bucket.filter(|_| written.len() > INLINE_FILE_LIMIT) {
+            Some(bucket) => {
+                let delivered = DeliveredFile::new(bucket, bytes);
+                let staged = quote(&delivered.staging_path());
+                commands.push_str(&format!(
+                    "printf '%s  %s\\n' {} {staged} | sha256sum -c --status -\ncat {staged} >\"$dest\"\nrm -f {staged}\n",
+                    delivered.sha256,
+                ));
+                files.push(delivered);
+            }
+            None => commands.push_str(&written),
+        }
         commands.push_str(&format!(
             "chmod {mode:04o} \"$dest\"\nchown {owner} \"$dest\"\n"
         ));
@@ -969,12 +1343,28 @@ struct DocStep {
     #[serde(skip_serializing_if = "Option::is_none")]
     timeout_seconds: Option<u64>,
     on_failure: &'static str,
-    inputs: BashInputs,
+    inputs: StepInputs,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum StepInputs {
+    Bash(BashInputs),
+    /// `S3Download`: a list of objects to fetch.
+    S3Download(Vec<S3DownloadInput>),
 }
 
 #[derive(Serialize)]
 struct BashInputs {
     commands: Vec<serde_saphyr::LitString>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct S3DownloadInput {
+    source: String,
+    destination: String,
+    overwrite: bool,
 }
 
 impl DocStep {
@@ -984,9 +1374,25 @@ impl DocStep {
             action: "ExecuteBash",
             timeout_seconds: (timeout_secs > 0).then_some(timeout_secs),
             on_failure: "Abort",
-            inputs: BashInputs {
+            inputs: StepInputs::Bash(BashInputs {
                 commands: vec![serde_saphyr::LitString(commands)],
-            },
+            }),
+        }
+    }
+
+    /// Fetches `file` from its bucket to its staging path (the bash step that follows checks
+    /// its digest and installs it).
+    fn s3_download(name: String, file: &DeliveredFile) -> DocStep {
+        DocStep {
+            name,
+            action: "S3Download",
+            timeout_seconds: None,
+            on_failure: "Abort",
+            inputs: StepInputs::S3Download(vec![S3DownloadInput {
+                source: file.uri(),
+                destination: file.staging_path(),
+                overwrite: true,
+            }]),
         }
     }
 }
@@ -1130,9 +1536,19 @@ mod tests {
             ]
         );
         assert!(compiled.has_tests());
-        assert_eq!(compiled.image_recipe.parent_image, "ami-0123456789abcdef0");
-        assert_eq!(compiled.image_recipe.semantic_version, SEMANTIC_VERSION);
-        let root = &compiled.image_recipe.block_device_mappings[0];
+        assert_eq!(
+            compiled.image_recipe.as_ref().unwrap().parent_image,
+            "ami-0123456789abcdef0"
+        );
+        assert_eq!(
+            compiled.image_recipe.as_ref().unwrap().semantic_version,
+            SEMANTIC_VERSION
+        );
+        let root = &compiled
+            .image_recipe
+            .as_ref()
+            .unwrap()
+            .block_device_mappings[0];
         assert_eq!(root.device_name, "/dev/xvda");
         assert_eq!(root.ebs.volume_size, 12);
         assert_eq!(root.ebs.kms_key_id.as_deref(), Some("alias/bake-ami"));
@@ -1154,15 +1570,17 @@ mod tests {
         assert_eq!(regions, ["us-east-1", "eu-west-1"]);
         let eu = &compiled.distribution_configuration.distributions[1];
         assert_eq!(
-            eu.ami_distribution_configuration.ami_tags["Name"],
+            eu.ami_distribution_configuration.as_ref().unwrap().ami_tags["Name"],
             "export-test-eu-west-1"
         );
         assert_eq!(
-            eu.ami_distribution_configuration.ami_tags[TAG_VERSION],
+            eu.ami_distribution_configuration.as_ref().unwrap().ami_tags[TAG_VERSION],
             plan.version.to_string()
         );
         assert_eq!(
             eu.ami_distribution_configuration
+                .as_ref()
+                .unwrap()
                 .launch_permission
                 .as_ref()
                 .unwrap()
@@ -1193,6 +1611,8 @@ mod tests {
             &CompileOptions {
                 publish: true,
                 schedule: Some("rate(7 days)".into()),
+                region: None,
+                file_bucket: None,
             },
         )
         .unwrap();

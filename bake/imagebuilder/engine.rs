@@ -9,8 +9,9 @@
 //!   its state and of a workflow step (`build-image: ApplyBuildComponents running`) is
 //!   reported.
 //! - **Failure** reports Image Builder's reason and where the logs are (CloudWatch Logs group
-//!   `/aws/imagebuilder/<recipe name>`). Nothing is deleted: the resources are the version's,
-//!   and a fixed recipe is a new version with new resources.
+//!   `/aws/imagebuilder/<recipe name>`). Nothing is deleted (a retry of the version reuses
+//!   the resources); the run's journal stays, so `bake cleanup` can remove them while the
+//!   version has no build ([`super::cleanup`]).
 //! - **Ctrl-C** (the cancel flag) cancels the build (`CancelImageCreation`) and waits until
 //!   Image Builder says it is cancelled (or past the point where it can be).
 //! - Everything bake creates carries `bake:recipe` and `bake:version`; the output AMIs too (in
@@ -23,26 +24,36 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_imagebuilder::error::ProvideErrorMetadata;
 use aws_sdk_imagebuilder::types::{
-    AmiDistributionConfiguration, ComponentConfiguration, Distribution,
-    EbsInstanceBlockDeviceSpecification, EbsVolumeType, Filter, ImageStatus,
-    ImageTestsConfiguration, InstanceBlockDeviceMapping, InstanceMetadataOptions,
-    LaunchPermissionConfiguration, LaunchTemplateConfiguration, Ownership, Platform,
-    SsmParameterConfiguration, SsmParameterDataType, WorkflowStepExecutionStatus,
+    AmiDistributionConfiguration, ComponentConfiguration, ContainerDistributionConfiguration,
+    ContainerRepositoryService, ContainerType, Distribution, EbsInstanceBlockDeviceSpecification,
+    EbsVolumeType, Filter, ImageStatus, ImageTestsConfiguration, InstanceBlockDeviceMapping,
+    InstanceMetadataOptions, LaunchPermissionConfiguration, LaunchTemplateConfiguration, Ownership,
+    Platform, SsmParameterConfiguration, SsmParameterDataType, TargetContainerRepository,
+    WorkflowStepExecutionStatus,
 };
 use serde::{Deserialize, Serialize};
+
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, CreateBucketConfiguration, PublicAccessBlockConfiguration, Tag,
+    Tagging,
+};
 
 use super::compile::Compiled;
 use crate::ami::RegionImage;
 use crate::ami::instance::SourceAmi;
+use crate::ami::journal::{Journal, ResourceKind};
 use crate::aws::Aws;
 use crate::build::pipeline::BuildReporter;
 use crate::plan::Plan;
-use crate::store::{Artifact, BuildRecord, ImageBuilderAmi, Store};
+use crate::store::{Artifact, BuildRecord, ImageBuilderAmi, ImageBuilderContainer, Store};
 
 /// How long bake follows one build before it gives up waiting (the build goes on in AWS):
 /// Image Builder's own default timeout for a build's tests is 12 hours, and builds of large
 /// images with many components take several.
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// The tag on the S3 bucket bake creates for component files (its value says what for).
+pub const TAG_BUCKET: &str = "bake:bucket";
 
 /// How long a cancelled build may take to reach `CANCELLED` before bake stops waiting.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -71,11 +82,21 @@ pub struct ImageBuilderOutput {
     pub image_arn: String,
     /// The build's workflow executions (`wf-…`).
     pub workflow_executions: Vec<String>,
+    /// The source AMI, or for a container the parent image.
     pub source_ami: String,
-    /// Every region's AMI, the build region first.
+    /// Every region's AMI, the build region first (none for a container).
     pub regions: Vec<RegionImage>,
+    /// A container's manifest digest, in ECR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// A container's `REPOSITORY@DIGEST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_reference: Option<String>,
     /// ARNs of the Image Builder resources this run created (empty when it reused them all).
     pub created: Vec<String>,
+    /// `s3://` URIs of the files this run uploaded for its components (empty when the bucket
+    /// had them all).
+    pub uploaded: Vec<String>,
     /// Whether this run started the build (false: an earlier run's image was found).
     pub started_build: bool,
 }
@@ -101,6 +122,21 @@ pub enum EngineError {
     Ended { image_arn: String, state: String },
     #[error("Image Builder image {image_arn} did not finish within {}", humantime::format_duration(*waited))]
     Timeout { image_arn: String, waited: Duration },
+    #[error("Image Builder image {image_arn} is available but its container image was not found")]
+    NoContainer { image_arn: String },
+    #[error("Image Builder image {image_arn} names `{uri}`, which is not an image reference")]
+    BadImageUri { image_arn: String, uri: String },
+    #[error("failed to ask the registry for `{reference}`")]
+    Registry {
+        reference: String,
+        #[source]
+        source: Box<crate::registry::RegistryError>,
+    },
+    #[error("failed to keep the run's journal")]
+    Journal {
+        #[source]
+        source: crate::ami::journal::JournalError,
+    },
     #[error("Image Builder image {image_arn} is available but names no AMI in {region}")]
     NoAmi { image_arn: String, region: String },
     #[error(
@@ -212,23 +248,63 @@ pub fn client_token(version: &str, what: &str) -> String {
 pub struct Engine<'a> {
     pub aws: &'a Aws,
     pub store: &'a Store,
+    /// Reads a container build's digest from the registry it was pushed to (ECR).
+    pub registry: Option<crate::registry::Client>,
     pub options: EngineOptions,
 }
 
 impl Engine<'_> {
     /// Builds `compiled` (from `plan`, on `source`) and writes the version's build record.
+    ///
+    /// The run keeps a journal of what it creates (in the store, as AMI builds do). Once the
+    /// build record is written the journal goes: the resources are the recorded version's. A
+    /// run that fails, is cancelled or is killed leaves it, and `bake cleanup` removes what it
+    /// names unless the version got built meanwhile ([`super::cleanup`]).
     pub async fn build(
         &self,
         plan: &Plan,
-        source: &SourceAmi,
+        source: Option<&SourceAmi>,
         compiled: &Compiled,
         reporter: &mut dyn BuildReporter,
     ) -> Result<ImageBuilderOutput, EngineError> {
+        let journal = Journal::begin(self.store, &plan.name, compiled.version.as_str())
+            .map_err(|source| EngineError::Journal { source })?;
+        let result = self
+            .build_journaled(plan, source, compiled, &journal, reporter)
+            .await;
+        // Nothing created: nothing for cleanup, whatever the outcome.
+        if (result.is_ok() || journal.live().is_empty())
+            && let Err(e) = journal.finish()
+        {
+            tracing::warn!("failed to delete the run's journal: {e}");
+        }
+        result
+    }
+
+    async fn build_journaled(
+        &self,
+        plan: &Plan,
+        source: Option<&SourceAmi>,
+        compiled: &Compiled,
+        journal: &Journal,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<ImageBuilderOutput, EngineError> {
+        let journaled = |kind: ResourceKind, name: &str| {
+            journal
+                .creating(kind, &compiled.region, name)
+                .map_err(|source| EngineError::Journal { source })
+        };
+        let settled = |entry, arn: &str| {
+            journal
+                .created(entry, arn)
+                .map_err(|source| EngineError::Journal { source })
+        };
         let started = Instant::now();
         let region = compiled.region.as_str();
         let client = self.aws.imagebuilder(region);
         let version = compiled.version.as_str();
         let mut created = Vec::new();
+        let uploaded = self.deliver_files(compiled, reporter).await?;
 
         let mut component_arns = HashMap::new();
         for component in &compiled.components {
@@ -238,6 +314,7 @@ impl Engine<'_> {
             {
                 Some(arn) => arn,
                 None => {
+                    let entry = journaled(ResourceKind::ImageBuilderComponent, &component.name)?;
                     let arn = client
                         .create_component()
                         .name(&component.name)
@@ -259,6 +336,7 @@ impl Engine<'_> {
                         .component_build_version_arn()
                         .unwrap_or_default()
                         .to_owned();
+                    settled(entry, &arn)?;
                     reporter.message(&format!("created component {arn}"));
                     created.push(arn.clone());
                     arn
@@ -267,64 +345,113 @@ impl Engine<'_> {
             component_arns.insert(component.name.clone(), arn);
         }
 
-        let recipe = &compiled.image_recipe;
-        let recipe_arn = match self
-            .find_image_recipe(&client, region, &recipe.name)
-            .await?
-        {
-            Some(arn) => arn,
-            None => {
-                let mut request = client
-                    .create_image_recipe()
-                    .name(&recipe.name)
-                    .semantic_version(&recipe.semantic_version)
-                    .description(&recipe.description)
-                    .parent_image(&recipe.parent_image)
-                    .set_tags(Some(to_map(&recipe.tags)))
-                    .client_token(client_token(
-                        version,
-                        &format!("image recipe {}", recipe.name),
-                    ));
-                for name in &recipe.components {
-                    request = request.components(
-                        ComponentConfiguration::builder()
-                            .component_arn(&component_arns[name])
-                            .build()
-                            .expect("the component ARN is set"),
-                    );
+        let recipe_arn = match (&compiled.image_recipe, &compiled.container_recipe) {
+            (Some(recipe), _) => match self
+                .find_image_recipe(&client, region, &recipe.name)
+                .await?
+            {
+                Some(arn) => arn,
+                None => {
+                    let entry = journaled(ResourceKind::ImageBuilderImageRecipe, &recipe.name)?;
+                    let mut request = client
+                        .create_image_recipe()
+                        .name(&recipe.name)
+                        .semantic_version(&recipe.semantic_version)
+                        .description(&recipe.description)
+                        .parent_image(&recipe.parent_image)
+                        .set_tags(Some(to_map(&recipe.tags)))
+                        .client_token(client_token(
+                            version,
+                            &format!("image recipe {}", recipe.name),
+                        ));
+                    for name in &recipe.components {
+                        request = request.components(
+                            ComponentConfiguration::builder()
+                                .component_arn(&component_arns[name])
+                                .build()
+                                .expect("the component ARN is set"),
+                        );
+                    }
+                    for mapping in &recipe.block_device_mappings {
+                        request = request.block_device_mappings(
+                            InstanceBlockDeviceMapping::builder()
+                                .device_name(&mapping.device_name)
+                                .ebs(
+                                    EbsInstanceBlockDeviceSpecification::builder()
+                                        .encrypted(mapping.ebs.encrypted)
+                                        .set_kms_key_id(mapping.ebs.kms_key_id.clone())
+                                        .volume_size(mapping.ebs.volume_size as i32)
+                                        .volume_type(EbsVolumeType::from(
+                                            mapping.ebs.volume_type.as_str(),
+                                        ))
+                                        .delete_on_termination(mapping.ebs.delete_on_termination)
+                                        .build(),
+                                )
+                                .build(),
+                        );
+                    }
+                    let arn = request
+                        .send()
+                        .await
+                        .map_err(aws(
+                            format!("create image recipe `{}`", recipe.name),
+                            region,
+                        ))?
+                        .image_recipe_arn()
+                        .unwrap_or_default()
+                        .to_owned();
+                    settled(entry, &arn)?;
+                    reporter.message(&format!("created image recipe {arn}"));
+                    created.push(arn.clone());
+                    arn
                 }
-                for mapping in &recipe.block_device_mappings {
-                    request = request.block_device_mappings(
-                        InstanceBlockDeviceMapping::builder()
-                            .device_name(&mapping.device_name)
-                            .ebs(
-                                EbsInstanceBlockDeviceSpecification::builder()
-                                    .encrypted(mapping.ebs.encrypted)
-                                    .set_kms_key_id(mapping.ebs.kms_key_id.clone())
-                                    .volume_size(mapping.ebs.volume_size as i32)
-                                    .volume_type(EbsVolumeType::from(
-                                        mapping.ebs.volume_type.as_str(),
-                                    ))
-                                    .delete_on_termination(mapping.ebs.delete_on_termination)
-                                    .build(),
-                            )
-                            .build(),
-                    );
+            },
+            (None, Some(recipe)) => match self
+                .find_container_recipe(&client, region, &recipe.name)
+                .await?
+            {
+                Some(arn) => arn,
+                None => {
+                    let entry = journaled(ResourceKind::ImageBuilderContainerRecipe, &recipe.name)?;
+                    let mut request = client
+                        .create_container_recipe()
+                        .container_type(ContainerType::Docker)
+                        .name(&recipe.name)
+                        .semantic_version(&recipe.semantic_version)
+                        .description(&recipe.description)
+                        .parent_image(&recipe.parent_image)
+                        .dockerfile_template_data(&recipe.dockerfile_template_data)
+                        .target_repository(sdk_repository(&recipe.target_repository))
+                        .set_tags(Some(to_map(&recipe.tags)))
+                        .client_token(client_token(
+                            version,
+                            &format!("container recipe {}", recipe.name),
+                        ));
+                    for name in &recipe.components {
+                        request = request.components(
+                            ComponentConfiguration::builder()
+                                .component_arn(&component_arns[name])
+                                .build()
+                                .expect("the component ARN is set"),
+                        );
+                    }
+                    let arn = request
+                        .send()
+                        .await
+                        .map_err(aws(
+                            format!("create container recipe `{}`", recipe.name),
+                            region,
+                        ))?
+                        .container_recipe_arn()
+                        .unwrap_or_default()
+                        .to_owned();
+                    settled(entry, &arn)?;
+                    reporter.message(&format!("created container recipe {arn}"));
+                    created.push(arn.clone());
+                    arn
                 }
-                let arn = request
-                    .send()
-                    .await
-                    .map_err(aws(
-                        format!("create image recipe `{}`", recipe.name),
-                        region,
-                    ))?
-                    .image_recipe_arn()
-                    .unwrap_or_default()
-                    .to_owned();
-                reporter.message(&format!("created image recipe {arn}"));
-                created.push(arn.clone());
-                arn
-            }
+            },
+            (None, None) => unreachable!("a compiled recipe has an image or a container recipe"),
         };
 
         let infra = &compiled.infrastructure_configuration;
@@ -334,6 +461,7 @@ impl Engine<'_> {
         {
             Some(arn) => arn,
             None => {
+                let entry = journaled(ResourceKind::ImageBuilderInfrastructure, &infra.name)?;
                 let arn = client
                     .create_infrastructure_configuration()
                     .name(&infra.name)
@@ -365,6 +493,7 @@ impl Engine<'_> {
                     .infrastructure_configuration_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("created infrastructure configuration {arn}"));
                 created.push(arn.clone());
                 arn
@@ -378,6 +507,7 @@ impl Engine<'_> {
         {
             Some(arn) => arn,
             None => {
+                let entry = journaled(ResourceKind::ImageBuilderDistribution, &distribution.name)?;
                 let mut request = client
                     .create_distribution_configuration()
                     .name(&distribution.name)
@@ -400,6 +530,7 @@ impl Engine<'_> {
                     .distribution_configuration_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("created distribution configuration {arn}"));
                 created.push(arn.clone());
                 arn
@@ -407,7 +538,10 @@ impl Engine<'_> {
         };
 
         // The image: an earlier run's, or a new build.
-        let image_version_arn = recipe_arn.replacen(":image-recipe/", ":image/", 1);
+        let image_version_arn = recipe_arn
+            .replacen(":image-recipe/", ":image/", 1)
+            .replacen(":container-recipe/", ":image/", 1);
+        let recipe_name = compiled.recipe_name();
         let builds = self.builds(&client, region, &image_version_arn).await?;
         let current = builds
             .iter()
@@ -424,9 +558,12 @@ impl Engine<'_> {
             None => {
                 // Failed or cancelled attempts count, so a rebuild after one gets a fresh token.
                 let attempt = builds.len() + 1;
+                let entry = journaled(ResourceKind::ImageBuilderImage, recipe_name)?;
+                let container = compiled.container_recipe.is_some();
                 let arn = client
                     .create_image()
-                    .image_recipe_arn(&recipe_arn)
+                    .set_image_recipe_arn((!container).then(|| recipe_arn.clone()))
+                    .set_container_recipe_arn(container.then(|| recipe_arn.clone()))
                     .infrastructure_configuration_arn(&infra_arn)
                     .distribution_configuration_arn(&distribution_arn)
                     .image_tests_configuration(
@@ -434,7 +571,7 @@ impl Engine<'_> {
                             .image_tests_enabled(compiled.has_tests())
                             .build(),
                     )
-                    .set_tags(Some(to_map(&compiled.image_recipe.tags)))
+                    .set_tags(Some(to_map(compiled.tags())))
                     .client_token(client_token(version, &format!("image attempt {attempt}")))
                     .send()
                     .await
@@ -442,6 +579,7 @@ impl Engine<'_> {
                     .image_build_version_arn()
                     .unwrap_or_default()
                     .to_owned();
+                settled(entry, &arn)?;
                 reporter.message(&format!("started Image Builder image {arn}"));
                 (arn, true)
             }
@@ -450,27 +588,137 @@ impl Engine<'_> {
         let workflow_executions = self
             .follow(&client, region, &compiled.recipe, &image_arn, reporter)
             .await?;
-        let regions = self
-            .record_image(
-                region,
-                plan,
-                source,
-                compiled,
-                &image_arn,
-                &workflow_executions,
-                started,
-            )
-            .await?;
+        let (regions, container, source_ami) = match (source, &compiled.container_recipe) {
+            (_, Some(recipe)) => {
+                let container = self
+                    .record_container(
+                        region,
+                        plan,
+                        recipe,
+                        &image_arn,
+                        &workflow_executions,
+                        started,
+                    )
+                    .await?;
+                (Vec::new(), Some(container), recipe.parent_image.clone())
+            }
+            (Some(source), None) => {
+                let regions = self
+                    .record_image(
+                        region,
+                        plan,
+                        source,
+                        compiled,
+                        &image_arn,
+                        &workflow_executions,
+                        started,
+                    )
+                    .await?;
+                (regions, None, source.image_id.clone())
+            }
+            (None, None) => unreachable!("an image recipe is compiled on a source AMI"),
+        };
         Ok(ImageBuilderOutput {
             name: plan.name.clone(),
             version: plan.version.to_string(),
             image_arn,
             workflow_executions,
-            source_ami: source.image_id.clone(),
+            source_ami,
             regions,
+            image_digest: container.as_ref().map(|c| c.image_digest.to_string()),
+            image_reference: container
+                .as_ref()
+                .map(|c| format!("{}@{}", c.repository, c.image_digest)),
             created,
+            uploaded,
             started_build,
         })
+    }
+
+    /// Writes the version's build record from the finished container image `image_arn`: the
+    /// image Image Builder pushed, by the digest its registry answers for the first URI Image
+    /// Builder reported (URIs name tags, which can move; the record pins the digest).
+    async fn record_container(
+        &self,
+        region: &str,
+        plan: &Plan,
+        recipe: &super::compile::ContainerRecipe,
+        image_arn: &str,
+        workflow_executions: &[String],
+        started: Instant,
+    ) -> Result<ImageBuilderContainer, EngineError> {
+        let image = self
+            .aws
+            .imagebuilder(region)
+            .get_image()
+            .image_build_version_arn(image_arn)
+            .send()
+            .await
+            .map_err(aws("read the finished image", region))?;
+        let containers = image
+            .image()
+            .and_then(|i| i.output_resources())
+            .map(|o| o.containers().to_vec())
+            .unwrap_or_default();
+        let image_uris: Vec<String> = containers
+            .iter()
+            .filter(|c| c.region().is_none_or(|r| r == region))
+            .chain(
+                containers
+                    .iter()
+                    .filter(|c| c.region().is_some_and(|r| r != region)),
+            )
+            .flat_map(|c| c.image_uris().iter().cloned())
+            .collect();
+        let no_image = || EngineError::NoContainer {
+            image_arn: image_arn.to_owned(),
+        };
+        let uri = image_uris.first().ok_or_else(no_image)?;
+        let reference: crate::registry::Reference =
+            uri.parse().map_err(|_| EngineError::BadImageUri {
+                image_arn: image_arn.to_owned(),
+                uri: uri.clone(),
+            })?;
+        let registry = self.registry.as_ref().ok_or_else(no_image)?;
+        let info = registry
+            .head_manifest(&reference)
+            .await
+            .map_err(|source| EngineError::Registry {
+                reference: uri.clone(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(no_image)?;
+        let image_digest: crate::id::Digest =
+            info.digest.parse().map_err(|_| EngineError::BadImageUri {
+                image_arn: image_arn.to_owned(),
+                uri: format!("{uri} (digest {})", info.digest),
+            })?;
+        let container = ImageBuilderContainer {
+            parent_image: recipe.parent_image.clone(),
+            image_arn: image_arn.to_owned(),
+            workflow_executions: workflow_executions.to_vec(),
+            repository: reference.name(),
+            image_digest,
+            image_uris,
+        };
+        let mut record = BuildRecord::new(
+            &plan.name,
+            &plan.version,
+            &plan.recipe,
+            &plan.inputs,
+            Artifact::ImageBuilderContainer {
+                image: container.clone(),
+            },
+        );
+        record.started =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() - started.elapsed())
+                .to_string();
+        record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.store.put_record(&record) {
+            // The image is in ECR under the version's tags; a rebuild finds it and writes it.
+            tracing::warn!("failed to write the build record: {e}");
+        }
+        Ok(container)
     }
 
     /// Writes the version's build record from the finished image `image_arn` (of `region`): its
@@ -602,11 +850,11 @@ impl Engine<'_> {
     ) -> Result<ImageBuilderOutput, EngineError> {
         let started = Instant::now();
         let origin = self.image_origin(image_arn).await?;
-        if origin.image_recipe != compiled.image_recipe.name {
+        if origin.image_recipe != compiled.recipe_name() {
             return Err(EngineError::OtherVersion {
                 image_arn: image_arn.to_owned(),
                 image_recipe: origin.image_recipe,
-                expected: compiled.image_recipe.name.clone(),
+                expected: compiled.recipe_name().to_owned(),
                 version: plan.version.to_string(),
             });
         }
@@ -645,9 +893,109 @@ impl Engine<'_> {
             workflow_executions,
             source_ami: source.image_id.clone(),
             regions,
+            image_digest: None,
+            image_reference: None,
             created: Vec::new(),
+            uploaded: Vec::new(),
             started_build: false,
         })
+    }
+
+    /// Puts the files the components fetch into their bucket: the bucket is created (private,
+    /// tagged as bake's) when missing, and an object already there is not sent again (keys are
+    /// content digests). Returns the URIs uploaded.
+    async fn deliver_files(
+        &self,
+        compiled: &Compiled,
+        reporter: &mut dyn BuildReporter,
+    ) -> Result<Vec<String>, EngineError> {
+        let Some(first) = compiled.files.first() else {
+            return Ok(Vec::new());
+        };
+        let region = compiled.region.as_str();
+        let s3 = self.aws.s3(region);
+        let bucket = first.bucket.as_str();
+        match s3.head_bucket().bucket(bucket).send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                let mut request = s3.create_bucket().bucket(bucket);
+                // us-east-1 is S3's default location and refuses to be named as a constraint.
+                if region != "us-east-1" {
+                    request = request.create_bucket_configuration(
+                        CreateBucketConfiguration::builder()
+                            .location_constraint(BucketLocationConstraint::from(region))
+                            .build(),
+                    );
+                }
+                request
+                    .send()
+                    .await
+                    .map_err(aws(format!("create S3 bucket `{bucket}`"), region))?;
+                s3.put_public_access_block()
+                    .bucket(bucket)
+                    .public_access_block_configuration(
+                        PublicAccessBlockConfiguration::builder()
+                            .block_public_acls(true)
+                            .ignore_public_acls(true)
+                            .block_public_policy(true)
+                            .restrict_public_buckets(true)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(aws(format!("make S3 bucket `{bucket}` private"), region))?;
+                s3.put_bucket_tagging()
+                    .bucket(bucket)
+                    .tagging(
+                        Tagging::builder()
+                            .tag_set(
+                                Tag::builder()
+                                    .key(TAG_BUCKET)
+                                    .value("imagebuilder-files")
+                                    .build()
+                                    .expect("key and value are set"),
+                            )
+                            .build()
+                            .expect("the tag set is set"),
+                    )
+                    .send()
+                    .await
+                    .map_err(aws(format!("tag S3 bucket `{bucket}`"), region))?;
+                reporter.message(&format!("created S3 bucket {bucket}"));
+            }
+            Err(e) => return Err(aws(format!("look for S3 bucket `{bucket}`"), region)(e)),
+        }
+        let mut uploaded = Vec::new();
+        for file in &compiled.files {
+            match s3
+                .head_object()
+                .bucket(&file.bucket)
+                .key(&file.key)
+                .send()
+                .await
+            {
+                Ok(_) => continue,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {}
+                Err(e) => {
+                    return Err(aws(format!("look for {}", file.uri()), region)(e));
+                }
+            }
+            let checksum = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                hex::decode(&file.sha256).expect("the digest is hex"),
+            );
+            s3.put_object()
+                .bucket(&file.bucket)
+                .key(&file.key)
+                .body(aws_sdk_s3::primitives::ByteStream::from(file.bytes.clone()))
+                .checksum_sha256(checksum)
+                .send()
+                .await
+                .map_err(aws(format!("upload {}", file.uri()), region))?;
+            reporter.message(&format!("uploaded {} ({} bytes)", file.uri(), file.size));
+            uploaded.push(file.uri());
+        }
+        Ok(uploaded)
     }
 
     async fn find_component(
@@ -686,6 +1034,27 @@ impl Engine<'_> {
             .map_err(aws(format!("look for image recipe `{name}`"), region))?;
         Ok(out
             .image_recipe_summary_list()
+            .iter()
+            .find(|r| r.name() == Some(name))
+            .and_then(|r| r.arn())
+            .map(str::to_owned))
+    }
+
+    async fn find_container_recipe(
+        &self,
+        client: &aws_sdk_imagebuilder::Client,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let out = client
+            .list_container_recipes()
+            .owner(Ownership::SelfValue)
+            .filters(name_filter(name))
+            .send()
+            .await
+            .map_err(aws(format!("look for container recipe `{name}`"), region))?;
+        Ok(out
+            .container_recipe_summary_list()
             .iter()
             .find(|r| r.name() == Some(name))
             .and_then(|r| r.arn())
@@ -963,7 +1332,8 @@ impl Engine<'_> {
     }
 }
 
-fn in_progress(status: &ImageStatus) -> bool {
+/// Whether a build in this state is still going (it may yet succeed, or be cancelled).
+pub(crate) fn in_progress(status: &ImageStatus) -> bool {
     matches!(
         status,
         ImageStatus::Pending
@@ -983,8 +1353,32 @@ fn to_map(tags: &std::collections::BTreeMap<String, String>) -> HashMap<String, 
     tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+fn sdk_repository(repository: &super::compile::TargetRepository) -> TargetContainerRepository {
+    TargetContainerRepository::builder()
+        .service(ContainerRepositoryService::from(
+            repository.service.as_str(),
+        ))
+        .repository_name(&repository.repository_name)
+        .build()
+        .expect("the service and repository name are set")
+}
+
 fn sdk_distribution(d: &super::compile::Distribution) -> Distribution {
-    let ami = &d.ami_distribution_configuration;
+    let mut builder = Distribution::builder().region(&d.region);
+    if let Some(container) = &d.container_distribution_configuration {
+        builder = builder.container_distribution_configuration(
+            ContainerDistributionConfiguration::builder()
+                .set_description(container.description.clone())
+                .set_container_tags(
+                    Some(container.container_tags.clone()).filter(|t| !t.is_empty()),
+                )
+                .target_repository(sdk_repository(&container.target_repository))
+                .build(),
+        );
+    }
+    let Some(ami) = &d.ami_distribution_configuration else {
+        return builder.build().expect("the region is set");
+    };
     let permission = ami.launch_permission.as_ref().map(|p| {
         LaunchPermissionConfiguration::builder()
             .set_user_ids(Some(p.user_ids.clone()).filter(|v| !v.is_empty()))
@@ -995,17 +1389,15 @@ fn sdk_distribution(d: &super::compile::Distribution) -> Distribution {
             )
             .build()
     });
-    let mut builder = Distribution::builder()
-        .region(&d.region)
-        .ami_distribution_configuration(
-            AmiDistributionConfiguration::builder()
-                .name(&ami.name)
-                .set_description(ami.description.clone())
-                .set_ami_tags(Some(to_map(&ami.ami_tags)))
-                .set_kms_key_id(ami.kms_key_id.clone())
-                .set_launch_permission(permission)
-                .build(),
-        );
+    builder = builder.ami_distribution_configuration(
+        AmiDistributionConfiguration::builder()
+            .name(&ami.name)
+            .set_description(ami.description.clone())
+            .set_ami_tags(Some(to_map(&ami.ami_tags)))
+            .set_kms_key_id(ami.kms_key_id.clone())
+            .set_launch_permission(permission)
+            .build(),
+    );
     for template in &d.launch_template_configurations {
         builder = builder.launch_template_configurations(
             LaunchTemplateConfiguration::builder()

@@ -9,13 +9,15 @@
 //!                       ▼
 //!                    engine: look up, create what is missing (tagged, idempotency tokens from
 //!                    the version) ─► CreateImage ─► wait (states, workflow steps; Ctrl-C
-//!                    cancels) ─► build record + manifest from the image's AMIs
+//!                    cancels) ─► build record + manifest from the image's AMIs, or for a
+//!                    container recipe from the digest of the image it pushed to ECR
 //! ```
 //!
 //! Resource names and semantic versions derive from bake's version ([`compile::resource_name`]),
 //! so a version maps to one set of immutable resources: a second build of it finds them (and
 //! its image) and creates nothing.
 
+pub mod cleanup;
 pub mod compile;
 pub mod engine;
 

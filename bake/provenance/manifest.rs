@@ -84,6 +84,20 @@ pub struct Outputs {
     pub disk_image: Option<DiskImage>,
     #[serde(default)]
     pub amis: Vec<AmiRecord>,
+    /// A container image that lives in a registry, not in the store (Image Builder built and
+    /// pushed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_image: Option<RemoteImage>,
+}
+
+/// A container image built and pushed elsewhere (EC2 Image Builder, to ECR).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteImage {
+    /// `REPOSITORY@DIGEST`.
+    pub reference: String,
+    pub digest: String,
+    /// The Image Builder image (build version) ARN.
+    pub image_arn: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,6 +353,11 @@ impl Manifest {
                         size: 0,
                     }),
                 amis: record_amis(record),
+                remote_image: record.imagebuilder_container().map(|c| RemoteImage {
+                    reference: format!("{}@{}", c.repository, c.image_digest),
+                    digest: c.image_digest.to_string(),
+                    image_arn: c.image_arn.clone(),
+                }),
             },
             publications: Vec::new(),
             attestations: None,
@@ -391,7 +410,8 @@ impl Manifest {
                 .oci
                 .iter()
                 .flat_map(|o| std::iter::once(&o.manifest_digest).chain(o.index_digest.iter()))
-                .chain(self.outputs.disk_image.iter().map(|d| &d.digest));
+                .chain(self.outputs.disk_image.iter().map(|d| &d.digest))
+                .chain(self.outputs.remote_image.iter().map(|r| &r.digest));
             let published = self.publications.iter().filter_map(|p| match p {
                 Publication::Registry { digest, .. } => Some(digest),
                 _ => None,

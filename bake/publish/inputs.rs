@@ -107,18 +107,26 @@ impl PublishInputs {
             .iter()
             .map(|r| (r.region.clone(), r.image_id.clone()))
             .collect();
-        let images = record
-            .image()
-            .map(|image| {
-                repositories
-                    .iter()
-                    .map(|repository| ImageRef {
-                        repository: repository.clone(),
-                        digest: image.image_digest.to_string(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let images = match record.imagebuilder_container() {
+            // Image Builder pushed it to one repository, its container recipe's target: the
+            // recipe's other repositories never got it.
+            Some(container) => vec![ImageRef {
+                repository: container.repository.clone(),
+                digest: container.image_digest.to_string(),
+            }],
+            None => record
+                .image_digest()
+                .map(|digest| {
+                    repositories
+                        .iter()
+                        .map(|repository| ImageRef {
+                            repository: repository.clone(),
+                            digest: digest.to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
         let inputs = PublishInputs {
             recipe: record.name.clone(),
             version: record.version.to_string(),

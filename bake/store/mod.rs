@@ -40,7 +40,9 @@ use sha2::{Digest as _, Sha256};
 pub mod record;
 pub(crate) mod trash;
 
-pub use record::{Artifact, BuildRecord, DiskAmi, ImageBuilderAmi, InstanceAmi, OciImage};
+pub use record::{
+    Artifact, BuildRecord, DiskAmi, ImageBuilderAmi, ImageBuilderContainer, InstanceAmi, OciImage,
+};
 
 /// The annotation bake puts on each index entry: the version it is the image of.
 pub const ANNOTATION_VERSION: &str = "dev.bake.version";

@@ -85,6 +85,13 @@ pub enum Artifact {
     ImageBuilderAmi {
         ami: ImageBuilderAmi,
     },
+    /// `bake build --engine imagebuilder` of a recipe with `outputs.oci`: a container image EC2
+    /// Image Builder built and pushed to ECR. It lives in ECR, not in the store: readers that
+    /// need the image's blobs (push, export, audit, SBOMs) find no [`OciImage`]; those that need
+    /// its digest ([`BuildRecord::image_digest`]: publish, manifest show) find it here.
+    ImageBuilderContainer {
+        image: ImageBuilderContainer,
+    },
 }
 
 /// An OCI image in the store.
@@ -144,6 +151,23 @@ pub struct ImageBuilderAmi {
     pub regions: Vec<RegionImage>,
 }
 
+/// A container image EC2 Image Builder built and pushed to ECR.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageBuilderContainer {
+    /// The image it was built on, as the container recipe names it (pinned by digest).
+    pub parent_image: String,
+    /// The Image Builder image (build version) ARN.
+    pub image_arn: String,
+    /// The build's workflow execution ids.
+    pub workflow_executions: Vec<String>,
+    /// Where the image is: `ACCOUNT.dkr.ecr.REGION.amazonaws.com/NAME`.
+    pub repository: String,
+    /// Its manifest's digest, as the registry answered for the URIs Image Builder named.
+    pub image_digest: Digest,
+    /// The tagged URIs Image Builder reported (`outputResources.containers[].imageUris`).
+    pub image_uris: Vec<String>,
+}
+
 impl BuildRecord {
     /// A record of the current format.
     pub fn new(
@@ -176,7 +200,24 @@ impl BuildRecord {
             }
             Artifact::DiskAmi { .. }
             | Artifact::InstanceAmi { .. }
-            | Artifact::ImageBuilderAmi { .. } => None,
+            | Artifact::ImageBuilderAmi { .. }
+            | Artifact::ImageBuilderContainer { .. } => None,
+        }
+    }
+
+    /// The digest of the version's OCI image, in the store or (Image Builder) in ECR.
+    pub fn image_digest(&self) -> Option<&Digest> {
+        match &self.artifact {
+            Artifact::ImageBuilderContainer { image } => Some(&image.image_digest),
+            _ => self.image().map(|i| &i.image_digest),
+        }
+    }
+
+    /// The container image Image Builder made, if it did.
+    pub fn imagebuilder_container(&self) -> Option<&ImageBuilderContainer> {
+        match &self.artifact {
+            Artifact::ImageBuilderContainer { image } => Some(image),
+            _ => None,
         }
     }
 
@@ -186,7 +227,7 @@ impl BuildRecord {
             Artifact::DiskAmi { ami } | Artifact::OciImageAndDiskAmi { ami, .. } => &ami.regions,
             Artifact::InstanceAmi { ami } => &ami.regions,
             Artifact::ImageBuilderAmi { ami } => &ami.regions,
-            Artifact::OciImage { .. } => &[],
+            Artifact::OciImage { .. } | Artifact::ImageBuilderContainer { .. } => &[],
         }
     }
 

@@ -873,3 +873,796 @@ async fn import_records_an_image_made_elsewhere_as_the_version_it_was_built_as()
         stderr(&output)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// bake cleanup
+
+impl Harness {
+    /// Every Image Builder resource of this account: `KIND NAME` for the components, recipes
+    /// and configurations, `image ARN STATUS` for each build.
+    async fn everything(&self) -> std::collections::BTreeSet<String> {
+        use aws_sdk_imagebuilder::types::Ownership;
+        let client = self.imagebuilder().await;
+        let mut all = std::collections::BTreeSet::new();
+        for c in client
+            .list_components()
+            .owner(Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .component_version_list()
+        {
+            all.insert(format!("component {}", c.name().unwrap()));
+        }
+        for r in client
+            .list_image_recipes()
+            .owner(Ownership::SelfValue)
+            .send()
+            .await
+            .unwrap()
+            .image_recipe_summary_list()
+        {
+            all.insert(format!("image-recipe {}", r.name().unwrap()));
+        }
+        for r in client
+            .list_infrastructure_configurations()
+            .send()
+            .await
+            .unwrap()
+            .infrastructure_configuration_summary_list()
+        {
+            all.insert(format!("infrastructure {}", r.name().unwrap()));
+        }
+        for r in client
+            .list_distribution_configurations()
+            .send()
+            .await
+            .unwrap()
+            .distribution_configuration_summary_list()
+        {
+            all.insert(format!("distribution {}", r.name().unwrap()));
+        }
+        for arn in self.inventory().await.1 {
+            let image = client
+                .get_image()
+                .image_build_version_arn(&arn)
+                .send()
+                .await
+                .unwrap();
+            let status = image.image().unwrap().state().unwrap().status().unwrap();
+            all.insert(format!("image {arn} {}", status.as_str()));
+        }
+        all
+    }
+
+    /// Runs `bake ARGS` with `store`, returning the output (not asserting success).
+    fn run(&self, store: &str, args: &[&str]) -> std::process::Output {
+        self.bake(store).args(args).output().unwrap()
+    }
+}
+
+/// A recipe variant in its own directory: another version of the example.
+fn variant(h: &Harness, parameter: &str, name: &str, step: &str, edit: &str) -> String {
+    let dir = h.dir.path().join(name);
+    fs_err::create_dir_all(&dir).unwrap();
+    let path = vendor_recipe(&dir, parameter, step);
+    if !edit.is_empty() {
+        let text = fs_err::read_to_string(&path).unwrap();
+        let edited = text.replace(
+            "      ssh_username: admin\n",
+            &format!("      ssh_username: admin\n{edit}"),
+        );
+        assert_ne!(
+            text, edited,
+            "recipes/vendor-hardened.yaml changed: update this test"
+        );
+        fs_err::write(&path, edited).unwrap();
+    }
+    path.to_str().unwrap().to_owned()
+}
+
+fn lines_with<'a>(report: &'a str, words: &[&str]) -> Vec<&'a str> {
+    report
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .collect()
+}
+
+/// `bake cleanup` removes what Image Builder runs left without a build (a failed image and its
+/// version's resources; what a run created before failing without an image), reports them with
+/// the EC2 resources' report lines (`would remove` on a dry run), and never touches a built
+/// version's resources, a version still building (a killed run's build goes on in AWS), an
+/// untagged resource, or, without `--older-than`, a version this store has no journal for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_what_failed_and_killed_image_builder_runs_left_and_nothing_built() {
+    let parameter = "/ib/vendor/cleanup";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let new = |before: &std::collections::BTreeSet<String>,
+               after: &std::collections::BTreeSet<String>| {
+        after
+            .difference(before)
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    // A resource bake did not make (no bake tags), named like bake's.
+    let client = h.imagebuilder().await;
+    client
+        .create_component()
+        .name("vendor-hardened-0123456789ab-1")
+        .semantic_version("1.0.0")
+        .platform(aws_sdk_imagebuilder::types::Platform::Linux)
+        .data("name: team\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps: []\n")
+        .client_token("team-component")
+        .send()
+        .await
+        .unwrap();
+    let untagged = h.everything().await;
+
+    // a: built, recorded.
+    let built_recipe = variant(&h, parameter, "built", "", "");
+    let built_version = h.json(
+        "store",
+        &["build", &built_recipe, "--engine", "imagebuilder"],
+    )["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let after_built = h.everything().await;
+    let built = new(&untagged, &after_built);
+    assert_eq!(built.len(), 7, "{built:#?}"); // 3 components, recipe, 2 configurations, image
+
+    // b: its image failed.
+    let failed_recipe = variant(
+        &h,
+        parameter,
+        "failed",
+        "  - shell:\n      name: breaks\n      inline: echo BAKE_STANDIN_FAIL_BUILD; exit 1\n",
+        "",
+    );
+    let output = h.run(
+        "store",
+        &["build", &failed_recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let after_failed = h.everything().await;
+    let failed = new(&after_built, &after_failed);
+    assert_eq!(failed.len(), 8, "{failed:#?}");
+    assert!(failed.iter().any(|r| r.ends_with(" FAILED")), "{failed:#?}");
+
+    // c: failed before its image existed (its instance profile does not exist).
+    let early_recipe = variant(
+        &h,
+        parameter,
+        "early",
+        "",
+        "      iam_instance_profile: no-such-profile\n",
+    );
+    let output = h.run(
+        "store",
+        &["build", &early_recipe, "--engine", "imagebuilder"],
+    );
+    assert!(!output.status.success(), "{}", stderr(&output));
+    let after_early = h.everything().await;
+    let early = new(&after_failed, &after_early);
+    assert_eq!(early.len(), 4, "components and recipe only: {early:#?}");
+
+    // d: killed while its image builds; the build goes on in Image Builder.
+    let killed_recipe = variant(
+        &h,
+        parameter,
+        "killed",
+        "  - shell:\n      name: slow\n      inline: echo killed\n",
+        "",
+    );
+    let mut child = h
+        .bake("store")
+        .args(["build", &killed_recipe, "--engine", "imagebuilder"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let building = line.contains("image BUILDING");
+        seen.push(line);
+        if building {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    assert!(seen.last().unwrap().contains("image BUILDING"), "{seen:#?}");
+    let after_killed = h.everything().await;
+    let killed: std::collections::BTreeSet<String> = new(&after_early, &after_killed)
+        .into_iter()
+        .filter(|r| !r.starts_with("image "))
+        .collect();
+    assert_eq!(killed.len(), 7, "{killed:#?}");
+
+    // e: another machine's failed build: tagged, no journal in this store.
+    let elsewhere_recipe = variant(
+        &h,
+        parameter,
+        "elsewhere",
+        "  - shell:\n      name: breaks too\n      inline: echo BAKE_STANDIN_FAIL_BUILD; exit 2\n",
+        "",
+    );
+    let output = h.run(
+        "other",
+        &["build", &elsewhere_recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let before = h.everything().await;
+    let name_of = |resource: &str| resource.split(' ').nth(1).unwrap().to_owned();
+    let elsewhere: Vec<String> = new(&after_killed, &before)
+        .into_iter()
+        .filter(|r| !r.starts_with("image ") || r.ends_with(" FAILED"))
+        .filter(|r| !killed.contains(r))
+        .collect();
+    assert_eq!(elsewhere.len(), 8, "{elsewhere:#?}");
+
+    // A dry run lists and removes nothing.
+    let dry = h.run("store", &["cleanup", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let report = stdout(&dry);
+    // b: 4 components, the recipe, both configurations and the image; c: 3 components and the
+    // recipe.
+    assert_eq!(
+        report.matches("would remove  Image Builder").count(),
+        12,
+        "{report}"
+    );
+    for resource in failed.iter().chain(&early) {
+        let name = name_of(resource);
+        let name = name.rsplit('/').nth(2).map_or(name.as_str(), |n| n);
+        assert!(
+            !lines_with(&report, &["would remove", name]).is_empty(),
+            "{name}: {report}"
+        );
+    }
+    // d is kept: still building (or built by now).
+    assert!(
+        lines_with(&report, &["kept  Image Builder", "run-"])
+            .iter()
+            .all(|l| l.contains("is being built") || l.contains("is built")),
+        "{report}"
+    );
+    assert_eq!(report.matches("kept  Image Builder").count(), 8, "{report}");
+    // e: skipped, with the way to remove it.
+    assert_eq!(
+        lines_with(&report, &["skipped  Image Builder", "pass --older-than"]).len(),
+        8,
+        "{report}"
+    );
+    // a, and the untagged component, are not even mentioned.
+    for resource in built.iter().chain(&untagged) {
+        let name = name_of(resource);
+        assert!(!report.contains(&name), "{name}: {report}");
+    }
+    assert_eq!(h.everything().await, before, "a dry run removes nothing");
+
+    // The cleanup removes b and c, and leaves the rest.
+    let cleaned = h.run("store", &["cleanup"]);
+    assert!(cleaned.status.success(), "{}", stderr(&cleaned));
+    let report = stdout(&cleaned);
+    assert_eq!(
+        report.matches("removed  Image Builder").count(),
+        12,
+        "{report}"
+    );
+    // The image went before the recipe, the recipe before its components.
+    let first = |what: &str| {
+        report
+            .find(&format!("removed  Image Builder {what}"))
+            .unwrap()
+    };
+    assert!(first("image arn:") < first("image recipe"), "{report}");
+    assert!(first("image recipe") < first("component"), "{report}");
+    let after = h.everything().await;
+    let expected: std::collections::BTreeSet<String> = before
+        .iter()
+        .filter(|r| !failed.contains(*r) && !early.contains(*r))
+        .cloned()
+        .collect();
+    // d's image may have finished meanwhile: compare without images' states.
+    let strip = |set: &std::collections::BTreeSet<String>| {
+        set.iter()
+            .map(|r| r.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    assert_eq!(strip(&after), strip(&expected), "{report}");
+    // The record of a still answers.
+    let shown = h.json("store", &["manifest", "show", &built_version]);
+    assert_eq!(shown["version"], built_version.as_str(), "{shown:#}");
+
+    // Once d's build is over, a is built and d too: a cleanup with --older-than removes e (old
+    // enough now), and nothing else.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h
+        .everything()
+        .await
+        .iter()
+        .any(|r| r.starts_with("image ") && !r.ends_with(" AVAILABLE") && !r.ends_with(" FAILED"))
+    {
+        assert!(Instant::now() < deadline, "d's build did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let swept = h.run("store", &["cleanup", "--older-than", "1s"]);
+    assert!(swept.status.success(), "{}", stderr(&swept));
+    let report = stdout(&swept);
+    assert_eq!(
+        report.matches("removed  Image Builder").count(),
+        8,
+        "{report}"
+    );
+    for resource in &elsewhere {
+        let name = name_of(resource);
+        let name = name.rsplit('/').nth(2).map_or(name.as_str(), |n| n);
+        assert!(
+            !lines_with(&report, &["removed", name, "never built"]).is_empty(),
+            "{name}: {report}"
+        );
+    }
+    let left = h.everything().await;
+    assert!(
+        strip(&left).is_superset(&strip(&built)) && left.is_superset(&untagged),
+        "{left:#?}"
+    );
+    for resource in &killed {
+        assert!(left.contains(resource), "{resource}: {left:#?}");
+    }
+    assert!(
+        !left.iter().any(|r| elsewhere.contains(r)),
+        "{left:#?}\n{report}"
+    );
+    // Nothing is left to clean up: d's journal let go of what is now its version's.
+    let again = h.run("store", &["cleanup"]);
+    assert!(
+        stdout(&again).contains("nothing to clean up"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Container recipes
+
+/// A recipe with `outputs.oci` and `--engine imagebuilder`: Image Builder's container recipe on
+/// the recipe's `image` base (pinned by digest), pushed to the recipe's ECR repository (the
+/// stand-in pushes to the harness registry, standing in for the account's ECR registry, and
+/// names the ECR host as AWS does). The build record names the digest the registry has; a
+/// second build creates nothing; `publish` pins an ECS task definition to that digest, and
+/// `manifest show` finds the version from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_recipe_builds_on_image_builder_and_publishes_its_ecr_digest() {
+    let parameter = "/ib/vendor/container";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let account = h.moto.account.clone();
+    // The base image, in the harness registry.
+    let base_store_dir = tempfile::tempdir().unwrap();
+    let base_store = bake::store::Store::open(base_store_dir.path()).unwrap();
+    let base_digest = super::registry::harness::make_image(&base_store, 22, &[2_000]);
+    let base_name = format!("it/ib-base-{account}");
+    let client = bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        std::sync::Arc::new(bake::registry::auth::StaticCredentials::default()),
+    )
+    .unwrap();
+    let pushed = bake::registry::push::push_image(
+        &client,
+        &base_store,
+        &base_digest,
+        &[bake::registry::push::PushTarget {
+            repository: bake::registry::Reference::repository_only(&format!(
+                "{registry}/{base_name}"
+            ))
+            .unwrap(),
+            tags: vec!["v1".into()],
+        }],
+        &bake::registry::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(pushed.failed.is_empty(), "{:?}", pushed.failed);
+
+    let dir = h.dir.path().join("web");
+    fs_err::create_dir_all(&dir).unwrap();
+    fs_err::write(dir.join("release.txt"), "one\n").unwrap();
+    fs_err::write(
+        dir.join("task.json"),
+        r#"{
+  "family": "ib-web",
+  "cpu": "256",
+  "memory": "512",
+  "networkMode": "awsvpc",
+  "requiresCompatibilities": ["FARGATE"],
+  "containerDefinitions": [
+    {"name": "app", "image": "placeholder", "memory": 512, "essential": true}
+  ]
+}"#,
+    )
+    .unwrap();
+    let repository = format!("ib/web-{account}");
+    let recipe = dir.join("web.yaml");
+    fs_err::write(
+        &recipe,
+        format!(
+            r#"bake: 1
+name: ib-web
+base:
+  image: {registry}/{base_name}:v1
+provisioners:
+  - file:
+      name: release
+      source: release.txt
+      destination: /app/release.txt
+  - shell:
+      name: greeting
+      inline: echo hello >/app/hello
+tests:
+  - command:
+      name: the release is there
+      run: cat /app/release.txt
+      stdout_contains: one
+outputs:
+  oci:
+    cmd: ["/app/run"]
+    env:
+      MODE: prod
+publish:
+  ecr:
+    - repository: {repository}
+      region: us-east-1
+      tags: [stable]
+  ecs_task_definitions:
+    - family: ib-web
+      container: app
+      region: us-east-1
+      template: task.json
+"#
+        ),
+    )
+    .unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let host = bake::registry::ecr::registry_host(&account, REGION);
+    let ecr = format!("{host}/{repository}");
+    let build = |store: &str| {
+        let output = h
+            .bake(store)
+            .env(
+                "BAKE_REGISTRY_ENDPOINTS",
+                format!("{host}=http://{registry}"),
+            )
+            .args([
+                "--output",
+                "json",
+                "build",
+                recipe,
+                "--engine",
+                "imagebuilder",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}\n{}",
+            stderr(&output),
+            stdout(&output)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+
+    let built = build("store");
+    assert_eq!(built["started_build"], true, "{built:#}");
+    // Two build components, the test component, the container recipe, both configurations.
+    assert_eq!(built["created"].as_array().unwrap().len(), 6, "{built:#}");
+    assert!(
+        built["created"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().contains(":container-recipe/")),
+        "{built:#}"
+    );
+    let digest = built["image_digest"].as_str().unwrap().to_owned();
+    assert_eq!(built["image_reference"], format!("{ecr}@{digest}").as_str());
+    assert_eq!(built["regions"], serde_json::json!([]));
+
+    // The image really is in the registry that stands in for ECR, under that digest.
+    let in_registry = client
+        .head_manifest(&format!("{registry}/{repository}@{digest}").parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the image is in the registry");
+    assert_eq!(in_registry.digest, digest);
+    let tagged = client
+        .head_manifest(&format!("{registry}/{repository}:stable").parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the target's tag is in the registry");
+    assert_eq!(tagged.digest, digest);
+
+    // The container recipe starts from the base pinned by digest, and its Dockerfile carries
+    // the recipe's image settings.
+    let ib = h.imagebuilder().await;
+    let arn = built["created"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .find(|a| a.contains(":container-recipe/"))
+        .unwrap()
+        .to_owned();
+    let container = ib
+        .get_container_recipe()
+        .container_recipe_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    let container = container.container_recipe().unwrap();
+    assert_eq!(
+        container.parent_image(),
+        Some(format!("{registry}/{base_name}@{base_digest}").as_str())
+    );
+    let dockerfile = container.dockerfile_template_data().unwrap();
+    assert!(
+        dockerfile.starts_with("FROM {{{ imagebuilder:parentImage }}}\n")
+            && dockerfile.contains("{{{ imagebuilder:components }}}")
+            && dockerfile.contains("ENV MODE=\"prod\"")
+            && dockerfile.contains("CMD [\"/app/run\"]"),
+        "{dockerfile}"
+    );
+    assert_eq!(
+        container.target_repository().unwrap().repository_name(),
+        repository
+    );
+
+    // The record: manifest show finds the version from the digest and the reference.
+    let version = built["version"].as_str().unwrap().to_owned();
+    let shown = h.json("store", &["manifest", "show", &digest]);
+    assert_eq!(shown["version"], version.as_str(), "{shown:#}");
+    assert_eq!(
+        shown["outputs"]["remote_image"]["reference"],
+        format!("{ecr}@{digest}").as_str()
+    );
+    let shown = h.json("store", &["manifest", "show", &format!("{ecr}@{digest}")]);
+    assert_eq!(shown["version"], version.as_str());
+
+    // A second build, from another store, creates nothing and records the same digest.
+    let before = h.everything().await;
+    let again = build("other-store");
+    assert_eq!(again["created"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again["started_build"], false);
+    assert_eq!(again["image_digest"], digest.as_str());
+    assert_eq!(h.everything().await, before);
+
+    // publish pins the task definition to the digest in ECR.
+    let output = h
+        .bake("store")
+        .env(
+            "BAKE_REGISTRY_ENDPOINTS",
+            format!("{host}=http://{registry}"),
+        )
+        .args(["--output", "json", "publish", recipe])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stderr(&output),
+        stdout(&output)
+    );
+    let published: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(published["version"], version.as_str(), "{published:#}");
+    let ecs = bake::publish::clients::ecs(&h.moto.aws, REGION);
+    let task = ecs
+        .describe_task_definition()
+        .task_definition("ib-web")
+        .send()
+        .await
+        .unwrap();
+    let image = task.task_definition().unwrap().container_definitions()[0]
+        .image()
+        .unwrap()
+        .to_owned();
+    assert_eq!(image, format!("{ecr}@{digest}"), "{published:#}");
+}
+
+/// Container recipes Image Builder cannot build are refused before anything is created, each
+/// with the way out: not on a registry image, and without an ECR repository to push to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_recipes_without_a_registry_base_or_an_ecr_target_are_refused() {
+    let parameter = "/ib/vendor/container-refused";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let Some(registry) = service("BAKE_TEST_REGISTRY") else {
+        return;
+    };
+    let dir = h.dir.path().join("refused");
+    fs_err::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch.yaml");
+    fs_err::write(
+        &scratch,
+        "bake: 1\nname: ib-scratch\nbase: scratch\noutputs:\n  oci:\n    cmd: [/run]\npublish:\n  ecr:\n    - repository: ib/scratch\n",
+    )
+    .unwrap();
+    // A base that exists, and no ECR target.
+    let base_store_dir = tempfile::tempdir().unwrap();
+    let base_store = bake::store::Store::open(base_store_dir.path()).unwrap();
+    let base_digest = super::registry::harness::make_image(&base_store, 23, &[1_000]);
+    let base_name = format!("it/ib-refused-{}", h.moto.account);
+    let client = bake::registry::Client::new(
+        bake::registry::ClientOptions::default(),
+        std::sync::Arc::new(bake::registry::auth::StaticCredentials::default()),
+    )
+    .unwrap();
+    let pushed = bake::registry::push::push_image(
+        &client,
+        &base_store,
+        &base_digest,
+        &[bake::registry::push::PushTarget {
+            repository: bake::registry::Reference::repository_only(&format!(
+                "{registry}/{base_name}"
+            ))
+            .unwrap(),
+            tags: vec!["v1".into()],
+        }],
+        &bake::registry::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(pushed.failed.is_empty(), "{:?}", pushed.failed);
+    let no_ecr = dir.join("no-ecr.yaml");
+    fs_err::write(
+        &no_ecr,
+        format!(
+            "bake: 1\nname: ib-no-ecr\nbase:\n  image: {registry}/{base_name}:v1\noutputs:\n  oci:\n    cmd: [/run]\n"
+        ),
+    )
+    .unwrap();
+    for (recipe, message, hint) in [
+        (
+            &scratch,
+            "recipe `ib-scratch` starts from `base: scratch`, and Image Builder builds containers on a registry image",
+            "hint: give the recipe an `image` base",
+        ),
+        (
+            &no_ecr,
+            "recipe `ib-no-ecr` has `outputs.oci` and no `publish.ecr` repository",
+            "hint: add the repository under `publish.ecr`",
+        ),
+    ] {
+        let output = h
+            .bake("store")
+            .args([
+                "build",
+                recipe.to_str().unwrap(),
+                "--engine",
+                "imagebuilder",
+            ])
+            .output()
+            .unwrap();
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{err}");
+        assert!(err.contains(message) && err.contains(hint), "{err}");
+    }
+    assert_eq!(h.everything().await, Default::default());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files delivered through S3
+
+/// A `file` provisioner whose file is too large for a component document goes through S3: the
+/// run creates bake's bucket, uploads the file under its digest, and the component fetches it
+/// (`S3Download`), checks the digest and installs it with its mode. A second build uploads
+/// nothing; a small file stays in its document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_too_large_for_a_component_is_delivered_through_s3() {
+    let parameter = "/ib/vendor/s3files";
+    let Some(h) = Harness::start(parameter).await else {
+        return;
+    };
+    let big: Vec<u8> = super::registry::harness::noise(22, 40_000);
+    let recipe = variant(
+        &h,
+        parameter,
+        "s3files",
+        "  - file:\n      name: big blob\n      source: big.bin\n      destination: /opt/big.bin\n      mode: \"0600\"\n",
+        "",
+    );
+    fs_err::write(h.dir.path().join("s3files/big.bin"), &big).unwrap();
+
+    let built = h.json("store", &["build", &recipe, "--engine", "imagebuilder"]);
+    let uploaded = built["uploaded"].as_array().unwrap();
+    assert_eq!(uploaded.len(), 1, "{built:#}");
+    let uri = uploaded[0].as_str().unwrap().to_owned();
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&big));
+    let (bucket, key) = uri
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap();
+    assert_eq!(key, format!("bake/files/{digest}"));
+    assert!(bucket.starts_with("bake-imagebuilder-files-"), "{bucket}");
+
+    // The object holds the file's bytes; the bucket is private and says it is bake's.
+    let s3 = h.moto.aws.s3(REGION);
+    let object = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let body = object.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.as_ref(), big.as_slice());
+    let tags = s3.get_bucket_tagging().bucket(bucket).send().await.unwrap();
+    assert!(
+        tags.tag_set()
+            .iter()
+            .any(|t| t.key() == bake::imagebuilder::engine::TAG_BUCKET),
+        "{tags:?}"
+    );
+
+    // The big file's component fetches it and checks it; the small one is written in.
+    let ib = h.imagebuilder().await;
+    let mut documents = Vec::new();
+    for arn in built["created"].as_array().unwrap() {
+        let arn = arn.as_str().unwrap();
+        if !arn.contains(":component/") {
+            continue;
+        }
+        let component = ib
+            .get_component()
+            .component_build_version_arn(arn)
+            .send()
+            .await
+            .unwrap();
+        documents.push(component.component().unwrap().data().unwrap().to_owned());
+    }
+    let fetching: Vec<&String> = documents
+        .iter()
+        .filter(|d| d.contains("action: S3Download"))
+        .collect();
+    assert_eq!(fetching.len(), 1, "{documents:#?}");
+    let document = fetching[0];
+    let parsed: Value = serde_saphyr::from_str(document).unwrap();
+    let steps = &parsed["phases"][0]["steps"];
+    assert_eq!(steps[0]["action"], "S3Download", "{document}");
+    assert_eq!(steps[0]["inputs"][0]["source"], uri.as_str(), "{document}");
+    assert_eq!(steps[1]["action"], "ExecuteBash", "{document}");
+    assert!(
+        document.contains("sha256sum -c")
+            && document.contains(&digest)
+            && document.contains("chmod 0600"),
+        "{document}"
+    );
+    assert!(document.len() < 2_000, "{document}");
+    assert!(
+        documents
+            .iter()
+            .any(|d| d.contains("50-bake-hardening.conf") && d.contains("cat >")),
+        "the sshd settings file stays in its document: {documents:#?}"
+    );
+
+    // A second build, from another store, uploads and creates nothing.
+    let again = h.json(
+        "other-store",
+        &["build", &recipe, "--engine", "imagebuilder"],
+    );
+    assert_eq!(again["uploaded"], serde_json::json!([]), "{again:#}");
+    assert_eq!(again["created"], serde_json::json!([]), "{again:#}");
+}

@@ -35,9 +35,18 @@ Modelled:
   version naming the AMI (the default version when `setDefaultVersion`), and
   `ssmParameterConfigurations` get the AMI id (PutParameter, overwrite). `GetImage` shows
   `outputResources.amis`.
-- Container recipes: on DISTRIBUTING an OCI manifest (an empty config, no layers) is pushed to
-  `--registry HOST:PORT` as `REPOSITORY:VERSION-BUILD`; `outputResources.containers` names it.
-  Without `--registry`, a container build fails with that reason.
+- Container recipes: on DISTRIBUTING an OCI manifest (no layers; a config whose labels name the
+  parent image and the build) is pushed to `--registry HOST:PORT`, which stands in for the
+  account's ECR registry, as `REPOSITORY:VERSION-BUILD` and as each `containerTags` entry of the
+  build region's `containerDistributionConfiguration`; `outputResources.containers` names them
+  as AWS does, on the ECR host (`ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPOSITORY:TAG`), so a
+  client maps that host to `--registry` (bake: `BAKE_REGISTRY_ENDPOINTS`). Without
+  `--registry`, a container build fails with that reason. Not modelled for containers: the
+  Dockerfile template (stored, never built), distribution to other regions or to a
+  distribution's own `targetRepository` (only the recipe's repository receives the image), and
+  moto's ECR (the repository need not exist there; moto's ECR has no registry API).
+- `S3Download` steps of build components: the build fails in BUILDING, naming the step and the
+  URI, when a source object is not in moto's S3 (downloaded bytes are not checked: nothing runs).
 - Failing builds, on purpose: a component whose document contains `BAKE_STANDIN_FAIL_BUILD` fails
   the build in BUILDING, `BAKE_STANDIN_FAIL_TEST` in TESTING: state `FAILED`, `imageStatus.reason`
   naming the component, the workflow step `FAILED`. A moto error while distributing fails it too.
@@ -1214,6 +1223,10 @@ class ImageBuilder:
             if failing:
                 self._fail(build, self._failure(build, failing, "build"), "ApplyBuildComponents")
                 return
+            missing = self._missing_download(build)
+            if missing:
+                self._fail(build, missing, "ApplyBuildComponents")
+                return
         if state == "TESTING":
             failing = self._marked(build, FAIL_TEST_MARKER)
             if failing:
@@ -1243,6 +1256,34 @@ class ImageBuilder:
                 self._fail(build, f"Integration failed: {error}")
             return
         self._enter(build, following)
+
+    def _missing_download(self, build: Build) -> str | None:
+        """The failure of an `S3Download` step whose object is not in moto's S3, as AWSTOE's
+        download fails on the build instance; None when every source is there."""
+        for component in build.components:
+            try:
+                document = yaml.safe_load(component.get("data") or "") or {}
+            except yaml.YAMLError:
+                continue
+            for phase in document.get("phases") or []:
+                if phase.get("name") != "build":
+                    continue
+                for step in phase.get("steps") or []:
+                    if step.get("action") != "S3Download":
+                        continue
+                    for entry in step.get("inputs") or []:
+                        found = re.fullmatch(r"s3://([^/]+)/(.+)", str(entry.get("source")))
+                        try:
+                            if not found:
+                                raise ValueError("not an S3 URI")
+                            s3 = self.moto.client("s3", build.region, build.account)
+                            s3.head_object(Bucket=found.group(1), Key=found.group(2))
+                        except (botocore.exceptions.ClientError, ValueError) as error:
+                            return (
+                                f"Step '{step.get('name')}' of component '{component['arn']}' "
+                                f"failed: cannot download {entry.get('source')}: {error}"
+                            )
+        return None
 
     def _marked(self, build: Build, marker: str) -> dict | None:
         for component in build.components:
@@ -1403,13 +1444,22 @@ class ImageBuilder:
         if not self.registry:
             raise OSError("no registry to push to: start the stand-in with --registry HOST:PORT")
         repository = recipe["targetRepository"]["repositoryName"]
-        tag = f"{recipe['version']}-{build.arn.rsplit('/', 1)[1]}"
+        tags = [f"{recipe['version']}-{build.arn.rsplit('/', 1)[1]}"]
+        for distribution in self._distributions(build):
+            if distribution["region"] == build.region:
+                settings = distribution.get("containerDistributionConfiguration") or {}
+                tags.extend(t for t in settings.get("containerTags") or [] if t not in tags)
         config = json.dumps(
             {
                 "architecture": "amd64",
                 "os": "linux",
                 "rootfs": {"type": "layers", "diff_ids": []},
-                "config": {},
+                "config": {
+                    "Labels": {
+                        "org.opencontainers.image.base.name": recipe.get("parentImage", ""),
+                        "dev.bake.standin.image": build.arn,
+                    }
+                },
             },
             sort_keys=True,
         ).encode()
@@ -1441,17 +1491,21 @@ class ImageBuilder:
             },
             sort_keys=True,
         ).encode()
-        put = urllib.request.Request(
-            f"{base}/manifests/{tag}",
-            method="PUT",
-            data=manifest,
-            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
-        )
-        urllib.request.urlopen(put, timeout=30).close()
-        uri = f"{self.registry}/{repository}:{tag}"
+        for tag in tags:
+            put = urllib.request.Request(
+                f"{base}/manifests/{tag}",
+                method="PUT",
+                data=manifest,
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            )
+            urllib.request.urlopen(put, timeout=30).close()
+        host = f"{build.account}.dkr.ecr.{build.region}.amazonaws.com"
         with self.lock:
             build.image["outputResources"]["containers"] = [
-                {"region": build.region, "imageUris": [uri]}
+                {
+                    "region": build.region,
+                    "imageUris": [f"{host}/{repository}:{tag}" for tag in tags],
+                }
             ]
 
 

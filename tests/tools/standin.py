@@ -677,6 +677,14 @@ class Moto:
     def __init__(self, upstream: str):
         self.upstream = upstream
         self._session = botocore.session.get_session()
+        # One boto3 session over the botocore one: each boto3 session registers its handlers on
+        # the botocore session, and a second one makes the next S3 client fail ("Cannot inject
+        # class attribute upload_file").
+        self._boto = boto3.Session(
+            botocore_session=self._session,
+            aws_access_key_id="standin",
+            aws_secret_access_key="standin",
+        )
         self._clients: dict[tuple[str, str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -684,14 +692,9 @@ class Moto:
         key = (service, region, account)
         with self._lock:
             if key not in self._clients:
-                session = boto3.Session(
-                    botocore_session=self._session,
-                    aws_access_key_id="standin",
-                    aws_secret_access_key="standin",
-                    region_name=region,
-                )
-                client = session.client(
+                client = self._boto.client(
                     service,
+                    region_name=region,
                     endpoint_url=self.upstream,
                     config=botocore.config.Config(retries={"max_attempts": 1}),
                 )

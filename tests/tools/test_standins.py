@@ -1496,13 +1496,109 @@ def test_a_container_build_pushes_a_manifest_to_the_registry(imagebuilder, regis
     image = ib.get_image(imageBuildVersionArn=arn)["image"]
     assert image["state"]["status"] == "AVAILABLE", image["state"]
     uri = image["outputResources"]["containers"][0]["imageUris"][0]
-    assert uri == f"{registry}/{repository}:1.0.0-1"
+    # The ECR host, as AWS names it; the bytes are in the registry standing in for it.
+    assert uri == f"{account}.dkr.ecr.us-east-1.amazonaws.com/{repository}:1.0.0-1"
     request = urllib.request.Request(
         f"http://{registry}/v2/{repository}/manifests/1.0.0-1",
         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
     )
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert json.load(answer)["schemaVersion"] == 2
+
+
+def test_a_container_build_pushes_its_distributions_container_tags(imagebuilder, registry, account):
+    repository = f"standins/tagged-{account}"
+    target = {"service": "ECR", "repositoryName": repository}
+    ib, component, _, infrastructure, distribution = builder_setup(
+        imagebuilder,
+        account,
+        distributions=[
+            {
+                "region": "us-east-1",
+                "containerDistributionConfiguration": {
+                    "containerTags": ["stable", "v1"],
+                    "targetRepository": target,
+                },
+            }
+        ],
+    )
+    recipe = ib.create_container_recipe(
+        containerType="DOCKER",
+        name="tagged-container",
+        semanticVersion="1.0.0",
+        parentImage="debian:bookworm",
+        components=[{"componentArn": component}],
+        dockerfileTemplateData=DOCKERFILE,
+        targetRepository=target,
+    )["containerRecipeArn"]
+    arn = ib.create_image(
+        containerRecipeArn=recipe,
+        infrastructureConfigurationArn=infrastructure,
+        distributionConfigurationArn=distribution,
+    )["imageBuildVersionArn"]
+    wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"))
+    image = ib.get_image(imageBuildVersionArn=arn)["image"]
+    assert image["state"]["status"] == "AVAILABLE", image["state"]
+    host = f"{account}.dkr.ecr.us-east-1.amazonaws.com"
+    assert image["outputResources"]["containers"][0]["imageUris"] == [
+        f"{host}/{repository}:{tag}" for tag in ("1.0.0-1", "stable", "v1")
+    ]
+    digests = set()
+    for tag in ("1.0.0-1", "stable", "v1"):
+        request = urllib.request.Request(
+            f"http://{registry}/v2/{repository}/manifests/{tag}",
+            method="HEAD",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            digests.add(answer.headers["Docker-Content-Digest"])
+    assert len(digests) == 1, digests
+
+
+DOWNLOADING = """\
+name: fetch
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Fetch
+        action: S3Download
+        inputs:
+          - source: s3://{bucket}/files/blob
+            destination: /tmp/blob
+"""
+
+
+def test_a_build_fails_when_a_components_s3_download_is_missing(imagebuilder, account):
+    ib, _, _, infrastructure, _ = builder_setup(imagebuilder, account)
+    ec2 = client(imagebuilder, "ec2", account)
+    base = ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    bucket = f"standin-files-{account}"
+    fetch = ib.create_component(
+        name="fetch",
+        semanticVersion="1.0.0",
+        platform="Linux",
+        data=DOWNLOADING.format(bucket=bucket),
+    )["componentBuildVersionArn"]
+    recipe = ib.create_image_recipe(
+        name="fetching", semanticVersion="1.0.0", parentImage=base,
+        components=[{"componentArn": fetch}],
+    )["imageRecipeArn"]
+
+    def build() -> dict:
+        arn = ib.create_image(
+            imageRecipeArn=recipe, infrastructureConfigurationArn=infrastructure
+        )["imageBuildVersionArn"]
+        wait_for(image_state(ib, arn), lambda s: s in ("AVAILABLE", "FAILED"))
+        return ib.get_image(imageBuildVersionArn=arn)["image"]["state"]
+
+    state = build()
+    assert state["status"] == "FAILED"
+    assert f"cannot download s3://{bucket}/files/blob" in state["reason"], state
+    s3 = client(imagebuilder, "s3", account)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="files/blob", Body=b"blob")
+    assert build()["status"] == "AVAILABLE"
 
 
 def test_imagebuilder_forwards_everything_else_to_moto(imagebuilder, account):
