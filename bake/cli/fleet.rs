@@ -110,6 +110,12 @@ fn plan_fleet(fleet: &Fleet, settings: &Settings) -> Vec<Result<Plan, Report>> {
         .collect()
 }
 
+/// A version as tables show it: its first 12 hex digits.
+fn short_version(version: &str) -> &str {
+    let hex = version.strip_prefix("sha256:").unwrap_or(version);
+    hex.get(..12).unwrap_or(hex)
+}
+
 /// A report's message and causes on one line, for a table.
 fn one_line(report: &Report) -> String {
     std::iter::once(report.message.as_str())
@@ -212,12 +218,7 @@ pub fn plan_all(dir: &Path, check: bool, settings: &Settings) -> ExitStatus {
         OutputFormat::Human => {
             let width = lines.iter().map(|l| l.recipe.len()).max().unwrap_or(0);
             for line in &lines {
-                let version = line.version.as_deref().map_or("-", |v| {
-                    v.strip_prefix("sha256:")
-                        .unwrap_or(v)
-                        .get(..12)
-                        .unwrap_or(v)
-                });
+                let version = line.version.as_deref().map_or("-", short_version);
                 let detail = match (&line.error, line.published.is_empty()) {
                     (Some(error), _) => format!("  {error}"),
                     (None, false) => format!("  {}", line.published.join(", ")),
@@ -343,17 +344,7 @@ pub fn outdated(args: &OutdatedArgs, settings: &Settings) -> ExitStatus {
             "unbuilt": count("unbuilt"),
         })),
         OutputFormat::Human => {
-            let short = |v: &Option<String>| {
-                v.as_deref()
-                    .map(|v| {
-                        v.strip_prefix("sha256:")
-                            .unwrap_or(v)
-                            .get(..12)
-                            .unwrap_or(v)
-                            .to_owned()
-                    })
-                    .unwrap_or_default()
-            };
+            let short = |v: &Option<String>| v.as_deref().map_or("", short_version).to_owned();
             for line in lines.iter().filter(|l| l.state == "outdated") {
                 println!(
                     "{} ({}): outdated, built {} → now {}",
@@ -810,12 +801,7 @@ fn print_summary(fleet: &Fleet, outcomes: &[Outcome<BuiltMember, Failure>], sett
                 "RECIPE", "VERSION", "RESULT", "TIME"
             );
             for line in &lines {
-                let version = line.version.as_deref().map_or("-", |v| {
-                    v.strip_prefix("sha256:")
-                        .unwrap_or(v)
-                        .get(..12)
-                        .unwrap_or(v)
-                });
+                let version = line.version.as_deref().map_or("-", short_version);
                 let time = line.seconds.map_or("-".to_owned(), |s| format!("{s:.1}s"));
                 let why = match (&line.error, line.failed_base) {
                     (Some(error), _) => format!("  {error}"),

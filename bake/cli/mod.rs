@@ -221,8 +221,15 @@ pub fn print_reports(settings: &Settings, reports: &[Report]) {
     }
 }
 
-/// Writes a JSON document on stdout.
+/// Writes a JSON document on stdout. A reader that went away (`bake … | head`) is not an
+/// error worth a panic: the rest of the document is dropped.
 pub fn print_json(value: &impl serde::Serialize) {
+    use std::io::Write;
     let text = serde_json::to_string_pretty(value).expect("bake's outputs always serialize");
-    println!("{text}");
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        tracing::warn!("failed to write the result on stdout: {e}");
+    }
 }

@@ -1,6 +1,6 @@
 //! The command line's contract: version, exit codes, data on stdout and logs on stderr.
 
-use super::common::{run, stderr, stdout};
+use super::common::{bake, run, stderr, stdout};
 
 #[test]
 fn version_names_the_binary() {
@@ -71,4 +71,29 @@ fn an_unknown_aws_emulator_is_a_usage_error() {
     );
     assert!(err.contains("hint: known emulators: moto"), "{err}");
     assert_eq!(stdout(&output), "");
+}
+
+/// `bake … --output json | head`: a reader that closed stdout early is no reason to panic.
+#[test]
+fn json_output_to_a_closed_pipe_does_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in 0..200 {
+        fs_err::write(
+            dir.path().join(format!("r{n}.yaml")),
+            format!("bake: 1\nname: r{n}\nbase: scratch\noutputs:\n  oci: {{}}\n"),
+        )
+        .unwrap();
+    }
+    let mut child = bake()
+        .args(["graph", "--output", "json"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(output.status.code(), Some(0), "{text}");
 }
