@@ -570,22 +570,7 @@ async fn outdated_names_a_superseded_source_ami() {
     assert!(planned.status.success(), "{}", stderr(&planned));
     let plan: Value = serde_json::from_slice(&planned.stdout).unwrap();
     assert_eq!(plan["inputs"]["base"]["image_id"], newest.as_str());
-    let record = serde_json::json!({
-        "format": "bake.build-record/v2",
-        "name": "node",
-        "version": plan["version"],
-        "recipe": "recipes/node.yaml",
-        "bake_version": "0.1.0",
-        "inputs": plan["inputs"],
-        "started": "2026-12-01T00:00:00Z",
-        "duration_ms": 1,
-        "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": []}}
-    });
-    let record: bake::store::BuildRecord = serde_json::from_value(record).unwrap();
-    bake::store::Store::open(&store)
-        .unwrap()
-        .put_record(&record)
-        .unwrap();
+    record_plan(&bake::store::Store::open(&store).unwrap(), &plan);
     let output = run(&["outdated", "recipes"]);
     assert_eq!(
         output.status.code(),
@@ -671,20 +656,8 @@ fn a_moved_package_archive_is_a_new_version_and_outdated_names_it() {
                 .unwrap()["version"],
             plan["version"]
         );
-        let record = serde_json::json!({
-            "format": "bake.build-record/v2",
-            "name": name,
-            "version": plan["version"],
-            "recipe": recipe,
-            "bake_version": "0.1.0",
-            "inputs": plan["inputs"],
-            "started": "2026-12-01T00:00:00Z",
-            "duration_ms": 1,
-            "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": []}}
-        });
-        store
-            .put_record(&serde_json::from_value(record).unwrap())
-            .unwrap();
+        assert_eq!(plan["name"], name);
+        record_plan(&store, &plan);
     }
     let base_plan = fleet.json(&["plan", "fleet/base.yaml"]);
     let pinned = base_plan["inputs"]["base"]["archives"][0]["release"]
@@ -735,6 +708,25 @@ fn a_moved_package_archive_is_a_new_version_and_outdated_names_it() {
         "{}",
         stderr(&output)
     );
+}
+
+/// Writes the build record a build of `plan` (a `bake plan --output json` document) would
+/// leave, without its artifact's bytes: what `outdated` compares today's plan with.
+fn record_plan(store: &bake::store::Store, plan: &Value) {
+    let record = serde_json::json!({
+        "format": "bake.build-record/v2",
+        "name": plan["name"],
+        "version": plan["version"],
+        "recipe": plan["recipe"],
+        "bake_version": "0.1.0",
+        "inputs": plan["inputs"],
+        "started": "2026-12-01T00:00:00Z",
+        "duration_ms": 1,
+        "artifact": {"kind": "disk_ami", "ami": {"disk_image_digest": null, "regions": []}}
+    });
+    store
+        .put_record(&serde_json::from_value(record).unwrap())
+        .unwrap();
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
