@@ -131,6 +131,32 @@ impl std::fmt::Display for SourceSpan {
     }
 }
 
+/// An error that knows how to be shown to a user: what to do about it, and which exit status
+/// it means. The CLI renders every failure through this one trait.
+pub trait Diagnose: StdError + 'static {
+    /// What the user can do about it, when bake knows.
+    fn hint(&self) -> Option<String> {
+        None
+    }
+
+    /// The exit status a command that fails with this error ends with.
+    fn exit_status(&self) -> crate::exit::ExitStatus {
+        crate::exit::ExitStatus::Infrastructure
+    }
+
+    /// The error as reports: one (message, causes, hint), unless the error carries several
+    /// (a recipe with many mistakes reports each).
+    fn reports(&self) -> Vec<Report>
+    where
+        Self: Sized,
+    {
+        vec![Report::from_error(self).with_hint(Diagnose::hint(self))]
+    }
+}
+
+/// Files, sockets and processes: outside bake, so an infrastructure failure.
+impl Diagnose for std::io::Error {}
+
 /// One error, ready to show: what went wrong, where, why, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {

@@ -43,4 +43,5 @@ pub mod settings;
 pub(crate) mod skip;
 pub mod ssh;
 pub mod store;
+pub mod usecase;
 pub mod verify_published;

@@ -238,11 +238,11 @@ async fn upload(args: &UploadArgs, settings: &Settings, poll: Option<Duration>) 
 
 async fn publish(args: &PublishArgs, settings: &Settings, poll: Option<Duration>) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
-    let plan = match super::plan::plan_or_report(&recipe, &shown, settings) {
+    let plan = match super::common::plan_or_report(&recipe, &shown, settings) {
         Ok(plan) => plan,
         Err(status) => return status,
     };
@@ -460,7 +460,7 @@ async fn flag_set(flag: Arc<AtomicBool>) {
 pub fn run_snapshot_build(
     recipe: &Recipe,
     shown: &str,
-    attest: &super::attest::AttestArgs,
+    attest: &super::common::AttestArgs,
     settings: &Settings,
     cancel: Arc<AtomicBool>,
 ) -> ExitStatus {
@@ -474,7 +474,7 @@ pub fn run_snapshot_build(
             return ExitStatus::Infrastructure;
         }
     };
-    let plan = match super::plan::plan_or_report(recipe, shown, settings) {
+    let plan = match super::common::plan_or_report(recipe, shown, settings) {
         Ok(plan) => plan,
         Err(status) => return status,
     };
@@ -523,7 +523,7 @@ pub fn run_snapshot_build(
     };
     let started = std::time::SystemTime::now();
     let quiet = settings.verbosity == crate::settings::Verbosity::Quiet;
-    let mut reporter = super::build::CliReporter { quiet };
+    let mut reporter = super::common::CliReporter { quiet };
     // What an earlier run of this version recorded, read before this run writes anything.
     let previous = store.record(&plan.version).ok().flatten();
     // Holds the disk image until the upload is done.

@@ -11,15 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{print_json, print_reports};
-use crate::ami::instance::{
-    DEFAULT_SSH_TIMEOUT, InstanceBuilder, InstanceError, InstanceOptions, SourceAmi,
-    SourceAmiError, source,
-};
+use crate::ami::instance::{DEFAULT_SSH_TIMEOUT, InstanceBuilder, InstanceError, InstanceOptions};
 use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::PlanOptions;
-use crate::recipe::{AmiStrategy, Base, Recipe};
+use crate::recipe::{AmiStrategy, Recipe};
 use crate::settings::{OutputFormat, Settings, Verbosity};
 use crate::store::Store;
 
@@ -30,60 +26,6 @@ pub fn is_instance_recipe(recipe: &Recipe) -> bool {
         .ami
         .as_ref()
         .is_some_and(|a| a.strategy == AmiStrategy::Instance)
-}
-
-/// The region a recipe's source AMI is resolved in: where the AMI is built.
-fn build_region(recipe: &Recipe, aws: &Aws) -> Option<String> {
-    recipe
-        .outputs
-        .ami
-        .as_ref()
-        .and_then(|a| a.regions.first().cloned())
-        .or_else(|| aws.default_region().map(str::to_owned))
-}
-
-/// Resolves `recipe`'s source AMI when its base is `ami`.
-pub async fn resolve_source(
-    aws: &Aws,
-    recipe: &Recipe,
-) -> Result<Option<SourceAmi>, SourceAmiError> {
-    let Base::Ami(filter) = &recipe.base else {
-        return Ok(None);
-    };
-    let region = build_region(recipe, aws).unwrap_or_else(|| "us-east-1".into());
-    source::resolve(&aws.ec2(&region), &aws.ssm(&region), &region, filter)
-        .await
-        .map(Some)
-}
-
-/// Plan options with the source AMI resolved (a lookup in AWS only for `ami` bases).
-pub fn plan_options(
-    recipe: &Recipe,
-    settings: &Settings,
-) -> Result<PlanOptions, (Report, ExitStatus)> {
-    let mut options = settings.plan_options();
-    if !matches!(recipe.base, Base::Ami(_)) {
-        return Ok(options);
-    }
-    let rt = super::runtime().map_err(|e| (Report::from_error(&e), ExitStatus::Infrastructure))?;
-    let resolved = rt.block_on(async {
-        let aws = Aws::load(&settings.aws).await;
-        resolve_source(&aws, recipe).await
-    });
-    match resolved {
-        Ok(source) => {
-            options.source_ami = source;
-            Ok(options)
-        }
-        Err(e) => {
-            let status = if e.is_user_error() {
-                ExitStatus::RecipeOrUsage
-            } else {
-                ExitStatus::Infrastructure
-            };
-            Err((Report::from_error(&e).with_hint(e.hint()), status))
-        }
-    }
 }
 
 fn options_from_env(cancel: Arc<std::sync::atomic::AtomicBool>) -> Result<InstanceOptions, Report> {
@@ -147,12 +89,12 @@ pub fn run_build(
             return ExitStatus::Infrastructure;
         }
     };
-    let mut reporter = super::build::CliReporter {
+    let mut reporter = super::common::CliReporter {
         quiet: settings.verbosity == Verbosity::Quiet,
     };
     rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
-        let source = match resolve_source(&aws, recipe).await {
+        let source = match crate::usecase::plan::resolve_source(&aws, recipe).await {
             Ok(Some(source)) => source,
             Ok(None) => {
                 print_reports(
@@ -176,7 +118,7 @@ pub fn run_build(
         let mut plan_options = settings.plan_options();
         plan_options.source_ami = Some(source.clone());
         let plan =
-            match super::plan::plan_resolved_or_report(recipe, shown, &plan_options, settings) {
+            match super::common::plan_resolved_or_report(recipe, shown, &plan_options, settings) {
                 Ok(plan) => plan,
                 Err(status) => return status,
             };

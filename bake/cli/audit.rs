@@ -70,7 +70,7 @@ pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
     let record = if is_root {
         None
     } else {
-        match super::export::find_record(&store, &args.what, &args.vars, settings) {
+        match super::common::find_record(&store, &args.what, &args.vars, settings) {
             Ok(record) => Some(record),
             Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
         }

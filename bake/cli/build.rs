@@ -1,19 +1,18 @@
 //! `bake build RECIPE`: build the recipe's OCI image into the local store (or return the stored
 //! one when its version is already there), printing the version and image digest.
 
-use std::io::Write;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
 
 use clap::Args;
 
+use super::common::CliReporter;
 use super::{VarArgs, print_json, print_reports};
 use crate::build::engine::Engine;
-use crate::build::pipeline::{BuildOptions, BuildReporter, Builder};
-use crate::build::runner::{NamespaceRunner, Runner, StepOutput, Stream};
+use crate::build::pipeline::{BuildOptions, Builder};
+use crate::build::runner::{NamespaceRunner, Runner};
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::recipe;
@@ -41,7 +40,7 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub vars: VarArgs,
     #[command(flatten)]
-    pub attest: super::attest::AttestArgs,
+    pub attest: super::common::AttestArgs,
     /// How boot tests run QEMU, over the recipe's `accelerator`: `auto` (KVM when it works,
     /// else software emulation), `kvm` (fail when KVM cannot run the guest) or `tcg`.
     #[arg(long, value_enum, value_name = "ACCEL", env = "BAKE_BOOT_ACCELERATOR")]
@@ -97,7 +96,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
         (None, None) => unreachable!("clap requires RECIPE without --all"),
     };
     let shown = path.display().to_string();
-    let recipe = match super::plan::load_or_report(path, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(path, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
@@ -133,7 +132,7 @@ pub fn run(args: &BuildArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let plan = match super::plan::plan_or_report(&recipe, &shown, settings) {
+    let plan = match super::common::plan_or_report(&recipe, &shown, settings) {
         Ok(plan) => plan,
         Err(status) => return status,
     };
@@ -448,69 +447,7 @@ fn layer_cache(
     }
 }
 
-/// Set by SIGINT and SIGTERM.
-static CANCEL: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-
-extern "C" fn on_signal(_: libc::c_int) {
-    if let Some(flag) = CANCEL.get() {
-        flag.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A flag that SIGINT and SIGTERM set, so the build stops at the next step boundary and cleans
-/// up instead of dying with its work directory and half-written blobs left behind. (On Ctrl-C
-/// the terminal also signals the runner's helper, which kills the running step at once.)
+/// A flag that SIGINT and SIGTERM set ([`crate::usecase::cancel_on_signals`]).
 fn cancel_on_signals() -> Arc<AtomicBool> {
-    let flag = Arc::clone(CANCEL.get_or_init(|| Arc::new(AtomicBool::new(false))));
-    let action = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(on_signal),
-        nix::sys::signal::SaFlags::SA_RESTART,
-        nix::sys::signal::SigSet::empty(),
-    );
-    for signal in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-    ] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
-    }
-    flag
-}
-
-/// Shows build progress on stderr: one line per step, then its output prefixed by its name.
-pub(super) struct CliReporter {
-    pub(super) quiet: bool,
-}
-
-impl StepOutput for CliReporter {
-    fn line(&mut self, step: &str, _stream: Stream, line: &str) {
-        if !self.quiet {
-            let _ = writeln!(std::io::stderr().lock(), "{step} | {line}");
-        }
-    }
-}
-
-impl BuildReporter for CliReporter {
-    fn step_started(&mut self, name: &str, cached: bool) {
-        if !self.quiet {
-            let note = if cached { " (cached)" } else { "" };
-            let _ = writeln!(std::io::stderr().lock(), "==> {name}{note}");
-        }
-    }
-
-    fn step_finished(&mut self, name: &str, duration: Duration) {
-        if !self.quiet {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "==> {name}: done in {:.1}s",
-                duration.as_secs_f64()
-            );
-        }
-    }
-
-    fn message(&mut self, text: &str) {
-        if !self.quiet {
-            let _ = writeln!(std::io::stderr().lock(), "==> {text}");
-        }
-    }
+    crate::usecase::cancel_on_signals()
 }

@@ -1,7 +1,7 @@
 //! `bake export VERSION|RECIPE`: write a built image out of the store, as an OCI image layout
 //! directory or a docker-archive tarball.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
@@ -10,7 +10,6 @@ use crate::artifact::export;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::settings::Settings;
-use crate::store::BuildRecord;
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -65,7 +64,7 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
             return ExitStatus::Infrastructure;
         }
     };
-    let record = match find_record(&store, what, &args.vars, settings) {
+    let record = match super::common::find_record(&store, what, &args.vars, settings) {
         Ok(record) => record,
         Err(report) => {
             print_reports(settings, &[*report]);
@@ -136,58 +135,4 @@ pub fn run(args: &ExportArgs, settings: &Settings) -> ExitStatus {
         }
     }
     ExitStatus::Success
-}
-
-/// The build record named by a version, a version prefix, or a recipe file.
-pub(super) fn find_record(
-    store: &Store,
-    what: &str,
-    vars: &VarArgs,
-    settings: &Settings,
-) -> Result<BuildRecord, Box<Report>> {
-    let not_built = |version: &str| {
-        Box::new(
-            Report::new(format!(
-                "version {version} is not in the store `{}`",
-                settings.store.display()
-            ))
-            .with_hint(Some("build it first with `bake build RECIPE`".into())),
-        )
-    };
-    if Path::new(what).is_file() {
-        let recipe = crate::recipe::load(Path::new(what), &vars.sources()).map_err(|e| {
-            Box::new(
-                e.0.first()
-                    .map(|e| e.report())
-                    .unwrap_or_else(|| Report::new("invalid recipe")),
-            )
-        })?;
-        let plan = super::plan::plan_one_report(&recipe, what, settings)?;
-        return store
-            .record(&plan.version)
-            .map_err(|e| Box::new(Report::from_error(&e)))?
-            .ok_or_else(|| not_built(&plan.version));
-    }
-    let Ok(prefix) = what.parse::<crate::id::VersionPrefix>() else {
-        return Err(Box::new(
-            Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
-                Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
-            ),
-        ));
-    };
-    let mut matches = crate::store::record::versions_with_prefix(store, &prefix)
-        .map_err(|e| Box::new(Report::from_error(&e)))?;
-    match matches.len() {
-        0 => Err(not_built(what)),
-        1 => {
-            let version = matches.remove(0);
-            store
-                .record(&version)
-                .map_err(|e| Box::new(Report::from_error(&e)))?
-                .ok_or_else(|| not_built(&version))
-        }
-        n => Err(Box::new(Report::new(format!(
-            "`{what}` matches {n} versions; give more digits"
-        )))),
-    }
 }

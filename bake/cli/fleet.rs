@@ -99,7 +99,7 @@ fn plan_fleet(fleet: &Fleet, settings: &Settings) -> Vec<Result<Plan, Report>> {
     for (i, member) in fleet.members.iter().enumerate() {
         if plans[i].is_none() {
             plans[i] = Some(
-                super::plan::plan_one_report(&member.recipe, &member.shown, settings)
+                super::common::plan_one_report(&member.recipe, &member.shown, settings)
                     .map_err(|r| *r),
             );
         }
@@ -125,7 +125,7 @@ fn one_line(report: &Report) -> String {
 }
 
 fn first_report(error: &PlanError) -> Report {
-    super::plan::plan_reports(error)
+    super::common::plan_reports(error)
         .into_iter()
         .next()
         .unwrap_or_else(|| Report::from_error(error))

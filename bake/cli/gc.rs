@@ -76,7 +76,7 @@ pub fn run(args: &GcArgs, settings: &Settings) -> ExitStatus {
     };
     let mut recipes = Vec::new();
     for path in &paths {
-        match super::plan::load_or_report(path, &args.vars, settings) {
+        match super::common::load_or_report(path, &args.vars, settings) {
             Ok(recipe) => recipes.push(recipe),
             Err(status) => return status,
         }

@@ -72,7 +72,7 @@ async fn plan(
     settings: &Settings,
 ) -> Result<(Plan, Option<SourceAmi>), ExitStatus> {
     if recipe.outputs.oci.is_some() {
-        let plan = super::plan::plan_resolved_or_report(
+        let plan = super::common::plan_resolved_or_report(
             recipe,
             shown,
             &settings.plan_options(),
@@ -80,7 +80,7 @@ async fn plan(
         )?;
         return Ok((plan, None));
     }
-    let source = match super::ami_instance::resolve_source(aws, recipe).await {
+    let source = match crate::usecase::plan::resolve_source(aws, recipe).await {
         Ok(Some(source)) => source,
         Ok(None) => {
             let error = crate::imagebuilder::CompileError::NotAmiBase {
@@ -104,7 +104,7 @@ async fn plan(
     };
     let mut options = settings.plan_options();
     options.source_ami = Some(source.clone());
-    let plan = super::plan::plan_resolved_or_report(recipe, shown, &options, settings)?;
+    let plan = super::common::plan_resolved_or_report(recipe, shown, &options, settings)?;
     Ok((plan, Some(source)))
 }
 
@@ -183,7 +183,7 @@ pub fn run_build(
         }
     };
     let quiet = settings.verbosity == Verbosity::Quiet;
-    let mut reporter = super::build::CliReporter { quiet };
+    let mut reporter = super::common::CliReporter { quiet };
     rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
         let (plan, source) = match plan(&aws, recipe, shown, settings).await {
@@ -348,7 +348,7 @@ fn failed(error: &crate::imagebuilder::EngineError, settings: &Settings) -> Exit
 /// was built on (so the version is the one it was built as, wherever the recipe's source filter
 /// points today), checks that the image is that version's, and records it.
 pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitStatus {
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
@@ -368,7 +368,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         }
     };
     let quiet = settings.verbosity == Verbosity::Quiet;
-    let mut reporter = super::build::CliReporter { quiet };
+    let mut reporter = super::common::CliReporter { quiet };
     rt.block_on(async {
         let aws = Aws::load(&settings.aws).await;
         let engine = Engine {
@@ -412,7 +412,8 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
         source.ssm_parameter = filter.ssm_parameter.clone();
         let mut options = settings.plan_options();
         options.source_ami = Some(source.clone());
-        let plan = match super::plan::plan_resolved_or_report(&recipe, &shown, &options, settings) {
+        let plan = match super::common::plan_resolved_or_report(&recipe, &shown, &options, settings)
+        {
             Ok(plan) => plan,
             Err(status) => return status,
         };
@@ -442,7 +443,7 @@ pub fn run_import(args: &ImportImageBuilderArgs, settings: &Settings) -> ExitSta
 /// `bake export imagebuilder RECIPE DIR`.
 pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitStatus {
     let shown = args.recipe.display().to_string();
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{print_json, print_reports};
+use super::common::{Failure, Outcome};
+use super::print_json;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::provenance::keys::{self, KeyAlgorithm, LocalKey, Signer as _};
-use crate::settings::{OutputFormat, Settings};
+use crate::settings::OutputFormat;
+use crate::usecase::Context;
 
 #[derive(Debug, Args)]
 pub struct KeyArgs {
@@ -47,42 +49,36 @@ struct Generated {
     public_key: PathBuf,
 }
 
-pub fn run(args: &KeyArgs, settings: &Settings) -> ExitStatus {
+pub fn run(args: &KeyArgs, ctx: &Context) -> Outcome {
     let KeyCommand::Generate(args) = &args.command;
     let path = args
         .out
         .clone()
-        .unwrap_or_else(|| keys::store_key_path(&settings.store, &args.name));
+        .unwrap_or_else(|| keys::store_key_path(&ctx.settings.store, &args.name));
     let result = LocalKey::generate(args.algorithm).and_then(|mut key| {
         let public = key.write(&path, args.force)?;
         Ok((key, public))
     });
-    match result {
-        Ok((key, public)) => {
-            let generated = Generated {
-                key_id: key.public_key().key_id(),
-                algorithm: args.algorithm.name(),
-                private_key: path,
-                public_key: public,
-            };
-            match settings.output {
-                OutputFormat::Json => print_json(&generated),
-                OutputFormat::Human => {
-                    println!("key id       {}", generated.key_id);
-                    println!("algorithm    {}", generated.algorithm);
-                    println!("private key  {}", generated.private_key.display());
-                    println!("public key   {}", generated.public_key.display());
-                }
-            }
-            ExitStatus::Success
-        }
-        Err(error) => {
-            let hint = matches!(error, keys::KeyError::Exists { .. }).then(|| {
-                "keep the old key, or pass --force if nothing must verify with it any more"
-                    .to_owned()
-            });
-            print_reports(settings, &[Report::from_error(&error).with_hint(hint)]);
-            ExitStatus::RecipeOrUsage
+    let (key, public) = result.map_err(|error| {
+        let hint = matches!(error, keys::KeyError::Exists { .. }).then(|| {
+            "keep the old key, or pass --force if nothing must verify with it any more".to_owned()
+        });
+        Failure::usage(Report::from_error(&error).with_hint(hint))
+    })?;
+    let generated = Generated {
+        key_id: key.public_key().key_id(),
+        algorithm: args.algorithm.name(),
+        private_key: path,
+        public_key: public,
+    };
+    match ctx.settings.output {
+        OutputFormat::Json => print_json(&generated),
+        OutputFormat::Human => {
+            println!("key id       {}", generated.key_id);
+            println!("algorithm    {}", generated.algorithm);
+            println!("private key  {}", generated.private_key.display());
+            println!("public key   {}", generated.public_key.display());
         }
     }
+    Ok(ExitStatus::Success)
 }

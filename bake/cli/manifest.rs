@@ -6,12 +6,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{print_json, print_reports};
-use crate::diagnostic::Report;
+use super::common::Outcome;
+use super::print_json;
 use crate::exit::ExitStatus;
 use crate::provenance::manifest::{self, ManifestError, Publication};
-use crate::settings::{OutputFormat, Settings};
-use crate::store::Store;
+use crate::settings::OutputFormat;
+use crate::usecase::Context;
 
 #[derive(Debug, Args)]
 pub struct ManifestArgs {
@@ -36,39 +36,20 @@ pub struct ShowArgs {
     pub manifest: Option<PathBuf>,
 }
 
-pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
+pub fn run(args: &ManifestArgs, ctx: &Context) -> Outcome {
     let ManifestCommand::Show(args) = &args.command;
-    let fail = |error: ManifestError| {
-        let status = match error {
-            ManifestError::NotFound { .. } | ManifestError::Ambiguous { .. } => {
-                ExitStatus::RecipeOrUsage
-            }
-            _ => ExitStatus::Infrastructure,
-        };
-        print_reports(
-            settings,
-            &[Report::from_error(&error).with_hint(error.hint())],
-        );
-        status
-    };
+    let settings = &ctx.settings;
     if !settings.store.join("oci-layout").is_file() {
-        return fail(ManifestError::NotFound {
+        return Err(ManifestError::NotFound {
             store: settings.store.clone(),
             query: args.query.clone(),
-        });
+        }
+        .into());
     }
-    let store = match Store::open(&settings.store) {
-        Ok(store) => store,
-        Err(e) => return fail(e.into()),
-    };
-    let found = match manifest::find(&store, &args.query) {
-        Ok(found) => found,
-        Err(error) => return fail(error),
-    };
-    if let Some(path) = &args.manifest
-        && let Err(error) = manifest::write_copy(&found, path)
-    {
-        return fail(error);
+    let store = ctx.store()?;
+    let found = manifest::find(store, &args.query)?;
+    if let Some(path) = &args.manifest {
+        manifest::write_copy(&found, path)?;
     }
     match settings.output {
         OutputFormat::Json => print_json(&found),
@@ -149,5 +130,5 @@ pub fn run(args: &ManifestArgs, settings: &Settings) -> ExitStatus {
             }
         }
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }

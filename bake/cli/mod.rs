@@ -8,6 +8,7 @@ mod attest;
 mod audit;
 mod build;
 mod cleanup;
+mod common;
 mod export;
 mod fleet;
 mod gc;
@@ -30,6 +31,8 @@ use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
 use crate::recipe::VarSources;
 use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::usecase::Context;
+use common::Outcome;
 
 /// bake: hardened AMIs and OCI images from declarative recipes, with content-addressed
 /// versions, provenance and safe publishing.
@@ -156,33 +159,42 @@ fn parse_var(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line: the run's one [`Context`] (composition root) is made here, and
+/// the one place that prints a command's failure and turns it into an exit status is here too.
 pub fn run(command: Command, settings: &Settings) -> ExitStatus {
-    match command {
-        Command::Validate(args) => validate::run(&args, settings),
-        Command::Plan(args) => plan::run(&args, settings),
-        Command::Build(args) => build::run(&args, settings),
-        Command::Graph(args) => fleet::graph(&args, settings),
-        Command::Outdated(args) => fleet::outdated(&args, settings),
-        Command::Export(args) => export::run(&args, settings),
+    let ctx = Context::new(settings.clone());
+    let outcome: Outcome = match command {
+        Command::Validate(args) => Ok(validate::run(&args, settings)),
+        Command::Plan(args) => Ok(plan::run(&args, settings)),
+        Command::Build(args) => Ok(build::run(&args, settings)),
+        Command::Graph(args) => Ok(fleet::graph(&args, settings)),
+        Command::Outdated(args) => Ok(fleet::outdated(&args, settings)),
+        Command::Export(args) => Ok(export::run(&args, settings)),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
-            imagebuilder::run_import(&args, settings)
+            Ok(imagebuilder::run_import(&args, settings))
         }
-        Command::Attest(args) => attest::run(&args, settings),
-        Command::Key(args) => key::run(&args, settings),
-        Command::Manifest(args) => manifest::run(&args, settings),
-        Command::Verify(args) => verify::run(&args, settings),
-        Command::Push(args) => push::run(&args, settings),
-        Command::Publish(args) => publish::run_publish(&args, settings),
-        Command::Promote(args) => publish::run_promote(&args, settings),
-        Command::Rollback(args) => publish::run_rollback(&args, settings),
-        Command::Pin(args) => publish::run_pin(&args, settings),
-        Command::Rollout(args) => rollout::run(&args, settings),
-        Command::Ami(args) => ami::run(&args, settings),
-        Command::Cleanup(args) => cleanup::run(&args, settings),
-        Command::Gc(args) => gc::run(&args, settings),
-        Command::Audit(args) => audit::run(&args, settings),
-        Command::Sandbox(args) => sandbox::run(&args),
+        Command::Attest(args) => Ok(attest::run(&args, settings)),
+        Command::Key(args) => key::run(&args, &ctx),
+        Command::Manifest(args) => manifest::run(&args, &ctx),
+        Command::Verify(args) => Ok(verify::run(&args, settings)),
+        Command::Push(args) => Ok(push::run(&args, settings)),
+        Command::Publish(args) => Ok(publish::run_publish(&args, settings)),
+        Command::Promote(args) => Ok(publish::run_promote(&args, settings)),
+        Command::Rollback(args) => Ok(publish::run_rollback(&args, settings)),
+        Command::Pin(args) => Ok(publish::run_pin(&args, settings)),
+        Command::Rollout(args) => Ok(rollout::run(&args, settings)),
+        Command::Ami(args) => Ok(ami::run(&args, settings)),
+        Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
+        Command::Gc(args) => Ok(gc::run(&args, settings)),
+        Command::Audit(args) => Ok(audit::run(&args, settings)),
+        Command::Sandbox(args) => Ok(sandbox::run(&args)),
+    };
+    match outcome {
+        Ok(status) => status,
+        Err(failure) => {
+            print_reports(&ctx.settings, &failure.reports);
+            failure.status
+        }
     }
 }
 

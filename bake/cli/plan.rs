@@ -10,11 +10,9 @@ use clap::Args;
 
 use super::{VarArgs, print_json, print_reports};
 use crate::aws::Aws;
-use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
+use crate::plan::Plan;
 use crate::plan::state::{self, EffectState, Remote, TargetLookup};
-use crate::plan::{self, Plan, PlanError};
-use crate::recipe;
 use crate::registry::{self, auth::ChainCredentials, auth::Credentials, ecr::EcrCredentials};
 use crate::settings::{OutputFormat, Settings};
 
@@ -52,14 +50,14 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
         (None, None) => unreachable!("clap requires RECIPE without --all"),
     };
     let shown = path.display().to_string();
-    let recipe = match load_or_report(path, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(path, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
     for advice in crate::build::hardening::missing_bootstrap_packages(&recipe) {
         tracing::warn!("{shown}: {advice}");
     }
-    let planned = plan_recipe(&recipe, &shown, settings).map(|plan| {
+    let planned = super::common::plan_recipe(&recipe, &shown, settings).map(|plan| {
         let states = effect_states(&recipe, &plan, args.check || args.publish, settings);
         (plan, states)
     });
@@ -102,96 +100,6 @@ pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
             print_reports(settings, &reports);
             status
         }
-    }
-}
-
-/// Plans `recipe` the one way every command does: an `ami` base is first resolved in AWS (so
-/// its exact id enters the version), then the plan is made with the settings' options. The
-/// error is the reports to print and the exit status to end with.
-pub(super) fn plan_recipe(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<Plan, (Vec<Report>, ExitStatus)> {
-    let options = super::ami_instance::plan_options(recipe, settings)
-        .map_err(|(report, status)| (vec![report], status))?;
-    plan::plan(recipe, shown, &options).map_err(|error| {
-        let status = if error.is_user_error() {
-            ExitStatus::RecipeOrUsage
-        } else {
-            ExitStatus::Infrastructure
-        };
-        (plan_reports(&error), status)
-    })
-}
-
-/// [`plan_recipe`] for callers that report one error.
-pub(super) fn plan_one_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<Plan, Box<Report>> {
-    plan_recipe(recipe, shown, settings).map_err(|(mut reports, _)| {
-        Box::new(if reports.is_empty() {
-            Report::new(format!("failed to plan `{shown}`"))
-        } else {
-            reports.remove(0)
-        })
-    })
-}
-
-/// Loads the recipe at `path` with the command line's variables, or prints every error in it
-/// and returns the exit status to end with.
-pub(super) fn load_or_report(
-    path: &std::path::Path,
-    vars: &VarArgs,
-    settings: &Settings,
-) -> Result<crate::recipe::Recipe, ExitStatus> {
-    recipe::load(path, &vars.sources()).map_err(|errors| {
-        print_reports(settings, &plan_reports(&PlanError::from(errors)));
-        ExitStatus::RecipeOrUsage
-    })
-}
-
-/// Plans `recipe` ([`plan_recipe`]), or prints why it cannot be planned and returns the exit
-/// status to end with.
-pub(super) fn plan_or_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<crate::plan::Plan, ExitStatus> {
-    plan_recipe(recipe, shown, settings).map_err(|(reports, status)| {
-        print_reports(settings, &reports);
-        status
-    })
-}
-
-/// Plans `recipe` with options whose source AMI the caller already resolved (through
-/// [`super::ami_instance::resolve_source`], as [`plan_recipe`] does), or prints why not.
-pub(super) fn plan_resolved_or_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    options: &crate::plan::PlanOptions,
-    settings: &Settings,
-) -> Result<crate::plan::Plan, ExitStatus> {
-    plan::plan(recipe, shown, options).map_err(|error| {
-        print_reports(settings, &plan_reports(&error));
-        if error.is_user_error() {
-            ExitStatus::RecipeOrUsage
-        } else {
-            ExitStatus::Infrastructure
-        }
-    })
-}
-
-/// Reports for a plan error: one per recipe error, or one with the cause chain.
-pub fn plan_reports(error: &PlanError) -> Vec<Report> {
-    match error {
-        PlanError::Recipe(errors) => errors.0.iter().map(|e| e.report()).collect(),
-        PlanError::BaseRecipe { source, .. } if matches!(**source, PlanError::Recipe(_)) => {
-            plan_reports(source)
-        }
-        other => vec![Report::from_error(other).with_hint(other.hint())],
     }
 }
 

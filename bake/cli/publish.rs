@@ -186,7 +186,7 @@ fn source(args: &PublishArgs, recipe: &Recipe, settings: &Settings) -> Result<So
         return Ok(Source::Given(inputs));
     }
     let shown = args.recipe.display().to_string();
-    let plan = super::plan::plan_one_report(recipe, &shown, settings).map_err(|r| *r)?;
+    let plan = super::common::plan_one_report(recipe, &shown, settings).map_err(|r| *r)?;
     let store = Store::open(&settings.store).map_err(|e| Report::from_error(&e))?;
     let record = store
         .record(&plan.version)
@@ -244,7 +244,7 @@ pub(super) fn publish_report(
     args: &PublishArgs,
     settings: &Settings,
 ) -> Result<PublishReport, ExitStatus> {
-    let recipe = super::plan::load_or_report(&args.recipe, &args.vars, settings)?;
+    let recipe = super::common::load_or_report(&args.recipe, &args.vars, settings)?;
     let source = match source(args, &recipe, settings) {
         Ok(source) => source,
         Err(report) => {
@@ -384,7 +384,7 @@ fn move_channel(
     movement: ChannelMove<'_>,
     settings: &Settings,
 ) -> ExitStatus {
-    let recipe = match super::plan::load_or_report(recipe, vars, settings) {
+    let recipe = match super::common::load_or_report(recipe, vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };
@@ -442,7 +442,7 @@ fn move_channel(
 }
 
 pub fn run_pin(args: &PinArgs, settings: &Settings) -> ExitStatus {
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };

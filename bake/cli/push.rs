@@ -390,7 +390,7 @@ fn find(
     settings: &Settings,
 ) -> Result<(BuildRecord, Vec<Planned>, Vec<String>), Box<Report>> {
     if !Path::new(what).is_file() {
-        let record = super::export::find_record(store, what, &args.vars, settings)?;
+        let record = super::common::find_record(store, what, &args.vars, settings)?;
         return Ok((record, Vec::new(), Vec::new()));
     }
     let recipe = crate::recipe::load(Path::new(what), &args.vars.sources()).map_err(|e| {
@@ -400,7 +400,7 @@ fn find(
                 .unwrap_or_else(|| Report::new("invalid recipe")),
         )
     })?;
-    let plan = super::plan::plan_one_report(&recipe, what, settings)?;
+    let plan = super::common::plan_one_report(&recipe, what, settings)?;
     let record = store
         .record(&plan.version)
         .map_err(|e| Box::new(Report::from_error(&e)))?

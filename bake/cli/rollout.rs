@@ -56,7 +56,7 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: &RolloutArgs, settings: &Settings) -> ExitStatus {
-    let recipe = match super::plan::load_or_report(&args.recipe, &args.vars, settings) {
+    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
         Ok(recipe) => recipe,
         Err(status) => return status,
     };

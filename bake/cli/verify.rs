@@ -202,7 +202,10 @@ fn trusted_keys(args: &VerifyArgs, settings: &Settings) -> Result<Vec<PublicKey>
             .enable_all()
             .build()
             .expect("a tokio runtime starts");
-        let region = kms_region(kms_key, settings);
+        let region = crate::usecase::attest::kms_region(
+            kms_key,
+            &crate::usecase::Context::new(settings.clone()),
+        );
         let signer = runtime.block_on(async {
             let aws = crate::aws::Aws::load(&settings.aws).await;
             let region = region.or_else(|| aws.default_region().map(str::to_owned));
@@ -223,14 +226,6 @@ fn trusted_keys(args: &VerifyArgs, settings: &Settings) -> Result<Vec<PublicKey>
 }
 
 /// The region of a KMS key ARN, else the settings' region.
-pub fn kms_region(key: &str, settings: &Settings) -> Option<String> {
-    key.strip_prefix("arn:")
-        .and_then(|rest| rest.split(':').nth(2))
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
-        .or_else(|| settings.aws.region.clone())
-}
-
 pub fn run(args: &VerifyArgs, settings: &Settings) -> ExitStatus {
     if let (true, Some(channel)) = (args.published, &args.channel) {
         return run_published(args, channel, settings);
@@ -312,11 +307,11 @@ fn print_human(report: &VerifyReport) {
 /// `bake verify --published RECIPE --channel NAME`.
 fn run_published(args: &VerifyArgs, channel: &str, settings: &Settings) -> ExitStatus {
     use crate::publish::{PublishOptions, Publisher};
-    let recipe = match super::plan::load_or_report(Path::new(&args.reference), &args.vars, settings)
-    {
-        Ok(recipe) => recipe,
-        Err(status) => return status,
-    };
+    let recipe =
+        match super::common::load_or_report(Path::new(&args.reference), &args.vars, settings) {
+            Ok(recipe) => recipe,
+            Err(status) => return status,
+        };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -388,3 +388,28 @@ fn file_inputs(recipe: &Recipe, cache: &DigestCache) -> Result<Vec<FileInput>, P
     files.dedup_by(|a, b| a.path == b.path);
     Ok(files)
 }
+
+impl crate::diagnostic::Diagnose for PlanError {
+    fn hint(&self) -> Option<String> {
+        PlanError::hint(self)
+    }
+
+    fn exit_status(&self) -> crate::exit::ExitStatus {
+        if self.is_user_error() {
+            crate::exit::ExitStatus::RecipeOrUsage
+        } else {
+            crate::exit::ExitStatus::Infrastructure
+        }
+    }
+
+    /// One report per recipe error, or one with the cause chain.
+    fn reports(&self) -> Vec<crate::diagnostic::Report> {
+        match self {
+            PlanError::Recipe(errors) => errors.0.iter().map(|e| e.report()).collect(),
+            PlanError::BaseRecipe { source, .. } if matches!(**source, PlanError::Recipe(_)) => {
+                source.reports()
+            }
+            other => vec![crate::diagnostic::Report::from_error(other).with_hint(other.hint())],
+        }
+    }
+}

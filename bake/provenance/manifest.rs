@@ -669,6 +669,21 @@ pub fn write_copy(manifest: &Manifest, path: &Path) -> Result<(), ManifestError>
     Ok(())
 }
 
+impl crate::diagnostic::Diagnose for ManifestError {
+    fn hint(&self) -> Option<String> {
+        ManifestError::hint(self)
+    }
+
+    fn exit_status(&self) -> crate::exit::ExitStatus {
+        match self {
+            ManifestError::NotFound { .. } | ManifestError::Ambiguous { .. } => {
+                crate::exit::ExitStatus::RecipeOrUsage
+            }
+            _ => crate::exit::ExitStatus::Infrastructure,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

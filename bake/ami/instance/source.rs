@@ -279,6 +279,20 @@ pub fn is_ami_id(text: &str) -> bool {
     })
 }
 
+impl crate::diagnostic::Diagnose for SourceAmiError {
+    fn hint(&self) -> Option<String> {
+        SourceAmiError::hint(self)
+    }
+
+    fn exit_status(&self) -> crate::exit::ExitStatus {
+        if self.is_user_error() {
+            crate::exit::ExitStatus::RecipeOrUsage
+        } else {
+            crate::exit::ExitStatus::Infrastructure
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

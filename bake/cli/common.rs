@@ -1,0 +1,280 @@
+//! What several commands share: the failure every command returns, loading and planning a recipe
+//! with errors reported, finding a built version, the provenance options, and the build log on
+//! stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{VarArgs, print_reports};
+use crate::build::pipeline::BuildReporter;
+use crate::build::runner::{StepOutput, Stream};
+use crate::diagnostic::{Diagnose, Report};
+use crate::exit::ExitStatus;
+use crate::plan::{self, Plan, PlanError};
+use crate::provenance::sbom::SbomFormat;
+use crate::recipe;
+use crate::settings::Settings;
+use crate::store::Store;
+use crate::store::record::BuildRecord;
+use crate::usecase::attest::SigningOptions;
+
+/// A command that did not succeed: the reports to print and the exit status to end with.
+#[derive(Debug)]
+pub struct Failure {
+    pub reports: Vec<Report>,
+    pub status: ExitStatus,
+}
+
+impl Failure {
+    pub fn new(status: ExitStatus, report: Report) -> Self {
+        Failure {
+            reports: vec![report],
+            status,
+        }
+    }
+
+    /// A mistake in the recipe or the command line.
+    pub fn usage(report: Report) -> Self {
+        Failure::new(ExitStatus::RecipeOrUsage, report)
+    }
+}
+
+impl<E: Diagnose> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure {
+            reports: error.reports(),
+            status: error.exit_status(),
+        }
+    }
+}
+
+/// What a command returns: its exit status when it ran to the end (which may still be a
+/// partial publish or an `outdated` answer), or the failure that stopped it.
+pub type Outcome = Result<ExitStatus, Failure>;
+
+/// Plans `recipe` the one way every command does: an `ami` base is first resolved in AWS (so
+/// its exact id enters the version), then the plan is made with the settings' options. The
+/// error is the reports to print and the exit status to end with.
+pub fn plan_recipe(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<Plan, (Vec<Report>, ExitStatus)> {
+    use crate::diagnostic::Diagnose;
+    let ctx = crate::usecase::Context::new(settings.clone());
+    crate::usecase::plan::plan_recipe(&ctx, recipe, shown)
+        .map_err(|error| (error.reports(), error.exit_status()))
+}
+
+/// [`plan_recipe`] for callers that report one error.
+pub fn plan_one_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<Plan, Box<Report>> {
+    plan_recipe(recipe, shown, settings).map_err(|(mut reports, _)| {
+        Box::new(if reports.is_empty() {
+            Report::new(format!("failed to plan `{shown}`"))
+        } else {
+            reports.remove(0)
+        })
+    })
+}
+
+/// Loads the recipe at `path` with the command line's variables, or prints every error in it
+/// and returns the exit status to end with.
+pub fn load_or_report(
+    path: &std::path::Path,
+    vars: &VarArgs,
+    settings: &Settings,
+) -> Result<crate::recipe::Recipe, ExitStatus> {
+    recipe::load(path, &vars.sources()).map_err(|errors| {
+        print_reports(settings, &plan_reports(&PlanError::from(errors)));
+        ExitStatus::RecipeOrUsage
+    })
+}
+
+/// Plans `recipe` ([`plan_recipe`]), or prints why it cannot be planned and returns the exit
+/// status to end with.
+pub fn plan_or_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    settings: &Settings,
+) -> Result<crate::plan::Plan, ExitStatus> {
+    plan_recipe(recipe, shown, settings).map_err(|(reports, status)| {
+        print_reports(settings, &reports);
+        status
+    })
+}
+
+/// Plans `recipe` with options whose source AMI the caller already resolved (through
+/// [`crate::usecase::plan::resolve_source`], as [`plan_recipe`] does), or prints why not.
+pub fn plan_resolved_or_report(
+    recipe: &crate::recipe::Recipe,
+    shown: &str,
+    options: &crate::plan::PlanOptions,
+    settings: &Settings,
+) -> Result<crate::plan::Plan, ExitStatus> {
+    plan::plan(recipe, shown, options).map_err(|error| {
+        print_reports(settings, &plan_reports(&error));
+        if error.is_user_error() {
+            ExitStatus::RecipeOrUsage
+        } else {
+            ExitStatus::Infrastructure
+        }
+    })
+}
+
+/// Reports for a plan error: one per recipe error, or one with the cause chain.
+pub fn plan_reports(error: &PlanError) -> Vec<Report> {
+    crate::diagnostic::Diagnose::reports(error)
+}
+
+/// The build record named by a version, a version prefix, or a recipe file.
+pub fn find_record(
+    store: &Store,
+    what: &str,
+    vars: &VarArgs,
+    settings: &Settings,
+) -> Result<BuildRecord, Box<Report>> {
+    let not_built = |version: &str| {
+        Box::new(
+            Report::new(format!(
+                "version {version} is not in the store `{}`",
+                settings.store.display()
+            ))
+            .with_hint(Some("build it first with `bake build RECIPE`".into())),
+        )
+    };
+    if Path::new(what).is_file() {
+        let recipe = crate::recipe::load(Path::new(what), &vars.sources()).map_err(|e| {
+            Box::new(
+                e.0.first()
+                    .map(|e| e.report())
+                    .unwrap_or_else(|| Report::new("invalid recipe")),
+            )
+        })?;
+        let plan = plan_one_report(&recipe, what, settings)?;
+        return store
+            .record(&plan.version)
+            .map_err(|e| Box::new(Report::from_error(&e)))?
+            .ok_or_else(|| not_built(&plan.version));
+    }
+    let Ok(prefix) = what.parse::<crate::id::VersionPrefix>() else {
+        return Err(Box::new(
+            Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
+                Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
+            ),
+        ));
+    };
+    let mut matches = crate::store::record::versions_with_prefix(store, &prefix)
+        .map_err(|e| Box::new(Report::from_error(&e)))?;
+    match matches.len() {
+        0 => Err(not_built(what)),
+        1 => {
+            let version = matches.remove(0);
+            store
+                .record(&version)
+                .map_err(|e| Box::new(Report::from_error(&e)))?
+                .ok_or_else(|| not_built(&version))
+        }
+        n => Err(Box::new(Report::new(format!(
+            "`{what}` matches {n} versions; give more digits"
+        )))),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AttestArgs {
+    /// Also write the version's manifest to FILE (for CI).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Sign provenance with this private key (PKCS#8 PEM) instead of the store's default key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BAKE_SIGNING_KEY",
+        conflicts_with = "kms_key"
+    )]
+    pub signing_key: Option<PathBuf>,
+    /// Sign provenance with this AWS KMS asymmetric key (ECC_NIST_P256; id, alias or ARN).
+    #[arg(long, value_name = "KEY", env = "BAKE_KMS_KEY")]
+    pub kms_key: Option<String>,
+    /// SBOM formats to produce and attest (repeatable; default: the recipe's, else SPDX).
+    #[arg(long = "sbom-format", value_enum)]
+    pub sbom_formats: Vec<SbomFormat>,
+    /// Build only: no SBOM, provenance or manifest.
+    #[arg(long)]
+    pub no_attest: bool,
+}
+
+impl AttestArgs {
+    /// These options, with what the command line leaves unset taken from the recipe's
+    /// `provenance:` section (a key given on the command line or in the environment wins over
+    /// both of the recipe's).
+    pub fn with_recipe(&self, recipe: &crate::recipe::ProvenanceSettings) -> AttestArgs {
+        let mut args = self.clone();
+        if args.signing_key.is_none() && args.kms_key.is_none() {
+            args.signing_key = recipe.signing_key.clone();
+            args.kms_key = recipe.kms_key.clone();
+        }
+        if args.sbom_formats.is_empty() {
+            args.sbom_formats = recipe
+                .sbom_formats
+                .iter()
+                .filter_map(|f| <SbomFormat as clap::ValueEnum>::from_str(f, false).ok())
+                .collect();
+        }
+        args
+    }
+    /// The signing choices these options make.
+    pub fn signing_options(&self) -> SigningOptions {
+        SigningOptions {
+            manifest_copy: self.manifest.clone(),
+            signing_key: self.signing_key.clone(),
+            kms_key: self.kms_key.clone(),
+            sbom_formats: self.sbom_formats.clone(),
+        }
+    }
+}
+
+/// Shows build progress on stderr: one line per step, then its output prefixed by its name.
+pub struct CliReporter {
+    pub quiet: bool,
+}
+
+impl StepOutput for CliReporter {
+    fn line(&mut self, step: &str, _stream: Stream, line: &str) {
+        if !self.quiet {
+            let _ = writeln!(std::io::stderr().lock(), "{step} | {line}");
+        }
+    }
+}
+
+impl BuildReporter for CliReporter {
+    fn step_started(&mut self, name: &str, cached: bool) {
+        if !self.quiet {
+            let note = if cached { " (cached)" } else { "" };
+            let _ = writeln!(std::io::stderr().lock(), "==> {name}{note}");
+        }
+    }
+
+    fn step_finished(&mut self, name: &str, duration: Duration) {
+        if !self.quiet {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "==> {name}: done in {:.1}s",
+                duration.as_secs_f64()
+            );
+        }
+    }
+
+    fn message(&mut self, text: &str) {
+        if !self.quiet {
+            let _ = writeln!(std::io::stderr().lock(), "==> {text}");
+        }
+    }
+}

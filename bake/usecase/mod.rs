@@ -1,0 +1,9 @@
+//! bake's use cases: build an OCI image, build an AMI from a disk image or on a builder
+//! instance, push, publish, clean up. Each takes typed options and a [`Context`] and returns a
+//! typed result; the CLI only parses arguments, calls one of them and renders what it returns.
+
+pub mod attest;
+mod context;
+pub mod plan;
+
+pub use context::{Context, ContextError, cancel_on_signals};
