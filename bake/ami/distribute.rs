@@ -6,8 +6,9 @@
 //! Strategy-agnostic: the source AMI can come from a snapshot upload or a builder instance.
 //! Every step looks first, so a repeated distribution of a finished AMI makes no mutating call.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_ec2::Client as Ec2;
 use aws_sdk_ec2::types::{
@@ -19,13 +20,17 @@ use futures_util::StreamExt as _;
 use super::journal::{Journal, JournalError, ResourceKind};
 use super::lookup::{self, ImageInfo};
 use super::wait::{Poll, WaitPolicy, wait_for};
-use super::{AmiSpec, AwsCallError, RegionImage, RegionSpec, TAG_RUN, sdk_error};
+use super::{AmiSpec, AwsCallError, RegionImage, RegionSpec, TAG_RUN, sdk_error, sdk_error_code};
 use crate::aws::Aws;
 
-/// Regions worked on at once. AWS allows 20 concurrent snapshot copies per destination region
-/// and each region gets one copy here, so the bound is about API pressure and log readability,
-/// not the copy limit.
+/// Regions worked on at once. Each region gets one copy here, so the bound is about API
+/// pressure and log readability; the copy limit is [`MAX_COPIES_PER_REGION`].
 pub const DEFAULT_REGION_CONCURRENCY: usize = 8;
+
+/// AWS's limit on snapshot copies in flight into one destination region, per account. Copying
+/// an AMI copies each of its snapshots, so a copy takes one slot per snapshot from the request
+/// until the copied AMI is available.
+pub const MAX_COPIES_PER_REGION: usize = 20;
 
 /// The AMI everything is copied from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +44,7 @@ pub struct SourceImage {
 pub struct DistributeOptions {
     pub concurrency: usize,
     pub wait: WaitPolicy,
+    pub copy_quota: QuotaPolicy,
 }
 
 impl Default for DistributeOptions {
@@ -46,8 +52,59 @@ impl Default for DistributeOptions {
         DistributeOptions {
             concurrency: DEFAULT_REGION_CONCURRENCY,
             wait: WaitPolicy::IMAGE,
+            copy_quota: QuotaPolicy::default(),
         }
     }
+}
+
+/// What a copy does when AWS answers `ResourceLimitExceeded` (the region's concurrent copies,
+/// this run's and others', are at the account's limit): wait with exponential backoff and full
+/// jitter, and ask again, until `give_up_after`. The SDK's retries do not cover it: for AWS it is
+/// a quota, not throttling.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaPolicy {
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    pub give_up_after: Duration,
+}
+
+impl Default for QuotaPolicy {
+    fn default() -> Self {
+        // Copies take minutes; a slot frees when one of them completes.
+        QuotaPolicy {
+            first_delay: Duration::from_secs(15),
+            max_delay: Duration::from_secs(120),
+            give_up_after: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+impl QuotaPolicy {
+    /// The pause before attempt `attempt` (0-based): a random time between half and all of the
+    /// exponential delay, so that many copies waiting for slots do not ask again in step.
+    fn pause(&self, attempt: u32) -> Duration {
+        let delay = self
+            .first_delay
+            .saturating_mul(2u32.saturating_pow(attempt))
+            .min(self.max_delay);
+        delay.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
+/// This process's copies in flight per destination region: a gate of [`MAX_COPIES_PER_REGION`]
+/// slots each, so that bake's own distributions (several AMIs in one run) never ask for more
+/// than AWS allows. Copies made by other processes are met as `ResourceLimitExceeded`.
+fn copy_slots(region: &str) -> Arc<tokio::sync::Semaphore> {
+    static SLOTS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>> = OnceLock::new();
+    let mut slots = SLOTS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Arc::clone(
+        slots
+            .entry(region.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_COPIES_PER_REGION))),
+    )
 }
 
 /// Why one region failed.
@@ -160,6 +217,14 @@ pub async fn distribute(
 ) -> DistributionReport {
     let run = journal.map(Journal::run_id);
     let allowances = Allowances::of(aws);
+    // Each copy takes a slot per snapshot of the source AMI.
+    let snapshots = lookup::image(&aws.ec2(&source.region), &source.image_id)
+        .await
+        .ok()
+        .flatten()
+        .map_or(1, |image| {
+            image.snapshots.len().clamp(1, MAX_COPIES_PER_REGION)
+        });
     let outcomes = futures_util::stream::iter(spec.regions.iter().map(|region| {
         let run = run.clone();
         async move {
@@ -168,7 +233,12 @@ pub async fn distribute(
                 let run_tag = if created_here { run.as_deref() } else { None };
                 finish(&ec2, spec, region, &source.image_id, run_tag, allowances).await
             } else {
-                copy_to(aws, journal, spec, region, source, run.as_deref(), options).await
+                let copy = Copy {
+                    source,
+                    snapshots,
+                    run: run.as_deref(),
+                };
+                copy_to(aws, journal, spec, region, &copy, options).await
             };
             if let Err(e) = &outcome {
                 tracing::warn!("{}: {}", region.region, crate::diagnostic::error_chain(e));
@@ -182,15 +252,27 @@ pub async fn distribute(
     DistributionReport { outcomes }
 }
 
+/// One copy of the source AMI to a region.
+struct Copy<'a> {
+    source: &'a SourceImage,
+    /// The source AMI's snapshot count: the copy slots it takes.
+    snapshots: usize,
+    run: Option<&'a str>,
+}
+
 async fn copy_to(
     aws: &Aws,
     journal: Option<&Journal>,
     spec: &AmiSpec,
     region: &RegionSpec,
-    source: &SourceImage,
-    run: Option<&str>,
+    copy: &Copy<'_>,
     options: &DistributeOptions,
 ) -> Result<RegionImage, RegionError> {
+    let Copy {
+        source,
+        snapshots,
+        run,
+    } = *copy;
     let ec2 = aws.ec2(&region.region);
     let existing = lookup::images_of_version(&ec2, &spec.recipe, &spec.version)
         .await
@@ -226,7 +308,7 @@ async fn copy_to(
     if let Some(run) = run {
         tags.insert(TAG_RUN.to_owned(), run.to_owned());
     }
-    let mut copy = ec2
+    let mut request = ec2
         .copy_image()
         .source_image_id(&source.image_id)
         .source_region(&source.region)
@@ -240,16 +322,43 @@ async fn copy_to(
                 .build(),
         );
     if spec.encrypted {
-        copy = copy
+        request = request
             .encrypted(true)
             .set_kms_key_id(region.kms_key_id.clone());
     }
-    let out = copy.send().await.map_err(|e| RegionError::Copy {
-        source_image: source.image_id.clone(),
-        source_region: source.region.clone(),
-        region: region.region.clone(),
-        source: AwsCallError(sdk_error(&e)),
-    })?;
+    // Held until the copied AMI is available: AWS counts a copy until it completes.
+    let _slots = copy_slots(&region.region)
+        .acquire_many_owned(snapshots as u32)
+        .await
+        .expect("the copy gates are never closed");
+    let started = Instant::now();
+    let mut attempt = 0;
+    let out = loop {
+        match request.clone().send().await {
+            Ok(out) => break out,
+            Err(e)
+                if sdk_error_code(&e) == Some("ResourceLimitExceeded")
+                    && started.elapsed() < options.copy_quota.give_up_after =>
+            {
+                let pause = options.copy_quota.pause(attempt);
+                attempt += 1;
+                tracing::info!(
+                    "{}: the account's concurrent snapshot copies are at AWS's limit; asking again in {:.1}s",
+                    region.region,
+                    pause.as_secs_f64()
+                );
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => {
+                return Err(RegionError::Copy {
+                    source_image: source.image_id.clone(),
+                    source_region: source.region.clone(),
+                    region: region.region.clone(),
+                    source: AwsCallError(sdk_error(&e)),
+                });
+            }
+        }
+    };
     let image_id = out.image_id().unwrap_or_default().to_owned();
     if let (Some(j), Some(entry)) = (journal, entry) {
         j.created(entry, &image_id).map_err(journal_error)?;

@@ -19,7 +19,7 @@ use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterce
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
-use bake::ami::distribute::DistributeOptions;
+use bake::ami::distribute::{DistributeOptions, QuotaPolicy};
 use bake::ami::publish::{PublishError, PublishOptions, publish_snapshot_ami};
 use bake::ami::upload::BLOCK_SIZE;
 use bake::ami::wait::WaitPolicy;
@@ -168,6 +168,7 @@ fn fast_options() -> PublishOptions {
         distribute: DistributeOptions {
             concurrency: 3,
             wait: WaitPolicy::fast(),
+            ..DistributeOptions::default()
         },
         keep_on_failure: false,
     }
@@ -1499,65 +1500,55 @@ async fn a_stalled_block_upload_is_retried_after_its_timeout_and_the_upload_comp
     // it ends with the proxy.
 }
 
-/// One AMI distributed to 20 regions through the throttle proxy, with EC2's request-rate
-/// buckets shrunk for this account so that tags, snapshot and image polls are throttled
-/// (`RequestLimitExceeded`, as EC2 answers): every region ends with its AMI, none fails, and
-/// the proxy's counters show the limits were hit.
-#[tokio::test]
-async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
-    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
-        return;
-    };
-    const TWENTY: [&str; 20] = [
-        "us-east-1",
-        "us-east-2",
-        "us-west-1",
-        "us-west-2",
-        "ca-central-1",
-        "sa-east-1",
-        "eu-west-1",
-        "eu-west-2",
-        "eu-west-3",
-        "eu-central-1",
-        "eu-north-1",
-        "eu-south-1",
-        "ap-south-1",
-        "ap-northeast-1",
-        "ap-northeast-2",
-        "ap-northeast-3",
-        "ap-southeast-1",
-        "ap-southeast-2",
-        "ap-southeast-3",
-        "af-south-1",
-    ];
-    // bake's own retry configuration, not the tests' usual none.
+const TWENTY_REGIONS: [&str; 20] = [
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "ca-central-1",
+    "sa-east-1",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "eu-central-1",
+    "eu-north-1",
+    "eu-south-1",
+    "ap-south-1",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "af-south-1",
+];
+
+/// An account of its own behind the throttle proxy, with bake's own retry configuration (not the
+/// tests' usual none) and `limits` set for it.
+async fn throttled_aws(proxy: &str, limits: &serde_json::Value) -> (Aws, String) {
     let account = fresh_account();
     let config = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(&proxy)
+        .endpoint_url(proxy)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
         .retry_config(RetryConfig::standard().with_max_attempts(bake::aws::MAX_ATTEMPTS))
         .load()
         .await;
     let aws = Aws::from_config(config, Some(account.clone())).with_emulator(Emulator::Moto);
-    let standin = ThrottleProxy { url: &proxy };
-    // Buckets are per account, region and action: one copy per region never empties
-    // CopyImage's, so the calls each region makes several of get one-token buckets.
-    let limits = serde_json::json!({
-        "actions": {
-            "CreateTags": [1, 1],
-            "DescribeImages": [1, 1],
-            "DescribeSnapshots": [1, 1],
-        },
-        "copy_seconds": 2,
-    });
-    standin.set_limits(&account, &limits).await;
+    ThrottleProxy { url: proxy }
+        .set_limits(&account, limits)
+        .await;
+    (aws, account)
+}
 
+/// Publishes a synthetic image as recipe `name`'s AMI in all twenty regions (unencrypted,
+/// private), with fast waits and copy-quota backoff; returns the regions it got an AMI in.
+async fn publish_to_twenty(aws: &Aws, name: &str) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
     let image = dir.path().join("disk.raw");
     synthetic_image(&image);
-    let mut spec = spec("amitwenty", &TWENTY);
+    let mut spec = spec(name, &TWENTY_REGIONS);
     spec.encrypted = false;
     spec.sharing = Sharing {
         accounts: vec![],
@@ -1572,17 +1563,22 @@ async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
         upload_concurrency: 8,
         snapshot_wait: WaitPolicy::fast(),
         distribute: DistributeOptions {
-            concurrency: TWENTY.len(),
+            concurrency: TWENTY_REGIONS.len(),
             wait: WaitPolicy {
                 interval: Duration::from_millis(250),
                 max_attempts: 400,
                 consecutive_successes: 1,
             },
+            copy_quota: QuotaPolicy {
+                first_delay: Duration::from_millis(250),
+                max_delay: Duration::from_secs(2),
+                give_up_after: Duration::from_secs(120),
+            },
         },
         keep_on_failure: false,
     };
     let record = publish_snapshot_ami(
-        &aws,
+        aws,
         &store,
         &spec,
         Some(&image),
@@ -1592,25 +1588,105 @@ async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
     )
     .await
     .expect("every region gets its AMI");
-    let mut regions: Vec<&str> = record.regions.iter().map(|r| r.region.as_str()).collect();
+    let mut regions: Vec<String> = record.regions.iter().map(|r| r.region.clone()).collect();
     regions.sort_unstable();
-    let mut expected = TWENTY.to_vec();
-    expected.sort_unstable();
-    assert_eq!(regions, expected);
+    regions
+}
 
-    let stats = standin.stats(&account).await;
-    let throttled: u64 = stats["actions"]
+fn twenty_sorted() -> Vec<String> {
+    let mut expected: Vec<String> = TWENTY_REGIONS.iter().map(|r| r.to_string()).collect();
+    expected.sort_unstable();
+    expected
+}
+
+/// The sum of one counter (`passed`, `throttled`, `limited`, `stalled`) over every action.
+fn total(stats: &serde_json::Value, counter: &str) -> u64 {
+    stats["actions"]
         .as_object()
         .unwrap()
         .values()
-        .map(|counts| counts["throttled"].as_u64().unwrap_or(0))
-        .sum();
-    assert!(throttled > 0, "no request was throttled: {stats}");
+        .map(|counts| counts[counter].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// One AMI distributed to 20 regions through the throttle proxy, with EC2's request-rate
+/// buckets shrunk for this account so that tags, snapshot and image polls are throttled
+/// (`RequestLimitExceeded`, as EC2 answers): every region ends with its AMI, none fails, and
+/// the proxy's counters show the limits were hit.
+#[tokio::test]
+async fn distribution_to_twenty_regions_survives_ec2_request_throttling() {
+    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
+        return;
+    };
+    // Buckets are per account, region and action: one copy per region never empties
+    // CopyImage's, so the calls each region makes several of get one-token buckets.
+    let limits = serde_json::json!({
+        "actions": {
+            "CreateTags": [1, 1],
+            "DescribeImages": [1, 1],
+            "DescribeSnapshots": [1, 1],
+        },
+        "copy_seconds": 2,
+    });
+    let (aws, account) = throttled_aws(&proxy, &limits).await;
+    assert_eq!(publish_to_twenty(&aws, "amitwenty").await, twenty_sorted());
+
+    let stats = ThrottleProxy { url: &proxy }.stats(&account).await;
+    assert!(
+        total(&stats, "throttled") > 0,
+        "no request was throttled: {stats}"
+    );
     assert_eq!(
         stats["actions"]["CopyImage"]["passed"],
-        TWENTY.len() as u64 - 1,
+        TWENTY_REGIONS.len() as u64 - 1,
         "{stats}"
     );
+}
+
+/// Two AMIs distributed at once to the same 20 regions, with the account allowed one copy in
+/// flight per destination region (AWS allows 20; the proxy answers `ResourceLimitExceeded` past
+/// the limit, as EC2 does) and request rates throttled too: every copy that met the limit waited
+/// for a slot and was asked again, and both AMIs reach every region.
+#[tokio::test]
+async fn two_amis_to_twenty_regions_wait_for_copy_slots_at_the_account_limit() {
+    let Some(proxy) = service("BAKE_TEST_THROTTLE_ENDPOINT") else {
+        return;
+    };
+    let limits = serde_json::json!({
+        "actions": {
+            "CreateTags": [2, 2],
+            "DescribeImages": [2, 2],
+        },
+        "max_copies": 1,
+        "copy_seconds": 1,
+    });
+    let (aws, account) = throttled_aws(&proxy, &limits).await;
+    let (first, second) = tokio::join!(
+        publish_to_twenty(&aws, "amiquotaa"),
+        publish_to_twenty(&aws, "amiquotab")
+    );
+    assert_eq!(first, twenty_sorted());
+    assert_eq!(second, twenty_sorted());
+
+    let stats = ThrottleProxy { url: &proxy }.stats(&account).await;
+    let copies = &stats["actions"]["CopyImage"];
+    assert!(
+        copies["limited"].as_u64().unwrap_or(0) > 0,
+        "no copy met the copy limit: {stats}"
+    );
+    // Every copy was made once in the end: 19 regions for each AMI.
+    assert_eq!(
+        copies["passed"],
+        2 * (TWENTY_REGIONS.len() as u64 - 1),
+        "{stats}"
+    );
+    assert!(
+        total(&stats, "throttled") > 0,
+        "no request was throttled: {stats}"
+    );
+    for region in TWENTY_REGIONS.iter().skip(1) {
+        assert_eq!(stats["peak_copies"][region], 1, "{region}: {stats}");
+    }
 }
 
 /// Runs of one version send the same idempotency tokens, so a run that raced another can get
