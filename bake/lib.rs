@@ -33,6 +33,7 @@ pub mod gc;
 pub mod id;
 pub mod imagebuilder;
 pub mod plan;
+pub mod progress;
 pub mod provenance;
 pub mod publish;
 pub mod recipe;

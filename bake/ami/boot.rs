@@ -451,6 +451,12 @@ fn boot_once(
         qemu_stderr: String::new(),
         accelerator_failed,
     };
+    // Elapsed time and the last console line, while the machine boots.
+    let progress = crate::progress::Task::new(
+        format!("boot test ({})", accelerator.name()),
+        None,
+        crate::progress::Unit::Count("lines"),
+    );
     let outcome = loop {
         if spec
             .cancel
@@ -480,6 +486,7 @@ fn boot_once(
         match receiver.recv_timeout(POLL.min(deadline - now)) {
             Ok(Event::Line(line)) => {
                 lines += 1;
+                progress.message(&line);
                 if is_marker(&line, &spec.marker) {
                     break Ok(BootReport {
                         marker: spec.marker.clone(),
@@ -517,6 +524,7 @@ fn boot_once(
             Ok(Event::QemuQuiet) | Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     };
+    drop(progress);
     // Stop the machine (by pid), then collect what QEMU said up to its end.
     done.store(true, Ordering::SeqCst);
     let _ = machine.child.kill();

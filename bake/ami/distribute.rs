@@ -326,6 +326,12 @@ async fn copy_to(
             .encrypted(true)
             .set_kms_key_id(region.kms_key_id.clone());
     }
+    let progress = crate::progress::Task::new(
+        format!("copy to {}", region.region),
+        None,
+        crate::progress::Unit::Count("polls"),
+    );
+    progress.message("waiting for a copy slot");
     // Held until the copied AMI is available: AWS counts a copy until it completes.
     let _slots = copy_slots(&region.region)
         .acquire_many_owned(snapshots as u32)
@@ -342,6 +348,7 @@ async fn copy_to(
             {
                 let pause = options.copy_quota.pause(attempt);
                 attempt += 1;
+                progress.message("at AWS's concurrent-copy limit: waiting for a slot");
                 tracing::info!(
                     "{}: the account's concurrent snapshot copies are at AWS's limit; asking again in {:.1}s",
                     region.region,
@@ -360,6 +367,7 @@ async fn copy_to(
         }
     };
     let image_id = out.image_id().unwrap_or_default().to_owned();
+    progress.message(format!("{image_id}: copying"));
     if let (Some(j), Some(entry)) = (journal, entry) {
         j.created(entry, &image_id).map_err(journal_error)?;
     }

@@ -26,11 +26,12 @@ use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Status, T
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use sha2::{Digest as _, Sha256};
 
 use super::wait::{Poll, WaitPolicy, wait_for};
 use super::{AwsCallError, sdk_error};
+use crate::progress::{Task, Unit};
 
 /// The EBS direct API's block size. Fixed by AWS; never taken from StartSnapshot's answer
 /// (emulators answer 512).
@@ -259,16 +260,35 @@ impl SnapshotUploader {
         // Boxed, not pinned on the stack: dropping it must drop the receiver.
         let mut uploads = Box::pin(
             blocks
-                .map(|block| self.put_block(snapshot_id, block))
+                .map(|block| {
+                    let index = block.index;
+                    self.put_block(snapshot_id, block)
+                        .map(move |result| result.map(|()| index))
+                })
                 .buffer_unordered(self.concurrency.max(1)),
         );
+        // How far into the image the sent blocks reach: holes and unchanged blocks are skipped,
+        // so that, not the bytes sent, is what moves toward the end.
+        let progress = Task::new(format!("EBS upload {snapshot_id}"), Some(size), Unit::Bytes);
+        let (mut sent, mut reached) = (0u64, 0u64);
         let mut failure = None;
         while let Some(result) = uploads.next().await {
-            if let Err(e) = result {
-                failure = Some(e);
-                break;
+            match result {
+                Ok(index) => {
+                    sent += 1;
+                    reached = reached
+                        .max((index as u64 + 1) * BLOCK_SIZE as u64)
+                        .min(size);
+                    progress.set(reached);
+                    progress.message(format!("{sent} blocks sent"));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
         }
+        drop(progress);
         // Dropping the stream drops the receiver, which stops the reader.
         drop(uploads);
         let read = reader.await.expect("the block reader does not panic");

@@ -129,7 +129,14 @@ pub fn bootstrap(
     command
         .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8");
+    let progress = crate::progress::Task::new(
+        format!("bootstrap {}", bootstrap.suite),
+        None,
+        crate::progress::Unit::Count("packages"),
+    );
+    progress.message("mmdebstrap");
     let output = command.output().map_err(BaseError::Spawn)?;
+    drop(progress);
     if !output.status.success() {
         let text = String::from_utf8_lossy(&output.stderr);
         let lines: Vec<&str> = text.lines().collect();

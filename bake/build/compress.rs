@@ -108,6 +108,8 @@ pub struct BlobWriter<W: Write> {
     encoder: Encoder<W>,
     media_type: MediaType,
     compressor: String,
+    /// Uncompressed bytes written, told in [`crate::progress::STEP`]s.
+    progress: Option<(crate::progress::Task, u64)>,
 }
 
 enum Encoder<W: Write> {
@@ -164,11 +166,21 @@ impl<W: Write> BlobWriter<W> {
             encoder,
             media_type: media_type(compression),
             compressor,
+            progress: None,
         })
+    }
+
+    /// Shows the uncompressed bytes written (and their rate) as `task`'s progress.
+    pub fn with_progress(mut self, task: crate::progress::Task) -> Self {
+        self.progress = Some((task, 0));
+        self
     }
 
     /// Ends the compressed stream and returns the output and the blob's identities.
     pub fn finish(self) -> Result<(W, Blob), CompressError> {
+        if let Some((task, pending)) = &self.progress {
+            task.inc(*pending);
+        }
         let hashing = match self.encoder {
             Encoder::Gzip(gzip) => gzip.finish(),
             Encoder::Zstd(zstd) => zstd.finish(),
@@ -195,6 +207,12 @@ impl<W: Write> Write for BlobWriter<W> {
         };
         self.diff_id.update(&buf[..n]);
         self.uncompressed_size += n as u64;
+        if let Some((task, pending)) = &mut self.progress {
+            *pending += n as u64;
+            if *pending >= crate::progress::STEP {
+                task.inc(std::mem::take(pending));
+            }
+        }
         Ok(n)
     }
 

@@ -898,6 +898,11 @@ impl Builder<'_> {
             path: tar.clone(),
             source,
         })?;
+        let size = file.metadata().map(|m| m.len()).ok();
+        let file = crate::progress::Reading::new(
+            file,
+            crate::progress::Task::new("base unpack", size, crate::progress::Unit::Bytes),
+        );
         // A large buffer keeps the unpacker's small reads off the syscall path.
         unpack_layer(std::io::BufReader::with_capacity(1 << 20, file), root).map_err(|source| {
             BuildError::Unpack {
@@ -1439,7 +1444,12 @@ fn store_layer(
     .map_err(|source| BuildError::Compress {
         step: step.to_owned(),
         source,
-    })?;
+    })?
+    .with_progress(crate::progress::Task::new(
+        format!("layer of {step}"),
+        None,
+        crate::progress::Unit::Bytes,
+    ));
     fill(&mut writer)?;
     let (mut out, blob) = writer.finish().map_err(|source| BuildError::Compress {
         step: step.to_owned(),

@@ -763,3 +763,87 @@ fn a_missing_mmdebstrap_is_named_with_the_fix() {
         "{err}"
     );
 }
+
+/// A step whose layer takes a while to compress (48 MiB of random bytes).
+fn slow_layer_recipe(dir: &Path) {
+    busybox_rootfs(dir);
+    write_recipe(
+        dir,
+        "  - shell:\n      inline: /bin/busybox dd if=/dev/urandom of=/big bs=1048576 count=48\n",
+    );
+}
+
+/// Off a terminal (CI, a pipe), and with `--output json`, long steps say how far they are as
+/// plain `==>` lines every `BAKE_PROGRESS_INTERVAL`, ending with `(done)`: stdout stays one JSON
+/// document and stderr has no escape code.
+#[test]
+fn long_steps_show_progress_as_plain_lines_off_a_terminal() {
+    if !can_build() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    slow_layer_recipe(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    let output = bake()
+        .current_dir(dir.path())
+        .env("BAKE_PROGRESS_INTERVAL", "10ms")
+        .arg("--store")
+        .arg(store.path())
+        .args(["--output", "json", "build", "recipe.yaml"])
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let document: Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON");
+    assert!(document["image_digest"].is_string(), "{document}");
+    let log = stderr(&output);
+    assert!(!log.contains('\u{1b}'), "an escape code on stderr:\n{log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("==> layer of "))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("MiB")) && lines.iter().any(|l| l.ends_with("(done)")),
+        "no progress lines for the layer:\n{log}"
+    );
+
+    // A bad interval is named.
+    let output = bake()
+        .current_dir(dir.path())
+        .env("BAKE_PROGRESS_INTERVAL", "often")
+        .arg("--store")
+        .arg(store.path())
+        .args(["build", "recipe.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("BAKE_PROGRESS_INTERVAL=`often`"));
+}
+
+/// On a terminal, long steps draw bars (indicatif), named after the step.
+#[test]
+fn long_steps_draw_progress_bars_on_a_terminal() {
+    if !can_build() || !super::skip::tool("script") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    slow_layer_recipe(dir.path());
+    let store = tempfile::tempdir().unwrap();
+    // `script` gives bake a pseudo-terminal for stdout and stderr, and copies what it drew.
+    let command = format!(
+        "{} --store {} build recipe.yaml",
+        env!("CARGO_BIN_EXE_bake"),
+        store.path().display()
+    );
+    let output = Command::new("script")
+        .current_dir(dir.path())
+        .env("TERM", "xterm")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let drawn = stdout(&output);
+    assert!(
+        drawn.contains("layer of") && drawn.contains('\u{1b}'),
+        "no bar was drawn:\n{drawn}"
+    );
+}

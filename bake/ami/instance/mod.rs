@@ -1153,11 +1153,17 @@ impl InstanceBuilder<'_> {
     ) -> Result<aws_sdk_ec2::types::Instance, InstanceError> {
         let last = std::cell::RefCell::new(None);
         let what = format!("builder {instance_id} to be {}", wanted.as_str());
+        let progress = crate::progress::Task::new(
+            format!("builder {instance_id}"),
+            None,
+            crate::progress::Unit::Count("polls"),
+        );
         self.options
             .poll
             .until(&what, || {
                 let last = &last;
                 let wanted = wanted.clone();
+                let progress = &progress;
                 async move {
                     let instance = self.describe_instance(region, instance_id).await?;
                     let state = instance
@@ -1173,6 +1179,11 @@ impl InstanceBuilder<'_> {
                         return Err(format!("builder {instance_id} terminated unexpectedly"));
                     }
                     let done = state.as_ref() == Some(&wanted);
+                    progress.message(format!(
+                        "{} (waiting for {})",
+                        state.as_ref().map_or("unknown", InstanceStateName::as_str),
+                        wanted.as_str()
+                    ));
                     *last.borrow_mut() = instance;
                     Ok(done)
                 }

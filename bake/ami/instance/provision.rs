@@ -58,6 +58,11 @@ impl Provisioning<'_> {
             }
             reporter.step_started(&provisioner.name, false);
             let clock = Instant::now();
+            let _progress = crate::progress::Task::new(
+                format!("step {} over SSH", provisioner.name),
+                None,
+                crate::progress::Unit::Count("lines"),
+            );
             self.step(session, recipe, provisioner, reporter).await?;
             reporter.step_finished(&provisioner.name, clock.elapsed());
         }
