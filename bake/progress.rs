@@ -37,6 +37,15 @@ pub fn mode() -> Mode {
     MODE.get().copied().unwrap_or(Mode::Off)
 }
 
+/// Writes a log line on stderr above the bars being drawn (as is, when none are), so that a
+/// build's log and its bars do not overwrite each other.
+pub fn log_line(text: &str) {
+    match BARS.get() {
+        Some(bars) if mode() == Mode::Bars => bars.suspend(|| eprintln!("{text}")),
+        _ => eprintln!("{text}"),
+    }
+}
+
 /// What a step counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {

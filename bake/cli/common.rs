@@ -2,7 +2,6 @@
 //! with errors reported, finding a built version, the provenance options, and the build log on
 //! stderr.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -249,7 +248,7 @@ pub struct CliReporter {
 impl StepOutput for CliReporter {
     fn line(&mut self, step: &str, _stream: Stream, line: &str) {
         if !self.quiet {
-            let _ = writeln!(std::io::stderr().lock(), "{step} | {line}");
+            crate::progress::log_line(&format!("{step} | {line}"));
         }
     }
 }
@@ -258,23 +257,22 @@ impl BuildReporter for CliReporter {
     fn step_started(&mut self, name: &str, cached: bool) {
         if !self.quiet {
             let note = if cached { " (cached)" } else { "" };
-            let _ = writeln!(std::io::stderr().lock(), "==> {name}{note}");
+            crate::progress::log_line(&format!("==> {name}{note}"));
         }
     }
 
     fn step_finished(&mut self, name: &str, duration: Duration) {
         if !self.quiet {
-            let _ = writeln!(
-                std::io::stderr().lock(),
+            crate::progress::log_line(&format!(
                 "==> {name}: done in {:.1}s",
                 duration.as_secs_f64()
-            );
+            ));
         }
     }
 
     fn message(&mut self, text: &str) {
         if !self.quiet {
-            let _ = writeln!(std::io::stderr().lock(), "==> {text}");
+            crate::progress::log_line(&format!("==> {text}"));
         }
     }
 }
