@@ -19,10 +19,18 @@ use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor}
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
-/// Attempts per AWS call, including the first. Standard retry mode backs off exponentially with
+/// Attempts per AWS call, including the first. The retry mode backs off exponentially with
 /// jitter; five attempts ride out a throttling burst (about 20 s in total) without hiding an
 /// outage for minutes.
 pub const MAX_ATTEMPTS: u32 = 5;
+
+/// bake's retry configuration for every AWS client: AWS's adaptive mode, which adds to the
+/// standard mode's jittered backoff a client-side rate limiter that slows down once the service
+/// answers `RequestLimitExceeded` or `Throttling`, so a fan-out over many regions stops
+/// hammering a throttled API instead of spending its attempts.
+pub fn retry_config() -> RetryConfig {
+    RetryConfig::adaptive().with_max_attempts(MAX_ATTEMPTS)
+}
 
 /// The header moto reads to pick the account a request acts in.
 pub const EMULATOR_ACCOUNT_HEADER: &str = "x-moto-account-id";
@@ -158,7 +166,7 @@ impl Aws {
     /// Loads the configuration (credentials are resolved lazily, at the first call).
     pub async fn load(settings: &AwsSettings) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+            .retry_config(retry_config());
         if let Some(region) = &settings.region {
             loader = loader.region(Region::new(region.clone()));
         }

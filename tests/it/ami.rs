@@ -1531,7 +1531,7 @@ async fn throttled_aws(proxy: &str, limits: &serde_json::Value) -> (Aws, String)
         .endpoint_url(proxy)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .retry_config(RetryConfig::standard().with_max_attempts(bake::aws::MAX_ATTEMPTS))
+        .retry_config(bake::aws::retry_config())
         .load()
         .await;
     let aws = Aws::from_config(config, Some(account.clone())).with_emulator(Emulator::Moto);
