@@ -15,6 +15,18 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// How many hex digits of a version name it in tags, image names and AMI names.
 pub const SHORT_LEN: usize = 12;
 
+/// The hex digits of text that may be `sha256:`-prefixed (a digest or version kept as text in a
+/// document bake does not own, or a cache key); other text is returned as it is.
+pub fn hex_part(text: &str) -> &str {
+    text.strip_prefix("sha256:").unwrap_or(text)
+}
+
+/// The first [`SHORT_LEN`] hex digits of such text, for people (all of it when shorter).
+pub fn short_text(text: &str) -> &str {
+    let hex = hex_part(text);
+    hex.get(..SHORT_LEN).unwrap_or(hex)
+}
+
 /// Text that is not `sha256:<64 lowercase hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{text}` is not a {what} (`sha256:` and 64 lowercase hex digits)")]
@@ -46,6 +58,12 @@ impl Digest {
     pub fn of(bytes: &[u8]) -> Digest {
         use sha2::Digest as _;
         Digest::from_hex(&hex::encode(sha2::Sha256::digest(bytes))).expect("sha256 is 64 hex")
+    }
+
+    /// The digest a finished SHA-256 hasher computed.
+    pub fn from_hasher(hasher: sha2::Sha256) -> Digest {
+        use sha2::Digest as _;
+        Digest::from_hex(&hex::encode(hasher.finalize())).expect("sha256 is 64 hex")
     }
 
     /// From 64 lowercase hex digits.
@@ -231,7 +249,7 @@ impl FromStr for VersionPrefix {
     type Err = BadId;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let hex = text.strip_prefix("sha256:").unwrap_or(text);
+        let hex = hex_part(text);
         let valid = (SHORT_LEN..=64).contains(&hex.len())
             && hex
                 .bytes()

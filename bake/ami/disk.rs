@@ -1274,7 +1274,7 @@ pub fn hash_sparse(path: &Path) -> Result<String, DiskError> {
         position = start + length;
     }
     feed_zeros(&mut hasher, len - position);
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    Ok(crate::id::Digest::from_hasher(hasher).to_string())
 }
 
 #[cfg(test)]

@@ -115,13 +115,6 @@ impl AmiSpec {
         &self.regions[0]
     }
 
-    /// The version's hex digits.
-    pub fn version_hex(&self) -> &str {
-        self.version
-            .strip_prefix("sha256:")
-            .unwrap_or(&self.version)
-    }
-
     /// An idempotency token for `operation` in `region`: the same for every run of this version,
     /// so a retried or repeated create returns the first one's resource.
     pub fn client_token(&self, operation: &str, region: &str) -> String {

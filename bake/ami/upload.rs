@@ -649,7 +649,7 @@ pub fn file_digest(path: &Path) -> Result<String, UploadError> {
         }
         hasher.update(&buffer[..n]);
     }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    Ok(crate::id::Digest::from_hasher(hasher).to_string())
 }
 
 /// The volume size (GiB) a disk image needs at least.

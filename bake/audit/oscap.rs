@@ -176,8 +176,9 @@ impl Datastream {
             }
             hasher.update(&buffer[..n]);
         }
-        let hex = hex::encode(hasher.finalize());
-        let digest = format!("sha256:{hex}");
+        let digest = crate::id::Digest::from_hasher(hasher);
+        let hex = digest.hex().to_owned();
+        let digest = digest.to_string();
         let is_xz = path.extension().is_some_and(|e| e == "xz");
         if !is_xz {
             return Ok(Datastream {

@@ -109,11 +109,11 @@ impl Bundle {
             hasher.update(format!("\0{:o}\0", entry.mode).as_bytes());
             hasher.update(file_digest(&entry.source)?);
         }
-        let hex = hex::encode(hasher.finalize());
-        let archive = cache.join(format!("oscap-bundle-{hex}.tar.gz"));
+        let digest = crate::id::Digest::from_hasher(hasher);
+        let archive = cache.join(format!("oscap-bundle-{}.tar.gz", digest.hex()));
         let bundle = Bundle {
             archive,
-            digest: format!("sha256:{hex}"),
+            digest: digest.to_string(),
             loader,
         };
         if bundle.archive.is_file() {
@@ -456,11 +456,12 @@ pub fn cleanup_script(dir: &str) -> String {
 /// The data stream's XML gzip-compressed (SSG's 15 MB compress to about 1 MB), cached as
 /// `<digest>.xml.gz`.
 fn compressed(datastream: &Datastream, cache: &Path) -> Result<PathBuf, AuditError> {
-    let hex = datastream
+    // Named by the digest's hex digits (a cache key, so anything unparsable is used as is).
+    let name = datastream
         .digest
-        .strip_prefix("sha256:")
-        .unwrap_or(&datastream.digest);
-    let path = cache.join(format!("{hex}.xml.gz"));
+        .parse::<crate::id::Digest>()
+        .map_or_else(|_| datastream.digest.clone(), |d| d.hex().to_owned());
+    let path = cache.join(format!("{name}.xml.gz"));
     if path.is_file() {
         return Ok(path);
     }

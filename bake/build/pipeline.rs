@@ -1015,7 +1015,7 @@ impl Builder<'_> {
                 source: e,
             })?;
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let actual = crate::id::Digest::from_hasher(hasher).to_string();
         if actual != digest {
             return Err(StoreError::DigestMismatch {
                 expected: digest.to_owned(),

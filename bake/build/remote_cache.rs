@@ -31,10 +31,7 @@ pub struct Moved {
 }
 
 fn tag(kind: &str, key: &str) -> String {
-    format!(
-        "bake-cache-{kind}-{}",
-        key.strip_prefix("sha256:").unwrap_or(key)
-    )
+    format!("bake-cache-{kind}-{}", crate::id::hex_part(key))
 }
 
 /// Takes every entry of this build the store lacks and the registry has into the store.

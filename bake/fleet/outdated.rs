@@ -119,8 +119,7 @@ impl Reason {
 }
 
 fn short(digest: &str) -> &str {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    hex.get(..12).unwrap_or(hex)
+    crate::id::short_text(digest)
 }
 
 /// Everything that differs between `built` (the last build's inputs) and `now` (today's plan).

@@ -136,10 +136,10 @@ pub async fn images(
 
 /// Whether `record` names `digest` (`sha256:…`, as ECR writes it) as its image.
 fn names(record: &BuildRecord, digest: &str) -> bool {
-    let hex = digest.strip_prefix("sha256:");
+    let digest = digest.parse::<crate::id::Digest>();
     record
         .image()
-        .is_some_and(|i| hex == Some(i.image_digest.hex()))
+        .is_some_and(|i| digest.as_ref().is_ok_and(|d| *d == i.image_digest))
 }
 
 /// The versions of `recipe` whose build records name `digest` as their image (more than one

@@ -494,9 +494,8 @@ pub enum ImageName {
 /// repository (it means `latest`, and bake never publishes that).
 pub fn image_name(image: &str) -> Option<ImageName> {
     if let Some((_, digest)) = image.rsplit_once('@') {
-        let hex = digest.strip_prefix("sha256:")?;
-        return (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| ImageName::Digest(digest.to_ascii_lowercase()));
+        let digest: crate::id::Digest = digest.to_ascii_lowercase().parse().ok()?;
+        return Some(ImageName::Digest(digest.to_string()));
     }
     // A first segment with a dot or a port (or `localhost`) is a registry host.
     let path = match image.split_once('/') {
