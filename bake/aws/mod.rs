@@ -165,8 +165,8 @@ macro_rules! service_client {
 impl Aws {
     /// Loads the configuration (credentials are resolved lazily, at the first call).
     pub async fn load(settings: &AwsSettings) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(retry_config());
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(retry_config());
         if let Some(region) = &settings.region {
             loader = loader.region(Region::new(region.clone()));
         }
