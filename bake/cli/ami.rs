@@ -536,9 +536,11 @@ pub fn run_snapshot_build(
     let mut image_audit = None;
     let wants_image = recipe.outputs.oci.is_some();
     // An image another run pushed is fetched rather than built (`bake build`'s shared cache).
-    if wants_image && !crate::build::pipeline::is_built(&store, &plan.version) {
-        super::build::fetch_published(recipe, &plan, &store, settings);
-    }
+    let fetched = if wants_image && !crate::build::pipeline::is_built(&store, &plan.version) {
+        super::build::fetch_published(recipe, &plan, &store, settings)
+    } else {
+        None
+    };
     if existing.is_none() || wants_image {
         let runner = match NamespaceRunner::new() {
             Ok(runner) => runner,
@@ -683,6 +685,29 @@ pub fn run_snapshot_build(
         Ok((record, ami)) => {
             if let Err(e) = store.put_record(&record) {
                 tracing::warn!("failed to write the build record: {e}");
+            }
+            // The image's provenance (as a plain OCI build signs it), unless the layout has it
+            // or the image was fetched (its builder pushed its provenance beside it). It comes
+            // before the AMIs': the manifest names the AMIs' provenance, the layout the image's.
+            if let Some(image) = record.image()
+                && !attest.no_attest
+                && fetched.is_none()
+            {
+                let signed =
+                    crate::provenance::image_attested(&store, &image.image_digest.to_string())
+                        .map_err(|e| Report::from_error(&e))
+                        .and_then(|attested| {
+                            if attested {
+                                Ok(())
+                            } else {
+                                super::attest::attest(attest, settings, &store, &record.version)
+                                    .map(drop)
+                            }
+                        });
+                if let Err(report) = signed {
+                    print_reports(settings, &[report]);
+                    return ExitStatus::Infrastructure;
+                }
             }
             // Signed provenance for the AMIs, unless every one of them already has it.
             let provenance = if attest.no_attest {
