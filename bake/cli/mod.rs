@@ -186,7 +186,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Ami(args) => ami::run(&args, &ctx),
         Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
         Command::Gc(args) => Ok(gc::run(&args, settings)),
-        Command::Audit(args) => Ok(audit::run(&args, settings)),
+        Command::Audit(args) => audit::run(&args, &ctx),
         Command::Sandbox(args) => Ok(sandbox::run(&args)),
     };
     match outcome {

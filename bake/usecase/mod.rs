@@ -3,6 +3,7 @@
 //! typed result; the CLI only parses arguments, calls one of them and renders what it returns.
 
 pub mod attest;
+pub mod audit;
 pub mod build_ami_disk;
 pub mod build_ami_instance;
 pub mod build_image;
