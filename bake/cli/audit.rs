@@ -1,29 +1,24 @@
-//! `bake audit VERSION|RECIPE|ROOTFS`: the compliance gate alone, with every rule's result.
+//! `bake audit VERSION|RECIPE|ROOTFS`: the compliance gate alone, with every rule's result
+//! ([`crate::usecase::audit`] scans; this file renders).
 //!
 //! The data stream, profile, target, thresholds and exceptions come from the recipe (the one
 //! given, the one a version was built from, or `--recipe` for a root directory), so the numbers
 //! are the build gate's for the same root; `--datastream`, `--profile` and `--target` override
 //! them, and are all a root without a recipe needs.
-//!
-//! A version built with `strategy: instance` has its root inside its AMI, never on this
-//! machine: its gate ran on the builder, so `bake audit` shows the result recorded there
-//! instead of scanning again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use super::{VarArgs, print_json, print_reports};
-use crate::audit::{AuditDirs, AuditError, AuditRecord, Scan};
-use crate::diagnostic::Report;
+use super::common::{Failure, Outcome, find_record};
+use super::{VarArgs, print_json};
+use crate::audit::{AuditRecord, Scan};
 use crate::exit::ExitStatus;
-use crate::recipe::{Audit, AuditTarget, Recipe, Scanner};
+use crate::recipe::AuditTarget;
 use crate::settings::{OutputFormat, Settings, Verbosity};
-use crate::store::{Artifact, BuildRecord, InstanceAmi, Store};
-
-/// The profile `bake audit` scans with when neither a recipe nor `--profile` names one.
-const DEFAULT_PROFILE: &str = "cis_level1_server";
+use crate::usecase::Context;
+use crate::usecase::audit::{AuditOptions, Audited, audit};
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
@@ -54,145 +49,46 @@ pub enum TargetArg {
     Container,
 }
 
-pub fn run(args: &AuditArgs, settings: &Settings) -> ExitStatus {
-    let store = match Store::open(&settings.store) {
-        Ok(store) => store,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
-        }
-    };
-    let fail = |report: Report, status: ExitStatus| {
-        print_reports(settings, &[report]);
-        status
-    };
-    let is_root = Path::new(&args.what).is_dir();
-    let record = if is_root {
+pub fn run(args: &AuditArgs, ctx: &Context) -> Outcome {
+    let settings = &ctx.settings;
+    let record = if Path::new(&args.what).is_dir() {
         None
     } else {
-        match super::common::find_record(&store, &args.what, &args.vars, settings) {
-            Ok(record) => Some(record),
-            Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
-        }
+        let store = ctx.store()?;
+        Some(find_record(store, &args.what, &args.vars, settings).map_err(|r| Failure::usage(*r))?)
     };
-    if let Some(record) = &record
-        && let Artifact::InstanceAmi { ami } = &record.artifact
-    {
-        return recorded(args, settings, record, ami);
+    let options = AuditOptions {
+        what: args.what.clone(),
+        record,
+        recipe: args.recipe.clone(),
+        vars: args.vars.sources(),
+        datastream: args.datastream.clone(),
+        profile: args.profile.clone(),
+        target: args.target.map(|target| match target {
+            TargetArg::Machine => AuditTarget::Machine,
+            TargetArg::Container => AuditTarget::Container,
+        }),
+    };
+    let audited = audit(ctx, &options)?;
+    match &audited {
+        Audited::Scanned { root, record, scan } => print(settings, root, record, scan),
+        Audited::Recorded {
+            version,
+            image,
+            gate,
+        } => recorded(args, settings, version, image, gate),
     }
-    // The recipe whose gate this is.
-    let recipe_file: Option<PathBuf> = match (&args.recipe, &record) {
-        (Some(file), _) => Some(file.clone()),
-        (None, Some(_)) if Path::new(&args.what).is_file() => Some(PathBuf::from(&args.what)),
-        (None, Some(record)) if !args.overrides_all() => Some(PathBuf::from(&record.recipe)),
-        _ => None,
-    };
-    let recipe = match &recipe_file {
-        Some(file) => match load_recipe(file, &args.vars) {
-            Ok(recipe) => Some(recipe),
-            Err(report) => return fail(report, ExitStatus::RecipeOrUsage),
-        },
-        None => None,
-    };
-    let audit = match gate_settings(args, recipe_file.as_deref(), recipe.as_ref()) {
-        Ok(audit) => audit,
-        Err(report) => return fail(report, ExitStatus::RecipeOrUsage),
-    };
-
-    // A version is unpacked into a scratch root, removed afterwards.
-    let mut _unpacked = None;
-    let root: PathBuf = match &record {
-        None => PathBuf::from(&args.what),
-        Some(record) => {
-            let Some(image) = record.image() else {
-                return fail(
-                    Report::new(format!(
-                        "version {} of `{}` has no OCI image to scan: it was built as an AMI",
-                        record.version, record.name
-                    ))
-                    .with_hint(Some(
-                        "its build record holds the gate's result (`bake manifest`)".into(),
-                    )),
-                    ExitStatus::RecipeOrUsage,
-                );
-            };
-            match unpack(&store, &image.layers) {
-                Ok(dir) => {
-                    let root = dir.path().join("rootfs");
-                    _unpacked = Some(dir);
-                    root
-                }
-                Err(report) => return fail(report, ExitStatus::Infrastructure),
-            }
-        }
-    };
-    let dirs = AuditDirs {
-        cache: store.root().join("cache").join("scap"),
-        work: store.root().join("work"),
-    };
-    let (audit_record, scan) = match crate::audit::evaluate(&root, &audit, &dirs) {
-        Ok(found) => found,
-        Err(e) => {
-            let status = match e {
-                AuditError::NoProfile { .. } => ExitStatus::RecipeOrUsage,
-                _ => ExitStatus::Infrastructure,
-            };
-            return fail(Report::from_error(&e).with_hint(e.hint()), status);
-        }
-    };
-    if let Some(record) = &record
-        && let Some(built) = &record.audit
-        && built.datastream_digest != audit_record.datastream_digest
-    {
-        tracing::warn!(
-            "version {} was gated with data stream {}; this scan used {} (`{}`)",
-            record.version,
-            built.datastream_digest,
-            audit_record.datastream_digest,
-            audit.datastream.display()
-        );
-    }
-    print(settings, &root, &audit_record, &scan);
-    if audit_record.problems.is_empty() {
-        ExitStatus::Success
-    } else {
-        let error = AuditError::Gate(Box::new(audit_record));
-        print_reports(
-            settings,
-            &[Report::from_error(&error).with_hint(error.hint())],
-        );
-        ExitStatus::RecipeOrUsage
+    match audited.gate_failure() {
+        Some(failed) => Err(failed.into()),
+        None => Ok(ExitStatus::Success),
     }
 }
 
 /// `bake audit` of an instance-built version: the gate's result as recorded on the builder.
-fn recorded(
-    args: &AuditArgs,
-    settings: &Settings,
-    record: &BuildRecord,
-    ami: &InstanceAmi,
-) -> ExitStatus {
-    let image = ami
-        .regions
-        .first()
-        .map_or_else(|| ami.image_name.clone(), |r| r.image_id.clone());
-    let Some(gate) = &record.audit else {
-        print_reports(
-            settings,
-            &[Report::new(format!(
-                "version {} of `{}` was built on a builder instance without a compliance gate, and its root is in AMI {image}: bake cannot scan it here",
-                record.version, record.name
-            ))
-            .with_hint(Some(
-                "add `audit:` to the recipe and build a new version: the gate then runs on the builder".into(),
-            ))],
-        );
-        return ExitStatus::RecipeOrUsage;
-    };
+fn recorded(args: &AuditArgs, settings: &Settings, version: &str, image: &str, gate: &AuditRecord) {
     if settings.verbosity > Verbosity::Quiet {
         eprintln!(
-            "version {} was built on a builder instance; its root is in AMI {image}, so this is the result its gate recorded on the builder (not a new scan)",
-            record.version
+            "version {version} was built on a builder instance; its root is in AMI {image}, so this is the result its gate recorded on the builder (not a new scan)"
         );
         if args.datastream.is_some() || args.profile.is_some() || args.target.is_some() {
             eprintln!(
@@ -248,105 +144,6 @@ fn recorded(
             );
         }
     }
-    if gate.problems.is_empty() {
-        ExitStatus::Success
-    } else {
-        let error = AuditError::Gate(Box::new(gate.clone()));
-        print_reports(
-            settings,
-            &[Report::from_error(&error).with_hint(error.hint())],
-        );
-        ExitStatus::RecipeOrUsage
-    }
-}
-
-impl AuditArgs {
-    /// Whether the flags alone say everything the gate needs from a recipe.
-    fn overrides_all(&self) -> bool {
-        self.datastream.is_some() && self.profile.is_some() && self.target.is_some()
-    }
-}
-
-fn load_recipe(file: &Path, vars: &VarArgs) -> Result<Recipe, Report> {
-    if !file.is_file() {
-        return Err(Report::new(format!(
-            "the recipe `{}` is not a file",
-            file.display()
-        ))
-        .with_hint(Some(
-            "give the recipe with `--recipe FILE`, or the gate's settings with `--datastream`, `--profile` and `--target`".into(),
-        )));
-    }
-    crate::recipe::load(file, &vars.sources()).map_err(|e| {
-        e.0.first()
-            .map(|e| e.report())
-            .unwrap_or_else(|| Report::new(format!("invalid recipe `{}`", file.display())))
-    })
-}
-
-/// The gate of `recipe` (when it has one) with the command line's overrides.
-fn gate_settings(
-    args: &AuditArgs,
-    recipe_file: Option<&Path>,
-    recipe: Option<&Recipe>,
-) -> Result<Audit, Report> {
-    let from_recipe = recipe.and_then(|r| r.audit.clone());
-    let mut audit = match from_recipe {
-        Some(audit) => audit,
-        None => {
-            let Some(datastream) = &args.datastream else {
-                return Err(match recipe_file {
-                    Some(file) => Report::new(format!(
-                        "the recipe `{}` has no `audit:` section, so it names no data stream",
-                        file.display()
-                    )),
-                    None => Report::new("no SCAP data stream to scan with"),
-                }
-                .with_hint(Some(
-                    "give one with `--datastream FILE` (and `--profile`, `--target`), or add an `audit:` section to the recipe".into(),
-                )));
-            };
-            Audit {
-                scanner: Scanner::Openscap,
-                datastream: datastream.clone(),
-                datastream_path: datastream.display().to_string(),
-                profile: full_profile(DEFAULT_PROFILE),
-                target: AuditTarget::Machine,
-                min_pass_ratio_centi: None,
-                max_failures: None,
-                exceptions: BTreeMap::new(),
-                support_status: false,
-            }
-        }
-    };
-    if let Some(datastream) = &args.datastream {
-        audit.datastream = datastream.clone();
-        audit.datastream_path = datastream.display().to_string();
-    }
-    if let Some(profile) = args.profile.as_deref().map(full_profile)
-        && profile != audit.profile
-    {
-        // The recipe's thresholds and exceptions are about its own profile.
-        audit.min_pass_ratio_centi = None;
-        audit.max_failures = None;
-        audit.exceptions.clear();
-        audit.profile = profile;
-    }
-    if let Some(target) = args.target {
-        audit.target = match target {
-            TargetArg::Machine => AuditTarget::Machine,
-            TargetArg::Container => AuditTarget::Container,
-        };
-    }
-    Ok(audit)
-}
-
-fn full_profile(profile: &str) -> String {
-    if profile.starts_with("xccdf_") {
-        profile.to_owned()
-    } else {
-        format!("xccdf_org.ssgproject.content_profile_{profile}")
-    }
 }
 
 fn print(settings: &Settings, root: &Path, record: &AuditRecord, scan: &Scan) {
@@ -398,23 +195,4 @@ fn print(settings: &Settings, root: &Path, record: &AuditRecord, scan: &Scan) {
             );
         }
     }
-}
-
-fn unpack(
-    store: &Store,
-    layers: &[crate::artifact::oci::LayerRef],
-) -> Result<tempfile::TempDir, Report> {
-    let dir = store
-        .work_dir("audit")
-        .map_err(|e| Report::from_error(&e))?;
-    let root = dir.path().join("rootfs");
-    fs_err::create_dir(&root).map_err(|e| Report::from_error(&e))?;
-    for layer in layers {
-        let blob = store
-            .open_blob(&layer.digest)
-            .map_err(|e| Report::from_error(&e))?;
-        crate::build::unpack::unpack_layer(std::io::BufReader::new(blob), &root)
-            .map_err(|e| Report::from_error(&e))?;
-    }
-    Ok(dir)
 }

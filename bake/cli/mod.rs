@@ -3,10 +3,10 @@
 //! an [`ExitStatus`].
 
 mod ami;
-mod ami_instance;
 mod attest;
 mod audit;
 mod build;
+mod build_output;
 mod cleanup;
 mod common;
 mod export;
@@ -173,12 +173,12 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     let outcome: Outcome = match command {
         Command::Validate(args) => Ok(validate::run(&args, settings)),
         Command::Plan(args) => Ok(plan::run(&args, settings)),
-        Command::Build(args) => Ok(build::run(&args, settings)),
-        Command::Graph(args) => Ok(fleet::graph(&args, settings)),
-        Command::Outdated(args) => Ok(fleet::outdated(&args, settings)),
+        Command::Build(args) => build::run(&args, &ctx),
+        Command::Graph(args) => fleet::graph(&args, &ctx),
+        Command::Outdated(args) => fleet::outdated(&args, &ctx),
         Command::Export(args) => Ok(export::run(&args, settings)),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
-            Ok(imagebuilder::run_import(&args, settings))
+            imagebuilder::run_import(&args, &ctx)
         }
         Command::Attest(args) => Ok(attest::run(&args, settings)),
         Command::Key(args) => key::run(&args, &ctx),
@@ -190,10 +190,10 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Rollback(args) => Ok(publish::run_rollback(&args, settings)),
         Command::Pin(args) => Ok(publish::run_pin(&args, settings)),
         Command::Rollout(args) => Ok(rollout::run(&args, settings)),
-        Command::Ami(args) => Ok(ami::run(&args, settings)),
+        Command::Ami(args) => ami::run(&args, &ctx),
         Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
         Command::Gc(args) => Ok(gc::run(&args, settings)),
-        Command::Audit(args) => Ok(audit::run(&args, settings)),
+        Command::Audit(args) => audit::run(&args, &ctx),
         Command::Sandbox(args) => Ok(sandbox::run(&args)),
     };
     match outcome {

@@ -305,6 +305,17 @@ pub fn already_attested(
     Ok(complete.then_some(manifest))
 }
 
+/// Whether the store's layout holds a signed SLSA provenance attached to the image
+/// `image_digest`. The manifest keeps one set of attestations per version, so for a version with
+/// both outputs (whose manifest names the AMIs' provenance) the layout is where the image's is
+/// looked for.
+pub fn image_attested(store: &Store, image_digest: &str) -> Result<bool, ProvenanceError> {
+    let layout = Layout::open(store.root())?;
+    Ok(layout.referrers(image_digest)?.iter().any(|(_, manifest)| {
+        manifest["annotations"][layout::PREDICATE_ANNOTATION].as_str() == Some(SLSA_PREDICATE_TYPE)
+    }))
+}
+
 /// Prepares, signs and stores the attestations of `version` (unless already there).
 pub async fn attest(
     store: &Store,

@@ -3,7 +3,13 @@
 //! typed result; the CLI only parses arguments, calls one of them and renders what it returns.
 
 pub mod attest;
+pub mod audit;
+pub mod build_ami_disk;
+pub mod build_ami_instance;
+pub mod build_image;
 mod context;
+pub mod fleet;
+pub mod imagebuilder;
 pub mod plan;
 
 pub use context::{Context, ContextError, cancel_on_signals};

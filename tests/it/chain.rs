@@ -421,6 +421,10 @@ async fn one_build_gives_image_and_amis_under_one_version_and_publishes_them() {
 
     let verified = chain.run(&["verify", &ami]);
     assert!(verified.status.success(), "{}", stderr(&verified));
+    // The image of a both-outputs version is signed too, not only its AMIs.
+    let verified = chain.json(&["verify", &image]);
+    assert_eq!(verified["digest"], image.as_str(), "{verified:#}");
+    assert_eq!(verified["verified"], true, "{verified:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
