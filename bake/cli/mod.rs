@@ -165,7 +165,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     let ctx = Context::new(settings.clone());
     let outcome: Outcome = match command {
         Command::Validate(args) => Ok(validate::run(&args, settings)),
-        Command::Plan(args) => Ok(plan::run(&args, settings)),
+        Command::Plan(args) => plan::run(&args, &ctx),
         Command::Build(args) => Ok(build::run(&args, settings)),
         Command::Graph(args) => Ok(fleet::graph(&args, settings)),
         Command::Outdated(args) => Ok(fleet::outdated(&args, settings)),
@@ -176,13 +176,27 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Attest(args) => Ok(attest::run(&args, settings)),
         Command::Key(args) => key::run(&args, &ctx),
         Command::Manifest(args) => manifest::run(&args, &ctx),
-        Command::Verify(args) => Ok(verify::run(&args, settings)),
+        Command::Verify(args) => verify::run(&args, &ctx),
         Command::Push(args) => Ok(push::run(&args, settings)),
-        Command::Publish(args) => Ok(publish::run_publish(&args, settings)),
-        Command::Promote(args) => Ok(publish::run_promote(&args, settings)),
-        Command::Rollback(args) => Ok(publish::run_rollback(&args, settings)),
-        Command::Pin(args) => Ok(publish::run_pin(&args, settings)),
-        Command::Rollout(args) => Ok(rollout::run(&args, settings)),
+        Command::Publish(args) => publish::run_publish(&args, &ctx),
+        // The rollout promotes (moves the channel) before it replaces the machines, and moves
+        // the channel back if they fail.
+        Command::Promote(args) if args.rollout => rollout::run(
+            &rollout::RolloutArgs {
+                recipe: args.recipe,
+                target_version: args.target_version,
+                channel: args.channel,
+                on_interrupt: args.on_interrupt,
+                poll_interval: args.poll_interval,
+                allow_clobber: args.allow_clobber,
+                vars: args.vars,
+            },
+            &ctx,
+        ),
+        Command::Promote(args) => publish::run_promote(&args, &ctx),
+        Command::Rollback(args) => publish::run_rollback(&args, &ctx),
+        Command::Pin(args) => publish::run_pin(&args, &ctx),
+        Command::Rollout(args) => rollout::run(&args, &ctx),
         Command::Ami(args) => Ok(ami::run(&args, settings)),
         Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
         Command::Gc(args) => Ok(gc::run(&args, settings)),

@@ -5,5 +5,8 @@
 pub mod attest;
 mod context;
 pub mod plan;
+pub mod publish;
+pub mod rollout;
+pub mod verify;
 
 pub use context::{Context, ContextError, cancel_on_signals};
