@@ -133,58 +133,17 @@ pub fn plan_reports(error: &PlanError) -> Vec<Report> {
     crate::diagnostic::Diagnose::reports(error)
 }
 
-/// The build record named by a version, a version prefix, or a recipe file.
+/// The build record named by a version, a version prefix, or a recipe file
+/// ([`crate::usecase::record::find_record`], with its one report).
 pub fn find_record(
     store: &Store,
     what: &str,
     vars: &VarArgs,
     settings: &Settings,
 ) -> Result<BuildRecord, Box<Report>> {
-    let not_built = |version: &str| {
-        Box::new(
-            Report::new(format!(
-                "version {version} is not in the store `{}`",
-                settings.store.display()
-            ))
-            .with_hint(Some("build it first with `bake build RECIPE`".into())),
-        )
-    };
-    if Path::new(what).is_file() {
-        let recipe = crate::recipe::load(Path::new(what), &vars.sources()).map_err(|e| {
-            Box::new(
-                e.0.first()
-                    .map(|e| e.report())
-                    .unwrap_or_else(|| Report::new("invalid recipe")),
-            )
-        })?;
-        let plan = plan_one_report(&recipe, what, settings)?;
-        return store
-            .record(&plan.version)
-            .map_err(|e| Box::new(Report::from_error(&e)))?
-            .ok_or_else(|| not_built(&plan.version));
-    }
-    let Ok(prefix) = what.parse::<crate::id::VersionPrefix>() else {
-        return Err(Box::new(
-            Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
-                Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
-            ),
-        ));
-    };
-    let mut matches = crate::store::record::versions_with_prefix(store, &prefix)
-        .map_err(|e| Box::new(Report::from_error(&e)))?;
-    match matches.len() {
-        0 => Err(not_built(what)),
-        1 => {
-            let version = matches.remove(0);
-            store
-                .record(&version)
-                .map_err(|e| Box::new(Report::from_error(&e)))?
-                .ok_or_else(|| not_built(&version))
-        }
-        n => Err(Box::new(Report::new(format!(
-            "`{what}` matches {n} versions; give more digits"
-        )))),
-    }
+    let ctx = crate::usecase::Context::new(settings.clone());
+    crate::usecase::record::find_record(&ctx, store, what, &vars.sources())
+        .map_err(|error| Box::new(error.report()))
 }
 
 #[derive(Debug, Clone, Args)]

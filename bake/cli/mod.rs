@@ -177,7 +177,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Key(args) => key::run(&args, &ctx),
         Command::Manifest(args) => manifest::run(&args, &ctx),
         Command::Verify(args) => verify::run(&args, &ctx),
-        Command::Push(args) => Ok(push::run(&args, settings)),
+        Command::Push(args) => push::run(&args, &ctx),
         Command::Publish(args) => publish::run_publish(&args, &ctx),
         // The rollout promotes (moves the channel) before it replaces the machines, and moves
         // the channel back if they fail.
@@ -198,7 +198,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Pin(args) => publish::run_pin(&args, &ctx),
         Command::Rollout(args) => rollout::run(&args, &ctx),
         Command::Ami(args) => Ok(ami::run(&args, settings)),
-        Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
+        Command::Cleanup(args) => cleanup::run(&args, &ctx),
         Command::Gc(args) => Ok(gc::run(&args, settings)),
         Command::Audit(args) => Ok(audit::run(&args, settings)),
         Command::Sandbox(args) => Ok(sandbox::run(&args)),

@@ -3,9 +3,12 @@
 //! typed result; the CLI only parses arguments, calls one of them and renders what it returns.
 
 pub mod attest;
+pub mod cleanup;
 mod context;
 pub mod plan;
 pub mod publish;
+pub mod push;
+pub mod record;
 pub mod rollout;
 pub mod verify;
 
