@@ -1,10 +1,12 @@
-//! Provenance at the end of `bake build`: the options that choose the signing key and SBOM
-//! formats, and the step that signs, attaches and writes the manifest.
+//! `bake attest VERSION|REF`: sign (again) the provenance of a built version. (Also, until
+//! `bake build` and `bake ami` call [`crate::usecase::attest`] themselves, the wrappers they use
+//! to sign at the end of a build.)
 
-use super::common::AttestArgs;
+use super::common::{AttestArgs, Outcome};
 use crate::diagnostic::{Diagnose, Report};
-use crate::provenance::manifest::{self, Manifest};
-use crate::settings::Settings;
+use crate::exit::ExitStatus;
+use crate::provenance::manifest::Manifest;
+use crate::settings::{OutputFormat, Settings};
 use crate::store::Store;
 use crate::usecase::{self, Context};
 
@@ -64,70 +66,17 @@ pub struct AttestCommandArgs {
     pub attest: AttestArgs,
 }
 
-pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitStatus {
-    use crate::exit::ExitStatus;
-    let fail = |report: Report, status: ExitStatus| {
-        super::print_reports(settings, &[report]);
-        status
-    };
-    let store = match Store::open(&settings.store) {
-        Ok(store) => store,
-        Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
-    };
-    // The version: a recipe's current one, from a manifest, from a record, else the argument.
-    let version = if std::path::Path::new(&args.what).is_file() {
-        match super::common::find_record(&store, &args.what, &args.vars, settings) {
-            Ok(record) => record.version.to_string(),
-            Err(report) => return fail(*report, ExitStatus::RecipeOrUsage),
-        }
-    } else {
-        match manifest::find(&store, &args.what) {
-            Ok(found) => found.version,
-            Err(_) if args.what.parse::<crate::id::Version>().is_ok() => args.what.clone(),
-            Err(e) => {
-                return fail(
-                    Report::from_error(&e).with_hint(e.hint()),
-                    ExitStatus::RecipeOrUsage,
-                );
-            }
-        }
-    };
-    let record = match store.record(&version) {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            return fail(
-                Report::new(format!("version {version} has no record in the store")),
-                ExitStatus::RecipeOrUsage,
-            );
-        }
-        Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
-    };
-    // AMIs are attested as AMIs (tagged, kept in SSM); an image-only version by its image.
-    let manifest = if !record.amis().is_empty() {
-        let runtime = match super::runtime() {
-            Ok(runtime) => runtime,
-            Err(e) => return fail(Report::from_error(&e), ExitStatus::Infrastructure),
-        };
-        match attest_amis(
-            &args.attest,
-            settings,
-            &store,
-            &version,
-            args.ssm_parameter.as_deref(),
-            &runtime,
-        ) {
-            Ok(manifest) => manifest,
-            Err(report) => return fail(report, ExitStatus::Infrastructure),
-        }
-    } else {
-        match attest(&args.attest, settings, &store, &version) {
-            Ok(manifest) => manifest,
-            Err(report) => return fail(report, ExitStatus::Infrastructure),
-        }
-    };
-    match settings.output {
-        crate::settings::OutputFormat::Json => super::print_json(&manifest),
-        crate::settings::OutputFormat::Human => {
+pub fn run(args: &AttestCommandArgs, ctx: &Context) -> Outcome {
+    let manifest = usecase::attest::attest_version(
+        ctx,
+        &args.what,
+        &args.vars.sources(),
+        &args.attest.signing_options(),
+        args.ssm_parameter.as_deref(),
+    )?;
+    match ctx.settings.output {
+        OutputFormat::Json => super::print_json(&manifest),
+        OutputFormat::Human => {
             println!("version    {}", manifest.version);
             if let Some(a) = &manifest.attestations {
                 println!("provenance {}", a.provenance.envelope_digest);
@@ -138,5 +87,5 @@ pub fn run(args: &AttestCommandArgs, settings: &Settings) -> crate::exit::ExitSt
             }
         }
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }

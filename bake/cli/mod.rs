@@ -130,6 +130,14 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
 }
 
+/// Exports of a recipe rather than of a built image (`bake export imagebuilder`).
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportTo {
+    /// Write a recipe's EC2 Image Builder resources: AWSTOE component documents and a JSON plan
+    /// of the API calls that create them (for CloudFormation or Terraform).
+    Imagebuilder(imagebuilder::ExportImageBuilderArgs),
+}
+
 /// Variable values given on the command line.
 #[derive(Debug, Clone, Args)]
 pub struct VarArgs {
@@ -164,16 +172,20 @@ fn parse_var(text: &str) -> Result<(String, String), String> {
 pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     let ctx = Context::new(settings.clone());
     let outcome: Outcome = match command {
-        Command::Validate(args) => Ok(validate::run(&args, settings)),
+        Command::Validate(args) => validate::run(&args, &ctx),
         Command::Plan(args) => plan::run(&args, &ctx),
         Command::Build(args) => Ok(build::run(&args, settings)),
         Command::Graph(args) => Ok(fleet::graph(&args, settings)),
         Command::Outdated(args) => Ok(fleet::outdated(&args, settings)),
-        Command::Export(args) => Ok(export::run(&args, settings)),
+        Command::Export(export::ExportArgs {
+            to: Some(ExportTo::Imagebuilder(to)),
+            ..
+        }) => Ok(imagebuilder::run_export(&to, settings)),
+        Command::Export(args) => export::run(&args, &ctx),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
             Ok(imagebuilder::run_import(&args, settings))
         }
-        Command::Attest(args) => Ok(attest::run(&args, settings)),
+        Command::Attest(args) => attest::run(&args, &ctx),
         Command::Key(args) => key::run(&args, &ctx),
         Command::Manifest(args) => manifest::run(&args, &ctx),
         Command::Verify(args) => verify::run(&args, &ctx),
@@ -199,7 +211,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Rollout(args) => rollout::run(&args, &ctx),
         Command::Ami(args) => Ok(ami::run(&args, settings)),
         Command::Cleanup(args) => cleanup::run(&args, &ctx),
-        Command::Gc(args) => Ok(gc::run(&args, settings)),
+        Command::Gc(args) => gc::run(&args, &ctx),
         Command::Audit(args) => Ok(audit::run(&args, settings)),
         Command::Sandbox(args) => Ok(sandbox::run(&args)),
     };

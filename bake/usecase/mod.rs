@@ -5,6 +5,8 @@
 pub mod attest;
 pub mod cleanup;
 mod context;
+pub mod export;
+pub mod gc;
 pub mod plan;
 pub mod publish;
 pub mod push;
