@@ -261,71 +261,11 @@ pub fn show_publish_report(
     settings: &Settings,
     report: &crate::publish::PublishReport,
 ) -> ExitStatus {
-    use crate::publish::{Action, Status};
     match settings.output {
         crate::settings::OutputFormat::Json => super::print_json(report),
-        crate::settings::OutputFormat::Human => {
-            println!("recipe   {}", report.recipe);
-            println!("version  {}", report.version);
-            for region in &report.regions {
-                let status = match region.status {
-                    Status::Planned => "plan (dry run)",
-                    Status::Done => "done",
-                    Status::Failed => "FAILED",
-                };
-                println!("{}  {status}", region.region);
-                for change in &region.changes {
-                    let sign = match change.action {
-                        Action::Create => "+",
-                        Action::Update => "~",
-                        Action::Keep => "=",
-                    };
-                    let kind = serde_json::to_value(change.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    println!(
-                        "  {sign} {kind} {}: {} -> {}{}",
-                        change.target,
-                        change.current.as_deref().unwrap_or("(none)"),
-                        change.wanted,
-                        change
-                            .result
-                            .as_ref()
-                            .map(|r| format!(" [{r}]"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
-        }
+        crate::settings::OutputFormat::Human => print!("{}", report.human()),
     }
     // Failures go to stderr as well, where a person or a log collector looks for them.
-    let errors: Vec<&crate::diagnostic::JsonReport> = report
-        .regions
-        .iter()
-        .filter_map(|r| r.error.as_ref())
-        .chain(report.errors.iter())
-        .collect();
-    for (error, region) in errors.iter().zip(
-        report
-            .regions
-            .iter()
-            .filter(|r| r.error.is_some())
-            .map(|r| r.region.as_str())
-            .chain(std::iter::repeat("")),
-    ) {
-        let mut text = if region.is_empty() {
-            format!("error: {}\n", error.message)
-        } else {
-            format!("error: {region}: {}\n", error.message)
-        };
-        for cause in &error.causes {
-            text.push_str(&format!("  Caused by: {cause}\n"));
-        }
-        if let Some(hint) = &error.hint {
-            text.push_str(&format!("  hint: {hint}\n"));
-        }
-        eprint!("{text}");
-    }
+    eprint!("{}", report.errors_text());
     report.exit_status()
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -60,19 +61,22 @@ pub fn run(args: &RolloutArgs, ctx: &Context) -> Outcome {
         &recipe,
         &request,
         &reporter,
-        interrupted(args.on_interrupt),
+        interrupted(ctx.cancel(), args.on_interrupt),
     );
     reporter.finish();
     Ok(show(&ctx.settings, &result?))
 }
 
-/// Resolves at the first Ctrl-C with what to do: the flag's choice, else the answer to a
-/// question on a terminal, else `cancel` (a half-done rollout with no one watching is the worse
-/// outcome).
-async fn interrupted(choice: Option<OnInterrupt>) -> OnInterrupt {
-    if tokio::signal::ctrl_c().await.is_err() {
-        // No signal handler: never resolves, the rollout runs to its end.
-        std::future::pending::<()>().await;
+/// How often the rollout looks at the run's cancellation flag: a person at a terminal sees the
+/// question at once, and a flag load is nothing beside the rollout's AWS polls.
+const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
+
+/// Resolves at the first Ctrl-C (the run's cancellation flag) with what to do: the flag's
+/// choice, else the answer to a question on a terminal, else `cancel` (a half-done rollout with
+/// no one watching is the worse outcome).
+async fn interrupted(cancel: &AtomicBool, choice: Option<OnInterrupt>) -> OnInterrupt {
+    while !cancel.load(Ordering::SeqCst) {
+        tokio::time::sleep(INTERRUPT_CHECK).await;
     }
     if let Some(choice) = choice {
         return choice;

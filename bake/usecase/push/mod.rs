@@ -3,21 +3,23 @@
 //! provenance and SBOMs attached as soon as it is up.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod error;
+mod targets;
+
 use super::Context;
-use super::record::{FindRecordError, find_record, load_and_plan};
-use crate::diagnostic::{Diagnose, Report};
+use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::plan::Effect;
 use crate::provenance::registry::Attached;
 use crate::recipe::VarSources;
 use crate::registry::auth::{ChainCredentials, Credentials};
-use crate::registry::ecr::{self, EcrCredentials, EcrEncryption, RepositorySettings};
+use crate::registry::ecr::{self, EcrCredentials};
 use crate::registry::push::{PushJob, PushTarget, TargetReport, Transfers, push_job};
-use crate::registry::{Client, Progress, Reference, RegistryError};
+use crate::registry::{Client, Progress, Reference};
 use crate::store::{BuildRecord, Store};
+pub use error::PushError;
+use targets::{Planned, ensure_ecr, find};
 
 /// What to push where.
 #[derive(Debug, Clone, Default)]
@@ -34,62 +36,6 @@ pub struct PushOptions {
     pub parallelism: usize,
     /// The variables recipe files are loaded with.
     pub vars: VarSources,
-}
-
-/// Why nothing was pushed.
-#[derive(Debug, thiserror::Error)]
-pub enum PushError {
-    #[error(transparent)]
-    Context(#[from] super::ContextError),
-    #[error(transparent)]
-    To(crate::registry::ReferenceError),
-    #[error(transparent)]
-    Find(#[from] FindRecordError),
-    #[error("version {version} of `{recipe}` is not in the store `{}`", store.display())]
-    RecipeNotBuilt {
-        version: String,
-        recipe: String,
-        store: PathBuf,
-    },
-    #[error(transparent)]
-    Target(crate::registry::ReferenceError),
-    #[error("version {version} of `{name}` has no OCI image to push: it was built as an AMI")]
-    NoImage { version: String, name: String },
-    #[error("nothing to push `{0}` to: its recipe has no registry or ECR targets")]
-    NoTargets(String),
-    #[error(transparent)]
-    Client(RegistryError),
-}
-
-impl Diagnose for PushError {
-    fn hint(&self) -> Option<String> {
-        match self {
-            PushError::To(_) => Some("give `--to registry.example/name`, without a tag".into()),
-            PushError::RecipeNotBuilt { .. } => {
-                Some("build it first with `bake build RECIPE`".into())
-            }
-            PushError::NoImage { .. } => {
-                Some("push sends images; give the recipe `outputs.oci` to build one".into())
-            }
-            PushError::NoTargets(_) => Some("give one or more `--to REPOSITORY`".into()),
-            PushError::Client(e) => e.hint(),
-            _ => None,
-        }
-    }
-
-    fn exit_status(&self) -> ExitStatus {
-        match self {
-            PushError::Context(_) | PushError::Client(_) => ExitStatus::Infrastructure,
-            _ => ExitStatus::RecipeOrUsage,
-        }
-    }
-
-    fn reports(&self) -> Vec<Report> {
-        match self {
-            PushError::Find(e) => e.reports(),
-            _ => vec![Report::from_error(self).with_hint(Diagnose::hint(self))],
-        }
-    }
 }
 
 /// What a push tells as it goes, besides blob progress.
@@ -128,17 +74,6 @@ pub struct PushResult {
     pub failed: Vec<(String, String)>,
     pub attestations: Vec<PushedAttestations>,
     pub status: ExitStatus,
-}
-
-/// A push target before its repository is known (ECR's comes from the account).
-enum Planned {
-    Registry(PushTarget),
-    Ecr {
-        name: String,
-        region: String,
-        tags: Vec<String>,
-        settings: RepositorySettings,
-    },
 }
 
 /// One image of the push: its build record and where it goes.
@@ -354,98 +289,6 @@ async fn push_items(
         attestations,
         status,
     })
-}
-
-/// The repository of ECR repository `name` in `region`, made with `repository_settings` if
-/// missing (differences from an existing one are logged as warnings); a failure is reported
-/// and returned as (target, error) for the summary.
-async fn ensure_ecr(
-    aws: &crate::aws::Aws,
-    region: &str,
-    name: &str,
-    repository_settings: &RepositorySettings,
-    reporter: &dyn PushReporter,
-) -> Result<Reference, (String, String)> {
-    let ensured = ecr::ensure_repository(&aws.ecr(region), region, name, repository_settings)
-        .await
-        .map_err(|e| {
-            let error = RegistryError::from(e);
-            reporter.failed(Report::from_error(&error).with_hint(error.hint()));
-            (format!("ecr:{region}/{name}"), error.to_string())
-        })?;
-    Reference::repository_only(&ensured.uri).map_err(|e| (ensured.uri.clone(), e.to_string()))
-}
-
-/// The build record, the recipe's targets (none for a bare version) and the registries the
-/// recipe marks insecure.
-fn find(
-    ctx: &Context,
-    store: &Store,
-    what: &str,
-    vars: &VarSources,
-) -> Result<(BuildRecord, Vec<Planned>, Vec<String>), PushError> {
-    if !Path::new(what).is_file() {
-        let record = find_record(ctx, store, what, vars)?;
-        return Ok((record, Vec::new(), Vec::new()));
-    }
-    let (recipe, plan) = load_and_plan(ctx, what, vars)?;
-    let record = store
-        .record(&plan.version)
-        .map_err(|e| PushError::Find(e.into()))?
-        .ok_or_else(|| PushError::RecipeNotBuilt {
-            version: plan.version.to_string(),
-            recipe: what.to_owned(),
-            store: ctx.settings.store.clone(),
-        })?;
-    let mut targets = Vec::new();
-    let mut insecure = Vec::new();
-    for effect in &plan.effects {
-        match effect {
-            Effect::PushImage { repository, tags } => {
-                let parsed = Reference::repository_only(repository).map_err(PushError::Target)?;
-                if recipe
-                    .publish
-                    .registries
-                    .iter()
-                    .any(|r| &r.repository == repository && r.insecure)
-                {
-                    insecure.push(parsed.registry().to_owned());
-                }
-                targets.push(Planned::Registry(PushTarget {
-                    repository: parsed,
-                    tags: tags.clone(),
-                }));
-            }
-            Effect::PushEcr {
-                repository,
-                region,
-                tags,
-                create_repository,
-            } => {
-                let spec = recipe
-                    .publish
-                    .ecr
-                    .iter()
-                    .find(|e| &e.repository == repository);
-                targets.push(Planned::Ecr {
-                    name: repository.clone(),
-                    region: region.clone(),
-                    tags: tags.clone(),
-                    settings: RepositorySettings {
-                        immutable_tags: spec.is_some_and(|s| s.immutable_tags),
-                        scan_on_push: spec.is_none_or(|s| s.scan_on_push),
-                        encryption: match spec.and_then(|s| s.kms_key.clone()) {
-                            Some(key) => EcrEncryption::Kms(Some(key)),
-                            None => EcrEncryption::Aes256,
-                        },
-                        create: *create_repository,
-                    },
-                });
-            }
-            _ => {}
-        }
-    }
-    Ok((record, targets, insecure))
 }
 
 /// The digest of a record's image (every record `push` keeps was checked to have one).
