@@ -68,34 +68,6 @@ pub fn plan_recipe(
         .map_err(|error| (error.reports(), error.exit_status()))
 }
 
-/// [`plan_recipe`] for callers that report one error.
-pub fn plan_one_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<Plan, Box<Report>> {
-    plan_recipe(recipe, shown, settings).map_err(|(mut reports, _)| {
-        Box::new(if reports.is_empty() {
-            Report::new(format!("failed to plan `{shown}`"))
-        } else {
-            reports.remove(0)
-        })
-    })
-}
-
-/// Loads the recipe at `path` with the command line's variables, or prints every error in it
-/// and returns the exit status to end with.
-pub fn load_or_report(
-    path: &std::path::Path,
-    vars: &VarArgs,
-    settings: &Settings,
-) -> Result<crate::recipe::Recipe, ExitStatus> {
-    recipe::load(path, &vars.sources()).map_err(|errors| {
-        print_reports(settings, &plan_reports(&PlanError::from(errors)));
-        ExitStatus::RecipeOrUsage
-    })
-}
-
 /// Plans `recipe` ([`plan_recipe`]), or prints why it cannot be planned and returns the exit
 /// status to end with.
 // Unused once every command is converted; the other branch still calls it.
@@ -145,58 +117,17 @@ pub fn load_recipe(path: &Path, vars: &VarArgs) -> Result<crate::recipe::Recipe,
     })
 }
 
-/// The build record named by a version, a version prefix, or a recipe file.
+/// The build record named by a version, a version prefix, or a recipe file
+/// ([`crate::usecase::record::find_record`], with its one report).
 pub fn find_record(
     store: &Store,
     what: &str,
     vars: &VarArgs,
     settings: &Settings,
 ) -> Result<BuildRecord, Box<Report>> {
-    let not_built = |version: &str| {
-        Box::new(
-            Report::new(format!(
-                "version {version} is not in the store `{}`",
-                settings.store.display()
-            ))
-            .with_hint(Some("build it first with `bake build RECIPE`".into())),
-        )
-    };
-    if Path::new(what).is_file() {
-        let recipe = crate::recipe::load(Path::new(what), &vars.sources()).map_err(|e| {
-            Box::new(
-                e.0.first()
-                    .map(|e| e.report())
-                    .unwrap_or_else(|| Report::new("invalid recipe")),
-            )
-        })?;
-        let plan = plan_one_report(&recipe, what, settings)?;
-        return store
-            .record(&plan.version)
-            .map_err(|e| Box::new(Report::from_error(&e)))?
-            .ok_or_else(|| not_built(&plan.version));
-    }
-    let Ok(prefix) = what.parse::<crate::id::VersionPrefix>() else {
-        return Err(Box::new(
-            Report::new(format!("`{what}` is neither a recipe file nor a version")).with_hint(
-                Some("give `sha256:<hex>`, at least 12 hex digits of it, or a recipe path".into()),
-            ),
-        ));
-    };
-    let mut matches = crate::store::record::versions_with_prefix(store, &prefix)
-        .map_err(|e| Box::new(Report::from_error(&e)))?;
-    match matches.len() {
-        0 => Err(not_built(what)),
-        1 => {
-            let version = matches.remove(0);
-            store
-                .record(&version)
-                .map_err(|e| Box::new(Report::from_error(&e)))?
-                .ok_or_else(|| not_built(&version))
-        }
-        n => Err(Box::new(Report::new(format!(
-            "`{what}` matches {n} versions; give more digits"
-        )))),
-    }
+    let ctx = crate::usecase::Context::new(settings.clone());
+    crate::usecase::record::find_record(&ctx, store, what, &vars.sources())
+        .map_err(|error| Box::new(error.report()))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -288,4 +219,27 @@ impl BuildReporter for CliReporter {
             crate::progress::log_line(&format!("==> {text}"));
         }
     }
+}
+
+/// Parses a positive duration such as `15s` or `1m` (`--poll-interval`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a duration such as `15s` or `1m`"))
+}
+
+/// Prints a publish, promote or rollback report (`bake publish`, `promote`, `rollback`,
+/// `plan --publish`) and returns its exit status.
+pub fn show_publish_report(
+    settings: &Settings,
+    report: &crate::publish::PublishReport,
+) -> ExitStatus {
+    match settings.output {
+        crate::settings::OutputFormat::Json => super::print_json(report),
+        crate::settings::OutputFormat::Human => print!("{}", report.human()),
+    }
+    // Failures go to stderr as well, where a person or a log collector looks for them.
+    eprint!("{}", report.errors_text());
+    report.exit_status()
 }

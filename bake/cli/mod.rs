@@ -130,6 +130,14 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
 }
 
+/// Exports of a recipe rather than of a built image (`bake export imagebuilder`).
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportTo {
+    /// Write a recipe's EC2 Image Builder resources: AWSTOE component documents and a JSON plan
+    /// of the API calls that create them (for CloudFormation or Terraform).
+    Imagebuilder(imagebuilder::ExportImageBuilderArgs),
+}
+
 /// Variable values given on the command line.
 #[derive(Debug, Clone, Args)]
 pub struct VarArgs {
@@ -171,28 +179,46 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     }
     let ctx = Context::new(settings.clone());
     let outcome: Outcome = match command {
-        Command::Validate(args) => Ok(validate::run(&args, settings)),
-        Command::Plan(args) => Ok(plan::run(&args, settings)),
+        Command::Validate(args) => validate::run(&args, &ctx),
+        Command::Plan(args) => plan::run(&args, &ctx),
         Command::Build(args) => build::run(&args, &ctx),
         Command::Graph(args) => fleet::graph(&args, &ctx),
         Command::Outdated(args) => fleet::outdated(&args, &ctx),
-        Command::Export(args) => Ok(export::run(&args, settings)),
+        Command::Export(export::ExportArgs {
+            to: Some(ExportTo::Imagebuilder(to)),
+            ..
+        }) => Ok(imagebuilder::run_export(&to, &ctx.settings)),
+        Command::Export(args) => export::run(&args, &ctx),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
             imagebuilder::run_import(&args, &ctx)
         }
-        Command::Attest(args) => Ok(attest::run(&args, settings)),
+        Command::Attest(args) => attest::run(&args, &ctx),
         Command::Key(args) => key::run(&args, &ctx),
         Command::Manifest(args) => manifest::run(&args, &ctx),
-        Command::Verify(args) => Ok(verify::run(&args, settings)),
-        Command::Push(args) => Ok(push::run(&args, settings)),
-        Command::Publish(args) => Ok(publish::run_publish(&args, settings)),
-        Command::Promote(args) => Ok(publish::run_promote(&args, settings)),
-        Command::Rollback(args) => Ok(publish::run_rollback(&args, settings)),
-        Command::Pin(args) => Ok(publish::run_pin(&args, settings)),
-        Command::Rollout(args) => Ok(rollout::run(&args, settings)),
+        Command::Verify(args) => verify::run(&args, &ctx),
+        Command::Push(args) => push::run(&args, &ctx),
+        Command::Publish(args) => publish::run_publish(&args, &ctx),
+        // The rollout promotes (moves the channel) before it replaces the machines, and moves
+        // the channel back if they fail.
+        Command::Promote(args) if args.rollout => rollout::run(
+            &rollout::RolloutArgs {
+                recipe: args.recipe,
+                target_version: args.target_version,
+                channel: args.channel,
+                on_interrupt: args.on_interrupt,
+                poll_interval: args.poll_interval,
+                allow_clobber: args.allow_clobber,
+                vars: args.vars,
+            },
+            &ctx,
+        ),
+        Command::Promote(args) => publish::run_promote(&args, &ctx),
+        Command::Rollback(args) => publish::run_rollback(&args, &ctx),
+        Command::Pin(args) => publish::run_pin(&args, &ctx),
+        Command::Rollout(args) => rollout::run(&args, &ctx),
         Command::Ami(args) => ami::run(&args, &ctx),
-        Command::Cleanup(args) => Ok(cleanup::run(&args, settings)),
-        Command::Gc(args) => Ok(gc::run(&args, settings)),
+        Command::Cleanup(args) => cleanup::run(&args, &ctx),
+        Command::Gc(args) => gc::run(&args, &ctx),
         Command::Audit(args) => audit::run(&args, &ctx),
         Command::Sandbox(args) => Ok(sandbox::run(&args)),
     };

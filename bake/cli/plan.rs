@@ -4,17 +4,17 @@
 //! them anyway), so a plain plan stays fast and offline.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
-use super::{VarArgs, print_json, print_reports};
-use crate::aws::Aws;
+use super::common::{Outcome, load_recipe, show_publish_report};
+use super::{VarArgs, print_json};
 use crate::exit::ExitStatus;
 use crate::plan::Plan;
-use crate::plan::state::{self, EffectState, Remote, TargetLookup};
-use crate::registry::{self, auth::ChainCredentials, auth::Credentials, ecr::EcrCredentials};
-use crate::settings::{OutputFormat, Settings};
+use crate::plan::state::EffectState;
+use crate::publish::PublishOptions;
+use crate::settings::OutputFormat;
+use crate::usecase::{self, Context};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -43,154 +43,56 @@ pub struct PlanArgs {
     pub vars: VarArgs,
 }
 
-pub fn run(args: &PlanArgs, settings: &Settings) -> ExitStatus {
+pub fn run(args: &PlanArgs, ctx: &Context) -> Outcome {
+    let settings = &ctx.settings;
     let path = match (&args.all, &args.recipe) {
-        (Some(dir), _) => return super::fleet::plan_all(dir, args.check, settings),
+        (Some(dir), _) => return Ok(super::fleet::plan_all(dir, args.check, settings)),
         (None, Some(path)) => path,
         (None, None) => unreachable!("clap requires RECIPE without --all"),
     };
     let shown = path.display().to_string();
-    let recipe = match super::common::load_or_report(path, &args.vars, settings) {
-        Ok(recipe) => recipe,
-        Err(status) => return status,
-    };
+    let recipe = load_recipe(path, &args.vars)?;
     for advice in crate::build::hardening::missing_bootstrap_packages(&recipe) {
         tracing::warn!("{shown}: {advice}");
     }
-    let planned = super::common::plan_recipe(&recipe, &shown, settings).map(|plan| {
-        let states = effect_states(&recipe, &plan, args.check || args.publish, settings);
-        (plan, states)
-    });
-    match planned {
-        Ok((plan, states)) if args.publish => {
-            let publish = super::publish::PublishArgs {
-                recipe: path.clone(),
-                inputs: None,
-                dry_run: true,
-                set_default: false,
-                allow_clobber: false,
-                vars: args.vars.clone(),
-            };
-            let report = match super::publish::publish_report(&publish, settings) {
-                Ok(report) => report,
-                Err(status) => return status,
-            };
-            match settings.output {
-                OutputFormat::Json => {
-                    print_json(
-                        &serde_json::json!({ "plan": plan_document(&plan, &states), "publish": report }),
-                    );
-                    report.exit_status()
-                }
-                OutputFormat::Human => {
-                    print_human(&plan, &states);
-                    println!();
-                    super::publish::show(settings, &report)
-                }
-            }
+    let plan = usecase::plan::plan_recipe(ctx, &recipe, &shown)?;
+    let states = usecase::plan::effect_states(ctx, &recipe, &plan, args.check || args.publish);
+    if !args.publish {
+        match settings.output {
+            OutputFormat::Json => print_json(&plan_document(&plan, &states)),
+            OutputFormat::Human => print_human(&plan, &states),
         }
-        Ok((plan, states)) => {
-            match settings.output {
-                OutputFormat::Json => print_json(&plan_document(&plan, &states)),
-                OutputFormat::Human => print_human(&plan, &states),
-            }
-            ExitStatus::Success
+        return Ok(ExitStatus::Success);
+    }
+    let options = PublishOptions {
+        dry_run: true,
+        set_default: false,
+        allow_clobber: false,
+    };
+    let report = usecase::publish::publish(ctx, &recipe, &shown, None, options)?;
+    match settings.output {
+        OutputFormat::Json => {
+            print_json(
+                &serde_json::json!({ "plan": plan_document(&plan, &states), "publish": report }),
+            );
+            Ok(report.exit_status())
         }
-        Err((reports, status)) => {
-            print_reports(settings, &reports);
-            status
+        OutputFormat::Human => {
+            print_human(&plan, &states);
+            println!();
+            Ok(show_publish_report(settings, &report))
         }
     }
 }
 
-/// Where the planned version already is, asking the registries and AWS: one line per image in
-/// a registry or AMI in a region (`bake plan --all --check`).
+/// Where the planned version already is, asking the registries and AWS (`bake plan --all
+/// --check`). Kept for `fleet.rs` until it calls [`usecase::plan::published`] itself.
 pub(super) fn published(
     recipe: &crate::recipe::Recipe,
     plan: &Plan,
-    settings: &Settings,
+    settings: &crate::settings::Settings,
 ) -> Vec<String> {
-    plan.effects
-        .iter()
-        .zip(effect_states(recipe, plan, true, settings))
-        .filter_map(|(effect, state)| match state {
-            EffectState::InRegistry { .. } | EffectState::AmiExists { .. } => Some(format!(
-                "{} ({})",
-                effect.describe(),
-                state.label().unwrap_or_default()
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Whether a run would do each effect: the store is asked; registries and AWS with `remote`.
-fn effect_states(
-    recipe: &crate::recipe::Recipe,
-    plan: &Plan,
-    remote: bool,
-    settings: &Settings,
-) -> Vec<EffectState> {
-    // Planning never creates a store: one that does not exist has built nothing.
-    let store = settings
-        .store
-        .is_dir()
-        .then(|| crate::store::Store::open(&settings.store))
-        .and_then(|opened| {
-            opened
-                .map_err(|e| tracing::warn!("the store was not asked: {e}"))
-                .ok()
-        });
-    let offline = TargetLookup {
-        store: store.as_ref(),
-        registry: None,
-        aws: None,
-    };
-    let runtime = match super::runtime() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::warn!("registries and AWS were not asked: {e}");
-            return futures_util::FutureExt::now_or_never(state::assess(
-                plan,
-                &offline,
-                Remote::Off,
-            ))
-            .unwrap_or_default();
-        }
-    };
-    if !remote {
-        return runtime.block_on(state::assess(plan, &offline, Remote::Off));
-    }
-    runtime.block_on(async {
-        let aws = Aws::load(&settings.aws).await;
-        let mode = if state::has_aws_credentials(&aws).await {
-            Remote::On
-        } else {
-            Remote::NoAwsCredentials
-        };
-        let mut options = settings.registry.client_options();
-        options.insecure.extend(
-            recipe
-                .publish
-                .registries
-                .iter()
-                .filter(|r| r.insecure)
-                .filter_map(|r| r.repository.split_once('/').map(|(h, _)| h.to_owned())),
-        );
-        let mut credentials: Vec<Arc<dyn Credentials>> = vec![settings.registry.credentials()];
-        if mode == Remote::On {
-            credentials.push(Arc::new(EcrCredentials::new(aws.clone())));
-        }
-        let client = registry::Client::new(options, Arc::new(ChainCredentials(credentials)))
-            .map_err(|e| tracing::warn!("registries cannot be asked: {e}"))
-            .ok();
-        let lookup = TargetLookup {
-            store: store.as_ref(),
-            registry: client.as_ref(),
-            aws: Some(&aws),
-        };
-        state::assess(plan, &lookup, mode).await
-    })
+    usecase::plan::published(&Context::new(settings.clone()), recipe, plan)
 }
 
 /// The plan as printed with `--output json`: each effect carries its `state`.

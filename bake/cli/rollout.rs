@@ -5,20 +5,19 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use super::common::{Outcome, load_recipe, parse_duration};
 use super::{VarArgs, print_json, print_reports};
-use crate::aws::Aws;
 use crate::diagnostic::Report;
 use crate::exit::ExitStatus;
-use crate::publish::{PublishOptions, Publisher};
-use crate::rollout::{
-    OnInterrupt, Outcome, Phase, Reporter, RolloutOptions, RolloutReport, Rollouts, TargetProgress,
-};
+use crate::rollout::{self, OnInterrupt, Phase, Reporter, RolloutReport, TargetProgress};
 use crate::settings::{OutputFormat, Settings};
+use crate::usecase::{self, Context, rollout::RolloutRequest};
 
 #[derive(Debug, Args)]
 pub struct RolloutArgs {
@@ -48,78 +47,36 @@ pub struct RolloutArgs {
     pub vars: VarArgs,
 }
 
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("`{text}` is not a duration such as `15s` or `1m`"))
+pub fn run(args: &RolloutArgs, ctx: &Context) -> Outcome {
+    let recipe = load_recipe(&args.recipe, &args.vars)?;
+    let request = RolloutRequest {
+        version: &args.target_version,
+        channel: &args.channel,
+        poll_interval: args.poll_interval,
+        allow_clobber: args.allow_clobber,
+    };
+    let reporter = CliReporter::new(&ctx.settings);
+    let result = usecase::rollout::rollout(
+        ctx,
+        &recipe,
+        &request,
+        &reporter,
+        interrupted(ctx.cancel(), args.on_interrupt),
+    );
+    reporter.finish();
+    Ok(show(&ctx.settings, &result?))
 }
 
-pub fn run(args: &RolloutArgs, settings: &Settings) -> ExitStatus {
-    let recipe = match super::common::load_or_report(&args.recipe, &args.vars, settings) {
-        Ok(recipe) => recipe,
-        Err(status) => return status,
-    };
-    let runtime = match super::runtime() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            print_reports(settings, &[Report::from_error(&e)]);
-            return ExitStatus::Infrastructure;
-        }
-    };
-    runtime.block_on(async {
-        let aws = Aws::load(&settings.aws).await;
-        let digests = match super::publish::digest_check(&aws, &recipe, settings) {
-            Ok(digests) => digests,
-            Err(status) => return status,
-        };
-        let publisher = Publisher {
-            aws: &aws,
-            digests: &digests,
-            recipe: &recipe,
-            options: PublishOptions {
-                dry_run: false,
-                set_default: true,
-                allow_clobber: args.allow_clobber,
-            },
-        };
-        let reporter = CliReporter::new(settings);
-        let rollouts = Rollouts {
-            publisher: &publisher,
-            reporter: &reporter,
-            options: RolloutOptions {
-                poll_interval: args.poll_interval,
-            },
-        };
-        let interrupt = interrupted(args.on_interrupt);
-        let result = rollouts
-            .run(&args.target_version, &args.channel, interrupt)
-            .await;
-        reporter.finish();
-        match result {
-            Ok(report) => {
-                record_in_manifest(settings, &report);
-                show(settings, &report)
-            }
-            Err(e) => {
-                print_reports(settings, &[Report::from_error(&e).with_hint(e.hint())]);
-                if e.is_refusal() {
-                    ExitStatus::RecipeOrUsage
-                } else {
-                    ExitStatus::Infrastructure
-                }
-            }
-        }
-    })
-}
+/// How often the rollout looks at the run's cancellation flag: a person at a terminal sees the
+/// question at once, and a flag load is nothing beside the rollout's AWS polls.
+const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
 
-/// Resolves at the first Ctrl-C with what to do: the flag's choice, else the answer to a
-/// question on a terminal, else `cancel` (a half-done rollout with no one watching is the worse
-/// outcome).
-async fn interrupted(choice: Option<OnInterrupt>) -> OnInterrupt {
-    if tokio::signal::ctrl_c().await.is_err() {
-        // No signal handler: never resolves, the rollout runs to its end.
-        std::future::pending::<()>().await;
+/// Resolves at the first Ctrl-C (the run's cancellation flag) with what to do: the flag's
+/// choice, else the answer to a question on a terminal, else `cancel` (a half-done rollout with
+/// no one watching is the worse outcome).
+async fn interrupted(cancel: &AtomicBool, choice: Option<OnInterrupt>) -> OnInterrupt {
+    while !cancel.load(Ordering::SeqCst) {
+        tokio::time::sleep(INTERRUPT_CHECK).await;
     }
     if let Some(choice) = choice {
         return choice;
@@ -234,43 +191,6 @@ impl Reporter for CliReporter {
     }
 }
 
-/// Adds the rollout to the version's manifest in the store. A warning when it cannot: AWS
-/// holds the truth (the channel record).
-fn record_in_manifest(settings: &Settings, report: &RolloutReport) {
-    let rollout = crate::provenance::manifest::Publication::Rollout {
-        channel: report.channel.clone(),
-        outcome: report.outcome,
-        reason: report.reason.clone(),
-        targets: report
-            .targets
-            .iter()
-            .map(|t| crate::provenance::manifest::RolloutTarget {
-                target: t.target.clone(),
-                from: t.from.clone(),
-                to: t.to.clone(),
-                phase: t.phase.clone(),
-            })
-            .collect(),
-        started_at: report.started_at.clone(),
-        at: report.ended_at.clone(),
-        by: crate::provenance::registry::operator(),
-    };
-    let written = crate::store::Store::open(&settings.store)
-        .map_err(|e| e.to_string())
-        .and_then(|store| {
-            crate::provenance::manifest::record_publications_of(
-                &store,
-                &report.recipe,
-                &report.version,
-                [rollout],
-            )
-            .map_err(|e| e.to_string())
-        });
-    if let Err(e) = written {
-        tracing::warn!("failed to record the rollout in the manifest: {e}");
-    }
-}
-
 fn show(settings: &Settings, report: &RolloutReport) -> ExitStatus {
     match settings.output {
         OutputFormat::Json => print_json(report),
@@ -306,21 +226,23 @@ fn show(settings: &Settings, report: &RolloutReport) -> ExitStatus {
         .map(|e| Report::new(e.message.clone()))
         .collect();
     let status = match report.outcome {
-        Outcome::Succeeded => ExitStatus::Success,
-        Outcome::Cancelled | Outcome::Left => ExitStatus::Interrupted,
-        Outcome::RolledBack | Outcome::RollbackIncomplete => ExitStatus::Infrastructure,
+        rollout::Outcome::Succeeded => ExitStatus::Success,
+        rollout::Outcome::Cancelled | rollout::Outcome::Left => ExitStatus::Interrupted,
+        rollout::Outcome::RolledBack | rollout::Outcome::RollbackIncomplete => {
+            ExitStatus::Infrastructure
+        }
     };
     if let Some(reason) = &report.reason {
         let what = match report.outcome {
-            Outcome::RolledBack => "the rollout failed and was rolled back",
-            Outcome::RollbackIncomplete => {
+            rollout::Outcome::RolledBack => "the rollout failed and was rolled back",
+            rollout::Outcome::RollbackIncomplete => {
                 "the rollout failed and could not be rolled back everywhere"
             }
-            Outcome::Cancelled => "the rollout was cancelled and rolled back",
+            rollout::Outcome::Cancelled => "the rollout was cancelled and rolled back",
             _ => "the rollout did not finish",
         };
         reports.insert(0, Report::new(format!("{what}: {reason}")));
-    } else if report.outcome == Outcome::Left {
+    } else if report.outcome == rollout::Outcome::Left {
         reports.insert(
             0,
             Report::new(format!(

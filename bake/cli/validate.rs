@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Serialize;
 
+use super::common::{Failure, Outcome};
 use super::{VarArgs, print_json, print_reports};
 use crate::diagnostic::{JsonReport, Report};
 use crate::exit::ExitStatus;
 use crate::recipe;
-use crate::settings::{OutputFormat, Settings};
+use crate::settings::OutputFormat;
+use crate::usecase::Context;
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -35,14 +37,9 @@ struct RecipeResult {
     errors: Vec<JsonReport>,
 }
 
-pub fn run(args: &ValidateArgs, settings: &Settings) -> ExitStatus {
-    let paths = match expand(&args.recipes) {
-        Ok(paths) => paths,
-        Err(report) => {
-            print_reports(settings, &[report]);
-            return ExitStatus::RecipeOrUsage;
-        }
-    };
+pub fn run(args: &ValidateArgs, ctx: &Context) -> Outcome {
+    let settings = &ctx.settings;
+    let paths = expand(&args.recipes).map_err(Failure::usage)?;
     let sources = args.vars.sources();
     let mut results = Vec::new();
     let mut failed = 0;
@@ -81,18 +78,15 @@ pub fn run(args: &ValidateArgs, settings: &Settings) -> ExitStatus {
             recipes: results,
         });
     }
-    if failed > 0 {
-        let summary = Report::new(format!(
-            "{error_count} error{} in {failed} of {} recipe{}",
-            if error_count == 1 { "" } else { "s" },
-            paths.len(),
-            if paths.len() == 1 { "" } else { "s" }
-        ));
-        print_reports(settings, &[summary]);
-        ExitStatus::RecipeOrUsage
-    } else {
-        ExitStatus::Success
+    if failed == 0 {
+        return Ok(ExitStatus::Success);
     }
+    Err(Failure::usage(Report::new(format!(
+        "{error_count} error{} in {failed} of {} recipe{}",
+        if error_count == 1 { "" } else { "s" },
+        paths.len(),
+        if paths.len() == 1 { "" } else { "s" }
+    ))))
 }
 
 /// Recipe files from the arguments: files as given, directories expanded to their `*.yaml`

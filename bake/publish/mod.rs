@@ -24,6 +24,7 @@ pub mod clients;
 pub mod digest;
 pub mod ecs;
 pub mod error;
+mod human;
 pub mod inputs;
 pub mod launch_template;
 pub mod refresh;

@@ -143,3 +143,81 @@ async fn signer(
     }
     Ok(Box::new(key))
 }
+
+/// Why a built version could not be attested again (`bake attest`).
+#[derive(Debug, thiserror::Error)]
+pub enum AttestVersionError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    Find(#[from] super::record::FindRecordError),
+    /// Neither a manifest's reference nor a version.
+    #[error(transparent)]
+    Reference(ManifestError),
+    #[error("version {0} has no record in the store")]
+    NoRecord(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Attest(#[from] AttestError),
+}
+
+impl Diagnose for AttestVersionError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            AttestVersionError::Reference(e) => e.hint(),
+            AttestVersionError::Attest(e) => Diagnose::hint(e),
+            _ => None,
+        }
+    }
+
+    fn exit_status(&self) -> crate::exit::ExitStatus {
+        match self {
+            AttestVersionError::Find(_)
+            | AttestVersionError::Reference(_)
+            | AttestVersionError::NoRecord(_) => crate::exit::ExitStatus::RecipeOrUsage,
+            _ => crate::exit::ExitStatus::Infrastructure,
+        }
+    }
+
+    fn reports(&self) -> Vec<crate::diagnostic::Report> {
+        match self {
+            AttestVersionError::Find(e) => e.reports(),
+            _ => vec![crate::diagnostic::Report::from_error(self).with_hint(Diagnose::hint(self))],
+        }
+    }
+}
+
+/// Signs (again) the provenance of the built version `what` names (a recipe file's current
+/// version, a version or prefix, `name:short-version`, an image digest or an AMI id): its
+/// AMIs' (tagged, kept in the store and, with `ssm_parameter`, in SSM) when its record lists
+/// AMIs, else its image's attestations.
+pub fn attest_version(
+    ctx: &Context,
+    what: &str,
+    vars: &crate::recipe::VarSources,
+    options: &SigningOptions,
+    ssm_parameter: Option<&str>,
+) -> Result<Manifest, AttestVersionError> {
+    let store = ctx.store()?;
+    // The version: a recipe's current one, from a manifest, from a record, else the argument.
+    let version = if std::path::Path::new(what).is_file() {
+        super::record::find_record(ctx, store, what, vars)?
+            .version
+            .to_string()
+    } else {
+        match manifest::find(store, what) {
+            Ok(found) => found.version,
+            Err(_) if what.parse::<crate::id::Version>().is_ok() => what.to_owned(),
+            Err(e) => return Err(AttestVersionError::Reference(e)),
+        }
+    };
+    let record = store
+        .record(&version)?
+        .ok_or_else(|| AttestVersionError::NoRecord(version.clone()))?;
+    // AMIs are attested as AMIs (tagged, kept in SSM); an image-only version by its image.
+    if record.amis().is_empty() {
+        return Ok(attest_image(ctx, store, &version, options)?);
+    }
+    Ok(ctx.block_on(attest_amis(ctx, store, &version, options, ssm_parameter))??)
+}

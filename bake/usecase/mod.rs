@@ -7,9 +7,17 @@ pub mod audit;
 pub mod build_ami_disk;
 pub mod build_ami_instance;
 pub mod build_image;
+pub mod cleanup;
 mod context;
+pub mod export;
 pub mod fleet;
+pub mod gc;
 pub mod imagebuilder;
 pub mod plan;
+pub mod publish;
+pub mod push;
+pub mod record;
+pub mod rollout;
+pub mod verify;
 
 pub use context::{Context, ContextError, cancel_on_signals};

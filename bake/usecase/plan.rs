@@ -1,13 +1,17 @@
 //! Planning a recipe the one way every use case does: an `ami` base is first resolved in AWS
 //! (so its exact id enters the version), then the plan is made with the settings' options.
 
+use std::sync::Arc;
+
 use super::Context;
 use crate::ami::instance::{SourceAmi, SourceAmiError, source};
 use crate::aws::Aws;
 use crate::diagnostic::{Diagnose, Report};
 use crate::exit::ExitStatus;
+use crate::plan::state::{self, EffectState, Remote, TargetLookup};
 use crate::plan::{self, Plan, PlanError, PlanOptions};
 use crate::recipe::{Base, Recipe};
+use crate::registry::{self, auth::ChainCredentials, auth::Credentials, ecr::EcrCredentials};
 
 /// Why a recipe could not be planned.
 #[derive(Debug, thiserror::Error)]
@@ -84,4 +88,87 @@ pub fn plan_options(ctx: &Context, recipe: &Recipe) -> Result<PlanOptions, PlanR
 pub fn plan_recipe(ctx: &Context, recipe: &Recipe, shown: &str) -> Result<Plan, PlanRecipeError> {
     let options = plan_options(ctx, recipe)?;
     Ok(plan::plan(recipe, shown, &options)?)
+}
+
+/// Whether a run would do each of the plan's effects: the store is asked; registries and AWS
+/// only with `remote` (`bake plan --check`), so a plain plan stays fast and offline.
+pub fn effect_states(
+    ctx: &Context,
+    recipe: &Recipe,
+    plan: &Plan,
+    remote: bool,
+) -> Vec<EffectState> {
+    let settings = &ctx.settings;
+    // Planning never creates a store: one that does not exist has built nothing.
+    let store = settings
+        .store
+        .is_dir()
+        .then(|| ctx.store())
+        .and_then(|opened| {
+            opened
+                .map_err(|e| tracing::warn!("the store was not asked: {e}"))
+                .ok()
+        });
+    let offline = TargetLookup {
+        store,
+        registry: None,
+        aws: None,
+    };
+    let runtime = match ctx.runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::warn!("registries and AWS were not asked: {e}");
+            return futures_util::FutureExt::now_or_never(state::assess(
+                plan,
+                &offline,
+                Remote::Off,
+            ))
+            .unwrap_or_default();
+        }
+    };
+    if !remote {
+        return runtime.block_on(state::assess(plan, &offline, Remote::Off));
+    }
+    runtime.block_on(async {
+        let aws = ctx.aws().await;
+        let mode = if state::has_aws_credentials(aws).await {
+            Remote::On
+        } else {
+            Remote::NoAwsCredentials
+        };
+        let mut options = settings.registry.client_options();
+        options
+            .insecure
+            .extend(super::publish::insecure_hosts(recipe));
+        let mut credentials: Vec<Arc<dyn Credentials>> = vec![settings.registry.credentials()];
+        if mode == Remote::On {
+            credentials.push(Arc::new(EcrCredentials::new(aws.clone())));
+        }
+        let client = registry::Client::new(options, Arc::new(ChainCredentials(credentials)))
+            .map_err(|e| tracing::warn!("registries cannot be asked: {e}"))
+            .ok();
+        let lookup = TargetLookup {
+            store,
+            registry: client.as_ref(),
+            aws: Some(aws),
+        };
+        state::assess(plan, &lookup, mode).await
+    })
+}
+
+/// Where the planned version already is, asking the registries and AWS: one line per image in
+/// a registry or AMI in a region (`bake plan --all --check`).
+pub fn published(ctx: &Context, recipe: &Recipe, plan: &Plan) -> Vec<String> {
+    plan.effects
+        .iter()
+        .zip(effect_states(ctx, recipe, plan, true))
+        .filter_map(|(effect, state)| match state {
+            EffectState::InRegistry { .. } | EffectState::AmiExists { .. } => Some(format!(
+                "{} ({})",
+                effect.describe(),
+                state.label().unwrap_or_default()
+            )),
+            _ => None,
+        })
+        .collect()
 }
