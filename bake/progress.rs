@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::diagnostic::Report;
+use crate::settings::{OutputFormat, Settings, Verbosity};
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -44,6 +47,27 @@ pub fn log_line(text: &str) {
         Some(bars) if mode() == Mode::Bars => bars.suspend(|| eprintln!("{text}")),
         _ => eprintln!("{text}"),
     }
+}
+
+/// How long steps show progress: bars on a terminal (human output), else a plain line every
+/// `BAKE_PROGRESS_INTERVAL` (default 5s), nothing when quiet.
+pub fn mode_for(settings: &Settings) -> Result<Mode, Report> {
+    if settings.verbosity == Verbosity::Quiet {
+        return Ok(Mode::Off);
+    }
+    if settings.progress && settings.output == OutputFormat::Human {
+        return Ok(Mode::Bars);
+    }
+    let every = match std::env::var("BAKE_PROGRESS_INTERVAL") {
+        Ok(text) if !text.is_empty() => humantime::parse_duration(&text).map_err(|e| {
+            Report::new(format!(
+                "BAKE_PROGRESS_INTERVAL=`{text}` is not a duration: {e}"
+            ))
+            .with_hint(Some("for example `5s` or `500ms`".into()))
+        })?,
+        _ => DEFAULT_LINE_INTERVAL,
+    };
+    Ok(Mode::Lines { every })
 }
 
 /// What a step counts.

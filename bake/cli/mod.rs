@@ -170,7 +170,7 @@ fn parse_var(text: &str) -> Result<(String, String), String> {
 /// Runs a parsed command line: the run's one [`Context`] (composition root) is made here, and
 /// the one place that prints a command's failure and turns it into an exit status is here too.
 pub fn run(command: Command, settings: &Settings) -> ExitStatus {
-    match progress_mode(settings) {
+    match crate::progress::mode_for(settings) {
         Ok(mode) => crate::progress::init(mode),
         Err(report) => {
             print_reports(settings, &[report]);
@@ -229,28 +229,6 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
             failure.status
         }
     }
-}
-
-/// How long steps show progress: bars on a terminal (human output), else a plain line every
-/// `BAKE_PROGRESS_INTERVAL` (default 5s), nothing when quiet.
-fn progress_mode(settings: &Settings) -> Result<crate::progress::Mode, Report> {
-    use crate::progress::{DEFAULT_LINE_INTERVAL, Mode};
-    if settings.verbosity == Verbosity::Quiet {
-        return Ok(Mode::Off);
-    }
-    if settings.progress && settings.output == OutputFormat::Human {
-        return Ok(Mode::Bars);
-    }
-    let every = match std::env::var("BAKE_PROGRESS_INTERVAL") {
-        Ok(text) if !text.is_empty() => humantime::parse_duration(&text).map_err(|e| {
-            Report::new(format!(
-                "BAKE_PROGRESS_INTERVAL=`{text}` is not a duration: {e}"
-            ))
-            .with_hint(Some("for example `5s` or `500ms`".into()))
-        })?,
-        _ => DEFAULT_LINE_INTERVAL,
-    };
-    Ok(Mode::Lines { every })
 }
 
 /// The tokio runtime for one command's network work (AWS, registries, SSH).
