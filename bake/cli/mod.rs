@@ -180,6 +180,11 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
     let ctx = Context::new(settings.clone());
     let outcome: Outcome = match command {
         Command::Validate(args) => validate::run(&args, &ctx),
+        Command::Plan(plan::PlanArgs {
+            all: Some(dir),
+            check,
+            ..
+        }) => Ok(fleet::plan_all(&dir, check, settings)),
         Command::Plan(args) => plan::run(&args, &ctx),
         Command::Build(args) => build::run(&args, &ctx),
         Command::Graph(args) => fleet::graph(&args, &ctx),

@@ -45,10 +45,9 @@ pub struct PlanArgs {
 
 pub fn run(args: &PlanArgs, ctx: &Context) -> Outcome {
     let settings = &ctx.settings;
-    let path = match (&args.all, &args.recipe) {
-        (Some(dir), _) => return Ok(super::fleet::plan_all(dir, args.check, settings)),
-        (None, Some(path)) => path,
-        (None, None) => unreachable!("clap requires RECIPE without --all"),
+    // `--all` is the fleet's plan, which `cli::run` dispatches.
+    let Some(path) = &args.recipe else {
+        unreachable!("clap requires RECIPE without --all")
     };
     let shown = path.display().to_string();
     let recipe = load_recipe(path, &args.vars)?;

@@ -130,3 +130,54 @@ pub fn find_record(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn context(store: &Path) -> Context {
+        let store = store.to_str().expect("a UTF-8 temp path");
+        let cli = crate::cli::Cli::try_parse_from(["bake", "--store", store, "validate"])
+            .expect("the command line parses");
+        Context::new(crate::settings::Settings::resolve(&cli.global).expect("settings resolve"))
+    }
+
+    #[test]
+    fn a_name_that_is_no_version_is_the_users_to_fix_and_says_what_to_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(&dir.path().join("store"));
+        let store = ctx.store().unwrap();
+        let error = find_record(&ctx, store, "web-latest", &VarSources::default()).unwrap_err();
+        assert!(matches!(error, FindRecordError::NotAVersion(_)));
+        assert_eq!(error.exit_status(), ExitStatus::RecipeOrUsage);
+        let report = error.report();
+        assert_eq!(
+            report.message,
+            "`web-latest` is neither a recipe file nor a version"
+        );
+        assert!(report.hint.unwrap().contains("at least 12 hex digits"));
+    }
+
+    #[test]
+    fn a_version_the_store_lacks_says_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(&dir.path().join("store"));
+        let store = ctx.store().unwrap();
+        let error = find_record(&ctx, store, "0123456789ab", &VarSources::default()).unwrap_err();
+        assert!(matches!(error, FindRecordError::NotBuilt { .. }));
+        assert_eq!(error.exit_status(), ExitStatus::RecipeOrUsage);
+        let reports = error.reports();
+        assert_eq!(reports.len(), 1);
+        assert!(
+            reports[0]
+                .message
+                .starts_with("version 0123456789ab is not in the store")
+        );
+        assert_eq!(
+            reports[0].hint.as_deref(),
+            Some("build it first with `bake build RECIPE`")
+        );
+    }
+}

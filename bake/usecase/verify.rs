@@ -140,7 +140,7 @@ pub fn verify_artifact(
         Source::Ami(image_id) => verify_ami(ctx, image_id, &keys),
         Source::Layout { dir, selector } => {
             let selector = if dir == settings.store {
-                selector.map(|s| store_selector(&dir, s))
+                selector.map(|s| store_selector(ctx, s))
             } else {
                 selector.map(str::to_owned)
             };
@@ -210,11 +210,11 @@ fn verify_ami(
 
 /// The store's images are selected by tag, version or digest; a version prefix or a
 /// `name:short` form is resolved through the manifests.
-fn store_selector(store: &Path, selector: &str) -> String {
-    let Ok(store) = crate::store::Store::open(store) else {
+fn store_selector(ctx: &Context, selector: &str) -> String {
+    let Ok(store) = ctx.store() else {
         return selector.to_owned();
     };
-    match crate::provenance::manifest::find(&store, selector) {
+    match crate::provenance::manifest::find(store, selector) {
         Ok(m) => m.version,
         Err(_) => selector.to_owned(),
     }

@@ -4,18 +4,15 @@
 //! published in the version's manifest.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 mod channel;
+mod error;
 
 use super::Context;
-use super::plan::PlanRecipeError;
 use crate::aws::Aws;
-use crate::diagnostic::{Diagnose, Report};
-use crate::exit::ExitStatus;
 use crate::provenance::manifest::Publication;
-use crate::publish::inputs::InputsError;
 use crate::publish::{
     PublishError, PublishInputs, PublishOptions, PublishReport, Publisher, RegistryDigestCheck,
 };
@@ -27,78 +24,7 @@ use crate::registry::{
 };
 use crate::settings::Settings;
 pub use channel::{ChannelMove, move_channel, pin};
-
-/// Why a version could not be published, or a channel moved or read.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishUseError {
-    #[error(transparent)]
-    Context(#[from] super::ContextError),
-    #[error(transparent)]
-    Inputs(#[from] InputsError),
-    #[error("publish inputs `{}` are for recipe `{found}`, not `{recipe}`", path.display())]
-    InputsForOtherRecipe {
-        path: PathBuf,
-        found: String,
-        recipe: String,
-    },
-    /// The recipe's current version could not be planned (its first report is shown).
-    #[error("failed to plan `{shown}`")]
-    Plan {
-        shown: String,
-        #[source]
-        source: PlanRecipeError,
-    },
-    #[error("version {version} of `{recipe}` is not built in the store `{}`", store.display())]
-    NotBuilt {
-        version: String,
-        recipe: String,
-        store: PathBuf,
-    },
-    /// The build record lacks what publishing needs.
-    #[error(transparent)]
-    Record(InputsError),
-    #[error(transparent)]
-    Client(#[from] RegistryError),
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-}
-
-impl Diagnose for PublishUseError {
-    fn hint(&self) -> Option<String> {
-        match self {
-            PublishUseError::NotBuilt { .. } => {
-                Some("run `bake build` first, or give the artifacts with --inputs FILE".into())
-            }
-            PublishUseError::Client(e) => e.hint(),
-            PublishUseError::Publish(e) => e.hint(),
-            _ => None,
-        }
-    }
-
-    fn exit_status(&self) -> ExitStatus {
-        match self {
-            PublishUseError::Client(_) => ExitStatus::Infrastructure,
-            PublishUseError::Publish(e) if !e.is_refusal() => ExitStatus::Infrastructure,
-            // Finding the version's artifacts is the user's to fix, whatever failed.
-            _ => ExitStatus::RecipeOrUsage,
-        }
-    }
-
-    fn reports(&self) -> Vec<Report> {
-        match self {
-            PublishUseError::Plan { source, .. } => {
-                vec![
-                    source
-                        .reports()
-                        .into_iter()
-                        .next()
-                        .unwrap_or_else(|| Report::new(self.to_string())),
-                ]
-            }
-            _ => vec![Report::from_error(self).with_hint(Diagnose::hint(self))],
-        }
-    }
-}
+pub use error::PublishUseError;
 
 /// Plain-HTTP registry hosts of the recipe.
 pub fn insecure_hosts(recipe: &Recipe) -> BTreeSet<String> {
@@ -160,10 +86,10 @@ fn source(
             shown: shown.to_owned(),
             source,
         })?;
-    let store = ctx.store()?;
+    let store = ctx.store().map_err(PublishUseError::Store)?;
     let record = store
         .record(&plan.version)
-        .map_err(|e| PublishUseError::Context(e.into()))?
+        .map_err(|e| PublishUseError::Store(e.into()))?
         .ok_or_else(|| PublishUseError::NotBuilt {
             version: plan.version.to_string(),
             recipe: recipe.name.clone(),

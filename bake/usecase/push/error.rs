@@ -62,3 +62,37 @@ impl Diagnose for PushError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_user_named_wrongly_is_a_usage_error_with_its_fix() {
+        let error = PushError::NoTargets("web.yaml".into());
+        assert_eq!(error.exit_status(), ExitStatus::RecipeOrUsage);
+        let reports = error.reports();
+        assert_eq!(
+            reports[0].message,
+            "nothing to push `web.yaml` to: its recipe has no registry or ECR targets"
+        );
+        assert_eq!(
+            reports[0].hint.as_deref(),
+            Some("give one or more `--to REPOSITORY`")
+        );
+        let image = PushError::NoImage {
+            version: "sha256:00".into(),
+            name: "base".into(),
+        };
+        assert_eq!(image.exit_status(), ExitStatus::RecipeOrUsage);
+        assert!(Diagnose::hint(&image).unwrap().contains("outputs.oci"));
+    }
+
+    #[test]
+    fn the_store_or_the_runtime_failing_is_infrastructure() {
+        let error = PushError::Context(super::super::super::ContextError::Runtime(
+            std::io::Error::other("no threads"),
+        ));
+        assert_eq!(error.exit_status(), ExitStatus::Infrastructure);
+    }
+}
