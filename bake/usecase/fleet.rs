@@ -683,3 +683,84 @@ fn exit_status(outcomes: &[Outcome<BuiltMember, Failure>]) -> ExitStatus {
         })
         .unwrap_or(ExitStatus::Success)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(state: &'static str) -> OutdatedLine {
+        OutdatedLine {
+            recipe: "r.yaml".into(),
+            name: "r".into(),
+            state,
+            built: None,
+            now: None,
+            reasons: Vec::new(),
+            packages: Vec::new(),
+            drags_along: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn outdated_exits_outdated_unless_a_recipe_was_not_planned() {
+        let report = |lines: Vec<OutdatedLine>| OutdatedReport {
+            outdated: lines.iter().filter(|l| l.state == "outdated").count(),
+            recipes: lines,
+            unbuilt: 0,
+            up_to_date: 0,
+        };
+        assert_eq!(
+            report(vec![line("up_to_date")]).status(),
+            ExitStatus::Success
+        );
+        assert_eq!(
+            report(vec![line("outdated"), line("up_to_date")]).status(),
+            ExitStatus::Outdated
+        );
+        assert_eq!(
+            report(vec![line("outdated"), line("error")]).status(),
+            ExitStatus::Infrastructure
+        );
+    }
+
+    #[test]
+    fn a_failed_base_names_the_recipe_and_keeps_its_status() {
+        let error = FleetUseCaseError::BaseFailed {
+            shown: "base.yaml".into(),
+            message: "`bake build` exited with status 2".into(),
+            status: ExitStatus::RecipeOrUsage,
+        };
+        let reports = error.reports();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0].message,
+            "base recipe `base.yaml` failed to build: `bake build` exited with status 2"
+        );
+        assert_eq!(error.exit_status(), ExitStatus::RecipeOrUsage);
+        // The interrupted child said why; nothing more is printed.
+        assert!(FleetUseCaseError::BasesInterrupted.reports().is_empty());
+        assert_eq!(
+            FleetUseCaseError::BasesInterrupted.exit_status(),
+            ExitStatus::Interrupted
+        );
+    }
+
+    #[test]
+    fn the_summary_json_keeps_its_keys_in_order() {
+        let built = FleetBuilt {
+            built: 1,
+            cached: 0,
+            failed: 0,
+            not_started: 0,
+            recipes: Vec::new(),
+            skipped: 0,
+            status: ExitStatus::Success,
+        };
+        let text = serde_json::to_string(&built).unwrap();
+        assert_eq!(
+            text,
+            r#"{"built":1,"cached":0,"failed":0,"not_started":0,"recipes":[],"skipped":0}"#
+        );
+    }
+}
