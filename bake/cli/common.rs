@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{VarArgs, print_reports};
+use super::VarArgs;
 use crate::build::pipeline::BuildReporter;
 use crate::build::runner::{StepOutput, Stream};
 use crate::diagnostic::{Diagnose, Report};
 use crate::exit::ExitStatus;
-use crate::plan::{self, Plan, PlanError};
+use crate::plan::PlanError;
 use crate::provenance::sbom::SbomFormat;
 use crate::recipe;
 use crate::settings::Settings;
@@ -53,55 +53,6 @@ impl<E: Diagnose> From<E> for Failure {
 /// What a command returns: its exit status when it ran to the end (which may still be a
 /// partial publish or an `outdated` answer), or the failure that stopped it.
 pub type Outcome = Result<ExitStatus, Failure>;
-
-/// Plans `recipe` the one way every command does: an `ami` base is first resolved in AWS (so
-/// its exact id enters the version), then the plan is made with the settings' options. The
-/// error is the reports to print and the exit status to end with.
-pub fn plan_recipe(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<Plan, (Vec<Report>, ExitStatus)> {
-    use crate::diagnostic::Diagnose;
-    let ctx = crate::usecase::Context::new(settings.clone());
-    crate::usecase::plan::plan_recipe(&ctx, recipe, shown)
-        .map_err(|error| (error.reports(), error.exit_status()))
-}
-
-/// Plans `recipe` ([`plan_recipe`]), or prints why it cannot be planned and returns the exit
-/// status to end with.
-// Unused once every command is converted; the other branch still calls it.
-#[allow(dead_code)]
-pub fn plan_or_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    settings: &Settings,
-) -> Result<crate::plan::Plan, ExitStatus> {
-    plan_recipe(recipe, shown, settings).map_err(|(reports, status)| {
-        print_reports(settings, &reports);
-        status
-    })
-}
-
-/// Plans `recipe` with options whose source AMI the caller already resolved (through
-/// [`crate::usecase::plan::resolve_source`], as [`plan_recipe`] does), or prints why not.
-// Unused once every command is converted; the other branch still calls it.
-#[allow(dead_code)]
-pub fn plan_resolved_or_report(
-    recipe: &crate::recipe::Recipe,
-    shown: &str,
-    options: &crate::plan::PlanOptions,
-    settings: &Settings,
-) -> Result<crate::plan::Plan, ExitStatus> {
-    plan::plan(recipe, shown, options).map_err(|error| {
-        print_reports(settings, &plan_reports(&error));
-        if error.is_user_error() {
-            ExitStatus::RecipeOrUsage
-        } else {
-            ExitStatus::Infrastructure
-        }
-    })
-}
 
 /// Reports for a plan error: one per recipe error, or one with the cause chain.
 pub fn plan_reports(error: &PlanError) -> Vec<Report> {

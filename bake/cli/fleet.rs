@@ -10,7 +10,7 @@ use super::common::Outcome;
 use super::{print_json, print_reports};
 use crate::diagnostic::Diagnose;
 use crate::exit::ExitStatus;
-use crate::settings::{OutputFormat, Settings};
+use crate::settings::OutputFormat;
 use crate::usecase::Context;
 use crate::usecase::fleet::{
     existing_store, load_fleet, one_line, outdated as outdated_report, plan_fleet, short_version,
@@ -66,8 +66,8 @@ struct PlannedMember<'a> {
 
 /// `bake plan --all DIR` (for `bake plan`, which calls it with its settings until it is
 /// converted).
-pub fn plan_all(dir: &Path, check: bool, settings: &Settings) -> ExitStatus {
-    let ctx = Context::new(settings.clone());
+pub fn plan_all(dir: &Path, check: bool, ctx: &Context) -> ExitStatus {
+    let settings = &ctx.settings;
     let fleet = match load_fleet(dir) {
         Ok(fleet) => fleet,
         Err(error) => {
@@ -75,7 +75,7 @@ pub fn plan_all(dir: &Path, check: bool, settings: &Settings) -> ExitStatus {
             return error.exit_status();
         }
     };
-    let plans = plan_fleet(&ctx, &fleet);
+    let plans = plan_fleet(ctx, &fleet);
     let store = existing_store(settings);
     let mut lines = Vec::with_capacity(fleet.len());
     let mut failed = false;
@@ -87,7 +87,7 @@ pub fn plan_all(dir: &Path, check: bool, settings: &Settings) -> ExitStatus {
                     .as_ref()
                     .is_some_and(|s| crate::fleet::built_record(s, &plan.version).is_some());
                 let published = if check {
-                    super::plan::published(&member.recipe, plan, settings)
+                    crate::usecase::plan::published(ctx, &member.recipe, plan)
                 } else {
                     Vec::new()
                 };

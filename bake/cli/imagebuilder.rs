@@ -7,9 +7,9 @@ use clap::Args;
 
 use super::build_output::print_imagebuilder_output;
 use super::common::{CliReporter, Outcome, load_recipe};
-use super::{VarArgs, print_json, print_reports};
+use super::{VarArgs, print_json};
 use crate::exit::ExitStatus;
-use crate::settings::{OutputFormat, Settings, Verbosity};
+use crate::settings::{OutputFormat, Verbosity};
 use crate::usecase::Context;
 use crate::usecase::imagebuilder::{export_imagebuilder, import_imagebuilder};
 
@@ -61,19 +61,6 @@ pub fn run_import(args: &ImportImageBuilderArgs, ctx: &Context) -> Outcome {
     let output = import_imagebuilder(ctx, &recipe, &shown, &args.image_arn, &mut reporter)?;
     print_imagebuilder_output(&output, &ctx.settings);
     Ok(ExitStatus::Success)
-}
-
-/// `bake export imagebuilder RECIPE DIR` (for `bake export`, which keeps its settings-only
-/// signature until it is converted).
-pub fn run_export(args: &ExportImageBuilderArgs, settings: &Settings) -> ExitStatus {
-    let ctx = Context::new(settings.clone());
-    match export(args, &ctx) {
-        Ok(status) => status,
-        Err(failure) => {
-            print_reports(settings, &failure.reports);
-            failure.status
-        }
-    }
 }
 
 /// `bake export imagebuilder RECIPE DIR`: writes the compiled documents and `plan.json`.

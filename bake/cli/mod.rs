@@ -184,7 +184,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
             all: Some(dir),
             check,
             ..
-        }) => Ok(fleet::plan_all(&dir, check, settings)),
+        }) => Ok(fleet::plan_all(&dir, check, &ctx)),
         Command::Plan(args) => plan::run(&args, &ctx),
         Command::Build(args) => build::run(&args, &ctx),
         Command::Graph(args) => fleet::graph(&args, &ctx),
@@ -192,7 +192,7 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
         Command::Export(export::ExportArgs {
             to: Some(ExportTo::Imagebuilder(to)),
             ..
-        }) => Ok(imagebuilder::run_export(&to, &ctx.settings)),
+        }) => imagebuilder::export(&to, &ctx),
         Command::Export(args) => export::run(&args, &ctx),
         Command::Import(imagebuilder::ImportFrom::Imagebuilder(args)) => {
             imagebuilder::run_import(&args, &ctx)
@@ -234,13 +234,6 @@ pub fn run(command: Command, settings: &Settings) -> ExitStatus {
             failure.status
         }
     }
-}
-
-/// The tokio runtime for one command's network work (AWS, registries, SSH).
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
 }
 
 /// Sets up logging on stderr: `BAKE_LOG` (tracing's filter syntax) wins over `-q`/`-v`.

@@ -84,16 +84,6 @@ pub fn run(args: &PlanArgs, ctx: &Context) -> Outcome {
     }
 }
 
-/// Where the planned version already is, asking the registries and AWS (`bake plan --all
-/// --check`). Kept for `fleet.rs` until it calls [`usecase::plan::published`] itself.
-pub(super) fn published(
-    recipe: &crate::recipe::Recipe,
-    plan: &Plan,
-    settings: &crate::settings::Settings,
-) -> Vec<String> {
-    usecase::plan::published(&Context::new(settings.clone()), recipe, plan)
-}
-
 /// The plan as printed with `--output json`: each effect carries its `state`.
 fn plan_document(plan: &Plan, states: &[EffectState]) -> serde_json::Value {
     #[derive(serde::Serialize)]
