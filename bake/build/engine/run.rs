@@ -672,10 +672,7 @@ fn write_docker_archive(
     }
     if layers.is_empty() {
         let empty = [0u8; 1024];
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(empty))
-        );
+        let digest = crate::id::Digest::of(&empty).to_string();
         append(&mut tar, "empty.tar", empty.len() as u64, &mut &empty[..])
             .map_err(io_error("write the image archive"))?;
         diff_ids.push(digest);
