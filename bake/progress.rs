@@ -196,6 +196,9 @@ impl Task {
 
     /// What the step is doing now (an instance's state, the last console line).
     pub fn message(&self, text: impl Into<String>) {
+        if self.bar.is_none() && self.inner.is_none() {
+            return;
+        }
         let text: String = text.into();
         // One line: a console line may carry control characters.
         let text: String = text

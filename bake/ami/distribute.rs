@@ -217,14 +217,19 @@ pub async fn distribute(
 ) -> DistributionReport {
     let run = journal.map(Journal::run_id);
     let allowances = Allowances::of(aws);
-    // Each copy takes a slot per snapshot of the source AMI.
-    let snapshots = lookup::image(&aws.ec2(&source.region), &source.image_id)
-        .await
-        .ok()
-        .flatten()
-        .map_or(1, |image| {
-            image.snapshots.len().clamp(1, MAX_COPIES_PER_REGION)
-        });
+    // Each copy takes a slot per snapshot of the source AMI (asked only when there is a region
+    // to copy to).
+    let snapshots = if spec.regions.iter().any(|r| r.region != source.region) {
+        lookup::image(&aws.ec2(&source.region), &source.image_id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(1, |image| {
+                image.snapshots.len().clamp(1, MAX_COPIES_PER_REGION)
+            })
+    } else {
+        1
+    };
     let outcomes = futures_util::stream::iter(spec.regions.iter().map(|region| {
         let run = run.clone();
         async move {
