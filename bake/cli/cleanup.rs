@@ -84,13 +84,7 @@ pub fn run(args: &CleanupArgs, ctx: &Context) -> Outcome {
             ))
         })
         .collect();
-    if failures.is_empty() {
-        return Ok(ExitStatus::Success);
-    }
-    Err(Failure {
-        reports: failures,
-        status: ExitStatus::Infrastructure,
-    })
+    Failure::unless_none(failures)
 }
 
 /// `bake cleanup --docker`.

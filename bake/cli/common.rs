@@ -35,6 +35,18 @@ impl Failure {
         }
     }
 
+    /// Success when nothing failed; else an infrastructure failure reporting each (what a
+    /// cleanup that could not remove some resources ends with).
+    pub fn unless_none(failures: Vec<Report>) -> Outcome {
+        if failures.is_empty() {
+            return Ok(ExitStatus::Success);
+        }
+        Err(Failure {
+            reports: failures,
+            status: ExitStatus::Infrastructure,
+        })
+    }
+
     /// A mistake in the recipe or the command line.
     pub fn usage(report: Report) -> Self {
         Failure::new(ExitStatus::RecipeOrUsage, report)

@@ -10,7 +10,6 @@ use clap::Args;
 use super::common::{Failure, Outcome, load_recipe};
 use super::{VarArgs, print_json};
 use crate::diagnostic::Report;
-use crate::exit::ExitStatus;
 use crate::gc::{GcOptions, GcReport};
 use crate::settings::OutputFormat;
 use crate::usecase::{Context, gc};
@@ -71,13 +70,7 @@ pub fn run(args: &GcArgs, ctx: &Context) -> Outcome {
             ))
         })
         .collect();
-    if failures.is_empty() {
-        return Ok(ExitStatus::Success);
-    }
-    Err(Failure {
-        reports: failures,
-        status: ExitStatus::Infrastructure,
-    })
+    Failure::unless_none(failures)
 }
 
 fn print_human(report: &GcReport) {
